@@ -1,0 +1,145 @@
+"""The application: the edge layer (request id, metrics, errors), routes, and the lifespan."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import metrics
+from .config import Settings
+from .context import Context
+from .responses import Problem, error_response
+from .routes import dicomweb_routes
+from .urls import DICOMWEB_ROOT
+
+log = logging.getLogger("dicomweb_edge.access")
+SETTINGS_ENV = "DICOMWEB_EDGE__SETTINGS_JSON"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def service_of(method: str, path: str) -> str:
+    """The DICOMweb service a request belongs to (a closed set: safe as a metric label)."""
+    if not path.startswith(DICOMWEB_ROOT + "/"):
+        return "other"
+    if method == "POST":
+        return "stow"
+    tail = path.rstrip("/").rsplit("/", 2)
+    last = tail[-1]
+    if last in ("studies", "series", "instances"):
+        return "qido"
+    if last in ("metadata", "rendered", "thumbnail"):
+        return last
+    if last == "pixeldata" or "/bulk/" in path or "/bulkdata" in path:
+        return "bulkdata"
+    if len(tail) > 1 and tail[-2] == "frames":
+        return "frames"
+    return "instance"
+
+
+class EdgeMiddleware:
+    """Request id, access log without patient data, and request metrics, as plain ASGI."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        rid = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")
+                break
+        if rid is None or not _REQUEST_ID.match(rid):
+            rid = secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = rid
+        service = service_of(scope["method"], scope["path"])
+        status = 500
+        sent = 0
+
+        async def tracked(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.REQUESTS.labels(service, str(status)).inc()
+            metrics.REQUEST_DURATION.labels(service).observe(elapsed)
+            metrics.RESPONSE_BYTES.labels(service).inc(sent)
+            if log.isEnabledFor(logging.INFO):
+                # No path, no query: they hold UIDs and patient names.
+                log.info("request_id=%s service=%s method=%s status=%d bytes=%d duration_ms=%.1f",
+                         rid, service, scope["method"], status, sent, elapsed * 1000)
+
+
+async def _problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return error_response(exc.status, exc.reason, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    reason = {404: "no such DICOMweb resource", 405: "method not allowed"}.get(status, "request failed")
+    return error_response(status, reason)
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the ASGI application for `settings`."""
+    ctx = Context.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await ctx.close()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        archives = {a.name: "configured" for a in ctx.archives}
+        return JSONResponse({"status": "ready", "archives": archives})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        Mount(DICOMWEB_ROOT, routes=dicomweb_routes()),
+    ]
+    from starlette.exceptions import HTTPException
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={Problem: _problem, HTTPException: _http_error})
+    app.state.ctx = ctx
+    app.add_middleware(EdgeMiddleware)
+    return app
+
+
+def app_from_env() -> Starlette:
+    """Factory for uvicorn workers: settings arrive serialised in the environment."""
+    return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))

@@ -1,0 +1,87 @@
+"""`dicomweb-edge serve | demo | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from .config import ConfigError, Settings, describe, load, parse_upstream_flag
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "cache_dir": args.cache_dir,
+        "public_url": args.public_url,
+        "log_level": args.log_level,
+    }
+    if args.upstream:
+        overrides["archives"] = [parse_upstream_flag(u) for u in args.upstream]
+    return load(args.config, overrides)
+
+
+def serve(settings: Settings) -> None:
+    """Run uvicorn with `settings` (one process, or `workers` processes sharing the socket)."""
+    import uvicorn
+
+    from .app import SETTINGS_ENV
+
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dicomweb-edge-metrics-")
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run("proxy.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, access_log=False, log_level=settings.log_level.lower(),
+                loop="uvloop", http="httptools", timeout_graceful_shutdown=30)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dicomweb-edge` command."""
+    parser = argparse.ArgumentParser(prog="dicomweb-edge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--upstream", action="append", metavar="NAME=URL",
+                   help="an archive's DICOMweb base URL (repeatable; replaces the config's archives)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--cache-dir")
+    p.add_argument("--public-url", help="external base URL used in rewritten URLs")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    d = sub.add_parser("demo", help="two sample archives with generated studies, and the proxy in front")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--sample-archives", action="store_true",
+                   help="use the built-in sample archives even when Orthanc is installed")
+    d.add_argument("--ct-slices", type=int, default=40)
+
+    c = sub.add_parser("check-config", help="validate a config file and print the effective settings")
+    c.add_argument("file")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            serve(_settings(args))
+        elif args.command == "check-config":
+            print(describe(load(args.file)), end="")
+        elif args.command == "demo":
+            from .demo.run import run_demo
+
+            return run_demo(port=args.port, force_sample=args.sample_archives, ct_slices=args.ct_slices)
+    except ConfigError as exc:
+        print(f"dicomweb-edge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

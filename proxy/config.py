@@ -1,0 +1,229 @@
+"""Typed settings: a TOML file, then `DICOMWEB_EDGE_*` environment variables, then CLI flags.
+
+```toml
+[server]
+host = "127.0.0.1"
+port = 8080
+workers = 1
+public_url = "https://imaging.example.org"   # optional
+trusted_proxies = ["127.0.0.1"]              # hops whose Forwarded / X-Forwarded-* we believe
+
+[cache]
+dir = "/var/cache/dicomweb-edge"
+
+[[archives]]
+name = "pacs"
+url = "http://127.0.0.1:8042/dicom-web"
+profile = "orthanc"
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+PROFILES = ("orthanc", "dcm4chee", "google", "azure", "generic")
+ENV_PREFIX = "DICOMWEB_EDGE_"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and why."""
+
+
+@dataclass
+class Timeouts:
+    """Per-archive timeouts in seconds: connect, first byte, and idle time between body reads."""
+
+    connect: float = 5.0
+    first_byte: float = 30.0
+    idle_read: float = 30.0
+
+
+@dataclass
+class ArchiveConfig:
+    """One upstream DICOMweb archive."""
+
+    name: str
+    url: str
+    profile: str = "orthanc"
+    priority: int = 0
+    stores: bool = True
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_connections: int = 64
+    url_aliases: list[str] = field(default_factory=list)  # other bases the archive writes into URLs
+
+
+@dataclass
+class Settings:
+    """Everything the proxy needs to run."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    public_url: str | None = None
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
+    cache_dir: str | None = None
+    max_json_bytes: int = 256 * 1024 * 1024
+    max_stow_bytes: int = 4 * 1024 * 1024 * 1024
+    log_level: str = "info"
+    archives: list[ArchiveConfig] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """Serialise, for handing the settings to worker processes."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        """The inverse of `to_json`."""
+        return _build(json.loads(text), source="serialised settings")
+
+
+def _archive(raw: Mapping[str, Any], where: str) -> ArchiveConfig:
+    unknown = set(raw) - {f.name for f in dataclasses.fields(ArchiveConfig)}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+    if "name" not in raw or "url" not in raw:
+        raise ConfigError(f"{where}: 'name' and 'url' are required")
+    t = raw.get("timeouts", {})
+    if not isinstance(t, Mapping) or set(t) - {"connect", "first_byte", "idle_read"}:
+        raise ConfigError(f"{where}.timeouts: only connect, first_byte and idle_read are allowed")
+    try:
+        timeouts = Timeouts(**{k: float(v) for k, v in t.items()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}.timeouts: {exc}") from None
+    fields = {k: v for k, v in raw.items() if k != "timeouts"}
+    return ArchiveConfig(timeouts=timeouts, **fields)
+
+
+def _build(raw: Mapping[str, Any], source: str) -> Settings:
+    raw = dict(raw)
+    archives = [_archive(a, f"{source}: archives[{i}]") for i, a in enumerate(raw.pop("archives", []))]
+    unknown = set(raw) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
+    settings = Settings(archives=archives, **raw)
+    validate(settings)
+    return settings
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into the flat shape `Settings` takes."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for section, keys in (("server", None), ("cache", {"dir": "cache_dir"}), ("limits", None)):
+        table = doc.pop(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        for k, v in table.items():
+            flat[(keys or {}).get(k, k)] = v
+    flat["archives"] = doc.pop("archives", [])
+    if doc:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(doc)}")
+    return flat
+
+
+def parse_upstream_flag(text: str) -> dict[str, Any]:
+    """`NAME=URL` from `--upstream` into an archive table."""
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise ConfigError(f"--upstream {text!r}: expected NAME=URL")
+    return {"name": name, "url": url}
+
+
+def _env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    ints = {"port", "workers", "max_json_bytes", "max_stow_bytes"}
+    for f in dataclasses.fields(Settings):
+        value = environ.get(ENV_PREFIX + f.name.upper())
+        if value is None or f.name == "archives":
+            continue
+        if f.name in ints:
+            try:
+                out[f.name] = int(value)
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a whole number: {value!r}") from None
+        elif f.name == "trusted_proxies":
+            out[f.name] = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            out[f.name] = value
+    ups = environ.get(ENV_PREFIX + "UPSTREAMS")
+    if ups:
+        out["archives"] = [parse_upstream_flag(u.strip()) for u in ups.split(",") if u.strip()]
+    return out
+
+
+def load(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+         environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge file < environment < overrides (CLI flags) and validate."""
+    raw: dict[str, Any] = load_file(config_file) if config_file else {}
+    raw.update(_env(os.environ if environ is None else environ))
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            raw[k] = v
+    return _build(raw, source=str(config_file or "settings"))
+
+
+def validate(s: Settings) -> None:
+    """Raise ConfigError with a clear message for the first problem found."""
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"port {s.port} is out of range")
+    if s.workers < 1:
+        raise ConfigError("workers must be at least 1")
+    if s.public_url is not None:
+        u = urlsplit(s.public_url)
+        if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
+            raise ConfigError(f"public_url {s.public_url!r} must be an absolute http(s) URL with no query")
+        s.public_url = s.public_url.rstrip("/")
+    if not s.archives:
+        raise ConfigError("no archives configured: add [[archives]] to the config or pass --upstream NAME=URL")
+    seen: set[str] = set()
+    for a in s.archives:
+        if not _NAME.match(a.name):
+            raise ConfigError(f"archive name {a.name!r}: use letters, digits, '.', '_' or '-'")
+        if a.name in seen:
+            raise ConfigError(f"archive name {a.name!r} is used twice")
+        seen.add(a.name)
+        u = urlsplit(a.url)
+        if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+            raise ConfigError(f"archive {a.name!r}: url {a.url!r} must be an absolute http(s) base URL")
+        a.url = a.url.rstrip("/")
+        if a.profile not in PROFILES:
+            raise ConfigError(f"archive {a.name!r}: profile {a.profile!r} is not one of {', '.join(PROFILES)}")
+        for t in ("connect", "first_byte", "idle_read"):
+            if getattr(a.timeouts, t) <= 0:
+                raise ConfigError(f"archive {a.name!r}: timeouts.{t} must be positive")
+        if a.max_connections < 1:
+            raise ConfigError(f"archive {a.name!r}: max_connections must be at least 1")
+
+
+def describe(s: Settings) -> str:
+    """The effective configuration as TOML-like text, for `check-config`."""
+    lines = ["[server]"]
+    for k in ("host", "port", "workers", "public_url", "trusted_proxies", "log_level"):
+        lines.append(f"{k} = {json.dumps(getattr(s, k))}")
+    lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", "", "[limits]",
+              f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}"]
+    for a in s.archives:
+        lines += ["", "[[archives]]"]
+        for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases"):
+            lines.append(f"{k} = {json.dumps(getattr(a, k))}")
+        t = a.timeouts
+        lines.append(f"timeouts = {{ connect = {t.connect}, first_byte = {t.first_byte}, "
+                     f"idle_read = {t.idle_read} }}")
+    return "\n".join(lines) + "\n"

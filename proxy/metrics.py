@@ -1,0 +1,53 @@
+"""Every Prometheus metric of the proxy, in one place.
+
+With several uvicorn workers, `PROMETHEUS_MULTIPROC_DIR` is set by the CLI before any worker starts
+and the `/metrics` endpoint aggregates all workers. Labels never hold UIDs or patient data: only
+the service, the archive's configured name, the status code and similar closed sets.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+SERVICES = ("qido", "metadata", "instance", "frames", "bulkdata", "rendered", "thumbnail", "stow", "other")
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("dicomweb_edge_requests_total", "Requests answered, by DICOMweb service and status.",
+                   ["service", "status"])
+REQUEST_DURATION = Histogram("dicomweb_edge_request_duration_seconds",
+                             "Time from request to the last byte of the response, by service.",
+                             ["service"], buckets=_LATENCY)
+RESPONSE_BYTES = Counter("dicomweb_edge_response_bytes_total", "Response body bytes sent, by service.",
+                         ["service"])
+UPSTREAM_REQUESTS = Counter("dicomweb_edge_upstream_requests_total",
+                            "Requests sent to archives, by archive, service and upstream status "
+                            "('error' when no status was received).", ["archive", "service", "status"])
+UPSTREAM_TTFB = Histogram("dicomweb_edge_upstream_ttfb_seconds",
+                          "Time until an archive's response headers arrived.", ["archive", "service"],
+                          buckets=_LATENCY)
+UPSTREAM_DURATION = Histogram("dicomweb_edge_upstream_duration_seconds",
+                              "Time an archive response was held open.", ["archive", "service"],
+                              buckets=_LATENCY)
+UPSTREAM_IN_FLIGHT = Gauge("dicomweb_edge_upstream_in_flight", "Requests in flight to each archive.",
+                           ["archive"], multiprocess_mode="livesum")
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for `/metrics` (all workers when running multi-process)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,200 @@
+"""QIDO-RS search: validate the query, translate it for the archive, answer consistently.
+
+The proxy decodes the query string itself and re-sends it in the form each archive understands
+(Orthanc 1.x does not percent-decode: `PatientName=DOE%2A` matches nothing there, real-stack.md §0).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote_plus
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .context import Context
+from .media import BadAccept, NotAcceptable, Resource, negotiate
+from .profiles import Profile
+from .responses import Problem
+from .upstream import Archive, UpstreamError
+from .urls import dicomweb_base
+from .wado import open_upstream, upstream_problem
+
+PARAMS = {"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching", "multiplevaluematching"}
+UID_LIST = re.compile(r"^[0-9]+(\.[0-9]+)*([,\\][0-9]+(\.[0-9]+)*)*$")
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_DATE = r"[0-9]{8}"
+_TIME = r"[0-9]{2}(?:[0-9]{2}(?:[0-9]{2}(?:\.[0-9]{1,6})?)?)?"
+_RANGES = {
+    "DA": re.compile(rf"^(?:{_DATE}|{_DATE}-|-{_DATE}|{_DATE}-{_DATE})$"),
+    "TM": re.compile(rf"^(?:{_TIME}|{_TIME}-|-{_TIME}|{_TIME}-{_TIME})$"),
+}
+WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
+FUZZY_WARNING = ("299 dicomweb-edge: The fuzzymatching parameter is not supported. "
+                 "Only literal matching has been performed.")
+
+
+@dataclass
+class Query:
+    """A validated QIDO query: attribute filters plus the standard parameters."""
+
+    filters: list[tuple[str, str, str]] = field(default_factory=list)  # (key as sent, value, VR)
+    includefield: list[str] = field(default_factory=list)
+    limit: int | None = None
+    offset: int = 0
+    fuzzy: bool | None = None
+    vendor: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _attribute_vr(key: str) -> str:
+    """VR of an attribute path's last element; Problem(400) for names that are not attributes."""
+    vr = ""
+    for part in key.split("."):
+        if _TAG.match(part):
+            tag = int(part, 16)
+        else:
+            found = tag_for_keyword(part)
+            if found is None:
+                raise Problem(400, f"unknown attribute {part!r} in query")
+            tag = found
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            vr = "UN"  # private or unknown tag: the archive decides
+    return vr
+
+
+def parse_query(raw: str) -> Query:
+    """Decode and validate a QIDO query string (Q-01..Q-06)."""
+    q = Query()
+    for pair in filter(None, raw.split("&")):
+        key, _, value = pair.partition("=")
+        key, value = unquote_plus(key), unquote_plus(value)
+        if key in PARAMS:
+            _param(q, key, value)
+        elif key[:1].isupper() or _TAG.match(key.split(".")[0]):
+            vr = _attribute_vr(key)
+            if vr == "UI" and value and value != "*":
+                if not UID_LIST.match(value):
+                    raise Problem(400, f"{key}: not a UID or a comma-separated UID list")
+                value = value.replace("\\", ",")  # OHIF joins UIDs with a backslash (Q-01)
+            elif vr in _RANGES and value and not _RANGES[vr].match(value):
+                raise Problem(400, f"{key}: not a valid {vr} value or range")
+            q.filters.append((key, value, vr))
+        elif key == "accept" or not key:
+            continue
+        elif re.match(r"^[a-z][A-Za-z0-9_-]*$", key):
+            q.vendor.append((key, value))  # lower-case names are parameters, not attributes (G-03)
+        else:
+            raise Problem(400, f"malformed query parameter {key!r}")
+    return q
+
+
+def _param(q: Query, key: str, value: str) -> None:
+    if key in ("limit", "offset"):
+        if not value.isdigit() or len(value) > 9:
+            raise Problem(400, f"{key} must be a non-negative whole number")
+        setattr(q, key, int(value))
+    elif key == "fuzzymatching":
+        if value not in ("true", "false"):
+            raise Problem(400, "fuzzymatching must be 'true' or 'false'")
+        q.fuzzy = value == "true"
+    elif key == "includefield":
+        for name in filter(None, value.split(",")):
+            if name != "all" and not _TAG.match(name) and tag_for_keyword(name) is None:
+                raise Problem(400, f"includefield: unknown attribute {name!r}")
+            q.includefield.append(name)
+    else:  # emptyvaluematching, multiplevaluematching: passed on as given
+        if value not in ("true", "false"):
+            raise Problem(400, f"{key} must be 'true' or 'false'")
+        q.vendor.append((key, value))
+
+
+def _encode(value: str, vr: str, profile: Profile) -> str:
+    if profile.decodes_query:
+        return quote(value, safe="*?^,-.:_~=")
+    # The archive takes the query string literally: send wildcard-safe characters raw, and turn
+    # characters it cannot receive (space, '&', '#', '%', non-ASCII) into the one-character wildcard.
+    out = []
+    for ch in value:
+        if ch.isascii() and (ch.isalnum() or ch in "*?^,-._~:/=@!$'()+;"):
+            out.append(ch)
+        elif vr in WILDCARD_VRS:
+            out.append("?")
+        else:
+            out.append(quote(ch, safe=""))
+    return "".join(out)
+
+
+def translate(q: Query, profile: Profile, limit: int | None = None, offset: int | None = None) -> str:
+    """The query string to send one archive."""
+    parts = []
+    for key, value, vr in q.filters:
+        if vr == "UI":
+            value = value.replace(",", profile.uid_list_separator)
+        parts.append(f"{key}={_encode(value, vr, profile)}")
+    if q.includefield:
+        parts.append("includefield=" + ",".join(q.includefield))
+    if q.fuzzy is not None and (profile.fuzzy_matching or not q.fuzzy):
+        parts.append(f"fuzzymatching={'true' if q.fuzzy else 'false'}")
+    limit = q.limit if limit is None else limit
+    offset = q.offset if offset is None else offset
+    if limit is not None:
+        if profile.max_limit is not None:
+            limit = min(limit, profile.max_limit)
+        if limit > 0 or profile.zero_limit_means_all:
+            parts.append(f"limit={limit}")
+    if offset:
+        parts.append(f"offset={offset}")
+    parts.extend(f"{k}={_encode(v, 'CS', profile)}" for k, v in q.vendor)
+    return "&".join(parts)
+
+
+def warnings_for(q: Query, archive: Archive) -> list[str]:
+    """Warnings the proxy adds because the archive ignores a parameter (Q-04)."""
+    if q.fuzzy and not archive.profile.fuzzy_matching:
+        return [FUZZY_WARNING]
+    return []
+
+
+def is_empty(body: bytes) -> bool:
+    """204, `200 []` and an empty body all mean "no matches" (conformance §0 item 5)."""
+    stripped = body.strip()
+    return not stripped or stripped == b"[]"
+
+
+async def search(request: Request, ctx: Context, path: str) -> Response:
+    """One QIDO-RS search against the archives, answered 200 with results or 204 with none."""
+    try:
+        negotiate(request.query_params.get("accept") or request.headers.get("accept"), Resource.JSON)
+    except BadAccept as exc:
+        raise Problem(400, f"malformed Accept: {exc}") from None
+    except NotAcceptable:
+        raise Problem(406, "search results are available as application/dicom+json only") from None
+    q = parse_query(request.url.query)
+    archive = ctx.archives[0]
+    resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "qido",
+                                      query=translate(q, archive.profile), archives=[archive])
+    async with stack:
+        if resp.status not in (200, 204, 206):
+            raise upstream_problem(resp, None)
+        try:
+            body = await resp.read(ctx.settings.max_json_bytes)
+        except UpstreamError as exc:
+            raise Problem(exc.status, exc.reason) from None
+        upstream_warnings = resp.headers.getall("Warning", [])
+    warnings = list(dict.fromkeys([*upstream_warnings, *warnings_for(q, archive)]))
+    headers = [("Warning", w) for w in warnings]
+    if is_empty(body):
+        response = Response(None, 204)
+    else:
+        if not body.lstrip().startswith(b"["):
+            raise Problem(502, f"archive '{archive.name}' sent a search result that is not a JSON array")
+        body = archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings))
+        response = Response(body, 200, media_type="application/dicom+json")
+    for k, v in headers:
+        response.headers.append(k, v)
+    return response
+

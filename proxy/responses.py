@@ -1,0 +1,81 @@
+"""Responses the proxy sends: short DICOMweb-style errors and bounded-memory streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger("dicomweb_edge")
+
+
+class Problem(Exception):
+    """Raised anywhere in a handler to answer `status` with a short reason (never patient data)."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
+    """`{"status": 404, "reason": "..."}` as application/json."""
+    body = json.dumps({"status": status, "reason": reason}).encode()
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+class StreamAborted(Exception):
+    """The body could not be completed after the response started; the connection is cut."""
+
+
+class StreamResponse:
+    """An ASGI response fed by an async iterator, with backpressure and clean-up on every exit.
+
+    Unlike Starlette's StreamingResponse it starts no extra task unless asked to watch for a client
+    disconnect (`watch_disconnect`, for long multi-part bodies), and it always runs `on_close`, so an
+    upstream response is released whether the body ends, fails or the client goes away. A failure
+    after the headers went out cuts the connection without the closing chunk, which every HTTP
+    client reports as a truncated body.
+    """
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: AsyncIterator[bytes],
+                 on_close: Callable[[], Awaitable[None]] | None = None, watch_disconnect: bool = False) -> None:
+        self.status = status
+        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        self.body = body
+        self.on_close = on_close
+        self.watch_disconnect = watch_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+        watcher = None
+        if self.watch_disconnect:
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+            watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+            try:
+                async for chunk in self.body:
+                    if gone.is_set():
+                        return
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except StreamAborted as exc:
+                log.warning("response cut mid-stream: %s", exc)
+                return  # the server closes the connection: the client sees a truncated body
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            aclose = getattr(self.body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if self.on_close is not None:
+                await self.on_close()

@@ -1,0 +1,174 @@
+"""PS3.18 URL templates → handlers, with UIDs and frame lists validated at the door (400)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import qido, stow, wado
+from .context import Context
+from .dicomjson import BadToken, decode_token
+from .media import Resource
+from .responses import Problem
+from .urls import external_base
+from .wado import Target
+
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+FRAMES = re.compile(r"^[0-9]+(,[0-9]+)*$")
+TAG_PATH = re.compile(r"^[0-9A-Fa-f]{8}(/[0-9]+/[0-9A-Fa-f]{8})*$")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _uid(value: str, what: str) -> str:
+    if len(value) > 64 or not UID.match(value):
+        raise Problem(400, f"malformed {what} UID")
+    return value
+
+
+def target(request: Request) -> Target:
+    """The validated UIDs and frame numbers of a WADO-RS URL."""
+    p = request.path_params
+    frames = None
+    if "frames" in p:
+        raw = p["frames"].replace("%2C", ",").replace("%2c", ",")
+        if not FRAMES.match(raw):
+            raise Problem(400, "frame list must be comma-separated frame numbers")
+        frames = tuple(int(n) for n in raw.split(","))
+        if any(n < 1 for n in frames):
+            raise Problem(400, "frame numbers start at 1")
+        if len(frames) > 10000:
+            raise Problem(400, "too many frames in one request")
+    return Target(
+        _uid(p["study"], "study"),
+        _uid(p["series"], "series") if "series" in p else None,
+        _uid(p["instance"], "instance") if "instance" in p else None,
+        frames,
+    )
+
+
+def _ctx(request: Request) -> Context:
+    return request.app.state.ctx
+
+
+async def search(request: Request) -> Response:
+    """QIDO-RS at any of the six search targets."""
+    p = request.path_params
+    path = ""
+    if "study" in p:
+        path = f"/studies/{_uid(p['study'], 'study')}"
+        if "series" in p:
+            path += f"/series/{_uid(p['series'], 'series')}"
+    path += "/" + request.url.path.rstrip("/").rsplit("/", 1)[-1]
+    return await qido.search(request, _ctx(request), path)
+
+
+async def retrieve(request: Request) -> Response:
+    """Study, series or instance retrieve."""
+    t = target(request)
+    kind = Resource.INSTANCE if t.instance else Resource.INSTANCES
+    return await wado.retrieve(request, _ctx(request), t, kind, "instance")
+
+
+async def metadata(request: Request) -> Response:
+    """Study, series or instance metadata."""
+    return await wado.metadata(request, _ctx(request), target(request))
+
+
+async def frames(request: Request) -> Response:
+    """Frames of an instance."""
+    return await wado.retrieve(request, _ctx(request), target(request), Resource.FRAMES, "frames")
+
+
+async def rendered(request: Request) -> Response:
+    """Rendered study, series, instance or frames."""
+    return await wado.rendered(request, _ctx(request), target(request), thumbnail=False)
+
+
+async def thumbnail(request: Request) -> Response:
+    """Thumbnail of a study, series, instance or frames."""
+    return await wado.rendered(request, _ctx(request), target(request), thumbnail=True)
+
+
+async def bulk(request: Request) -> Response:
+    """A bulk data element named by the path the proxy minted in metadata (archive-shaped)."""
+    t = target(request)
+    tags = request.path_params["tags"]
+    if not TAG_PATH.match(tags):
+        raise Problem(400, "malformed bulk data path")
+    location = external_base(request, _ctx(request).settings) + request.url.path
+    return await wado.retrieve(request, _ctx(request), t, Resource.BULKDATA, "bulkdata",
+                               upstream_path=f"{t.path()}/bulk/{tags}", location=location)
+
+
+async def opaque_bulk(request: Request) -> Response:
+    """A bulk data URI outside the study hierarchy, minted as /bulk/{archive}/{token}."""
+    ctx = _ctx(request)
+    archive = ctx.archive(request.path_params["archive"])
+    if archive is None:
+        raise Problem(404, "no such archive")
+    try:
+        remainder = decode_token(request.path_params["token"])
+    except BadToken as exc:
+        raise Problem(400, str(exc)) from None
+    return await wado.retrieve(request, ctx, Target(""), Resource.BULKDATA, "bulkdata",
+                               upstream_path=remainder, archives=[archive])
+
+
+async def pixeldata(request: Request) -> Response:
+    """Pixel Data of an instance (PS3.18 Annex H): the archive's own resource, or its bulk data."""
+    ctx = _ctx(request)
+    t = target(request)
+    location = external_base(request, _ctx(request).settings) + request.url.path
+    archives = ctx.archives_for(t.study)
+    if archives and not archives[0].profile.pixeldata:
+        upstream = f"{t.path()}/bulk/7fe00010"
+    else:
+        upstream = f"{t.path()}/pixeldata"
+    return await wado.retrieve(request, ctx, t, Resource.BULKDATA, "bulkdata", upstream_path=upstream,
+                               location=location)
+
+
+async def store(request: Request) -> Response:
+    """STOW-RS."""
+    study = request.path_params.get("study")
+    return await stow.store(request, _ctx(request), _uid(study, "study") if study else None)
+
+
+S = "/studies/{study}"
+SE = S + "/series/{series}"
+IN = SE + "/instances/{instance}"
+FR = IN + "/frames/{frames}"
+
+
+def dicomweb_routes() -> list[Route]:
+    """Every PS3.18 template the proxy serves, relative to the DICOMweb root."""
+    get = ["GET"]
+    routes = [
+        Route("/studies", search, methods=get),
+        Route("/series", search, methods=get),
+        Route("/instances", search, methods=get),
+        Route(S + "/series", search, methods=get),
+        Route(S + "/instances", search, methods=get),
+        Route(SE + "/instances", search, methods=get),
+        Route("/studies", store, methods=["POST"]),
+        Route(S, store, methods=["POST"]),
+        Route(FR, frames, methods=get),
+        Route(FR + "/rendered", rendered, methods=get),
+        Route(FR + "/thumbnail", thumbnail, methods=get),
+        Route(IN + "/bulk/{tags:path}", bulk, methods=get),
+        Route(IN + "/pixeldata", pixeldata, methods=get),
+        Route("/bulk/{archive}/{token}", opaque_bulk, methods=get),
+    ]
+    for level in (S, SE, IN):
+        routes += [
+            Route(level, retrieve, methods=get),
+            Route(level + "/metadata", metadata, methods=get),
+            Route(level + "/rendered", rendered, methods=get),
+            Route(level + "/thumbnail", thumbnail, methods=get),
+        ]
+    return routes

@@ -1,0 +1,132 @@
+"""Test helpers: skip-or-fail for missing tools, free ports, and the proxy as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import httpx
+import pytest
+
+from proxy.demo.orthanc import free_port
+
+__all__ = ["ProxyProcess", "free_port", "missing", "require_binary", "running_in_ci"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def running_in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip locally; fail under CI=true, where a skipped Orthanc test would hide a broken stack."""
+    if running_in_ci():
+        pytest.fail(f"{reason} (CI=true: missing dependencies are failures, not skips)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_binary(name_or_path: str) -> str:
+    """The path of an executable (a name looked up on PATH, or a path), or skip/fail."""
+    if os.sep in name_or_path:
+        found = name_or_path if os.access(name_or_path, os.X_OK) else None
+    else:
+        found = shutil.which(name_or_path)
+    if found is None:
+        missing(f"{name_or_path} is not installed (run ./scripts/test.sh to install it)")
+    return found
+
+
+def _read_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+class ProxyProcess:
+    """`python -m proxy.cli serve ...` on 127.0.0.1:PORT, ready once `GET /healthz` answers 200."""
+
+    def __init__(self, upstreams: Mapping[str, str], workdir: Path, extra_args: Sequence[str] = (),
+                 port: int | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = Path(workdir)
+        self.log_path = self.workdir / "proxy.log"
+        self.args = [sys.executable, "-m", "proxy.cli", "serve"]
+        for name, url in upstreams.items():
+            self.args += ["--upstream", f"{name}={url}"]
+        self.args += ["--host", "127.0.0.1", "--port", str(self.port), *extra_args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), self.env.get("PYTHONPATH")]))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return self.url + "/dicomweb"
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "proxy not started"
+        return self._proc.pid
+
+    def start(self, timeout: float = 30.0) -> ProxyProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:  # cwd = workdir, so relative cache dirs land there
+            self._proc = subprocess.Popen(self.args, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self._proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0, trust_env=False).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"proxy not ready at {self.url} in {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (uvicorn shuts its workers down), then SIGKILL for the whole process group."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session: the proxy and its workers only
+            proc.wait()
+
+    def rss_bytes(self) -> int:
+        """Current resident set size of the main process (VmRSS)."""
+        return _read_kib(self.pid, "VmRSS")
+
+    def peak_rss_bytes(self) -> int:
+        """Peak resident set size of the main process (VmHWM)."""
+        return _read_kib(self.pid, "VmHWM")
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return "(no proxy log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
