@@ -1,0 +1,61 @@
+"""Configuration: file < environment < flags, with clear errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from proxy.config import ConfigError, load
+
+TOML = """
+[server]
+port = 9000
+public_url = "https://imaging.example.org/"
+
+[cache]
+dir = "/tmp/c"
+
+[[archives]]
+name = "pacs"
+url = "http://127.0.0.1:8042/dicom-web/"
+profile = "orthanc"
+timeouts = { connect = 2, first_byte = 10, idle_read = 5 }
+"""
+
+
+def test_file_env_and_flags_merge(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text(TOML)
+    s = load(f, environ={})
+    assert (s.port, s.cache_dir, s.public_url) == (9000, "/tmp/c", "https://imaging.example.org")
+    assert s.archives[0].url == "http://127.0.0.1:8042/dicom-web" and s.archives[0].timeouts.first_byte == 10
+    s = load(f, environ={"DICOMWEB_EDGE_PORT": "9100", "DICOMWEB_EDGE_WORKERS": "3"})
+    assert (s.port, s.workers) == (9100, 3)
+    s = load(f, {"port": 9200}, environ={"DICOMWEB_EDGE_PORT": "9100"})
+    assert s.port == 9200
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[[archives]]\nname='a'\nurl='ftp://x'\n", r"absolute http\(s\)"),
+    ("[[archives]]\nname='a'\nurl='http://x'\nprofile='nope'\n", "profile"),
+    ("[[archives]]\nname='a'\nurl='http://x'\n[[archives]]\nname='a'\nurl='http://y'\n", "used twice"),
+    ("[server]\nport=70000\n[[archives]]\nname='a'\nurl='http://x'\n", "out of range"),
+    ("[server]\nbogus=1\n[[archives]]\nname='a'\nurl='http://x'\n", "unknown key"),
+    ("[server]\nport=1\n", "no archives"),
+    ("not toml [", "not valid TOML"),
+])
+def test_errors_are_clear(tmp_path, text, needle):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load(f, environ={})
+
+
+def test_check_config_command(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text(TOML)
+    ok = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(f)], capture_output=True, text=True)
+    assert ok.returncode == 0 and 'url = "http://127.0.0.1:8042/dicom-web"' in ok.stdout
+    f.write_text("[[archives]]\nname='a'\n")
+    bad = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(f)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "'name' and 'url' are required" in bad.stderr
