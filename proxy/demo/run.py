@@ -1,0 +1,80 @@
+"""`dicomweb-edge demo`: two sample archives with generated studies, and the proxy in front.
+
+Uses real Orthanc (with its DICOMweb plugin) when it is installed, else the built-in sample archive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..config import ArchiveConfig, Settings, validate
+from .synth import demo_set
+
+log = logging.getLogger("dicomweb_edge.demo")
+
+
+def _start_archives(workdir: Path, force_sample: bool, stack: contextlib.ExitStack) -> tuple[str, list]:
+    from .orthanc import OrthancServer, find_orthanc
+
+    if find_orthanc() is not None and not force_sample:
+        servers = [stack.enter_context(OrthancServer(workdir / n, f"DEMO_{n.upper()}")) for n in ("a", "b")]
+        return "Orthanc " + "with the DICOMweb plugin", servers
+    from .archive import ArchiveServer, SampleArchive
+
+    servers = [stack.enter_context(ArchiveServer(SampleArchive(f"DEMO_{n.upper()}"))) for n in ("a", "b")]
+    return "the built-in sample archive (Orthanc is not installed)", servers
+
+
+def _load(server: object, datasets: list) -> None:
+    if hasattr(server, "store"):
+        server.store(datasets)
+    else:
+        server.archive.extend(datasets)
+
+
+def run_demo(port: int = 8080, force_sample: bool = False, ct_slices: int = 40, host: str = "127.0.0.1") -> int:
+    """Start everything, print how to try it, serve until Ctrl-C; returns the exit code."""
+    import uvicorn
+
+    from ..app import create_app
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    workdir = Path(tempfile.mkdtemp(prefix="dicomweb-edge-demo-"))
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, True)
+        kind, servers = _start_archives(workdir, force_sample, stack)
+        data = demo_set(ct_slices)
+        _load(servers[0], data.archive_a)
+        _load(servers[1], data.archive_b)
+        settings = Settings(host=host, port=port, archives=[
+            ArchiveConfig("a", servers[0].dicomweb_url), ArchiveConfig("b", servers[1].dicomweb_url)])
+        validate(settings)
+        base = f"http://{host}:{port}/dicomweb"
+        u = data.uids
+        print(f"""
+dicomweb-edge demo
+  archives ({kind}):
+    a  {servers[0].dicomweb_url}   {len(data.archive_a)} instances: CT ({ct_slices} slices), JPEG slide, split study
+    b  {servers[1].dicomweb_url}   {len(data.archive_b)} instances: multi-frame, non-Latin patient, split study
+  proxy: {base}
+
+Try:
+  curl -s '{base}/studies?PatientName=DOE*' | python3 -m json.tool | head -40
+  curl -s -o frame.bin -D - -H 'Accept: multipart/related; type="application/octet-stream"; transfer-syntax=*' \\
+       '{base}/studies/{u['ct_study']}/series/{u['ct_series']}/instances/{data.archive_a[0].SOPInstanceUID}/frames/1'
+  python3 -c "from dicomweb_client.api import DICOMwebClient as C; \\
+print(len(C('{base}').retrieve_series('{u['ct_study']}', '{u['ct_series']}')), 'instances')"
+
+Press Ctrl-C to stop.
+""", flush=True)
+        config = uvicorn.Config(create_app(settings), host=host, port=port, access_log=False, log_level="warning",
+                                loop="uvloop", http="httptools")
+        try:
+            uvicorn.Server(config).run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; the archives stop below
+            pass
+    return 0
