@@ -16,8 +16,8 @@ from proxy.demo.orthanc import find_orthanc
 
 def _run_demo(extra):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--ct-slices", "5", *extra],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--ct-slices", "5", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
