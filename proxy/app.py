@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -118,8 +119,11 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        archives = {a.name: "configured" for a in ctx.archives}
-        return JSONResponse({"status": "ready", "archives": archives})
+        states = await asyncio.gather(*(a.probe() for a in ctx.archives))
+        archives = {a.name: "up" if ok else "down" for a, ok in zip(ctx.archives, states, strict=True)}
+        ready = any(states)
+        return JSONResponse({"status": "ready" if ready else "no archive reachable", "archives": archives},
+                            200 if ready else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
         body, ctype = metrics.render()

@@ -63,12 +63,17 @@ class UrlRewriter:
             return remainder
         return f"/bulk/{self.archive}/{encode_token(remainder)}"
 
-    def rewrite_url(self, url: str, proxy_base: str) -> str:
-        """One URL (a header value): the proxy's URL if it is the archive's, else unchanged."""
+    def archive_path(self, url: str) -> str | None:
+        """The path relative to the archive's base URL, if `url` is one of the archive's; else None."""
         for p in self._prefixes:
             if url == p or url.startswith(p + "/"):
-                return proxy_base + self.proxy_path(url[len(p):])
-        return url
+                return url[len(p):]
+        return None
+
+    def rewrite_url(self, url: str, proxy_base: str) -> str:
+        """One URL (a header value): the proxy's URL if it is the archive's, else unchanged."""
+        rest = self.archive_path(url)
+        return url if rest is None else proxy_base + self.proxy_path(rest)
 
     def rewrite_json(self, body: bytes, proxy_base: str) -> bytes:
         """Every JSON string literal that is one of the archive's URLs, pointed at `proxy_base`."""

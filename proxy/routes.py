@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import qido, stow, wado
+from . import compose, qido, stow, wado
 from .context import Context
 from .dicomjson import BadToken, decode_token
 from .media import Resource
@@ -120,17 +120,13 @@ async def opaque_bulk(request: Request) -> Response:
 
 
 async def pixeldata(request: Request) -> Response:
-    """Pixel Data of an instance (PS3.18 Annex H): the archive's own resource, or its bulk data."""
-    ctx = _ctx(request)
-    t = target(request)
-    location = external_base(request, _ctx(request).settings) + request.url.path
-    archives = ctx.archives_for(t.study)
-    if archives and not archives[0].profile.pixeldata:
-        upstream = f"{t.path()}/bulk/7fe00010"
-    else:
-        upstream = f"{t.path()}/pixeldata"
-    return await wado.retrieve(request, ctx, t, Resource.BULKDATA, "bulkdata", upstream_path=upstream,
-                               location=location)
+    """Pixel Data of a study, series or instance (PS3.18 Annex H), composed from metadata."""
+    return await compose.composed(request, _ctx(request), target(request), pixeldata=True)
+
+
+async def bulkdata(request: Request) -> Response:
+    """Every bulk data element of a study, series or instance, composed from metadata."""
+    return await compose.composed(request, _ctx(request), target(request), pixeldata=False)
 
 
 async def store(request: Request) -> Response:
@@ -161,7 +157,6 @@ def dicomweb_routes() -> list[Route]:
         Route(FR + "/rendered", rendered, methods=get),
         Route(FR + "/thumbnail", thumbnail, methods=get),
         Route(IN + "/bulk/{tags:path}", bulk, methods=get),
-        Route(IN + "/pixeldata", pixeldata, methods=get),
         Route("/bulk/{archive}/{token}", opaque_bulk, methods=get),
     ]
     for level in (S, SE, IN):
@@ -170,5 +165,7 @@ def dicomweb_routes() -> list[Route]:
             Route(level + "/metadata", metadata, methods=get),
             Route(level + "/rendered", rendered, methods=get),
             Route(level + "/thumbnail", thumbnail, methods=get),
+            Route(level + "/bulkdata", bulkdata, methods=get),
+            Route(level + "/pixeldata", pixeldata, methods=get),
         ]
     return routes

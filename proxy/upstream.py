@@ -24,6 +24,19 @@ from .profiles import PROFILES, Profile
 READ_BUFSIZE = 1 << 20
 
 
+async def _connected(session: aiohttp.ClientSession, ctx: Any, params: Any) -> None:
+    """Start the first-byte clock once a connection is there (connecting has its own timeout)."""
+    if callable(ctx.trace_request_ctx):
+        ctx.trace_request_ctx()
+
+
+def _trace() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(_connected)
+    trace.on_connection_reuseconn.append(_connected)
+    return trace
+
+
 class UpstreamError(Exception):
     """The archive could not be used: `status` is what the proxy answers (502 or 504)."""
 
@@ -97,8 +110,20 @@ class Archive:
             self._session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, read_bufsize=READ_BUFSIZE,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect, connect=t.connect),
-                skip_auto_headers=("User-Agent", "Accept-Encoding"), raise_for_status=False)
+                skip_auto_headers=("User-Agent", "Accept-Encoding"), raise_for_status=False,
+                trace_configs=[_trace()])
         return self._session
+
+    async def probe(self, timeout: float = 2.0) -> bool:
+        """A cheap search (one study at most): True when the archive answers it."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.open("GET", "/studies", "limit=1", {"Accept": "application/dicom+json"},
+                                     service="probe") as resp:
+                    await resp.read(1 << 20)
+                    return resp.status in (200, 204)
+        except (TimeoutError, UpstreamError):
+            return False
 
     async def close(self) -> None:
         """Release pooled connections."""
@@ -122,12 +147,14 @@ class Archive:
         metrics.UPSTREAM_IN_FLIGHT.labels(self.name).inc()
         try:
             try:
-                async with asyncio.timeout(t.connect + t.first_byte):
-                    resp = await self._client().request(method, url, headers=hdrs, data=body,
-                                                        allow_redirects=False)
+                async with asyncio.timeout(t.connect + t.first_byte) as deadline:
+                    loop = asyncio.get_running_loop()
+                    resp = await self._client().request(
+                        method, url, headers=hdrs, data=body, allow_redirects=False,
+                        trace_request_ctx=lambda: deadline.reschedule(loop.time() + t.first_byte))
             except TimeoutError:
                 raise UpstreamError(504, f"archive '{self.name}' did not answer within "
-                                         f"{t.connect + t.first_byte:g}s") from None
+                                         f"{t.first_byte:g}s") from None
             except aiohttp.ServerTimeoutError:
                 raise UpstreamError(504, f"archive '{self.name}' did not connect within {t.connect:g}s") from None
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,

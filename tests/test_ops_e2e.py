@@ -1,0 +1,88 @@
+"""Operations endpoints and the composed /bulkdata and /pixeldata resources, against real Orthanc."""
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support import ProxyProcess, free_port
+
+from proxy.multipart import MultipartReader, PartEnd, PartHeaders
+
+
+def _parts(resp):
+    reader = MultipartReader(resp.headers["content-type"].rsplit("boundary=", 1)[1])
+    parts, cur = [], None
+    for ev in reader.feed(resp.content):
+        if isinstance(ev, PartHeaders):
+            cur = [ev.headers, b""]
+        elif isinstance(ev, PartEnd):
+            parts.append(tuple(cur))
+        else:
+            cur[1] += bytes(ev)
+    reader.close()
+    return parts
+
+
+def test_healthz_readyz_metrics(proxy_a):
+    with httpx.Client(trust_env=False) as c:
+        assert c.get(f"{proxy_a.url}/healthz").status_code == 200
+        r = c.get(f"{proxy_a.url}/readyz")
+        assert r.status_code == 200 and r.json()["archives"] == {"a": "up"}
+        c.get(f"{proxy_a.dicomweb_url}/studies")
+        c.get(f"{proxy_a.dicomweb_url}/studies/1.2.3.4/metadata")
+        text = c.get(f"{proxy_a.url}/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("dicomweb_edge_requests_total", (("service", "qido"), ("status", "200")))] >= 1
+    assert samples[("dicomweb_edge_requests_total", (("service", "metadata"), ("status", "404")))] >= 1
+    assert any(n == "dicomweb_edge_upstream_requests_total" and dict(lbl).get("archive") == "a"
+               for n, lbl in samples)
+    assert "1.2.3.4" not in text  # no UIDs in labels
+
+
+def test_readyz_fails_when_no_archive_answers(tmp_path):
+    with ProxyProcess({"gone": f"http://127.0.0.1:{free_port()}/dicom-web"}, tmp_path) as proxy:
+        r = httpx.get(f"{proxy.url}/readyz", trust_env=False)
+    assert r.status_code == 503 and r.json()["archives"] == {"gone": "down"}
+
+
+def test_series_pixeldata_is_every_slice(proxy_a, demo_data):
+    """Annex H pixeldata, composed: one part per instance, Content-Location at the proxy (W-12)."""
+    ct = [ds for ds in demo_data.archive_a if ds.StudyInstanceUID == demo_data.uids["ct_study"]]
+    url = f"{proxy_a.dicomweb_url}/studies/{ct[0].StudyInstanceUID}/series/{ct[0].SeriesInstanceUID}/pixeldata"
+    r = httpx.get(url, trust_env=False, timeout=30)
+    assert r.status_code == 200
+    parts = _parts(r)
+    assert sorted(p[1] for p in parts) == sorted(ds.PixelData for ds in ct)
+    assert all(h["content-location"].startswith(proxy_a.dicomweb_url) and
+               h["content-location"].endswith("/pixeldata") for h, _ in parts)
+
+
+def test_compressed_pixeldata_is_its_frames(proxy_a, demo_data):
+    slide = next(ds for ds in demo_data.archive_a if ds.StudyInstanceUID == demo_data.uids["slide_study"])
+    from pydicom.encaps import generate_frames
+
+    frames = list(generate_frames(slide.PixelData, number_of_frames=slide.NumberOfFrames))
+    r = httpx.get(f"{proxy_a.dicomweb_url}/studies/{slide.StudyInstanceUID}/pixeldata", trust_env=False)
+    parts = _parts(r)
+    assert [p[1] for p in parts] == frames
+    assert parts[0][0]["content-type"] == "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50"
+    assert parts[1][0]["content-location"].endswith("/frames/2")
+
+
+def test_instance_bulkdata_matches_metadata_uris(proxy_a, demo_data):
+    ds = demo_data.archive_a[0]
+    base = (f"{proxy_a.dicomweb_url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+    md = httpx.get(base + "/metadata", trust_env=False).json()[0]
+    r = httpx.get(base + "/bulkdata", trust_env=False)
+    parts = _parts(r)
+    assert [h["content-location"] for h, _ in parts] == [md["7FE00010"]["BulkDataURI"]]
+    assert parts[0][1] == ds.PixelData
+
+
+@pytest.mark.parametrize("accept", ["application/dicom", 'multipart/related; type="application/dicom"'])
+def test_bulkdata_resource_rejects_non_bulk_types(proxy_a, demo_data, accept):
+    ds = demo_data.archive_a[0]
+    r = httpx.get(f"{proxy_a.dicomweb_url}/studies/{ds.StudyInstanceUID}/bulkdata", headers={"Accept": accept},
+                  trust_env=False)
+    assert r.status_code == 406
