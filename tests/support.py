@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,14 +11,15 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import httpx
 import pytest
 
 from proxy.demo.orthanc import free_port
 
-__all__ = ["ProxyProcess", "free_port", "missing", "require_binary", "running_in_ci"]
+__all__ = ["ProxyProcess", "free_port", "instance_path", "missing", "orthanc_file", "require_binary", "running_in_ci",
+           "split_multipart"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,3 +132,40 @@ class ProxyProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def instance_path(ds: Any) -> str:
+    """`/studies/{study}/series/{series}/instances/{sop}` of a dataset, relative to a DICOMweb root."""
+    return f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+
+
+def orthanc_file(orthanc: Any, sop_uid: str) -> bytes:
+    """The Part-10 bytes Orthanc stores for an instance (its REST API, not DICOMweb)."""
+    with httpx.Client(base_url=orthanc.url, timeout=30.0, trust_env=False) as client:
+        found = client.post("/tools/lookup", content=sop_uid).json()
+        ids = [f["ID"] for f in found if f["Type"] == "Instance"]
+        assert len(ids) == 1, f"Orthanc has {len(ids)} instances with that SOP Instance UID"
+        response = client.get(f"/instances/{ids[0]}/file")
+        response.raise_for_status()
+        return response.content
+
+
+def split_multipart(body: bytes, content_type: str) -> tuple[str, list[tuple[list[tuple[str, str]], bytes]]]:
+    """A strict multipart/related parser, independent of the proxy's: (boundary, [(headers, content)]).
+
+    Header names are kept exactly as spelled. The body must start with the first delimiter (no
+    preamble, M-05) and end with the close delimiter (M-03).
+    """
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    assert match, f"no boundary in {content_type!r}"
+    boundary = match.group(1)
+    delim = b"--" + boundary.encode()
+    assert body.startswith(delim + b"\r\n"), body[:100]
+    assert body.endswith(b"\r\n" + delim + b"--\r\n"), body[-100:]
+    parts = []
+    for raw in body[len(delim) + 2 : -(len(delim) + 6)].split(b"\r\n" + delim + b"\r\n"):
+        head, sep, content = raw.partition(b"\r\n\r\n")
+        assert sep, "part without a blank line after its headers"
+        headers = [tuple(line.split(": ", 1)) for line in head.decode("latin-1").split("\r\n")]
+        parts.append((headers, content))
+    return boundary, parts
