@@ -31,6 +31,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 def service_of(method: str, path: str) -> str:
     """The DICOMweb service a request belongs to (a closed set: safe as a metric label)."""
+    if path.startswith("/upstreams/"):
+        path = "/" + path.split("/", 3)[-1]
     if not path.startswith(DICOMWEB_ROOT + "/"):
         return "other"
     if method == "POST":
@@ -104,15 +106,27 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(status, reason)
 
 
+async def _health_loop(ctx: Context) -> None:
+    """Probe every archive periodically; the probes feed the circuit breakers and the up gauge."""
+    while True:
+        results = await asyncio.gather(*(a.probe() for a in ctx.archives), return_exceptions=True)
+        for archive, ok in zip(ctx.archives, results, strict=True):
+            metrics.ARCHIVE_UP.labels(archive.name).set(1 if ok is True else 0)
+        await asyncio.sleep(ctx.settings.health_interval)
+
+
 def create_app(settings: Settings) -> Starlette:
     """Build the ASGI application for `settings`."""
     ctx = Context.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(_health_loop(ctx)) if settings.health_interval > 0 else None
         try:
             yield
         finally:
+            if task is not None:
+                task.cancel()
             await ctx.close()
 
     async def healthz(request: Request) -> Response:
@@ -120,7 +134,7 @@ def create_app(settings: Settings) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         states = await asyncio.gather(*(a.probe() for a in ctx.archives))
-        archives = {a.name: "up" if ok else "down" for a, ok in zip(ctx.archives, states, strict=True)}
+        archives = {a.name: {"up": ok, "breaker": a.breaker.state} for a, ok in zip(ctx.archives, states, strict=True)}
         ready = any(states)
         return JSONResponse({"status": "ready" if ready else "no archive reachable", "archives": archives},
                             200 if ready else 503)
@@ -134,6 +148,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         Mount(DICOMWEB_ROOT, routes=dicomweb_routes()),
+        Mount("/upstreams/{upstream}" + DICOMWEB_ROOT, routes=dicomweb_routes()),
     ]
     from starlette.exceptions import HTTPException
 

@@ -16,10 +16,11 @@ from starlette.requests import Request
 from .context import Context
 from .media import Resource
 from .multipart import MultipartError, MultipartWriter, PartEnd, PartHeaders
+from .reframe import PartEvents
 from .responses import Problem, StreamAborted, StreamResponse
 from .upstream import Archive, UpstreamError
 from .urls import dicomweb_base
-from .wado import VARY, PartEvents, Target, open_upstream, select, upstream_problem
+from .wado import VARY, Target, open_upstream, select, upstream_problem
 
 PIXEL_DATA = "7FE00010"
 BULK_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
@@ -84,7 +85,7 @@ async def composed(request: Request, ctx: Context, target: Target, pixeldata: bo
     """`.../bulkdata` or `.../pixeldata` of a study, series or instance, as one multipart stream."""
     select(request, Resource.BULKDATA, False)
     archive, instances = await _metadata(request, ctx, target)
-    base = dicomweb_base(request, ctx.settings)
+    base = dicomweb_base(request, ctx.settings, ctx.root)
     items: list[tuple[str, list[str]]] = []
     for inst in instances:
         if pixeldata:

@@ -61,6 +61,9 @@ class ArchiveConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_connections: int = 64
     url_aliases: list[str] = field(default_factory=list)  # other bases the archive writes into URLs
+    search_deadline: float = 10.0  # a federated search gives up on this archive after this long
+    breaker_threshold: int = 3  # consecutive failures that open the circuit breaker
+    breaker_cooldown: float = 10.0  # seconds before an open breaker lets a trial request through
 
 
 @dataclass
@@ -76,6 +79,10 @@ class Settings:
     max_json_bytes: int = 256 * 1024 * 1024
     max_stow_bytes: int = 4 * 1024 * 1024 * 1024
     log_level: str = "info"
+    health_interval: float = 5.0  # seconds between health probes of each archive (0: none)
+    locator_ttl: float = 3600.0  # how long the proxy trusts what it learned about where a study is
+    search_cache_ttl: float = 30.0  # how long a merged federated search result is reused for paging
+    max_search_results: int = 10000  # per archive, for one federated search
     archives: list[ArchiveConfig] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -126,7 +133,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
-    for section, keys in (("server", None), ("cache", {"dir": "cache_dir"}), ("limits", None)):
+    for section, keys in (("server", None), ("cache", {"dir": "cache_dir"}), ("limits", None),
+                          ("federation", None)):
         table = doc.pop(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
@@ -148,7 +156,8 @@ def parse_upstream_flag(text: str) -> dict[str, Any]:
 
 def _env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    ints = {"port", "workers", "max_json_bytes", "max_stow_bytes"}
+    ints = {"port", "workers", "max_json_bytes", "max_stow_bytes", "max_search_results"}
+    floats = {"health_interval", "locator_ttl", "search_cache_ttl"}
     for f in dataclasses.fields(Settings):
         value = environ.get(ENV_PREFIX + f.name.upper())
         if value is None or f.name == "archives":
@@ -158,6 +167,11 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
                 out[f.name] = int(value)
             except ValueError:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a whole number: {value!r}") from None
+        elif f.name in floats:
+            try:
+                out[f.name] = float(value)
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a number: {value!r}") from None
         elif f.name == "trusted_proxies":
             out[f.name] = [v.strip() for v in value.split(",") if v.strip()]
         else:
@@ -210,18 +224,23 @@ def validate(s: Settings) -> None:
                 raise ConfigError(f"archive {a.name!r}: timeouts.{t} must be positive")
         if a.max_connections < 1:
             raise ConfigError(f"archive {a.name!r}: max_connections must be at least 1")
+        if a.search_deadline <= 0 or a.breaker_cooldown <= 0 or a.breaker_threshold < 1:
+            raise ConfigError(f"archive {a.name!r}: search_deadline, breaker_cooldown and breaker_threshold "
+                              "must be positive")
 
 
 def describe(s: Settings) -> str:
     """The effective configuration as TOML-like text, for `check-config`."""
     lines = ["[server]"]
-    for k in ("host", "port", "workers", "public_url", "trusted_proxies", "log_level"):
+    for k in ("host", "port", "workers", "public_url", "trusted_proxies", "log_level", "health_interval",
+              "locator_ttl", "search_cache_ttl", "max_search_results"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", "", "[limits]",
               f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}"]
     for a in s.archives:
         lines += ["", "[[archives]]"]
-        for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases"):
+        for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",
+                  "search_deadline", "breaker_threshold", "breaker_cooldown"):
             lines.append(f"{k} = {json.dumps(getattr(a, k))}")
         t = a.timeouts
         lines.append(f"timeouts = {{ connect = {t.connect}, first_byte = {t.first_byte}, "

@@ -42,6 +42,18 @@ UPSTREAM_IN_FLIGHT = Gauge("dicomweb_edge_upstream_in_flight", "Requests in flig
                            ["archive"], multiprocess_mode="livesum")
 
 
+ARCHIVE_BREAKER = Gauge("dicomweb_edge_archive_breaker_state",
+                        "Circuit breaker of each archive: 0 closed, 1 half-open, 2 open.", ["archive"],
+                        multiprocess_mode="max")
+ARCHIVE_UP = Gauge("dicomweb_edge_archive_up", "1 when the last health probe of the archive succeeded.",
+                   ["archive"], multiprocess_mode="max")
+SEARCH_FANOUT = Histogram("dicomweb_edge_search_fanout_archives", "Archives asked by one federated search.",
+                          buckets=(1, 2, 3, 4, 6, 8, 12, 16))
+SEARCH_PARTIAL = Counter("dicomweb_edge_search_partial_total",
+                         "Federated searches answered without some archive, by archive and reason.",
+                         ["archive", "reason"])
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text for `/metrics` (all workers when running multi-process)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

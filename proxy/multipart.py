@@ -42,32 +42,25 @@ class MultipartReader:
             raise MultipartError("missing or oversized boundary")
         self._dash = b"--" + boundary.encode("latin-1")
         self._delim = b"\r\n" + self._dash
-        self._buf = bytearray()
+        self._data = b""  # unconsumed input: the chunk being parsed, or a small tail carried over
+        self._pos = 0
         self._state = "preamble"
         self.parts = 0
         self.done = False
 
     def feed(self, chunk: bytes) -> Iterator[Event]:
-        """Consume one chunk; yield what it completes."""
+        """Consume one chunk; yield what it completes.
+
+        Body pieces are the chunk itself or memoryview slices of it: no copy unless a delimiter or
+        a header block straddles two chunks, and then only the small carried-over tail is joined.
+        """
         if self.done:
             return
-        if self._state == "body" and self._buf and len(self._buf) < len(self._delim):
-            # A possible delimiter start was held back: settle it without copying the new chunk.
-            joined = bytes(self._buf) + chunk[: len(self._delim)]
-            if joined.find(self._delim) < 0 and len(joined) - self._partial_tail(joined) >= len(self._buf):
-                yield bytes(self._buf)
-                self._buf.clear()
-        if self._state == "body" and not self._buf:
-            # Fast path: the common case of a large part arriving in big chunks.
-            idx = chunk.find(self._delim)
-            if idx < 0:
-                keep = self._partial_tail(chunk)
-                if keep < len(chunk):
-                    yield memoryview(chunk)[: len(chunk) - keep] if keep else chunk
-                if keep:
-                    self._buf += chunk[len(chunk) - keep :]
-                return
-        self._buf += chunk
+        if self._pos < len(self._data):
+            self._data = self._data[self._pos :] + chunk
+        else:
+            self._data = chunk
+        self._pos = 0
         yield from self._drain()
 
     def close(self) -> None:
@@ -75,79 +68,82 @@ class MultipartReader:
         if not self.done:
             raise MultipartError("body ended before the closing boundary")
 
-    def _partial_tail(self, data: bytes | bytearray) -> int:
-        """How many trailing bytes of `data` could be the start of a delimiter."""
+    def _partial_tail(self, data: bytes, pos: int) -> int:
+        """How many trailing bytes of `data[pos:]` could be the start of a delimiter."""
         d = self._delim
-        start = max(0, len(data) - len(d) + 1)
-        i = data.find(b"\r", start)
+        i = data.find(b"\r", max(pos, len(data) - len(d) + 1))
         while i >= 0:
             if d.startswith(data[i:]):
                 return len(data) - i
             i = data.find(b"\r", i + 1)
         return 0
 
+    def _slice(self, data: bytes, start: int, end: int) -> bytes | memoryview:
+        return data if start == 0 and end == len(data) else memoryview(data)[start:end]
+
     def _drain(self) -> Iterator[Event]:
-        buf = self._buf
-        while True:
-            if self._state == "preamble":
-                # The first delimiter may open the body without a leading CRLF (M-03).
-                if buf.startswith(self._dash):
-                    idx = 0
-                else:
-                    idx = buf.find(self._delim)
+        data, pos = self._data, self._pos
+        try:
+            while True:
+                if self._state == "body":
+                    idx = data.find(self._delim, pos)
                     if idx < 0:
-                        if len(buf) > MAX_HEADER_BYTES:
-                            raise MultipartError("no boundary found where the body should start")
+                        end = len(data) - self._partial_tail(data, pos)
+                        if end > pos:
+                            yield self._slice(data, pos, end)
+                            pos = end
                         return
-                    idx += 2
-                after = idx + len(self._dash)
-                if len(buf) < after + 2:
-                    return
-                del buf[:after]
-                self._state = "after_delim"
-            elif self._state == "after_delim":
-                if len(buf) < 2:
-                    return
-                if buf[:2] == b"--":
-                    self.done = True
-                    buf.clear()
-                    return
-                eol = buf.find(b"\r\n")  # transport padding may follow a delimiter
-                if eol < 0:
-                    if len(buf) > 256:
+                    if idx > pos:
+                        yield self._slice(data, pos, idx)
+                    pos = idx + len(self._delim)
+                    yield PartEnd()
+                    self._state = "after_delim"
+                elif self._state == "preamble":
+                    # The first delimiter may open the body without a leading CRLF (M-03).
+                    if data.startswith(self._dash, pos):
+                        idx = pos
+                    else:
+                        idx = data.find(self._delim, pos)
+                        if idx < 0:
+                            if len(data) - pos > MAX_HEADER_BYTES:
+                                raise MultipartError("no boundary found where the body should start")
+                            return
+                        idx += 2
+                    if len(data) < idx + len(self._dash) + 2:
+                        return
+                    pos = idx + len(self._dash)
+                    self._state = "after_delim"
+                elif self._state == "after_delim":
+                    if len(data) - pos < 2:
+                        return
+                    if data[pos : pos + 2] == b"--":
+                        self.done = True
+                        pos = len(data)
+                        return
+                    eol = data.find(b"\r\n", pos)  # transport padding may follow a delimiter
+                    if eol < 0:
+                        if len(data) - pos > 256:
+                            raise MultipartError("garbage after boundary")
+                        return
+                    if data[pos:eol].strip(b" \t"):
                         raise MultipartError("garbage after boundary")
-                    return
-                if buf[:eol].strip(b" \t"):
-                    raise MultipartError("garbage after boundary")
-                del buf[: eol + 2]
-                self._state = "headers"
-            elif self._state == "headers":
-                end = buf.find(b"\r\n\r\n")
-                if buf.startswith(b"\r\n"):
-                    end, raw = 0, b""
-                elif end < 0:
-                    if len(buf) > MAX_HEADER_BYTES:
-                        raise MultipartError("part headers too long")
-                    return
-                else:
-                    raw = bytes(buf[:end])
-                del buf[: end + (2 if end == 0 else 4)]
-                yield PartHeaders(_parse_headers(raw))
-                self.parts += 1
-                self._state = "body"
-            elif self._state == "body":
-                idx = buf.find(self._delim)
-                if idx < 0:
-                    keep = self._partial_tail(buf)
-                    if len(buf) > keep:
-                        yield bytes(buf[: len(buf) - keep])
-                        del buf[: len(buf) - keep]
-                    return
-                if idx:
-                    yield bytes(buf[:idx])
-                del buf[: idx + len(self._delim)]
-                yield PartEnd()
-                self._state = "after_delim"
+                    pos = eol + 2
+                    self._state = "headers"
+                else:  # headers
+                    if data.startswith(b"\r\n", pos):
+                        raw, pos = b"", pos + 2
+                    else:
+                        end = data.find(b"\r\n\r\n", pos)
+                        if end < 0:
+                            if len(data) - pos > MAX_HEADER_BYTES:
+                                raise MultipartError("part headers too long")
+                            return
+                        raw, pos = data[pos:end], end + 4
+                    yield PartHeaders(_parse_headers(raw))
+                    self.parts += 1
+                    self._state = "body"
+        finally:
+            self._pos = pos
 
 
 def _parse_headers(raw: bytes) -> dict[str, str]:

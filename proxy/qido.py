@@ -6,6 +6,7 @@ The proxy decodes the query string itself and re-sends it in the form each archi
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote_plus
@@ -14,9 +15,10 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import Response
 
+from . import merge, metrics
 from .context import Context
 from .media import BadAccept, NotAcceptable, Resource, negotiate
-from .profiles import Profile
+from .profiles import PROFILES, Profile
 from .responses import Problem
 from .upstream import Archive, UpstreamError
 from .urls import dicomweb_base
@@ -165,15 +167,28 @@ def is_empty(body: bytes) -> bool:
     return not stripped or stripped == b"[]"
 
 
-async def search(request: Request, ctx: Context, path: str) -> Response:
-    """One QIDO-RS search against the archives, answered 200 with results or 204 with none."""
+def _accept_json(request: Request) -> None:
     try:
         negotiate(request.query_params.get("accept") or request.headers.get("accept"), Resource.JSON)
     except BadAccept as exc:
         raise Problem(400, f"malformed Accept: {exc}") from None
     except NotAcceptable:
         raise Problem(406, "search results are available as application/dicom+json only") from None
+
+
+def _answer(body: bytes | None, warnings: list[str]) -> Response:
+    response = Response(body, 200, media_type="application/dicom+json") if body else Response(None, 204)
+    for w in dict.fromkeys(warnings):
+        response.headers.append("Warning", w)
+    return response
+
+
+async def search(request: Request, ctx: Context, path: str) -> Response:
+    """A QIDO-RS search: 200 with results, 204 with none; federated when there are several archives."""
+    _accept_json(request)
     q = parse_query(request.url.query)
+    if len(ctx.archives) > 1:
+        return await federated_search(request, ctx, path, q)
     archive = ctx.archives[0]
     resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "qido",
                                       query=translate(q, archive.profile), archives=[archive])
@@ -184,17 +199,100 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
             body = await resp.read(ctx.settings.max_json_bytes)
         except UpstreamError as exc:
             raise Problem(exc.status, exc.reason) from None
-        upstream_warnings = resp.headers.getall("Warning", [])
-    warnings = list(dict.fromkeys([*upstream_warnings, *warnings_for(q, archive)]))
-    headers = [("Warning", w) for w in warnings]
+        warnings = [*resp.headers.getall("Warning", []), *warnings_for(q, archive)]
     if is_empty(body):
-        response = Response(None, 204)
-    else:
-        if not body.lstrip().startswith(b"["):
-            raise Problem(502, f"archive '{archive.name}' sent a search result that is not a JSON array")
-        body = archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings))
-        response = Response(body, 200, media_type="application/dicom+json")
-    for k, v in headers:
-        response.headers.append(k, v)
-    return response
+        return _answer(None, warnings)
+    if not body.lstrip().startswith(b"["):
+        raise Problem(502, f"archive '{archive.name}' sent a search result that is not a JSON array")
+    return _answer(archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root)), warnings)
 
+
+LEVELS = {"studies": "study", "series": "series", "instances": "instance"}
+
+
+async def _fetch_all(request: Request, ctx: Context, archive: Archive, path: str, q: Query,
+                     base: str) -> tuple[list[merge.Record], list[str], bool]:
+    """Every match from one archive, paged within its cap: (records, its Warnings, truncated)."""
+    maximum = ctx.settings.max_search_results
+    cap = archive.profile.max_limit
+    records: list[merge.Record] = []
+    warnings: list[str] = warnings_for(q, archive)
+    offset = 0
+    async with asyncio.timeout(archive.config.search_deadline):
+        while True:
+            size = min(cap or maximum + 1, maximum + 1 - len(records))
+            query = translate(q, archive.profile, limit=size, offset=offset)
+            resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "qido",
+                                              query=query, archives=[archive])
+            async with stack:
+                if resp.status not in (200, 204, 206):
+                    raise UpstreamError(502, f"answered HTTP {resp.status}")
+                body = await resp.read(ctx.settings.max_json_bytes)
+                warnings += resp.headers.getall("Warning", [])
+            page = [] if is_empty(body) else merge.loads(archive.rewriter.rewrite_json(body, base))
+            records += page
+            if len(records) > maximum:
+                return records[:maximum], warnings, True
+            if len(page) < size:
+                return records, warnings, False
+            offset += len(page)
+
+
+def _failure(exc: BaseException) -> tuple[str, int]:
+    """A short, URL-free reason and the status it would justify on its own."""
+    if isinstance(exc, TimeoutError):
+        return "did not answer in time", 504
+    if isinstance(exc, UpstreamError | Problem):
+        return ("timed out" if exc.status == 504 else "is unavailable"), exc.status
+    if isinstance(exc, ValueError):
+        return "sent a malformed search result", 502
+    return "failed", 502
+
+
+async def federated_search(request: Request, ctx: Context, path: str, q: Query) -> Response:
+    """Fan out to every healthy archive, merge, de-duplicate, order and page (F-01..F-04)."""
+    level = LEVELS[path.rsplit("/", 1)[-1]]
+    base = dicomweb_base(request, ctx.settings, ctx.root)
+    key = (base, path, translate(q, PROFILES["generic"], limit=0, offset=0))
+    no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
+    cached = None if no_cache else ctx.searches.get(key)
+    if cached is None:
+        asked = [a for a in ctx.archives if a.breaker.allow()]
+        warnings = [f"299 dicomweb-edge: archive '{a.name}' was skipped (circuit open); "
+                    "results may be incomplete" for a in ctx.archives if a not in asked]
+        metrics.SEARCH_FANOUT.observe(len(asked))
+        results = await asyncio.gather(*(_fetch_all(request, ctx, a, path, q, base) for a in asked),
+                                       return_exceptions=True)
+        found: list[tuple[str, list[merge.Record]]] = []
+        statuses = []
+        for archive, result in zip(asked, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                reason, status = _failure(result)
+                statuses.append(status)
+                if isinstance(result, TimeoutError):
+                    archive._health(False)
+                metrics.SEARCH_PARTIAL.labels(archive.name, "timeout" if status == 504 else "error").inc()
+                warnings.append(f"299 dicomweb-edge: archive '{archive.name}' {reason}; results may be incomplete")
+                continue
+            records, archive_warnings, truncated = result
+            found.append((archive.name, records))
+            warnings += archive_warnings
+            if truncated:
+                warnings.append(f"299 dicomweb-edge: archive '{archive.name}' has more than "
+                                f"{ctx.settings.max_search_results} matches; narrow the search")
+        if not found:
+            status = 503 if not asked else 504 if all(s == 504 for s in statuses) else 502
+            raise Problem(status, "no archive could be searched: " + "; ".join(w.split(": ", 1)[1] for w in warnings))
+        merged, where = merge.merge(found, level)
+        for study, names in where.items():
+            ctx.locator.learn(study, names)
+        cached = (merge.order(merged, level), warnings)
+        if len(found) == len(ctx.archives):  # never reuse a partial answer
+            ctx.searches.put(key, cached)
+    ordered, warnings = cached
+    chunk, remaining = merge.page(ordered, q.offset, q.limit)
+    if remaining:
+        warnings = [*warnings, f"299 dicomweb-edge: There are {remaining} additional results that can be requested"]
+    return _answer(merge.dumps(chunk) if chunk else None, warnings)

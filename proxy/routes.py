@@ -52,7 +52,14 @@ def target(request: Request) -> Target:
 
 
 def _ctx(request: Request) -> Context:
-    return request.app.state.ctx
+    ctx: Context = request.app.state.ctx
+    name = request.path_params.get("upstream")
+    if name is None:
+        return ctx
+    single = ctx.single.get(name)
+    if single is None:
+        raise Problem(404, "no such archive")
+    return single
 
 
 async def search(request: Request) -> Response:

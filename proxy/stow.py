@@ -7,6 +7,7 @@ and exactly `Content-Type: application/dicom+json` (S-11, S-13).
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
@@ -49,6 +50,21 @@ async def _counted(request: Request, limit: int) -> AsyncIterator[bytes]:
             yield chunk
 
 
+_STUDY_IN_URL = re.compile(rb"/studies/([0-9][0-9.]*)")
+
+
+def _learn(ctx: Context, archive: str, study: str | None, body: bytes) -> None:
+    """Remember where the stored studies now live, and drop cached search results (S-11)."""
+    studies = {m.decode() for m in _STUDY_IN_URL.findall(body)}
+    if study:
+        studies.add(study)
+    for uid in studies:
+        ctx.locator.learn(uid, [archive])
+    ctx.searches.clear()
+    for single in ctx.single.values():
+        single.searches.clear()
+
+
 async def store(request: Request, ctx: Context, study: str | None) -> Response:
     """Forward one STOW-RS request and answer with the archive's (rewritten) response module."""
     check_content_type(request.headers.get("content-type", ""))
@@ -87,7 +103,9 @@ async def store(request: Request, ctx: Context, study: str | None) -> Response:
         raise Problem(502, f"archive '{archive.name}' refused the proxy's credentials (HTTP {status})")
     if status == 415:
         raise Problem(415, f"archive '{archive.name}' does not accept this media type")
-    base = dicomweb_base(request, ctx.settings)
+    base = dicomweb_base(request, ctx.settings, ctx.root)
+    if status < 300 or status == 409:
+        _learn(ctx, archive.name, study, body)
     if not body.strip():
         return Response(None, status)
     body = archive.rewriter.rewrite_json(body, base)

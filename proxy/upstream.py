@@ -19,6 +19,7 @@ import aiohttp
 from . import metrics
 from .config import ArchiveConfig
 from .dicomjson import UrlRewriter
+from .health import STATE_VALUE, Breaker
 from .profiles import PROFILES, Profile
 
 READ_BUFSIZE = 1 << 20
@@ -100,7 +101,12 @@ class Archive:
         self.base_url = config.url
         self.profile: Profile = PROFILES[config.profile]
         self.rewriter = UrlRewriter(config.name, config.url, config.url_aliases)
+        self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown)
         self._session: aiohttp.ClientSession | None = None
+
+    def _health(self, ok: bool) -> None:
+        self.breaker.success() if ok else self.breaker.failure()
+        metrics.ARCHIVE_BREAKER.labels(self.name).set(STATE_VALUE[self.breaker.state])
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -122,7 +128,10 @@ class Archive:
                                      service="probe") as resp:
                     await resp.read(1 << 20)
                     return resp.status in (200, 204)
-        except (TimeoutError, UpstreamError):
+        except TimeoutError:
+            self._health(False)
+            return False
+        except UpstreamError:
             return False
 
     async def close(self) -> None:
@@ -147,23 +156,28 @@ class Archive:
         metrics.UPSTREAM_IN_FLIGHT.labels(self.name).inc()
         try:
             try:
-                async with asyncio.timeout(t.connect + t.first_byte) as deadline:
-                    loop = asyncio.get_running_loop()
-                    resp = await self._client().request(
-                        method, url, headers=hdrs, data=body, allow_redirects=False,
-                        trace_request_ctx=lambda: deadline.reschedule(loop.time() + t.first_byte))
-            except TimeoutError:
-                raise UpstreamError(504, f"archive '{self.name}' did not answer within "
-                                         f"{t.first_byte:g}s") from None
-            except aiohttp.ServerTimeoutError:
-                raise UpstreamError(504, f"archive '{self.name}' did not connect within {t.connect:g}s") from None
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                    ConnectionError) as exc:
-                raise UpstreamError(502, f"archive '{self.name}' is unreachable ({type(exc).__name__})") from None
-            except aiohttp.ClientError as exc:
-                raise UpstreamError(502, f"archive '{self.name}' sent an invalid response "
-                                         f"({type(exc).__name__})") from None
+                try:
+                    async with asyncio.timeout(t.connect + t.first_byte) as deadline:
+                        loop = asyncio.get_running_loop()
+                        resp = await self._client().request(
+                            method, url, headers=hdrs, data=body, allow_redirects=False,
+                            trace_request_ctx=lambda: deadline.reschedule(loop.time() + t.first_byte))
+                except TimeoutError:
+                    raise UpstreamError(504, f"archive '{self.name}' did not answer within "
+                                             f"{t.first_byte:g}s") from None
+                except aiohttp.ServerTimeoutError:
+                    raise UpstreamError(504, f"archive '{self.name}' did not connect within {t.connect:g}s") from None
+                except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                        ConnectionError) as exc:
+                    raise UpstreamError(502, f"archive '{self.name}' is unreachable ({type(exc).__name__})") from None
+                except aiohttp.ClientError as exc:
+                    raise UpstreamError(502, f"archive '{self.name}' sent an invalid response "
+                                             f"({type(exc).__name__})") from None
+            except UpstreamError:
+                self._health(False)
+                raise
             status = str(resp.status)
+            self._health(resp.status not in (502, 503, 504))
             metrics.UPSTREAM_TTFB.labels(self.name, service).observe(time.perf_counter() - started)
             try:
                 yield UpstreamResponse(self, resp)

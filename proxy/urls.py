@@ -63,6 +63,6 @@ def external_base(request: Request, settings: Settings) -> str:
     return f"{scheme}://{host}"
 
 
-def dicomweb_base(request: Request, settings: Settings) -> str:
-    """The base URL of the proxy's DICOMweb service."""
-    return external_base(request, settings) + DICOMWEB_ROOT
+def dicomweb_base(request: Request, settings: Settings, root: str = DICOMWEB_ROOT) -> str:
+    """The base URL of the proxy's DICOMweb service (or of one archive's, under /upstreams/{name})."""
+    return external_base(request, settings) + root

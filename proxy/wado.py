@@ -1,14 +1,13 @@
-"""WADO-RS retrieve: negotiate, ask an archive with one explicit Accept, stream the answer back.
+"""WADO-RS retrieve: negotiate, find the archives that hold the study, stream the answer back.
 
-Phases of a retrieve: negotiate (media.py) → pick archives (context) → upstream request with one
-media range the archive is known to accept → re-frame the multipart under our own boundary, part by
-part, with truthful `Content-Type` and rewritten `Content-Location` (M-01..M-07) → client.
-Pixel bytes are passed on as the slices the parser produced; nothing is buffered beyond one chunk.
+Phases of a retrieve: negotiate (media.py) → locate (context: which archives hold the study) →
+upstream request with one media range the archive is known to accept → re-frame under our own
+boundary (reframe.py) → client. A study or series held by several archives comes back as one
+response, each instance once; an instance or frame comes from the first archive that has it.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -16,10 +15,11 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import part10
+from . import merge
 from .context import Context
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
-from .multipart import Event, MultipartError, MultipartReader, MultipartWriter, PartEnd, PartHeaders
+from .multipart import MultipartError
+from .reframe import PartEvents, Reframer, label, payload
 from .responses import Problem, StreamAborted, StreamResponse
 from .upstream import Archive, UpstreamError, UpstreamResponse
 from .urls import dicomweb_base
@@ -77,11 +77,21 @@ def upstream_accept(sel: Selection, resource: Resource, archive: Archive) -> tup
     return f"multipart/related; type={q}{sel.media_type}{q}{ts}", not sel.multipart
 
 
+async def locate(ctx: Context, study: str) -> list[Archive]:
+    """The archives holding `study`, or 404."""
+    if not ctx.archives:
+        raise Problem(502, "no archive is configured")
+    found = await ctx.archives_for(study)
+    if not found:
+        raise Problem(404, "no archive holds this study")
+    return found
+
+
 async def open_upstream(ctx: Context, study: str | None, path: str, accept: str, request: Request,
                         service: str, query: str = "",
                         archives: list[Archive] | None = None) -> tuple[UpstreamResponse, AsyncExitStack]:
     """Open the first archive that has the resource (a 404 or an unreachable archive moves on)."""
-    candidates = archives if archives is not None else ctx.archives_for(study or "")
+    candidates = archives if archives is not None else await locate(ctx, study or "")
     last: Problem | None = None
     headers = {"Accept": accept}
     rid = request.scope.get("state", {}).get("request_id")
@@ -99,6 +109,8 @@ async def open_upstream(ctx: Context, study: str | None, path: str, accept: str,
             await stack.aclose()
             last = Problem(404, "not found in any archive")
             continue
+        if resp.status == 404 and study and len(candidates) > 1:
+            ctx.locator.forget(study)  # what we learned is stale: probe again next time
         return resp, stack
     raise last or Problem(502, "no archive is configured")
 
@@ -120,163 +132,68 @@ def upstream_problem(resp: UpstreamResponse, sel: Selection | None) -> Problem:
     return Problem(502, f"archive '{name}' failed (HTTP {s})")
 
 
-class PartEvents:
-    """Pull-style events from an upstream multipart body."""
-
-    def __init__(self, resp: UpstreamResponse) -> None:
-        mtype, params = parse_content_type(resp.content_type)
-        if not mtype.startswith("multipart/") or not params.get("boundary"):
-            raise Problem(502, f"archive '{resp.archive.name}' sent {mtype or 'no content type'} "
-                               "where multipart/related was expected")
-        self.reader = MultipartReader(params["boundary"])
-        self.chunks = resp.iter_chunks()
-        self.pending: deque[Event] = deque()
-
-    async def next(self) -> Event | None:
-        """The next event, None at a clean end; MultipartError/UpstreamError on a broken body."""
-        while not self.pending:
-            chunk = await anext(self.chunks, None)
-            if chunk is None:
-                self.reader.close()
-                return None
-            self.pending.extend(self.reader.feed(chunk))
-        return self.pending.popleft()
-
-
-async def _first_part(events: PartEvents, archive: str) -> PartHeaders | None:
-    try:
-        ev = await events.next()
-    except (MultipartError, UpstreamError) as exc:
-        raise Problem(502, f"archive '{archive}' sent a broken multipart body ({exc})") from None
-    if ev is not None and not isinstance(ev, PartHeaders):
-        raise Problem(502, f"archive '{archive}' sent a malformed multipart body")
-    return ev
-
-
-async def _labelled(events: PartEvents, headers: PartHeaders, sel: Selection) -> tuple[str, list[Event]]:
-    """The part's Content-Type with its transfer syntax; for DICOM parts read from the File Meta."""
-    ctype = headers.headers.get("content-type", sel.media_type)
-    mtype, params = parse_content_type(ctype)
-    ts = params.get("transfer-syntax")
-    held: list[Event] = []
-    if mtype == "application/dicom" and not ts:
-        head = b""
-        while True:
-            found = part10.transfer_syntax(head)
-            if found != part10.NEED_MORE:
-                ts = found
-                break
-            ev = await events.next()
-            if ev is None or isinstance(ev, PartEnd | PartHeaders):
-                if ev is not None:
-                    held.append(ev)
-                break
-            held.append(ev)
-            head += bytes(ev[: part10.MAX_META - len(head)])
-    if not mtype:
-        mtype = sel.media_type
-    if ts is None and sel.transfer_syntax not in (None, ANY_TS):
-        ts = sel.transfer_syntax
-    return (f"{mtype}; transfer-syntax={ts}" if ts else mtype), held
-
-
-async def multipart_body(events: PartEvents, first: PartHeaders | None, writer: MultipartWriter,
-                         sel: Selection, archive: Archive, base: str,
-                         frame_locations: list[str] | None = None) -> AsyncIterator[bytes]:
-    """Re-frame the archive's parts under `writer`'s boundary."""
-    ev: Event | None = first
-    index = 0
-    try:
-        while ev is not None:
-            if isinstance(ev, PartHeaders):
-                ctype, held = await _labelled(events, ev, sel)
-                loc = ev.headers.get("content-location")
-                if loc:
-                    loc = archive.rewriter.rewrite_url(loc, base)
-                elif frame_locations and index < len(frame_locations):
-                    loc = frame_locations[index]
-                length = ev.headers.get("content-length")
-                yield writer.part(ctype, loc, int(length) if length and length.isdigit() else None)
-                index += 1
-                for h in held:
-                    if isinstance(h, PartHeaders):
-                        ev = h
-                        break
-                    if not isinstance(h, PartEnd):
-                        yield h
-                else:
-                    ev = await events.next()
-                continue
-            if not isinstance(ev, PartEnd):
-                yield ev
-            ev = await events.next()
-        yield writer.close()
-    except (MultipartError, UpstreamError) as exc:
-        raise StreamAborted(f"archive '{archive.name}': {exc}") from None
-
-
-async def single_body(events: PartEvents, first: PartHeaders, archive: Archive) -> AsyncIterator[bytes]:
-    """The payload of the first part only, as a single-part body."""
-    try:
-        while True:
-            ev = await events.next()
-            if ev is None or isinstance(ev, PartEnd | PartHeaders):
-                return
-            yield ev
-    except (MultipartError, UpstreamError) as exc:
-        raise StreamAborted(f"archive '{archive.name}': {exc}") from None
-
-
 async def retrieve(request: Request, ctx: Context, target: Target, resource: Resource, service: str,
                    upstream_path: str | None = None, archives: list[Archive] | None = None,
                    location: str | None = None) -> StreamResponse:
     """Study, series, instance, frames and bulk data retrieve, streamed."""
-    single_item = resource is Resource.INSTANCE or (
-        resource is Resource.FRAMES and target.frames is not None and len(target.frames) == 1) or (
-        resource is Resource.BULKDATA)
+    one_frame = resource is Resource.FRAMES and target.frames is not None and len(target.frames) == 1
+    single_item = resource in (Resource.INSTANCE, Resource.BULKDATA) or one_frame
     sel = select(request, resource, single_item)
-    candidates = archives if archives is not None else ctx.archives_for(target.study)
-    if not candidates:
-        raise Problem(502, "no archive is configured")
+    candidates = archives if archives is not None else await locate(ctx, target.study)
     accept, unwrap = upstream_accept(sel, resource, candidates[0])
-    resp, stack = await open_upstream(ctx, target.study, upstream_path or target.path(), accept, request,
-                                      service, archives=candidates)
+    path = upstream_path or target.path()
+    federated = resource is Resource.INSTANCES and len(candidates) > 1
+    resp, stack = await open_upstream(ctx, target.study, path, accept, request, service,
+                                      archives=candidates[:1] if federated else candidates)
     try:
-        if resp.status >= 300:
+        if resp.status >= 300 and not (federated and resp.status == 404):
             raise upstream_problem(resp, sel)
-        base = dicomweb_base(request, ctx.settings)
+        base = dicomweb_base(request, ctx.settings, ctx.root)
         if not sel.multipart and not unwrap:
             # The archive answered single-part itself: pass the body through.
-            ctype = resp.content_type or sel.media_type
-            headers = [("Content-Type", ctype), VARY]
+            headers = [("Content-Type", resp.content_type or sel.media_type), VARY]
             if "Content-Length" in resp.headers:
                 headers.append(("Content-Length", resp.headers["Content-Length"]))
             return StreamResponse(200, headers, _passthrough(resp), stack.aclose)
-        events = PartEvents(resp)
-        first = await _first_part(events, resp.archive.name)
+        dedupe = resource is Resource.INSTANCES and len(candidates) > 1
+        locations = None
+        if target.frames:
+            locations = [f"{base}{Target(target.study, target.series, target.instance, (n,)).path()}"
+                         for n in target.frames]
+        elif location:
+            locations = [location]
+        reframer = Reframer(sel, base, locations, dedupe=dedupe)
+        events = PartEvents(resp) if resp.status < 300 else None
+        first_headers = await events.first() if events else None
+        try:
+            first = await label(events, first_headers, sel, reframer.seen) if events and first_headers else None
+        except UpstreamError as exc:
+            raise Problem(exc.status, exc.reason) from None
+        except MultipartError as exc:
+            raise Problem(502, f"archive '{resp.archive.name}' sent a broken multipart body ({exc})") from None
         if unwrap:
-            if first is None:
+            if first is None or events is None:
                 raise Problem(404, "the archive returned no content")
-            ctype, held = await _labelled(events, first, sel)
-            headers = [("Content-Type", ctype), VARY]
+            headers = [("Content-Type", first.content_type), VARY]
             if location:
                 headers.append(("Content-Location", location))
-            if not held and first.headers.get("content-length", "").isdigit():
-                headers.append(("Content-Length", first.headers["content-length"]))
-            return StreamResponse(200, headers, _prepend(held, single_body(events, first, resp.archive)),
-                                  stack.aclose)
-        writer = MultipartWriter()
-        frame_locs = None
-        if target.frames:
-            frame_locs = [f"{base}{Target(target.study, target.series, target.instance, (n,)).path()}"
-                          for n in target.frames]
-        elif location:
-            frame_locs = [location]
-        part_type = sel.media_type
-        if first is not None:
-            part_type = parse_content_type(first.headers.get("content-type", part_type))[0] or part_type
-        headers = [("Content-Type", writer.content_type(part_type)), VARY]
-        body = multipart_body(events, first, writer, sel, resp.archive, base, frame_locs)
+            if not first.held and first.length is not None:
+                headers.append(("Content-Length", str(first.length)))
+            return StreamResponse(200, headers, payload(events, first), stack.aclose)
+        part_type = parse_content_type(first.content_type)[0] if first else sel.media_type
+        headers = [("Content-Type", reframer.writer.content_type(part_type)), VARY]
+        if federated:
+            body = _federated(request, ctx, reframer, events, first, candidates, path, accept, service, stack)
+            return StreamResponse(200, headers, body, stack.aclose, watch_disconnect=True)
+        if (resource is Resource.INSTANCE or one_frame) and first is not None and first.length is not None \
+                and events is not None:
+            # Exactly one part is coming and its size is known: send a Content-Length, no chunking.
+            head = reframer.header(first, resp.archive)
+            tail = reframer.close()
+            headers.append(("Content-Length", str(len(head) + first.length + len(tail))))
+            body = _one_part(reframer, events, first, head, tail)
+        else:
+            body = _single_archive(reframer, events, first)
         return StreamResponse(200, headers, body, stack.aclose,
                               watch_disconnect=resource in (Resource.INSTANCES, Resource.BULKDATA))
     except BaseException:
@@ -284,13 +201,51 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
         raise
 
 
-async def _prepend(held: list[Event], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    for h in held:
-        if isinstance(h, PartEnd | PartHeaders):
-            return
-        yield h
-    async for chunk in rest:
+async def _one_part(reframer: Reframer, events: PartEvents, first: object, head: bytes,
+                    tail: bytes) -> AsyncIterator[bytes | memoryview]:
+    async for chunk in reframer.parts(events, first, max_parts=1, first_header=head):  # type: ignore[arg-type]
         yield chunk
+    yield tail
+
+
+async def _single_archive(reframer: Reframer, events: PartEvents | None,
+                          first: object) -> AsyncIterator[bytes | memoryview]:
+    if events is not None:
+        async for chunk in reframer.parts(events, first):  # type: ignore[arg-type]
+            yield chunk
+    yield reframer.close()
+
+
+async def _federated(request: Request, ctx: Context, reframer: Reframer, events: PartEvents | None, first: object,
+                     archives: list[Archive], path: str, accept: str, service: str,
+                     stack: AsyncExitStack) -> AsyncIterator[bytes | memoryview]:
+    """Parts from every archive that holds the study, one boundary, each instance once."""
+    if events is not None:
+        async for chunk in reframer.parts(events, first):  # type: ignore[arg-type]
+            yield chunk
+    for archive in archives[1:]:
+        try:
+            resp, sub = await open_upstream(ctx, None, path, accept, request, service, archives=[archive])
+        except Problem as exc:
+            raise StreamAborted(exc.reason) from None
+        async with sub:
+            if resp.status == 404:
+                continue
+            if resp.status >= 300:
+                raise StreamAborted(f"archive '{archive.name}' answered HTTP {resp.status}")
+            try:
+                more = PartEvents(resp)
+                head = await more.first()
+            except Problem as exc:
+                raise StreamAborted(exc.reason) from None
+            if head is None:
+                continue
+            part = await label(more, head, reframer.sel, reframer.seen)
+            async for chunk in reframer.parts(more, part):
+                yield chunk
+    if reframer.count == 0:
+        raise StreamAborted("no archive returned any instance of the study")
+    yield reframer.close()
 
 
 async def _passthrough(resp: UpstreamResponse) -> AsyncIterator[bytes]:
@@ -301,35 +256,67 @@ async def _passthrough(resp: UpstreamResponse) -> AsyncIterator[bytes]:
         raise StreamAborted(str(exc)) from None
 
 
-async def metadata(request: Request, ctx: Context, target: Target) -> Response:
-    """Study, series or instance metadata: JSON with every BulkDataURI pointed at the proxy."""
-    select(request, Resource.JSON, True)
-    resp, stack = await open_upstream(ctx, target.study, target.path() + "/metadata",
-                                      "application/dicom+json", request, "metadata")
+async def _metadata_body(request: Request, ctx: Context, archive: Archive, path: str) -> bytes | None:
+    resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "metadata",
+                                      archives=[archive])
     async with stack:
+        if resp.status == 404:
+            return None
         if resp.status >= 300:
             raise upstream_problem(resp, None)
         try:
             body = await resp.read(ctx.settings.max_json_bytes)
         except UpstreamError as exc:
             raise Problem(exc.status, exc.reason) from None
-        body = resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings))
-    return Response(body, 200, media_type="application/dicom+json", headers=dict([VARY]))
+    return archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root))
+
+
+async def metadata(request: Request, ctx: Context, target: Target) -> Response:
+    """Study, series or instance metadata, BulkDataURIs pointed at the proxy; merged when split."""
+    select(request, Resource.JSON, True)
+    archives = await locate(ctx, target.study)
+    path = target.path() + "/metadata"
+    if target.instance or len(archives) == 1:
+        resp, stack = await open_upstream(ctx, target.study, path, "application/dicom+json", request,
+                                          "metadata", archives=archives)
+        async with stack:
+            if resp.status >= 300:
+                raise upstream_problem(resp, None)
+            try:
+                body = await resp.read(ctx.settings.max_json_bytes)
+            except UpstreamError as exc:
+                raise Problem(exc.status, exc.reason) from None
+        body = resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root))
+        return Response(body, 200, media_type="application/dicom+json", headers=dict([VARY]))
+    # A study or series held by several archives: every instance once, first archive's copy wins.
+    merged: dict[str, merge.Record] = {}
+    for archive in archives:
+        body = await _metadata_body(request, ctx, archive, path)
+        if body is None:
+            continue
+        try:
+            records = merge.loads(body)
+        except ValueError:
+            raise Problem(502, f"archive '{archive.name}' sent metadata that is not a JSON array") from None
+        for rec in records:
+            merged.setdefault(str(merge.value(rec, merge.SOP_UID)), rec)
+    if not merged:
+        raise Problem(404, "no such resource in any archive")
+    return Response(merge.dumps(merged.values()), 200, media_type="application/dicom+json",
+                    headers=dict([VARY]))
 
 
 async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bool) -> StreamResponse:
     """Rendered images and thumbnails (made from /rendered where the archive has no thumbnails)."""
     sel = select(request, Resource.RENDERED, True)
     query = rendered_query(request, thumbnail)
-    candidates = ctx.archives_for(target.study)
-    if not candidates:
-        raise Problem(502, "no archive is configured")
+    candidates = await locate(ctx, target.study)
     use_rendered = not thumbnail or not candidates[0].profile.thumbnail
     suffix = "/rendered" if use_rendered else "/thumbnail"
     if thumbnail and use_rendered and "viewport=" not in query:
         query = "&".join(filter(None, [query, "viewport=128,128"]))
     resp, stack = await open_upstream(ctx, target.study, target.path() + suffix, sel.media_type, request,
-                                      "thumbnail" if thumbnail else "rendered", query=query)
+                                      "thumbnail" if thumbnail else "rendered", query=query, archives=candidates)
     try:
         if resp.status >= 300:
             raise upstream_problem(resp, None)
