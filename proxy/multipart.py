@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 MAX_HEADER_BYTES = 16 * 1024
+_WINDOW = MAX_HEADER_BYTES + 512
 
 
 class MultipartError(ValueError):
@@ -42,22 +43,24 @@ class MultipartReader:
             raise MultipartError("missing or oversized boundary")
         self._dash = b"--" + boundary.encode("latin-1")
         self._delim = b"\r\n" + self._dash
-        self._data = b""  # unconsumed input: the chunk being parsed, or a small tail carried over
+        self._data: bytes | memoryview = b""  # the chunk being parsed, or a small tail carried over
         self._pos = 0
+        self._left = 0  # bytes still to come of a part with a Content-Length
         self._state = "preamble"
         self.parts = 0
         self.done = False
 
-    def feed(self, chunk: bytes) -> Iterator[Event]:
+    def feed(self, chunk: bytes | memoryview) -> Iterator[Event]:
         """Consume one chunk; yield what it completes.
 
-        Body pieces are the chunk itself or memoryview slices of it: no copy unless a delimiter or
-        a header block straddles two chunks, and then only the small carried-over tail is joined.
+        Body pieces are the chunk itself or memoryview slices of it. A part that declares its
+        Content-Length is passed through by count, without scanning its bytes for the boundary;
+        other parts are scanned. Only a small tail that straddles two chunks is ever joined.
         """
         if self.done:
             return
         if self._pos < len(self._data):
-            self._data = self._data[self._pos :] + chunk
+            self._data = bytes(self._data[self._pos :]) + bytes(chunk)
         else:
             self._data = chunk
         self._pos = 0
@@ -78,14 +81,35 @@ class MultipartReader:
             i = data.find(b"\r", i + 1)
         return 0
 
-    def _slice(self, data: bytes, start: int, end: int) -> bytes | memoryview:
+    @staticmethod
+    def _slice(data: bytes | memoryview, start: int, end: int) -> bytes | memoryview:
         return data if start == 0 and end == len(data) else memoryview(data)[start:end]
 
     def _drain(self) -> Iterator[Event]:
         data, pos = self._data, self._pos
         try:
             while True:
+                if self._state == "counted":
+                    avail = len(data) - pos
+                    if self._left:
+                        if not avail:
+                            return
+                        n = min(avail, self._left)
+                        yield self._slice(data, pos, pos + n)
+                        pos += n
+                        self._left -= n
+                        continue
+                    if avail < len(self._delim):
+                        return
+                    if bytes(data[pos : pos + len(self._delim)]) != self._delim:
+                        raise MultipartError("a part is longer than its Content-Length")
+                    pos += len(self._delim)
+                    yield PartEnd()
+                    self._state = "after_delim"
+                    continue
                 if self._state == "body":
+                    if isinstance(data, memoryview):  # scanning needs bytes: copy what is left, once
+                        data, pos = bytes(data[pos:]), 0
                     idx = data.find(self._delim, pos)
                     if idx < 0:
                         end = len(data) - self._partial_tail(data, pos)
@@ -98,52 +122,62 @@ class MultipartReader:
                     pos = idx + len(self._delim)
                     yield PartEnd()
                     self._state = "after_delim"
-                elif self._state == "preamble":
+                    continue
+                # Delimiters and headers: look at a bounded window (a copy of at most ~16 KB).
+                win = data if isinstance(data, bytes) else bytes(data[pos : pos + _WINDOW])
+                off = 0 if isinstance(data, bytes) else pos  # win[i] is data[i + off]
+                at = pos - off
+                if self._state == "preamble":
                     # The first delimiter may open the body without a leading CRLF (M-03).
-                    if data.startswith(self._dash, pos):
-                        idx = pos
+                    if win.startswith(self._dash, at):
+                        idx = at
                     else:
-                        idx = data.find(self._delim, pos)
+                        idx = win.find(self._delim, at)
                         if idx < 0:
                             if len(data) - pos > MAX_HEADER_BYTES:
                                 raise MultipartError("no boundary found where the body should start")
                             return
                         idx += 2
-                    if len(data) < idx + len(self._dash) + 2:
+                    if len(win) < idx + len(self._dash) + 2:
                         return
-                    pos = idx + len(self._dash)
+                    pos = off + idx + len(self._dash)
                     self._state = "after_delim"
                 elif self._state == "after_delim":
-                    if len(data) - pos < 2:
+                    if len(win) - at < 2:
                         return
-                    if data[pos : pos + 2] == b"--":
+                    if win[at : at + 2] == b"--":
                         self.done = True
                         pos = len(data)
                         return
-                    eol = data.find(b"\r\n", pos)  # transport padding may follow a delimiter
+                    eol = win.find(b"\r\n", at)  # transport padding may follow a delimiter
                     if eol < 0:
                         if len(data) - pos > 256:
                             raise MultipartError("garbage after boundary")
                         return
-                    if data[pos:eol].strip(b" \t"):
+                    if win[at:eol].strip(b" \t"):
                         raise MultipartError("garbage after boundary")
-                    pos = eol + 2
+                    pos = off + eol + 2
                     self._state = "headers"
                 else:  # headers
-                    if data.startswith(b"\r\n", pos):
+                    if win.startswith(b"\r\n", at):
                         raw, pos = b"", pos + 2
                     else:
-                        end = data.find(b"\r\n\r\n", pos)
+                        end = win.find(b"\r\n\r\n", at)
                         if end < 0:
                             if len(data) - pos > MAX_HEADER_BYTES:
                                 raise MultipartError("part headers too long")
                             return
-                        raw, pos = data[pos:end], end + 4
-                    yield PartHeaders(_parse_headers(raw))
+                        raw, pos = win[at:end], off + end + 4
+                    headers = _parse_headers(raw)
+                    yield PartHeaders(headers)
                     self.parts += 1
-                    self._state = "body"
+                    length = headers.get("content-length", "")
+                    if length.isdigit():
+                        self._state, self._left = "counted", int(length)
+                    else:
+                        self._state = "body"
         finally:
-            self._pos = pos
+            self._data, self._pos = data, pos
 
 
 def _parse_headers(raw: bytes) -> dict[str, str]:

@@ -164,7 +164,7 @@ def warnings_for(q: Query, archive: Archive) -> list[str]:
 def is_empty(body: bytes) -> bool:
     """204, `200 []` and an empty body all mean "no matches" (conformance §0 item 5)."""
     stripped = body.strip()
-    return not stripped or stripped == b"[]"
+    return not stripped or (stripped[:1] == b"[" and stripped[1:].strip() == b"]")  # also "[ ]", "[\n]"
 
 
 def _accept_json(request: Request) -> None:
@@ -228,12 +228,20 @@ async def _fetch_all(request: Request, ctx: Context, archive: Archive, path: str
                 if resp.status not in (200, 204, 206):
                     raise UpstreamError(502, f"answered HTTP {resp.status}")
                 body = await resp.read(ctx.settings.max_json_bytes)
-                warnings += resp.headers.getall("Warning", [])
+                # The archive's own cap cut the page short (206, or dcm4chee's "There are N additional
+                # results" Warning, §0 item 6): page on from here instead of passing its count on.
+                capped = resp.status == 206
+                for w in resp.headers.getall("Warning", []):
+                    capped |= "additional results" in w
+                    warnings += [] if "additional results" in w else [w]
             page = [] if is_empty(body) else merge.loads(archive.rewriter.rewrite_json(body, base))
             records += page
             if len(records) > maximum:
                 return records[:maximum], warnings, True
-            if len(page) < size:
+            if len(page) < size and not (capped and page):
+                if capped:
+                    warnings.append(f"299 dicomweb-edge: archive '{archive.name}' reported more matches than it "
+                                    "returned; results may be incomplete")
                 return records, warnings, False
             offset += len(page)
 

@@ -1,9 +1,7 @@
-"""An archive behind the proxy: its HTTP client, timeouts, quirks profile and URL rewriter.
+"""An archive behind the proxy: its connection pool, timeouts, quirks profile, URL rewriter and breaker.
 
-The transport is aiohttp rather than httpx's default httpcore transport: on this machine httpx reads
-512 KB bodies at under half the rate Orthanc serves them (performance-notes.md; our own figures are
-in benchmarks/RESULTS.md). Everything above this module sees only `Archive.open()` and
-`UpstreamResponse`, so the transport stays one replaceable layer.
+Everything above this module sees only `Archive.open()` and `UpstreamResponse`; the HTTP client is
+`transport.py` (why our own: see there, and the figures in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -13,29 +11,14 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from . import metrics
 from .config import ArchiveConfig
 from .dicomjson import UrlRewriter
 from .health import STATE_VALUE, Breaker
 from .profiles import PROFILES, Profile
-
-READ_BUFSIZE = 1 << 20
-
-
-async def _connected(session: aiohttp.ClientSession, ctx: Any, params: Any) -> None:
-    """Start the first-byte clock once a connection is there (connecting has its own timeout)."""
-    if callable(ctx.trace_request_ctx):
-        ctx.trace_request_ctx()
-
-
-def _trace() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_create_end.append(_connected)
-    trace.on_connection_reuseconn.append(_connected)
-    return trace
+from .transport import ConnectTimeout, FirstByteTimeout, Headers, Pool, Response, TransportError
 
 
 class UpstreamError(Exception):
@@ -48,41 +31,40 @@ class UpstreamError(Exception):
 
 
 class UpstreamResponse:
-    """Status, headers and a body read with an idle timeout between chunks."""
+    """Status, headers and a body read with an idle timeout between pieces."""
 
-    def __init__(self, archive: Archive, resp: aiohttp.ClientResponse) -> None:
+    def __init__(self, archive: Archive, resp: Response) -> None:
         self.archive = archive
         self.status = resp.status
-        self.headers = resp.headers
+        self.headers: Headers = resp.headers
         self._resp = resp
         self.bytes_read = 0
 
     @property
     def content_type(self) -> str:
         """The raw Content-Type header ('' when absent)."""
-        return self.headers.get("Content-Type", "")
+        return self.headers.get("Content-Type") or ""
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    async def iter_chunks(self) -> AsyncIterator[memoryview]:
         """The body as it arrives; UpstreamError(504) if the archive goes quiet for idle_read s."""
-        content = self._resp.content
         idle = self.archive.config.timeouts.idle_read
+        body = self._resp.iter_body()
         while True:
             try:
                 async with asyncio.timeout(idle):
-                    chunk = await content.readany()
+                    piece = await anext(body, None)
             except TimeoutError:
                 raise UpstreamError(504, f"archive '{self.archive.name}' stalled for {idle:g}s mid-body") from None
-            except (aiohttp.ClientError, ConnectionError) as exc:
-                raise UpstreamError(502, f"archive '{self.archive.name}' broke off the response "
-                                         f"({type(exc).__name__})") from None
-            if not chunk:
+            except (TransportError, OSError) as exc:
+                raise UpstreamError(502, f"archive '{self.archive.name}' broke off the response ({exc})") from None
+            if piece is None:
                 return
-            self.bytes_read += len(chunk)
-            yield chunk
+            self.bytes_read += len(piece)
+            yield piece
 
     async def read(self, limit: int) -> bytes:
         """The whole body, refusing (502) one larger than `limit` bytes."""
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         size = 0
         async for chunk in self.iter_chunks():
             size += len(chunk)
@@ -102,23 +84,14 @@ class Archive:
         self.profile: Profile = PROFILES[config.profile]
         self.rewriter = UrlRewriter(config.name, config.url, config.url_aliases)
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown)
-        self._session: aiohttp.ClientSession | None = None
+        u = urlsplit(config.url)
+        self._path = u.path.rstrip("/")
+        self.pool = Pool(u.scheme, u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80),
+                         max_connections=config.max_connections)
 
     def _health(self, ok: bool) -> None:
         self.breaker.success() if ok else self.breaker.failure()
         metrics.ARCHIVE_BREAKER.labels(self.name).set(STATE_VALUE[self.breaker.state])
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            t = self.config.timeouts
-            connector = aiohttp.TCPConnector(limit=self.config.max_connections, keepalive_timeout=0.75,
-                                             ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, read_bufsize=READ_BUFSIZE,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect, connect=t.connect),
-                skip_auto_headers=("User-Agent", "Accept-Encoding"), raise_for_status=False,
-                trace_configs=[_trace()])
-        return self._session
 
     async def probe(self, timeout: float = 2.0) -> bool:
         """A cheap search (one study at most): True when the archive answers it."""
@@ -136,9 +109,21 @@ class Archive:
 
     async def close(self) -> None:
         """Release pooled connections."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.pool.close()
+
+    async def _send(self, method: str, target: str, headers: dict[str, str], body: Any) -> Response:
+        t = self.config.timeouts
+        try:
+            return await self.pool.request(method, target, headers, body, t.connect, t.first_byte)
+        except ConnectTimeout:
+            raise UpstreamError(504, f"archive '{self.name}' did not connect within {t.connect:g}s") from None
+        except FirstByteTimeout:
+            raise UpstreamError(504, f"archive '{self.name}' did not answer within {t.first_byte:g}s "
+                                     "(first-byte timeout)") from None
+        except OSError as exc:
+            raise UpstreamError(502, f"archive '{self.name}' is unreachable ({type(exc).__name__})") from None
+        except TransportError as exc:
+            raise UpstreamError(502, f"archive '{self.name}' sent an invalid response ({exc})") from None
 
     @asynccontextmanager
     async def open(self, method: str, path: str, query: str = "", headers: Mapping[str, str] | None = None,
@@ -148,31 +133,14 @@ class Archive:
         Raises UpstreamError(502) when the archive is unreachable or resets, and (504) when it does
         not connect or answer within its timeouts.
         """
-        url = self.base_url + path + ("?" + query if query else "")
+        target = self._path + path + ("?" + query if query else "")
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
-        t = self.config.timeouts
         started = time.perf_counter()
         status = "error"
         metrics.UPSTREAM_IN_FLIGHT.labels(self.name).inc()
         try:
             try:
-                try:
-                    async with asyncio.timeout(t.connect + t.first_byte) as deadline:
-                        loop = asyncio.get_running_loop()
-                        resp = await self._client().request(
-                            method, url, headers=hdrs, data=body, allow_redirects=False,
-                            trace_request_ctx=lambda: deadline.reschedule(loop.time() + t.first_byte))
-                except TimeoutError:
-                    raise UpstreamError(504, f"archive '{self.name}' did not answer within "
-                                             f"{t.first_byte:g}s") from None
-                except aiohttp.ServerTimeoutError:
-                    raise UpstreamError(504, f"archive '{self.name}' did not connect within {t.connect:g}s") from None
-                except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                        ConnectionError) as exc:
-                    raise UpstreamError(502, f"archive '{self.name}' is unreachable ({type(exc).__name__})") from None
-                except aiohttp.ClientError as exc:
-                    raise UpstreamError(502, f"archive '{self.name}' sent an invalid response "
-                                             f"({type(exc).__name__})") from None
+                resp = await self._send(method, target, hdrs, body)
             except UpstreamError:
                 self._health(False)
                 raise
@@ -182,7 +150,7 @@ class Archive:
             try:
                 yield UpstreamResponse(self, resp)
             finally:
-                resp.release() if resp.status < 400 else resp.close()
+                resp.release()
         finally:
             metrics.UPSTREAM_IN_FLIGHT.labels(self.name).dec()
             metrics.UPSTREAM_REQUESTS.labels(self.name, service, status).inc()

@@ -83,3 +83,31 @@ def test_writer_spelling_and_boundary():
     assert w1.part("a/b").startswith(b"\r\n--")
     expected = f'multipart/related; type="application/dicom"; boundary={w1.boundary}'
     assert w1.content_type("application/dicom") == expected
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_memoryview_chunks_and_parts_without_length(seed):
+    """Pieces from the upstream transport are memoryviews; parts may or may not declare a length."""
+    w = MultipartWriter("b0und")
+    body = b"".join(w.part("a/b", content_length=len(p) if i % 2 else None) + p for i, p in enumerate(TRICKY))
+    body = memoryview(bytearray(body + w.close()))
+    rng = random.Random(seed)
+    reader, parts, cur, pos = MultipartReader("b0und"), [], None, 0
+    while pos < len(body):
+        n = rng.randint(1, 64)
+        for ev in reader.feed(body[pos : pos + n]):
+            if isinstance(ev, PartHeaders):
+                cur = b""
+            elif isinstance(ev, PartEnd):
+                parts.append(cur)
+            else:
+                cur += bytes(ev)
+        pos += n
+    reader.close()
+    assert parts == TRICKY
+
+
+def test_part_longer_than_its_content_length_is_an_error():
+    body = b"--B\r\nContent-Length: 3\r\n\r\nabcdef\r\n--B--\r\n"
+    with pytest.raises(MultipartError):
+        _parse(body, "B", [len(body)])

@@ -65,6 +65,7 @@ class Faults:
     content_type: str | None = None  # override the response Content-Type
     endless_body: bool = False  # stream zeros forever
     huge_headers: int | None = None  # add an X-Padding header of this many bytes
+    max_limit: int | None = None  # like Azure (cap 200): a search with a larger `limit` gets 400
 
     def clear(self) -> None:
         """Switch every fault off again."""
@@ -314,6 +315,8 @@ class SampleArchive:
             limit, offset = int(q.get("limit", -1)), int(q.get("offset", 0))
         except ValueError as exc:
             raise HTTPException(400, "limit and offset must be integers") from exc
+        if self.faults.max_limit is not None and limit > self.faults.max_limit:
+            raise HTTPException(400, f"limit must be between 1 and {self.faults.max_limit}")
         groups: dict[tuple[str, ...], list[_Entry]] = {}
         for e in self._snapshot():
             if p.get("study") in (None, e.study) and p.get("series") in (None, e.series):

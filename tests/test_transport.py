@@ -1,0 +1,166 @@
+"""The upstream HTTP/1.1 client (proxy/transport.py) against raw loopback servers with exact bytes.
+
+A real archive cannot be made to send chunked bodies, stale keep-alive connections or oversized
+headers on demand, so these tests script the bytes on a socket.
+"""
+
+import asyncio
+
+import pytest
+
+from proxy.transport import FirstByteTimeout, Pool, TransportError
+
+
+async def serve(handler):
+    """A loopback server running `handler(reader, writer)` per connection; returns (server, port)."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def read_request(reader):
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    body = await reader.readexactly(length) if length else b""
+    if b"transfer-encoding: chunked" in head.lower():
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            body += await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    return head, body
+
+
+async def body_of(resp):
+    return b"".join([bytes(p) async for p in resp.iter_body()])
+
+
+async def test_content_length_chunked_and_eof_bodies():
+    payload = bytes(range(256)) * 3000
+
+    async def handler(reader, writer):
+        while True:
+            try:
+                head, _ = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if b"/chunked" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for i in range(0, len(payload), 70000):
+                    piece = payload[i : i + 70000]
+                    writer.write(b"%x;ext=1\r\n" % len(piece) + piece + b"\r\n")
+                writer.write(b"0\r\nX-Trailer: 1\r\n\r\n")
+            elif b"/eof" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + payload)
+                await writer.drain()
+                writer.close()
+                return
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-A: 1\r\nx-a: 2\r\n\r\n" % len(payload)
+                             + payload)
+            await writer.drain()
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port)
+        for path in ("/length", "/chunked", "/length", "/eof", "/chunked"):
+            resp = await pool.request("GET", path, {})
+            assert await body_of(resp) == payload, path
+            if path == "/length":
+                assert resp.headers.getall("x-a") == ["1", "2"]
+            resp.release()
+        assert pool.opened == 2  # kept alive across length and chunked bodies; EOF bodies close it
+        await pool.close()
+
+
+async def test_unreleased_slots_never_leak():
+    """Closed (not reusable) connections give their slot back, or the pool would stall."""
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\nConnection: close\r\n\r\nnope!")
+        await writer.drain()
+        writer.close()
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port, max_connections=2)
+        async with asyncio.timeout(5):
+            for _ in range(10):
+                resp = await pool.request("GET", "/x", {})
+                assert resp.status == 404
+                resp.release()  # body not read: closed, and its slot freed
+
+
+async def test_stale_keepalive_connection_is_retried_once():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # closes after one response although it did not say so
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port, keepalive=60)
+        for _ in range(3):
+            resp = await pool.request("GET", "/", {})
+            assert await body_of(resp) == b"ok"
+            resp.release()
+            await asyncio.sleep(0)  # let the close arrive or not: both must work
+
+
+async def test_streamed_request_body_is_sent_chunked():
+    got = {}
+
+    async def handler(reader, writer):
+        head, body = await read_request(reader)
+        got["head"], got["body"] = head, body
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async def chunks():
+        for i in range(50):
+            yield bytes([i]) * 100_000
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port)
+        resp = await pool.request("POST", "/studies", {"Content-Type": "a/b"}, chunks())
+        await body_of(resp)
+        resp.release()
+    assert b"transfer-encoding: chunked" in got["head"].lower()
+    assert got["body"].replace(b"\r\n", b"")[:10] != b""  # sanity
+    assert len([c for c in got["body"].split(b"\r\n") if len(c) == 100_000]) == 50
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"SSH-2.0-OpenSSH\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",
+], ids=["huge-headers", "not-http", "short-body"])
+async def test_garbage_is_a_transport_error(response):
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port)
+        with pytest.raises(TransportError):
+            resp = await pool.request("GET", "/", {})
+            await body_of(resp)
+
+
+async def test_first_byte_timeout():
+    async def handler(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port)
+        with pytest.raises(FirstByteTimeout):
+            await pool.request("GET", "/", {}, first_byte_timeout=0.2)
