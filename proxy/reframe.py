@@ -43,6 +43,19 @@ class PartEvents:
             self.pending.extend(self.reader.feed(chunk))
         return self.pending.popleft()
 
+    async def finish(self, limit: int = 64 * 1024) -> None:
+        """Read what is left (normally just the closing delimiter) so the connection can be reused;
+        give up quietly after `limit` bytes or on a broken body (the connection is then closed)."""
+        seen = 0
+        try:
+            while seen <= limit:
+                chunk = await anext(self.chunks, None)
+                if chunk is None:
+                    return
+                seen += len(chunk)
+        except (UpstreamError, MultipartError):
+            return
+
     async def first(self) -> PartHeaders | None:
         """The first part's headers (None for an empty multipart), as a 502 Problem if broken."""
         try:

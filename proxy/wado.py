@@ -206,6 +206,7 @@ async def _one_part(reframer: Reframer, events: PartEvents, first: object, head:
     async for chunk in reframer.parts(events, first, max_parts=1, first_header=head):  # type: ignore[arg-type]
         yield chunk
     yield tail
+    await events.finish()
 
 
 async def _single_archive(reframer: Reframer, events: PartEvents | None,
