@@ -20,8 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import metrics
 from .config import Settings
 from .context import Context
+from .health import STATE_VALUE
 from .responses import Problem, error_response
 from .routes import dicomweb_routes
+from .upstream import Archive
 from .urls import DICOMWEB_ROOT
 
 log = logging.getLogger("dicomweb_edge.access")
@@ -109,10 +111,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _health_loop(ctx: Context) -> None:
     """Probe every archive periodically; the probes feed the circuit breakers and the up gauge."""
     while True:
-        results = await asyncio.gather(*(a.probe() for a in ctx.archives), return_exceptions=True)
-        for archive, ok in zip(ctx.archives, results, strict=True):
-            metrics.ARCHIVE_UP.labels(archive.name).set(1 if ok is True else 0)
+        await probe_all(ctx)
         await asyncio.sleep(ctx.settings.health_interval)
+
+
+async def probe_all(ctx: Context) -> list[bool]:
+    """Probe the archives whose breaker lets a request through (an open one is not asked until its
+    cool-down is over); refresh the health gauges."""
+    async def one(archive: Archive) -> bool:
+        return await archive.probe() if archive.breaker.allow() else False
+
+    results = await asyncio.gather(*(one(a) for a in ctx.archives))
+    for archive, ok in zip(ctx.archives, results, strict=True):
+        metrics.ARCHIVE_UP.labels(archive.name).set(1 if ok else 0)
+        metrics.ARCHIVE_BREAKER.labels(archive.name).set(STATE_VALUE[archive.breaker.state])
+    return results
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -133,7 +146,7 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        states = await asyncio.gather(*(a.probe() for a in ctx.archives))
+        states = await probe_all(ctx)
         archives = {a.name: {"up": ok, "breaker": a.breaker.state} for a, ok in zip(ctx.archives, states, strict=True)}
         ready = any(states)
         return JSONResponse({"status": "ready" if ready else "no archive reachable", "archives": archives},

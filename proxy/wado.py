@@ -8,6 +8,7 @@ response, each instance once; an instance or frame comes from the first archive 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -142,11 +143,11 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
     candidates = archives if archives is not None else await locate(ctx, target.study)
     accept, unwrap = upstream_accept(sel, resource, candidates[0])
     path = upstream_path or target.path()
-    federated = resource is Resource.INSTANCES and len(candidates) > 1
-    resp, stack = await open_upstream(ctx, target.study, path, accept, request, service,
-                                      archives=candidates[:1] if federated else candidates)
+    if resource is Resource.INSTANCES and len(candidates) > 1:
+        return await _retrieve_federated(request, ctx, sel, candidates, path, accept, service)
+    resp, stack = await open_upstream(ctx, target.study, path, accept, request, service, archives=candidates)
     try:
-        if resp.status >= 300 and not (federated and resp.status == 404):
+        if resp.status >= 300:
             raise upstream_problem(resp, sel)
         base = dicomweb_base(request, ctx.settings, ctx.root)
         if not sel.multipart and not unwrap:
@@ -155,14 +156,13 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
             if "Content-Length" in resp.headers:
                 headers.append(("Content-Length", resp.headers["Content-Length"]))
             return StreamResponse(200, headers, _passthrough(resp), stack.aclose)
-        dedupe = resource is Resource.INSTANCES and len(candidates) > 1
         locations = None
         if target.frames:
             locations = [f"{base}{Target(target.study, target.series, target.instance, (n,)).path()}"
                          for n in target.frames]
         elif location:
             locations = [location]
-        reframer = Reframer(sel, base, locations, dedupe=dedupe)
+        reframer = Reframer(sel, base, locations)
         events = PartEvents(resp) if resp.status < 300 else None
         first_headers = await events.first() if events else None
         try:
@@ -182,9 +182,6 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
             return StreamResponse(200, headers, payload(events, first), stack.aclose)
         part_type = parse_content_type(first.content_type)[0] if first else sel.media_type
         headers = [("Content-Type", reframer.writer.content_type(part_type)), VARY]
-        if federated:
-            body = _federated(request, ctx, reframer, events, first, candidates, path, accept, service, stack)
-            return StreamResponse(200, headers, body, stack.aclose, watch_disconnect=True)
         if (resource is Resource.INSTANCE or one_frame) and first is not None and first.length is not None \
                 and events is not None:
             # Exactly one part is coming and its size is known: send a Content-Length, no chunking.
@@ -217,36 +214,74 @@ async def _single_archive(reframer: Reframer, events: PartEvents | None,
     yield reframer.close()
 
 
-async def _federated(request: Request, ctx: Context, reframer: Reframer, events: PartEvents | None, first: object,
-                     archives: list[Archive], path: str, accept: str, service: str,
-                     stack: AsyncExitStack) -> AsyncIterator[bytes | memoryview]:
-    """Parts from every archive that holds the study, one boundary, each instance once."""
-    if events is not None:
-        async for chunk in reframer.parts(events, first):  # type: ignore[arg-type]
-            yield chunk
-    for archive in archives[1:]:
+async def _open_each(request: Request, ctx: Context, archives: list[Archive], path: str, accept: str,
+                    service: str) -> tuple[list[tuple[UpstreamResponse, AsyncExitStack]], list[str], Problem | None]:
+    """Open the resource at every archive at once: (answers with content, Warnings, first failure)."""
+    async def one(archive: Archive) -> tuple[UpstreamResponse, AsyncExitStack] | Problem:
         try:
-            resp, sub = await open_upstream(ctx, None, path, accept, request, service, archives=[archive])
+            return await open_upstream(ctx, None, path, accept, request, service, archives=[archive])
         except Problem as exc:
-            raise StreamAborted(exc.reason) from None
-        async with sub:
-            if resp.status == 404:
-                continue
-            if resp.status >= 300:
-                raise StreamAborted(f"archive '{archive.name}' answered HTTP {resp.status}")
-            try:
-                more = PartEvents(resp)
-                head = await more.first()
-            except Problem as exc:
-                raise StreamAborted(exc.reason) from None
+            return exc
+
+    opened = await asyncio.gather(*(one(a) for a in archives))
+    found, warnings, failure = [], [], None
+    for archive, result in zip(archives, opened, strict=True):
+        if isinstance(result, Problem):
+            failure = failure or result
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' is unavailable; "
+                            "instances it holds are missing")
+            continue
+        resp, stack = result
+        if resp.status == 404:
+            await stack.aclose()
+        elif resp.status >= 300:
+            failure = failure or upstream_problem(resp, None)
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' answered HTTP {resp.status}; "
+                            "instances it holds are missing")
+            await stack.aclose()
+        else:
+            found.append(result)
+    return found, warnings, failure
+
+
+async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, archives: list[Archive], path: str,
+                              accept: str, service: str) -> StreamResponse:
+    """A study or series held by several archives: every archive's parts under one boundary, each
+    instance once. An archive that fails is left out and named in a Warning."""
+    found, warnings, failure = await _open_each(request, ctx, archives, path, accept, service)
+    stacks = [stack for _, stack in found]
+
+    async def close_all() -> None:
+        for stack in stacks:
+            await stack.aclose()
+
+    if not found:
+        raise failure or Problem(404, "no archive holds this resource")
+    try:
+        reframer = Reframer(sel, dicomweb_base(request, ctx.settings, ctx.root), dedupe=True)
+        streams = [PartEvents(resp) for resp, _ in found]
+        heads = [await events.first() for events in streams]
+        first_type = next((h.headers.get("content-type") for h in heads if h is not None), None)
+        part_type = parse_content_type(first_type)[0] if first_type else sel.media_type
+    except BaseException:
+        await close_all()
+        raise
+    headers = [("Content-Type", reframer.writer.content_type(part_type or sel.media_type)), VARY]
+    headers += [("Warning", w) for w in warnings]
+
+    async def body() -> AsyncIterator[bytes | memoryview]:
+        for events, head in zip(streams, heads, strict=True):
             if head is None:
                 continue
-            part = await label(more, head, reframer.sel, reframer.seen)
-            async for chunk in reframer.parts(more, part):
+            try:
+                part = await label(events, head, sel, reframer.seen)
+            except (UpstreamError, MultipartError) as exc:
+                raise StreamAborted(f"archive '{events.archive.name}': {exc}") from None
+            async for chunk in reframer.parts(events, part):
                 yield chunk
-    if reframer.count == 0:
-        raise StreamAborted("no archive returned any instance of the study")
-    yield reframer.close()
+        yield reframer.close()
+
+    return StreamResponse(200, headers, body(), close_all, watch_disconnect=True)
 
 
 async def _passthrough(resp: UpstreamResponse) -> AsyncIterator[bytes]:
@@ -291,8 +326,16 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
         return Response(body, 200, media_type="application/dicom+json", headers=dict([VARY]))
     # A study or series held by several archives: every instance once, first archive's copy wins.
     merged: dict[str, merge.Record] = {}
+    warnings: list[str] = []
+    failure: Problem | None = None
     for archive in archives:
-        body = await _metadata_body(request, ctx, archive, path)
+        try:
+            body = await _metadata_body(request, ctx, archive, path)
+        except Problem as exc:
+            failure = failure or exc
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' is unavailable; "
+                            "instances it holds are missing")
+            continue
         if body is None:
             continue
         try:
@@ -302,9 +345,12 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
         for rec in records:
             merged.setdefault(str(merge.value(rec, merge.SOP_UID)), rec)
     if not merged:
-        raise Problem(404, "no such resource in any archive")
-    return Response(merge.dumps(merged.values()), 200, media_type="application/dicom+json",
-                    headers=dict([VARY]))
+        raise failure or Problem(404, "no such resource in any archive")
+    response = Response(merge.dumps(merged.values()), 200, media_type="application/dicom+json",
+                        headers=dict([VARY]))
+    for w in warnings:
+        response.headers.append("Warning", w)
+    return response
 
 
 async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bool) -> StreamResponse:

@@ -34,7 +34,7 @@ from federation_support import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
-from support import ProxyProcess, missing
+from support import ProxyProcess, missing, split_multipart
 
 from proxy.demo.orthanc import OrthancServer, find_orthanc
 from proxy.demo.synth import Patient, Study, ct_series, multiframe_native, to_part10
@@ -192,8 +192,10 @@ def test_series_and_instances_of_the_split_study_come_once(fed, client, archives
     assert shared and shared <= set(sops)
 
 
-def test_a_stopped_archive_is_named_and_left_out(fed, client, orthanc_c, orthancs):
+def test_a_stopped_archive_is_named_and_left_out(fed, client, orthanc_c, orthancs, archives, demo_data):
     rest, everyone = set(union(orthancs, "a", "b")), set(union(orthancs))
+    split = demo_data.uids["split_study"]
+    client.get(f"{fed.dicomweb_url}/studies?StudyInstanceUID={split}", headers=NO_CACHE)  # learn its holders
     orthanc_c.stop()
     try:
         r = client.get(f"{fed.dicomweb_url}/studies", headers=NO_CACHE)
@@ -202,6 +204,18 @@ def test_a_stopped_archive_is_named_and_left_out(fed, client, orthanc_c, orthanc
         ws = warnings(r)
         assert any("archive 'c'" in w for w in ws), ws
         assert not any(str(orthanc_c.port) in w or "127.0.0.1" in w or "http" in w for w in ws), ws
+        # A study split across archives still comes back, without C's instances and saying so.
+        rest_sops = {ds.SOPInstanceUID for name in ("a", "b") for ds in archives[name]
+                     if ds.StudyInstanceUID == split}
+        for path in (f"/studies/{split}", f"/studies/{split}/metadata"):
+            r = client.get(fed.dicomweb_url + path, headers={"Accept": "*/*"} if "metadata" not in path else {})
+            assert r.status_code == 200, r.text[:200]
+            assert any("archive 'c'" in w for w in warnings(r)), warnings(r)
+            if "metadata" in path:
+                assert {m[SOP]["Value"][0] for m in r.json()} == rest_sops
+            else:
+                _, parts = split_multipart(r.content, r.headers["content-type"])
+                assert {dcmread(io.BytesIO(body)).SOPInstanceUID for _, body in parts} == rest_sops
     finally:
         orthanc_c.start()
     ready = client.get(f"{fed.url}/readyz")
