@@ -88,9 +88,9 @@ class EdgeMiddleware:
             await self.app(scope, receive, tracked)
         finally:
             elapsed = time.perf_counter() - started
-            metrics.REQUESTS.labels(service, str(status)).inc()
-            metrics.REQUEST_DURATION.labels(service).observe(elapsed)
-            metrics.RESPONSE_BYTES.labels(service).inc(sent)
+            metrics.child(metrics.REQUESTS, service, str(status)).inc()
+            metrics.child(metrics.REQUEST_DURATION, service).observe(elapsed)
+            metrics.child(metrics.RESPONSE_BYTES, service).inc(sent)
             if log.isEnabledFor(logging.INFO):
                 # No path, no query: they hold UIDs and patient names.
                 log.info("request_id=%s service=%s method=%s status=%d bytes=%d duration_ms=%.1f",
@@ -123,8 +123,8 @@ async def probe_all(ctx: Context) -> list[bool]:
 
     results = await asyncio.gather(*(one(a) for a in ctx.archives))
     for archive, ok in zip(ctx.archives, results, strict=True):
-        metrics.ARCHIVE_UP.labels(archive.name).set(1 if ok else 0)
-        metrics.ARCHIVE_BREAKER.labels(archive.name).set(STATE_VALUE[archive.breaker.state])
+        metrics.child(metrics.ARCHIVE_UP, archive.name).set(1 if ok else 0)
+        metrics.child(metrics.ARCHIVE_BREAKER, archive.name).set(STATE_VALUE[archive.breaker.state])
     return results
 
 

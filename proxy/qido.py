@@ -281,7 +281,7 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
                 statuses.append(status)
                 if isinstance(result, TimeoutError):
                     archive._health(False)
-                metrics.SEARCH_PARTIAL.labels(archive.name, "timeout" if status == 504 else "error").inc()
+                metrics.child(metrics.SEARCH_PARTIAL, archive.name, "timeout" if status == 504 else "error").inc()
                 warnings.append(f"299 dicomweb-edge: archive '{archive.name}' {reason}; results may be incomplete")
                 continue
             records, archive_warnings, truncated = result

@@ -91,7 +91,7 @@ class Archive:
 
     def _health(self, ok: bool) -> None:
         self.breaker.success() if ok else self.breaker.failure()
-        metrics.ARCHIVE_BREAKER.labels(self.name).set(STATE_VALUE[self.breaker.state])
+        metrics.child(metrics.ARCHIVE_BREAKER, self.name).set(STATE_VALUE[self.breaker.state])
 
     async def probe(self, timeout: float = 2.0) -> bool:
         """A cheap search (one study at most): True when the archive answers it."""
@@ -137,7 +137,7 @@ class Archive:
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
         started = time.perf_counter()
         status = "error"
-        metrics.UPSTREAM_IN_FLIGHT.labels(self.name).inc()
+        metrics.child(metrics.UPSTREAM_IN_FLIGHT, self.name).inc()
         try:
             try:
                 resp = await self._send(method, target, hdrs, body)
@@ -146,12 +146,12 @@ class Archive:
                 raise
             status = str(resp.status)
             self._health(resp.status not in (502, 503, 504))
-            metrics.UPSTREAM_TTFB.labels(self.name, service).observe(time.perf_counter() - started)
+            metrics.child(metrics.UPSTREAM_TTFB, self.name, service).observe(time.perf_counter() - started)
             try:
                 yield UpstreamResponse(self, resp)
             finally:
                 resp.release()
         finally:
-            metrics.UPSTREAM_IN_FLIGHT.labels(self.name).dec()
-            metrics.UPSTREAM_REQUESTS.labels(self.name, service, status).inc()
-            metrics.UPSTREAM_DURATION.labels(self.name, service).observe(time.perf_counter() - started)
+            metrics.child(metrics.UPSTREAM_IN_FLIGHT, self.name).dec()
+            metrics.child(metrics.UPSTREAM_REQUESTS, self.name, service, status).inc()
+            metrics.child(metrics.UPSTREAM_DURATION, self.name, service).observe(time.perf_counter() - started)

@@ -59,3 +59,19 @@ def test_check_config_command(tmp_path):
     f.write_text("[[archives]]\nname='a'\n")
     bad = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(f)], capture_output=True, text=True)
     assert bad.returncode == 2 and "'name' and 'url' are required" in bad.stderr
+
+
+def test_the_documented_example_config_is_valid():
+    """deploy/config.example.toml documents every setting; it must load as written."""
+    import dataclasses
+
+    from proxy.config import ArchiveConfig, Settings
+
+    path = __import__("pathlib").Path(__file__).parent.parent / "deploy" / "config.example.toml"
+    s = load(path, environ={})
+    assert s.archives[0].name == "pacs"
+    text = path.read_text()
+    documented = {f.name for f in dataclasses.fields(Settings)} - {"archives", "cache_dir", "public_url"}
+    documented |= {f.name for f in dataclasses.fields(ArchiveConfig)}
+    missing = [name for name in documented if f"{name} =" not in text]
+    assert not missing, f"settings missing from the example config: {missing}"

@@ -86,3 +86,16 @@ def test_bulkdata_resource_rejects_non_bulk_types(proxy_a, demo_data, accept):
     r = httpx.get(f"{proxy_a.dicomweb_url}/studies/{ds.StudyInstanceUID}/bulkdata", headers={"Accept": accept},
                   trust_env=False)
     assert r.status_code == 406
+
+
+def test_two_workers_serve_and_metrics_count_both(orthanc_a, tmp_path):
+    """--workers 2: both processes answer, and /metrics (multiprocess mode) adds up every worker."""
+    with ProxyProcess({"a": orthanc_a.dicomweb_url}, tmp_path, extra_args=["--workers", "2"]) as proxy:
+        with httpx.Client(trust_env=False) as c:
+            for _ in range(40):  # new connections, so the kernel spreads them over both workers
+                r = c.get(f"{proxy.dicomweb_url}/studies?limit=1", headers={"Connection": "close"})
+                assert r.status_code == 200
+            text = c.get(f"{proxy.url}/metrics").text
+    total = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "dicomweb_edge_requests_total" and s.labels == {"service": "qido", "status": "200"})
+    assert total >= 40
