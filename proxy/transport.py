@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ BUFFER_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # received but not yet consumed: stop reading from the archive above this
 LOW_WATER = 1024 * 1024
+_EMPTY = bytearray()
+_UNREFERENCED = 2  # sys.getrefcount of a spare nobody else holds: the list and the call's argument
 
 
 class TransportError(Exception):
@@ -71,6 +74,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
         self._buf = bytearray(BUFFER_SIZE)
+        self._spare: list[bytearray] = []
         self._used = 0
         self.buffered = 0
         self.paused = False
@@ -82,9 +86,26 @@ class _Protocol(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if BUFFER_SIZE - self._used < 16 * 1024:
-            self._buf = bytearray(BUFFER_SIZE)
-            self._used = 0
+            self._next_buffer()
         return memoryview(self._buf)[self._used :]
+
+    def _next_buffer(self) -> None:
+        """Switch to a buffer no slice refers to any more (a spare), else to a new one.
+
+        A spare is reusable once its reference count shows that no memoryview slice of it is alive
+        (they keep it referenced); this saves allocating and zero-filling a buffer per read.
+        """
+        self._spare.append(self._buf)
+        self._buf = _EMPTY
+        for i in range(len(self._spare)):
+            if sys.getrefcount(self._spare[i]) <= _UNREFERENCED:
+                self._buf = self._spare.pop(i)
+                break
+        else:
+            self._buf = bytearray(BUFFER_SIZE)
+            if len(self._spare) > 8:
+                del self._spare[0]
+        self._used = 0
 
     def buffer_updated(self, nbytes: int) -> None:
         self.pieces.append(memoryview(self._buf)[self._used : self._used + nbytes])

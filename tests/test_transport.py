@@ -164,3 +164,26 @@ async def test_first_byte_timeout():
         pool = Pool("http", "127.0.0.1", port)
         with pytest.raises(FirstByteTimeout):
             await pool.request("GET", "/", {}, first_byte_timeout=0.2)
+
+
+def test_receive_buffers_are_reused_only_when_no_slice_is_alive():
+    """Reusing a buffer a slice still points at would corrupt that slice: never; else reuse it."""
+    from proxy.transport import BUFFER_SIZE, _Protocol
+
+    proto = _Protocol()
+    kept = []
+    for _ in range(6):  # fill six buffers, keeping a slice of each one alive
+        view = proto.get_buffer(-1)
+        view[:4] = b"KEEP"
+        proto.buffer_updated(BUFFER_SIZE)
+        kept.append(proto.pieces.popleft()[:4])
+    assert all(bytes(k) == b"KEEP" for k in kept)
+    first = proto._buf
+    proto.get_buffer(-1)
+    assert proto._buf is not first and all(bytes(k) == b"KEEP" for k in kept)
+    kept.clear()  # every slice released: the next rotation takes a spare instead of allocating
+    spare_ids = {id(b) for b in proto._spare}  # ids only: holding them would keep them referenced
+    proto.buffer_updated(BUFFER_SIZE)
+    proto.pieces.clear()
+    proto.get_buffer(-1)
+    assert id(proto._buf) in spare_ids
