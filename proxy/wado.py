@@ -292,9 +292,10 @@ async def _passthrough(resp: UpstreamResponse) -> AsyncIterator[bytes]:
         raise StreamAborted(str(exc)) from None
 
 
-async def _metadata_body(request: Request, ctx: Context, archive: Archive, path: str) -> bytes | None:
+async def _metadata_body(request: Request, ctx: Context, archives: list[Archive], path: str) -> bytes | None:
+    """The first of `archives` that has the metadata, URLs rewritten; None when none has it."""
     resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "metadata",
-                                      archives=[archive])
+                                      archives=archives)
     async with stack:
         if resp.status == 404:
             return None
@@ -304,7 +305,7 @@ async def _metadata_body(request: Request, ctx: Context, archive: Archive, path:
             body = await resp.read(ctx.settings.max_json_bytes)
         except UpstreamError as exc:
             raise Problem(exc.status, exc.reason) from None
-    return archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root))
+    return resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root))
 
 
 async def metadata(request: Request, ctx: Context, target: Target) -> Response:
@@ -313,16 +314,9 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
     archives = await locate(ctx, target.study)
     path = target.path() + "/metadata"
     if target.instance or len(archives) == 1:
-        resp, stack = await open_upstream(ctx, target.study, path, "application/dicom+json", request,
-                                          "metadata", archives=archives)
-        async with stack:
-            if resp.status >= 300:
-                raise upstream_problem(resp, None)
-            try:
-                body = await resp.read(ctx.settings.max_json_bytes)
-            except UpstreamError as exc:
-                raise Problem(exc.status, exc.reason) from None
-        body = resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root))
+        body = await _metadata_body(request, ctx, archives, path)
+        if body is None:
+            raise Problem(404, "no such resource in the archive")
         return Response(body, 200, media_type="application/dicom+json", headers=dict([VARY]))
     # A study or series held by several archives: every instance once, first archive's copy wins.
     merged: dict[str, merge.Record] = {}
@@ -330,7 +324,7 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
     failure: Problem | None = None
     for archive in archives:
         try:
-            body = await _metadata_body(request, ctx, archive, path)
+            body = await _metadata_body(request, ctx, [archive], path)
         except Problem as exc:
             failure = failure or exc
             warnings.append(f"299 dicomweb-edge: archive '{archive.name}' is unavailable; "
