@@ -75,7 +75,9 @@ class Settings:
     workers: int = 1
     public_url: str | None = None
     trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # the frame cache is on when this is set
+    cache_size_bytes: int = 10 * 1024**3  # disk tier bound (least recently used entries go first)
+    memory_cache_bytes: int = 256 * 1024**2  # in-process tier bound, per worker
     max_json_bytes: int = 256 * 1024 * 1024
     max_stow_bytes: int = 4 * 1024 * 1024 * 1024
     log_level: str = "info"
@@ -133,7 +135,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
-    for section, keys in (("server", None), ("cache", {"dir": "cache_dir"}), ("limits", None),
+    for section, keys in (("server", None), ("cache", {"dir": "cache_dir", "size_bytes": "cache_size_bytes",
+                                                         "memory_bytes": "memory_cache_bytes"}), ("limits", None),
                           ("federation", None)):
         table = doc.pop(section, {})
         if not isinstance(table, dict):
@@ -156,7 +159,8 @@ def parse_upstream_flag(text: str) -> dict[str, Any]:
 
 def _env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    ints = {"port", "workers", "max_json_bytes", "max_stow_bytes", "max_search_results"}
+    ints = {"port", "workers", "max_json_bytes", "max_stow_bytes", "max_search_results", "cache_size_bytes",
+            "memory_cache_bytes"}
     floats = {"health_interval", "locator_ttl", "search_cache_ttl"}
     for f in dataclasses.fields(Settings):
         value = environ.get(ENV_PREFIX + f.name.upper())
@@ -235,7 +239,8 @@ def describe(s: Settings) -> str:
     for k in ("host", "port", "workers", "public_url", "trusted_proxies", "log_level", "health_interval",
               "locator_ttl", "search_cache_ttl", "max_search_results"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
-    lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", "", "[limits]",
+    lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
+              f"memory_bytes = {s.memory_cache_bytes}", "", "[limits]",
               f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}"]
     for a in s.archives:
         lines += ["", "[[archives]]"]

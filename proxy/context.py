@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from .cache import FrameCache
 from .config import Settings
 from .locator import Locator
 from .searchcache import SearchCache
@@ -22,17 +23,22 @@ class Context:
     locator: Locator = field(default_factory=Locator)
     searches: SearchCache = field(default_factory=SearchCache)
     single: dict[str, Context] = field(default_factory=dict)
+    cache: FrameCache | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
         """Archives in priority order (highest first, then configuration order)."""
         ordered = sorted(settings.archives, key=lambda a: -a.priority)
+        cache = None
+        if settings.cache_dir:
+            cache = FrameCache(settings.cache_dir, settings.cache_size_bytes, settings.memory_cache_bytes)
         ctx = cls(settings, [Archive(a) for a in ordered], locator=Locator(settings.locator_ttl),
-                  searches=SearchCache(settings.search_cache_ttl))
+                  searches=SearchCache(settings.search_cache_ttl), cache=cache)
         for a in ctx.archives:
             # /upstreams/{name}/dicomweb: the same machinery, one archive, its own URL space.
             ctx.single[a.name] = cls(settings, [a], root=f"/upstreams/{a.name}{DICOMWEB_ROOT}",
-                                     locator=ctx.locator, searches=SearchCache(settings.search_cache_ttl))
+                                     locator=ctx.locator, searches=SearchCache(settings.search_cache_ttl),
+                                     cache=cache)
         return ctx
 
     def archive(self, name: str) -> Archive | None:
@@ -70,3 +76,5 @@ class Context:
         """Release every archive's connections."""
         for a in self.archives:
             await a.close()
+        if self.cache is not None and self.root == DICOMWEB_ROOT:
+            self.cache.close()

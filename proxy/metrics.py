@@ -55,6 +55,11 @@ SEARCH_PARTIAL = Counter("dicomweb_edge_search_partial_total",
                          ["archive", "reason"])
 
 
+CACHE_RESULTS = Counter("dicomweb_edge_cache_lookups_total", "Frame cache lookups by tier and result "
+                        "(hit, miss, corrupt).", ["tier", "result"])
+CACHE_BYTES_WRITTEN = Counter("dicomweb_edge_cache_written_bytes_total", "Bytes stored in the frame cache.",
+                              ["tier"])
+
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import compose, qido, stow, wado
+from . import frames as frame_cache
 from .context import Context
 from .dicomjson import BadToken, decode_token
 from .media import Resource
@@ -88,7 +89,7 @@ async def metadata(request: Request) -> Response:
 
 async def frames(request: Request) -> Response:
     """Frames of an instance."""
-    return await wado.retrieve(request, _ctx(request), target(request), Resource.FRAMES, "frames")
+    return await frame_cache.frames(request, _ctx(request), target(request))
 
 
 async def rendered(request: Request) -> Response:

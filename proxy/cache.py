@@ -1,0 +1,153 @@
+"""The DICOM-aware frame cache: keys that name the bytes, a memory tier and a shared disk tier.
+
+A key is (SOP Instance UID, frame number, media type, actual transfer syntax), never a URL, so
+`/frames/1,2,3` and `/frames/2` share entries and Accept variants never collide (W-10, C-02).
+`transfer-syntax=*` is answered from whatever encoding is cached (an index entry remembers which),
+an explicit transfer syntax only from an exact match.
+
+Tiers: a bounded in-process LRU, and `diskcache` in the configured directory, size-bounded with
+eviction, persistent across restarts and shared by every worker process. Every entry carries its
+length and CRC-32; an entry that does not verify is deleted and treated as a miss. A full or failing
+disk turns the disk tier off for writes, never the proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import diskcache
+
+from . import metrics
+
+log = logging.getLogger("dicomweb_edge.cache")
+_HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32
+_MAGIC = b"DWE1"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A cached frame: its bytes and what they are."""
+
+    payload: bytes
+    media_type: str
+    transfer_syntax: str
+
+    @property
+    def content_type(self) -> str:
+        """The part Content-Type, labelled with the actual transfer syntax."""
+        return f"{self.media_type}; transfer-syntax={self.transfer_syntax}"
+
+    @property
+    def etag(self) -> str:
+        """A strong validator: the bytes' CRC-32 and length."""
+        return f'"{zlib.crc32(self.payload):08x}-{len(self.payload):x}"'
+
+
+def frame_key(sop: str, frame: int, media_type: str, transfer_syntax: str) -> str:
+    """The key of one encoding of one frame."""
+    return f"frame/{sop}/{frame}/{media_type}/{transfer_syntax}"
+
+
+def index_key(sop: str, frame: int) -> str:
+    """Which encoding of the frame is cached (for `transfer-syntax=*`)."""
+    return f"frame-any/{sop}/{frame}"
+
+
+def _pack(payload: bytes) -> bytes:
+    return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def _unpack(blob: bytes) -> bytes | None:
+    if len(blob) < _HEADER.size:
+        return None
+    magic, length, crc = _HEADER.unpack_from(blob)
+    payload = blob[_HEADER.size :]
+    if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+        return None
+    return payload
+
+
+class FrameCache:
+    """Memory LRU in front of a diskcache directory."""
+
+    def __init__(self, directory: str, size_limit: int = 10 * 1024**3, memory_limit: int = 256 * 1024**2,
+                 max_entry: int = 64 * 1024**2) -> None:
+        self.disk = diskcache.Cache(directory, size_limit=size_limit, eviction_policy="least-recently-used")
+        self.memory: OrderedDict[str, bytes] = OrderedDict()
+        self.memory_limit = memory_limit
+        self.memory_bytes = 0
+        self.max_entry = max_entry
+        self.writable = True
+
+    def _remember(self, key: str, payload: bytes) -> None:
+        if len(payload) > self.memory_limit // 4:
+            return
+        old = self.memory.pop(key, None)
+        if old is not None:
+            self.memory_bytes -= len(old)
+        self.memory[key] = payload
+        self.memory_bytes += len(payload)
+        while self.memory_bytes > self.memory_limit:
+            _, dropped = self.memory.popitem(last=False)
+            self.memory_bytes -= len(dropped)
+
+    def _get(self, key: str) -> bytes | None:
+        payload = self.memory.get(key)
+        if payload is not None:
+            self.memory.move_to_end(key)
+            metrics.child(metrics.CACHE_RESULTS, "memory", "hit").inc()
+            return payload
+        try:
+            blob = self.disk.get(key)
+        except Exception:  # an unreadable cache must not take the proxy down
+            log.warning("cache read failed", exc_info=True)
+            return None
+        if blob is None:
+            metrics.child(metrics.CACHE_RESULTS, "disk", "miss").inc()
+            return None
+        payload = _unpack(blob)
+        if payload is None:
+            log.warning("cache entry failed its length/checksum test and was evicted")
+            metrics.child(metrics.CACHE_RESULTS, "disk", "corrupt").inc()
+            self.disk.delete(key)
+            return None
+        metrics.child(metrics.CACHE_RESULTS, "disk", "hit").inc()
+        self._remember(key, payload)
+        return payload
+
+    def get(self, sop: str, frame: int, media_type: str, transfer_syntax: str) -> Frame | None:
+        """A cached frame in exactly this encoding, or (for `*`) in the encoding that is cached."""
+        if transfer_syntax == "*":
+            idx = self._get(index_key(sop, frame))
+            if idx is None:
+                return None
+            media_type, _, transfer_syntax = idx.decode().partition(";")
+        payload = self._get(frame_key(sop, frame, media_type, transfer_syntax))
+        return None if payload is None else Frame(payload, media_type, transfer_syntax)
+
+    def put(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes) -> bool:
+        """Make a frame visible in this process at once; True if it should also go to disk."""
+        if len(payload) > self.max_entry:
+            return False
+        self._remember(frame_key(sop, frame, media_type, transfer_syntax), payload)
+        self._remember(index_key(sop, frame), f"{media_type};{transfer_syntax}".encode())
+        return self.writable
+
+    def write(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes) -> None:
+        """Store a frame in the shared disk tier (blocking: call it off the event loop)."""
+        try:
+            self.disk.set(frame_key(sop, frame, media_type, transfer_syntax), _pack(payload))
+            self.disk.set(index_key(sop, frame), _pack(f"{media_type};{transfer_syntax}".encode()))
+        except OSError:
+            self.writable = False  # disk full or gone: keep serving, stop writing
+            log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
+            return
+        metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
+
+    def close(self) -> None:
+        """Close the disk tier."""
+        self.disk.close()

@@ -1,0 +1,182 @@
+"""Frames retrieve through the cache: hits from the cache, only the missing frames from the archive.
+
+Phases: negotiate → look every requested frame up (cache.py) → all hit: answer from the cache with a
+Content-Length, a strong ETag (304 on If-None-Match) and `X-Cache: HIT`, no archive I/O → otherwise
+one upstream request for the missing frames only, streamed to the client in the requested order,
+interleaved with the cached ones, each upstream frame stored as it completes (a broken stream never
+stores a partial frame).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .cache import Frame, FrameCache
+from .context import Context
+from .media import Resource, Selection, parse_content_type
+from .multipart import MultipartError, PartEnd, PartHeaders
+from .reframe import PartEvents, Reframer, label
+from .responses import Problem, StreamAborted, StreamResponse
+from .upstream import UpstreamError
+from .urls import dicomweb_base
+from .wado import Target, open_upstream, retrieve, select, upstream_accept, upstream_problem
+
+CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")
+_pending: set[asyncio.Task[None]] = set()
+
+
+def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: list[bytes | memoryview]) -> None:
+    mtype, params = parse_content_type(content_type)
+    ts = params.get("transfer-syntax")
+    if not mtype or not ts:
+        return  # an unlabelled frame cannot be keyed truthfully
+    payload = b"".join(pieces)
+    if cache.put(sop, frame, mtype, ts, payload):  # visible to this worker now, to all once on disk
+        task = asyncio.ensure_future(asyncio.to_thread(cache.write, sop, frame, mtype, ts, payload))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+
+
+def _lookup(cache: FrameCache, target: Target, sel: Selection) -> dict[int, Frame]:
+    assert target.instance is not None and target.frames is not None
+    found: dict[int, Frame] = {}
+    for n in target.frames:
+        hit = cache.get(target.instance, n, sel.media_type, sel.transfer_syntax or "*")
+        if hit is not None:
+            found[n] = hit
+    return found
+
+
+def _from_cache(request: Request, target: Target, sel: Selection, hits: dict[int, Frame], base: str) -> Response:
+    assert target.frames is not None
+    frames = [hits[n] for n in target.frames]
+    etag = '"' + format(zlib.crc32("".join(f.etag for f in frames).encode()), "08x") + f'-{len(frames)}"'
+    headers = {"ETag": etag, "Vary": "Accept", "X-Cache": "HIT", CACHE_CONTROL[0]: CACHE_CONTROL[1]}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(None, 304, headers=headers)
+    if not sel.multipart:
+        return Response(frames[0].payload, 200, headers={**headers, "Content-Type": frames[0].content_type})
+    rf = Reframer(sel, base)
+    chunks: list[bytes] = []
+    for n, f in zip(target.frames, frames, strict=True):
+        loc = base + Target(target.study, target.series, target.instance, (n,)).path()
+        chunks += [rf.writer.part(f.content_type, loc, len(f.payload)), f.payload]
+    chunks.append(rf.close())
+    ctype = rf.writer.content_type(parse_content_type(frames[0].content_type)[0])
+    return Response(b"".join(chunks), 200, headers={**headers, "Content-Type": ctype})
+
+
+async def frames(request: Request, ctx: Context, target: Target) -> Response:
+    """`.../instances/{sop}/frames/{list}`, through the frame cache when one is configured."""
+    cache = ctx.cache
+    if cache is None:
+        return await retrieve(request, ctx, target, Resource.FRAMES, "frames")
+    assert target.frames is not None and target.instance is not None
+    sel = select(request, Resource.FRAMES, len(target.frames) == 1)
+    base = dicomweb_base(request, ctx.settings, ctx.root)
+    hits = _lookup(cache, target, sel)
+    if len(hits) == len(set(target.frames)):
+        return _from_cache(request, target, sel, hits, base)
+    missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
+    fetch = Target(target.study, target.series, target.instance, missing)
+    candidates = await ctx.archives_for(target.study)
+    if not candidates:
+        raise Problem(404, "no archive holds this study")
+    accept, _ = upstream_accept(Selection(True, sel.media_type, sel.transfer_syntax), Resource.FRAMES,
+                                candidates[0])
+    resp, stack = await open_upstream(ctx, target.study, fetch.path(), accept, request, "frames",
+                                      archives=candidates)
+    try:
+        if resp.status >= 300:
+            raise upstream_problem(resp, sel)
+        events = PartEvents(resp)
+        rf = Reframer(sel, base)
+        first = await events.first()
+        if first is None:
+            raise Problem(502, f"archive '{resp.archive.name}' returned no frames")
+        part = await label(events, first, sel)
+    except (UpstreamError, MultipartError) as exc:
+        await stack.aclose()
+        raise Problem(502, f"archive '{resp.archive.name}': {exc}") from None
+    except BaseException:
+        await stack.aclose()
+        raise
+    headers = [("Vary", "Accept"), ("X-Cache", "PARTIAL" if hits else "MISS"), CACHE_CONTROL]
+    if not sel.multipart:
+        headers.append(("Content-Type", part.content_type))
+        if part.length is not None and not part.held:
+            headers.append(("Content-Length", str(part.length)))
+        body = _single(cache, target, events, part)
+    else:
+        ctype = rf.writer.content_type(parse_content_type(part.content_type)[0])
+        headers.append(("Content-Type", ctype))
+        body = _interleaved(cache, target, hits, events, part, rf, base)
+    return StreamResponse(200, headers, body, stack.aclose)
+
+
+async def _part_payload(events: PartEvents, held: list[object]) -> AsyncIterator[bytes | memoryview]:
+    """The rest of the current part's payload (after what `label` read ahead)."""
+    for ev in held:
+        if isinstance(ev, PartEnd | PartHeaders):
+            return
+        yield ev  # type: ignore[misc]
+    while True:
+        ev = await events.next()
+        if ev is None:
+            raise MultipartError("body ended inside a frame")
+        if isinstance(ev, PartEnd):
+            return
+        if isinstance(ev, PartHeaders):
+            raise MultipartError("part without an end")
+        yield ev
+
+
+async def _single(cache: FrameCache, target: Target, events: PartEvents, part: object) -> AsyncIterator[bytes]:
+    assert target.frames is not None and target.instance is not None
+    pieces: list[bytes | memoryview] = []
+    try:
+        async for piece in _part_payload(events, part.held):  # type: ignore[attr-defined]
+            pieces.append(piece)
+            yield piece  # type: ignore[misc]
+    except (UpstreamError, MultipartError) as exc:
+        raise StreamAborted(str(exc)) from None
+    _store(cache, target.instance, target.frames[0], part.content_type, pieces)  # type: ignore[attr-defined]
+    await events.finish()
+
+
+async def _interleaved(cache: FrameCache, target: Target, hits: dict[int, Frame], events: PartEvents,
+                       part: object, rf: Reframer, base: str) -> AsyncIterator[bytes | memoryview]:
+    assert target.frames is not None and target.instance is not None
+    fetched: dict[int, Frame] = {}
+    try:
+        for n in target.frames:
+            loc = base + Target(target.study, target.series, target.instance, (n,)).path()
+            cached = hits.get(n) or fetched.get(n)
+            if cached is not None:
+                yield rf.writer.part(cached.content_type, loc, len(cached.payload))
+                yield cached.payload
+                continue
+            if part is None:
+                nxt = await events.next()
+                if not isinstance(nxt, PartHeaders):
+                    raise MultipartError("the archive sent fewer frames than asked for")
+                part = await label(events, nxt, rf.sel)
+            yield rf.writer.part(part.content_type, loc, part.length)  # type: ignore[attr-defined]
+            pieces: list[bytes | memoryview] = []
+            async for piece in _part_payload(events, part.held):  # type: ignore[attr-defined]
+                pieces.append(piece)
+                yield piece
+            mtype, params = parse_content_type(part.content_type)  # type: ignore[attr-defined]
+            _store(cache, target.instance, n, part.content_type, pieces)  # type: ignore[attr-defined]
+            if target.frames.count(n) > 1:
+                fetched[n] = Frame(b"".join(pieces), mtype, params.get("transfer-syntax", ""))
+            part = None
+        yield rf.close()
+        await events.finish()
+    except (UpstreamError, MultipartError) as exc:
+        raise StreamAborted(str(exc)) from None

@@ -1,0 +1,123 @@
+"""The frame cache against a real Orthanc (issue 4: tiers, keys, tee, safety; conformance W-10, C-02)."""
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.encaps import generate_frames
+from support import ProxyProcess, missing, split_multipart
+
+from proxy.demo.orthanc import OrthancServer, find_orthanc
+from proxy.demo.synth import Patient, Study, multiframe_jpeg, multiframe_native
+
+ANY = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+FRAME = 256 * 256 * 2
+
+
+@pytest.fixture(scope="module")
+def data():
+    native = multiframe_native(Study(Patient("CACHE^NATIVE", "PIDC1")), n_frames=6, rows=256, cols=256)
+    jpeg = multiframe_jpeg(Study(Patient("CACHE^JPEG", "PIDC2")), n_frames=4)
+    return native, jpeg
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, data):
+    if find_orthanc() is None:
+        missing("Orthanc with the DICOMweb plugin is not installed")
+    with OrthancServer(tmp_path_factory.mktemp("cache_orthanc"), "CACHE") as server:
+        server.store(list(data))
+        yield server
+
+
+def url(base, ds, frames):
+    return (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+            f"/frames/{frames}")
+
+
+def native_frame(ds, n):
+    return ds.PixelData[(n - 1) * FRAME : n * FRAME]
+
+
+def payloads(r):
+    return [body for _, body in split_multipart(r.content, r.headers["content-type"])[1]]
+
+
+def upstream_frame_requests(proxy):
+    text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "dicomweb_edge_upstream_requests_total" and s.labels.get("service") == "frames")
+
+
+def test_hits_need_no_archive_and_only_missing_frames_go_upstream(archive, data, tmp_path):
+    native, _ = data
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
+            httpx.Client(trust_env=False) as c:
+        r = c.get(url(proxy.dicomweb_url, native, "1,3"), headers=ANY)
+        assert r.headers["x-cache"] == "MISS" and payloads(r) == [native_frame(native, 1), native_frame(native, 3)]
+        before = upstream_frame_requests(proxy)
+        r = c.get(url(proxy.dicomweb_url, native, "3,2,1"), headers=ANY)  # 2 is new: one upstream request
+        assert r.headers["x-cache"] == "PARTIAL"
+        assert payloads(r) == [native_frame(native, n) for n in (3, 2, 1)]
+        parts = split_multipart(r.content, r.headers["content-type"])[1]
+        assert [dict(h)["Content-Location"].rsplit("/", 1)[1] for h, _ in parts] == ["3", "2", "1"]
+        assert upstream_frame_requests(proxy) == before + 1
+        r = c.get(url(proxy.dicomweb_url, native, "2"), headers=ANY)
+        assert r.headers["x-cache"] == "HIT" and upstream_frame_requests(proxy) == before + 1
+        etag = r.headers["etag"]
+        assert c.get(url(proxy.dicomweb_url, native, "2"), headers={**ANY, "If-None-Match": etag}).status_code == 304
+
+
+def test_keys_name_the_transfer_syntax(archive, data, tmp_path):
+    """W-10: `*` is answered from the cached encoding, labelled truthfully; an explicit syntax only
+    from an exact match (here the archive decodes JPEG to Explicit VR Little Endian)."""
+    _, jpeg = data
+    stored = list(generate_frames(jpeg.PixelData, number_of_frames=jpeg.NumberOfFrames))
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
+            httpx.Client(trust_env=False, timeout=30) as c:
+        first = c.get(url(proxy.dicomweb_url, jpeg, "2"), headers=ANY)
+        again = c.get(url(proxy.dicomweb_url, jpeg, "2"), headers=ANY)
+        assert (first.headers["x-cache"], again.headers["x-cache"]) == ("MISS", "HIT")
+        parts = split_multipart(again.content, again.headers["content-type"])[1]
+        assert dict(parts[0][0])["Content-Type"] == "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50"
+        assert parts[0][1] == stored[1]
+        decoded = c.get(url(proxy.dicomweb_url, jpeg, "2"))  # default: Explicit VR Little Endian
+        assert decoded.headers["x-cache"] == "MISS"
+        body = payloads(decoded)[0]
+        assert len(body) == jpeg.Rows * jpeg.Columns * 3 and body != stored[1]
+
+
+def test_shared_by_workers_survives_restart_and_archive_outage(archive, data, tmp_path):
+    native, _ = data
+    cache_dir = str(tmp_path / "shared")
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / "one", ["--cache-dir", cache_dir]) as proxy:
+        r = httpx.get(url(proxy.dicomweb_url, native, "4,5"), headers=ANY, trust_env=False)
+        assert r.headers["x-cache"] == "MISS"
+    archive.stop()
+    try:
+        with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / "two",
+                          ["--cache-dir", cache_dir, "--workers", "2"]) as proxy:
+            for _ in range(8):  # fresh connections: both workers answer, both from the shared disk tier
+                r = httpx.get(url(proxy.dicomweb_url, native, "5,4"), trust_env=False,
+                              headers={**ANY, "Connection": "close"})
+                assert r.status_code == 200 and r.headers["x-cache"] == "HIT"
+                assert payloads(r) == [native_frame(native, 5), native_frame(native, 4)]
+            miss = httpx.get(url(proxy.dicomweb_url, native, "6"), headers=ANY, trust_env=False)
+            assert miss.status_code == 502  # not cached, archive down: an answer, not a hang
+    finally:
+        archive.start()
+
+
+def test_a_corrupt_entry_is_never_served(archive, data, tmp_path):
+    native, _ = data
+    cache_dir = tmp_path / "c"
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / "one", ["--cache-dir", str(cache_dir)]) as proxy:
+        httpx.get(url(proxy.dicomweb_url, native, "1"), headers=ANY, trust_env=False)
+    blobs = [p for p in cache_dir.rglob("*.val")]
+    assert blobs, "frames of 128 KB are stored as files"
+    for p in blobs:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])  # truncate every entry
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / "two", ["--cache-dir", str(cache_dir)]) as proxy:
+        r = httpx.get(url(proxy.dicomweb_url, native, "1"), headers=ANY, trust_env=False)
+        assert r.headers["x-cache"] == "MISS" and payloads(r) == [native_frame(native, 1)]
+        r = httpx.get(url(proxy.dicomweb_url, native, "1"), headers=ANY, trust_env=False)
+        assert r.headers["x-cache"] == "HIT" and payloads(r) == [native_frame(native, 1)]
