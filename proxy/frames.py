@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from . import metrics
 from .cache import Frame, FrameCache
 from .context import Context
 from .media import Resource, Selection, parse_content_type
@@ -28,6 +29,19 @@ from .wado import Target, open_upstream, retrieve, select, upstream_accept, upst
 
 CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")
 _pending: set[asyncio.Task[None]] = set()
+# Single-flight: (SOP UID, frame, media type, transfer syntax) → done when the fetch in flight ends.
+_inflight: dict[tuple[str, int, str, str], asyncio.Future[None]] = {}
+
+
+def _flight(sop: str, frame: int, sel: Selection) -> tuple[str, int, str, str]:
+    return (sop, frame, sel.media_type, sel.transfer_syntax or "*")
+
+
+def _land(key: tuple[str, int, str, str]) -> None:
+    """The frame is stored (or its fetch failed): wake whoever waits for it."""
+    fut = _inflight.pop(key, None)
+    if fut is not None and not fut.done():
+        fut.set_result(None)
 
 
 def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: list[bytes | memoryview]) -> None:
@@ -36,7 +50,10 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
     if not mtype or not ts:
         return  # an unlabelled frame cannot be keyed truthfully
     payload = b"".join(pieces)
-    if cache.put(sop, frame, mtype, ts, payload):  # visible to this worker now, to all once on disk
+    stored = cache.put(sop, frame, mtype, ts, payload)
+    for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
+        _land(key)
+    if stored:  # visible to this worker now, to all once on disk
         task = asyncio.ensure_future(asyncio.to_thread(cache.write, sop, frame, mtype, ts, payload))
         _pending.add(task)
         task.add_done_callback(_pending.discard)
@@ -80,9 +97,35 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
     sel = select(request, Resource.FRAMES, len(target.frames) == 1)
     base = dicomweb_base(request, ctx.settings, ctx.root)
     hits = _lookup(cache, target, sel)
+    flying = [_inflight[k] for n in set(target.frames) - set(hits)
+              if (k := _flight(target.instance, n, sel)) in _inflight]
+    if flying:  # another request is fetching these frames: wait for it instead of asking again
+        metrics.CACHE_WAITERS.inc()
+        await asyncio.wait([asyncio.shield(f) for f in flying])
+        hits = _lookup(cache, target, sel)
     if len(hits) == len(set(target.frames)):
         return _from_cache(request, target, sel, hits, base)
     missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
+    keys = [_flight(target.instance, n, sel) for n in missing]
+    loop = asyncio.get_running_loop()
+    for k in keys:
+        _inflight.setdefault(k, loop.create_future())
+
+    def land_all() -> None:
+        for k in keys:
+            _land(k)
+
+    try:
+        return await _fetch(request, ctx, target, sel, base, cache, hits, missing, land_all)
+    except BaseException:
+        land_all()
+        raise
+
+
+async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection, base: str, cache: FrameCache,
+                 hits: dict[int, Frame], missing: tuple[int, ...], land_all: Callable[[], None]) -> Response:
+    """One upstream request for the missing frames, streamed and teed."""
+    assert target.instance is not None
     fetch = Target(target.study, target.series, target.instance, missing)
     candidates = await ctx.archives_for(target.study)
     if not candidates:
@@ -116,7 +159,11 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
         ctype = rf.writer.content_type(parse_content_type(part.content_type)[0])
         headers.append(("Content-Type", ctype))
         body = _interleaved(cache, target, hits, events, part, rf, base)
-    return StreamResponse(200, headers, body, stack.aclose)
+    async def close() -> None:
+        land_all()  # whatever happened to the stream, nobody waits for it any more
+        await stack.aclose()
+
+    return StreamResponse(200, headers, body, close)
 
 
 async def _part_payload(events: PartEvents, held: list[object]) -> AsyncIterator[bytes | memoryview]:

@@ -60,6 +60,9 @@ CACHE_RESULTS = Counter("dicomweb_edge_cache_lookups_total", "Frame cache lookup
 CACHE_BYTES_WRITTEN = Counter("dicomweb_edge_cache_written_bytes_total", "Bytes stored in the frame cache.",
                               ["tier"])
 
+CACHE_WAITERS = Counter("dicomweb_edge_cache_singleflight_waiters_total",
+                        "Frame requests that waited for a fetch already in flight instead of asking the archive.")
+
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 

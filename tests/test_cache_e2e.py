@@ -121,3 +121,26 @@ def test_a_corrupt_entry_is_never_served(archive, data, tmp_path):
         assert r.headers["x-cache"] == "MISS" and payloads(r) == [native_frame(native, 1)]
         r = httpx.get(url(proxy.dicomweb_url, native, "1"), headers=ANY, trust_env=False)
         assert r.headers["x-cache"] == "HIT" and payloads(r) == [native_frame(native, 1)]
+
+
+async def test_concurrent_identical_misses_make_one_upstream_request(data, tmp_path):
+    """Single-flight: 100 clients ask for the same uncached frame at once; the archive sees one request
+    (counted at the archive side; the archive answers slowly so that all 100 overlap)."""
+    import asyncio
+
+    from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
+
+    native, _ = data
+    archive = SampleArchive("SF", Faults(first_byte_delay=0.5))
+    archive.add(native)
+    with ArchiveServer(archive) as server, \
+            ProxyProcess({"sf": server.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(trust_env=False, timeout=30, limits=limits) as c:
+            rs = await asyncio.gather(*(c.get(url(proxy.dicomweb_url, native, "2"), headers=ANY) for _ in range(100)))
+            text = (await c.get(f"{proxy.url}/metrics")).text
+    assert all(r.status_code == 200 and payloads(r) == [native_frame(native, 2)] for r in rs)
+    assert archive.requests["frames"] == 1
+    waiters = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name == "dicomweb_edge_cache_singleflight_waiters_total")
+    assert waiters == 99
