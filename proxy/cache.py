@@ -13,6 +13,7 @@ disk turns the disk tier off for writes, never the proxy.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 import zlib
@@ -45,6 +46,49 @@ class Frame:
     def etag(self) -> str:
         """A strong validator: the bytes' CRC-32 and length."""
         return f'"{zlib.crc32(self.payload):08x}-{len(self.payload):x}"'
+
+
+EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+_MEDIA_BY_TS = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+
+
+def frames_of(part10: bytes) -> list[tuple[str, int, str, str, bytes]]:
+    """Split a Part 10 instance into (SOP UID, frame number, media type, transfer syntax, bytes).
+
+    Native little-endian pixel data is cut by frame size and labelled Explicit VR Little Endian (what
+    a frames request with no transfer syntax returns); encapsulated pixel data is cut by fragments and
+    the offset table, in its own transfer syntax. Anything else (big endian, no pixel data, odd
+    sizes) yields nothing: the frames are then fetched and cached one by one.
+    """
+    import io
+
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(io.BytesIO(part10))
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if "PixelData" not in ds or not {"Rows", "Columns", "BitsAllocated"} <= set(ds.dir()):
+        return []
+    sop, count = str(ds.SOPInstanceUID), int(ds.get("NumberOfFrames", 1) or 1)
+    data = ds.PixelData
+    if ts in (EXPLICIT_LE, IMPLICIT_LE):
+        size = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel", 1)) * ds.BitsAllocated // 8
+        if size == 0 or ds.BitsAllocated % 8 or len(data) < size * count:
+            return []
+        return [(sop, n + 1, "application/octet-stream", EXPLICIT_LE, data[n * size : (n + 1) * size])
+                for n in range(count)]
+    media = _MEDIA_BY_TS.get(ts)
+    if media is None or not ds["PixelData"].is_undefined_length:
+        return []
+    frames = list(generate_frames(data, number_of_frames=count))
+    return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)]
 
 
 def frame_key(sop: str, frame: int, media_type: str, transfer_syntax: str) -> str:
@@ -151,3 +195,26 @@ class FrameCache:
     def close(self) -> None:
         """Close the disk tier."""
         self.disk.close()
+
+
+_learning: set[asyncio.Task[None]] = set()
+
+
+def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview]) -> None:
+    """Tee for instance retrieves: split a Part 10 instance that passed through into frame entries."""
+    if not content_type.startswith("application/dicom"):
+        return
+    payload = b"".join(pieces)
+
+    async def split() -> None:
+        try:
+            frames = await asyncio.to_thread(frames_of, payload)
+        except Exception:  # a part we cannot parse teaches us nothing; the client already has it
+            return
+        for sop, n, mtype, ts, data in frames:
+            if cache.put(sop, n, mtype, ts, data):
+                await asyncio.to_thread(cache.write, sop, n, mtype, ts, data)
+
+    task = asyncio.ensure_future(split())
+    _learning.add(task)
+    task.add_done_callback(_learning.discard)

@@ -10,7 +10,7 @@ skipped, recognised by the SOP Instance UID in its File Meta.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from . import part10
@@ -125,6 +125,11 @@ class Reframer:
         self.locations = locations
         self.seen: set[str] | None = set() if dedupe else None
         self.count = 0
+        # Called with (content type, payload pieces) for every complete part that was sent, when set
+        # (the frame cache learns frames from instances passing through); parts larger than
+        # `tee_limit` are not collected.
+        self.tee: Callable[[str, list[bytes | memoryview]], None] | None = None
+        self.tee_limit = 64 * 1024 * 1024
 
     def header(self, part: PartOut, archive: Archive) -> bytes:
         """Our delimiter and headers for `part`."""
@@ -148,11 +153,16 @@ class Reframer:
                     yield first_header if first_header is not None and sent == 0 else self.header(part, archive)
                 sent += 1
                 ended = False
+                kept: list[bytes | memoryview] | None = [] if self.tee is not None and not part.skip else None
+                size = 0
                 for ev in part.held:
                     if isinstance(ev, PartEnd | PartHeaders):
                         ended = True
                         break
                     if not part.skip:
+                        if kept is not None:
+                            kept.append(ev)  # type: ignore[arg-type]
+                            size += len(ev)  # type: ignore[arg-type]
                         yield ev
                 while not ended:
                     ev = await events.next()
@@ -161,7 +171,14 @@ class Reframer:
                     if isinstance(ev, PartEnd):
                         break
                     if not part.skip:
+                        if kept is not None:
+                            size += len(ev)  # type: ignore[arg-type]
+                            kept = kept if size <= self.tee_limit else None
+                            if kept is not None:
+                                kept.append(ev)  # type: ignore[arg-type]
                         yield ev  # type: ignore[misc]
+                if kept is not None and self.tee is not None:
+                    self.tee(part.content_type, kept)
                 if max_parts is not None and sent >= max_parts:
                     return
                 nxt = await events.next()

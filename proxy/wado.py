@@ -12,11 +12,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from . import merge
+from .cache import learn_instance
 from .context import Context
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
 from .multipart import MultipartError
@@ -163,6 +165,8 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
         elif location:
             locations = [location]
         reframer = Reframer(sel, base, locations)
+        if ctx.cache is not None and resource in (Resource.INSTANCE, Resource.INSTANCES):
+            reframer.tee = partial(learn_instance, ctx.cache)
         events = PartEvents(resp) if resp.status < 300 else None
         first_headers = await events.first() if events else None
         try:
@@ -259,6 +263,8 @@ async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, ar
         raise failure or Problem(404, "no archive holds this resource")
     try:
         reframer = Reframer(sel, dicomweb_base(request, ctx.settings, ctx.root), dedupe=True)
+        if ctx.cache is not None:
+            reframer.tee = partial(learn_instance, ctx.cache)
         streams = [PartEvents(resp) for resp, _ in found]
         heads = [await events.first() for events in streams]
         first_type = next((h.headers.get("content-type") for h in heads if h is not None), None)

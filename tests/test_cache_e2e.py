@@ -144,3 +144,34 @@ async def test_concurrent_identical_misses_make_one_upstream_request(data, tmp_p
     waiters = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                   if s.name == "dicomweb_edge_cache_singleflight_waiters_total")
     assert waiters == 99
+
+
+def test_instances_passing_through_become_frame_entries(archive, data, tmp_path):
+    """A study retrieve teaches the cache every frame of its instances (native frames cut by size,
+    JPEG frames by fragments): later frame requests need no archive at all."""
+    import time
+
+    native, jpeg = data
+    stored = list(generate_frames(jpeg.PixelData, number_of_frames=jpeg.NumberOfFrames))
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
+            httpx.Client(trust_env=False, timeout=30) as c:
+        for ds in (native, jpeg):
+            r = c.get(f"{proxy.dicomweb_url}/studies/{ds.StudyInstanceUID}",
+                      headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+            assert r.status_code == 200
+        expected = len(native.PixelData) + sum(len(f) for f in stored)
+        deadline = time.monotonic() + 20
+        while True:  # the split happens off the event loop: wait for it, bounded
+            text = c.get(f"{proxy.url}/metrics").text
+            written = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                          if s.name == "dicomweb_edge_cache_written_bytes_total")
+            if written >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert written >= expected
+        before = upstream_frame_requests(proxy)
+        r = c.get(url(proxy.dicomweb_url, native, "6,1"))  # no Accept: Explicit VR Little Endian
+        assert r.headers["x-cache"] == "HIT" and payloads(r) == [native_frame(native, 6), native_frame(native, 1)]
+        r = c.get(url(proxy.dicomweb_url, jpeg, "3"), headers=ANY)
+        assert r.headers["x-cache"] == "HIT" and payloads(r) == [stored[2]]
+        assert upstream_frame_requests(proxy) == before
