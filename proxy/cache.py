@@ -198,9 +198,51 @@ class FrameCache:
 
 
 _learning: set[asyncio.Task[None]] = set()
+_learned: dict[str, asyncio.Future[None]] = {}  # SOP UID → set once its frames are in the cache
+_scopes: dict[str, asyncio.Future[None]] = {}  # "study/series/instance" being retrieved → done
 
 
-def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview]) -> None:
+def learned(sop: str) -> asyncio.Future[None]:
+    """Done when an instance retrieve in flight has put this instance's frames in the cache."""
+    fut = _learned.get(sop)
+    if fut is None or fut.done():
+        fut = _learned[sop] = asyncio.get_running_loop().create_future()
+    return fut
+
+
+def _scope(study: str, series: str | None, instance: str | None) -> str:
+    return f"{study}/{series or '*'}/{instance or '*'}"
+
+
+def covering(study: str, series: str | None, instance: str) -> list[asyncio.Future[None]]:
+    """Retrieves in flight whose answer contains this instance (its study, its series, itself)."""
+    keys = (_scope(study, None, None), _scope(study, series, None), _scope(study, series, instance))
+    return [f for k in keys if (f := _scopes.get(k)) is not None and not f.done()]
+
+
+class Fetching:
+    """Marks a study, series or instance retrieve as in flight, so that frame requests for what it
+    carries wait for it instead of asking the archive (single-flight across granularities)."""
+
+    def __init__(self, study: str, series: str | None, instance: str | None) -> None:
+        self.key = _scope(study, series, instance)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.key not in _scopes or _scopes[self.key].done():
+            _scopes[self.key] = self.future
+
+    async def done(self) -> None:
+        """The retrieve ended: once its frames are learned, wake whoever waits."""
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if _scopes.get(self.key) is self.future:
+            del _scopes[self.key]
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview],
+                   fetching: Fetching | None = None) -> None:
     """Tee for instance retrieves: split a Part 10 instance that passed through into frame entries."""
     if not content_type.startswith("application/dicom"):
         return
@@ -212,9 +254,17 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
         except Exception:  # a part we cannot parse teaches us nothing; the client already has it
             return
         for sop, n, mtype, ts, data in frames:
-            if cache.put(sop, n, mtype, ts, data):
+            cache.put(sop, n, mtype, ts, data)
+        if frames:
+            fut = _learned.pop(frames[0][0], None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        for sop, n, mtype, ts, data in frames:
+            if cache.writable:
                 await asyncio.to_thread(cache.write, sop, n, mtype, ts, data)
 
     task = asyncio.ensure_future(split())
     _learning.add(task)
     task.add_done_callback(_learning.discard)
+    if fetching is not None:
+        fetching.tasks.append(task)

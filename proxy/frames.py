@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import metrics
-from .cache import Frame, FrameCache
+from .cache import Frame, FrameCache, covering, learned
 from .context import Context
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartError, PartEnd, PartHeaders
@@ -99,9 +99,15 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
     hits = _lookup(cache, target, sel)
     flying = [_inflight[k] for n in set(target.frames) - set(hits)
               if (k := _flight(target.instance, n, sel)) in _inflight]
+    if len(hits) < len(set(target.frames)):
+        scopes = covering(target.study, target.series, target.instance)
+        if scopes:  # the instance is on its way in a study/series/instance retrieve
+            flying += [learned(target.instance), *scopes]
     if flying:  # another request is fetching these frames: wait for it instead of asking again
         metrics.CACHE_WAITERS.inc()
-        await asyncio.wait([asyncio.shield(f) for f in flying])
+        timeout = max(a.config.timeouts.idle_read for a in ctx.archives)
+        await asyncio.wait([asyncio.shield(f) for f in flying], timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
         hits = _lookup(cache, target, sel)
     if len(hits) == len(set(target.frames)):
         return _from_cache(request, target, sel, hits, base)

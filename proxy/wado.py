@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import merge
-from .cache import learn_instance
+from .cache import Fetching, learn_instance
 from .context import Context
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
 from .multipart import MultipartError
@@ -147,7 +147,17 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
     path = upstream_path or target.path()
     if resource is Resource.INSTANCES and len(candidates) > 1:
         return await _retrieve_federated(request, ctx, sel, candidates, path, accept, service)
-    resp, stack = await open_upstream(ctx, target.study, path, accept, request, service, archives=candidates)
+    fetching = None
+    if ctx.cache is not None and resource in (Resource.INSTANCE, Resource.INSTANCES):
+        fetching = Fetching(target.study, target.series, target.instance)  # frame requests wait for us
+    try:
+        resp, stack = await open_upstream(ctx, target.study, path, accept, request, service, archives=candidates)
+    except BaseException:
+        if fetching is not None:
+            await fetching.done()
+        raise
+    if fetching is not None:
+        stack.push_async_callback(fetching.done)
     try:
         if resp.status >= 300:
             raise upstream_problem(resp, sel)
@@ -165,8 +175,8 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
         elif location:
             locations = [location]
         reframer = Reframer(sel, base, locations)
-        if ctx.cache is not None and resource in (Resource.INSTANCE, Resource.INSTANCES):
-            reframer.tee = partial(learn_instance, ctx.cache)
+        if ctx.cache is not None and fetching is not None:
+            reframer.tee = partial(learn_instance, ctx.cache, fetching=fetching)
         events = PartEvents(resp) if resp.status < 300 else None
         first_headers = await events.first() if events else None
         try:

@@ -175,3 +175,28 @@ def test_instances_passing_through_become_frame_entries(archive, data, tmp_path)
         r = c.get(url(proxy.dicomweb_url, jpeg, "3"), headers=ANY)
         assert r.headers["x-cache"] == "HIT" and payloads(r) == [stored[2]]
         assert upstream_frame_requests(proxy) == before
+
+
+async def test_a_frame_request_during_a_series_retrieve_waits_for_it(data, tmp_path):
+    """Single-flight across granularities: while a study retrieve is in flight, a frame of an instance
+    it carries is not asked of the archive (counted at the archive side)."""
+    import asyncio
+
+    from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
+
+    native, _ = data
+    archive = SampleArchive("SLOWBODY", Faults(first_byte_delay=0.3))
+    archive.add(native)
+    with ArchiveServer(archive) as server, \
+            ProxyProcess({"s": server.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
+            study = c.get(f"{proxy.dicomweb_url}/studies/{native.StudyInstanceUID}",
+                          headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+            task = asyncio.ensure_future(study)
+            async with asyncio.timeout(10):
+                while archive.requests["retrieve"] == 0:  # the study retrieve has reached the archive
+                    await asyncio.sleep(0.01)
+            frame = await c.get(url(proxy.dicomweb_url, native, "4"), headers=ANY)
+            assert (await task).status_code == 200
+    assert frame.status_code == 200 and payloads(frame) == [native_frame(native, 4)]
+    assert archive.requests["frames"] == 0
