@@ -63,6 +63,10 @@ CACHE_BYTES_WRITTEN = Counter("dicomweb_edge_cache_written_bytes_total", "Bytes 
 CACHE_WAITERS = Counter("dicomweb_edge_cache_singleflight_waiters_total",
                         "Frame requests that waited for a fetch already in flight instead of asking the archive.")
 
+PREFETCH_QUEUE = Gauge("dicomweb_edge_prefetch_queued", "Series prefetches waiting for a slot.",
+                       multiprocess_mode="livesum")
+PREFETCHES = Counter("dicomweb_edge_prefetches_total", "Series prefetches by outcome.", ["outcome"])
+
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 

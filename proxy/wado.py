@@ -17,7 +17,7 @@ from functools import partial
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import merge
+from . import merge, prefetch
 from .cache import Fetching, learn_instance
 from .context import Context
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
@@ -329,6 +329,8 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
     select(request, Resource.JSON, True)
     archives = await locate(ctx, target.study)
     path = target.path() + "/metadata"
+    if target.series and not target.instance:
+        prefetch.schedule(ctx, target.study, target.series)  # the viewer asks for its frames next
     if target.instance or len(archives) == 1:
         body = await _metadata_body(request, ctx, archives, path)
         if body is None:

@@ -200,3 +200,29 @@ async def test_a_frame_request_during_a_series_retrieve_waits_for_it(data, tmp_p
             assert (await task).status_code == 200
     assert frame.status_code == 200 and payloads(frame) == [native_frame(native, 4)]
     assert archive.requests["frames"] == 0
+
+
+def test_series_metadata_prefetches_the_series(archive, data, tmp_path):
+    """A viewer asks for series metadata, then for frames: the proxy fetched the series meanwhile,
+    in one upstream request, so the frame requests are hits."""
+    import time
+
+    native, _ = data
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
+            httpx.Client(trust_env=False, timeout=30) as c:
+        r = c.get(f"{proxy.dicomweb_url}/studies/{native.StudyInstanceUID}/series/{native.SeriesInstanceUID}"
+                  "/metadata")
+        assert r.status_code == 200
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # bounded wait for the background prefetch to finish
+            text = c.get(f"{proxy.url}/metrics").text
+            done = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "dicomweb_edge_prefetches_total" and s.labels.get("outcome") == "done"]
+            if done and done[0] >= 1:
+                break
+            time.sleep(0.05)
+        before = upstream_frame_requests(proxy)
+        r = c.get(url(proxy.dicomweb_url, native, "1,2,3,4,5,6"), headers=ANY)
+        assert r.headers["x-cache"] == "HIT"
+        assert payloads(r) == [native_frame(native, n) for n in range(1, 7)]
+        assert upstream_frame_requests(proxy) == before == 0

@@ -1,0 +1,86 @@
+"""Prefetch: when a viewer asks for series metadata, fetch the whole series into the frame cache.
+
+A viewer asks for a series' metadata and then for every frame of it; one series retrieve in the
+background (a single upstream request) turns those frame requests into hits. Prefetches run with
+bounded concurrency, yield to client requests between parts, are skipped when the series (or its
+study) is already being retrieved or was prefetched recently, and never fail a client request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import partial
+
+from . import metrics
+from .cache import Fetching, covering, learn_instance
+from .context import Context
+from .media import Selection
+from .multipart import MultipartError
+from .reframe import PartEvents, Reframer, label
+from .responses import Problem
+from .upstream import UpstreamError
+
+log = logging.getLogger("dicomweb_edge.prefetch")
+ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+_recent: dict[str, float] = {}
+_tasks: set[asyncio.Task[None]] = set()
+_slots: asyncio.Semaphore | None = None
+
+
+def schedule(ctx: Context, study: str, series: str) -> None:
+    """Start a background prefetch of one series, unless it is pointless or already under way."""
+    global _slots
+    if ctx.cache is None or not ctx.settings.prefetch:
+        return
+    now = time.monotonic()
+    if _recent.get(series, 0.0) > now or covering(study, series, ""):
+        return
+    _recent[series] = now + ctx.settings.prefetch_ttl
+    if len(_recent) > 10_000:
+        for key in [k for k, until in _recent.items() if until <= now]:
+            del _recent[key]
+    if _slots is None:
+        _slots = asyncio.Semaphore(ctx.settings.prefetch_concurrency)
+    metrics.PREFETCH_QUEUE.inc()
+    task = asyncio.ensure_future(_prefetch(ctx, study, series, _slots))
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaphore) -> None:
+    from .wado import open_upstream  # late: wado imports this module's neighbours
+
+    async with slots:
+        metrics.PREFETCH_QUEUE.dec()
+        fetching = Fetching(study, series, None)
+        outcome = "done"
+        try:
+            sel = Selection(True, "application/dicom", "*")
+            resp, stack = await open_upstream(ctx, study, f"/studies/{study}/series/{series}", ACCEPT,
+                                              _NoRequest(), "prefetch")
+            async with stack:
+                if resp.status >= 300:
+                    outcome = "refused"
+                    return
+                events = PartEvents(resp)
+                reframer = Reframer(sel, "")
+                reframer.tee = partial(learn_instance, ctx.cache, fetching=fetching)
+                head = await events.first()
+                if head is None:
+                    return
+                async for _ in reframer.parts(events, await label(events, head, sel)):
+                    await asyncio.sleep(0)  # client requests first
+        except (Problem, UpstreamError, MultipartError, Exception) as exc:  # a prefetch never hurts anyone
+            outcome = "failed"
+            log.info("prefetch failed: %s", type(exc).__name__)
+        finally:
+            await fetching.done()
+            metrics.child(metrics.PREFETCHES, outcome).inc()
+
+
+class _NoRequest:
+    """Stands in for the client request a prefetch does not have (only its request id is read)."""
+
+    scope: dict[str, dict[str, str]] = {"state": {}}
