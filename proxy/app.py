@@ -152,6 +152,27 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"status": "ready" if ready else "no archive reachable", "archives": archives},
                             200 if ready else 503)
 
+    def admin(request: Request) -> None:
+        # Until inbound authentication exists (issue 7), admin actions come only from trusted hops.
+        if request.client is None or request.client.host not in settings.trusted_proxies:
+            raise Problem(403, "admin endpoints are only served to trusted addresses")
+        if ctx.cache is None:
+            raise Problem(404, "the frame cache is not configured (cache_dir)")
+
+    async def cache_stats(request: Request) -> Response:
+        admin(request)
+        assert ctx.cache is not None
+        return JSONResponse(ctx.cache.stats())
+
+    async def cache_purge(request: Request) -> Response:
+        admin(request)
+        assert ctx.cache is not None
+        study = request.query_params.get("study")
+        if study is not None and not re.match(r"^[0-9]+(\.[0-9]+)*$", study):
+            raise Problem(400, "malformed study UID")
+        removed = await asyncio.to_thread(ctx.cache.purge, study)
+        return JSONResponse({"removed": removed})
+
     async def metrics_endpoint(request: Request) -> Response:
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
@@ -160,6 +181,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
+        Route("/admin/cache", cache_stats, methods=["GET"]),
+        Route("/admin/cache/purge", cache_purge, methods=["POST"]),
         Mount(DICOMWEB_ROOT, routes=dicomweb_routes()),
         Mount("/upstreams/{upstream}" + DICOMWEB_ROOT, routes=dicomweb_routes()),
     ]

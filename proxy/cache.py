@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from . import metrics
 log = logging.getLogger("dicomweb_edge.cache")
 _HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32
 _MAGIC = b"DWE1"
+GENERATION = "purge-generation"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,19 @@ _MEDIA_BY_TS = {
     "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
+
+
+def study_of(part10: bytes) -> str | None:
+    """The StudyInstanceUID of a Part 10 instance (for tagging its cache entries)."""
+    import io
+
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(io.BytesIO(part10), stop_before_pixels=True,
+                                   specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+    except Exception:
+        return None
 
 
 def frames_of(part10: bytes) -> list[tuple[str, int, str, str, bytes]]:
@@ -120,7 +135,10 @@ class FrameCache:
 
     def __init__(self, directory: str, size_limit: int = 10 * 1024**3, memory_limit: int = 256 * 1024**2,
                  max_entry: int = 64 * 1024**2) -> None:
-        self.disk = diskcache.Cache(directory, size_limit=size_limit, eviction_policy="least-recently-used")
+        self.disk = diskcache.Cache(directory, size_limit=size_limit, eviction_policy="least-recently-used",
+                                    tag_index=True)
+        self._generation = self._read_generation()
+        self._checked = time.monotonic()
         self.memory: OrderedDict[str, bytes] = OrderedDict()
         self.memory_limit = memory_limit
         self.memory_bytes = 0
@@ -139,7 +157,26 @@ class FrameCache:
             _, dropped = self.memory.popitem(last=False)
             self.memory_bytes -= len(dropped)
 
+    def _read_generation(self) -> int:
+        try:
+            return int(self.disk.get(GENERATION, 0))
+        except Exception:
+            return 0
+
+    def _sync_purges(self) -> None:
+        """At most once a second: a purge made through another worker clears this memory tier too."""
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        generation = self._read_generation()
+        if generation != self._generation:
+            self._generation = generation
+            self.memory.clear()
+            self.memory_bytes = 0
+
     def _get(self, key: str) -> bytes | None:
+        self._sync_purges()
         payload = self.memory.get(key)
         if payload is not None:
             self.memory.move_to_end(key)
@@ -181,16 +218,33 @@ class FrameCache:
         self._remember(index_key(sop, frame), f"{media_type};{transfer_syntax}".encode())
         return self.writable
 
-    def write(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes) -> None:
-        """Store a frame in the shared disk tier (blocking: call it off the event loop)."""
+    def write(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
+              study: str | None = None) -> None:
+        """Store a frame in the shared disk tier, tagged with its study (blocking: call it off the loop)."""
         try:
-            self.disk.set(frame_key(sop, frame, media_type, transfer_syntax), _pack(payload))
-            self.disk.set(index_key(sop, frame), _pack(f"{media_type};{transfer_syntax}".encode()))
+            self.disk.set(frame_key(sop, frame, media_type, transfer_syntax), _pack(payload), tag=study)
+            self.disk.set(index_key(sop, frame), _pack(f"{media_type};{transfer_syntax}".encode()), tag=study)
         except OSError:
             self.writable = False  # disk full or gone: keep serving, stop writing
             log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
             return
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
+
+    def purge(self, study: str | None = None) -> int:
+        """Drop one study's entries (or everything) from every tier of every worker; how many went."""
+        removed = self.disk.evict(study) if study else self.disk.clear()
+        self.disk.incr(GENERATION, default=0)
+        self._generation = self._read_generation()
+        self.memory.clear()
+        self.memory_bytes = 0
+        return int(removed)
+
+    def stats(self) -> dict[str, int | bool]:
+        """Sizes and counts, for `dicomweb-edge cache stats` and the admin endpoint."""
+        entries = len(self.disk) - (1 if GENERATION in self.disk else 0)
+        return {"disk_entries": entries, "disk_bytes": int(self.disk.volume()),
+                "disk_limit_bytes": int(self.disk.size_limit), "memory_entries": len(self.memory),
+                "memory_bytes": self.memory_bytes, "writable": self.writable}
 
     def close(self) -> None:
         """Close the disk tier."""
@@ -251,6 +305,7 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
     async def split() -> None:
         try:
             frames = await asyncio.to_thread(frames_of, payload)
+            study = await asyncio.to_thread(study_of, payload) if frames else None
         except Exception:  # a part we cannot parse teaches us nothing; the client already has it
             return
         for sop, n, mtype, ts, data in frames:
@@ -261,7 +316,7 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
                 fut.set_result(None)
         for sop, n, mtype, ts, data in frames:
             if cache.writable:
-                await asyncio.to_thread(cache.write, sop, n, mtype, ts, data)
+                await asyncio.to_thread(cache.write, sop, n, mtype, ts, data, study)
 
     task = asyncio.ensure_future(split())
     _learning.add(task)

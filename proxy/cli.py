@@ -9,7 +9,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from .config import ConfigError, Settings, describe, load, parse_upstream_flag
+from .config import ConfigError, Settings, describe, load, load_file, parse_upstream_flag
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -42,6 +42,28 @@ def serve(settings: Settings) -> None:
                 loop="uvloop", http="httptools", timeout_graceful_shutdown=30)
 
 
+def cache_command(args: argparse.Namespace) -> int:
+    """`dicomweb-edge cache stats|purge`: works on the cache directory, with or without a running proxy."""
+    import json
+
+    from .cache import FrameCache
+
+    directory = args.cache_dir
+    if directory is None and args.config:
+        directory = load_file(args.config).get("cache_dir")
+    if not directory:
+        raise ConfigError("no cache directory: pass --cache-dir or a --config with [cache] dir")
+    cache = FrameCache(directory)
+    try:
+        if args.action == "stats":
+            print(json.dumps(cache.stats(), indent=2))
+        else:
+            print(json.dumps({"removed": cache.purge(args.study)}))
+    finally:
+        cache.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dicomweb-edge` command."""
     parser = argparse.ArgumentParser(prog="dicomweb-edge", description=__doc__)
@@ -67,12 +89,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     c.add_argument("file")
 
+    k = sub.add_parser("cache", help="frame cache statistics, or purge it (all of it, or one study)")
+    k.add_argument("action", choices=["stats", "purge"])
+    k.add_argument("--study", help="with purge: only this StudyInstanceUID")
+    k.add_argument("--config", help="TOML configuration file (for its cache directory)")
+    k.add_argument("--cache-dir")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             serve(_settings(args))
         elif args.command == "check-config":
             print(describe(load(args.file)), end="")
+        elif args.command == "cache":
+            return cache_command(args)
         elif args.command == "demo":
             from .demo.run import run_demo
 

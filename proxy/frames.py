@@ -44,7 +44,8 @@ def _land(key: tuple[str, int, str, str]) -> None:
         fut.set_result(None)
 
 
-def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: list[bytes | memoryview]) -> None:
+def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: list[bytes | memoryview],
+           study: str | None = None) -> None:
     mtype, params = parse_content_type(content_type)
     ts = params.get("transfer-syntax")
     if not mtype or not ts:
@@ -54,7 +55,7 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
     for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
         _land(key)
     if stored:  # visible to this worker now, to all once on disk
-        task = asyncio.ensure_future(asyncio.to_thread(cache.write, sop, frame, mtype, ts, payload))
+        task = asyncio.ensure_future(asyncio.to_thread(cache.write, sop, frame, mtype, ts, payload, study))
         _pending.add(task)
         task.add_done_callback(_pending.discard)
 
@@ -198,7 +199,8 @@ async def _single(cache: FrameCache, target: Target, events: PartEvents, part: o
             yield piece  # type: ignore[misc]
     except (UpstreamError, MultipartError) as exc:
         raise StreamAborted(str(exc)) from None
-    _store(cache, target.instance, target.frames[0], part.content_type, pieces)  # type: ignore[attr-defined]
+    _store(cache, target.instance, target.frames[0], part.content_type, pieces,  # type: ignore[attr-defined]
+           target.study)
     await events.finish()
 
 
@@ -225,7 +227,7 @@ async def _interleaved(cache: FrameCache, target: Target, hits: dict[int, Frame]
                 pieces.append(piece)
                 yield piece
             mtype, params = parse_content_type(part.content_type)  # type: ignore[attr-defined]
-            _store(cache, target.instance, n, part.content_type, pieces)  # type: ignore[attr-defined]
+            _store(cache, target.instance, n, part.content_type, pieces, target.study)  # type: ignore[attr-defined]
             if target.frames.count(n) > 1:
                 fetched[n] = Frame(b"".join(pieces), mtype, params.get("transfer-syntax", ""))
             part = None

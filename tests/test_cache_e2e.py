@@ -226,3 +226,35 @@ def test_series_metadata_prefetches_the_series(archive, data, tmp_path):
         assert r.headers["x-cache"] == "HIT"
         assert payloads(r) == [native_frame(native, n) for n in range(1, 7)]
         assert upstream_frame_requests(proxy) == before == 0
+
+
+def test_purge_a_study_through_the_admin_endpoint_and_the_command(archive, data, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    native, jpeg = data
+    cache_dir = tmp_path / "c"
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(cache_dir)]) as proxy, \
+            httpx.Client(trust_env=False, timeout=30) as c:
+        for ds in (native, jpeg):
+            c.get(url(proxy.dicomweb_url, ds, "1"), headers=ANY)
+            assert c.get(url(proxy.dicomweb_url, ds, "1"), headers=ANY).headers["x-cache"] == "HIT"
+        import time
+
+        deadline = time.monotonic() + 20
+        while (stats := c.get(f"{proxy.url}/admin/cache").json())["disk_entries"] < 4:  # writes are off-loop
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        assert stats["writable"] is True
+        r = c.post(f"{proxy.url}/admin/cache/purge", params={"study": native.StudyInstanceUID})
+        assert r.status_code == 200 and r.json()["removed"] >= 2
+        assert c.get(url(proxy.dicomweb_url, native, "1"), headers=ANY).headers["x-cache"] == "MISS"
+        assert c.get(url(proxy.dicomweb_url, jpeg, "1"), headers=ANY).headers["x-cache"] == "HIT"
+        assert c.post(f"{proxy.url}/admin/cache/purge", params={"study": "1.2.x"}).status_code == 400
+    cli = [sys.executable, "-m", "proxy.cli", "cache"]
+    out = subprocess.run([*cli, "stats", "--cache-dir", str(cache_dir)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["disk_entries"] >= 2
+    subprocess.run([*cli, "purge", "--cache-dir", str(cache_dir)], capture_output=True, text=True, check=True)
+    out = subprocess.run([*cli, "stats", "--cache-dir", str(cache_dir)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["disk_entries"] == 0
