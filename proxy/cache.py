@@ -230,9 +230,33 @@ class FrameCache:
             return
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
 
+    def get_json(self, key: str) -> bytes | None:
+        """A cached metadata document (short-lived; shared by all workers)."""
+        try:
+            blob = self.disk.get("json/" + key)
+        except Exception:
+            return None
+        return None if blob is None else _unpack(blob)
+
+    def put_json(self, key: str, body: bytes, study: str, ttl: float) -> None:
+        """Keep a metadata document for `ttl` seconds, until a store to its study (blocking)."""
+        if ttl <= 0 or not self.writable:
+            return
+        try:
+            self.disk.set("json/" + key, _pack(body), expire=ttl, tag=f"json:{study}")
+        except OSError:
+            self.writable = False
+
+    def forget_json(self, study: str) -> None:
+        """A store changed the study: its cached metadata is stale (blocking)."""
+        try:
+            self.disk.evict(f"json:{study}")
+        except Exception:
+            log.warning("could not drop cached metadata", exc_info=True)
+
     def purge(self, study: str | None = None) -> int:
         """Drop one study's entries (or everything) from every tier of every worker; how many went."""
-        removed = self.disk.evict(study) if study else self.disk.clear()
+        removed = (self.disk.evict(study) + self.disk.evict(f"json:{study}")) if study else self.disk.clear()
         self.disk.incr(GENERATION, default=0)
         self._generation = self._read_generation()
         self.memory.clear()

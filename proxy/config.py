@@ -78,6 +78,7 @@ class Settings:
     cache_dir: str | None = None  # the frame cache is on when this is set
     cache_size_bytes: int = 10 * 1024**3  # disk tier bound (least recently used entries go first)
     memory_cache_bytes: int = 256 * 1024**2  # in-process tier bound, per worker
+    metadata_cache_ttl: float = 30.0  # cached study/series/instance metadata lives this long (0: never cached)
     prefetch: bool = True  # series metadata requests fetch the series into the cache in the background
     prefetch_concurrency: int = 2  # series prefetched at once, per worker
     prefetch_ttl: float = 600.0  # a series is not prefetched again within this many seconds
@@ -164,7 +165,7 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ints = {"port", "workers", "max_json_bytes", "max_stow_bytes", "max_search_results", "cache_size_bytes",
             "memory_cache_bytes", "prefetch_concurrency"}
-    floats = {"health_interval", "locator_ttl", "search_cache_ttl", "prefetch_ttl"}
+    floats = {"health_interval", "locator_ttl", "search_cache_ttl", "prefetch_ttl", "metadata_cache_ttl"}
     for f in dataclasses.fields(Settings):
         value = environ.get(ENV_PREFIX + f.name.upper())
         if value is None or f.name == "archives":
@@ -245,7 +246,8 @@ def describe(s: Settings) -> str:
               "locator_ttl", "search_cache_ttl", "max_search_results"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
-              f"memory_bytes = {s.memory_cache_bytes}", f"prefetch = {json.dumps(s.prefetch)}",
+              f"memory_bytes = {s.memory_cache_bytes}",
+              f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"prefetch = {json.dumps(s.prefetch)}",
               f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",
               f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}"]
     for a in s.archives:

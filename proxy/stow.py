@@ -60,6 +60,8 @@ def _learn(ctx: Context, archive: str, study: str | None, body: bytes) -> None:
         studies.add(study)
     for uid in studies:
         ctx.locator.learn(uid, [archive])
+        if ctx.cache is not None:
+            ctx.cache.forget_json(uid)
     ctx.searches.clear()
     for single in ctx.single.values():
         single.searches.clear()

@@ -331,6 +331,22 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
     path = target.path() + "/metadata"
     if target.series and not target.instance:
         prefetch.schedule(ctx, target.study, target.series)  # the viewer asks for its frames next
+    cache, ttl = ctx.cache, ctx.settings.metadata_cache_ttl
+    fresh = "no-cache" in request.headers.get("cache-control", "").lower()
+    key = dicomweb_base(request, ctx.settings, ctx.root) + path
+    if cache is not None and ttl > 0 and not fresh:
+        cached = await asyncio.to_thread(cache.get_json, key)
+        if cached is not None:
+            return Response(cached, 200, media_type="application/dicom+json",
+                            headers={"Vary": "Accept", "X-Cache": "HIT"})
+    response = await _metadata(request, ctx, target, archives, path)
+    if cache is not None and ttl > 0 and response.status_code == 200 and "warning" not in response.headers:
+        await asyncio.to_thread(cache.put_json, key, bytes(response.body), target.study, ttl)
+        response.headers["X-Cache"] = "MISS"
+    return response
+
+
+async def _metadata(request: Request, ctx: Context, target: Target, archives: list[Archive], path: str) -> Response:
     if target.instance or len(archives) == 1:
         body = await _metadata_body(request, ctx, archives, path)
         if body is None:

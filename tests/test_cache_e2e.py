@@ -258,3 +258,30 @@ def test_purge_a_study_through_the_admin_endpoint_and_the_command(archive, data,
     subprocess.run([*cli, "purge", "--cache-dir", str(cache_dir)], capture_output=True, text=True, check=True)
     out = subprocess.run([*cli, "stats", "--cache-dir", str(cache_dir)], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["disk_entries"] == 0
+
+
+def test_metadata_is_cached_briefly_and_a_store_invalidates_it(archive, data, tmp_path):
+    """W-18: metadata changes as instances arrive; it is reused for a short TTL, bypassed by
+    `Cache-Control: no-cache`, and dropped by a store through the proxy."""
+    from proxy.demo.synth import Study, ct_series, to_part10
+
+    native, _ = data
+    study_url = lambda p: f"{p.dicomweb_url}/studies/{native.StudyInstanceUID}/metadata"  # noqa: E731
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
+            httpx.Client(trust_env=False, timeout=30) as c:
+        first = c.get(study_url(proxy))
+        second = c.get(study_url(proxy))
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+        assert second.content == first.content and len(second.json()) == 1
+        assert c.get(study_url(proxy), headers={"Cache-Control": "no-cache"}).headers.get("x-cache") == "MISS"
+        same = Study(Patient(str(native.PatientName), native.PatientID), study_uid=native.StudyInstanceUID)
+        extra = next(ct_series(same, 1, rows=16, cols=16))
+        boundary = "metaInvalidationBoundary"
+        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_part10(extra)
+                + f"\r\n--{boundary}--\r\n".encode())
+        r = c.post(f"{proxy.dicomweb_url}/studies", content=body, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        assert r.status_code == 200
+        after = c.get(study_url(proxy))
+        assert after.headers.get("x-cache") == "MISS", (after.status_code, after.headers, after.text[:300])
+        assert {m["00080018"]["Value"][0] for m in after.json()} == {native.SOPInstanceUID, extra.SOPInstanceUID}
