@@ -133,8 +133,9 @@ class Stack:
     """Orthanc (+ study), the proxy and nginx under `workdir`; use as a context manager."""
 
     def __init__(self, workdir: Path, slices: int = 200, workers: int = 2, proxy: bool = True,
-                 nginx: bool = True, proxy_rev: str | None = None) -> None:
+                 nginx: bool = True, proxy_rev: str | None = None, proxy_args: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.proxy_args = list(proxy_args or [])
         self.proxy_rev = proxy_rev
         self.slices = slices
         self.workers = workers
@@ -224,7 +225,8 @@ class Stack:
             subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
             env["PYTHONPATH"] = str(src)
         cmd = [sys.executable, "-m", "proxy.cli", "serve", "--upstream", f"bench={self.orthanc.dicomweb_url}",
-               "--host", "127.0.0.1", "--port", str(self.proxy_port), "--workers", str(self.workers)]
+               "--host", "127.0.0.1", "--port", str(self.proxy_port), "--workers", str(self.workers),
+               *self.proxy_args]
         self.proxy = spawn(self.stack, cmd, self.proxy_log, env, cwd=src)
         wait_http(f"http://127.0.0.1:{self.proxy_port}/healthz", self.proxy, "proxy", self.proxy_log)
 

@@ -178,12 +178,12 @@ def create_app(settings: Settings) -> Starlette:
         return Response(body, media_type=ctype)
 
     routes = [
+        Mount(DICOMWEB_ROOT, routes=dicomweb_routes()),  # first: it carries nearly all the traffic
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         Route("/admin/cache", cache_stats, methods=["GET"]),
         Route("/admin/cache/purge", cache_purge, methods=["POST"]),
-        Mount(DICOMWEB_ROOT, routes=dicomweb_routes()),
         Mount("/upstreams/{upstream}" + DICOMWEB_ROOT, routes=dicomweb_routes()),
     ]
     from starlette.exceptions import HTTPException

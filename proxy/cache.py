@@ -38,6 +38,7 @@ class Frame:
     payload: bytes
     media_type: str
     transfer_syntax: str
+    crc: int = -1  # CRC-32 of the payload when known (every cache hit knows it)
 
     @property
     def content_type(self) -> str:
@@ -47,7 +48,8 @@ class Frame:
     @property
     def etag(self) -> str:
         """A strong validator: the bytes' CRC-32 and length."""
-        return f'"{zlib.crc32(self.payload):08x}-{len(self.payload):x}"'
+        crc = self.crc if self.crc >= 0 else zlib.crc32(self.payload)
+        return f'"{crc:08x}-{len(self.payload):x}"'
 
 
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
@@ -139,22 +141,22 @@ class FrameCache:
                                     tag_index=True)
         self._generation = self._read_generation()
         self._checked = time.monotonic()
-        self.memory: OrderedDict[str, bytes] = OrderedDict()
+        self.memory: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # key → (payload, CRC-32)
         self.memory_limit = memory_limit
         self.memory_bytes = 0
         self.max_entry = max_entry
         self.writable = True
 
-    def _remember(self, key: str, payload: bytes) -> None:
+    def _remember(self, key: str, payload: bytes, crc: int | None = None) -> None:
         if len(payload) > self.memory_limit // 4:
             return
         old = self.memory.pop(key, None)
         if old is not None:
-            self.memory_bytes -= len(old)
-        self.memory[key] = payload
+            self.memory_bytes -= len(old[0])
+        self.memory[key] = (payload, zlib.crc32(payload) if crc is None else crc)
         self.memory_bytes += len(payload)
         while self.memory_bytes > self.memory_limit:
-            _, dropped = self.memory.popitem(last=False)
+            _, (dropped, _) = self.memory.popitem(last=False)
             self.memory_bytes -= len(dropped)
 
     def _read_generation(self) -> int:
@@ -175,13 +177,13 @@ class FrameCache:
             self.memory.clear()
             self.memory_bytes = 0
 
-    def _get(self, key: str) -> bytes | None:
+    def _get(self, key: str) -> tuple[bytes, int] | None:
         self._sync_purges()
-        payload = self.memory.get(key)
-        if payload is not None:
+        found = self.memory.get(key)
+        if found is not None:
             self.memory.move_to_end(key)
             metrics.child(metrics.CACHE_RESULTS, "memory", "hit").inc()
-            return payload
+            return found
         try:
             blob = self.disk.get(key)
         except Exception:  # an unreadable cache must not take the proxy down
@@ -197,8 +199,9 @@ class FrameCache:
             self.disk.delete(key)
             return None
         metrics.child(metrics.CACHE_RESULTS, "disk", "hit").inc()
-        self._remember(key, payload)
-        return payload
+        crc = _HEADER.unpack_from(blob)[2]
+        self._remember(key, payload, crc)
+        return payload, crc
 
     def get(self, sop: str, frame: int, media_type: str, transfer_syntax: str) -> Frame | None:
         """A cached frame in exactly this encoding, or (for `*`) in the encoding that is cached."""
@@ -206,9 +209,9 @@ class FrameCache:
             idx = self._get(index_key(sop, frame))
             if idx is None:
                 return None
-            media_type, _, transfer_syntax = idx.decode().partition(";")
-        payload = self._get(frame_key(sop, frame, media_type, transfer_syntax))
-        return None if payload is None else Frame(payload, media_type, transfer_syntax)
+            media_type, _, transfer_syntax = idx[0].decode().partition(";")
+        found = self._get(frame_key(sop, frame, media_type, transfer_syntax))
+        return None if found is None else Frame(found[0], media_type, transfer_syntax, found[1])
 
     def put(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes) -> bool:
         """Make a frame visible in this process at once; True if it should also go to disk."""

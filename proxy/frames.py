@@ -71,22 +71,32 @@ def _lookup(cache: FrameCache, target: Target, sel: Selection) -> dict[int, Fram
 
 
 def _from_cache(request: Request, target: Target, sel: Selection, hits: dict[int, Frame], base: str) -> Response:
+    """Answer from the cache: no archive I/O, no parsing, the cached bytes handed to the server as they are."""
     assert target.frames is not None
     frames = [hits[n] for n in target.frames]
-    etag = '"' + format(zlib.crc32("".join(f.etag for f in frames).encode()), "08x") + f'-{len(frames)}"'
-    headers = {"ETag": etag, "Vary": "Accept", "X-Cache": "HIT", CACHE_CONTROL[0]: CACHE_CONTROL[1]}
+    etag = frames[0].etag if len(frames) == 1 else (
+        '"' + format(zlib.crc32("".join(f.etag for f in frames).encode()), "08x") + f'-{len(frames)}"')
+    headers = [("ETag", etag), ("Vary", "Accept"), ("X-Cache", "HIT"), CACHE_CONTROL]
     if etag in request.headers.get("if-none-match", ""):
-        return Response(None, 304, headers=headers)
+        return Response(None, 304, headers=dict(headers))
     if not sel.multipart:
-        return Response(frames[0].payload, 200, headers={**headers, "Content-Type": frames[0].content_type})
-    rf = Reframer(sel, base)
-    chunks: list[bytes] = []
-    for n, f in zip(target.frames, frames, strict=True):
-        loc = base + Target(target.study, target.series, target.instance, (n,)).path()
-        chunks += [rf.writer.part(f.content_type, loc, len(f.payload)), f.payload]
-    chunks.append(rf.close())
-    ctype = rf.writer.content_type(parse_content_type(frames[0].content_type)[0])
-    return Response(b"".join(chunks), 200, headers={**headers, "Content-Type": ctype})
+        chunks = [frames[0].payload]
+        ctype = frames[0].content_type
+    else:
+        rf = Reframer(sel, base)
+        chunks = []
+        for n, f in zip(target.frames, frames, strict=True):
+            loc = base + Target(target.study, target.series, target.instance, (n,)).path()
+            chunks += [rf.writer.part(f.content_type, loc, len(f.payload)), f.payload]
+        chunks.append(rf.close())
+        ctype = rf.writer.content_type(parse_content_type(frames[0].content_type)[0])
+    headers += [("Content-Type", ctype), ("Content-Length", str(sum(len(c) for c in chunks)))]
+    return StreamResponse(200, headers, _chunks(chunks))  # each piece written as is: no join, no copy
+
+
+async def _chunks(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 async def frames(request: Request, ctx: Context, target: Target) -> Response:

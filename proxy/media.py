@@ -7,6 +7,7 @@ answers 406 when nothing fits, and sends the archive one explicit media range.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -194,6 +195,7 @@ def _select_inner(inner: str, r: MediaRange, resource: Resource) -> Selection | 
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def negotiate(accept: str | None, resource: Resource, single_item: bool = False) -> Selection:
     """Choose the representation for `resource` from an Accept header (None or empty: default).
 

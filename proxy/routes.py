@@ -152,7 +152,12 @@ FR = IN + "/frames/{frames}"
 def dicomweb_routes() -> list[Route]:
     """Every PS3.18 template the proxy serves, relative to the DICOMweb root."""
     get = ["GET"]
+    # Most frequent first: Starlette tries routes in order, and a viewer mostly asks for frames.
     routes = [
+        Route(FR, frames, methods=get),
+        Route(IN + "/metadata", metadata, methods=get),
+        Route(SE + "/metadata", metadata, methods=get),
+        Route(IN, retrieve, methods=get),
         Route("/studies", search, methods=get),
         Route("/series", search, methods=get),
         Route("/instances", search, methods=get),
@@ -161,7 +166,6 @@ def dicomweb_routes() -> list[Route]:
         Route(SE + "/instances", search, methods=get),
         Route("/studies", store, methods=["POST"]),
         Route(S, store, methods=["POST"]),
-        Route(FR, frames, methods=get),
         Route(FR + "/rendered", rendered, methods=get),
         Route(FR + "/thumbnail", thumbnail, methods=get),
         Route(IN + "/bulk/{tags:path}", bulk, methods=get),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from starlette.requests import Request
@@ -33,13 +34,24 @@ def external_base(request: Request, settings: Settings) -> str:
     if settings.public_url:
         return settings.public_url
     headers = request.headers
-    scheme = request.url.scheme
-    host = headers.get("host", "")
     client = request.client.host if request.client else None
-    if client is not None and client in settings.trusted_proxies:
-        fwd = _forwarded(headers["forwarded"]) if "forwarded" in headers else {}
-        xf_host = headers.get("x-forwarded-host", "").split(",")[0].strip()
-        xf_proto = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    trusted = client is not None and client in settings.trusted_proxies
+    server = request.scope.get("server")
+    return _base(request.url.scheme, headers.get("host", ""), tuple(server) if server else None,
+                 headers.get("forwarded") if trusted else None,
+                 headers.get("x-forwarded-host", "") if trusted else "",
+                 headers.get("x-forwarded-proto", "") if trusted else "",
+                 headers.get("x-forwarded-port", "") if trusted else "")
+
+
+@functools.lru_cache(maxsize=256)
+def _base(scheme: str, host: str, server: tuple[str, int] | None, forwarded: str | None, xf_host: str,
+          xf_proto: str, xf_port: str) -> str:
+    """The pure part of `external_base`, memoised: clients send the same few headers again and again."""
+    if forwarded is not None or xf_host or xf_proto:
+        fwd = _forwarded(forwarded) if forwarded else {}
+        xf_host = xf_host.split(",")[0].strip()
+        xf_proto = xf_proto.split(",")[0].strip().lower()
         if fwd.get("proto", "").lower() in _PROTO:
             scheme = fwd["proto"].lower()
         elif xf_proto in _PROTO:
@@ -47,11 +59,9 @@ def external_base(request: Request, settings: Settings) -> str:
         if _HOST.match(fwd.get("host", "")):
             return f"{scheme}://{fwd['host']}"
         if _HOST.match(xf_host):
-            port = headers.get("x-forwarded-port", "")
-            if port.isdigit() and ":" not in xf_host.rsplit("]", 1)[-1]:
-                xf_host = f"{xf_host}:{port}"
+            if xf_port.isdigit() and ":" not in xf_host.rsplit("]", 1)[-1]:
+                xf_host = f"{xf_host}:{xf_port}"
             return f"{scheme}://{xf_host}"
-    server = request.scope.get("server")
     if not _HOST.match(host):
         if server is None:
             return f"{scheme}://localhost"

@@ -1,0 +1,93 @@
+"""Cached frames: the proxy serving hits, against Orthanc direct and nginx serving the same bytes (issue 4).
+
+    python benchmarks/cache.py [--duration 5] [--repeat 3] [--concurrency 1,32] [--workers 2]
+
+One run: a fresh Orthanc with a CT study, the proxy with `--cache-dir` in front of it, nginx serving
+the exact frame body Orthanc sends as a static file. The frame is read once through the proxy (a miss
+that fills the cache), then wrk measures the three servers on the same frame URL, interleaved.
+Targets: cached single-frame throughput >= 0.5x nginx and >= 5x Orthanc direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from run import wrk  # noqa: E402
+from stack import WORK, Stack, on_sigterm, replace_section, versions  # noqa: E402
+
+SERVERS = ("orthanc", "proxy", "nginx")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--concurrency", default="1,32")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    args = ap.parse_args(argv)
+    on_sigterm()
+    work = WORK / "cache"
+    concs = [int(c) for c in args.concurrency.split(",")]
+    runs: dict[tuple[str, int], list[dict]] = {}
+    with Stack(work, slices=20, workers=args.workers,
+               proxy_args=["--cache-dir", str(work / "frame-cache")]) as st:
+        accept = st.targets["frame"].accept
+        warm = httpx.get(st.url("proxy", "frame"), headers={"Accept": accept}, trust_env=False, timeout=60)
+        assert warm.status_code == 200, warm.text[:200]
+        hit = httpx.get(st.url("proxy", "frame"), headers={"Accept": accept}, trust_env=False, timeout=60)
+        assert hit.headers.get("x-cache") == "HIT", dict(hit.headers)
+        pg = frozenset(st.pgids())
+        for server in SERVERS:
+            wrk(st.url(server, "frame"), accept, 1, 1, pg)  # warm-up, not recorded
+        for conc in concs:
+            for _ in range(args.repeat):
+                for server in SERVERS:
+                    r = wrk(st.url(server, "frame"), accept, conc, args.duration, pg)
+                    runs.setdefault((server, conc), []).append(r)
+                    print(f"c={conc:<3} {server:7} {r['requests'] / r['duration_us'] * 1e6:9.1f} req/s", flush=True)
+        size = st.body_sizes["frame"]
+
+    def rps(server: str, conc: int) -> float:
+        return statistics.median(r["requests"] / r["duration_us"] * 1e6 for r in runs[(server, conc)])
+
+    def p50(server: str, conc: int) -> float:
+        return statistics.median(r["p50_us"] for r in runs[(server, conc)]) / 1000
+
+    lines = [
+        f"Command: `python benchmarks/cache.py {' '.join(argv if argv is not None else sys.argv[1:])}`<br>",
+        f"Date: {datetime.now(UTC).isoformat(timespec='seconds')}<br>",
+        "Software: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        "",
+        f"One 512x512 CT frame ({size:,} B body, `transfer-syntax=*`), the proxy with `--cache-dir` and "
+        f"`--workers {args.workers}` after one miss filled the cache; `wrk -t min(c,2) -c c -d {args.duration}s`, "
+        f"{args.repeat} runs per cell, servers interleaved, medians.",
+        "",
+        "| c | server | req/s | p50 ms |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {c} | {s} | {rps(s, c):,.0f} | {p50(s, c):.2f} |" for c in concs for s in SERVERS]
+    lines += ["", "| metric | value | target | result |", "|---|---|---|---|"]
+    for c in concs:
+        vs_nginx, vs_direct = rps("proxy", c) / rps("nginx", c), rps("proxy", c) / rps("orthanc", c)
+        lines.append(f"| cached / nginx, c={c} | {vs_nginx:.2f} | ≥ 0.5 | "
+                     f"**{'PASS' if vs_nginx >= 0.5 else 'FAIL'}** |")
+        lines.append(f"| cached / Orthanc direct, c={c} | {vs_direct:.1f} | ≥ 5 | "
+                     f"**{'PASS' if vs_direct >= 5 else 'FAIL'}** |")
+    body = "\n".join(lines) + "\n"
+    replace_section(args.out, "## Cached single frame (issue 4)", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
