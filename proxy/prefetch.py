@@ -71,7 +71,7 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
                 if head is None:
                     return
                 async for _ in reframer.parts(events, await label(events, head, sel)):
-                    await asyncio.sleep(0)  # client requests first
+                    pass  # the tee learns each instance as it completes; the event loop serves clients between reads
         except (Problem, UpstreamError, MultipartError, Exception) as exc:  # a prefetch never hurts anyone
             outcome = "failed"
             log.info("prefetch failed: %s", type(exc).__name__)
