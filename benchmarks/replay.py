@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"One viewer: study search, series search, series metadata, then frame 1 of each of the {len(sops)} "
         "CT slices in InstanceNumber order (512x512, `transfer-syntax=*`) with 6 in flight "
-        "(`curl --parallel-max 6`). Viewers one after the other; seconds per viewer; each mode starts cold (fresh cache; Orthanc's own caches "
-        "are warm after the first mode).",
+        "(`curl --parallel-max 6`). Viewers one after the other; seconds per viewer; each mode starts cold "
+        "(fresh cache; Orthanc's own caches are warm after the first mode).",
         "",
         "| mode | " + " | ".join(f"viewer {i + 1}" for i in range(args.viewers)) + " |",
         "|---|" + "---|" * args.viewers,
