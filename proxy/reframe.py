@@ -104,7 +104,10 @@ async def label(events: PartEvents, headers: PartHeaders, sel: Selection,
             held.append(ev)
             if isinstance(ev, PartEnd | PartHeaders):
                 break
-            head += bytes(ev[: part10.MAX_META - len(head)])
+            small = bytes(ev[:4096])  # the File Meta is small: look at the start of the piece first
+            if len(ev) > len(small) and part10.file_meta(head + small) == part10.NEED_MORE:
+                small = bytes(ev[: part10.MAX_META - len(head)])  # rare: a long File Meta
+            head += small
     if not mtype:
         mtype = sel.media_type
     if ts is None and sel.transfer_syntax not in (None, ANY_TS):

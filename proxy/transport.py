@@ -22,8 +22,9 @@ from typing import Any
 
 BUFFER_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
-HIGH_WATER = 4 * 1024 * 1024  # received but not yet consumed: stop reading from the archive above this
-LOW_WATER = 1024 * 1024
+HIGH_WATER = 1024 * 1024  # received but not yet consumed: stop reading from the archive above this
+LOW_WATER = 256 * 1024
+MAX_SPARES = 16  # receive buffers kept for reuse (enough for HIGH_WATER plus what is being written)
 _EMPTY = bytearray()
 _UNREFERENCED = 2  # sys.getrefcount of a spare nobody else holds: the list and the call's argument
 
@@ -103,7 +104,7 @@ class _Protocol(asyncio.BufferedProtocol):
                 break
         else:
             self._buf = bytearray(BUFFER_SIZE)
-            if len(self._spare) > 8:
+            if len(self._spare) > MAX_SPARES:
                 del self._spare[0]
         self._used = 0
 
