@@ -38,8 +38,10 @@ def _run_demo(extra):
     return proc, out, base
 
 
-@pytest.mark.parametrize("mode", ["orthanc", "sample"])
-def test_demo_serves_what_it_prints(mode):
+@pytest.mark.parametrize("mode,stop", [("orthanc", signal.SIGINT), ("sample", signal.SIGINT),
+                                       ("orthanc", signal.SIGTERM)])
+def test_demo_serves_what_it_prints(mode, stop):
+    """The demo works, and Ctrl-C or SIGTERM stops everything it started (no orphaned archives)."""
     if mode == "orthanc" and find_orthanc() is None:
         missing("Orthanc with the DICOMweb plugin is not installed")
     proc, out, base = _run_demo(["--sample-archives"] if mode == "sample" else [])
@@ -57,7 +59,7 @@ def test_demo_serves_what_it_prints(mode):
         study, series = re.search(r"retrieve_series\('([0-9.]+)', '([0-9.]+)'\)", out).groups()
         assert len(DICOMwebClient(base).retrieve_series(study, series)) == 5
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

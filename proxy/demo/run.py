@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -73,8 +75,11 @@ Press Ctrl-C to stop.
 """, flush=True)
         config = uvicorn.Config(create_app(settings), host=host, port=port, access_log=False, log_level="warning",
                                 loop="uvloop", http="httptools")
+        # uvicorn handles Ctrl-C and SIGTERM, then re-raises them once it has stopped; turn both into
+        # exceptions so that the archives it started are stopped below, not orphaned.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             uvicorn.Server(config).run()
-        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; the archives stop below
+        except (KeyboardInterrupt, SystemExit):
             pass
     return 0
