@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import struct
 import time
 import zlib
@@ -29,6 +30,7 @@ log = logging.getLogger("dicomweb_edge.cache")
 _HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32
 _MAGIC = b"DWE1"
 GENERATION = "purge-generation"
+DISK_ERRORS = (OSError, sqlite3.Error)  # ENOSPC arrives as either, depending on where it hits
 
 
 @dataclass(frozen=True)
@@ -227,8 +229,9 @@ class FrameCache:
         try:
             self.disk.set(frame_key(sop, frame, media_type, transfer_syntax), _pack(payload), tag=study)
             self.disk.set(index_key(sop, frame), _pack(f"{media_type};{transfer_syntax}".encode()), tag=study)
-        except OSError:
+        except DISK_ERRORS:
             self.writable = False  # disk full or gone: keep serving, stop writing
+            metrics.child(metrics.CACHE_RESULTS, "disk", "write-failed").inc()
             log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
             return
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
@@ -247,7 +250,7 @@ class FrameCache:
             return
         try:
             self.disk.set("json/" + key, _pack(body), expire=ttl, tag=f"json:{study}")
-        except OSError:
+        except DISK_ERRORS:
             self.writable = False
 
     def forget_json(self, study: str) -> None:

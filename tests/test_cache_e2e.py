@@ -285,3 +285,34 @@ def test_metadata_is_cached_briefly_and_a_store_invalidates_it(archive, data, tm
         after = c.get(study_url(proxy))
         assert after.headers.get("x-cache") == "MISS", (after.status_code, after.headers, after.text[:300])
         assert {m["00080018"]["Value"][0] for m in after.json()} == {native.SOPInstanceUID, extra.SOPInstanceUID}
+
+
+def test_a_full_disk_turns_cache_writes_off_not_the_proxy(archive, data, tmp_path):
+    """A cache directory that fills up (a real ENOSPC, on a tiny tmpfs) makes the cache read-only; every
+    request is still answered with the right bytes."""
+    import os
+    import subprocess
+    import time
+
+    if os.geteuid() != 0:
+        missing("mounting a small tmpfs needs root")
+    native, _ = data
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(small)], check=True)
+    try:
+        with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / "p", ["--cache-dir", str(small / "c")]) as proxy, \
+                httpx.Client(trust_env=False, timeout=30) as c:
+            for n in range(1, 7):  # 6 frames of 128 KB: more than the disk holds
+                r = c.get(url(proxy.dicomweb_url, native, str(n)), headers=ANY)
+                assert r.status_code == 200 and payloads(r) == [native_frame(native, n)]
+            deadline = time.monotonic() + 20
+            while c.get(f"{proxy.url}/admin/cache").json()["writable"]:  # the writes happen off-loop
+                assert time.monotonic() < deadline, "the disk never filled up"
+                time.sleep(0.05)
+            for n in range(6, 0, -1):
+                r = c.get(url(proxy.dicomweb_url, native, str(n)), headers=ANY)
+                assert r.status_code == 200 and payloads(r) == [native_frame(native, n)]
+            assert c.get(f"{proxy.url}/healthz").status_code == 200
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
