@@ -190,8 +190,18 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
     if len(ctx.archives) > 1:
         return await federated_search(request, ctx, path, q)
     archive = ctx.archives[0]
+    query = translate(q, archive.profile)
+    base = dicomweb_base(request, ctx.settings, ctx.root)
+    # With the cache on, a single archive's answers are reused briefly too (cleared by any store).
+    key = (base, path, query) if ctx.cache is not None else None
+    no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
+    cached = ctx.searches.get(key) if key is not None and not no_cache else None
+    if cached is not None:
+        response = _answer(*cached)
+        response.headers["X-Cache"] = "HIT"
+        return response
     resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "qido",
-                                      query=translate(q, archive.profile), archives=[archive])
+                                      query=query, archives=[archive])
     async with stack:
         if resp.status not in (200, 204, 206):
             raise upstream_problem(resp, None)
@@ -201,10 +211,14 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
             raise Problem(exc.status, exc.reason) from None
         warnings = [*resp.headers.getall("Warning", []), *warnings_for(q, archive)]
     if is_empty(body):
-        return _answer(None, warnings)
-    if not body.lstrip().startswith(b"["):
+        answer: bytes | None = None
+    elif not body.lstrip().startswith(b"["):
         raise Problem(502, f"archive '{archive.name}' sent a search result that is not a JSON array")
-    return _answer(archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root)), warnings)
+    else:
+        answer = archive.rewriter.rewrite_json(body, base)
+    if key is not None:
+        ctx.searches.put(key, (answer, warnings))
+    return _answer(answer, warnings)
 
 
 LEVELS = {"studies": "study", "series": "series", "instances": "instance"}

@@ -316,3 +316,27 @@ def test_a_full_disk_turns_cache_writes_off_not_the_proxy(archive, data, tmp_pat
             assert c.get(f"{proxy.url}/healthz").status_code == 200
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_search_results_are_reused_briefly_and_a_store_clears_them(archive, data, tmp_path):
+    """With the cache on, a single archive's search answers are reused for a short time, bypassed by
+    `Cache-Control: no-cache` and dropped by a store through the proxy."""
+    from proxy.demo.synth import Patient, Study, ct_series, to_part10
+
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
+            httpx.Client(trust_env=False, timeout=30) as c:
+        search = f"{proxy.dicomweb_url}/studies?PatientName=CACHE*"
+        first, second = c.get(search), c.get(search)
+        assert "x-cache" not in first.headers and second.headers["x-cache"] == "HIT"
+        assert second.content == first.content
+        assert "x-cache" not in c.get(search, headers={"Cache-Control": "no-cache"}).headers
+        new = next(ct_series(Study(Patient("CACHE^NEW", "PIDC9")), 1, rows=16, cols=16))
+        boundary = "searchInvalidation"
+        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_part10(new)
+                + f"\r\n--{boundary}--\r\n".encode())
+        r = c.post(f"{proxy.dicomweb_url}/studies", content=body, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        assert r.status_code == 200
+        after = c.get(search)
+        assert "x-cache" not in after.headers
+        assert new.StudyInstanceUID in {s["0020000D"]["Value"][0] for s in after.json()}
