@@ -42,6 +42,17 @@ def payloads(r):
     return [body for _, body in split_multipart(r.content, r.headers["content-type"])[1]]
 
 
+def stow(client, proxy, ds):
+    """Store one dataset through the proxy (STOW-RS); returns the response."""
+    from proxy.demo.synth import to_part10
+
+    boundary = "cacheTestBoundary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_part10(ds)
+            + f"\r\n--{boundary}--\r\n".encode())
+    return client.post(f"{proxy.dicomweb_url}/studies", content=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+
+
 def upstream_frame_requests(proxy):
     text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
@@ -263,7 +274,7 @@ def test_purge_a_study_through_the_admin_endpoint_and_the_command(archive, data,
 def test_metadata_is_cached_briefly_and_a_store_invalidates_it(archive, data, tmp_path):
     """W-18: metadata changes as instances arrive; it is reused for a short TTL, bypassed by
     `Cache-Control: no-cache`, and dropped by a store through the proxy."""
-    from proxy.demo.synth import Study, ct_series, to_part10
+    from proxy.demo.synth import Study, ct_series
 
     native, _ = data
     study_url = lambda p: f"{p.dicomweb_url}/studies/{native.StudyInstanceUID}/metadata"  # noqa: E731
@@ -276,12 +287,7 @@ def test_metadata_is_cached_briefly_and_a_store_invalidates_it(archive, data, tm
         assert c.get(study_url(proxy), headers={"Cache-Control": "no-cache"}).headers.get("x-cache") == "MISS"
         same = Study(Patient(str(native.PatientName), native.PatientID), study_uid=native.StudyInstanceUID)
         extra = next(ct_series(same, 1, rows=16, cols=16))
-        boundary = "metaInvalidationBoundary"
-        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_part10(extra)
-                + f"\r\n--{boundary}--\r\n".encode())
-        r = c.post(f"{proxy.dicomweb_url}/studies", content=body, headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-        assert r.status_code == 200
+        assert stow(c, proxy, extra).status_code == 200
         after = c.get(study_url(proxy))
         assert after.headers.get("x-cache") == "MISS", (after.status_code, after.headers, after.text[:300])
         assert {m["00080018"]["Value"][0] for m in after.json()} == {native.SOPInstanceUID, extra.SOPInstanceUID}
@@ -321,7 +327,7 @@ def test_a_full_disk_turns_cache_writes_off_not_the_proxy(archive, data, tmp_pat
 def test_search_results_are_reused_briefly_and_a_store_clears_them(archive, data, tmp_path):
     """With the cache on, a single archive's search answers are reused for a short time, bypassed by
     `Cache-Control: no-cache` and dropped by a store through the proxy."""
-    from proxy.demo.synth import Patient, Study, ct_series, to_part10
+    from proxy.demo.synth import Patient, Study, ct_series
 
     with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
             httpx.Client(trust_env=False, timeout=30) as c:
@@ -331,12 +337,7 @@ def test_search_results_are_reused_briefly_and_a_store_clears_them(archive, data
         assert second.content == first.content
         assert "x-cache" not in c.get(search, headers={"Cache-Control": "no-cache"}).headers
         new = next(ct_series(Study(Patient("CACHE^NEW", "PIDC9")), 1, rows=16, cols=16))
-        boundary = "searchInvalidation"
-        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_part10(new)
-                + f"\r\n--{boundary}--\r\n".encode())
-        r = c.post(f"{proxy.dicomweb_url}/studies", content=body, headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-        assert r.status_code == 200
+        assert stow(c, proxy, new).status_code == 200
         after = c.get(search)
         assert "x-cache" not in after.headers
         assert new.StudyInstanceUID in {s["0020000D"]["Value"][0] for s in after.json()}
