@@ -186,6 +186,10 @@ def create_app(settings: Settings) -> Starlette:
         Route("/admin/cache/purge", cache_purge, methods=["POST"]),
         Mount("/upstreams/{upstream}" + DICOMWEB_ROOT, routes=dicomweb_routes()),
     ]
+    if settings.viewer_dir:
+        from .viewer import viewer_routes
+
+        routes += viewer_routes(settings.viewer_dir, settings)  # last: its fallback never shadows the proxy
     from starlette.exceptions import HTTPException
 
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -38,11 +38,22 @@ def _load(server: object, datasets: list) -> None:
         server.archive.extend(datasets)
 
 
-def run_demo(port: int = 8080, force_sample: bool = False, ct_slices: int = 40, host: str = "127.0.0.1") -> int:
-    """Start everything, print how to try it, serve until Ctrl-C; returns the exit code."""
+def run_demo(port: int = 8080, force_sample: bool = False, ct_slices: int = 40, host: str = "127.0.0.1",
+             viewer: str | None = None) -> int:
+    """Start everything, print how to try it, serve until Ctrl-C; returns the exit code.
+
+    `viewer`: a built OHIF dist/ to serve at / ("" for the one scripts/fetch-ohif.sh fetched).
+    """
     import uvicorn
 
     from ..app import create_app
+    from ..viewer import ViewerError, check_viewer_dir, fetched_viewer_dir
+
+    try:
+        viewer_dir = None if viewer is None else str(check_viewer_dir(viewer or fetched_viewer_dir()))
+    except ViewerError as exc:
+        print(f"dicomweb-edge demo: {exc}", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     workdir = Path(tempfile.mkdtemp(prefix="dicomweb-edge-demo-"))
@@ -52,17 +63,18 @@ def run_demo(port: int = 8080, force_sample: bool = False, ct_slices: int = 40, 
         data = demo_set(ct_slices)
         _load(servers[0], data.archive_a)
         _load(servers[1], data.archive_b)
-        settings = Settings(host=host, port=port, archives=[
+        settings = Settings(host=host, port=port, viewer_dir=viewer_dir, archives=[
             ArchiveConfig("a", servers[0].dicomweb_url), ArchiveConfig("b", servers[1].dicomweb_url)])
         validate(settings)
         base = f"http://{host}:{port}/dicomweb"
         u = data.uids
+        viewer_line = f"\n  viewer (OHIF): http://{host}:{port}/" if viewer_dir else ""
         print(f"""
 dicomweb-edge demo
   archives ({kind}):
     a  {servers[0].dicomweb_url}   {len(data.archive_a)} instances: CT ({ct_slices} slices), JPEG slide, split study
     b  {servers[1].dicomweb_url}   {len(data.archive_b)} instances: multi-frame, non-Latin patient, split study
-  proxy: {base}
+  proxy: {base}{viewer_line}
 
 Try:
   curl -s '{base}/studies?PatientName=DOE*' | python3 -m json.tool | head -40

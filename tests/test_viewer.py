@@ -1,0 +1,142 @@
+"""Serving a built viewer at / (proxy/viewer.py): files, the SPA fallback, app-config.js, and the proxy's
+own paths, which the viewer never shadows. A small dist/ of our own here; the real OHIF build is
+exercised in Chromium by test_viewer_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+from support import ProxyProcess
+
+from proxy.app import create_app
+from proxy.config import ArchiveConfig, ConfigError, Settings, load
+
+INDEX = "<!doctype html><html><head><script src=\"/app-config.js\"></script></head><body>viewer</body></html>"
+
+
+@pytest.fixture
+def dist(tmp_path):
+    d = tmp_path / "dist"
+    (d / "assets").mkdir(parents=True)
+    (d / "index.html").write_text(INDEX)
+    (d / "app.bundle.js").write_text("console.log('app');")
+    (d / "ort").mkdir()
+    (d / "ort" / "ort-wasm.wasm").write_bytes(b"\0asm\1\0\0\0")
+    (d / "assets" / "font.woff2").write_bytes(b"wOF2")
+    (d / "app-config.js").write_text("window.config = {dataSources: [{qidoRoot: 'https://elsewhere'}]};")
+    (tmp_path / "secret.txt").write_text("outside the viewer")
+    return d
+
+
+def _client(dist, **settings) -> TestClient:
+    s = Settings(archives=[ArchiveConfig("a", "http://127.0.0.1:9/dicom-web")], health_interval=0,
+                 viewer_dir=str(dist), **settings)
+    return TestClient(create_app(s), base_url="http://127.0.0.1:8080")
+
+
+def config_of(body: str) -> dict:
+    """The object `app-config.js` assigns to window.config (it is written as JSON)."""
+    match = re.fullmatch(r"window\.config = (.*);\s*", body, re.S)
+    assert match, body[:200]
+    return json.loads(match.group(1))
+
+
+def source(config: dict) -> dict:
+    [ds] = config["dataSources"]
+    assert ds["namespace"] == "@ohif/extension-default.dataSourcesModule.dicomweb"
+    assert config["defaultDataSourceName"] == ds["sourceName"]
+    return ds["configuration"]
+
+
+def test_files_are_served_with_their_media_types(dist):
+    with _client(dist) as c:
+        r = c.get("/")
+        assert r.status_code == 200 and r.text == INDEX
+        assert r.headers["content-type"] == "text/html; charset=utf-8"
+        assert r.headers["cross-origin-embedder-policy"] == "require-corp"
+        r = c.get("/app.bundle.js")
+        assert r.headers["content-type"] == "text/javascript; charset=utf-8" and r.text == "console.log('app');"
+        assert r.headers["cross-origin-embedder-policy"] == "require-corp"  # workers need it on their script
+        assert c.get("/ort/ort-wasm.wasm").headers["content-type"] == "application/wasm"
+        assert c.get("/assets/font.woff2").headers["content-type"] == "font/woff2"
+        assert c.head("/app.bundle.js").status_code == 200
+
+
+def test_client_side_routes_fall_back_to_index_but_missing_files_are_404(dist):
+    with _client(dist) as c:
+        for path in ("/viewer?StudyInstanceUIDs=1.2.3", "/viewer/dicomweb", "/segmentation", "/local"):
+            r = c.get(path)
+            assert r.status_code == 200 and r.text == INDEX, path
+        r = c.get("/1234.bundle.deadbeef.js")
+        assert r.status_code == 404 and "viewer" not in r.text
+        assert c.get("/%2e%2e/secret.txt").status_code == 404
+        assert c.get("/..%2fsecret.txt").status_code == 404
+
+
+def test_app_config_points_the_viewer_at_the_proxy(dist):
+    with _client(dist, trusted_proxies=["testclient"]) as c:  # the test client's address
+        r = c.get("/app-config.js")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
+        conf = source(config_of(r.text))
+        assert conf["qidoRoot"] == conf["wadoRoot"] == conf["wadoUriRoot"] == "http://127.0.0.1:8080/dicomweb"
+        assert conf["imageRendering"] == "wadors"
+        assert "elsewhere" not in r.text  # the dist's own app-config.js is replaced, not served
+        # The base the client used (Host), and a trusted hop's X-Forwarded-*.
+        conf = source(config_of(c.get("/app-config.js", headers={"Host": "viewer.test:9000"}).text))
+        assert conf["qidoRoot"] == "http://viewer.test:9000/dicomweb"
+        conf = source(config_of(c.get("/app-config.js", headers={"X-Forwarded-Host": "imaging.example.org",
+                                                                 "X-Forwarded-Proto": "https"}).text))
+        assert conf["wadoRoot"] == "https://imaging.example.org/dicomweb"
+    with _client(dist, public_url="https://pacs.example.org") as c:
+        assert source(config_of(c.get("/app-config.js").text))["qidoRoot"] == "https://pacs.example.org/dicomweb"
+
+
+def test_the_viewer_never_shadows_the_proxy(dist):
+    with _client(dist) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/metrics").headers["content-type"].startswith("text/plain")
+        for path in ("/dicomweb/nope", "/dicomweb/studies/1.2/nope", "/upstreams/a/dicomweb/nope",
+                     "/admin/nope", "/metrics/x"):
+            r = c.get(path)
+            assert r.status_code == 404 and r.headers["content-type"].startswith("application/"), path
+            assert "viewer" not in r.text, path
+        assert c.get("/dicomweb/studies/1.2.3/series/x/metadata").status_code == 400  # still the proxy's route
+        assert c.post("/admin/cache").status_code == 405
+        assert c.post("/").status_code == 405
+
+
+def test_without_a_viewer_nothing_is_served_at_root(dist):
+    s = Settings(archives=[ArchiveConfig("a", "http://127.0.0.1:9/dicom-web")], health_interval=0)
+    with TestClient(create_app(s)) as c:
+        assert c.get("/").status_code == 404
+        assert c.get("/app-config.js").status_code == 404
+
+
+def test_viewer_setting_in_file_env_and_flag(dist, tmp_path):
+    f = tmp_path / "edge.toml"
+    f.write_text(f"[viewer]\ndir = {json.dumps(str(dist))}\n\n[[archives]]\nname = 'a'\nurl = 'http://127.0.0.1:9/x'\n")
+    assert load(f, environ={}).viewer_dir == str(dist)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "index.html").write_text(INDEX)
+    assert load(f, environ={"DICOMWEB_EDGE_VIEWER_DIR": str(other)}).viewer_dir == str(other)
+    with pytest.raises(ConfigError, match="no index.html"):
+        load(f, {"viewer_dir": str(tmp_path)}, environ={})
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(f)], capture_output=True, text=True)
+    assert out.returncode == 0 and f"[viewer]\ndir = {json.dumps(str(dist))}" in out.stdout
+
+
+def test_serve_viewer_flag(dist, tmp_path):
+    with ProxyProcess({"a": "http://127.0.0.1:9/dicom-web"}, tmp_path / "p", ["--viewer", str(dist)]) as proxy:
+        with httpx.Client(base_url=proxy.url, trust_env=False) as c:
+            assert c.get("/viewer").text == INDEX
+            assert source(config_of(c.get("/app-config.js").text))["qidoRoot"] == proxy.dicomweb_url
+    bad = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--upstream", "a=http://127.0.0.1:9/x",
+                          "--viewer", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "no index.html" in bad.stderr
