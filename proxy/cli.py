@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, Settings, describe, load, load_file, parse_upstream_flag
+
+if TYPE_CHECKING:
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -17,18 +24,42 @@ def _settings(args: argparse.Namespace) -> Settings:
         "host": args.host,
         "port": args.port,
         "workers": args.workers,
+        "shutdown_grace": args.shutdown_grace,
         "cache_dir": args.cache_dir,
         "public_url": args.public_url,
         "log_level": args.log_level,
-        "viewer_dir": args.viewer,
     }
     if args.upstream:
         overrides["archives"] = [parse_upstream_flag(u) for u in args.upstream]
     return load(args.config, overrides)
 
 
+def _supervisor(config: uvicorn.Config, sock: socket.socket) -> Multiprocess:
+    """uvicorn's worker supervisor, except that SIGTERM also closes its copy of the listening socket.
+
+    The workers close theirs when they start draining; without this the parent's copy would keep the
+    port open and new connections would wait in the backlog, unanswered, until the drain ends.
+    """
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def terminate_all(self) -> None:
+            for s in self.sockets:
+                s.close()
+            super().terminate_all()
+
+    if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.52
+        return Supervisor(config, target=uvicorn.Server(config).run, sockets=[sock])
+    return Supervisor(config, sockets=[sock])
+
+
 def serve(settings: Settings) -> None:
-    """Run uvicorn with `settings` (one process, or `workers` processes sharing the socket)."""
+    """Run uvicorn with `settings` (one process, or `workers` processes sharing the socket).
+
+    SIGTERM stops accepting connections at once, lets in-flight responses finish for up to
+    `shutdown_grace` seconds, cuts what is left, and exits.
+    """
     import uvicorn
 
     from .app import SETTINGS_ENV
@@ -38,9 +69,16 @@ def serve(settings: Settings) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dicomweb-edge-metrics-")
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run("proxy.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, access_log=False, log_level=settings.log_level.lower(),
-                loop="uvloop", http="httptools", timeout_graceful_shutdown=30)
+    config = uvicorn.Config("proxy.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+                            workers=settings.workers, access_log=False, log_level=settings.log_level.lower(),
+                            loop="uvloop", http="httptools", timeout_graceful_shutdown=settings.shutdown_grace)
+    if settings.workers > 1:
+        _supervisor(config, config.bind_socket()).run()
+    else:
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            sys.exit(3)  # like uvicorn.run: the port could not be bound or the app did not start
 
 
 def cache_command(args: argparse.Namespace) -> int:
@@ -77,18 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--workers", type=int)
+    p.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight responses may take to finish (default 30)")
     p.add_argument("--cache-dir")
     p.add_argument("--public-url", help="external base URL used in rewritten URLs")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--viewer", metavar="DIR", help="serve this built OHIF dist/ at / (./scripts/fetch-ohif.sh)")
 
     d = sub.add_parser("demo", help="two sample archives with generated studies, and the proxy in front")
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--sample-archives", action="store_true",
                    help="use the built-in sample archives even when Orthanc is installed")
     d.add_argument("--ct-slices", type=int, default=40)
-    d.add_argument("--viewer", nargs="?", const="", metavar="DIR",
-                   help="serve the OHIF viewer at / (DIR, or the one ./scripts/fetch-ohif.sh fetched)")
 
     c = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     c.add_argument("file")
@@ -110,8 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo.run import run_demo
 
-            return run_demo(port=args.port, force_sample=args.sample_archives, ct_slices=args.ct_slices,
-                            viewer=args.viewer)
+            return run_demo(port=args.port, force_sample=args.sample_archives, ct_slices=args.ct_slices)
     except ConfigError as exc:
         print(f"dicomweb-edge: configuration error: {exc}", file=sys.stderr)
         return 2

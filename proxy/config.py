@@ -73,6 +73,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    shutdown_grace: float = 30.0  # on SIGTERM, seconds in-flight responses get to finish before they are cut
     public_url: str | None = None
     trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
     cache_dir: str | None = None  # the frame cache is on when this is set
@@ -89,7 +90,6 @@ class Settings:
     locator_ttl: float = 3600.0  # how long the proxy trusts what it learned about where a study is
     search_cache_ttl: float = 30.0  # how long a merged federated search result is reused for paging
     max_search_results: int = 10000  # per archive, for one federated search
-    viewer_dir: str | None = None  # a built OHIF dist/ served at / (the viewer is off when unset)
     archives: list[ArchiveConfig] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -142,7 +142,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, keys in (("server", None), ("cache", {"dir": "cache_dir", "size_bytes": "cache_size_bytes",
                                                          "memory_bytes": "memory_cache_bytes"}), ("limits", None),
-                          ("federation", None), ("viewer", {"dir": "viewer_dir"})):
+                          ("federation", None)):
         table = doc.pop(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
@@ -166,7 +166,8 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ints = {"port", "workers", "max_json_bytes", "max_stow_bytes", "max_search_results", "cache_size_bytes",
             "memory_cache_bytes", "prefetch_concurrency"}
-    floats = {"health_interval", "locator_ttl", "search_cache_ttl", "prefetch_ttl", "metadata_cache_ttl"}
+    floats = {"shutdown_grace", "health_interval", "locator_ttl", "search_cache_ttl", "prefetch_ttl",
+              "metadata_cache_ttl"}
     for f in dataclasses.fields(Settings):
         value = environ.get(ENV_PREFIX + f.name.upper())
         if value is None or f.name == "archives":
@@ -210,14 +211,13 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"port {s.port} is out of range")
     if s.workers < 1:
         raise ConfigError("workers must be at least 1")
+    if not 0 <= s.shutdown_grace <= 3600:
+        raise ConfigError(f"shutdown_grace {s.shutdown_grace} must be between 0 and 3600 seconds")
     if s.public_url is not None:
         u = urlsplit(s.public_url)
         if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
             raise ConfigError(f"public_url {s.public_url!r} must be an absolute http(s) URL with no query")
         s.public_url = s.public_url.rstrip("/")
-    if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
-        raise ConfigError(f"viewer dir {s.viewer_dir!r} has no index.html: expected a built OHIF dist/ "
-                          "(./scripts/fetch-ohif.sh fetches one)")
     if not s.archives:
         raise ConfigError("no archives configured: add [[archives]] to the config or pass --upstream NAME=URL")
     seen: set[str] = set()
@@ -246,15 +246,15 @@ def validate(s: Settings) -> None:
 def describe(s: Settings) -> str:
     """The effective configuration as TOML-like text, for `check-config`."""
     lines = ["[server]"]
-    for k in ("host", "port", "workers", "public_url", "trusted_proxies", "log_level", "health_interval",
+    for k in ("host", "port", "workers", "shutdown_grace", "public_url", "trusted_proxies", "log_level",
+              "health_interval",
               "locator_ttl", "search_cache_ttl", "max_search_results"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
               f"memory_bytes = {s.memory_cache_bytes}",
               f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"prefetch = {json.dumps(s.prefetch)}",
               f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",
-              f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}",
-              "", "[viewer]", f"dir = {json.dumps(s.viewer_dir)}"]
+              f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}"]
     for a in s.archives:
         lines += ["", "[[archives]]"]
         for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",

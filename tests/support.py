@@ -114,6 +114,11 @@ class ProxyProcess:
             os.killpg(proc.pid, signal.SIGKILL)  # our own session: the proxy and its workers only
             proc.wait()
 
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the proxy to exit on its own (after a signal the test sent); its return code."""
+        assert self._proc is not None, "proxy not started"
+        return self._proc.wait(timeout=timeout)
+
     def rss_bytes(self) -> int:
         """Current resident set size of the main process (VmRSS)."""
         return _read_kib(self.pid, "VmRSS")
