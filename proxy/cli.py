@@ -28,6 +28,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "cache_dir": args.cache_dir,
         "public_url": args.public_url,
         "log_level": args.log_level,
+        "viewer_dir": args.viewer,
     }
     if args.upstream:
         overrides["archives"] = [parse_upstream_flag(u) for u in args.upstream]
@@ -120,12 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache-dir")
     p.add_argument("--public-url", help="external base URL used in rewritten URLs")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--viewer", metavar="DIR", help="serve this built OHIF dist/ at / (./scripts/fetch-ohif.sh)")
 
     d = sub.add_parser("demo", help="two sample archives with generated studies, and the proxy in front")
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--sample-archives", action="store_true",
                    help="use the built-in sample archives even when Orthanc is installed")
     d.add_argument("--ct-slices", type=int, default=40)
+    d.add_argument("--viewer", nargs="?", const="", metavar="DIR",
+                   help="serve the OHIF viewer at / (DIR, or the one ./scripts/fetch-ohif.sh fetched)")
 
     c = sub.add_parser("check-config", help="validate a config file and print the effective settings")
     c.add_argument("file")
@@ -147,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo.run import run_demo
 
-            return run_demo(port=args.port, force_sample=args.sample_archives, ct_slices=args.ct_slices)
+            return run_demo(port=args.port, force_sample=args.sample_archives, ct_slices=args.ct_slices,
+                            viewer=args.viewer)
     except ConfigError as exc:
         print(f"dicomweb-edge: configuration error: {exc}", file=sys.stderr)
         return 2

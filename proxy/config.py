@@ -90,6 +90,7 @@ class Settings:
     locator_ttl: float = 3600.0  # how long the proxy trusts what it learned about where a study is
     search_cache_ttl: float = 30.0  # how long a merged federated search result is reused for paging
     max_search_results: int = 10000  # per archive, for one federated search
+    viewer_dir: str | None = None  # a built OHIF dist/ served at / (the viewer is off when unset)
     archives: list[ArchiveConfig] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -142,7 +143,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, keys in (("server", None), ("cache", {"dir": "cache_dir", "size_bytes": "cache_size_bytes",
                                                          "memory_bytes": "memory_cache_bytes"}), ("limits", None),
-                          ("federation", None)):
+                          ("federation", None), ("viewer", {"dir": "viewer_dir"})):
         table = doc.pop(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
@@ -218,6 +219,9 @@ def validate(s: Settings) -> None:
         if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
             raise ConfigError(f"public_url {s.public_url!r} must be an absolute http(s) URL with no query")
         s.public_url = s.public_url.rstrip("/")
+    if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
+        raise ConfigError(f"viewer dir {s.viewer_dir!r} has no index.html: expected a built OHIF dist/ "
+                          "(./scripts/fetch-ohif.sh fetches one)")
     if not s.archives:
         raise ConfigError("no archives configured: add [[archives]] to the config or pass --upstream NAME=URL")
     seen: set[str] = set()
@@ -254,7 +258,8 @@ def describe(s: Settings) -> str:
               f"memory_bytes = {s.memory_cache_bytes}",
               f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"prefetch = {json.dumps(s.prefetch)}",
               f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",
-              f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}"]
+              f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}",
+              "", "[viewer]", f"dir = {json.dumps(s.viewer_dir)}"]
     for a in s.archives:
         lines += ["", "[[archives]]"]
         for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",
