@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=lib/setup.sh
 source scripts/lib/setup.sh
 
-ensure_debian_packages orthanc orthanc-dicomweb nginx wrk dcmtk python3-venv
+ensure_debian_packages orthanc orthanc-dicomweb nginx wrk dcmtk python3-venv redis-server
 ensure_venv
 
 lint_paths=()
