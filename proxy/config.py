@@ -21,6 +21,7 @@ profile = "orthanc"
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 PROFILES = ("orthanc", "dcm4chee", "google", "azure", "generic")
 ENV_PREFIX = "DICOMWEB_EDGE_"
@@ -90,6 +91,9 @@ class Settings:
     locator_ttl: float = 3600.0  # how long the proxy trusts what it learned about where a study is
     search_cache_ttl: float = 30.0  # how long a merged federated search result is reused for paging
     max_search_results: int = 10000  # per archive, for one federated search
+    redis_url: str | None = None  # the shared tier (study locations, search answers) is on when set
+    redis_key_prefix: str = "dicomweb-edge:"  # every Redis key and channel starts with this
+    redis_timeout: float = 0.25  # seconds a Redis call may take before the proxy goes on without it
     viewer_dir: str | None = None  # a built OHIF dist/ served at / (the viewer is off when unset)
     archives: list[ArchiveConfig] = field(default_factory=list)
 
@@ -143,7 +147,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, keys in (("server", None), ("cache", {"dir": "cache_dir", "size_bytes": "cache_size_bytes",
                                                          "memory_bytes": "memory_cache_bytes"}), ("limits", None),
-                          ("federation", None), ("viewer", {"dir": "viewer_dir"})):
+                          ("federation", None), ("shared", None), ("viewer", {"dir": "viewer_dir"})):
         table = doc.pop(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
@@ -185,6 +189,11 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a number: {value!r}") from None
         elif f.name == "prefetch":
             out[f.name] = value.strip().lower() in ("1", "true", "yes", "on")
+        elif f.name == "redis_timeout":
+            try:
+                out[f.name] = float(value)
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a number: {value!r}") from None
         elif f.name == "trusted_proxies":
             out[f.name] = [v.strip() for v in value.split(",") if v.strip()]
         else:
@@ -222,6 +231,8 @@ def validate(s: Settings) -> None:
     if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
         raise ConfigError(f"viewer dir {s.viewer_dir!r} has no index.html: expected a built OHIF dist/ "
                           "(./scripts/fetch-ohif.sh fetches one)")
+    if s.redis_url is not None:
+        _validate_redis(s)
     if not s.archives:
         raise ConfigError("no archives configured: add [[archives]] to the config or pass --upstream NAME=URL")
     seen: set[str] = set()
@@ -247,6 +258,27 @@ def validate(s: Settings) -> None:
                               "must be positive")
 
 
+def _validate_redis(s: Settings) -> None:
+    u = urlsplit(s.redis_url or "")
+    if u.scheme not in ("redis", "rediss", "unix") or not (u.hostname or u.path):
+        raise ConfigError(f"redis_url {redact(s.redis_url or '')!r} must be a redis://, rediss:// or unix:// URL")
+    if importlib.util.find_spec("redis") is None:
+        raise ConfigError("redis_url is set but the redis client is not installed: pip install 'dicomweb-edge[redis]'")
+    if not 0 < s.redis_timeout <= 10:
+        raise ConfigError(f"redis_timeout {s.redis_timeout} must be more than 0 and at most 10 seconds")
+    if not re.match(r"^[!-~]{1,100}$", s.redis_key_prefix):
+        raise ConfigError("redis_key_prefix must be 1 to 100 printable characters without spaces")
+
+
+def redact(url: str) -> str:
+    """A URL with its password, if any, replaced by `***` (for printing)."""
+    u = urlsplit(url)
+    if u.password is None:
+        return url
+    user = u.username or ""
+    return urlunsplit((u.scheme, f"{user}:***@{u.netloc.rsplit('@', 1)[1]}", u.path, u.query, u.fragment))
+
+
 def describe(s: Settings) -> str:
     """The effective configuration as TOML-like text, for `check-config`."""
     lines = ["[server]"]
@@ -260,6 +292,8 @@ def describe(s: Settings) -> str:
               f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",
               f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}",
               "", "[viewer]", f"dir = {json.dumps(s.viewer_dir)}"]
+    lines += ["", "[shared]", f"redis_url = {json.dumps(s.redis_url and redact(s.redis_url))}",
+              f"redis_key_prefix = {json.dumps(s.redis_key_prefix)}", f"redis_timeout = {s.redis_timeout}"]
     for a in s.archives:
         lines += ["", "[[archives]]"]
         for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",
