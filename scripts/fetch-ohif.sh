@@ -3,7 +3,8 @@
 # Idempotent: does nothing when that version is already unpacked. Verifies the tarball against the
 # registry's sha512 integrity pinned below before unpacking. Prints the dist directory.
 #   ./scripts/fetch-ohif.sh            then: dicomweb-edge serve --viewer "$(./scripts/fetch-ohif.sh)" ...
-# Needs npm (only to download from the registry; no npm install runs) or curl, plus tar and python3.
+# Downloads with npm (honours the npm registry configuration; nothing is npm-installed), else curl, else
+# python3; needs tar and python3.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -24,8 +25,12 @@ if command -v npm >/dev/null 2>&1; then
     # npm pack honours the user's registry configuration (a mirror, a proxy) and verifies nothing itself.
     (cd "$work" && npm pack --silent "@ohif/app@${OHIF_VERSION}" >/dev/null)
     mv "$work"/ohif-app-"${OHIF_VERSION}".tgz "$work/app.tgz"
-else
+elif command -v curl >/dev/null 2>&1; then
     curl -fsSL -o "$work/app.tgz" "$OHIF_TARBALL"
+else
+    python3 -c 'import shutil, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=120) as r, open(sys.argv[2], "wb") as f: shutil.copyfileobj(r, f)' \
+        "$OHIF_TARBALL" "$work/app.tgz"
 fi
 
 actual="sha512-$(python3 -c 'import base64, hashlib, sys
