@@ -135,6 +135,7 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = asyncio.ensure_future(_health_loop(ctx)) if settings.health_interval > 0 else None
+        ctx.start()  # follows the other replicas' stores when a shared tier is configured
         try:
             yield
         finally:

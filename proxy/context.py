@@ -9,6 +9,7 @@ from .cache import FrameCache
 from .config import Settings
 from .locator import Locator
 from .searchcache import SearchCache
+from .shared import SharedStore
 from .upstream import Archive, UpstreamError
 from .urls import DICOMWEB_ROOT
 
@@ -24,6 +25,8 @@ class Context:
     searches: SearchCache = field(default_factory=SearchCache)
     single: dict[str, Context] = field(default_factory=dict)
     cache: FrameCache | None = None
+    shared: SharedStore | None = None  # the Redis tier, when configured
+    _listener: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
@@ -32,14 +35,33 @@ class Context:
         cache = None
         if settings.cache_dir:
             cache = FrameCache(settings.cache_dir, settings.cache_size_bytes, settings.memory_cache_bytes)
-        ctx = cls(settings, [Archive(a) for a in ordered], locator=Locator(settings.locator_ttl),
-                  searches=SearchCache(settings.search_cache_ttl), cache=cache)
+        shared = None
+        if settings.redis_url:
+            shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)
+        ctx = cls(settings, [Archive(a) for a in ordered], locator=Locator(settings.locator_ttl, shared=shared),
+                  searches=SearchCache(settings.search_cache_ttl, shared=shared), cache=cache, shared=shared)
         for a in ctx.archives:
             # /upstreams/{name}/dicomweb: the same machinery, one archive, its own URL space.
             ctx.single[a.name] = cls(settings, [a], root=f"/upstreams/{a.name}{DICOMWEB_ROOT}",
-                                     locator=ctx.locator, searches=SearchCache(settings.search_cache_ttl),
-                                     cache=cache)
+                                     locator=ctx.locator, searches=SearchCache(settings.search_cache_ttl,
+                                                                               shared=shared),
+                                     cache=cache, shared=shared)
         return ctx
+
+    def start(self) -> None:
+        """Follow the other processes' stores through the shared tier (from the app's lifespan)."""
+        if self.shared is not None and self._listener is None:
+            self._listener = asyncio.ensure_future(self.shared.listen(self._stored_elsewhere, self.clear_searches))
+
+    def _stored_elsewhere(self, studies: dict[str, str]) -> None:
+        self.locator.stored_elsewhere(studies)
+        self.clear_searches()
+
+    def clear_searches(self) -> None:
+        """Drop every cached search answer of this process (a store may have changed any of them)."""
+        self.searches.clear()
+        for single in self.single.values():
+            single.searches.clear()
 
     def archive(self, name: str) -> Archive | None:
         """The archive with this configured name."""
@@ -73,7 +95,12 @@ class Context:
         return next((a for a in self.archives if a.config.stores), None)
 
     async def close(self) -> None:
-        """Release every archive's connections."""
+        """Release every archive's connections (and the shared tier's)."""
+        if self._listener is not None:
+            self._listener.cancel()
+            self._listener = None
+        if self.shared is not None and self.root == DICOMWEB_ROOT:
+            await self.shared.close()
         for a in self.archives:
             await a.close()
         if self.cache is not None and self.root == DICOMWEB_ROOT:

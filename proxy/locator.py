@@ -2,6 +2,8 @@
 
 UIDs are global (design invariants): a study is looked for by its StudyInstanceUID, whatever archive
 it came from. Entries expire so a moved or deleted study is looked for again; the table is bounded.
+With a shared tier (Redis, `shared.py`), what is learned is shared too, and a local miss asks it
+before probing the archives; the local table stays in front.
 """
 
 from __future__ import annotations
@@ -9,52 +11,88 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+
+from .shared import SharedStore, digest
 
 
 class Locator:
     """StudyInstanceUID → archive names, in memory, with a TTL and an LRU bound."""
 
-    def __init__(self, ttl: float = 3600.0, max_entries: int = 200_000) -> None:
+    def __init__(self, ttl: float = 3600.0, max_entries: int = 200_000, shared: SharedStore | None = None) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
+        self.shared = shared
+        # With a shared tier, keys are digests: the other processes' events name studies that way.
+        self._key: Callable[[str], str] = digest if shared is not None else str
         self._table: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
         self._probes: dict[str, asyncio.Future[tuple[str, ...]]] = {}
         self.probes = 0  # how many times a miss had to ask the archives
 
     def learn(self, study: str, archives: Iterable[str], replace: bool = False) -> None:
-        """Remember that `archives` hold `study` (added to what is known unless `replace`)."""
-        names = tuple(archives)
-        if not replace and study in self._table and self._table[study][0] > time.monotonic():
-            names = tuple(dict.fromkeys((*self._table[study][1], *names)))
-        self._table[study] = (time.monotonic() + self.ttl, names)
-        self._table.move_to_end(study)
+        """Remember, in this process, that `archives` hold `study` (added to what is known unless `replace`)."""
+        self._set(self._key(study), tuple(archives), self.ttl, replace)
+
+    def _set(self, key: str, names: tuple[str, ...], ttl: float, replace: bool) -> None:
+        now = time.monotonic()
+        entry = self._table.get(key)
+        if not replace and entry is not None and entry[0] > now:
+            names = tuple(dict.fromkeys((*entry[1], *names)))
+        self._table[key] = (now + ttl, names)
+        self._table.move_to_end(key)
         while len(self._table) > self.max_entries:
             self._table.popitem(last=False)
 
-    def forget(self, study: str) -> None:
-        """Drop what is known about `study` (its archives answered 404)."""
-        self._table.pop(study, None)
+    async def share(self, found: Mapping[str, Iterable[str]], replace: bool = False) -> None:
+        """Learn several studies' archives here and in the shared tier (one round trip)."""
+        names = {study: tuple(archives) for study, archives in found.items()}
+        for study, archives in names.items():
+            self.learn(study, archives, replace)
+        if self.shared is not None:
+            await self.shared.remember(names, self.ttl, replace)
+
+    def stored_elsewhere(self, found: Mapping[str, str]) -> None:
+        """Another process stored studies (digest → archive): extend what this one knows about them."""
+        now = time.monotonic()
+        for key, archive in found.items():
+            entry = self._table.get(key)
+            if entry is not None and entry[0] > now and archive not in entry[1]:
+                self._table[key] = (entry[0], (*entry[1], archive))
+
+    async def forget(self, study: str) -> None:
+        """Drop what is known about `study` (its archives answered 404), here and in the shared tier."""
+        self._table.pop(self._key(study), None)
+        if self.shared is not None:
+            await self.shared.forget(study)
 
     def known(self, study: str) -> tuple[str, ...] | None:
         """The archives believed to hold `study`, or None when unknown or expired."""
-        entry = self._table.get(study)
+        entry = self._table.get(self._key(study))
         if entry is None or entry[0] <= time.monotonic():
             return None
         return entry[1]
 
     async def locate(self, study: str, probe: Callable[[str], Awaitable[tuple[str, ...]]]) -> tuple[str, ...]:
-        """Known archives, or ask them all (one probe per study at a time, shared by waiters)."""
+        """Known archives, or ask the shared tier, or ask the archives (one lookup per study at a time)."""
         found = self.known(study)
         if found is not None:
             return found
         pending = self._probes.get(study)
         if pending is None:
-            pending = asyncio.ensure_future(probe(study))
+            pending = asyncio.ensure_future(self._find(study, probe))
             self._probes[study] = pending
-            self.probes += 1
             pending.add_done_callback(lambda _: self._probes.pop(study, None))
-        names = await asyncio.shield(pending)
+        return await asyncio.shield(pending)
+
+    async def _find(self, study: str, probe: Callable[[str], Awaitable[tuple[str, ...]]]) -> tuple[str, ...]:
+        if self.shared is not None:
+            shared = await self.shared.locations(study)
+            if shared is not None:
+                names, left = shared
+                self._set(self._key(study), names, min(left, self.ttl), replace=True)
+                return names
+        self.probes += 1
+        names = await probe(study)
         if names:
-            self.learn(study, names, replace=True)
+            await self.share({study: names}, replace=True)
         return names

@@ -67,6 +67,14 @@ PREFETCH_QUEUE = Gauge("dicomweb_edge_prefetch_queued", "Series prefetches waiti
                        multiprocess_mode="livesum")
 PREFETCHES = Counter("dicomweb_edge_prefetches_total", "Series prefetches by outcome.", ["outcome"])
 
+SHARED_LOOKUPS = Counter("dicomweb_edge_shared_lookups_total",
+                         "Lookups in the shared tier (Redis) after a local miss, by table (locator, search) and "
+                         "result (hit, miss; a failed lookup is a miss).", ["table", "result"])
+SHARED_FALLBACKS = Counter("dicomweb_edge_shared_fallbacks_total",
+                           "Shared-tier (Redis) operations not done because Redis failed, was too slow or is being "
+                           "left alone after a failure; the process used its local state instead. By operation "
+                           "(locate, learn, forget, search_get, search_put, invalidate, subscribe).", ["operation"])
+
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 

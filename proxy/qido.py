@@ -7,6 +7,7 @@ The proxy decodes the query string itself and re-sends it in the form each archi
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote_plus
@@ -20,6 +21,7 @@ from .context import Context
 from .media import BadAccept, NotAcceptable, Resource, negotiate
 from .profiles import PROFILES, Profile
 from .responses import Problem
+from .searchcache import Codec
 from .upstream import Archive, UpstreamError
 from .urls import dicomweb_base
 from .wado import open_upstream, upstream_problem
@@ -195,7 +197,7 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
     # With the cache on, a single archive's answers are reused briefly too (cleared by any store).
     key = (base, path, query) if ctx.cache is not None else None
     no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
-    cached = ctx.searches.get(key) if key is not None and not no_cache else None
+    cached, mark = await ctx.searches.get(key, SINGLE, fresh=no_cache) if key is not None else (None, None)
     if cached is not None:
         response = _answer(*cached)
         response.headers["X-Cache"] = "HIT"
@@ -216,8 +218,8 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
         raise Problem(502, f"archive '{archive.name}' sent a search result that is not a JSON array")
     else:
         answer = archive.rewriter.rewrite_json(body, base)
-    if key is not None:
-        ctx.searches.put(key, (answer, warnings))
+    if key is not None and mark is not None:
+        await ctx.searches.put(key, (answer, warnings), mark, SINGLE)
     return _answer(answer, warnings)
 
 
@@ -277,7 +279,8 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
     base = dicomweb_base(request, ctx.settings, ctx.root)
     key = (base, path, translate(q, PROFILES["generic"], limit=0, offset=0))
     no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
-    cached = None if no_cache else ctx.searches.get(key)
+    cached, mark = await ctx.searches.get(key, FEDERATED, fresh=no_cache)
+    hit = cached is not None
     if cached is None:
         asked = [a for a in ctx.archives if a.breaker.allow()]
         warnings = [f"299 dicomweb-edge: archive '{a.name}' was skipped (circuit open); "
@@ -308,13 +311,35 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
             status = 503 if not asked else 504 if all(s == 504 for s in statuses) else 502
             raise Problem(status, "no archive could be searched: " + "; ".join(w.split(": ", 1)[1] for w in warnings))
         merged, where = merge.merge(found, level)
-        for study, names in where.items():
-            ctx.locator.learn(study, names)
+        await ctx.locator.share(where)
         cached = (merge.order(merged, level), warnings)
         if len(found) == len(ctx.archives):  # never reuse a partial answer
-            ctx.searches.put(key, cached)
+            await ctx.searches.put(key, cached, mark, FEDERATED)
     ordered, warnings = cached
     chunk, remaining = merge.page(ordered, q.offset, q.limit)
     if remaining:
         warnings = [*warnings, f"299 dicomweb-edge: There are {remaining} additional results that can be requested"]
-    return _answer(merge.dumps(chunk) if chunk else None, warnings)
+    response = _answer(merge.dumps(chunk) if chunk else None, warnings)
+    if hit:
+        response.headers["X-Cache"] = "HIT"
+    return response
+
+
+def _pack(value: tuple[bytes | None, list[str]]) -> bytes:
+    return json.dumps(value[1]).encode() + b"\n" + (value[0] or b"")
+
+
+def _unpack(blob: bytes) -> tuple[bytes | None, list[str]]:
+    head, _, body = blob.partition(b"\n")
+    return body or None, [str(w) for w in json.loads(head)]
+
+
+# Cached answers as bytes for the shared tier: the Warnings as a JSON line, then the answer as sent
+# (one archive) or the merged, ordered records (federated; numbers keep their text).
+def _unpack_records(blob: bytes) -> tuple[list[merge.Record], list[str]]:
+    body, warnings = _unpack(blob)
+    return merge.loads(body or b"[]"), warnings
+
+
+SINGLE = Codec("single", _pack, _unpack)
+FEDERATED = Codec("federated", lambda v: _pack((merge.dumps(v[0]), v[1])), _unpack_records)

@@ -53,18 +53,19 @@ async def _counted(request: Request, limit: int) -> AsyncIterator[bytes]:
 _STUDY_IN_URL = re.compile(rb"/studies/([0-9][0-9.]*)")
 
 
-def _learn(ctx: Context, archive: str, study: str | None, body: bytes) -> None:
-    """Remember where the stored studies now live, and drop cached search results (S-11)."""
+async def _learn(ctx: Context, archive: str, study: str | None, body: bytes) -> None:
+    """Remember where the stored studies now live, and drop cached search results (S-11), here and,
+    with a shared tier, in every other process."""
     studies = {m.decode() for m in _STUDY_IN_URL.findall(body)}
     if study:
         studies.add(study)
     for uid in studies:
-        ctx.locator.learn(uid, [archive])
         if ctx.cache is not None:
             ctx.cache.forget_json(uid)
-    ctx.searches.clear()
-    for single in ctx.single.values():
-        single.searches.clear()
+    ctx.clear_searches()
+    await ctx.locator.share({uid: [archive] for uid in studies})
+    if ctx.shared is not None:
+        await ctx.shared.stored({uid: archive for uid in studies})
 
 
 async def store(request: Request, ctx: Context, study: str | None) -> Response:
@@ -107,7 +108,7 @@ async def store(request: Request, ctx: Context, study: str | None) -> Response:
         raise Problem(415, f"archive '{archive.name}' does not accept this media type")
     base = dicomweb_base(request, ctx.settings, ctx.root)
     if status < 300 or status == 409:
-        _learn(ctx, archive.name, study, body)
+        await _learn(ctx, archive.name, study, body)
     if not body.strip():
         return Response(None, status)
     body = archive.rewriter.rewrite_json(body, base)

@@ -113,7 +113,7 @@ async def open_upstream(ctx: Context, study: str | None, path: str, accept: str,
             last = Problem(404, "not found in any archive")
             continue
         if resp.status == 404 and study and len(candidates) > 1:
-            ctx.locator.forget(study)  # what we learned is stale: probe again next time
+            await ctx.locator.forget(study)  # what we learned is stale: probe again next time
         return resp, stack
     raise last or Problem(502, "no archive is configured")
 
