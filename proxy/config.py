@@ -231,6 +231,8 @@ def validate(s: Settings) -> None:
     if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
         raise ConfigError(f"viewer dir {s.viewer_dir!r} has no index.html: expected a built OHIF dist/ "
                           "(./scripts/fetch-ohif.sh fetches one)")
+    if s.redis_url == "":
+        s.redis_url = None  # DICOMWEB_EDGE_REDIS_URL= (empty) means no shared tier, as unset does
     if s.redis_url is not None:
         _validate_redis(s)
     if not s.archives:

@@ -32,7 +32,7 @@ try:  # the `redis` extra: without it the shared tier cannot be configured (conf
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import RedisError
+    from redis.exceptions import ConnectionError, RedisError
 
     _ERRORS = (RedisError, OSError, TimeoutError)
 except ImportError:  # pragma: no cover - checked by config validation
@@ -57,8 +57,10 @@ class SharedStore:
             raise RuntimeError("the shared tier needs the redis package: pip install 'dicomweb-edge[redis]'")
         self.url, self.prefix, self.timeout = url, prefix, timeout
         self.node = secrets.token_hex(8)  # this process, named in its events (for debugging)
+        # One immediate retry on a broken connection (a pooled one from before a Redis restart), none on
+        # a timeout: a slow Redis costs a request at most `timeout` per call.
         self._client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                         retry=Retry(NoBackoff(), 0))
+                                         retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)))
         self._gen_key = prefix + "search-gen"
         self.channel = prefix + "events"
         self._down_until = 0.0

@@ -275,6 +275,32 @@ def test_without_redis_both_replicas_keep_answering_on_their_own(archives, holdi
         warned = "shared tier (Redis) unavailable"
         assert warned in one.log_path.read_text() and warned in two.log_path.read_text()
 
+        # Redis back (empty, same address): once both replicas listen again, they share again.
+        with RedisServer(tmp_path / "redis-again", port=server.port) as again:
+            wait_for_listeners(again, 2)
+            late = new_study("PIDT7", seed=7)
+            archives["b"].archive.extend(late)
+            late_uid, expected = late[0].StudyInstanceUID, {ds.SOPInstanceUID for ds in late}
+            probed = probes(one), probes(two)
+            assert sops(client.get(f"{one.dicomweb_url}/studies/{late_uid}/metadata")) == expected
+            assert sops(client.get(f"{two.dicomweb_url}/studies/{late_uid}/metadata")) == expected
+            assert (probes(one), probes(two)) == (probed[0] + 2, probed[1])
+
+
+def wait_for_listeners(server: RedisServer, n: int, timeout: float = 15.0) -> None:
+    """Until `n` processes subscribe to the event channel (a replica re-subscribes a few seconds after
+    Redis comes back, and by then it uses Redis again)."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while dict(client.pubsub_numsub("dicomweb-edge:events")).get(b"dicomweb-edge:events", 0) < n:
+            assert time.monotonic() < deadline, "the replicas did not subscribe again after Redis came back"
+            time.sleep(0.05)
+    finally:
+        client.close()
+
 
 def test_shared_settings_load_validate_and_hide_the_password(tmp_path):
     path = tmp_path / "edge.toml"
@@ -287,6 +313,7 @@ def test_shared_settings_load_validate_and_hide_the_password(tmp_path):
     assert "s3cret" not in text and 'redis_url = "redis://edge:***@127.0.0.1:6390/2"' in text
     s = load(path, environ={"DICOMWEB_EDGE_REDIS_URL": "redis://127.0.0.1:6391/0", "DICOMWEB_EDGE_REDIS_TIMEOUT": "1"})
     assert (s.redis_url, s.redis_timeout) == ("redis://127.0.0.1:6391/0", 1.0)
+    assert load(path, environ={"DICOMWEB_EDGE_REDIS_URL": ""}).redis_url is None  # empty: no shared tier
     for env, needle in (({"DICOMWEB_EDGE_REDIS_URL": "http://127.0.0.1:6379"}, "redis://"),
                         ({"DICOMWEB_EDGE_REDIS_TIMEOUT": "0"}, "redis_timeout"),
                         ({"DICOMWEB_EDGE_REDIS_KEY_PREFIX": "has space"}, "redis_key_prefix")):
