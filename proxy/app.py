@@ -10,6 +10,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -17,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics
+from . import logs, metrics
 from .config import Settings
 from .context import Context
 from .health import STATE_VALUE
@@ -26,7 +27,7 @@ from .routes import dicomweb_routes
 from .upstream import Archive
 from .urls import DICOMWEB_ROOT
 
-log = logging.getLogger("dicomweb_edge.access")
+log = logs.access
 SETTINGS_ENV = "DICOMWEB_EDGE__SETTINGS_JSON"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -55,8 +56,9 @@ def service_of(method: str, path: str) -> str:
 class EdgeMiddleware:
     """Request id, access log without patient data, and request metrics, as plain ASGI."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, log_patient_data: bool = False) -> None:
         self.app = app
+        self.log_patient_data = log_patient_data
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,29 +74,59 @@ class EdgeMiddleware:
             rid = secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = rid
         service = service_of(scope["method"], scope["path"])
+        fields: dict[str, Any] = {"request_id": rid}
+        token = logs.REQUEST.set(fields)
         status = 500
-        sent = 0
+        sent = received = 0
+        ttfb = None
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
 
         async def tracked(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, ttfb
             if message["type"] == "http.response.start":
                 status = message["status"]
+                ttfb = time.perf_counter() - started
+                for k, v in message.get("headers", ()):
+                    if k == b"x-cache":
+                        fields["cache"] = v.decode("latin-1").lower()
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
 
+        in_flight = metrics.REQUESTS_IN_FLIGHT
+        in_flight.inc()
         try:
-            await self.app(scope, receive, tracked)
+            await self.app(scope, counted, tracked)
         finally:
+            in_flight.dec()
             elapsed = time.perf_counter() - started
             metrics.child(metrics.REQUESTS, service, str(status)).inc()
-            metrics.child(metrics.REQUEST_DURATION, service).observe(elapsed)
+            metrics.child(metrics.REQUEST_DURATION, service, _CODE_CLASS.get(status // 100, "5xx")).observe(elapsed)
+            if ttfb is not None:
+                metrics.child(metrics.REQUEST_TTFB, service).observe(ttfb)
             metrics.child(metrics.RESPONSE_BYTES, service).inc(sent)
+            if received:
+                metrics.child(metrics.REQUEST_BYTES, service).inc(received)
             if log.isEnabledFor(logging.INFO):
-                # No path, no query: they hold UIDs and patient names.
-                log.info("request_id=%s service=%s method=%s status=%d bytes=%d duration_ms=%.1f",
-                         rid, service, scope["method"], status, sent, elapsed * 1000)
+                # No path, no query (they hold UIDs and patient names) unless debugging asks for them.
+                fields.update(service=service, method=scope["method"], status=status, bytes_in=received,
+                              bytes_out=sent, duration_ms=round(elapsed * 1000, 2),
+                              ttfb_ms=None if ttfb is None else round(ttfb * 1000, 2))
+                if self.log_patient_data:
+                    qs = scope.get("query_string", b"").decode("latin-1")
+                    fields["path"] = scope["path"] + ("?" + qs if qs else "")
+                log.info("request", extra={"fields": fields})
+            logs.REQUEST.reset(token)
+
+
+_CODE_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
 async def _problem(request: Request, exc: Exception) -> Response:
@@ -175,7 +207,8 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"removed": removed})
 
     async def metrics_endpoint(request: Request) -> Response:
-        body, ctype = metrics.render()
+        stats = None if ctx.cache is None else await asyncio.to_thread(ctx.cache.stats)
+        body, ctype = metrics.render(stats)
         return Response(body, media_type=ctype)
 
     routes = [
@@ -196,7 +229,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={Problem: _problem, HTTPException: _http_error})
     app.state.ctx = ctx
-    app.add_middleware(EdgeMiddleware)
+    app.add_middleware(EdgeMiddleware, log_patient_data=settings.log_patient_data)
     return app
 
 

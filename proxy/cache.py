@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import struct
 import time
@@ -139,8 +140,9 @@ class FrameCache:
 
     def __init__(self, directory: str, size_limit: int = 10 * 1024**3, memory_limit: int = 256 * 1024**2,
                  max_entry: int = 64 * 1024**2) -> None:
+        # cull_limit=0: no culling inside set(); write() culls itself, so that evictions can be counted.
         self.disk = diskcache.Cache(directory, size_limit=size_limit, eviction_policy="least-recently-used",
-                                    tag_index=True)
+                                    tag_index=True, cull_limit=0)
         self._generation = self._read_generation()
         self._checked = time.monotonic()
         self.memory: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # key → (payload, CRC-32)
@@ -148,6 +150,8 @@ class FrameCache:
         self.memory_bytes = 0
         self.max_entry = max_entry
         self.writable = True
+        for tier in ("memory", "disk"):  # exported from the start, so that rate() sees the first eviction
+            metrics.child(metrics.CACHE_EVICTIONS, tier)
 
     def _remember(self, key: str, payload: bytes, crc: int | None = None) -> None:
         if len(payload) > self.memory_limit // 4:
@@ -157,9 +161,18 @@ class FrameCache:
             self.memory_bytes -= len(old[0])
         self.memory[key] = (payload, zlib.crc32(payload) if crc is None else crc)
         self.memory_bytes += len(payload)
+        evicted = 0
         while self.memory_bytes > self.memory_limit:
             _, (dropped, _) = self.memory.popitem(last=False)
             self.memory_bytes -= len(dropped)
+            evicted += 1
+        if evicted:
+            metrics.child(metrics.CACHE_EVICTIONS, "memory").inc(evicted)
+        self._gauge_memory()
+
+    def _gauge_memory(self) -> None:
+        metrics.CACHE_MEMORY_BYTES.set(self.memory_bytes)
+        metrics.CACHE_MEMORY_ENTRIES.set(len(self.memory))
 
     def _read_generation(self) -> int:
         try:
@@ -178,13 +191,15 @@ class FrameCache:
             self._generation = generation
             self.memory.clear()
             self.memory_bytes = 0
+            self._gauge_memory()
 
     def _get(self, key: str) -> tuple[bytes, int] | None:
         self._sync_purges()
         found = self.memory.get(key)
         if found is not None:
             self.memory.move_to_end(key)
-            metrics.child(metrics.CACHE_RESULTS, "memory", "hit").inc()
+            metrics.child(metrics.CACHE_RESULTS, "memory", "frame", "hit").inc()
+            metrics.child(metrics.CACHE_SERVED_BYTES, "memory", "frame").inc(len(found[0]))
             return found
         try:
             blob = self.disk.get(key)
@@ -192,15 +207,16 @@ class FrameCache:
             log.warning("cache read failed", exc_info=True)
             return None
         if blob is None:
-            metrics.child(metrics.CACHE_RESULTS, "disk", "miss").inc()
+            metrics.child(metrics.CACHE_RESULTS, "disk", "frame", "miss").inc()
             return None
         payload = _unpack(blob)
         if payload is None:
             log.warning("cache entry failed its length/checksum test and was evicted")
-            metrics.child(metrics.CACHE_RESULTS, "disk", "corrupt").inc()
+            metrics.child(metrics.CACHE_RESULTS, "disk", "frame", "corrupt").inc()
             self.disk.delete(key)
             return None
-        metrics.child(metrics.CACHE_RESULTS, "disk", "hit").inc()
+        metrics.child(metrics.CACHE_RESULTS, "disk", "frame", "hit").inc()
+        metrics.child(metrics.CACHE_SERVED_BYTES, "disk", "frame").inc(len(payload))
         crc = _HEADER.unpack_from(blob)[2]
         self._remember(key, payload, crc)
         return payload, crc
@@ -231,10 +247,22 @@ class FrameCache:
             self.disk.set(index_key(sop, frame), _pack(f"{media_type};{transfer_syntax}".encode()), tag=study)
         except DISK_ERRORS:
             self.writable = False  # disk full or gone: keep serving, stop writing
-            metrics.child(metrics.CACHE_RESULTS, "disk", "write-failed").inc()
+            metrics.child(metrics.CACHE_RESULTS, "disk", "frame", "write-failed").inc()
             log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
             return
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
+        self.cull()
+
+    def cull(self) -> int:
+        """Evict least-recently-used entries until the disk tier is within its size bound (counted)."""
+        try:
+            if self.disk.volume() <= self.disk.size_limit:
+                return 0
+            removed = self.disk.cull()
+        except DISK_ERRORS:
+            return 0
+        metrics.child(metrics.CACHE_EVICTIONS, "disk").inc(removed)
+        return removed
 
     def get_json(self, key: str) -> bytes | None:
         """A cached metadata document (short-lived; shared by all workers)."""
@@ -242,7 +270,11 @@ class FrameCache:
             blob = self.disk.get("json/" + key)
         except Exception:
             return None
-        return None if blob is None else _unpack(blob)
+        body = None if blob is None else _unpack(blob)
+        metrics.child(metrics.CACHE_RESULTS, "disk", "metadata", "miss" if body is None else "hit").inc()
+        if body is not None:
+            metrics.child(metrics.CACHE_SERVED_BYTES, "disk", "metadata").inc(len(body))
+        return body
 
     def put_json(self, key: str, body: bytes, study: str, ttl: float) -> None:
         """Keep a metadata document for `ttl` seconds, until a store to its study (blocking)."""
@@ -252,6 +284,9 @@ class FrameCache:
             self.disk.set("json/" + key, _pack(body), expire=ttl, tag=f"json:{study}")
         except DISK_ERRORS:
             self.writable = False
+            return
+        metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(body))
+        self.cull()
 
     def forget_json(self, study: str) -> None:
         """A store changed the study: its cached metadata is stale (blocking)."""
@@ -267,14 +302,21 @@ class FrameCache:
         self._generation = self._read_generation()
         self.memory.clear()
         self.memory_bytes = 0
+        self._gauge_memory()
         return int(removed)
 
     def stats(self) -> dict[str, int | bool]:
-        """Sizes and counts, for `dicomweb-edge cache stats` and the admin endpoint."""
+        """Sizes and counts, for `dicomweb-edge cache stats`, the admin endpoint and the metrics."""
         entries = len(self.disk) - (1 if GENERATION in self.disk else 0)
+        try:
+            fs = os.statvfs(self.disk.directory)
+            free, size = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+        except OSError:
+            free = size = 0
         return {"disk_entries": entries, "disk_bytes": int(self.disk.volume()),
                 "disk_limit_bytes": int(self.disk.size_limit), "memory_entries": len(self.memory),
-                "memory_bytes": self.memory_bytes, "writable": self.writable}
+                "memory_bytes": self.memory_bytes, "writable": self.writable,
+                "filesystem_free_bytes": free, "filesystem_size_bytes": size}
 
     def close(self) -> None:
         """Close the disk tier."""

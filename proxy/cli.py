@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import logging.config
 import os
 import socket
 import sys
@@ -64,14 +65,15 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from .app import SETTINGS_ENV
+    from .logs import log_config
 
     os.environ[SETTINGS_ENV] = settings.to_json()
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dicomweb-edge-metrics-")
-    level = settings.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.config.dictConfig(log_config(settings))
     config = uvicorn.Config("proxy.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                             workers=settings.workers, access_log=False, log_level=settings.log_level.lower(),
+                            log_config=log_config(settings),
                             loop="uvloop", http="httptools", timeout_graceful_shutdown=settings.shutdown_grace)
     if settings.workers > 1:
         _supervisor(config, config.bind_socket()).run()

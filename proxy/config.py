@@ -87,6 +87,8 @@ class Settings:
     max_json_bytes: int = 256 * 1024 * 1024
     max_stow_bytes: int = 4 * 1024 * 1024 * 1024
     log_level: str = "info"
+    log_format: str = "json"  # json: one JSON object per line; text: human-readable lines
+    log_patient_data: bool = False  # debug only: access logs then carry the path and query (UIDs, names)
     health_interval: float = 5.0  # seconds between health probes of each archive (0: none)
     locator_ttl: float = 3600.0  # how long the proxy trusts what it learned about where a study is
     search_cache_ttl: float = 30.0  # how long a merged federated search result is reused for paging
@@ -187,7 +189,7 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
                 out[f.name] = float(value)
             except ValueError:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a number: {value!r}") from None
-        elif f.name == "prefetch":
+        elif f.name in ("prefetch", "log_patient_data"):
             out[f.name] = value.strip().lower() in ("1", "true", "yes", "on")
         elif f.name == "redis_timeout":
             try:
@@ -221,6 +223,8 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"port {s.port} is out of range")
     if s.workers < 1:
         raise ConfigError("workers must be at least 1")
+    if s.log_format not in ("json", "text"):
+        raise ConfigError(f"log_format {s.log_format!r} must be 'json' or 'text'")
     if not 0 <= s.shutdown_grace <= 3600:
         raise ConfigError(f"shutdown_grace {s.shutdown_grace} must be between 0 and 3600 seconds")
     if s.public_url is not None:
@@ -231,8 +235,6 @@ def validate(s: Settings) -> None:
     if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
         raise ConfigError(f"viewer dir {s.viewer_dir!r} has no index.html: expected a built OHIF dist/ "
                           "(./scripts/fetch-ohif.sh fetches one)")
-    if s.redis_url == "":
-        s.redis_url = None  # DICOMWEB_EDGE_REDIS_URL= (empty) means no shared tier, as unset does
     if s.redis_url is not None:
         _validate_redis(s)
     if not s.archives:
@@ -284,8 +286,8 @@ def redact(url: str) -> str:
 def describe(s: Settings) -> str:
     """The effective configuration as TOML-like text, for `check-config`."""
     lines = ["[server]"]
-    for k in ("host", "port", "workers", "shutdown_grace", "public_url", "trusted_proxies", "log_level",
-              "health_interval",
+    for k in ("host", "port", "workers", "shutdown_grace", "public_url", "trusted_proxies", "log_level", "log_format",
+              "log_patient_data", "health_interval",
               "locator_ttl", "search_cache_ttl", "max_search_results"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",

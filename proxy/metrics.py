@@ -7,7 +7,10 @@ the service, the archive's configured name, the status code and similar closed s
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -19,6 +22,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 SERVICES = ("qido", "metadata", "instance", "frames", "bulkdata", "rendered", "thumbnail", "stow", "other")
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -26,10 +30,17 @@ _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 REQUESTS = Counter("dicomweb_edge_requests_total", "Requests answered, by DICOMweb service and status.",
                    ["service", "status"])
 REQUEST_DURATION = Histogram("dicomweb_edge_request_duration_seconds",
-                             "Time from request to the last byte of the response, by service.",
-                             ["service"], buckets=_LATENCY)
+                             "Time from request to the last byte of the response, by service and status class.",
+                             ["service", "code"], buckets=_LATENCY)
+REQUEST_TTFB = Histogram("dicomweb_edge_request_ttfb_seconds",
+                         "Time from request to the response headers (time to first byte), by service.",
+                         ["service"], buckets=_LATENCY)
 RESPONSE_BYTES = Counter("dicomweb_edge_response_bytes_total", "Response body bytes sent, by service.",
                          ["service"])
+REQUEST_BYTES = Counter("dicomweb_edge_request_bytes_total", "Request body bytes received (STOW), by service.",
+                        ["service"])
+REQUESTS_IN_FLIGHT = Gauge("dicomweb_edge_requests_in_flight", "Requests being answered, all workers.",
+                           multiprocess_mode="livesum")
 UPSTREAM_REQUESTS = Counter("dicomweb_edge_upstream_requests_total",
                             "Requests sent to archives, by archive, service and upstream status "
                             "('error' when no status was received).", ["archive", "service", "status"])
@@ -39,6 +50,13 @@ UPSTREAM_TTFB = Histogram("dicomweb_edge_upstream_ttfb_seconds",
 UPSTREAM_DURATION = Histogram("dicomweb_edge_upstream_duration_seconds",
                               "Time an archive response was held open.", ["archive", "service"],
                               buckets=_LATENCY)
+UPSTREAM_ERROR_KINDS = ("connect_timeout", "first_byte_timeout", "unreachable", "protocol", "idle_timeout", "reset",
+                        "http_5xx")
+UPSTREAM_ERRORS = Counter("dicomweb_edge_upstream_errors_total",
+                          "Archive failures by kind: connect_timeout, first_byte_timeout, unreachable, protocol, "
+                          "idle_timeout, reset (mid-body), http_5xx.", ["archive", "kind"])
+UPSTREAM_BYTES = Counter("dicomweb_edge_upstream_received_bytes_total", "Response body bytes read from archives.",
+                         ["archive"])
 UPSTREAM_IN_FLIGHT = Gauge("dicomweb_edge_upstream_in_flight", "Requests in flight to each archive.",
                            ["archive"], multiprocess_mode="livesum")
 
@@ -55,10 +73,19 @@ SEARCH_PARTIAL = Counter("dicomweb_edge_search_partial_total",
                          ["archive", "reason"])
 
 
-CACHE_RESULTS = Counter("dicomweb_edge_cache_lookups_total", "Frame cache lookups by tier and result "
-                        "(hit, miss, corrupt).", ["tier", "result"])
-CACHE_BYTES_WRITTEN = Counter("dicomweb_edge_cache_written_bytes_total", "Bytes stored in the frame cache.",
+CACHE_KINDS = ("frame", "metadata", "search")
+CACHE_RESULTS = Counter("dicomweb_edge_cache_lookups_total", "Cache lookups by tier, kind (frame, metadata, "
+                        "search) and result (hit, miss, corrupt, write-failed).", ["tier", "kind", "result"])
+CACHE_SERVED_BYTES = Counter("dicomweb_edge_cache_hit_bytes_total", "Bytes found in the cache, by tier and kind.",
+                             ["tier", "kind"])
+CACHE_BYTES_WRITTEN = Counter("dicomweb_edge_cache_written_bytes_total", "Bytes stored in the cache, by tier.",
                               ["tier"])
+CACHE_EVICTIONS = Counter("dicomweb_edge_cache_evictions_total",
+                          "Entries dropped to stay within the size bound, by tier.", ["tier"])
+CACHE_MEMORY_BYTES = Gauge("dicomweb_edge_cache_memory_bytes", "Bytes held by the memory tiers, all workers.",
+                           multiprocess_mode="livesum")
+CACHE_MEMORY_ENTRIES = Gauge("dicomweb_edge_cache_memory_entries", "Entries held by the memory tiers, all workers.",
+                             multiprocess_mode="livesum")
 
 CACHE_WAITERS = Counter("dicomweb_edge_cache_singleflight_waiters_total",
                         "Frame requests that waited for a fetch already in flight instead of asking the archive.")
@@ -88,12 +115,49 @@ def child(metric: Any, *labels: str) -> Any:
     return found
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text for `/metrics` (all workers when running multi-process)."""
+class _Snapshot:
+    """Gauges read at scrape time from shared state (the disk tier is one directory for all workers)."""
+
+    def __init__(self, cache_stats: dict[str, int | bool] | None) -> None:
+        self.cache_stats = cache_stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info = GaugeMetricFamily("dicomweb_edge_build_info", "The running proxy's version.", labels=["version"])
+        info.add_metric([_version()], 1)
+        yield info
+        st = self.cache_stats
+        if st is None:
+            return
+        for name, doc, value in (
+            ("dicomweb_edge_cache_disk_entries", "Entries in the shared disk tier.", st["disk_entries"]),
+            ("dicomweb_edge_cache_disk_bytes", "Bytes used by the shared disk tier.", st["disk_bytes"]),
+            ("dicomweb_edge_cache_disk_limit_bytes", "Size bound of the shared disk tier.", st["disk_limit_bytes"]),
+            ("dicomweb_edge_cache_writable", "1 while the disk tier accepts writes (0 after a disk failure).",
+             int(st["writable"])),
+            ("dicomweb_edge_cache_filesystem_free_bytes", "Free bytes on the filesystem of the cache directory.",
+             st.get("filesystem_free_bytes", 0)),
+            ("dicomweb_edge_cache_filesystem_size_bytes", "Size of the filesystem of the cache directory.",
+             st.get("filesystem_size_bytes", 0)),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dicomweb-edge")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def render(cache_stats: dict[str, int | bool] | None = None) -> tuple[bytes, str]:
+    """The exposition text for `/metrics`: every worker's counters (multi-process mode), plus the
+    scrape-time gauges (`cache_stats` from `FrameCache.stats()`, when the cache is on)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
-
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    else:
+        from prometheus_client import REGISTRY as registry  # noqa: N811
+    snapshot = CollectorRegistry()
+    snapshot.register(_Snapshot(cache_stats))
+    return generate_latest(registry) + generate_latest(snapshot), CONTENT_TYPE_LATEST

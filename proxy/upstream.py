@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import metrics
+from . import logs, metrics
 from .config import ArchiveConfig
 from .dicomjson import UrlRewriter
 from .health import STATE_VALUE, Breaker
@@ -49,17 +49,21 @@ class UpstreamResponse:
         """The body as it arrives; UpstreamError(504) if the archive goes quiet for idle_read s."""
         idle = self.archive.config.timeouts.idle_read
         body = self._resp.iter_body()
+        received = metrics.child(metrics.UPSTREAM_BYTES, self.archive.name)
         while True:
             try:
                 async with asyncio.timeout(idle):
                     piece = await anext(body, None)
             except TimeoutError:
+                self.archive.count_error("idle_timeout")
                 raise UpstreamError(504, f"archive '{self.archive.name}' stalled for {idle:g}s mid-body") from None
             except (TransportError, OSError) as exc:
+                self.archive.count_error("reset")
                 raise UpstreamError(502, f"archive '{self.archive.name}' broke off the response ({exc})") from None
             if piece is None:
                 return
             self.bytes_read += len(piece)
+            received.inc(len(piece))
             yield piece
 
     async def read(self, limit: int) -> bytes:
@@ -86,8 +90,14 @@ class Archive:
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown)
         u = urlsplit(config.url)
         self._path = u.path.rstrip("/")
+        for kind in metrics.UPSTREAM_ERROR_KINDS:  # exported from the start, so that rate() sees the first
+            metrics.child(metrics.UPSTREAM_ERRORS, self.name, kind)
         self.pool = Pool(u.scheme, u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80),
                          max_connections=config.max_connections)
+
+    def count_error(self, kind: str) -> None:
+        """Count one failure of this archive by kind (a closed set; see metrics.UPSTREAM_ERRORS)."""
+        metrics.child(metrics.UPSTREAM_ERRORS, self.name, kind).inc()
 
     def _health(self, ok: bool) -> None:
         self.breaker.success() if ok else self.breaker.failure()
@@ -116,13 +126,17 @@ class Archive:
         try:
             return await self.pool.request(method, target, headers, body, t.connect, t.first_byte)
         except ConnectTimeout:
+            self.count_error("connect_timeout")
             raise UpstreamError(504, f"archive '{self.name}' did not connect within {t.connect:g}s") from None
         except FirstByteTimeout:
+            self.count_error("first_byte_timeout")
             raise UpstreamError(504, f"archive '{self.name}' did not answer within {t.first_byte:g}s "
                                      "(first-byte timeout)") from None
         except OSError as exc:
+            self.count_error("unreachable")
             raise UpstreamError(502, f"archive '{self.name}' is unreachable ({type(exc).__name__})") from None
         except TransportError as exc:
+            self.count_error("protocol")
             raise UpstreamError(502, f"archive '{self.name}' sent an invalid response ({exc})") from None
 
     @asynccontextmanager
@@ -138,6 +152,8 @@ class Archive:
         started = time.perf_counter()
         status = "error"
         metrics.child(metrics.UPSTREAM_IN_FLIGHT, self.name).inc()
+        if service != "probe":
+            logs.annotate("archive", self.name)
         try:
             try:
                 resp = await self._send(method, target, hdrs, body)
@@ -145,6 +161,8 @@ class Archive:
                 self._health(False)
                 raise
             status = str(resp.status)
+            if resp.status >= 500:
+                self.count_error("http_5xx")
             self._health(resp.status not in (502, 503, 504))
             metrics.child(metrics.UPSTREAM_TTFB, self.name, service).observe(time.perf_counter() - started)
             try:

@@ -192,6 +192,6 @@ def test_logs_carry_no_patient_data(proxy_a, faulty_proxy, dead_proxy, slices, d
     secrets += [str(ds.SOPInstanceUID) for ds in slices]
     for proxy in (proxy_a, faulty_proxy, dead_proxy):
         log = proxy.log_path.read_text(errors="replace")
-        assert "service=" in log  # the access log is on (INFO)
+        assert '"service":' in log  # the access log is on (INFO)
         leaked = [s for s in secrets if s in log]
         assert not leaked, f"{proxy.url} logged {leaked}"

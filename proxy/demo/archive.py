@@ -202,6 +202,7 @@ class SampleArchive:
         self.name = name
         self.faults = faults or Faults()
         self.requests: collections.Counter[str] = collections.Counter()
+        self.request_ids: collections.deque[str | None] = collections.deque(maxlen=100)  # X-Request-ID seen
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._app: Starlette | None = None
@@ -252,6 +253,7 @@ class SampleArchive:
                   *args: object) -> Callable[[Request], Awaitable[StreamingResponse]]:
         async def endpoint(request: Request) -> StreamingResponse:
             self.requests[kind] += 1
+            self.request_ids.append(request.headers.get("x-request-id"))
             if self.faults.status is not None:
                 return await self._respond(_error(self.faults.status, "fault injection", request))
             try:

@@ -1,0 +1,95 @@
+"""Logs: one JSON object per line (or plain text), each carrying the id of the request it belongs to.
+
+The access log is one record per request with what an operator needs (service, status, bytes in and
+out, duration, time to first byte, archive, cache result) and nothing of the patient: no path, no
+query, no UID, unless `log_patient_data` is switched on for debugging. Any other record logged while
+a request is being answered (an archive failure, a cache error) carries the same `request_id`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextvars import ContextVar
+from typing import Any
+
+from .config import Settings
+
+REQUEST: ContextVar[dict[str, Any] | None] = ContextVar("dicomweb_edge_request", default=None)
+"""The fields of the request being answered (set by the edge middleware, added to by the phases)."""
+
+access = logging.getLogger("dicomweb_edge.access")
+
+
+def annotate(key: str, value: str) -> None:
+    """Add a field to the current request's access record (several values of one key are joined by ',')."""
+    fields = REQUEST.get()
+    if fields is None:
+        return
+    old = fields.get(key)
+    if old is None:
+        fields[key] = value
+    elif value not in old.split(","):
+        fields[key] = f"{old},{value}"
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"ts": …, "level": …, "logger": …, "msg": …, "request_id": …, …}` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields is not None:
+            out.update(fields)
+        else:
+            current = REQUEST.get()
+            if current is not None:
+                out["request_id"] = current["request_id"]
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger message key=value …` for people reading a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if fields is None:
+            current = REQUEST.get()
+            fields = {"request_id": current["request_id"]} if current is not None else {}
+        extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return f"{line} {extra}" if extra else line
+
+
+def log_config(settings: Settings) -> dict[str, Any]:
+    """A `logging.config.dictConfig` document: our formatter for our loggers and uvicorn's, on stderr.
+
+    uvicorn applies it in every worker process, so all workers log the same way.
+    """
+    formatter = {"()": f"{__name__}.{'JsonFormatter' if settings.log_format == 'json' else 'TextFormatter'}"}
+    level = settings.log_level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"edge": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "edge", "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "dicomweb_edge": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "proxy": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "uvicorn": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "uvicorn.error": {"level": level},
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+        },
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
+    }
