@@ -229,6 +229,13 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={Problem: _problem, HTTPException: _http_error})
     app.state.ctx = ctx
+    if settings.cors_origins:  # a viewer served from another origin (viewer.py serves one same-origin)
+        from starlette.middleware.cors import CORSMiddleware
+
+        from .viewer import CORS_EXPOSED
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "HEAD", "POST"],
+                           allow_headers=["*"], expose_headers=CORS_EXPOSED, max_age=600)
     app.add_middleware(EdgeMiddleware, log_patient_data=settings.log_patient_data)
     return app
 

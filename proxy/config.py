@@ -77,6 +77,7 @@ class Settings:
     shutdown_grace: float = 30.0  # on SIGTERM, seconds in-flight responses get to finish before they are cut
     public_url: str | None = None
     trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
+    cors_origins: list[str] = field(default_factory=list)  # origins (or "*") whose pages may call the proxy
     cache_dir: str | None = None  # the frame cache is on when this is set
     cache_size_bytes: int = 10 * 1024**3  # disk tier bound (least recently used entries go first)
     memory_cache_bytes: int = 256 * 1024**2  # in-process tier bound, per worker
@@ -196,7 +197,7 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
                 out[f.name] = float(value)
             except ValueError:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a number: {value!r}") from None
-        elif f.name == "trusted_proxies":
+        elif f.name in ("trusted_proxies", "cors_origins"):
             out[f.name] = [v.strip() for v in value.split(",") if v.strip()]
         else:
             out[f.name] = value
@@ -232,6 +233,10 @@ def validate(s: Settings) -> None:
         if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
             raise ConfigError(f"public_url {s.public_url!r} must be an absolute http(s) URL with no query")
         s.public_url = s.public_url.rstrip("/")
+    for origin in s.cors_origins:
+        u = urlsplit(origin)
+        if origin != "*" and (u.scheme not in ("http", "https") or not u.netloc or u.path or u.query or u.fragment):
+            raise ConfigError(f"cors_origins: {origin!r} must be '*' or an origin like https://viewer.example.org")
     if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
         raise ConfigError(f"viewer dir {s.viewer_dir!r} has no index.html: expected a built OHIF dist/ "
                           "(./scripts/fetch-ohif.sh fetches one)")
@@ -288,7 +293,7 @@ def describe(s: Settings) -> str:
     lines = ["[server]"]
     for k in ("host", "port", "workers", "shutdown_grace", "public_url", "trusted_proxies", "log_level", "log_format",
               "log_patient_data", "health_interval",
-              "locator_ttl", "search_cache_ttl", "max_search_results"):
+              "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
               f"memory_bytes = {s.memory_cache_bytes}",

@@ -140,3 +140,35 @@ def test_serve_viewer_flag(dist, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--upstream", "a=http://127.0.0.1:9/x",
                           "--viewer", str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "no index.html" in bad.stderr
+
+
+def test_cors_for_a_viewer_on_another_origin(dist):
+    viewer = "https://viewer.example.org"
+    with _client(dist, cors_origins=[viewer]) as c:
+        pre = c.options("/dicomweb/studies", headers={"Origin": viewer, "Access-Control-Request-Method": "GET",
+                                                      "Access-Control-Request-Headers": "accept, x-request-id"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == viewer
+        assert "GET" in pre.headers["access-control-allow-methods"]
+        assert {"accept", "x-request-id"} <= set(pre.headers["access-control-allow-headers"].lower().split(", "))
+        r = c.get("/healthz", headers={"Origin": viewer})
+        assert r.headers["access-control-allow-origin"] == viewer and "origin" in r.headers["vary"].lower()
+        assert "warning" in r.headers["access-control-expose-headers"].lower()
+        # Any other origin gets no grant: the browser keeps its pages away from the answers.
+        r = c.get("/healthz", headers={"Origin": "https://elsewhere.example.org"})
+        assert "access-control-allow-origin" not in r.headers
+        pre = c.options("/dicomweb/studies", headers={"Origin": "https://elsewhere.example.org",
+                                                      "Access-Control-Request-Method": "GET"})
+        assert pre.status_code == 400 and "access-control-allow-origin" not in pre.headers
+    with _client(dist) as c:  # off unless configured
+        assert "access-control-allow-origin" not in c.get("/healthz", headers={"Origin": viewer}).headers
+
+
+@pytest.mark.parametrize("origin", ["viewer.example.org", "https://viewer.example.org/app", "ftp://x"])
+def test_cors_origins_are_validated(origin):
+    with pytest.raises(ConfigError, match="cors_origins"):
+        load(None, {"cors_origins": [origin], "archives": [{"name": "a", "url": "http://127.0.0.1:9/x"}]},
+             environ={})
+    s = load(None, {"archives": [{"name": "a", "url": "http://127.0.0.1:9/x"}]},
+             environ={"DICOMWEB_EDGE_CORS_ORIGINS": "https://a.example, http://localhost:3000"})
+    assert s.cors_origins == ["https://a.example", "http://localhost:3000"]

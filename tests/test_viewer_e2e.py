@@ -22,7 +22,7 @@ import pytest
 from federation_support import held
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from support import REPO_ROOT, ProxyProcess, missing, split_multipart
+from support import REPO_ROOT, ProxyProcess, free_port, missing, split_multipart
 
 from proxy.demo.synth import Patient, Study, multiframe_jpeg
 from proxy.viewer import ViewerError, fetched_viewer_dir
@@ -264,3 +264,25 @@ def test_second_viewing_is_served_from_the_cache(browser, proxy, demo_data, tran
     after = metrics(proxy)
     assert upstream_frame_requests(after) == upstream_frame_requests(before), "archives were asked for frames"
     assert cache_hits(after) - cache_hits(before) >= served
+
+
+def test_viewer_on_another_origin_reads_through_cors(browser, tmp_path, orthanc_a, orthanc_b, viewer_dir,
+                                                     demo_data, transfer_syntaxes):
+    """The page comes from http://localhost:PORT, its data source is http://127.0.0.1:PORT (public_url):
+    a different origin, so every DICOMweb request is a CORS request the proxy must grant."""
+    port = free_port()
+    page_origin = f"http://localhost:{port}"
+    with ProxyProcess({"a": orthanc_a.dicomweb_url, "b": orthanc_b.dicomweb_url}, tmp_path, port=port,
+                      extra_args=["--viewer", str(viewer_dir), "--public-url", f"http://127.0.0.1:{port}"],
+                      env={"DICOMWEB_EDGE_CORS_ORIGINS": page_origin}) as p:
+        v = Viewing(browser, page_origin)
+        try:
+            study = demo_data.uids["multiframe_study"]
+            v.open_study(study)
+            calls = [r for r in v.responses if "/dicomweb/" in r.url]
+            assert calls and all(r.url.startswith(p.url + "/dicomweb/") for r in calls)  # cross-origin, all
+            assert all(r.headers.get("access-control-allow-origin") == page_origin for r in calls)
+            assert check_frames(v, study, transfer_syntaxes) >= 1
+            assert v.errors == []
+        finally:
+            v.close()
