@@ -25,7 +25,7 @@ from pathlib import Path
 
 from stack import REPO, WORK, ForeignCpu, Stack, code_state, on_sigterm, replace_section, tail, versions, wire_size
 
-SERVERS = ("orthanc", "proxy", "nginx")
+SERVERS = ("orthanc", "proxy", "nginx-proxy", "nginx")
 TARGETS = ("qido", "frame", "series")
 SECTION = "## Transparent proxy (issue 2)"
 SERIES_MAX_CONC = 4  # 32 connections each pulling 105 MB would only measure memory and the scheduler
@@ -150,8 +150,17 @@ def summarize(runs: list[dict], expected: int) -> dict:
 def ratios(cells: dict[tuple[str, int, str], dict]) -> list[tuple[str, str, str, str]]:
     """(metric, value, target, verdict) for what issue 2 tracks."""
     rows = []
-    for (target, conc, server), proxy in sorted(cells.items()):
-        if server != "proxy" or (target, conc, "orthanc") not in cells:
+    for (target, conc, server), proxy in sorted(cells.items(), key=lambda kv: (kv[0][2] != "proxy", kv[0])):
+        if server not in ("proxy", "nginx-proxy") or (target, conc, "orthanc") not in cells:
+            continue
+        if server == "nginx-proxy":  # the reference: what a C reverse proxy costs on the same hop
+            direct = cells[(target, conc, "orthanc")]
+            if target == "series":
+                value = f"{proxy['mbs'] / direct['mbs']:.2f} ({proxy['mbs']:,.0f} / {direct['mbs']:,.0f})"
+                rows.append((f"reference: series MB/s nginx proxy_pass / direct, c={conc}", value, "", "—"))
+            elif conc == 1:
+                rows.append((f"reference: {target} added p50 nginx proxy_pass − direct, c=1",
+                             f"{proxy['p50'] - direct['p50']:+.2f} ms", "", "—"))
             continue
         direct = cells[(target, conc, "orthanc")]
         if proxy["flags"] or direct["flags"]:
@@ -206,7 +215,9 @@ def render(args: argparse.Namespace, st: Stack, runs: list[dict], cells: dict, i
         "p50 and p99; req/s also as (min–max). wrk, Orthanc, the proxy and nginx share the cores. "
         f"Study: {args.slices} CT slices 512×512; body sizes from Orthanc: "
         + ", ".join(f"{t} {n:,} B" for t, n in st.body_sizes.items() if t in args.only) + ". "
-        "nginx (2 workers, sendfile) serves those exact bodies as static files. "
+        "nginx (2 workers, sendfile) serves those exact bodies as static files; 'nginx-proxy' is the same nginx "
+        "as a reverse proxy (proxy_pass, kept-alive upstream connections, default buffering) in front of the "
+        "same Orthanc: the cost of one more hop through a C proxy on this machine. "
         "'bytes/req / expected' compares wrk's bytes per completed request with one response as read on the "
         "wire from that server (the proxy re-frames multipart under its own boundary and chunked encoding, "
         "so its size differs slightly)."
@@ -246,7 +257,7 @@ def proxy_problems(log: Path) -> tuple[int, str]:
     if not log.exists():
         return 0, ""
     bad = sum(1 for ln in log.read_text(errors="replace").splitlines()
-              if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", ln))
+              if re.search(r'\b(WARNING|ERROR|CRITICAL)\b|"level":"(warning|error|critical)"|Traceback', ln))
     return bad, tail(log, 30) if bad else ""
 
 

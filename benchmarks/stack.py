@@ -145,7 +145,7 @@ class Stack:
         self.orthanc: OrthancServer | None = None
         self.proxy: subprocess.Popen | None = None
         self.nginx: subprocess.Popen | None = None
-        self.proxy_port = self.nginx_port = 0
+        self.proxy_port = self.nginx_port = self.nginx_proxy_port = 0
         self.uids: dict[str, str] = {}
         self.targets: dict[str, Target] = {}
         self.body_sizes: dict[str, int] = {}
@@ -238,6 +238,8 @@ class Stack:
         for d in (ngx / "tmp", static):
             d.mkdir(parents=True)
         locations = []
+        up = self.orthanc.dicomweb_url.split("/")[2]
+        self.nginx_proxy_port = free_port()
         for t in self.targets.values():
             headers = {"Accept": t.accept} if t.accept else {}
             r = httpx.get(self.orthanc.dicomweb_url + t.path, headers=headers, timeout=120, trust_env=False)
@@ -250,17 +252,20 @@ class Stack:
         self.nginx_port = free_port()
         conf = ngx / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=ngx, static=static, port=self.nginx_port,
-                                          locations="\n".join(locations)))
+                                          locations="\n".join(locations), upstream=up,
+                                          proxy_port=self.nginx_proxy_port))
         log = ngx / "stdout.log"
         self.nginx = spawn(self.stack, ["nginx", "-e", str(ngx / "error.log"), "-p", str(ngx), "-c", str(conf)], log)
         wait_http(f"http://127.0.0.1:{self.nginx_port}/qido", self.nginx, "nginx", ngx / "error.log")
 
     def url(self, server: str, target: str) -> str:
-        """The URL of `target` on `server` (orthanc, proxy or nginx)."""
+        """The URL of `target` on `server` (orthanc, proxy, nginx-proxy or nginx)."""
         assert self.orthanc is not None
         path = self.targets[target].path
         if server == "orthanc":
             return self.orthanc.dicomweb_url + path
+        if server == "nginx-proxy":
+            return f"http://127.0.0.1:{self.nginx_proxy_port}/{self.orthanc.dicomweb_url.split('/', 3)[3]}{path}"
         if server == "proxy":
             return f"http://127.0.0.1:{self.proxy_port}/dicomweb{path}"
         return f"http://127.0.0.1:{self.nginx_port}/{target}"
@@ -293,6 +298,16 @@ http {{
     listen 127.0.0.1:{port};
     root {static};
 {locations}
+  }}
+  # The reference reverse proxy: nginx proxy_pass in front of the same Orthanc (kept-alive upstream
+  # connections, default buffering), to show what one more hop costs on this machine with a C proxy.
+  upstream orthanc {{ server {upstream}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{proxy_port};
+    location / {{
+      proxy_pass http://orthanc; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_buffers 64 64k; proxy_max_temp_file_size 0; proxy_read_timeout 120s;
+    }}
   }}
 }}
 """
