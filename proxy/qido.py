@@ -199,7 +199,7 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
     no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
     cached, mark = await ctx.searches.get(key, SINGLE, fresh=no_cache) if key is not None else (None, None)
     if key is not None and not no_cache:
-        metrics.child(metrics.CACHE_RESULTS, "memory", "search", "miss" if cached is None else "hit").inc()
+        metrics.child(metrics.CACHE_RESULTS, mark.tier, "search", "miss" if cached is None else "hit").inc()
     if cached is not None:
         response = _answer(*cached)
         response.headers["X-Cache"] = "HIT"
@@ -284,7 +284,7 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
     cached, mark = await ctx.searches.get(key, FEDERATED, fresh=no_cache)
     hit = cached is not None
     if not no_cache:
-        metrics.child(metrics.CACHE_RESULTS, "memory", "search", "miss" if cached is None else "hit").inc()
+        metrics.child(metrics.CACHE_RESULTS, mark.tier, "search", "miss" if cached is None else "hit").inc()
     if cached is None:
         asked = [a for a in ctx.archives if a.breaker.allow()]
         warnings = [f"299 dicomweb-edge: archive '{a.name}' was skipped (circuit open); "

@@ -32,6 +32,7 @@ class Mark:
 
     local: int
     shared: int | None
+    tier: str = "memory"  # where the value of the lookup was found (or would have been): memory or shared
 
 
 class SearchCache:
@@ -77,7 +78,7 @@ class SearchCache:
                 found = None
             if found is not None and mark == self.generation:
                 self._store(key, found, min(left, self.ttl))
-        return found, Mark(mark, shared_gen)
+        return found, Mark(mark, shared_gen, "shared" if found is not None else "memory")
 
     async def put(self, key: Any, value: Any, mark: Mark, codec: Codec) -> None:
         """Remember `value` under `key` unless a store came after `mark` (a TTL of 0 disables the cache)."""

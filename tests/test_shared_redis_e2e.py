@@ -226,6 +226,7 @@ def test_search_answers_are_shared_and_a_store_through_either_replica_stales_the
     assert study_uids(shared) == held and shared.headers.get("x-cache") == "HIT"
     assert counts(archives) == before, "replica 2 asked an archive for an answer replica 1 had shared"
     assert metric(two, "dicomweb_edge_upstream_requests_total", service="qido") == searches_before
+    assert metric(two, "dicomweb_edge_cache_lookups_total", tier="shared", kind="search", result="hit") == 1
 
     # A store through replica 2: replica 1's own answer (in its memory, kept 300 s) must go too.
     added = new_study("PIDR9", seed=9)
