@@ -226,7 +226,16 @@ def test_ct_study_is_drawn(viewing, proxy, demo_data, transfer_syntaxes):
     assert check_frames(viewing, study, transfer_syntaxes) >= 1
     thumbnails = viewing.dicomweb("/thumbnail")
     assert thumbnails and all(r.status == 200 and r.headers["content-type"] == "image/jpeg" for r in thumbnails)
-    shot(viewing.page, "ct.png")
+    # Scroll to slice 6 (slice 1 has a deliberately odd RescaleSlope and shows white at the CT window).
+    n = sum(1 for ds in demo_data.archive_a if ds.StudyInstanceUID == study)
+    page = viewing.page
+    box = page.locator("canvas.cornerstone-canvas").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    for _ in range(5):
+        page.mouse.wheel(0, 100)
+    page.get_by_text(f"(6/{n})").wait_for(timeout=LOAD_TIMEOUT * 1000)
+    wait_for_pixels(page)
+    shot(page, "ct.png")
     assert viewing.errors == []
 
 
@@ -286,3 +295,22 @@ def test_viewer_on_another_origin_reads_through_cors(browser, tmp_path, orthanc_
             assert v.errors == []
         finally:
             v.close()
+
+
+def test_bulkdata_single_part_as_ohif_asks(proxy, demo_data):
+    """OHIF 3.13 fetches bulk data with `multipart: false` (Accept: <type>, application/octet-stream) and
+    points media elements at the BulkDataURI with `?accept=<type>` appended: both must be single-part."""
+    import httpx
+
+    mf = demo_data.archive_b[0]
+    assert int(mf.NumberOfFrames) > 1
+    base = f"{proxy.dicomweb_url}/studies/{mf.StudyInstanceUID}/series/{mf.SeriesInstanceUID}"
+    with httpx.Client(trust_env=False, timeout=30) as c:
+        meta = c.get(f"{base}/metadata").json()
+        [uri] = [m["7FE00010"]["BulkDataURI"] for m in meta if m["00080018"]["Value"][0] == mf.SOPInstanceUID]
+        assert uri.startswith(proxy.dicomweb_url + "/")
+        for r in (c.get(uri, headers={"Accept": "video/mp4, application/octet-stream"}),
+                  c.get(uri + "?accept=application/octet-stream", headers={"Accept": "*/*"})):
+            assert r.status_code == 200
+            assert r.headers["content-type"] == "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
+            assert r.content == mf.PixelData
