@@ -127,10 +127,11 @@ def test_each_study_lands_on_one_replica_and_studies_spread_over_both(front, arc
             assert sorted(delta) == [0, len(paths)], f"study {study[-8:]}: requests per replica {delta}"
             landed[study], before = delta.index(len(paths)), after
         assert set(landed.values()) == {0, 1}, "every study hashed to the same replica"
-        for study in list(archive.instances)[:4]:  # again: the same replica as the first time
+        for study in list(archive.instances)[:4]:  # again, and through /upstreams/{name}: the same replica
             before = [answered(r) for r in replicas]
             assert client.get(f"/studies/{study}/metadata").status_code == 200
-            assert [answered(r) - b for r, b in zip(replicas, before, strict=True)].index(1) == landed[study]
+            assert client.get(f"{url}/upstreams/a/dicomweb/studies/{study}/metadata").status_code == 200
+            assert [answered(r) - b for r, b in zip(replicas, before, strict=True)].index(2) == landed[study]
 
 
 def test_searches_without_a_study_are_spread(front):
