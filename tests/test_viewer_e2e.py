@@ -314,3 +314,52 @@ def test_bulkdata_single_part_as_ohif_asks(proxy, demo_data):
             assert r.status_code == 200
             assert r.headers["content-type"] == "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
             assert r.content == mf.PixelData
+
+
+def test_demo_viewer_opens_the_federated_sample_archives(browser, viewer_dir, tmp_path):
+    """`dicomweb-edge demo --viewer` prints the viewer's URL; there, both archives' studies are listed."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--ct-slices", "5",
+                             "--viewer"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        while not any("Press Ctrl-C" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        url = re.search(r"viewer \(OHIF\): (http://\S+)", "".join(lines)).group(1)
+        deadline = time.monotonic() + 30
+        while True:  # the banner comes just before uvicorn binds
+            try:
+                if httpx.get(url + "healthz", trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the demo's proxy did not come up"
+            time.sleep(0.1)
+        v = Viewing(browser, url.rstrip("/"))
+        try:
+            v.page.goto(url)
+            rows = v.page.locator("tbody tr:not([data-filter-row])")
+            for text in ("DOE, JOHN", "ROE, RICHARD", "SMITH, JANE", "Müller, Jörg", "POE, EDGAR"):
+                rows.filter(has_text=text).first.wait_for(timeout=LOAD_TIMEOUT * 1000)
+            assert rows.count() == 5  # A: CT, slide, split; B: multi-frame, non-Latin, split (once)
+            assert v.errors == []
+        finally:
+            v.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    bad = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--port", str(free_port()), "--viewer",
+                          str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no index.html" in bad.stderr
