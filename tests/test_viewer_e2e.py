@@ -126,6 +126,15 @@ def viewing(browser, proxy) -> Iterator[Viewing]:
     v.close()
 
 
+@pytest.fixture(scope="module")
+def ct_viewing(browser, proxy, demo_data) -> Iterator[Viewing]:
+    """The CT study opened once (the first viewing: frames come from the archives or the prefetch)."""
+    v = Viewing(browser, proxy.url)
+    v.open_study(demo_data.uids["ct_study"])
+    yield v
+    v.close()
+
+
 def drawn_fraction(png: bytes) -> float:
     """Share of pixels in the middle half of a viewport screenshot that are not black (overlay text
     sits in the corners)."""
@@ -220,9 +229,9 @@ def test_study_list_shows_every_study_of_both_archives_once(viewing, proxy, orth
     assert viewing.errors == []
 
 
-def test_ct_study_is_drawn(viewing, proxy, demo_data, transfer_syntaxes):
+def test_ct_study_is_drawn(ct_viewing, demo_data, transfer_syntaxes):
+    viewing = ct_viewing
     study = demo_data.uids["ct_study"]
-    viewing.open_study(study)
     assert check_frames(viewing, study, transfer_syntaxes) >= 1
     thumbnails = viewing.dicomweb("/thumbnail")
     assert thumbnails and all(r.status == 200 and r.headers["content-type"] == "image/jpeg" for r in thumbnails)
@@ -255,13 +264,8 @@ def test_compressed_study_is_drawn(viewing, compressed, transfer_syntaxes):
     assert viewing.errors == []
 
 
-def test_second_viewing_is_served_from_the_cache(browser, proxy, demo_data, transfer_syntaxes):
+def test_second_viewing_is_served_from_the_cache(browser, proxy, demo_data, transfer_syntaxes, ct_viewing):
     study = demo_data.uids["ct_study"]
-    first = Viewing(browser, proxy.url)
-    try:
-        first.open_study(study)
-    finally:
-        first.close()
     before = metrics(proxy)
     second = Viewing(browser, proxy.url)
     try:
