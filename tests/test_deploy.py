@@ -360,3 +360,23 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path):
     assert stop > 30, "TimeoutStopSec must outlast the default shutdown_grace (30 s)"
     assert re.search(r"(?m)^KillMode=mixed$", text), "SIGTERM to the main process only; it stops its workers"
     assert re.search(r"(?m)^DynamicUser=yes$", text) and re.search(r"(?m)^CacheDirectory=dicomweb-edge$", text)
+
+
+def test_the_kubernetes_front_config_passes_nginx_t(tmp_path):
+    """nginx -t on front.yaml's config; `resolve`, `zone` and `resolver` (nginx >= 1.27.3) are taken out
+    for Debian's older nginx, and the Service name becomes an address (nginx -t resolves names)."""
+    nginx = require_binary("nginx")
+    conf = one("ConfigMap", "dicomweb-edge-front")["data"]["default.conf"]
+    conf, n = re.subn(r"server \S+\.svc\.cluster\.local:(\d+) resolve ", r"server 127.0.0.1:\1 ", conf)
+    assert n == 1
+    conf = re.sub(r"(?m)^\s*(resolver|zone) [^\n]*;\n", "", conf)
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "default.conf").write_text(conf)
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n  client_body_temp_path {tmp_path}/tmp; proxy_temp_path {tmp_path}/tmp;\n"
+        f"  fastcgi_temp_path {tmp_path}/tmp; uwsgi_temp_path {tmp_path}/tmp; scgi_temp_path {tmp_path}/tmp;\n"
+        f"  include {tmp_path}/default.conf;\n}}\n")
+    result = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c",
+                             str(tmp_path / "nginx.conf")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
