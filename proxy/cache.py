@@ -193,13 +193,13 @@ class FrameCache:
             self.memory_bytes = 0
             self._gauge_memory()
 
-    def _get(self, key: str) -> tuple[bytes, int] | None:
+    def _get(self, key: str, kind: str = "frame") -> tuple[bytes, int] | None:
         self._sync_purges()
         found = self.memory.get(key)
         if found is not None:
             self.memory.move_to_end(key)
-            metrics.child(metrics.CACHE_RESULTS, "memory", "frame", "hit").inc()
-            metrics.child(metrics.CACHE_SERVED_BYTES, "memory", "frame").inc(len(found[0]))
+            metrics.child(metrics.CACHE_RESULTS, "memory", kind, "hit").inc()
+            metrics.child(metrics.CACHE_SERVED_BYTES, "memory", kind).inc(len(found[0]))
             return found
         try:
             blob = self.disk.get(key)
@@ -207,16 +207,16 @@ class FrameCache:
             log.warning("cache read failed", exc_info=True)
             return None
         if blob is None:
-            metrics.child(metrics.CACHE_RESULTS, "disk", "frame", "miss").inc()
+            metrics.child(metrics.CACHE_RESULTS, "disk", kind, "miss").inc()
             return None
         payload = _unpack(blob)
         if payload is None:
             log.warning("cache entry failed its length/checksum test and was evicted")
-            metrics.child(metrics.CACHE_RESULTS, "disk", "frame", "corrupt").inc()
+            metrics.child(metrics.CACHE_RESULTS, "disk", kind, "corrupt").inc()
             self.disk.delete(key)
             return None
-        metrics.child(metrics.CACHE_RESULTS, "disk", "frame", "hit").inc()
-        metrics.child(metrics.CACHE_SERVED_BYTES, "disk", "frame").inc(len(payload))
+        metrics.child(metrics.CACHE_RESULTS, "disk", kind, "hit").inc()
+        metrics.child(metrics.CACHE_SERVED_BYTES, "disk", kind).inc(len(payload))
         crc = _HEADER.unpack_from(blob)[2]
         self._remember(key, payload, crc)
         return payload, crc
@@ -252,6 +252,46 @@ class FrameCache:
             return
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
         self.cull()
+
+    def get_entry(self, key: str, kind: str) -> tuple[bytes, int] | None:
+        """Any other cached entry (objects.py builds the keys): (payload, CRC-32), or None."""
+        return self._get(key, kind)
+
+    def put_entry(self, key: str, payload: bytes) -> bool:
+        """Make an entry visible in this process at once; True if it should also go to disk."""
+        if len(payload) > self.max_entry:
+            return False
+        self._remember(key, payload)
+        return self.writable
+
+    def write_entries(self, entries: list[tuple[str, bytes]], kind: str, study: str) -> None:
+        """Store entries in the shared disk tier, tagged `obj:{study}` (blocking: call it off the loop)."""
+        try:
+            for key, payload in entries:
+                self.disk.set(key, _pack(payload), tag=f"obj:{study}")
+        except DISK_ERRORS:
+            self.writable = False
+            metrics.child(metrics.CACHE_RESULTS, "disk", kind, "write-failed").inc()
+            log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
+            return
+        metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(sum(len(p) for _, p in entries))
+        self.cull()
+
+    def forget_objects(self, study: str) -> int:
+        """A store changed the study: drop its rendered images, thumbnails, bulk data and instances from
+        every tier of every worker (frames stay: a SOP's pixels do not change). Blocking."""
+        try:
+            removed = int(self.disk.evict(f"obj:{study}"))
+        except Exception:
+            log.warning("could not drop cached objects", exc_info=True)
+            return 0
+        if removed:
+            self.disk.incr(GENERATION, default=0)  # other workers clear their memory tier within a second
+            self._generation = self._read_generation()
+            self.memory.clear()
+            self.memory_bytes = 0
+            self._gauge_memory()
+        return removed
 
     def cull(self) -> int:
         """Evict least-recently-used entries until the disk tier is within its size bound (counted)."""
@@ -297,7 +337,8 @@ class FrameCache:
 
     def purge(self, study: str | None = None) -> int:
         """Drop one study's entries (or everything) from every tier of every worker; how many went."""
-        removed = (self.disk.evict(study) + self.disk.evict(f"json:{study}")) if study else self.disk.clear()
+        removed = (self.disk.evict(study) + self.disk.evict(f"json:{study}") + self.disk.evict(f"obj:{study}")
+                   if study else self.disk.clear())
         self.disk.incr(GENERATION, default=0)
         self._generation = self._read_generation()
         self.memory.clear()

@@ -73,9 +73,10 @@ SEARCH_PARTIAL = Counter("dicomweb_edge_search_partial_total",
                          ["archive", "reason"])
 
 
-CACHE_KINDS = ("frame", "metadata", "search")
+CACHE_KINDS = ("frame", "metadata", "search", "instance", "bulkdata", "rendered", "thumbnail")
 CACHE_RESULTS = Counter("dicomweb_edge_cache_lookups_total", "Cache lookups by tier, kind (frame, metadata, "
-                        "search) and result (hit, miss, corrupt, write-failed).", ["tier", "kind", "result"])
+                        "search, instance, bulkdata, rendered, thumbnail) and result (hit, miss, corrupt, "
+                        "write-failed).", ["tier", "kind", "result"])
 CACHE_SERVED_BYTES = Counter("dicomweb_edge_cache_hit_bytes_total", "Bytes found in the cache, by tier and kind.",
                              ["tier", "kind"])
 CACHE_BYTES_WRITTEN = Counter("dicomweb_edge_cache_written_bytes_total", "Bytes stored in the cache, by tier.",

@@ -137,9 +137,10 @@ class Reframer:
     def header(self, part: PartOut, archive: Archive) -> bytes:
         """Our delimiter and headers for `part`."""
         loc = part.location
-        if loc:
-            loc = archive.rewriter.rewrite_url(loc, self.base)
-        elif self.locations and self.count < len(self.locations):
+        if loc:  # the archive's own URL, pointed at the proxy; any other location is not passed on (SSRF)
+            rest = archive.rewriter.archive_path(loc)
+            loc = None if rest is None else self.base + archive.rewriter.proxy_path(rest)
+        if not loc and self.locations and self.count < len(self.locations):
             loc = self.locations[self.count]
         self.count += 1
         return self.writer.part(part.content_type, loc, part.length)
@@ -198,17 +199,54 @@ class Reframer:
         return self.writer.close()
 
 
-async def payload(events: PartEvents, first: PartOut) -> AsyncIterator[bytes | memoryview]:
-    """The payload of one part, as a single-part body."""
+Keep = Callable[[str, list[bytes | memoryview]], None]
+KEEP_LIMIT = 64 * 1024 * 1024  # larger payloads are passed on, not collected for a cache
+
+
+class Kept:
+    """Collects a payload passing through, for a cache: given to `keep` only if it completed."""
+
+    def __init__(self, keep: Keep | None, content_type: str) -> None:
+        self.keep = keep
+        self.content_type = content_type
+        self.pieces: list[bytes | memoryview] | None = [] if keep is not None else None
+        self.size = 0
+
+    def add(self, piece: bytes | memoryview) -> None:
+        """One more piece of the payload."""
+        if self.pieces is not None:
+            self.size += len(piece)
+            if self.size > KEEP_LIMIT:
+                self.pieces = None
+            else:
+                self.pieces.append(piece)
+
+    def done(self) -> None:
+        """The payload is complete: hand it over (once)."""
+        if self.keep is not None and self.pieces is not None:
+            self.keep(self.content_type, self.pieces)
+        self.pieces = None
+
+
+async def payload(events: PartEvents, first: PartOut, keep: Keep | None = None) -> AsyncIterator[bytes | memoryview]:
+    """The payload of one part, as a single-part body; `keep` gets the whole payload once the part
+    ended cleanly (never a truncated one)."""
+    kept = Kept(keep, first.content_type)
     try:
         for ev in first.held:
             if isinstance(ev, PartEnd | PartHeaders):
+                if isinstance(ev, PartEnd):
+                    kept.done()
                 return
+            kept.add(ev)  # type: ignore[arg-type]
             yield ev
         while True:
             ev = await events.next()
             if ev is None or isinstance(ev, PartEnd | PartHeaders):
+                if isinstance(ev, PartEnd):
+                    kept.done()
                 return
+            kept.add(ev)
             yield ev
     except (MultipartError, UpstreamError) as exc:
         raise StreamAborted(f"archive '{events.archive.name}': {exc}") from None

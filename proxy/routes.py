@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import compose, qido, stow, wado
+from . import compose, objects, qido, stow, wado
 from . import frames as frame_cache
 from .context import Context
 from .dicomjson import BadToken, decode_token
@@ -78,8 +78,9 @@ async def search(request: Request) -> Response:
 async def retrieve(request: Request) -> Response:
     """Study, series or instance retrieve."""
     t = target(request)
-    kind = Resource.INSTANCE if t.instance else Resource.INSTANCES
-    return await wado.retrieve(request, _ctx(request), t, kind, "instance")
+    if t.instance:
+        return await objects.instance(request, _ctx(request), t)
+    return await wado.retrieve(request, _ctx(request), t, Resource.INSTANCES, "instance")
 
 
 async def metadata(request: Request) -> Response:
@@ -94,12 +95,12 @@ async def frames(request: Request) -> Response:
 
 async def rendered(request: Request) -> Response:
     """Rendered study, series, instance or frames."""
-    return await wado.rendered(request, _ctx(request), target(request), thumbnail=False)
+    return await objects.rendered(request, _ctx(request), target(request), thumbnail=False)
 
 
 async def thumbnail(request: Request) -> Response:
     """Thumbnail of a study, series, instance or frames."""
-    return await wado.rendered(request, _ctx(request), target(request), thumbnail=True)
+    return await objects.rendered(request, _ctx(request), target(request), thumbnail=True)
 
 
 async def bulk(request: Request) -> Response:
@@ -109,8 +110,7 @@ async def bulk(request: Request) -> Response:
     if not TAG_PATH.match(tags):
         raise Problem(400, "malformed bulk data path")
     location = external_base(request, _ctx(request).settings) + request.url.path
-    return await wado.retrieve(request, _ctx(request), t, Resource.BULKDATA, "bulkdata",
-                               upstream_path=f"{t.path()}/bulk/{tags}", location=location)
+    return await objects.bulk(request, _ctx(request), t, tags, location)
 
 
 async def opaque_bulk(request: Request) -> Response:
@@ -123,8 +123,8 @@ async def opaque_bulk(request: Request) -> Response:
         remainder = decode_token(request.path_params["token"])
     except BadToken as exc:
         raise Problem(400, str(exc)) from None
-    return await wado.retrieve(request, ctx, Target(""), Resource.BULKDATA, "bulkdata",
-                               upstream_path=remainder, archives=[archive])
+    location = external_base(request, ctx.settings) + request.url.path
+    return await objects.opaque_bulk(request, ctx, archive.name, remainder, location)
 
 
 async def pixeldata(request: Request) -> Response:

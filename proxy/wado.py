@@ -22,7 +22,7 @@ from .cache import Fetching, learn_instance
 from .context import Context
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
 from .multipart import MultipartError
-from .reframe import PartEvents, Reframer, label, payload
+from .reframe import Keep, Kept, PartEvents, Reframer, label, payload
 from .responses import Problem, StreamAborted, StreamResponse
 from .upstream import Archive, UpstreamError, UpstreamResponse
 from .urls import dicomweb_base
@@ -137,8 +137,9 @@ def upstream_problem(resp: UpstreamResponse, sel: Selection | None) -> Problem:
 
 async def retrieve(request: Request, ctx: Context, target: Target, resource: Resource, service: str,
                    upstream_path: str | None = None, archives: list[Archive] | None = None,
-                   location: str | None = None) -> StreamResponse:
-    """Study, series, instance, frames and bulk data retrieve, streamed."""
+                   location: str | None = None, keep: Keep | None = None) -> StreamResponse:
+    """Study, series, instance, frames and bulk data retrieve, streamed. `keep` (one instance or bulk
+    data element) is given the content type and payload of the part once it passed through whole."""
     one_frame = resource is Resource.FRAMES and target.frames is not None and len(target.frames) == 1
     single_item = resource in (Resource.INSTANCE, Resource.BULKDATA) or one_frame
     sel = select(request, resource, single_item)
@@ -167,7 +168,7 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
             headers = [("Content-Type", resp.content_type or sel.media_type), VARY]
             if "Content-Length" in resp.headers:
                 headers.append(("Content-Length", resp.headers["Content-Length"]))
-            return StreamResponse(200, headers, _passthrough(resp), stack.aclose)
+            return StreamResponse(200, headers, _passthrough(resp, keep), stack.aclose)
         locations = None
         if target.frames:
             locations = [f"{base}{Target(target.study, target.series, target.instance, (n,)).path()}"
@@ -175,8 +176,9 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
         elif location:
             locations = [location]
         reframer = Reframer(sel, base, locations)
-        if ctx.cache is not None and fetching is not None:
-            reframer.tee = partial(learn_instance, ctx.cache, fetching=fetching)
+        learn = partial(learn_instance, ctx.cache, fetching=fetching) \
+            if ctx.cache is not None and fetching is not None else None
+        reframer.tee = _both(learn, keep) if learn and keep else learn or keep
         events = PartEvents(resp) if resp.status < 300 else None
         first_headers = await events.first() if events else None
         try:
@@ -193,7 +195,7 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
                 headers.append(("Content-Location", location))
             if not first.held and first.length is not None:
                 headers.append(("Content-Length", str(first.length)))
-            return StreamResponse(200, headers, payload(events, first), stack.aclose)
+            return StreamResponse(200, headers, payload(events, first, keep), stack.aclose)
         part_type = parse_content_type(first.content_type)[0] if first else sel.media_type
         headers = [("Content-Type", reframer.writer.content_type(part_type)), VARY]
         if (resource is Resource.INSTANCE or one_frame) and first is not None and first.length is not None \
@@ -210,6 +212,13 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
     except BaseException:
         await stack.aclose()
         raise
+
+
+def _both(first: Keep, second: Keep) -> Keep:
+    def tee(content_type: str, pieces: list[bytes | memoryview]) -> None:
+        first(content_type, pieces)
+        second(content_type, pieces)
+    return tee
 
 
 async def _one_part(reframer: Reframer, events: PartEvents, first: object, head: bytes,
@@ -300,12 +309,17 @@ async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, ar
     return StreamResponse(200, headers, body(), close_all, watch_disconnect=True)
 
 
-async def _passthrough(resp: UpstreamResponse) -> AsyncIterator[bytes]:
+async def _passthrough(resp: UpstreamResponse, keep: Keep | None = None) -> AsyncIterator[bytes]:
+    kept = Kept(keep, resp.content_type or "")
     try:
         async for chunk in resp.iter_chunks():
+            kept.add(chunk)
             yield chunk
     except UpstreamError as exc:
         raise StreamAborted(str(exc)) from None
+    length = resp.headers.get("Content-Length")
+    if kept.content_type and (length is None or not length.isdigit() or int(length) == kept.size):
+        kept.done()
 
 
 async def _metadata_body(request: Request, ctx: Context, archives: list[Archive], path: str) -> bytes | None:
@@ -381,8 +395,10 @@ async def _metadata(request: Request, ctx: Context, target: Target, archives: li
     return response
 
 
-async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bool) -> StreamResponse:
-    """Rendered images and thumbnails (made from /rendered where the archive has no thumbnails)."""
+async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bool,
+                   keep: Keep | None = None) -> StreamResponse:
+    """Rendered images and thumbnails (made from /rendered where the archive has no thumbnails);
+    `keep` is given the content type and image once it passed through whole."""
     sel = select(request, Resource.RENDERED, True)
     query = rendered_query(request, thumbnail)
     candidates = await locate(ctx, target.study)
@@ -402,7 +418,7 @@ async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bo
         headers = [("Content-Type", resp.content_type), VARY]
         if "Content-Length" in resp.headers:
             headers.append(("Content-Length", resp.headers["Content-Length"]))
-        return StreamResponse(200, headers, _passthrough(resp), stack.aclose)
+        return StreamResponse(200, headers, _passthrough(resp, keep), stack.aclose)
     except BaseException:
         await stack.aclose()
         raise

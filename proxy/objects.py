@@ -1,0 +1,226 @@
+"""Whole objects through the cache: single instances, bulk data, rendered images and thumbnails.
+
+They share the frame cache's tiers, size bound and checks (CRC, length), tagged `obj:{study}` so that a
+purge of the study or a store into it drops them. Keys name the bytes, never a URL:
+
+    instance/{SOP}/{media type}/{transfer syntax}   (+ instance-any/{SOP}/{media type} → the cached
+                                                      syntax, so `transfer-syntax=*` reuses it)
+    bulkdata/{SOP}/{attribute path}/{media type}/{transfer syntax asked}
+    rendered|thumbnail/{UID}/{frames}/{media type}/{rendering parameters, sorted}
+
+A value is the part's Content-Type, a NUL, then the payload. A hit is answered from the cache with no
+archive I/O, a Content-Length, a strong ETag (304 on If-None-Match) and `X-Cache: HIT`; a miss streams
+from the archive (`X-Cache: MISS`) and is stored only once the whole payload passed through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import wado
+from .cache import FrameCache
+from .context import Context
+from .media import Resource, Selection, parse_content_type
+from .multipart import MultipartWriter
+from .reframe import Keep
+from .responses import StreamResponse
+from .urls import dicomweb_base
+from .wado import Target, select
+
+IMMUTABLE = "private, max-age=86400"  # an instance's bytes never change under its SOP Instance UID
+REVALIDATE = "private, no-cache"  # a study or series rendering changes as instances arrive
+_pending: set[asyncio.Task[None]] = set()
+_HIERARCHY = re.compile(r"/studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)/(.+)$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A cached object: its Content-Type and payload, and the CRC-32 of the stored value."""
+
+    content_type: str
+    payload: memoryview
+    crc: int
+    size: int  # of the stored value
+
+    def etag(self, multipart: bool) -> str:
+        """A strong validator of the representation (single-part and multipart differ)."""
+        return f'"{self.crc:08x}-{self.size:x}{"-m" if multipart else ""}"'
+
+
+def _encode(content_type: str, payload: bytes) -> bytes:
+    return content_type.encode("latin-1") + b"\0" + payload
+
+
+def _decode(value: bytes, crc: int) -> Entry | None:
+    cut = value.find(b"\0", 0, 1024)
+    if cut < 0:
+        return None
+    return Entry(value[:cut].decode("latin-1"), memoryview(value)[cut + 1 :], crc, len(value))
+
+
+@dataclass(frozen=True)
+class Key:
+    """Where one object lives in the cache: its kind, what names it, and the representation asked."""
+
+    kind: str  # a metrics.CACHE_KINDS value
+    name: str  # SOP UID, plus attribute path or frames and rendering parameters
+    media_type: str
+    transfer_syntax: str  # as asked ("*" reuses what is cached); "-" where none applies
+    study: str
+
+    def entry(self, transfer_syntax: str) -> str:
+        return f"{self.kind}/{self.name}/{self.media_type}/{transfer_syntax}"
+
+    @property
+    def index(self) -> str:
+        return f"{self.kind}-any/{self.name}/{self.media_type}"
+
+
+def lookup(cache: FrameCache, key: Key) -> Entry | None:
+    """The cached object, or None (a value that fails its checks is never returned)."""
+    ts = key.transfer_syntax
+    if ts == "*":
+        idx = cache.get_entry(key.index, key.kind)
+        if idx is None:
+            return None
+        ts = idx[0].decode("latin-1")
+    found = cache.get_entry(key.entry(ts), key.kind)
+    return None if found is None else _decode(found[0], found[1])
+
+
+def keeper(cache: FrameCache, key: Key) -> Keep:
+    """The tee for a miss: stores the object once it passed through whole (once per response)."""
+    done = False
+
+    def keep(content_type: str, pieces: list[bytes | memoryview]) -> None:
+        nonlocal done
+        if done or not content_type:
+            return
+        done = True
+        ts = parse_content_type(content_type)[1].get("transfer-syntax") or key.transfer_syntax
+        if key.transfer_syntax not in ("*", "-") and ts != key.transfer_syntax:
+            return  # not what was asked for: it would answer the wrong request
+        value = _encode(content_type, b"".join(pieces))
+        entries = [(key.entry(ts), value)]
+        if key.transfer_syntax == "*":
+            entries.append((key.index, ts.encode("latin-1")))
+        if not all([cache.put_entry(k, v) for k, v in entries]):
+            return
+        task = asyncio.ensure_future(asyncio.to_thread(cache.write_entries, entries, key.kind, key.study))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+
+    return keep
+
+
+def _answer(request: Request, entry: Entry, multipart: bool, location: str | None, cache_control: str) -> Response:
+    etag = entry.etag(multipart)
+    headers = [("ETag", etag), ("Vary", "Accept"), ("X-Cache", "HIT"), ("Cache-Control", cache_control)]
+    if etag in [t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(None, 304, headers=dict(headers))
+    if multipart:
+        writer = MultipartWriter()
+        head = writer.part(entry.content_type, location, len(entry.payload))
+        chunks: list[bytes | memoryview] = [head, entry.payload, writer.close()]
+        ctype = writer.content_type(parse_content_type(entry.content_type)[0])
+    else:
+        chunks, ctype = [entry.payload], entry.content_type
+        if location:
+            headers.append(("Content-Location", location))
+    headers += [("Content-Type", ctype), ("Content-Length", str(sum(len(c) for c in chunks)))]
+    return StreamResponse(200, headers, _chunks(chunks))
+
+
+async def _chunks(chunks: list[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
+    for chunk in chunks:
+        yield chunk
+
+
+def _miss(resp: StreamResponse, cache_control: str) -> StreamResponse:
+    resp.raw_headers += [(b"x-cache", b"MISS"), (b"cache-control", cache_control.encode())]
+    return resp
+
+
+async def instance(request: Request, ctx: Context, target: Target) -> Response:
+    """One instance (application/dicom), answered from the cache when its Part 10 bytes are there."""
+    cache = ctx.cache
+    if cache is None or target.instance is None:
+        return await wado.retrieve(request, ctx, target, Resource.INSTANCE, "instance")
+    sel = select(request, Resource.INSTANCE, True)
+    key = Key("instance", target.instance, sel.media_type, sel.transfer_syntax or "*", target.study)
+    hit = lookup(cache, key)
+    if hit is not None:
+        location = dicomweb_base(request, ctx.settings, ctx.root) + target.path()
+        return _answer(request, hit, sel.multipart, location, IMMUTABLE)
+    resp = await wado.retrieve(request, ctx, target, Resource.INSTANCE, "instance", keep=keeper(cache, key))
+    return _miss(resp, IMMUTABLE)
+
+
+async def bulk(request: Request, ctx: Context, target: Target, tags: str, location: str) -> Response:
+    """A bulk data element named by its instance and attribute path (`.../instances/{sop}/bulk/{tags}`)."""
+    cache = ctx.cache
+    path = f"{target.path()}/bulk/{tags}"
+    if cache is None or target.instance is None:
+        return await wado.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata", upstream_path=path,
+                                   location=location)
+    sel = select(request, Resource.BULKDATA, True)
+    key = Key("bulkdata", f"{target.instance}/{tags.lower()}", sel.media_type, sel.transfer_syntax or "*",
+              target.study)
+    return await _bulk(request, ctx, target, sel, key, path, location, None)
+
+
+async def opaque_bulk(request: Request, ctx: Context, archive_name: str, remainder: str, location: str) -> Response:
+    """A bulk data URI minted as /bulk/{archive}/{token}: cached when the archive path names its study,
+    series and instance (so that a purge of the study finds it), passed through otherwise."""
+    archive = ctx.archive(archive_name)
+    assert archive is not None
+    m = _HIERARCHY.search(remainder.split("?", 1)[0])
+    if ctx.cache is None or m is None:
+        return await wado.retrieve(request, ctx, Target(""), Resource.BULKDATA, "bulkdata",
+                                   upstream_path=remainder, archives=[archive])
+    sel = select(request, Resource.BULKDATA, True)
+    key = Key("bulkdata", f"{m.group(3)}/{archive_name}:{remainder}", sel.media_type, sel.transfer_syntax or "*",
+              m.group(1))
+    return await _bulk(request, ctx, Target(""), sel, key, remainder, location, [archive])
+
+
+async def _bulk(request: Request, ctx: Context, target: Target, sel: Selection, key: Key, path: str,
+                location: str, archives: list | None) -> Response:
+    assert ctx.cache is not None
+    hit = lookup(ctx.cache, key)
+    if hit is not None:
+        return _answer(request, hit, sel.multipart, location, IMMUTABLE)
+    resp = await wado.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata", upstream_path=path,
+                               archives=archives, location=location, keep=keeper(ctx.cache, key))
+    return _miss(resp, IMMUTABLE)
+
+
+def rendering_key(target: Target, query: str) -> str:
+    """The name of a rendering: the deepest UID, the frames, and the parameters in a canonical order."""
+    uid = target.instance or target.series or target.study
+    frames = ",".join(map(str, target.frames)) if target.frames else "-"
+    params = "&".join(sorted(query.split("&"))) if query else "-"
+    return f"{uid}/{frames}/{params}"
+
+
+async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bool) -> Response:
+    """A rendered image or thumbnail, per media type and rendering parameters."""
+    cache = ctx.cache
+    if cache is None:
+        return await wado.rendered(request, ctx, target, thumbnail)
+    sel = select(request, Resource.RENDERED, True)
+    kind = "thumbnail" if thumbnail else "rendered"
+    key = Key(kind, rendering_key(target, wado.rendered_query(request, thumbnail)), sel.media_type, "-",
+              target.study)
+    control = IMMUTABLE if target.instance else REVALIDATE
+    hit = lookup(cache, key)
+    if hit is not None:
+        return _answer(request, hit, False, None, control)
+    resp = await wado.rendered(request, ctx, target, thumbnail, keep=keeper(cache, key))
+    return _miss(resp, control)
