@@ -172,3 +172,25 @@ def test_cors_origins_are_validated(origin):
     s = load(None, {"archives": [{"name": "a", "url": "http://127.0.0.1:9/x"}]},
              environ={"DICOMWEB_EDGE_CORS_ORIGINS": "https://a.example, http://localhost:3000"})
     assert s.cors_origins == ["https://a.example", "http://localhost:3000"]
+
+
+def test_fetch_script_pins_the_viewer_that_is_served():
+    """scripts/fetch-ohif.sh pins a version and its registry integrity; a second run is a no-op that
+    prints the directory `demo --viewer` picks."""
+    from support import REPO_ROOT, missing
+
+    from proxy.viewer import ViewerError, fetched_viewer_dir
+
+    script = REPO_ROOT / "scripts" / "fetch-ohif.sh"
+    text = script.read_text()
+    version = re.search(r'^OHIF_VERSION="([0-9]+\.[0-9]+\.[0-9]+)"$', text, re.M).group(1)
+    assert re.search(r'^OHIF_INTEGRITY="sha512-[A-Za-z0-9+/]{86}=="$', text, re.M)
+    try:
+        served = fetched_viewer_dir()
+    except ViewerError as exc:
+        missing(f"{exc} (./scripts/test.sh fetches it)")
+    assert served == REPO_ROOT / ".ohif" / version / "dist"
+    assert json.loads((served.parent / "package.json").read_text())["version"] == version
+    again = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.strip() == str(served)
+    assert "downloading" not in again.stderr

@@ -277,6 +277,10 @@ def test_second_viewing_is_served_from_the_cache(browser, proxy, demo_data, tran
     after = metrics(proxy)
     assert upstream_frame_requests(after) == upstream_frame_requests(before), "archives were asked for frames"
     assert cache_hits(after) - cache_hits(before) >= served
+    # The proxy's own count: every frame request it answered in this module was a 200.
+    answered = {dict(labels)["status"]: v for (name, labels), v in after.items()
+                if name == "dicomweb_edge_requests_total" and dict(labels).get("service") == "frames"}
+    assert answered.get("200", 0) >= served and sum(answered.values()) == answered["200"], answered
 
 
 def test_viewer_on_another_origin_reads_through_cors(browser, tmp_path, orthanc_a, orthanc_b, viewer_dir,
