@@ -229,6 +229,9 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={Problem: _problem, HTTPException: _http_error})
     app.state.ctx = ctx
+    from .limits import LimitsMiddleware
+
+    app.add_middleware(LimitsMiddleware, settings=settings)  # inside CORS: a 429 carries the CORS headers too
     if settings.cors_origins:  # a viewer served from another origin (viewer.py serves one same-origin)
         from starlette.middleware.cors import CORSMiddleware
 

@@ -74,7 +74,10 @@ def serve(settings: Settings) -> None:
     config = uvicorn.Config("proxy.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                             workers=settings.workers, access_log=False, log_level=settings.log_level.lower(),
                             log_config=log_config(settings),
-                            loop="uvloop", http="httptools", timeout_graceful_shutdown=settings.shutdown_grace)
+                            loop="uvloop", http="proxy.limits:EdgeHttpProtocol",
+                            timeout_graceful_shutdown=settings.shutdown_grace,
+                            timeout_keep_alive=max(1, round(settings.keepalive_timeout)),
+                            ssl_certfile=settings.tls_cert_file, ssl_keyfile=settings.tls_key_file)
     if settings.workers > 1:
         _supervisor(config, config.bind_socket()).run()
     else:

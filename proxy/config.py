@@ -37,6 +37,11 @@ ENV_PREFIX = "DICOMWEB_EDGE_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
+LIMIT_KEYS = ("client_request_rate", "client_byte_rate", "client_request_burst", "client_byte_burst",
+              "max_header_bytes", "max_header_count", "header_timeout", "keepalive_timeout", "send_timeout",
+              "queue_timeout")
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message says where and why."""
 
@@ -65,6 +70,8 @@ class ArchiveConfig:
     search_deadline: float = 10.0  # a federated search gives up on this archive after this long
     breaker_threshold: int = 3  # consecutive failures that open the circuit breaker
     breaker_cooldown: float = 10.0  # seconds before an open breaker lets a trial request through
+    auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (outbound.py)
+    tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive
 
 
 @dataclass
@@ -78,6 +85,8 @@ class Settings:
     public_url: str | None = None
     trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
     cors_origins: list[str] = field(default_factory=list)  # origins (or "*") whose pages may call the proxy
+    tls_cert_file: str | None = None  # serve https with this certificate chain (PEM) ...
+    tls_key_file: str | None = None  # ... and this private key
     cache_dir: str | None = None  # the frame cache is on when this is set
     cache_size_bytes: int = 10 * 1024**3  # disk tier bound (least recently used entries go first)
     memory_cache_bytes: int = 256 * 1024**2  # in-process tier bound, per worker
@@ -87,6 +96,16 @@ class Settings:
     prefetch_ttl: float = 600.0  # a series is not prefetched again within this many seconds
     max_json_bytes: int = 256 * 1024 * 1024
     max_stow_bytes: int = 4 * 1024 * 1024 * 1024
+    client_request_rate: float = 0.0  # requests per second per client address (0: unlimited); over it: 429
+    client_request_burst: int = 200  # requests a client may make at once before the rate applies
+    client_byte_rate: float = 0.0  # response bytes per second per client address (0: unlimited)
+    client_byte_burst: int = 1024**3  # bytes a client may receive at once before the byte rate applies
+    max_header_bytes: int = 32 * 1024  # request line plus headers; larger gets 431
+    max_header_count: int = 100  # request headers; more gets 431
+    header_timeout: float = 10.0  # a request's headers must arrive within this many seconds (else 408)
+    keepalive_timeout: float = 5.0  # an idle client connection is closed after this many seconds
+    send_timeout: float = 60.0  # a client that reads nothing of its response for this long is cut off
+    queue_timeout: float = 10.0  # a request waits this long for a free connection to its archive, then 503
     log_level: str = "info"
     log_format: str = "json"  # json: one JSON object per line; text: human-readable lines
     log_patient_data: bool = False  # debug only: access logs then carry the path and query (UIDs, names)
@@ -173,9 +192,11 @@ def parse_upstream_flag(text: str) -> dict[str, Any]:
 def _env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ints = {"port", "workers", "max_json_bytes", "max_stow_bytes", "max_search_results", "cache_size_bytes",
-            "memory_cache_bytes", "prefetch_concurrency"}
+            "memory_cache_bytes", "prefetch_concurrency", "client_request_burst", "client_byte_burst",
+            "max_header_bytes", "max_header_count"}
     floats = {"shutdown_grace", "health_interval", "locator_ttl", "search_cache_ttl", "prefetch_ttl",
-              "metadata_cache_ttl"}
+              "metadata_cache_ttl", "client_request_rate", "client_byte_rate", "header_timeout",
+              "keepalive_timeout", "send_timeout", "queue_timeout"}
     for f in dataclasses.fields(Settings):
         value = environ.get(ENV_PREFIX + f.name.upper())
         if value is None or f.name == "archives":
@@ -237,6 +258,7 @@ def validate(s: Settings) -> None:
         u = urlsplit(origin)
         if origin != "*" and (u.scheme not in ("http", "https") or not u.netloc or u.path or u.query or u.fragment):
             raise ConfigError(f"cors_origins: {origin!r} must be '*' or an origin like https://viewer.example.org")
+    _validate_limits(s)
     if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
         raise ConfigError(f"viewer dir {s.viewer_dir!r} has no index.html: expected a built OHIF dist/ "
                           "(./scripts/fetch-ohif.sh fetches one)")
@@ -265,6 +287,43 @@ def validate(s: Settings) -> None:
         if a.search_deadline <= 0 or a.breaker_cooldown <= 0 or a.breaker_threshold < 1:
             raise ConfigError(f"archive {a.name!r}: search_deadline, breaker_cooldown and breaker_threshold "
                               "must be positive")
+        _validate_outbound(a, u.scheme)
+
+
+def _validate_outbound(a: ArchiveConfig, scheme: str) -> None:
+    from .outbound import check_auth, check_tls
+
+    try:
+        if a.auth is not None:
+            if not isinstance(a.auth, Mapping):
+                raise ValueError(f"archive {a.name!r}: auth must be a table")
+            check_auth(a.auth, f"archive {a.name!r}")
+        if a.tls is not None:
+            if not isinstance(a.tls, Mapping):
+                raise ValueError(f"archive {a.name!r}: tls must be a table")
+            if scheme != "https":
+                raise ValueError(f"archive {a.name!r}: tls settings need an https:// url")
+            check_tls(a.tls, f"archive {a.name!r}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _validate_limits(s: Settings) -> None:
+    if (s.tls_cert_file is None) != (s.tls_key_file is None):
+        raise ConfigError("tls_cert_file and tls_key_file go together")
+    for key in ("tls_cert_file", "tls_key_file"):
+        path = getattr(s, key)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"{key} {path!r} is not a readable file")
+    if s.client_request_rate < 0 or s.client_byte_rate < 0:
+        raise ConfigError("client_request_rate and client_byte_rate must be 0 (off) or positive")
+    if s.client_request_burst < 1 or s.client_byte_burst < 1:
+        raise ConfigError("client_request_burst and client_byte_burst must be at least 1")
+    if not 1024 <= s.max_header_bytes <= 1024**2 or not 8 <= s.max_header_count <= 1000:
+        raise ConfigError("max_header_bytes must be 1024..1048576 and max_header_count 8..1000")
+    for key in ("header_timeout", "keepalive_timeout", "send_timeout", "queue_timeout"):
+        if not 0 < getattr(s, key) <= 3600:
+            raise ConfigError(f"{key} must be more than 0 and at most 3600 seconds")
 
 
 def _validate_redis(s: Settings) -> None:
@@ -293,13 +352,15 @@ def describe(s: Settings) -> str:
     lines = ["[server]"]
     for k in ("host", "port", "workers", "shutdown_grace", "public_url", "trusted_proxies", "log_level", "log_format",
               "log_patient_data", "health_interval",
-              "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins"):
+              "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins", "tls_cert_file",
+              "tls_key_file"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
               f"memory_bytes = {s.memory_cache_bytes}",
               f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"prefetch = {json.dumps(s.prefetch)}",
               f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",
               f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}",
+              *(f"{k} = {getattr(s, k)}" for k in LIMIT_KEYS),
               "", "[viewer]", f"dir = {json.dumps(s.viewer_dir)}"]
     lines += ["", "[shared]", f"redis_url = {json.dumps(s.redis_url and redact(s.redis_url))}",
               f"redis_key_prefix = {json.dumps(s.redis_key_prefix)}", f"redis_timeout = {s.redis_timeout}"]
@@ -308,6 +369,12 @@ def describe(s: Settings) -> str:
         for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",
                   "search_deadline", "breaker_threshold", "breaker_cooldown"):
             lines.append(f"{k} = {json.dumps(getattr(a, k))}")
+        from .outbound import redacted
+
+        if a.auth is not None:
+            lines.append(f"auth = {json.dumps(redacted(a.auth))}")  # secrets as ***, never printed
+        if a.tls is not None:
+            lines.append(f"tls = {json.dumps(a.tls)}")
         t = a.timeouts
         lines.append(f"timeouts = {{ connect = {t.connect}, first_byte = {t.first_byte}, "
                      f"idle_read = {t.idle_read} }}")

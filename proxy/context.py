@@ -38,7 +38,8 @@ class Context:
         shared = None
         if settings.redis_url:
             shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)
-        ctx = cls(settings, [Archive(a) for a in ordered], locator=Locator(settings.locator_ttl, shared=shared),
+        archives = [Archive(a, settings.queue_timeout) for a in ordered]
+        ctx = cls(settings, archives, locator=Locator(settings.locator_ttl, shared=shared),
                   searches=SearchCache(settings.search_cache_ttl, shared=shared), cache=cache, shared=shared)
         for a in ctx.archives:
             # /upstreams/{name}/dicomweb: the same machinery, one archive, its own URL space.

@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger("dicomweb_edge")
 
 # A DICOMweb path the proxy serves itself under the same shape (the locator routes it by study).
 _STUDY_PATH = re.compile(r"^/studies/[0-9]+(?:\.[0-9]+)*(?:/[A-Za-z0-9._,=-]+)*$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,2048}$")  # what encode_token produces: unpadded URL-safe base64
+# A BulkDataURI member with the comma before or after it, so that a refused one can be cut out cleanly.
+_BULK_MEMBER = re.compile(rb'(,\s*)?"BulkDataURI"\s*:\s*"((?:[^"\\]|\\.)*)"(\s*,)?')
+
+
+def escapes(path: str) -> bool:
+    """True when `path` would climb out of where it is put: a `.`/`..` segment (also percent-encoded),
+    an encoded slash, a backslash, or a control character."""
+    decoded = unquote(path)
+    if "\\" in decoded or any(ord(c) < 0x21 or ord(c) == 0x7F for c in decoded):
+        return True
+    return decoded.count("/") != path.count("/") or any(s in (".", "..") for s in decoded.split("?")[0].split("/"))
 
 
 class BadToken(ValueError):
@@ -27,13 +42,13 @@ def encode_token(remainder: str) -> str:
 
 def decode_token(token: str) -> str:
     """The inverse of `encode_token`, refusing anything that could leave the archive's base URL."""
+    if not _TOKEN.match(token):
+        raise BadToken("malformed bulk data token")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise BadToken("malformed bulk data token") from None
-    if not raw.startswith("/") or "\\" in raw or any(ord(c) < 0x21 for c in raw):
-        raise BadToken("malformed bulk data token")
-    if any(seg in ("..", ".") for seg in urlsplit(raw).path.split("/")):
+    if not raw.startswith("/") or escapes(raw):
         raise BadToken("malformed bulk data token")
     return raw
 
@@ -67,7 +82,8 @@ class UrlRewriter:
         """The path relative to the archive's base URL, if `url` is one of the archive's; else None."""
         for p in self._prefixes:
             if url == p or url.startswith(p + "/"):
-                return url[len(p):]
+                rest = url[len(p):]
+                return None if escapes(rest) else rest  # ".." would lead elsewhere on the archive's host
         return None
 
     def rewrite_url(self, url: str, proxy_base: str) -> str:
@@ -76,11 +92,34 @@ class UrlRewriter:
         return url if rest is None else proxy_base + self.proxy_path(rest)
 
     def rewrite_json(self, body: bytes, proxy_base: str) -> bytes:
-        """Every JSON string literal that is one of the archive's URLs, pointed at `proxy_base`."""
+        """Every JSON string literal that is one of the archive's URLs, pointed at `proxy_base`.
+
+        A BulkDataURI that is not one of the archive's URLs (another host, port, scheme or path) is
+        removed: the proxy never fetches it and never hands it to a client (SSRF, issue 7).
+        """
         base = proxy_base.encode()
 
         def sub(m: re.Match[bytes]) -> bytes:
             rest = (m.group(1) or b"").replace(b"\\/", b"/").decode("utf-8", "replace")
+            if escapes(rest):
+                return m.group(0)  # not minted: the BulkDataURI pass below removes it
             return b'"' + base + self.proxy_path(rest).encode() + b'"'
 
-        return self._json_re.sub(sub, body)
+        body = self._json_re.sub(sub, body)
+        if b'"BulkDataURI"' not in body:
+            return body
+        dropped = 0
+        ours = (base + b"/", base.replace(b"/", b"\\/") + b"\\/")
+
+        def drop(m: re.Match[bytes]) -> bytes:
+            nonlocal dropped
+            if m.group(2).startswith(ours):
+                return m.group(0)
+            dropped += 1
+            return b"," if m.group(1) and m.group(3) else b""
+
+        body = _BULK_MEMBER.sub(drop, body)
+        if dropped:
+            log.warning("archive '%s': removed %d BulkDataURI(s) that point outside its base URL", self.archive,
+                        dropped)
+        return body

@@ -70,12 +70,17 @@ def _attribute_vr(key: str) -> str:
     return vr
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def parse_query(raw: str) -> Query:
     """Decode and validate a QIDO query string (Q-01..Q-06)."""
     q = Query()
     for pair in filter(None, raw.split("&")):
         key, _, value = pair.partition("=")
         key, value = unquote_plus(key), unquote_plus(value)
+        if _CONTROL.search(key) or _CONTROL.search(value):  # a line break could split an upstream request
+            raise Problem(400, "control characters (line breaks) are not allowed in a query")
         if key in PARAMS:
             _param(q, key, value)
         elif key[:1].isupper() or _TAG.match(key.split(".")[0]):

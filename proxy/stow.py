@@ -104,6 +104,9 @@ async def store(request: Request, ctx: Context, study: str | None) -> Response:
         raise Problem(exc.status, exc.reason) from None
     if status >= 500:
         raise Problem(502, f"archive '{archive.name}' failed to store (HTTP {status})")
+    if 300 <= status < 400:  # redirects are never followed, nor their Location passed on
+        raise Problem(502, f"archive '{archive.name}' answered a redirect (HTTP {status}), which the proxy "
+                           "does not follow")
     if status in (401, 403):
         raise Problem(502, f"archive '{archive.name}' refused the proxy's credentials (HTTP {status})")
     if status == 415:

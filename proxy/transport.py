@@ -41,6 +41,10 @@ class FirstByteTimeout(TransportError):
     """Connected and sent, but no response headers within the first-byte timeout."""
 
 
+class PoolBusy(TransportError):
+    """Every connection slot to the origin stayed in use for the whole queue timeout."""
+
+
 class Headers:
     """Response headers: case-insensitive, repeatable."""
 
@@ -325,9 +329,13 @@ class Pool:
     """Keep-alive connections to one origin (scheme, host, port)."""
 
     def __init__(self, scheme: str, host: str, port: int, max_connections: int = 64,
-                 keepalive: float = 0.75) -> None:
+                 keepalive: float = 0.75, ssl_context: ssl.SSLContext | None = None,
+                 queue_timeout: float | None = None) -> None:
         self.host, self.port = host, port
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if scheme == "https" else None
+        self.ssl: ssl.SSLContext | None = None
+        if scheme == "https":  # verified against the system CAs unless the caller brings its own context
+            self.ssl = ssl_context or ssl.create_default_context()
+        self.queue_timeout = queue_timeout
         self.keepalive = keepalive  # Orthanc closes idle connections after 1 s
         self._idle: list[Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
@@ -366,9 +374,14 @@ class Pool:
                       connect_timeout: float = 5.0, first_byte_timeout: float = 30.0) -> Response:
         """Send a request and return once the response headers have arrived.
 
-        Raises ConnectTimeout, FirstByteTimeout, TransportError, or OSError (refused, unreachable).
+        Raises ConnectTimeout, FirstByteTimeout, PoolBusy, TransportError, or OSError (refused, unreachable).
+        Redirects are not followed: a 3xx is returned like any other status.
         """
-        await self._slots.acquire()
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise PoolBusy(f"no free connection within {self.queue_timeout:g}s") from None
         try:
             reused = self._reuse() if method in ("GET", "HEAD") else None
             conn = reused or await self._connect(connect_timeout)

@@ -7,18 +7,22 @@ Everything above this module sees only `Archive.open()` and `UpstreamResponse`; 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from . import logs, metrics
+from . import logs, metrics, outbound
 from .config import ArchiveConfig
 from .dicomjson import UrlRewriter
 from .health import STATE_VALUE, Breaker
 from .profiles import PROFILES, Profile
-from .transport import ConnectTimeout, FirstByteTimeout, Headers, Pool, Response, TransportError
+from .transport import ConnectTimeout, FirstByteTimeout, Headers, Pool, PoolBusy, Response, TransportError
+
+_TARGET = re.compile(r"^/[!-~]*$")  # printable ASCII only: no space, CR, LF or anything that splits the request
+_HEADER_VALUE = re.compile(r"^[\t -~]*$")
 
 
 class UpstreamError(Exception):
@@ -28,6 +32,20 @@ class UpstreamError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class UnsafeTarget(UpstreamError):
+    """A URL or header the proxy refuses to send: it would leave the archive's base URL or split the request."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(400, reason)
+
+
+class ArchiveBusy(UpstreamError):
+    """Every connection to the archive stayed busy for the queue timeout (503; the archive is not at fault)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(503, reason)
 
 
 class UpstreamResponse:
@@ -81,7 +99,7 @@ class UpstreamResponse:
 class Archive:
     """One configured archive."""
 
-    def __init__(self, config: ArchiveConfig) -> None:
+    def __init__(self, config: ArchiveConfig, queue_timeout: float | None = None) -> None:
         self.config = config
         self.name = config.name
         self.base_url = config.url
@@ -92,8 +110,10 @@ class Archive:
         self._path = u.path.rstrip("/")
         for kind in metrics.UPSTREAM_ERROR_KINDS:  # exported from the start, so that rate() sees the first
             metrics.child(metrics.UPSTREAM_ERRORS, self.name, kind)
+        self.credentials = outbound.credentials(config.auth, config.name, config.tls)
         self.pool = Pool(u.scheme, u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80),
-                         max_connections=config.max_connections)
+                         max_connections=config.max_connections, queue_timeout=queue_timeout,
+                         ssl_context=outbound.ssl_context(config.tls) if u.scheme == "https" else None)
 
     def count_error(self, kind: str) -> None:
         """Count one failure of this archive by kind (a closed set; see metrics.UPSTREAM_ERRORS)."""
@@ -120,11 +140,35 @@ class Archive:
     async def close(self) -> None:
         """Release pooled connections."""
         await self.pool.close()
+        await self.credentials.close()
+
+    def target(self, path: str, query: str = "") -> str:
+        """The request target for `path` (relative to the base URL) and `query`, or UnsafeTarget.
+
+        The one check every upstream URL passes (SSRF, issue 7): it stays under the archive's
+        configured base URL (no `..` segment, plain or percent-encoded, no encoded slash), and holds
+        nothing that could split the request line.
+        """
+        target = self._path + path + ("?" + query if query else "")
+        if not _TARGET.match(target):
+            raise UnsafeTarget("the upstream URL would hold a space, a line break or a non-ASCII character")
+        route = target.split("?", 1)[0]
+        if "/." in route or "%" in route or "\\" in route:
+            decoded = unquote(route)
+            if "\\" in decoded or decoded.count("/") != route.count("/") or \
+                    any(seg in (".", "..") for seg in decoded.split("/")):
+                raise UnsafeTarget("the upstream URL would leave the archive's base URL")
+        if not route.startswith(self._path + "/"):
+            raise UnsafeTarget("the upstream URL would leave the archive's base URL")
+        return target
 
     async def _send(self, method: str, target: str, headers: dict[str, str], body: Any) -> Response:
         t = self.config.timeouts
         try:
             return await self.pool.request(method, target, headers, body, t.connect, t.first_byte)
+        except PoolBusy:
+            raise ArchiveBusy(f"archive '{self.name}' has all {self.config.max_connections} connections busy; "
+                              "try again shortly") from None
         except ConnectTimeout:
             self.count_error("connect_timeout")
             raise UpstreamError(504, f"archive '{self.name}' did not connect within {t.connect:g}s") from None
@@ -147,8 +191,17 @@ class Archive:
         Raises UpstreamError(502) when the archive is unreachable or resets, and (504) when it does
         not connect or answer within its timeouts.
         """
-        target = self._path + path + ("?" + query if query else "")
+        target = self.target(path, query)
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
+        try:  # the one place credentials join a request: this archive's own, on requests to this archive only
+            credential = await self.credentials.authorization()
+        except outbound.CredentialError as exc:
+            raise UpstreamError(502, str(exc)) from None
+        if credential is not None:
+            hdrs["Authorization"] = credential
+        for k, v in hdrs.items():
+            if not _HEADER_VALUE.match(v) or not _HEADER_VALUE.match(k):
+                raise UnsafeTarget("a header value holds a line break or a control character")
         started = time.perf_counter()
         status = "error"
         metrics.child(metrics.UPSTREAM_IN_FLIGHT, self.name).inc()
@@ -157,10 +210,14 @@ class Archive:
         try:
             try:
                 resp = await self._send(method, target, hdrs, body)
+            except ArchiveBusy:
+                raise
             except UpstreamError:
                 self._health(False)
                 raise
             status = str(resp.status)
+            if resp.status == 401:
+                self.credentials.rejected()  # a revoked or expired token: the next request fetches another
             if resp.status >= 500:
                 self.count_error("http_5xx")
             self._health(resp.status not in (502, 503, 504))

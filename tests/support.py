@@ -69,10 +69,12 @@ class ProxyProcess:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), self.env.get("PYTHONPATH")]))
         self._proc: subprocess.Popen[bytes] | None = None
+        self.scheme = "http"  # "https" for a proxy terminating TLS ([server] tls_cert_file)
+        self.verify: Any = True  # what httpx verifies the proxy's certificate with (a CA file for https)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def dicomweb_url(self) -> str:
@@ -93,7 +95,8 @@ class ProxyProcess:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self._proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1.0, trust_env=False).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1.0, trust_env=False,
+                             verify=self.verify).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

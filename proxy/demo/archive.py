@@ -66,6 +66,8 @@ class Faults:
     endless_body: bool = False  # stream zeros forever
     huge_headers: int | None = None  # add an X-Padding header of this many bytes
     max_limit: int | None = None  # like Azure (cap 200): a search with a larger `limit` gets 400
+    bulk_uri_base: str | None = None  # metadata BulkDataURIs point under this base (e.g. another server)
+    redirect_to: str | None = None  # answer every request with 302 and Location: this URL + the request path
 
     def clear(self) -> None:
         """Switch every fault off again."""
@@ -203,6 +205,10 @@ class SampleArchive:
         self.faults = faults or Faults()
         self.requests: collections.Counter[str] = collections.Counter()
         self.request_ids: collections.deque[str | None] = collections.deque(maxlen=100)  # X-Request-ID seen
+        self.authorizations: collections.Counter[str | None] = collections.Counter()  # Authorization values seen
+        self.header_names: collections.Counter[str] = collections.Counter()  # request header names seen
+        # When set, a request whose Authorization this refuses gets 401 (like a secured PACS).
+        self.required_authorization: Callable[[str | None], bool] | None = None
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._app: Starlette | None = None
@@ -254,6 +260,13 @@ class SampleArchive:
         async def endpoint(request: Request) -> StreamingResponse:
             self.requests[kind] += 1
             self.request_ids.append(request.headers.get("x-request-id"))
+            self.authorizations[request.headers.get("authorization")] += 1
+            self.header_names.update(request.headers.keys())
+            if self.required_authorization is not None and \
+                    not self.required_authorization(request.headers.get("authorization")):
+                return await self._respond(_error(401, "Unauthorized", request))
+            if self.faults.redirect_to is not None:
+                return StreamingResponse(iter([b""]), 302, {"Location": self.faults.redirect_to + request.url.path})
             if self.faults.status is not None:
                 return await self._respond(_error(self.faults.status, "fault injection", request))
             try:
@@ -349,7 +362,7 @@ class SampleArchive:
     async def _metadata(self, request: Request) -> _Payload:
         base, out = _base(request), []
         for e in self._select(request.path_params):
-            url = base + e.path
+            url = (self.faults.bulk_uri_base or base) + e.path
             item = e.ds.to_json_dict(bulk_data_element_handler=lambda el, u=url: f"{u}/bulk/{el.tag:08x}")
             item = {k: v for k, v in item.items() if not k.startswith("0002")}
             if e.pixel_vr:
@@ -459,15 +472,16 @@ class SampleArchive:
 class ArchiveServer:
     """Runs a SampleArchive with uvicorn in a background thread on 127.0.0.1 (a free port by default)."""
 
-    def __init__(self, archive: SampleArchive, port: int | None = None) -> None:
-        self.archive, self.port = archive, port or 0
+    def __init__(self, archive: SampleArchive, port: int | None = None, tls: dict[str, object] | None = None) -> None:
+        """`tls`: uvicorn's ssl_* settings (ssl_certfile, ssl_keyfile, ssl_ca_certs, ssl_cert_reqs) for https."""
+        self.archive, self.port, self.tls = archive, port or 0, tls or {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        """`http://127.0.0.1:PORT`."""
-        return f"http://127.0.0.1:{self.port}"
+        """`http://127.0.0.1:PORT` (https with `tls`)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def dicomweb_url(self) -> str:
@@ -482,7 +496,7 @@ class ArchiveServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.archive.app, log_level="warning", lifespan="off", access_log=False,
                                 server_header=False, date_header=False, proxy_headers=False,
-                                timeout_graceful_shutdown=1)
+                                timeout_graceful_shutdown=1, **self.tls)  # type: ignore[arg-type]
         logging.getLogger("uvicorn.error").addFilter(_not_a_reset)
         server = self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
