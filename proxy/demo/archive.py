@@ -130,7 +130,7 @@ def _base(request: Request) -> str:
         key, _, value = item.strip().partition("=")
         fwd[key.lower()] = value.strip('"')
     host = fwd.get("host") or request.headers.get("host", "localhost")
-    return f"{fwd.get('proto') or 'http'}://{host}/dicom-web"
+    return f"{fwd.get('proto') or request.url.scheme}://{host}/dicom-web"
 
 
 def _tag(key: str) -> int | None:
