@@ -27,6 +27,7 @@ from .responses import error_response
 
 log = logging.getLogger("dicomweb_edge")
 MAX_CLIENTS = 50_000  # buckets kept; beyond it, full (idle) buckets are forgotten
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes are never rate limited
 
 
 class ClientStalled(Exception):
@@ -115,7 +116,7 @@ class LimitsMiddleware:
             await self.app(scope, receive, send)
             return
         byte_bucket = None
-        if self.requests is not None or self.bytes is not None:
+        if (self.requests is not None or self.bytes is not None) and scope["path"] not in OPS_PATHS:
             key = client_key(scope, self.trusted)
             now = time.monotonic()
             if self.requests is not None:
