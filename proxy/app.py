@@ -18,7 +18,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import logs, metrics
+from . import access, logs, metrics
+from .auth import AuthMiddleware
+from .auth import parse as parse_auth
 from .config import Settings
 from .context import Context
 from .health import STATE_VALUE
@@ -186,8 +188,10 @@ def create_app(settings: Settings) -> Starlette:
                             200 if ready else 503)
 
     def admin(request: Request) -> None:
-        # Until inbound authentication exists (issue 7), admin actions come only from trusted hops.
-        if request.client is None or request.client.host not in settings.trusted_proxies:
+        # With inbound authentication on, AuthMiddleware required the admin scope; without it, admin
+        # actions come only from trusted hops.
+        if settings.auth.get("mode", "none") == "none" and (
+                request.client is None or request.client.host not in settings.trusted_proxies):
             raise Problem(403, "admin endpoints are only served to trusted addresses")
         if ctx.cache is None:
             raise Problem(404, "the frame cache is not configured (cache_dir)")
@@ -229,6 +233,12 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={Problem: _problem, HTTPException: _http_error})
     app.state.ctx = ctx
+    forwarding = any(a.forward_authorization for a in settings.archives)
+    auth_config = parse_auth(settings.auth, settings.host, forwarding)
+    access.MEMO.ttl = auth_config.access_ttl
+    if auth_config.mode != "none" or forwarding:  # inside CORS: preflights are answered before it, 401s get CORS
+        app.add_middleware(AuthMiddleware, config=auth_config, trusted=settings.trusted_proxies,
+                           viewer=bool(settings.viewer_dir), forwarding=forwarding)
     from .limits import LimitsMiddleware
 
     app.add_middleware(LimitsMiddleware, settings=settings)  # inside CORS: a 429 carries the CORS headers too

@@ -70,6 +70,7 @@ class ArchiveConfig:
     search_deadline: float = 10.0  # a federated search gives up on this archive after this long
     breaker_threshold: int = 3  # consecutive failures that open the circuit breaker
     breaker_cooldown: float = 10.0  # seconds before an open breaker lets a trial request through
+    forward_authorization: bool = False  # token pass-through: send the caller's Authorization to this archive
     auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (outbound.py)
     tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive
 
@@ -117,6 +118,7 @@ class Settings:
     redis_key_prefix: str = "dicomweb-edge:"  # every Redis key and channel starts with this
     redis_timeout: float = 0.25  # seconds a Redis call may take before the proxy goes on without it
     viewer_dir: str | None = None  # a built OHIF dist/ served at / (the viewer is off when unset)
+    auth: dict[str, Any] = field(default_factory=dict)  # the [auth] table: inbound authentication (auth.py)
     archives: list[ArchiveConfig] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -176,6 +178,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
         for k, v in table.items():
             flat[(keys or {}).get(k, k)] = v
     flat["archives"] = doc.pop("archives", [])
+    if "auth" in doc:
+        flat["auth"] = doc.pop("auth")
     if doc:
         raise ConfigError(f"{path}: unknown section(s) {sorted(doc)}")
     return flat
@@ -199,7 +203,7 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
               "keepalive_timeout", "send_timeout", "queue_timeout"}
     for f in dataclasses.fields(Settings):
         value = environ.get(ENV_PREFIX + f.name.upper())
-        if value is None or f.name == "archives":
+        if value is None or f.name in ("archives", "auth"):
             continue
         if f.name in ints:
             try:
@@ -222,6 +226,11 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
             out[f.name] = [v.strip() for v in value.split(",") if v.strip()]
         else:
             out[f.name] = value
+    auth = {key: value for key in ("mode", "issuer", "audience", "jwks_url", "jwks_file", "api_keys_file", "metrics",
+                                   "allow_none_on_network")
+            if (value := environ.get(f"{ENV_PREFIX}AUTH_{key.upper()}"))}
+    if auth:
+        out["auth_env"] = auth
     ups = environ.get(ENV_PREFIX + "UPSTREAMS")
     if ups:
         out["archives"] = [parse_upstream_flag(u.strip()) for u in ups.split(",") if u.strip()]
@@ -232,7 +241,10 @@ def load(config_file: str | Path | None = None, overrides: Mapping[str, Any] | N
          environ: Mapping[str, str] | None = None) -> Settings:
     """Merge file < environment < overrides (CLI flags) and validate."""
     raw: dict[str, Any] = load_file(config_file) if config_file else {}
-    raw.update(_env(os.environ if environ is None else environ))
+    env = _env(os.environ if environ is None else environ)
+    if "auth_env" in env:  # DICOMWEB_EDGE_AUTH_* override single keys of the [auth] table
+        raw["auth"] = {**raw.get("auth", {}), **env.pop("auth_env")}
+    raw.update(env)
     for k, v in (overrides or {}).items():
         if v is not None:
             raw[k] = v
@@ -264,6 +276,7 @@ def validate(s: Settings) -> None:
                           "(./scripts/fetch-ohif.sh fetches one)")
     if s.redis_url is not None:
         _validate_redis(s)
+    _validate_auth(s)
     if not s.archives:
         raise ConfigError("no archives configured: add [[archives]] to the config or pass --upstream NAME=URL")
     seen: set[str] = set()
@@ -326,6 +339,19 @@ def _validate_limits(s: Settings) -> None:
             raise ConfigError(f"{key} must be more than 0 and at most 3600 seconds")
 
 
+def _validate_auth(s: Settings) -> None:
+    from .auth import parse
+
+    for a in s.archives:
+        if a.forward_authorization and getattr(a, "auth", None):
+            raise ConfigError(f"archive {a.name!r}: forward_authorization and auth exclude each other (the caller's "
+                              "token or the proxy's own credential, not both)")
+    try:
+        parse(s.auth, s.host, forwarding=any(a.forward_authorization for a in s.archives))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _validate_redis(s: Settings) -> None:
     u = urlsplit(s.redis_url or "")
     if u.scheme not in ("redis", "rediss", "unix") or not (u.hostname or u.path):
@@ -364,10 +390,13 @@ def describe(s: Settings) -> str:
               "", "[viewer]", f"dir = {json.dumps(s.viewer_dir)}"]
     lines += ["", "[shared]", f"redis_url = {json.dumps(s.redis_url and redact(s.redis_url))}",
               f"redis_key_prefix = {json.dumps(s.redis_key_prefix)}", f"redis_timeout = {s.redis_timeout}"]
+    lines += ["", "[auth]"] + [f"{k} = {json.dumps(v)}" for k, v in s.auth.items() if k != "api_keys"]
+    if "api_keys" in s.auth:
+        lines.append(f"# api_keys: {len(s.auth['api_keys'])} key digest(s)")
     for a in s.archives:
         lines += ["", "[[archives]]"]
         for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",
-                  "search_deadline", "breaker_threshold", "breaker_cooldown"):
+                  "search_deadline", "breaker_threshold", "breaker_cooldown", "forward_authorization"):
             lines.append(f"{k} = {json.dumps(getattr(a, k))}")
         from .outbound import redacted
 

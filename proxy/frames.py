@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import metrics
+from . import access, metrics
 from .cache import Frame, FrameCache, covering, learned
 from .context import Context
 from .media import Resource, Selection, parse_content_type
@@ -120,6 +120,8 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
         await asyncio.wait([asyncio.shield(f) for f in flying], timeout=timeout,
                            return_when=asyncio.FIRST_COMPLETED)
         hits = _lookup(cache, target, sel)
+    if hits:
+        await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
     if len(hits) == len(set(target.frames)):
         return _from_cache(request, target, sel, hits, base)
     missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)

@@ -102,6 +102,9 @@ SHARED_FALLBACKS = Counter("dicomweb_edge_shared_fallbacks_total",
                            "Shared-tier (Redis) operations not done because Redis failed, was too slow or is being "
                            "left alone after a failure; the process used its local state instead. By operation "
                            "(locate, learn, forget, search_get, search_put, invalidate, subscribe).", ["operation"])
+AUTH_FAILURES = Counter("dicomweb_edge_auth_failures_total",
+                        "Requests refused by inbound authentication, by reason: missing, invalid, expired (401), "
+                        "scope (403), access (a pass-through archive refused the caller a study).", ["reason"])
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 

@@ -16,7 +16,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import merge, metrics
+from . import access, merge, metrics
 from .context import Context
 from .media import BadAccept, NotAcceptable, Resource, negotiate
 from .profiles import PROFILES, Profile
@@ -200,7 +200,7 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
     query = translate(q, archive.profile)
     base = dicomweb_base(request, ctx.settings, ctx.root)
     # With the cache on, a single archive's answers are reused briefly too (cleared by any store).
-    key = (base, path, query) if ctx.cache is not None else None
+    key = (base, path, query, *access.search_scope(ctx)) if ctx.cache is not None else None
     no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
     cached, mark = await ctx.searches.get(key, SINGLE, fresh=no_cache) if key is not None else (None, None)
     if key is not None and not no_cache:
@@ -284,7 +284,7 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
     """Fan out to every healthy archive, merge, de-duplicate, order and page (F-01..F-04)."""
     level = LEVELS[path.rsplit("/", 1)[-1]]
     base = dicomweb_base(request, ctx.settings, ctx.root)
-    key = (base, path, translate(q, PROFILES["generic"], limit=0, offset=0))
+    key = (base, path, translate(q, PROFILES["generic"], limit=0, offset=0), *access.search_scope(ctx))
     no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
     cached, mark = await ctx.searches.get(key, FEDERATED, fresh=no_cache)
     hit = cached is not None

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -23,6 +24,11 @@ from .transport import ConnectTimeout, FirstByteTimeout, Headers, Pool, PoolBusy
 
 _TARGET = re.compile(r"^/[!-~]*$")  # printable ASCII only: no space, CR, LF or anything that splits the request
 _HEADER_VALUE = re.compile(r"^[\t -~]*$")
+
+
+# The inbound Authorization header of the request being served (set by auth.AuthMiddleware). Only an
+# archive configured with forward_authorization ever receives it (token pass-through).
+CALLER_AUTHORIZATION: ContextVar[str | None] = ContextVar("dicomweb_edge_caller_authorization", default=None)
 
 
 class UpstreamError(Exception):
@@ -193,6 +199,8 @@ class Archive:
         """
         target = self.target(path, query)
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
+        if self.config.forward_authorization and (caller := CALLER_AUTHORIZATION.get()) is not None:
+            hdrs["Authorization"] = caller  # token pass-through: this archive decides what the caller may see
         try:  # the one place credentials join a request: this archive's own, on requests to this archive only
             credential = await self.credentials.authorization()
         except outbound.CredentialError as exc:

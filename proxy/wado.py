@@ -17,7 +17,7 @@ from functools import partial
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import merge, prefetch
+from . import access, merge, prefetch
 from .cache import Fetching, learn_instance
 from .context import Context
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
@@ -114,6 +114,8 @@ async def open_upstream(ctx: Context, study: str | None, path: str, accept: str,
             continue
         if resp.status == 404 and study and len(candidates) > 1:
             await ctx.locator.forget(study)  # what we learned is stale: probe again next time
+        if resp.status == 200 and service in access.CONFIRMING:
+            access.confirm(archive, study, path)  # token pass-through: this caller may see the study
         return resp, stack
     raise last or Problem(502, "no archive is configured")
 
@@ -128,6 +130,8 @@ def upstream_problem(resp: UpstreamResponse, sel: Selection | None) -> Problem:
     if s == 500 and sel is not None and sel.transfer_syntax not in (None, ANY_TS):
         # Orthanc answers 500 when it cannot transcode (real-stack.md §0.4): nothing acceptable.
         return Problem(406, f"archive '{name}' cannot provide transfer syntax {sel.transfer_syntax}")
+    if s in (401, 403) and resp.archive.config.forward_authorization:
+        return access.refused(s)  # the caller's own token was refused: say so, not 502
     if s in (401, 403):
         return Problem(502, f"archive '{name}' refused the proxy's credentials (HTTP {s})")
     if s == 503:
@@ -335,6 +339,8 @@ async def _metadata_body(request: Request, ctx: Context, archives: list[Archive]
             body = await resp.read(ctx.settings.max_json_bytes)
         except UpstreamError as exc:
             raise Problem(exc.status, exc.reason) from None
+    if body.strip() not in (b"", b"[]"):
+        access.confirm(resp.archive, None, path)
     return resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root))
 
 
@@ -351,6 +357,7 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
     if cache is not None and ttl > 0 and not fresh:
         cached = await asyncio.to_thread(cache.get_json, key)
         if cached is not None:
+            await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
             return Response(cached, 200, media_type="application/dicom+json",
                             headers={"Vary": "Accept", "X-Cache": "HIT"})
     response = await _metadata(request, ctx, target, archives, path)

@@ -74,6 +74,10 @@ def test_the_documented_example_config_is_valid():
     renamed = {"cache_size_bytes": "size_bytes", "memory_cache_bytes": "memory_bytes"}
     documented = {renamed.get(f.name, f.name) for f in dataclasses.fields(Settings)}
     documented -= {"archives", "cache_dir", "public_url", "viewer_dir"}  # commented out: off by default
+    from proxy.auth import KEYS as AUTH_KEYS
+
+    documented = (documented - {"auth"}) | AUTH_KEYS  # the [auth] table: each of its keys is documented
+    assert "\n[auth]\n" in text
     assert "[viewer]\n# dir = " in text
     documented |= {f.name for f in dataclasses.fields(ArchiveConfig)}
     missing = [name for name in documented if f"{name} =" not in text]

@@ -205,6 +205,10 @@ class SampleArchive:
         self.faults = faults or Faults()
         self.requests: collections.Counter[str] = collections.Counter()
         self.request_ids: collections.deque[str | None] = collections.deque(maxlen=100)  # X-Request-ID seen
+        # Per-token access (None: everyone sees everything): bearer token → the study UIDs it may see. Then a
+        # request without a known token gets 401, a retrieve of another study 403, and searches list only
+        # the token's studies, like an archive with per-user ACLs.
+        self.access: dict[str, set[str]] | None = None
         self.authorizations: collections.Counter[str | None] = collections.Counter()  # Authorization values seen
         self.header_names: collections.Counter[str] = collections.Counter()  # request header names seen
         # When set, a request whose Authorization this refuses gets 401 (like a secured PACS).
@@ -267,6 +271,15 @@ class SampleArchive:
                 return await self._respond(_error(401, "Unauthorized", request))
             if self.faults.redirect_to is not None:
                 return StreamingResponse(iter([b""]), 302, {"Location": self.faults.redirect_to + request.url.path})
+            if self.access is not None and kind != "system":
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                allowed = self.access.get(token) if scheme.lower() == "bearer" else None
+                if allowed is None:
+                    return await self._respond(_error(401, "a known bearer token is required", request))
+                request.state.allowed = allowed
+                study = request.path_params.get("study")
+                if study is not None and study not in allowed and kind not in ("qido", "stow"):
+                    return await self._respond(_error(403, "this token may not see this study", request))
             if self.faults.status is not None:
                 return await self._respond(_error(self.faults.status, "fault injection", request))
             try:
@@ -333,7 +346,10 @@ class SampleArchive:
         if self.faults.max_limit is not None and limit > self.faults.max_limit:
             raise HTTPException(400, f"limit must be between 1 and {self.faults.max_limit}")
         groups: dict[tuple[str, ...], list[_Entry]] = {}
+        allowed = getattr(request.state, "allowed", None)
         for e in self._snapshot():
+            if allowed is not None and e.study not in allowed:
+                continue
             if p.get("study") in (None, e.study) and p.get("series") in (None, e.series):
                 key = {"study": (e.study,), "series": (e.study, e.series)}.get(level, (e.sop,))
                 groups.setdefault(key, []).append(e)
