@@ -13,10 +13,11 @@ from typing import Any
 
 from starlette.requests import Request
 
+from . import objects
 from .context import Context
 from .media import Resource
 from .multipart import MultipartError, MultipartWriter, PartEnd, PartHeaders
-from .reframe import PartEvents
+from .reframe import Kept, PartEvents
 from .responses import Problem, StreamAborted, StreamResponse
 from .upstream import Archive, UpstreamError
 from .urls import dicomweb_base
@@ -102,9 +103,27 @@ async def composed(request: Request, ctx: Context, target: Target, pixeldata: bo
     return StreamResponse(200, headers, _body(request, ctx, archive, items, writer), watch_disconnect=True)
 
 
+def _element_key(path: str) -> objects.Key | None:
+    """The cache key of a bulk data element named by an archive path (the one the element's own URL uses
+    when asked with `transfer-syntax=*`), or None for anything else (pixel data as frames)."""
+    m = objects.HIERARCHY.search(path)
+    if m is None or not m.group(4).startswith("bulk/"):
+        return None
+    return objects.Key("bulkdata", f"{m.group(3)}/{m.group(4)[5:].lower()}", "application/octet-stream", "*",
+                       m.group(1))
+
+
 async def _body(request: Request, ctx: Context, archive: Archive, items: list[tuple[str, list[str]]],
-                writer: MultipartWriter) -> AsyncIterator[bytes]:
+                writer: MultipartWriter) -> AsyncIterator[bytes | memoryview]:
     for path, locations in items:
+        key = _element_key(path) if ctx.cache is not None else None
+        if key is not None and ctx.cache is not None:
+            hit = objects.lookup(ctx.cache, key)
+            if hit is not None:  # an element already fetched (here or through its own URL): no archive I/O
+                yield writer.part(hit.content_type, locations[0], len(hit.payload))
+                yield hit.payload
+                continue
+        kept = Kept(objects.keeper(ctx.cache, key) if key is not None and ctx.cache is not None else None, "")
         try:
             resp, stack = await open_upstream(ctx, None, path, BULK_ACCEPT, request, "bulkdata", archives=[archive])
         except Problem as exc:
@@ -116,15 +135,21 @@ async def _body(request: Request, ctx: Context, archive: Archive, items: list[tu
                 events = PartEvents(resp)
             except Problem as exc:
                 raise StreamAborted(exc.reason) from None
-            index = 0
+            index = ended = 0
             try:
                 while (ev := await events.next()) is not None:
                     if isinstance(ev, PartHeaders):
                         loc = locations[min(index, len(locations) - 1)]
-                        yield writer.part(ev.headers.get("content-type", "application/octet-stream"), loc)
+                        kept.content_type = ev.headers.get("content-type", "application/octet-stream")
+                        yield writer.part(kept.content_type, loc)
                         index += 1
-                    elif not isinstance(ev, PartEnd):
+                    elif isinstance(ev, PartEnd):
+                        ended = index
+                    else:
+                        kept.add(ev)
                         yield ev
+                if index == ended == 1:  # one part, ended cleanly, then the body: the element is whole
+                    kept.done()
             except (MultipartError, UpstreamError) as exc:
                 raise StreamAborted(f"archive '{archive.name}': {exc}") from None
     yield writer.close()

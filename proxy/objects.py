@@ -23,20 +23,21 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import access, wado
+from . import wado
 from .cache import FrameCache
 from .context import Context
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartWriter
 from .reframe import Keep
 from .responses import StreamResponse
+from .upstream import Archive
 from .urls import dicomweb_base
 from .wado import Target, select
 
 IMMUTABLE = "private, max-age=86400"  # an instance's bytes never change under its SOP Instance UID
 REVALIDATE = "private, no-cache"  # a study or series rendering changes as instances arrive
 _pending: set[asyncio.Task[None]] = set()
-_HIERARCHY = re.compile(r"/studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)/(.+)$")
+HIERARCHY = re.compile(r"/studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)/(.+)$")
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,6 @@ async def instance(request: Request, ctx: Context, target: Target) -> Response:
     key = Key("instance", target.instance, sel.media_type, sel.transfer_syntax or "*", target.study)
     hit = lookup(cache, key)
     if hit is not None:
-        await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
         location = dicomweb_base(request, ctx.settings, ctx.root) + target.path()
         return _answer(request, hit, sel.multipart, location, IMMUTABLE)
     resp = await wado.retrieve(request, ctx, target, Resource.INSTANCE, "instance", keep=keeper(cache, key))
@@ -181,7 +181,7 @@ async def opaque_bulk(request: Request, ctx: Context, archive_name: str, remaind
     series and instance (so that a purge of the study finds it), passed through otherwise."""
     archive = ctx.archive(archive_name)
     assert archive is not None
-    m = _HIERARCHY.search(remainder.split("?", 1)[0])
+    m = HIERARCHY.search(remainder.split("?", 1)[0])
     if ctx.cache is None or m is None:
         return await wado.retrieve(request, ctx, Target(""), Resource.BULKDATA, "bulkdata",
                                    upstream_path=remainder, archives=[archive])
@@ -192,11 +192,10 @@ async def opaque_bulk(request: Request, ctx: Context, archive_name: str, remaind
 
 
 async def _bulk(request: Request, ctx: Context, target: Target, sel: Selection, key: Key, path: str,
-                location: str, archives: list | None) -> Response:
+                location: str, archives: list[Archive] | None) -> Response:
     assert ctx.cache is not None
     hit = lookup(ctx.cache, key)
     if hit is not None:
-        await access.admit(ctx, key.study)  # token pass-through: the archive said yes to this caller
         return _answer(request, hit, sel.multipart, location, IMMUTABLE)
     resp = await wado.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata", upstream_path=path,
                                archives=archives, location=location, keep=keeper(ctx.cache, key))
@@ -223,7 +222,6 @@ async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bo
     control = IMMUTABLE if target.instance else REVALIDATE
     hit = lookup(cache, key)
     if hit is not None:
-        await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
         return _answer(request, hit, False, None, control)
     resp = await wado.rendered(request, ctx, target, thumbnail, keep=keeper(cache, key))
     return _miss(resp, control)

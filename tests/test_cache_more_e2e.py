@@ -175,3 +175,25 @@ def test_a_truncated_entry_is_never_served(archive, data, tmp_path):
         assert metric(proxy, "dicomweb_edge_cache_lookups_total", kind="instance", result="corrupt") == 1
         r = c.get(url.format(base=proxy.dicomweb_url), headers={"Accept": "application/dicom"})
         assert r.headers["x-cache"] == "HIT" and r.content == good.content
+
+
+def test_composed_bulkdata_shares_entries_with_the_element_urls(archive, data, tmp_path):
+    """`.../bulkdata` is made of the instance's bulk data elements: each element is one cache entry, whether
+    it was first asked through its own URL or inside the composed resource."""
+    any_bulk = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+    for order in ("element first", "composed first"):
+        with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / order, ["--cache-dir", str(tmp_path / order / "c")],
+                          ) as proxy, httpx.Client(trust_env=False, timeout=30) as c:
+            url = inst(proxy.dicomweb_url, data)
+            element = c.get(url + "/metadata").json()[0]["7FE00010"]["BulkDataURI"]
+            first = c.get(element if order == "element first" else url + "/bulkdata", headers=any_bulk)
+            assert first.status_code == 200
+            wait_disk_entries(c, proxy, 2)  # the element and its `*` index
+            before = upstream(proxy, "bulkdata")
+            second = c.get(url + "/bulkdata" if order == "element first" else element, headers=any_bulk)
+            assert second.status_code == 200 and upstream(proxy, "bulkdata") == before
+            for r in (first, second):
+                (headers, body), = split_multipart(r.content, r.headers["content-type"])[1]
+                assert body == data.PixelData and dict(headers)["Content-Location"] == element
+            if order == "composed first":
+                assert second.headers["x-cache"] == "HIT"
