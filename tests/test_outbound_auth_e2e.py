@@ -155,6 +155,8 @@ def test_each_archive_gets_its_own_credential_and_no_other(proxy, archives):
                   trust_env=False, timeout=10)
     assert r.status_code == 200 and "warning" not in r.headers, (r.status_code, r.headers.get("warning"))
     assert len(r.json()) == 4
+    for secret in (PASSWORD, BEARER, CLIENT_SECRET, "caller-token"):
+        assert secret not in r.text  # no credential in any rewritten URL
     seen = {name: set(server.archive.authorizations) for name, server in archives.items()}
     assert seen["open"] == {None}, seen["open"]  # neither the caller's token nor another archive's credential
     assert all(v.startswith("Bearer ") and "caller-token" not in v for v in seen["oauth"]), seen["oauth"]
@@ -204,10 +206,14 @@ def test_inline_secrets_are_printed_redacted(tmp_path):
     ('{ type = "basic", username = "edge" }', "password"),
     ('{ type = "bearer", token_env = "SURELY_UNSET_VARIABLE_4711" }', "not set"),
     ('{ type = "kerberos" }', "auth.type"),
+    (None, "no credentials in the url"),
 ])
 def test_unusable_credentials_are_configuration_errors(tmp_path, auth, message):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text(f'[[archives]]\nname = "a"\nurl = "http://127.0.0.1:1/dicom-web"\nauth = {auth}\n')
+    if auth is None:
+        cfg.write_text('[[archives]]\nname = "a"\nurl = "http://edge:secret@127.0.0.1:1/dicom-web"\n')
+    else:
+        cfg.write_text(f'[[archives]]\nname = "a"\nurl = "http://127.0.0.1:1/dicom-web"\nauth = {auth}\n')
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(cfg)], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and message in out.stderr, out.stderr
