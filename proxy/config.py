@@ -70,8 +70,6 @@ class ArchiveConfig:
     search_deadline: float = 10.0  # a federated search gives up on this archive after this long
     breaker_threshold: int = 3  # consecutive failures that open the circuit breaker
     breaker_cooldown: float = 10.0  # seconds before an open breaker lets a trial request through
-    auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (outbound.py)
-    tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive
     forward_authorization: bool = False  # token pass-through: send the caller's Authorization to this archive
     auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (outbound.py)
     tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive
