@@ -203,10 +203,27 @@ def negotiate(accept: str | None, resource: Resource, single_item: bool = False)
     one bulk data element).
     """
     ranges = parse_accept(accept) if accept and accept.strip() else [MediaRange("*/*")]
+    best: Selection | None = None
+    best_q = 0.0
     for r in ranges:
-        sel = _select_one(r, resource, single_item)
-        if sel is not None:
+        if best is not None and r.q < best_q:
+            break
+        try:
+            sel = _select_one(r, resource, single_item)
+        except (NotAcceptable, BadAccept):
+            if best is None:
+                raise
+            continue  # a range the client likes no more than the one already chosen
+        if sel is None:
+            continue
+        if sel.transfer_syntax == ANY_TS:
+            # Among equally preferred ranges, the one the stored transfer syntax satisfies: no transcoding
+            # (dicom-microscopy-viewer lists JPEG-LS and JPEG 2000 before `transfer-syntax=*`).
             return sel
+        if best is None:
+            best, best_q = sel, r.q
+    if best is not None:
+        return best
     raise NotAcceptable("none of the requested media types can be provided for this resource")
 
 

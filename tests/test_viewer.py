@@ -194,3 +194,24 @@ def test_fetch_script_pins_the_viewer_that_is_served():
     again = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and again.stdout.strip() == str(served)
     assert "downloading" not in again.stderr
+
+
+def test_frames_negotiation_prefers_no_transcoding_among_equals():
+    """dicom-microscopy-viewer (OHIF's slide viewport) lists JPEG-LS, JPEG 2000, then `*`, all at q=1:
+    the stored transfer syntax (`*`) is chosen, so the archive sends the tiles as stored."""
+    from proxy.media import ANY_TS, NotAcceptable, Resource, negotiate
+
+    dmv = ('multipart/related; type="image/jls"; transfer-syntax=1.2.840.10008.1.2.4.80, '
+           'multipart/related; type="image/jp2"; transfer-syntax=1.2.840.10008.1.2.4.90, '
+           'multipart/related; type="application/octet-stream"; transfer-syntax=*, '
+           'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50')
+    sel = negotiate(dmv, Resource.FRAMES)
+    assert (sel.multipart, sel.media_type, sel.transfer_syntax) == (True, "application/octet-stream", ANY_TS)
+    # A lower q still loses, and a first choice stays first when nothing equal avoids transcoding.
+    lower = dmv.replace("transfer-syntax=*", "transfer-syntax=*; q=0.5")
+    assert negotiate(lower, Resource.FRAMES).media_type == "image/jls"
+    assert negotiate('multipart/related; type="image/jls"; transfer-syntax=1.2.840.10008.1.2.4.80, '
+                     'multipart/related; type="image/jpeg"; transfer-syntax=*', Resource.FRAMES).media_type \
+        == "image/jls"  # the second is unusable (image/jpeg with *), but the first was fine
+    with pytest.raises(NotAcceptable):
+        negotiate('multipart/related; type="image/jpeg"; transfer-syntax=*', Resource.FRAMES)

@@ -24,7 +24,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from support import REPO_ROOT, ProxyProcess, free_port, missing, split_multipart
 
-from proxy.demo.synth import Patient, Study, multiframe_jpeg
+from proxy.demo.synth import SLIDE_KEYWORDS, Patient, Study, multiframe_jpeg
 from proxy.viewer import ViewerError, fetched_viewer_dir
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -61,8 +61,8 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def compressed(orthanc_b):
-    """A JPEG Baseline multi-frame true-colour study, stored in B (the demo's slide needs OHIF's
-    microscopy viewer and a full slide pyramid; this one opens in the ordinary viewport)."""
+    """A JPEG Baseline multi-frame true-colour study, stored in B: it opens in OHIF's ordinary (stack)
+    viewport, where the demo's JPEG slide opens in its whole-slide viewport."""
     study = Study(Patient("JPEG^PHANTOM", "PID900"), study_date="20210707", accession="ACC900",
                   description="JPEG MULTIFRAME")
     ds = multiframe_jpeg(study, n_frames=4, tile=256, seed=9)
@@ -70,7 +70,7 @@ def compressed(orthanc_b):
     ds.Modality = "OT"
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.SeriesDescription = "JPEG baseline"
-    for keyword in ("TotalPixelMatrixColumns", "TotalPixelMatrixRows", "DimensionOrganizationType"):
+    for keyword in ("TotalPixelMatrixColumns", "TotalPixelMatrixRows", "DimensionOrganizationType", *SLIDE_KEYWORDS):
         delattr(ds, keyword)
     orthanc_b.store([ds])
     return ds
@@ -261,6 +261,16 @@ def test_compressed_study_is_drawn(viewing, compressed, transfer_syntaxes):
     viewing.open_study(study)
     assert check_frames(viewing, study, transfer_syntaxes) >= 1
     shot(viewing.page, "compressed.png")
+    assert viewing.errors == []
+
+
+def test_compressed_slide_is_drawn(viewing, demo_data, transfer_syntaxes):
+    """The demo's JPEG whole-slide image, in OHIF's slide viewport (dicom-microscopy-viewer asks for
+    JPEG-LS and JPEG 2000 before `transfer-syntax=*`: the stored JPEG must come back, not a transcode)."""
+    study = demo_data.uids["slide_study"]
+    viewing.open_study(study)
+    assert check_frames(viewing, study, transfer_syntaxes) >= 1
+    shot(viewing.page, "slide.png")
     assert viewing.errors == []
 
 

@@ -152,6 +152,52 @@ def multiframe_native(study: Study, n_frames: int = 10, rows: int = 256, cols: i
     return ds
 
 
+def _item(**attributes: object) -> Dataset:
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+# What a whole-slide viewer (OHIF's, dicom-microscopy-viewer) needs to place the tiles on the slide.
+SLIDE_KEYWORDS = ("ImageOrientationSlide", "ImagedVolumeWidth", "ImagedVolumeHeight", "ImagedVolumeDepth",
+                  "TotalPixelMatrixFocalPlanes", "TotalPixelMatrixOriginSequence", "SharedFunctionalGroupsSequence",
+                  "NumberOfOpticalPaths", "OpticalPathSequence", "ContainerIdentifier", "ContainerTypeCodeSequence",
+                  "SpecimenDescriptionSequence", "FrameOfReferenceUID", "VolumetricProperties",
+                  "SpecimenLabelInImage", "FocusMethod", "ExtendedDepthOfField")
+
+
+def _slide(ds: Dataset, columns: int, rows: int, spacing_mm: float = 0.0005) -> None:
+    """Whole-slide image attributes (PS3.3 A.32.8) for a single-level, single-focal-plane slide."""
+    ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
+    ds.ImagedVolumeWidth = columns * spacing_mm
+    ds.ImagedVolumeHeight = rows * spacing_mm
+    ds.ImagedVolumeDepth = 0.001
+    ds.TotalPixelMatrixFocalPlanes = 1
+    ds.TotalPixelMatrixOriginSequence = [_item(XOffsetInSlideCoordinateSystem=20.0,
+                                               YOffsetInSlideCoordinateSystem=40.0)]
+    ds.SharedFunctionalGroupsSequence = [_item(PixelMeasuresSequence=[
+        _item(PixelSpacing=[spacing_mm, spacing_mm], SliceThickness=0.001)])]
+    ds.NumberOfOpticalPaths = 1
+    ds.OpticalPathSequence = [_item(
+        OpticalPathIdentifier="1",
+        IlluminationTypeCodeSequence=[_code("111744", "DCM", "Brightfield illumination")],
+        IlluminationColorCodeSequence=[_code("414298005", "SCT", "Full Spectrum")])]
+    ds.ContainerIdentifier = "SLIDE-1"
+    ds.ContainerTypeCodeSequence = [_code("433466003", "SCT", "Microscope slide")]
+    ds.SpecimenDescriptionSequence = [_item(SpecimenIdentifier="SPECIMEN-1", SpecimenUID=new_uid(),
+                                            SpecimenPreparationSequence=[])]
+    ds.FrameOfReferenceUID = new_uid()
+    ds.VolumetricProperties = "VOLUME"
+    ds.SpecimenLabelInImage = "NO"
+    ds.FocusMethod = "AUTO"
+    ds.ExtendedDepthOfField = "NO"
+
+
 def multiframe_jpeg(study: Study, n_frames: int = 12, tile: int = 128, seed: int = 2,
                     quality: int = 85) -> Dataset:
     """A slide-like RGB multi-frame instance, each frame encapsulated JPEG Baseline (compressed)."""
@@ -165,9 +211,11 @@ def multiframe_jpeg(study: Study, n_frames: int = 12, tile: int = 128, seed: int
     ds.PlanarConfiguration = 0
     ds.NumberOfFrames = n_frames
     ds.Rows = ds.Columns = tile
-    side = int(np.ceil(np.sqrt(n_frames)))
-    ds.TotalPixelMatrixColumns = ds.TotalPixelMatrixRows = side * tile
+    across = int(np.ceil(np.sqrt(n_frames)))  # TILED_FULL: the frames fill the matrix row by row
+    ds.TotalPixelMatrixColumns = across * tile
+    ds.TotalPixelMatrixRows = int(np.ceil(n_frames / across)) * tile
     ds.DimensionOrganizationType = "TILED_FULL"
+    _slide(ds, ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.LossyImageCompression = "01"
     yy, xx = np.mgrid[0:tile, 0:tile]
