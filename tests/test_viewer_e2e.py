@@ -221,9 +221,11 @@ def test_study_list_shows_every_study_of_both_archives_once(viewing, proxy, orth
     assert search.status == 200 and search.headers["content-type"].startswith("application/dicom+json")
     listed = [rec["0020000D"]["Value"][0] for rec in json.loads(search.body())]
     assert sorted(listed) == sorted(expected)  # each study once, from both archives
-    for description in ("SYNTH CT CHEST", "SYNTH MULTIFRAME", "SHARED STUDY", "Thorax Übersicht",
+    # Other test modules store studies of their own into the session archives (some with the default
+    # description): uniqueness is checked by UID above, presence of the demo's studies here.
+    for description in ("SYNTH CT CHEST", "SYNTH MULTIFRAME", "SHARED STUDY", "Thorax Übersicht", "SYNTH SLIDE",
                         "JPEG MULTIFRAME"):
-        assert table.count(description) == 1, description
+        assert description in table, description
     assert "Müller, Jörg" in table  # the non-Latin patient, decoded
     shot(page, "study-list.png")
     assert viewing.errors == []
