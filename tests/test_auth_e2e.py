@@ -252,3 +252,55 @@ def test_token_b_never_reads_from_the_cache_what_only_token_a_may_see(jwt_proxy,
     assert client.get(shared, headers={**FRAMES, **b}).headers["x-cache"] == "HIT"
     assert log.requests["qido"] == checks + 1  # remembered: no second check within access_ttl
     assert tokens["a"] not in jwt_proxy.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def public():
+    return multiframe_native(Study(Patient("PUBLIC^OWNCREDS", "PIDO1")), n_frames=2, rows=32, cols=32, seed=5)
+
+
+@pytest.fixture(scope="module")
+def open_archive(public):
+    archive = SampleArchive("OPEN")
+    archive.add(public)
+    with ArchiveServer(archive) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mixed_proxy(acl_archive, open_archive, signer, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("auth_mixed")
+    (workdir / "jwks.json").write_text(json.dumps(jwks(signer)))
+    (workdir / "edge.toml").write_text(
+        f'[cache]\ndir = "cache"\nprefetch = false\n'
+        f'[auth]\nmode = "jwt"\nissuer = "{ISSUER}"\naudience = "{AUDIENCE}"\njwks_file = "jwks.json"\n'
+        f'[[archives]]\nname = "acl"\nurl = "{acl_archive.dicomweb_url}"\nforward_authorization = true\n'
+        f'[[archives]]\nname = "open"\nurl = "{open_archive.dicomweb_url}"\n')
+    with ProxyProcess({}, workdir, ["--config", str(workdir / "edge.toml")]) as proxy:
+        yield proxy
+
+
+def test_the_token_goes_only_to_the_pass_through_archive(mixed_proxy, acl_archive, open_archive, public, studies,
+                                                          tokens, client):
+    only_a, both = studies
+    a, b = bearer(tokens["a"]), bearer(tokens["b"])
+    r = client.get(f"{mixed_proxy.dicomweb_url}/studies", headers=a)
+    assert studies_of(r) == {only_a.StudyInstanceUID, both.StudyInstanceUID, public.StudyInstanceUID}
+    r = client.get(f"{mixed_proxy.dicomweb_url}/studies", headers=b)
+    assert studies_of(r) == {both.StudyInstanceUID, public.StudyInstanceUID}
+    assert acl_archive.archive.authorizations[f"Bearer {tokens['a']}"] > 0
+    assert set(open_archive.archive.authorizations) == {None}  # never a caller's token
+
+    # A study only the own-credentials archive holds: cached for A, shared with B without asking "acl".
+    url = frame_url(mixed_proxy.dicomweb_url, public, 1)
+    assert client.get(url, headers={**FRAMES, **a}).headers["x-cache"] == "MISS"
+    checks = acl_archive.archive.requests["qido"]
+    r = client.get(url, headers={**FRAMES, **b})
+    assert (r.status_code, r.headers["x-cache"]) == (200, "HIT") and payload(r) == frame_bytes(public, 1)
+    assert acl_archive.archive.requests["qido"] == checks
+    # ... while what only A may see, cached through this proxy too, stays A's.
+    secret = frame_url(mixed_proxy.dicomweb_url, only_a, 2)
+    assert client.get(secret, headers={**FRAMES, **a}).headers["x-cache"] == "MISS"
+    assert client.get(secret, headers={**FRAMES, **a}).headers["x-cache"] == "HIT"
+    r = client.get(secret, headers={**FRAMES, **b})
+    assert r.status_code == 404 and frame_bytes(only_a, 2) not in r.content
