@@ -1,9 +1,10 @@
 """Limits that keep one client from taking the proxy from the others (issue 7).
 
 `LimitsMiddleware`: per-client request and byte rates (token buckets; over them 429 with
-`Retry-After`), a send timeout that cuts a client that stopped reading (so it does not hold an archive
-connection), and `Retry-After` on every 503. `EdgeHttpProtocol`: uvicorn's httptools protocol with a
-bound on request header size and count (431) and on the time the headers may take to arrive (408).
+`Retry-After`), a send timeout that cuts a client that stopped reading its response or sending its body
+(so it does not hold an archive connection), and `Retry-After` on every 503. `EdgeHttpProtocol`:
+uvicorn's httptools protocol with a bound on request header size and count (431) and on the time the
+headers may take to arrive (408).
 Limits are per worker process; a client is its address, or, behind a trusted proxy, the address that
 proxy reports.
 """
@@ -31,7 +32,7 @@ OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes
 
 
 class ClientStalled(Exception):
-    """The client read nothing of its response for `send_timeout` seconds."""
+    """The client read nothing of its response, or sent nothing of its body, for `send_timeout` seconds."""
 
 
 class Bucket:
@@ -132,9 +133,24 @@ class LimitsMiddleware:
                     return
         timeout = self.settings.send_timeout
         retry_after = self.retry_after
+        body_done = started = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:  # later calls wait for the disconnect, as long as the response lasts
+                return await receive()
+            try:
+                async with asyncio.timeout(timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise ClientStalled() from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
 
         async def limited(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 if message["status"] in (429, 503) and not any(k == b"retry-after" for k, _ in message["headers"]):
                     message["headers"] = [*message["headers"], (b"retry-after", retry_after.encode())]
                 await send(message)
@@ -148,11 +164,16 @@ class LimitsMiddleware:
                 raise ClientStalled() from None
 
         try:
-            await self.app(scope, receive, limited)
+            await self.app(scope, timed_receive, limited)
         except ClientStalled:
-            # Returning without the end of the body makes the server close the connection; everything the
-            # response held (the archive connection, cache handles) was released on the way out.
-            log.warning("client read nothing for %gs: response cut", timeout)
+            # Everything the request held (the archive connection, cache handles) was released on the way
+            # out. Mid-response, returning without the end of the body makes the server close the connection.
+            if started:
+                log.warning("client read nothing for %gs: response cut", timeout)
+            else:
+                log.warning("client sent nothing of its request body for %gs", timeout)
+                await error_response(408, f"no request body data for {timeout:g} s",
+                                     {"Connection": "close"})(scope, receive, send)
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, seconds: int, what: str) -> None:

@@ -391,9 +391,16 @@ class Pool:
                 conn.close()
                 if reused is None or isinstance(exc, FirstByteTimeout):
                     raise
-                # A kept-alive connection the origin had just closed: once more on a fresh one.
-                conn = await self._connect(connect_timeout)
+            except BaseException:
+                conn.close()  # cancelled, or the request body failed (too large, client gone): never reused
+                raise
+            # A kept-alive connection the origin had just closed: once more on a fresh one.
+            conn = await self._connect(connect_timeout)
+            try:
                 return await self._exchange(conn, method, target, headers, body, first_byte_timeout)
+            except BaseException:
+                conn.close()
+                raise
         except BaseException:
             self._slots.release()
             raise

@@ -174,3 +174,18 @@ def test_preflight_is_told_apart_from_the_capabilities_request(proxy):
     assert "access-control-allow-methods" not in caps.headers  # not answered as a preflight
     assert caps.headers.get("access-control-allow-origin") == ORIGIN  # but an ordinary CORS response
     assert caps.status_code != 200 or "wadl" in caps.headers.get("content-type", "")
+
+
+def test_a_client_that_stops_sending_its_body_gets_408_and_frees_the_archive(proxy, archives):
+    """A STOW body that stalls half way: the archive connection it opened is closed after send_timeout."""
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {DICOM_STOW}\r\n"
+                  f"Content-Length: {STOW_LIMIT - 100}\r\nX-Forwarded-For: 198.51.100.50\r\n\r\n".encode()
+                  + b"--b\r\nContent-Type: application/dicom\r\n\r\n" + bytes(100))
+        s.settimeout(10)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
+    assert re.search(r'^dicomweb_edge_upstream_in_flight\{archive="a"\} 0\.0$', text, re.M)
