@@ -177,7 +177,8 @@ def _parse_jwt(table: Mapping[str, Any], c: AuthConfig) -> None:
     if c.jwks_file is not None and not Path(str(c.jwks_file)).is_file():
         raise ValueError(f"auth.jwks_file {c.jwks_file!r} is not a file")
     c.jwks_cache_ttl = _number(table, "jwks_cache_ttl", 300.0, 1, 86400)
-    c.jwks_refetch_interval = _number(table, "jwks_refetch_interval", 30.0, 0, 3600)
+    # At least 1 s: tokens with made-up key ids must not re-read the JWKS on every request.
+    c.jwks_refetch_interval = _number(table, "jwks_refetch_interval", 30.0, 1, 3600)
     c.leeway = _number(table, "leeway", 30.0, 0, 600)
     c.scope_claim = str(table.get("scope_claim", "scope"))
 
