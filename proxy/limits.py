@@ -2,7 +2,8 @@
 
 `LimitsMiddleware`: per-client request and byte rates (token buckets; over them 429 with
 `Retry-After`), a send timeout that cuts a client that stopped reading its response or sending its body
-(so it does not hold an archive connection), and `Retry-After` on every 503. `EdgeHttpProtocol`:
+(so it does not hold an archive connection), `Retry-After` on every 503, and a 500 for an unexpected
+error that CORS still wraps. `EdgeHttpProtocol`:
 uvicorn's httptools protocol with a bound on request header size and count (431) and on the time the
 headers may take to arrive (408).
 Limits are per worker process; a client is its address, or, behind a trusted proxy, the address that
@@ -40,9 +41,9 @@ class Bucket:
 
     __slots__ = ("tokens", "stamp")
 
-    def __init__(self, burst: float) -> None:
+    def __init__(self, burst: float, now: float) -> None:
         self.tokens = burst
-        self.stamp = time.monotonic()
+        self.stamp = now
 
     def refill(self, rate: float, burst: float, now: float) -> float:
         """Tokens after refilling at `rate` up to `burst`."""
@@ -64,7 +65,7 @@ class Buckets:
         if bucket is None:
             if len(self._buckets) >= MAX_CLIENTS:
                 self._prune(now)
-            bucket = self._buckets[key] = Bucket(self.burst)
+            bucket = self._buckets[key] = Bucket(self.burst, now)
         bucket.refill(self.rate, self.burst, now)
         return bucket
 
@@ -174,6 +175,10 @@ class LimitsMiddleware:
                 log.warning("client sent nothing of its request body for %gs", timeout)
                 await error_response(408, f"no request body data for {timeout:g} s",
                                      {"Connection": "close"})(scope, receive, send)
+        except Exception:
+            if not started:  # answered here, inside CORS, so that a browser can read even this error
+                await error_response(500, "internal error")(scope, receive, send)
+            raise  # the server logs the traceback
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, seconds: int, what: str) -> None:
