@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import wado
+from . import access, wado
 from .cache import FrameCache
 from .context import Context
 from .media import Resource, Selection, parse_content_type
@@ -157,6 +157,7 @@ async def instance(request: Request, ctx: Context, target: Target) -> Response:
     key = Key("instance", target.instance, sel.media_type, sel.transfer_syntax or "*", target.study)
     hit = lookup(cache, key)
     if hit is not None:
+        await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
         location = dicomweb_base(request, ctx.settings, ctx.root) + target.path()
         return _answer(request, hit, sel.multipart, location, IMMUTABLE)
     resp = await wado.retrieve(request, ctx, target, Resource.INSTANCE, "instance", keep=keeper(cache, key))
@@ -196,6 +197,7 @@ async def _bulk(request: Request, ctx: Context, target: Target, sel: Selection, 
     assert ctx.cache is not None
     hit = lookup(ctx.cache, key)
     if hit is not None:
+        await access.admit(ctx, key.study)  # token pass-through: the archive said yes to this caller
         return _answer(request, hit, sel.multipart, location, IMMUTABLE)
     resp = await wado.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata", upstream_path=path,
                                archives=archives, location=location, keep=keeper(ctx.cache, key))
@@ -222,6 +224,7 @@ async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bo
     control = IMMUTABLE if target.instance else REVALIDATE
     hit = lookup(cache, key)
     if hit is not None:
+        await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
         return _answer(request, hit, False, None, control)
     resp = await wado.rendered(request, ctx, target, thumbnail, keep=keeper(cache, key))
     return _miss(resp, control)
