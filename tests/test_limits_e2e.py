@@ -47,7 +47,7 @@ def proxy(archives, tmp_path_factory):
         f'[server]\ncors_origins = ["{ORIGIN}"]\n\n'
         f"[limits]\nmax_stow_bytes = {STOW_LIMIT}\nclient_request_rate = 0.5\nclient_request_burst = 3\n"
         "client_byte_rate = 1000.0\nclient_byte_burst = 200000\nmax_header_bytes = 4096\nmax_header_count = 30\n"
-        "header_timeout = 1.0\nsend_timeout = 1.0\nqueue_timeout = 0.5\n\n"
+        "header_timeout = 1.0\nsend_timeout = 1.0\nqueue_timeout = 0.5\nkeepalive_timeout = 1.0\n\n"
         "[federation]\nhealth_interval = 0\n\n"
         f'[[archives]]\nname = "a"\nurl = "{a.dicomweb_url}"\n\n'
         f'[[archives]]\nname = "slow"\nurl = "{slow.dicomweb_url}"\nstores = false\nmax_connections = 1\n')
@@ -189,3 +189,15 @@ def test_a_client_that_stops_sending_its_body_gets_408_and_frees_the_archive(pro
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
     assert re.search(r'^dicomweb_edge_upstream_in_flight\{archive="a"\} 0\.0$', text, re.M)
+
+
+def test_an_idle_keep_alive_connection_is_closed(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        s.settimeout(10)
+        first = s.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower()
+        started = time.monotonic()
+        while s.recv(4096):  # nothing more is sent; after keepalive_timeout the server closes (b"")
+            pass
+        assert time.monotonic() - started < 4  # keepalive_timeout = 1 s (uvicorn alone would wait 5 s)

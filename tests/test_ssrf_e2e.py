@@ -12,7 +12,7 @@ import threading
 
 import httpx
 import pytest
-from support import ProxyProcess, instance_path
+from support import ProxyProcess, instance_path, split_multipart
 
 from proxy.config import ArchiveConfig
 from proxy.demo.archive import ArchiveServer, SampleArchive
@@ -109,6 +109,18 @@ def test_bulk_data_uris_pointing_elsewhere_are_removed_and_never_fetched(proxy, 
     assert elsewhere.hits == before
     log = proxy.log_path.read_text()
     assert "point outside its base URL" in log and f":{elsewhere.port}" not in log
+
+
+def test_content_locations_pointing_elsewhere_are_not_passed_on(proxy, faults, elsewhere, slices):
+    faults.bulk_uri_base = elsewhere.url + "/dicom-web"
+    ds = slices[0]
+    r = httpx.get(f"{proxy.dicomweb_url}{instance_path(ds)}/frames/1", trust_env=False,
+                  headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})
+    assert r.status_code == 200, r.text
+    _, parts = split_multipart(r.content, r.headers["content-type"])
+    (headers, _), = parts
+    assert dict(headers)["Content-Location"] == f"{proxy.dicomweb_url}{instance_path(ds)}/frames/1"
+    assert f":{elsewhere.port}" not in r.content.decode("latin-1")
 
 
 def test_bulk_data_uris_of_the_archive_are_minted_and_served(proxy, slices):

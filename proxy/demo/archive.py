@@ -66,7 +66,7 @@ class Faults:
     endless_body: bool = False  # stream zeros forever
     huge_headers: int | None = None  # add an X-Padding header of this many bytes
     max_limit: int | None = None  # like Azure (cap 200): a search with a larger `limit` gets 400
-    bulk_uri_base: str | None = None  # metadata BulkDataURIs point under this base (e.g. another server)
+    bulk_uri_base: str | None = None  # BulkDataURIs and frame Content-Locations point under this base (elsewhere)
     redirect_to: str | None = None  # answer every request with 302 and Location: this URL + the request path
 
     def clear(self) -> None:
@@ -411,7 +411,7 @@ class SampleArchive:
             size = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel", 1)) * ds.BitsAllocated // 8
             frames = [ds.PixelData[i * size : (i + 1) * size] for i in range(count)]
             ptype = "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
-        url = f"{_base(request)}{e.path}/frames/"
+        url = f"{self.faults.bulk_uri_base or _base(request)}{e.path}/frames/"
         parts = [([("Content-Location", f"{url}{n}"), ("Content-Type", ptype)], frames[n - 1]) for n in numbers]
         return _Payload(media_type=f'multipart/related; type="{ptype}"', parts=parts)
 
