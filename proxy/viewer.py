@@ -44,6 +44,8 @@ MEDIA_TYPES = {
     ".xml": "application/xml",
     ".onnx": "application/octet-stream",
 }
+# Served from a precompressed `.gz` sibling when there is one (the app bundle is 17 MB, 4 MB gzipped).
+COMPRESSIBLE = {".html", ".js", ".mjs", ".css", ".json", ".map", ".wasm", ".svg", ".txt", ".xml"}
 # The viewer isolates itself (COOP + COEP) so that Cornerstone can use SharedArrayBuffer; its web
 # workers need the same headers on their scripts, and every file may be embedded by the same origin only.
 ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
@@ -133,6 +135,28 @@ def _file(root: Path, path: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding allows gzip (RFC 9110 12.5.3: named, or `*`, with q > 0)."""
+    allowed: dict[str, bool] = {}
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        q = params.replace(" ", "")
+        allowed[coding.strip()] = not (q.startswith("q=0") and q.strip("q=0.") == "")
+    return allowed.get("gzip", allowed.get("*", False))
+
+
+def _precompressed(path: Path, accept_encoding: str) -> Path | None:
+    """`path`.gz (written by scripts/fetch-ohif.sh, like nginx's gzip_static) when the client takes gzip
+    and it is not older than the file itself."""
+    if not _accepts_gzip(accept_encoding):
+        return None
+    gz = path.with_name(path.name + ".gz")
+    try:
+        return gz if gz.stat().st_mtime >= path.stat().st_mtime else None
+    except FileNotFoundError:
+        return None
+
+
 def viewer_routes(directory: str | os.PathLike[str], settings: Settings) -> list[Route]:
     """The routes serving the viewer in `directory`; mount them after every proxy route."""
     root = check_viewer_dir(directory)
@@ -152,8 +176,14 @@ def viewer_routes(directory: str | os.PathLike[str], settings: Settings) -> list
             found = index  # a client-side route of the viewer
         suffix = found.suffix.lower()
         headers = {"Cache-Control": "no-cache" if suffix == ".html" else "public, max-age=3600", **ISOLATION}
-        return FileResponse(found, media_type=MEDIA_TYPES.get(suffix, "application/octet-stream"),
-                            headers=headers)
+        media_type = MEDIA_TYPES.get(suffix, "application/octet-stream")
+        if suffix in COMPRESSIBLE:
+            headers["Vary"] = "Accept-Encoding"
+            gz = _precompressed(found, request.headers.get("accept-encoding", ""))
+            if gz is not None:
+                headers["Content-Encoding"] = "gzip"
+                return FileResponse(gz, media_type=media_type, headers=headers)
+        return FileResponse(found, media_type=media_type, headers=headers)
 
     methods = ["GET", "HEAD"]
     return [Route("/app-config.js", config_js, methods=methods),

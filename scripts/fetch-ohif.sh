@@ -13,7 +13,7 @@ OHIF_INTEGRITY="sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM
 OHIF_TARBALL="https://registry.npmjs.org/@ohif/app/-/app-${OHIF_VERSION}.tgz"
 
 dest=".ohif/${OHIF_VERSION}"
-if [ -f "$dest/dist/index.html" ] && [ -f "$dest/.complete" ]; then
+if [ -f "$dest/dist/index.html" ] && [ -f "$dest/.complete-gz" ]; then
     printf '%s\n' "$PWD/$dest/dist"
     exit 0
 fi
@@ -43,9 +43,12 @@ fi
 mkdir -p "$work/unpacked"
 tar -xzf "$work/app.tgz" -C "$work/unpacked" package/dist package/package.json
 [ -f "$work/unpacked/package/dist/index.html" ] || { echo "[fetch-ohif] no dist/index.html in the tarball" >&2; exit 1; }
+# gzip siblings, served to browsers that take gzip (proxy/viewer.py, like nginx's gzip_static).
+find "$work/unpacked/package/dist" -type f -size +1k \( -name '*.js' -o -name '*.css' -o -name '*.html' \
+    -o -name '*.json' -o -name '*.map' -o -name '*.wasm' -o -name '*.svg' \) -exec gzip -k -6 -n {} +
 rm -rf "$dest"
 mkdir -p "$(dirname "$dest")"
 mv "$work/unpacked/package" "$dest"
-touch "$dest/.complete"
+touch "$dest/.complete-gz"
 echo "[fetch-ohif] unpacked into $dest/dist" >&2
 printf '%s\n' "$PWD/$dest/dist"

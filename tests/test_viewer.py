@@ -194,6 +194,8 @@ def test_fetch_script_pins_the_viewer_that_is_served():
     again = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and again.stdout.strip() == str(served)
     assert "downloading" not in again.stderr
+    bundles = list(served.glob("app.bundle.*.js"))
+    assert bundles and all(b.with_name(b.name + ".gz").is_file() for b in bundles)  # precompressed
 
 
 def test_frames_negotiation_prefers_no_transcoding_among_equals():
@@ -215,3 +217,23 @@ def test_frames_negotiation_prefers_no_transcoding_among_equals():
         == "image/jls"  # the second is unusable (image/jpeg with *), but the first was fine
     with pytest.raises(NotAcceptable):
         negotiate('multipart/related; type="image/jpeg"; transfer-syntax=*', Resource.FRAMES)
+
+
+def test_precompressed_files_for_clients_that_take_gzip(dist):
+    import gzip
+    import os
+
+    body = "console.log('app');" * 200
+    (dist / "app.bundle.js").write_text(body)
+    (dist / "app.bundle.js.gz").write_bytes(gzip.compress(body.encode()))
+    with _client(dist) as c:
+        r = c.get("/app.bundle.js", headers={"Accept-Encoding": "gzip, deflate, br"})
+        assert r.headers["content-encoding"] == "gzip" and r.headers["vary"] == "Accept-Encoding"
+        assert r.headers["content-type"] == "text/javascript; charset=utf-8" and r.text == body
+        assert int(r.headers["content-length"]) < len(body)
+        for encoding in ("identity", "gzip;q=0", "br"):
+            r = c.get("/app.bundle.js", headers={"Accept-Encoding": encoding})
+            assert "content-encoding" not in r.headers and r.text == body, encoding
+        os.utime(dist / "app.bundle.js.gz", (0, 0))  # older than the file: stale, not served
+        r = c.get("/app.bundle.js", headers={"Accept-Encoding": "gzip"})
+        assert "content-encoding" not in r.headers and r.text == body
