@@ -4,7 +4,8 @@ API keys with the proxy's own archive credentials: scopes for read / write (STOW
 viewer and CORS preflights, /metrics for a local scraper only, and every reader sharing the cache.
 JWT with token pass-through to an archive that decides per token (the sample archive's access rule,
 since Orthanc has no per-token study ACL): token B never gets from the cache what only token A may see
-(frames, metadata, renderings, searches), while A keeps its hits and B gets hits for a study it may see.
+(frames, metadata, instances, bulk data, renderings, searches), while A keeps its hits and B gets hits
+for a study it may see.
 """
 
 from __future__ import annotations
@@ -231,6 +232,14 @@ def test_token_b_never_reads_from_the_cache_what_only_token_a_may_see(jwt_proxy,
     assert client.get(rendered, headers={"Accept": "image/png", **a}).headers["x-cache"] == "HIT"
     r = client.get(rendered, headers={"Accept": "image/png", **b})
     assert r.status_code == 404 and not r.content.startswith(b"\x89PNG")
+
+    instance = frame_url(jwt_proxy.dicomweb_url, only_a).rsplit("/frames/", 1)[0]
+    for url, accept in ((instance, 'multipart/related; type="application/dicom"; transfer-syntax=*'),
+                        (instance + "/bulk/7fe00010", 'multipart/related; type="application/octet-stream"')):
+        assert client.get(url, headers={"Accept": accept, **a}).headers["x-cache"] == "MISS"
+        assert client.get(url, headers={"Accept": accept, **a}).headers["x-cache"] == "HIT"
+        r = client.get(url, headers={"Accept": accept, **b})
+        assert r.status_code == 404 and frame_bytes(only_a, 1) not in r.content
 
     searches = f"{jwt_proxy.dicomweb_url}/studies"
     r = client.get(searches, headers=a)
