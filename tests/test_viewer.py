@@ -4,6 +4,7 @@ exercised in Chromium by test_viewer_e2e.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -11,7 +12,6 @@ import sys
 
 import httpx
 import pytest
-from starlette.testclient import TestClient
 from support import ProxyProcess
 
 from proxy.app import create_app
@@ -34,10 +34,40 @@ def dist(tmp_path):
     return d
 
 
-def _client(dist, **settings) -> TestClient:
+class Client:
+    """Synchronous requests into the app in-process, through httpx's ASGI transport (peer 127.0.0.1)."""
+
+    def __init__(self, app) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080")
+
+    def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        return self._loop.run_until_complete(self._client.request(method, url, **kwargs))
+
+    def get(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def head(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("HEAD", url, **kwargs)
+
+    def post(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def options(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("OPTIONS", url, **kwargs)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
+
+
+def _client(dist, **settings) -> Client:
     s = Settings(archives=[ArchiveConfig("a", "http://127.0.0.1:9/dicom-web")], health_interval=0,
                  viewer_dir=str(dist), **settings)
-    return TestClient(create_app(s), base_url="http://127.0.0.1:8080")
+    return Client(create_app(s))
 
 
 def config_of(body: str) -> dict:
@@ -80,7 +110,7 @@ def test_client_side_routes_fall_back_to_index_but_missing_files_are_404(dist):
 
 
 def test_app_config_points_the_viewer_at_the_proxy(dist):
-    with _client(dist, trusted_proxies=["testclient"]) as c:  # the test client's address
+    with _client(dist) as c:  # from 127.0.0.1, a trusted hop by default
         r = c.get("/app-config.js")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
         conf = source(config_of(r.text))
@@ -113,7 +143,7 @@ def test_the_viewer_never_shadows_the_proxy(dist):
 
 def test_without_a_viewer_nothing_is_served_at_root(dist):
     s = Settings(archives=[ArchiveConfig("a", "http://127.0.0.1:9/dicom-web")], health_interval=0)
-    with TestClient(create_app(s)) as c:
+    with Client(create_app(s)) as c:
         assert c.get("/").status_code == 404
         assert c.get("/app-config.js").status_code == 404
 
