@@ -30,6 +30,7 @@ AUTH_TYPES = {  # type → (required keys, optional keys); a secret key may inst
 SECRETS = {"password", "token", "client_secret"}
 TLS_KEYS = {"ca_file", "cert_file", "key_file", "verify"}
 REFRESH_MARGIN = 30.0  # seconds before expiry an OAuth2 token is replaced (or a tenth of its life if shorter)
+RETRY_AFTER_FAILURE = 5.0  # after a failed token request, requests fail at once for this long (no hammering)
 
 
 class CredentialError(Exception):
@@ -155,6 +156,8 @@ class OAuth2ClientCredentials(Credentials):
         self._tls = tls
         self._token: str | None = None
         self._renew_at = 0.0
+        self._expires_at = 0.0
+        self._failed: tuple[float, CredentialError] | None = None  # (until, error) after a failed fetch
         self._lock = asyncio.Lock()
         self.fetched = 0  # tokens obtained (for tests and debugging; never the token itself)
 
@@ -165,11 +168,23 @@ class OAuth2ClientCredentials(Credentials):
         if self._token is None or time.monotonic() >= self._renew_at:
             async with self._lock:  # single flight: the first caller refreshes, the others reuse its token
                 if self._token is None or time.monotonic() >= self._renew_at:
-                    await self._fetch()
+                    try:
+                        if self._failed is not None and time.monotonic() < self._failed[0]:
+                            raise self._failed[1]
+                        try:
+                            await self._fetch()
+                        except CredentialError as exc:
+                            self._failed = (time.monotonic() + RETRY_AFTER_FAILURE, exc)
+                            raise
+                    except CredentialError:
+                        if self._token is None or time.monotonic() >= self._expires_at:
+                            raise
+                        return f"Bearer {self._token}"  # renewal failed, but the current token is still valid
+                    self._failed = None
         return f"Bearer {self._token}"
 
     def rejected(self) -> None:
-        self._renew_at = 0.0
+        self._renew_at = self._expires_at = 0.0
 
     async def _fetch(self) -> None:
         import httpx
@@ -196,7 +211,8 @@ class OAuth2ClientCredentials(Credentials):
         lifetime = doc.get("expires_in", 3600) if isinstance(doc, dict) else 3600
         lifetime = float(lifetime) if isinstance(lifetime, int | float) and lifetime > 0 else 3600.0
         self._token = token
-        self._renew_at = time.monotonic() + lifetime - min(REFRESH_MARGIN, lifetime / 10)
+        self._expires_at = time.monotonic() + lifetime
+        self._renew_at = self._expires_at - min(REFRESH_MARGIN, lifetime / 10)
         self.fetched += 1
         log.info("archive '%s': obtained an OAuth2 access token valid for %.0f s", self.archive, lifetime)
 

@@ -26,8 +26,10 @@ from support import REPO_ROOT, ProxyProcess
 
 from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series
+from proxy.outbound import CredentialError, OAuth2ClientCredentials
 
 LIFETIME = 2.0  # seconds an issued token is valid: the proxy must renew it before that
+GRACE = 0.5  # the archive's allowance for a request in transit on a busy machine (far below LIFETIME)
 CLIENT_ID, CLIENT_SECRET = "edge-client", "cs-" + secrets.token_hex(12)
 PASSWORD, BEARER = "pw-" + secrets.token_hex(12), "bt-" + secrets.token_hex(12)
 NAMES = ("oauth", "basic", "bearer", "open")
@@ -40,12 +42,16 @@ class TokenEndpoint:
         self.requests = 0
         self.valid: dict[str, float] = {}  # token -> monotonic expiry
         self.issued: list[str] = []
+        self.failing = False  # answer 500 to every token request
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 endpoint.requests += 1
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if endpoint.failing:
+                    self._answer(500, {"error": "temporarily_unavailable"})
+                    return
                 form = parse_qs(body.decode())
                 expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
                 if self.headers.get("Authorization") != expected or form.get("grant_type") != ["client_credentials"]:
@@ -73,7 +79,7 @@ class TokenEndpoint:
 
     def accepts(self, authorization: str | None) -> bool:
         scheme, _, token = (authorization or "").partition(" ")
-        return scheme == "Bearer" and self.valid.get(token, 0) > time.monotonic()
+        return scheme == "Bearer" and self.valid.get(token, 0) + GRACE > time.monotonic()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -217,3 +223,26 @@ def test_unusable_credentials_are_configuration_errors(tmp_path, auth, message):
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(cfg)], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+async def test_a_failing_token_endpoint_is_not_hammered_and_a_valid_token_is_kept():
+    """Renewal fails: the current token is used until it really expires; then requests fail at once,
+    without a token request each, until the retry pause is over. (Renewal and expiry are brought forward
+    by setting the provider's clock marks, so nothing here waits.)"""
+    endpoint = TokenEndpoint()
+    try:
+        creds = OAuth2ClientCredentials({"token_url": endpoint.url, "client_id": CLIENT_ID,
+                                         "client_secret": CLIENT_SECRET}, "x")
+        first = await creds.authorization()
+        endpoint.failing = True
+        creds._renew_at = 0.0  # renewal is due; the token itself is valid for LIFETIME more seconds
+        for _ in range(5):
+            assert await creds.authorization() == first
+        assert endpoint.requests == 2  # one failed renewal, then a pause instead of one request per call
+        creds._expires_at = 0.0  # now it has expired
+        for _ in range(5):
+            with pytest.raises(CredentialError, match="HTTP 500"):
+                await creds.authorization()
+        assert endpoint.requests == 2
+    finally:
+        endpoint.close()
