@@ -30,6 +30,7 @@ from . import metrics
 log = logging.getLogger("dicomweb_edge.cache")
 _HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32
 _MAGIC = b"DWE1"
+_FRESH = struct.Struct("<d")  # metadata entries start with the wall-clock time they stay fresh until
 GENERATION = "purge-generation"
 DISK_ERRORS = (OSError, sqlite3.Error)  # ENOSPC arrives as either, depending on where it hits
 
@@ -304,24 +305,32 @@ class FrameCache:
         metrics.child(metrics.CACHE_EVICTIONS, "disk").inc(removed)
         return removed
 
-    def get_json(self, key: str) -> bytes | None:
-        """A cached metadata document (short-lived; shared by all workers)."""
+    def get_json(self, key: str, stale: bool = False) -> bytes | None:
+        """A cached metadata document (short-lived; shared by all workers). With `stale`, also one past
+        its TTL but within the stale-if-error window (for when the archive fails)."""
         try:
             blob = self.disk.get("json/" + key)
         except Exception:
             return None
-        body = None if blob is None else _unpack(blob)
-        metrics.child(metrics.CACHE_RESULTS, "disk", "metadata", "miss" if body is None else "hit").inc()
+        body = None
+        if blob is not None and len(blob) >= _FRESH.size:
+            fresh_until = _FRESH.unpack_from(blob)[0]
+            if stale or time.time() < fresh_until:
+                body = _unpack(blob[_FRESH.size :])
+        result = "miss" if body is None else "stale" if stale else "hit"
+        metrics.child(metrics.CACHE_RESULTS, "disk", "metadata", result).inc()
         if body is not None:
             metrics.child(metrics.CACHE_SERVED_BYTES, "disk", "metadata").inc(len(body))
         return body
 
-    def put_json(self, key: str, body: bytes, study: str, ttl: float) -> None:
-        """Keep a metadata document for `ttl` seconds, until a store to its study (blocking)."""
+    def put_json(self, key: str, body: bytes, study: str, ttl: float, stale_if_error: float = 0.0) -> None:
+        """Keep a metadata document fresh for `ttl` seconds and, past that, `stale_if_error` seconds more for
+        `get_json(stale=True)`; until a store to its study drops it (blocking)."""
         if ttl <= 0 or not self.writable:
             return
         try:
-            self.disk.set("json/" + key, _pack(body), expire=ttl, tag=f"json:{study}")
+            self.disk.set("json/" + key, _FRESH.pack(time.time() + ttl) + _pack(body), expire=ttl + stale_if_error,
+                          tag=f"json:{study}")
         except DISK_ERRORS:
             self.writable = False
             return

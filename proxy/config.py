@@ -92,6 +92,7 @@ class Settings:
     cache_size_bytes: int = 10 * 1024**3  # disk tier bound (least recently used entries go first)
     memory_cache_bytes: int = 256 * 1024**2  # in-process tier bound, per worker
     metadata_cache_ttl: float = 30.0  # cached study/series/instance metadata lives this long (0: never cached)
+    stale_if_error: float = 86400.0  # expired metadata is kept this long, served (stale) while the archive fails
     prefetch: bool = True  # series metadata requests fetch the series into the cache in the background
     prefetch_concurrency: int = 2  # series prefetched at once, per worker
     prefetch_ttl: float = 600.0  # a series is not prefetched again within this many seconds
@@ -199,7 +200,7 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
             "memory_cache_bytes", "prefetch_concurrency", "client_request_burst", "client_byte_burst",
             "max_header_bytes", "max_header_count"}
     floats = {"shutdown_grace", "health_interval", "locator_ttl", "search_cache_ttl", "prefetch_ttl",
-              "metadata_cache_ttl", "client_request_rate", "client_byte_rate", "header_timeout",
+              "metadata_cache_ttl", "stale_if_error", "client_request_rate", "client_byte_rate", "header_timeout",
               "keepalive_timeout", "send_timeout", "queue_timeout"}
     for f in dataclasses.fields(Settings):
         value = environ.get(ENV_PREFIX + f.name.upper())
@@ -271,6 +272,8 @@ def validate(s: Settings) -> None:
         if origin != "*" and (u.scheme not in ("http", "https") or not u.netloc or u.path or u.query or u.fragment):
             raise ConfigError(f"cors_origins: {origin!r} must be '*' or an origin like https://viewer.example.org")
     _validate_limits(s)
+    if not 0 <= s.stale_if_error <= 30 * 86400:
+        raise ConfigError(f"stale_if_error {s.stale_if_error} must be 0 (off) to 2592000 seconds (30 days)")
     if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
         raise ConfigError(f"viewer dir {s.viewer_dir!r} has no index.html: expected a built OHIF dist/ "
                           "(./scripts/fetch-ohif.sh fetches one)")
@@ -386,7 +389,8 @@ def describe(s: Settings) -> str:
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
               f"memory_bytes = {s.memory_cache_bytes}",
-              f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"prefetch = {json.dumps(s.prefetch)}",
+              f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"stale_if_error = {s.stale_if_error}",
+              f"prefetch = {json.dumps(s.prefetch)}",
               f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",
               f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}",
               *(f"{k} = {getattr(s, k)}" for k in LIMIT_KEYS),

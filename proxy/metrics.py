@@ -75,7 +75,7 @@ SEARCH_PARTIAL = Counter("dicomweb_edge_search_partial_total",
 
 CACHE_KINDS = ("frame", "metadata", "search", "instance", "bulkdata", "rendered", "thumbnail")
 CACHE_RESULTS = Counter("dicomweb_edge_cache_lookups_total", "Cache lookups by tier, kind (frame, metadata, "
-                        "search, instance, bulkdata, rendered, thumbnail) and result (hit, miss, corrupt, "
+                        "search, instance, bulkdata, rendered, thumbnail) and result (hit, miss, stale, corrupt, "
                         "write-failed).", ["tier", "kind", "result"])
 CACHE_SERVED_BYTES = Counter("dicomweb_edge_cache_hit_bytes_total", "Bytes found in the cache, by tier and kind.",
                              ["tier", "kind"])

@@ -16,7 +16,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import access, merge, metrics
+from . import access, jsonbody, merge, metrics
 from .context import Context
 from .media import BadAccept, NotAcceptable, Resource, negotiate
 from .profiles import PROFILES, Profile
@@ -215,7 +215,7 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
         if resp.status not in (200, 204, 206):
             raise upstream_problem(resp, None)
         try:
-            body = await resp.read(ctx.settings.max_json_bytes)
+            body = await jsonbody.checked(resp, await resp.read(ctx.settings.max_json_bytes))
         except UpstreamError as exc:
             raise Problem(exc.status, exc.reason) from None
         warnings = [*resp.headers.getall("Warning", []), *warnings_for(q, archive)]

@@ -17,7 +17,7 @@ from functools import partial
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import access, merge, prefetch
+from . import access, jsonbody, merge, prefetch
 from .cache import Fetching, learn_instance
 from .context import Context
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
@@ -28,6 +28,7 @@ from .upstream import Archive, UpstreamError, UpstreamResponse
 from .urls import dicomweb_base
 
 VARY = ("Vary", "Accept")
+STALE_IF = (502, 503, 504)  # archive failures a cached metadata document may stand in for
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,7 @@ async def _metadata_body(request: Request, ctx: Context, archives: list[Archive]
         if resp.status >= 300:
             raise upstream_problem(resp, None)
         try:
-            body = await resp.read(ctx.settings.max_json_bytes)
+            body = await jsonbody.checked(resp, await resp.read(ctx.settings.max_json_bytes))
         except UpstreamError as exc:
             raise Problem(exc.status, exc.reason) from None
     if body.strip() not in (b"", b"[]"):
@@ -360,9 +361,21 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
             await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
             return Response(cached, 200, media_type="application/dicom+json",
                             headers={"Vary": "Accept", "X-Cache": "HIT"})
-    response = await _metadata(request, ctx, target, archives, path)
+    try:
+        response = await _metadata(request, ctx, target, archives, path)
+    except Problem as exc:
+        if cache is None or ttl <= 0 or fresh or exc.status not in STALE_IF or not ctx.settings.stale_if_error:
+            raise
+        stale = await asyncio.to_thread(cache.get_json, key, True)
+        if stale is None:
+            raise
+        await access.admit(ctx, target.study)
+        # RFC 7234 §5.5.1 (stale-if-error, RFC 5861): the last good answer, marked, instead of the failure.
+        return Response(stale, 200, media_type="application/dicom+json",
+                        headers={"Vary": "Accept", "X-Cache": "STALE", "Warning": '110 - "Response is Stale"'})
     if cache is not None and ttl > 0 and response.status_code == 200 and "warning" not in response.headers:
-        await asyncio.to_thread(cache.put_json, key, bytes(response.body), target.study, ttl)
+        await asyncio.to_thread(cache.put_json, key, bytes(response.body), target.study, ttl,
+                                ctx.settings.stale_if_error)
         response.headers["X-Cache"] = "MISS"
     return response
 
