@@ -104,7 +104,9 @@ class Viewing:
         self.responses: list = []
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
-        self.page.on("requestfailed", lambda r: self.errors.append(f"request failed: {r.url} {r.failure}"))
+        # A request the page itself cancels (net::ERR_ABORTED) is not a failure; any other one is.
+        self.page.on("requestfailed", lambda r: None if r.failure == "net::ERR_ABORTED"
+                     else self.errors.append(f"request failed: {r.url} {r.failure}"))
         self.page.on("response", lambda r: self.responses.append(r))
 
     def dicomweb(self, part: str) -> list:
