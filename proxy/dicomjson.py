@@ -120,6 +120,6 @@ class UrlRewriter:
 
         body = _BULK_MEMBER.sub(drop, body)
         if dropped:
-            log.warning("archive '%s': removed %d BulkDataURI(s) that point outside its base URL", self.archive,
-                        dropped)
+            log.warning("archive '%s': removed %d BulkDataURI(s) that point outside its base URL (if the archive "
+                        "writes another name for itself, add that base to its url_aliases)", self.archive, dropped)
         return body
