@@ -385,3 +385,16 @@ def test_demo_viewer_opens_the_federated_sample_archives(browser, viewer_dir, tm
     bad = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--port", str(free_port()), "--viewer",
                           str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no index.html" in bad.stderr
+
+
+def test_the_checks_fail_on_a_blank_viewport_and_on_console_errors(viewing, demo_data):
+    """The harness itself: a viewer with nothing to draw stays blank and is reported as such; an error
+    written to the browser console is collected."""
+    viewing.page.goto(f"{viewing.base}/viewer?StudyInstanceUIDs={demo_data.uids['ct_study']}.999")
+    with pytest.raises(AssertionError, match="stayed blank"):
+        wait_for_pixels(viewing.page, timeout=8)
+    viewing.page.evaluate("console.error('from the test')")
+    deadline = time.monotonic() + 10
+    while "from the test" not in viewing.errors and time.monotonic() < deadline:
+        viewing.page.wait_for_timeout(50)  # lets Playwright deliver the page's events
+    assert "from the test" in viewing.errors
