@@ -60,6 +60,24 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
         task.add_done_callback(_pending.discard)
 
 
+class _Held:
+    """The pieces of one frame as it streams by, for the cache; given up (and let go) once the frame is
+    larger than a cache entry may be, so that an endless part costs no memory (issue 7)."""
+
+    def __init__(self, limit: int) -> None:
+        self.pieces: list[bytes | memoryview] | None = []
+        self.size = 0
+        self.limit = limit
+
+    def add(self, piece: bytes | memoryview) -> None:
+        if self.pieces is not None:
+            self.size += len(piece)
+            if self.size > self.limit:
+                self.pieces = None
+            else:
+                self.pieces.append(piece)
+
+
 def _lookup(cache: FrameCache, target: Target, sel: Selection) -> dict[int, Frame]:
     assert target.instance is not None and target.frames is not None
     found: dict[int, Frame] = {}
@@ -204,15 +222,16 @@ async def _part_payload(events: PartEvents, held: list[object]) -> AsyncIterator
 
 async def _single(cache: FrameCache, target: Target, events: PartEvents, part: object) -> AsyncIterator[bytes]:
     assert target.frames is not None and target.instance is not None
-    pieces: list[bytes | memoryview] = []
+    held = _Held(cache.max_entry)
     try:
         async for piece in _part_payload(events, part.held):  # type: ignore[attr-defined]
-            pieces.append(piece)
+            held.add(piece)
             yield piece  # type: ignore[misc]
     except (UpstreamError, MultipartError) as exc:
         raise StreamAborted(str(exc)) from None
-    _store(cache, target.instance, target.frames[0], part.content_type, pieces,  # type: ignore[attr-defined]
-           target.study)
+    if held.pieces is not None:
+        _store(cache, target.instance, target.frames[0], part.content_type,  # type: ignore[attr-defined]
+               held.pieces, target.study)
     await events.finish()
 
 
@@ -234,13 +253,16 @@ async def _interleaved(cache: FrameCache, target: Target, hits: dict[int, Frame]
                     raise MultipartError("the archive sent fewer frames than asked for")
                 part = await label(events, nxt, rf.sel)
             yield rf.writer.part(part.content_type, loc, part.length)  # type: ignore[attr-defined]
-            pieces: list[bytes | memoryview] = []
+            repeated = target.frames.count(n) > 1  # asked again later in the list: hold it whatever its size
+            held = _Held(1 << 62 if repeated else cache.max_entry)
             async for piece in _part_payload(events, part.held):  # type: ignore[attr-defined]
-                pieces.append(piece)
+                held.add(piece)
                 yield piece
+            pieces = held.pieces or []
             mtype, params = parse_content_type(part.content_type)  # type: ignore[attr-defined]
-            _store(cache, target.instance, n, part.content_type, pieces, target.study)  # type: ignore[attr-defined]
-            if target.frames.count(n) > 1:
+            if held.pieces is not None:
+                _store(cache, target.instance, n, part.content_type, pieces, target.study)  # type: ignore
+            if repeated:
                 fetched[n] = Frame(b"".join(pieces), mtype, params.get("transfer-syntax", ""))
             part = None
         yield rf.close()

@@ -34,11 +34,36 @@ def fd_count(pid: int) -> int:
         return 0
 
 
+def fd_targets(pid: int) -> list[str]:
+    """What each open fd of one process points at (`socket:[inode]`, `pipe:[...]`, a path...)."""
+    out = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return out
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of one process (VmRSS; 0 if it is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """Peak resident set size of one process so far (VmHWM; 0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass

@@ -17,6 +17,7 @@ the stall/reset/503 basics without a cache (test_errors_e2e).
 
 from __future__ import annotations
 
+import collections
 import json
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from procstats import children, connections_to, fd_count, tree
+from procstats import children, connections_to, fd_targets, peak_rss_bytes, tree
 from support import ProxyProcess, instance_path, split_multipart
 
 from proxy.demo.archive import CHUNK, ArchiveServer, Faults, SampleArchive
@@ -134,10 +135,18 @@ def _request(kind: str, datasets: list) -> tuple[str, str]:
     }[kind]
 
 
-def _resources(proxy: ProxyProcess, port: int) -> tuple[list[int], int, dict[int, int]]:
-    """(worker PIDs, fds of master + workers, connections to the archive per worker)."""
+def _fds(proxy: ProxyProcess) -> collections.Counter[str]:
+    """Open fds of master + workers by kind (socket, pipe, file...), except the cache's own database files:
+    diskcache opens them once per thread of a worker's thread pool (bounded, kept for the thread's life)."""
+    cache = str(proxy.workdir / "cache")
+    return collections.Counter(t.split(":")[0] if ":[" in t else "file" for p in tree(proxy.pid)
+                               for t in fd_targets(p) if not t.startswith(cache))
+
+
+def _resources(proxy: ProxyProcess, port: int) -> tuple[list[int], collections.Counter[str], dict[int, int]]:
+    """(worker PIDs, fds of master + workers by kind, connections to the archive per worker)."""
     workers = children(proxy.pid)
-    return workers, sum(fd_count(p) for p in tree(proxy.pid)), connections_to(workers, port)
+    return workers, _fds(proxy), connections_to(workers, port)
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +254,8 @@ def test_fault_is_answered(proxy, archive, series, baseline, faults, fault, kind
     # Open fds and connections to the archive return to the baseline: each sequential request needs at most
     # one pooled connection per worker, and anything a fault left half-open is closed.
     def fds_back() -> bool | str:
-        n = _resources(proxy, archive.port)[1]
-        return n <= fds or f"{n} fds, baseline {fds}"
+        now = _fds(proxy)
+        return now.total() <= fds.total() or f"{dict(now)}, baseline {dict(fds)}"
 
     def connections_back() -> bool | str:
         now = _resources(proxy, archive.port)[2]
@@ -254,6 +263,36 @@ def test_fault_is_answered(proxy, archive, series, baseline, faults, fault, kind
 
     _poll("open fds", fds_back)
     _poll("archive connections", connections_back)
+
+
+def test_endless_frame_is_streamed_not_held(proxy, archive, series, baseline, faults):
+    """A frame part that never ends (no Content-Length, no boundary ever) streams to the client, which
+    decides when to stop; the proxy does not hold it for the cache beyond a cache entry's largest size
+    (64 MiB): the workers' peak RSS grows far less than what passed through, and nothing is cached."""
+    workers, fds, conns = baseline
+    ds = series["warm_up"][30]  # not asked during the warm-up: a miss
+    path = instance_path(ds) + "/frames/1"
+    peaks = {w: peak_rss_bytes(w) for w in workers}
+    faults.endless_part = True
+    read = 0
+    with httpx.Client(timeout=30.0, trust_env=False) as client:
+        with client.stream("GET", proxy.dicomweb_url + path,
+                           headers={"Accept": FRAMES_ACCEPT, "Connection": "close"}) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_raw():
+                read += len(chunk)
+                if read > 160 * 2**20:
+                    break
+    faults.clear()
+    grown = max(peak_rss_bytes(w) - peaks[w] for w in workers)
+    assert grown < 100 * 2**20, f"a worker's peak RSS grew by {grown / 2**20:.0f} MiB while 160 MiB passed"
+    assert children(proxy.pid) == workers
+    again = _get(proxy, path, FRAMES_ACCEPT)
+    assert again.headers.get("x-cache") == "MISS"
+    _, parts = split_multipart(again.content, again.headers["content-type"])
+    assert [c for _, c in parts] == [ds.PixelData]
+    _poll("archive connections", lambda: all(n <= max(conns.get(w, 0), 1) for w, n in
+                                             connections_to(workers, archive.port).items()))
 
 
 def test_no_unhandled_exception_in_the_log(proxy):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
+import itertools
 import json
 import logging
 import re
@@ -64,6 +65,7 @@ class Faults:
     invalid_json: bool = False  # JSON bodies are truncated garbage
     content_type: str | None = None  # override the response Content-Type
     endless_body: bool = False  # stream zeros forever
+    endless_part: bool = False  # multipart: the first part's headers (no Content-Length), then zeros forever
     huge_headers: int | None = None  # add an X-Padding header of this many bytes
     max_limit: int | None = None  # like Azure (cap 200): a search with a larger `limit` gets 400
     bulk_uri_base: str | None = None  # BulkDataURIs and frame Content-Locations point under this base (elsewhere)
@@ -186,6 +188,8 @@ async def _body(pieces: list[bytes], f: Faults) -> AsyncIterator[bytes]:
     """Yield the body in chunks (each piece, and every 64 KB), applying the body-level faults."""
     chunks = (p[i : i + CHUNK] for p in pieces for i in range(0, len(p), CHUNK))
     sent, limit, endless = 0, f.reset_after_bytes, f.endless_body
+    if f.endless_part:  # after the pieces (the first part's head), its payload goes on and on, at full speed
+        chunks = itertools.chain(chunks, iter(lambda: bytes(CHUNK), None))
     while endless or (chunk := next(chunks, None)) is not None:
         chunk = bytes(CHUNK) if endless else chunk
         if limit is not None and sent + len(chunk) > limit:
@@ -195,6 +199,8 @@ async def _body(pieces: list[bytes], f: Faults) -> AsyncIterator[bytes]:
         sent += len(chunk)
         if f.body_chunk_delay or endless:
             await asyncio.sleep(f.body_chunk_delay or 0.005)
+        elif f.endless_part:
+            await asyncio.sleep(0)
 
 
 class SampleArchive:
@@ -298,14 +304,16 @@ class SampleArchive:
                 lines = [*headers, ("Content-Length", str(len(content))), ("MIME-Version", "1.0")]
                 head = "".join(f"{k}: {v}\r\n" for k, v in lines)
                 pieces += [(("\r\n" if i else "") + f"--{boundary}\r\n{head}\r\n").encode("latin-1"), content]
-            if not f.truncate_multipart:
+            if f.endless_part:
+                pieces = [re.sub(r"Content-Length: \d+\r\n", "", pieces[0].decode("latin-1")).encode("latin-1")]
+            elif not f.truncate_multipart:
                 pieces.append(f"\r\n--{boundary}--\r\n".encode())
             ctype = f"{p.media_type}; boundary={uuid.uuid4() if f.wrong_boundary else boundary}"
         else:
             pieces = [p.body[: len(p.body) // 2] + b'{"' if p.is_json and f.invalid_json else p.body]
             ctype = p.media_type
         headers = {"Content-Type": f.content_type or ctype}
-        if not f.endless_body:
+        if not f.endless_body and not f.endless_part:
             headers["Content-Length"] = str(sum(map(len, pieces)))
         if f.huge_headers:
             headers["X-Padding"] = "x" * f.huge_headers
