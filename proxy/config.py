@@ -258,10 +258,10 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"port {s.port} is out of range")
     if s.workers < 1:
         raise ConfigError("workers must be at least 1")
-    if s.log_format not in ("json", "text"):
-        raise ConfigError(f"log_format {s.log_format!r} must be 'json' or 'text'")
     if not 0 <= s.shutdown_grace <= 3600:
         raise ConfigError(f"shutdown_grace {s.shutdown_grace} must be between 0 and 3600 seconds")
+    if s.log_format not in ("json", "text"):
+        raise ConfigError(f"log_format {s.log_format!r} must be 'json' or 'text'")
     if s.public_url is not None:
         u = urlsplit(s.public_url)
         if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
@@ -277,6 +277,8 @@ def validate(s: Settings) -> None:
     if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
         raise ConfigError(f"viewer dir {s.viewer_dir!r} has no index.html: expected a built OHIF dist/ "
                           "(./scripts/fetch-ohif.sh fetches one)")
+    if s.redis_url == "":
+        s.redis_url = None  # DICOMWEB_EDGE_REDIS_URL= (empty) means no shared tier, as unset does
     if s.redis_url is not None:
         _validate_redis(s)
     _validate_auth(s)
@@ -384,8 +386,7 @@ def describe(s: Settings) -> str:
     lines = ["[server]"]
     for k in ("host", "port", "workers", "shutdown_grace", "public_url", "trusted_proxies", "log_level", "log_format",
               "log_patient_data", "health_interval",
-              "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins", "tls_cert_file",
-              "tls_key_file"):
+              "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins", "tls_cert_file", "tls_key_file"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
               f"memory_bytes = {s.memory_cache_bytes}",
