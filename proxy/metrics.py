@@ -69,7 +69,8 @@ ARCHIVE_UP = Gauge("dicomweb_edge_archive_up", "1 when the last health probe of 
 SEARCH_FANOUT = Histogram("dicomweb_edge_search_fanout_archives", "Archives asked by one federated search.",
                           buckets=(1, 2, 3, 4, 6, 8, 12, 16))
 SEARCH_PARTIAL = Counter("dicomweb_edge_search_partial_total",
-                         "Federated searches answered without some archive, by archive and reason.",
+                         "Federated searches answered without some archive, by archive and reason (error, timeout, "
+                         "circuit_open).",
                          ["archive", "reason"])
 
 
