@@ -16,4 +16,4 @@ lint_paths=()
 for dir in proxy tests benchmarks; do [ -d "$dir" ] && lint_paths+=("$dir"); done
 .venv/bin/ruff check "${lint_paths[@]}"
 
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=15 "$@"
