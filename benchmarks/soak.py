@@ -169,7 +169,7 @@ def report(r: dict, args: argparse.Namespace, argv: list[str], slices: int, orth
     rps = r["requests"] / r["duration_us"] * 1e6
     ok = r["proxy_caused_5xx"] == 0 and r["unhandled_exceptions"] == 0
     lines = [
-        f"Command: `python benchmarks/soak.py {' '.join(argv)}`<br>",
+        f"Command: `{' '.join(['python benchmarks/soak.py', *argv])}`<br>",
         f"Date: {datetime.now(UTC).isoformat(timespec='seconds')}<br>",
         f"Orthanc {orthanc} with one CT study ({slices} slices of 512x512), the proxy with "
         f"`--workers {args.workers}` and a cache dir (empty at the start); `wrk -t 2 -c {args.connections} "
