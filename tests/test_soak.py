@@ -47,10 +47,13 @@ def test_soak_counts_statuses_and_samples(setup):
 
 
 def test_archive_failures_are_not_blamed_on_the_proxy(setup):
-    proxy, server, mix = setup
+    proxy, server, _ = setup
     server.archive.faults.status = 503
     try:
-        r = soak(proxy.url, proxy.pid, [m for m in mix if "/frames/" not in m[1]], connections=8, duration=1)
+        # Searches nobody made before (what was answered is cached, or served stale: that would hide the 503s).
+        fresh = [(1, "/dicomweb/studies?PatientID=PID909&limit=3", "application/dicom+json"),
+                 (1, "/dicomweb/series?Modality=CT&limit=3", "application/dicom+json")]
+        r = soak(proxy.url, proxy.pid, fresh, connections=8, duration=1)
     finally:
         server.archive.faults.clear()
     assert r["statuses"].get(503, 0) > 0 and r["upstream_errors"].get("http_5xx", 0) > 0
