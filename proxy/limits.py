@@ -36,6 +36,52 @@ class ClientStalled(Exception):
     """The client read nothing of its response, or sent nothing of its body, for `send_timeout` seconds."""
 
 
+class _SendWatch:
+    """nginx's send_timeout: a response is cut when one write to the client has waited `timeout` s.
+
+    One timer per response, armed at the first body write and re-armed only when it fires, instead of a
+    timeout around every write (four per cached frame: ~20 µs each on the hot path). A write that has
+    waited `timeout` s when the timer fires cancels the request's task; `limited` turns that into
+    ClientStalled.
+    """
+
+    __slots__ = ("timeout", "since", "fired", "task", "handle")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.since: float | None = None  # loop time the current write started; None between writes
+        self.fired = False
+        self.task: asyncio.Task[Any] | None = None
+        self.handle: asyncio.TimerHandle | None = None
+
+    def sending(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.since = loop.time()
+        if self.handle is None:
+            self.task = asyncio.current_task()
+            self.handle = loop.call_at(self.since + self.timeout, self._check)
+
+    def sent(self) -> None:
+        self.since = None
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        since = self.since
+        if since is not None and loop.time() - since >= self.timeout and self.task is not None:
+            self.fired = True
+            self.handle = None
+            self.task.cancel()
+            return
+        self.handle = loop.call_at((since if since is not None else loop.time()) + self.timeout, self._check)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        if self.fired and self.task is not None:
+            self.task.uncancel()
+
+
 class Bucket:
     """A token bucket that may run into debt (bytes are counted after they are sent)."""
 
@@ -135,6 +181,7 @@ class LimitsMiddleware:
         timeout = self.settings.send_timeout
         retry_after = self.retry_after
         body_done = started = False
+        watch = _SendWatch(timeout)
 
         async def timed_receive() -> Message:
             nonlocal body_done
@@ -158,11 +205,15 @@ class LimitsMiddleware:
                 return
             if byte_bucket is not None:
                 byte_bucket.tokens -= len(message.get("body", b""))
+            watch.sending()
             try:
-                async with asyncio.timeout(timeout):
-                    await send(message)
-            except TimeoutError:
-                raise ClientStalled() from None
+                await send(message)
+            except asyncio.CancelledError:
+                if watch.fired:
+                    raise ClientStalled() from None
+                raise
+            finally:
+                watch.sent()
 
         try:
             await self.app(scope, timed_receive, limited)
@@ -179,6 +230,8 @@ class LimitsMiddleware:
             if not started:  # answered here, inside CORS, so that a browser can read even this error
                 await error_response(500, "internal error")(scope, receive, send)
             raise  # the server logs the traceback
+        finally:
+            watch.close()
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, seconds: int, what: str) -> None:
