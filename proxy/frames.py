@@ -22,7 +22,7 @@ from .context import Context
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartError, PartEnd, PartHeaders
 from .reframe import PartEvents, Reframer, label
-from .responses import Problem, StreamAborted, StreamResponse
+from .responses import BuffersResponse, Problem, StreamAborted, StreamResponse
 from .upstream import UpstreamError
 from .urls import dicomweb_base
 from .wado import Target, open_upstream, retrieve, select, upstream_accept, upstream_problem
@@ -109,12 +109,8 @@ def _from_cache(request: Request, target: Target, sel: Selection, hits: dict[int
         chunks.append(rf.close())
         ctype = rf.writer.content_type(parse_content_type(frames[0].content_type)[0])
     headers += [("Content-Type", ctype), ("Content-Length", str(sum(len(c) for c in chunks)))]
-    return StreamResponse(200, headers, _chunks(chunks))  # each piece written as is: no join, no copy
+    return BuffersResponse(200, headers, chunks)  # each piece written as is: no join, no copy
 
-
-async def _chunks(chunks: list[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
 
 
 async def frames(request: Request, ctx: Context, target: Target) -> Response:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -29,7 +28,7 @@ from .context import Context
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartWriter
 from .reframe import Keep
-from .responses import StreamResponse
+from .responses import BuffersResponse, StreamResponse
 from .upstream import Archive
 from .urls import dicomweb_base
 from .wado import Target, select
@@ -135,12 +134,8 @@ def _answer(request: Request, entry: Entry, multipart: bool, location: str | Non
         if location:
             headers.append(("Content-Location", location))
     headers += [("Content-Type", ctype), ("Content-Length", str(sum(len(c) for c in chunks)))]
-    return StreamResponse(200, headers, _chunks(chunks))
+    return BuffersResponse(200, headers, chunks)  # each piece written as is: no join, no copy
 
-
-async def _chunks(chunks: list[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
-    for chunk in chunks:
-        yield chunk
 
 
 def _miss(resp: StreamResponse, cache_control: str) -> StreamResponse:
