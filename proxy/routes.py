@@ -11,11 +11,12 @@ from starlette.routing import Route
 
 from . import compose, objects, qido, stow, wado
 from . import frames as frame_cache
+from .capabilities import capabilities_response
 from .context import Context
 from .dicomjson import BadToken, decode_token
 from .media import Resource
 from .responses import Problem
-from .urls import external_base
+from .urls import dicomweb_base, external_base
 from .wado import Target
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -149,6 +150,12 @@ IN = SE + "/instances/{instance}"
 FR = IN + "/frames/{frames}"
 
 
+async def options(request: Request) -> Response:
+    """`OPTIONS` on the service base URL: the Retrieve Capabilities transaction (C-01)."""
+    ctx = _ctx(request)
+    return capabilities_response(request, dicomweb_base(request, ctx.settings, ctx.root), dicomweb_routes())
+
+
 def dicomweb_routes() -> list[Route]:
     """Every PS3.18 template the proxy serves, relative to the DICOMweb root."""
     get = ["GET"]
@@ -170,6 +177,7 @@ def dicomweb_routes() -> list[Route]:
         Route(FR + "/thumbnail", thumbnail, methods=get),
         Route(IN + "/bulk/{tags:path}", bulk, methods=get),
         Route("/bulk/{archive}/{token}", opaque_bulk, methods=get),
+        Route("/", options, methods=["OPTIONS"]),  # Retrieve Capabilities (C-01) on the service base URL
     ]
     for level in (S, SE, IN):
         routes += [
