@@ -11,7 +11,6 @@ needs `read` (`write` for POST), /admin needs `admin`, and /metrics is open to t
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import logs, metrics
 from .jwtauth import ALGORITHMS, JwksCache, JwtVerifier, TokenError, scopes_of
+from .outbound import is_loopback
 from .responses import error_response
 from .upstream import CALLER_AUTHORIZATION
 
@@ -58,16 +58,6 @@ class AuthConfig:
 KEYS = {"mode", "allow_none_on_network", "api_keys", "api_keys_file", "issuer", "audience", "algorithms",
         "jwks_file", "jwks_url", "jwks_cache_ttl", "jwks_refetch_interval", "leeway", "scope_claim",
         "read_scope", "write_scope", "admin_scope", "metrics", "access_ttl"}
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _scopes(value: Any, where: str) -> frozenset[str]:

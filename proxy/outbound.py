@@ -60,7 +60,7 @@ def check_auth(auth: Mapping[str, Any], where: str, environ: Mapping[str, str] |
             raise ValueError(f"{where}: auth.{key}_env names {auth[f'{key}_env']!r}, which is not set")
     if kind == "oauth2":
         u = urlsplit(str(auth["token_url"]))
-        if u.scheme != "https" and not (u.scheme == "http" and _loopback(u.hostname or "")):
+        if u.scheme != "https" and not (u.scheme == "http" and is_loopback(u.hostname or "")):
             raise ValueError(f"{where}: auth.token_url must be https (plain http only on a loopback address)")
 
 
@@ -85,7 +85,8 @@ def redacted(auth: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {k: ("***" if k in SECRETS else v) for k, v in auth.items()}
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
     if host == "localhost":
         return True
     try:
