@@ -14,7 +14,6 @@ from xml.sax.saxutils import quoteattr
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from .responses import Problem
 
@@ -29,10 +28,10 @@ _RENDERED = ("image/jpeg", "image/png", "image/gif")
 
 def _produces(path: str, method: str) -> tuple[str, ...]:
     last = path.rstrip("/").rsplit("/", 1)[-1]
-    if method == "POST":
+    if method == "POST" or last == "metadata":
         return ("application/dicom+json",)
-    if last in ("studies", "series", "instances", "metadata"):
-        return _SEARCH if last != "metadata" else ("application/dicom+json",)
+    if last in ("studies", "series", "instances"):
+        return _SEARCH
     if last in ("rendered", "thumbnail"):
         return _RENDERED
     if "{frames}" in path:
@@ -72,12 +71,12 @@ def _wadl(base: str, resources: list[dict[str, object]]) -> str:
     return "\n".join(out)
 
 
-def capabilities_response(request: Request, base: str, routes: list[Route]) -> Response:
-    """The Retrieve Capabilities answer for `OPTIONS` on the service base URL."""
+def capabilities_response(request: Request, base: str, routes: tuple[tuple[str, tuple[str, ...]], ...]) -> Response:
+    """The Retrieve Capabilities answer for `OPTIONS` on the service base URL; `routes` are (path, methods)."""
     if "access-control-request-method" in request.headers:
         raise Problem(403, "cross-origin requests are not enabled on this proxy (server.cors_origins)")
     accept = request.headers.get("accept", "").lower()
-    resources = _resources(tuple((r.path, tuple(sorted(r.methods or ()))) for r in routes))
+    resources = _resources(routes)
     headers = {"Allow": "GET, POST, OPTIONS", "Vary": "Accept"}
     if not accept or "wadl" in accept or "*/*" in accept or "application/*" in accept:
         return Response(_wadl(base, resources), media_type=WADL, headers=headers)

@@ -292,10 +292,11 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
         metrics.child(metrics.CACHE_RESULTS, mark.tier, "search", "miss" if cached is None else "hit").inc()
     if cached is None:
         asked = [a for a in ctx.archives if a.breaker.allow()]
+        skipped = [a for a in ctx.archives if a not in asked]
         warnings = [f"299 dicomweb-edge: archive '{a.name}' was skipped (circuit open); "
-                    "results may be incomplete" for a in ctx.archives if a not in asked]
-        for skipped in (a for a in ctx.archives if a not in asked):
-            metrics.child(metrics.SEARCH_PARTIAL, skipped.name, "circuit_open").inc()
+                    "results may be incomplete" for a in skipped]
+        for a in skipped:
+            metrics.child(metrics.SEARCH_PARTIAL, a.name, "circuit_open").inc()
         metrics.SEARCH_FANOUT.observe(len(asked))
         results = await asyncio.gather(*(_fetch_all(request, ctx, a, path, q, base) for a in asked),
                                        return_exceptions=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from functools import cache
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -153,7 +154,13 @@ FR = IN + "/frames/{frames}"
 async def options(request: Request) -> Response:
     """`OPTIONS` on the service base URL: the Retrieve Capabilities transaction (C-01)."""
     ctx = _ctx(request)
-    return capabilities_response(request, dicomweb_base(request, ctx.settings, ctx.root), dicomweb_routes())
+    return capabilities_response(request, dicomweb_base(request, ctx.settings, ctx.root), _route_table())
+
+
+@cache
+def _route_table() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(path, methods) of every route, built once (a Route compiles its path pattern when made)."""
+    return tuple((r.path, tuple(sorted(r.methods or ()))) for r in dicomweb_routes())
 
 
 def dicomweb_routes() -> list[Route]:
