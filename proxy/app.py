@@ -24,6 +24,7 @@ from .auth import parse as parse_auth
 from .config import Settings
 from .context import Context
 from .health import STATE_VALUE
+from .limits import BODILESS
 from .responses import Problem, error_response
 from .routes import dicomweb_routes
 from .upstream import Archive
@@ -102,20 +103,22 @@ class EdgeMiddleware:
                 sent += len(message.get("body", b""))
             await send(message)
 
+        tally = metrics.TALLY
         in_flight = metrics.REQUESTS_IN_FLIGHT
-        in_flight.inc()
+        tally.inc(in_flight)
         try:
-            await self.app(scope, counted, tracked)
+            await self.app(scope, receive if scope["method"] in BODILESS else counted, tracked)
         finally:
-            in_flight.dec()
+            tally.inc(in_flight, -1)
             elapsed = time.perf_counter() - started
-            metrics.child(metrics.REQUESTS, service, str(status)).inc()
-            metrics.child(metrics.REQUEST_DURATION, service, _CODE_CLASS.get(status // 100, "5xx")).observe(elapsed)
+            tally.inc(metrics.child(metrics.REQUESTS, service, str(status)))
+            tally.observe(metrics.child(metrics.REQUEST_DURATION, service, _CODE_CLASS.get(status // 100, "5xx")),
+                          elapsed)
             if ttfb is not None:
-                metrics.child(metrics.REQUEST_TTFB, service).observe(ttfb)
-            metrics.child(metrics.RESPONSE_BYTES, service).inc(sent)
+                tally.observe(metrics.child(metrics.REQUEST_TTFB, service), ttfb)
+            tally.inc(metrics.child(metrics.RESPONSE_BYTES, service), sent)
             if received:
-                metrics.child(metrics.REQUEST_BYTES, service).inc(received)
+                tally.inc(metrics.child(metrics.REQUEST_BYTES, service), received)
             if log.isEnabledFor(logging.INFO):
                 # No path, no query (they hold UIDs and patient names) unless debugging asks for them.
                 fields.update(service=service, method=scope["method"], status=status, bytes_in=received,
@@ -176,6 +179,7 @@ def create_app(settings: Settings) -> Starlette:
             if task is not None:
                 task.cancel()
             await ctx.close()
+            metrics.TALLY.flush()  # this worker's last requests
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

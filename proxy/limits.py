@@ -1,11 +1,11 @@
 """Limits that keep one client from taking the proxy from the others (issue 7).
 
 `LimitsMiddleware`: per-client request and byte rates (token buckets; over them 429 with
-`Retry-After`), a send timeout that cuts a client that stopped reading its response or sending its body
-(so it does not hold an archive connection), `Retry-After` on every 503, and a 500 for an unexpected
-error that CORS still wraps. `EdgeHttpProtocol`:
-uvicorn's httptools protocol with a bound on request header size and count (431) and on the time the
-headers may take to arrive (408).
+`Retry-After`), a timeout on a request body that stops arriving (408, so it does not hold an archive
+connection), `Retry-After` on every 503, and a 500 for an unexpected error that CORS still wraps.
+`EdgeHttpProtocol`: uvicorn's httptools protocol with a bound on request header size and count (431),
+on the time the headers may take to arrive (408), and a send timeout that cuts a client that stopped
+reading its response.
 Limits are per worker process; a client is its address, or, behind a trusted proxy, the address that
 proxy reports.
 """
@@ -30,56 +30,14 @@ from .responses import error_response
 log = logging.getLogger("dicomweb_edge")
 MAX_CLIENTS = 50_000  # buckets kept; beyond it, full (idle) buckets are forgotten
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes are never rate limited
+BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})  # their receive() is not wrapped in a body timeout
 
 
 class ClientStalled(Exception):
-    """The client read nothing of its response, or sent nothing of its body, for `send_timeout` seconds."""
+    """The client sent nothing of its request body, or read nothing of its response, for `send_timeout` s."""
 
 
-class _SendWatch:
-    """nginx's send_timeout: a response is cut when one write to the client has waited `timeout` s.
-
-    One timer per response, armed at the first body write and re-armed only when it fires, instead of a
-    timeout around every write (four per cached frame: ~20 µs each on the hot path). A write that has
-    waited `timeout` s when the timer fires cancels the request's task; `limited` turns that into
-    ClientStalled.
-    """
-
-    __slots__ = ("timeout", "since", "fired", "task", "handle")
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.since: float | None = None  # loop time the current write started; None between writes
-        self.fired = False
-        self.task: asyncio.Task[Any] | None = None
-        self.handle: asyncio.TimerHandle | None = None
-
-    def sending(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.since = loop.time()
-        if self.handle is None:
-            self.task = asyncio.current_task()
-            self.handle = loop.call_at(self.since + self.timeout, self._check)
-
-    def sent(self) -> None:
-        self.since = None
-
-    def _check(self) -> None:
-        loop = asyncio.get_running_loop()
-        since = self.since
-        if since is not None and loop.time() - since >= self.timeout and self.task is not None:
-            self.fired = True
-            self.handle = None
-            self.task.cancel()
-            return
-        self.handle = loop.call_at((since if since is not None else loop.time()) + self.timeout, self._check)
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-        if self.fired and self.task is not None:
-            self.task.uncancel()
+STALLED = "dicomweb_edge.send_stalled"  # scope key the protocol sets when it cut a client that stopped reading
 
 
 class Bucket:
@@ -180,8 +138,8 @@ class LimitsMiddleware:
                     return
         timeout = self.settings.send_timeout
         retry_after = self.retry_after
-        body_done = started = False
-        watch = _SendWatch(timeout)
+        body_done = scope["method"] in BODILESS
+        started = False
 
         async def timed_receive() -> Message:
             nonlocal body_done
@@ -196,6 +154,7 @@ class LimitsMiddleware:
             return message
 
         async def limited(message: Message) -> None:
+            # Cheap on purpose (it sees every body write): the send timeout is the protocol's (pause_writing).
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -205,33 +164,24 @@ class LimitsMiddleware:
                 return
             if byte_bucket is not None:
                 byte_bucket.tokens -= len(message.get("body", b""))
-            watch.sending()
-            try:
-                await send(message)
-            except asyncio.CancelledError:
-                if watch.fired:
-                    raise ClientStalled() from None
-                raise
-            finally:
-                watch.sent()
+            await send(message)
+            if STALLED in scope:  # the protocol cut the client: stop producing (and release the archive)
+                raise ClientStalled()
 
         try:
-            await self.app(scope, timed_receive, limited)
+            await self.app(scope, receive if body_done else timed_receive, limited)
         except ClientStalled:
-            # Everything the request held (the archive connection, cache handles) was released on the way
-            # out. Mid-response, returning without the end of the body makes the server close the connection.
-            if started:
-                log.warning("client read nothing for %gs: response cut", timeout)
-            else:
+            # Everything the request held (the archive connection) was released on the way out. A client
+            # that stopped reading was logged by the protocol; mid-response nothing more can be sent.
+            if STALLED not in scope:
                 log.warning("client sent nothing of its request body for %gs", timeout)
+            if not started:
                 await error_response(408, f"no request body data for {timeout:g} s",
                                      {"Connection": "close"})(scope, receive, send)
         except Exception:
             if not started:  # answered here, inside CORS, so that a browser can read even this error
                 await error_response(500, "internal error")(scope, receive, send)
             raise  # the server logs the traceback
-        finally:
-            watch.close()
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, seconds: int, what: str) -> None:
@@ -241,25 +191,31 @@ class LimitsMiddleware:
 
 
 @functools.cache
-def _protocol_limits() -> tuple[int, int, float]:
-    """(max header bytes, max header count, header timeout) of the settings the server runs with."""
+def _protocol_limits() -> tuple[int, int, float, float]:
+    """(max header bytes, max header count, header timeout, send timeout) of the settings the server runs with."""
     from .app import SETTINGS_ENV
 
     raw: dict[str, Any] = json.loads(os.environ.get(SETTINGS_ENV, "{}"))
     d = Settings()
     return (int(raw.get("max_header_bytes", d.max_header_bytes)), int(raw.get("max_header_count", d.max_header_count)),
-            float(raw.get("header_timeout", d.header_timeout)))
+            float(raw.get("header_timeout", d.header_timeout)), float(raw.get("send_timeout", d.send_timeout)))
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing oversized header blocks (431) and slow ones (408).
+    """uvicorn's httptools protocol, refusing oversized header blocks (431) and slow ones (408), and
+    cutting a client that reads nothing of its response for `send_timeout` s (nginx's send_timeout).
 
-    Without this, httptools accepts headers of any size and a client may take forever to send them.
+    Without this, httptools accepts headers of any size, a client may take forever to send them, and a
+    client that stops reading holds its response (and the archive connection feeding it) for ever. The
+    send timeout costs nothing per write: a timer is armed only when the transport's buffer is full
+    (pause_writing) and cancelled when the client drains it (resume_writing). Cutting the connection
+    makes the server report a disconnect to the application, which releases what the response held.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._max_bytes, self._max_count, self._header_timeout = _protocol_limits()
+        self._max_bytes, self._max_count, self._header_timeout, self._send_timeout = _protocol_limits()
+        self._send_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._refused: tuple[int, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
@@ -270,7 +226,30 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unwatch_send()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self._send_timeout, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        self._unwatch_send()
+        super().resume_writing()
+
+    def _unwatch_send(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_stalled(self) -> None:
+        self._send_timer = None
+        if not self.transport.is_closing():
+            log.warning("client read nothing for %gs: response cut", self._send_timeout)
+            if self.cycle is not None:
+                self.cycle.scope[STALLED] = True  # type: ignore[literal-required]
+            self.transport.abort()
 
     def _arm(self) -> None:
         if self._head_timer is None:

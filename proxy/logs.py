@@ -34,12 +34,34 @@ def annotate(key: str, value: str) -> None:
         fields[key] = f"{old},{value}"
 
 
+def _lean_records() -> None:
+    """Records need no thread, process or caller fields (no formatter here prints them); skipping them
+    takes about a quarter off every record, and the access log writes one per request."""
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # type: ignore[attr-defined]  # no stack walk for the caller's file and line
+
+
 class JsonFormatter(logging.Formatter):
     """`{"ts": …, "level": …, "logger": …, "msg": …, "request_id": …, …}` on one line."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        _lean_records()  # runs in every worker process that configures logging with this formatter
+        self._encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+        self._second = -1
+        self._stamp = ""
+
+    def _ts(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:  # strftime once a second, not once a record
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": self._ts(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -53,7 +75,7 @@ class JsonFormatter(logging.Formatter):
                 out["request_id"] = current["request_id"]
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, separators=(",", ":"), default=str)
+        return self._encode(out)
 
 
 class TextFormatter(logging.Formatter):
@@ -61,6 +83,7 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+        _lean_records()
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -7,6 +7,8 @@ the service, the archive's configured name, the status code and similar closed s
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import functools
 import importlib.metadata
 import os
@@ -108,6 +110,73 @@ AUTH_FAILURES = Counter("dicomweb_edge_auth_failures_total",
                         "scope (403), access (a pass-through archive refused the caller a study).", ["reason"])
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
+FLUSH_INTERVAL = 0.05  # seconds: per-request updates reach the shared values this often
+
+
+class Tally:
+    """Per-request metric updates added up in plain dicts, written to the metric values at most every
+    FLUSH_INTERVAL.
+
+    In multi-process mode each write to a value is a locked mmap write (~2 µs); a request answered
+    from the cache made ten of them. Added up here, a burst of requests costs a few writes per series
+    per interval instead. Only for the event loop's thread; `/metrics` flushes first, so a scrape of a
+    single worker is exact, and another worker's last updates are at most FLUSH_INTERVAL late.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[Any, float] = {}  # counter or gauge child → amount to add
+        self.histograms: dict[Any, list[Any]] = {}  # histogram child → [sum, count per bucket]
+        self.handle: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def inc(self, metric_child: Any, amount: float = 1.0) -> None:
+        """`child.inc(amount)` (a gauge's dec is a negative amount), later."""
+        if not self._armed():
+            metric_child.inc(amount)
+            return
+        self.counts[metric_child] = self.counts.get(metric_child, 0.0) + amount
+
+    def observe(self, metric_child: Any, value: float) -> None:
+        """`child.observe(value)` on a histogram, later."""
+        if not self._armed():
+            metric_child.observe(value)
+            return
+        pending = self.histograms.get(metric_child)
+        if pending is None:
+            pending = self.histograms[metric_child] = [0.0, [0] * len(metric_child._upper_bounds)]
+        pending[0] += value
+        pending[1][bisect.bisect_left(metric_child._upper_bounds, value)] += 1
+
+    def _armed(self) -> bool:
+        """True on a thread running an event loop, with a flush scheduled on it. Elsewhere (the threads
+        the disk tier works in) updates are written at once: the dicts here are the loop's alone."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if self.handle is None or self.loop is not loop:
+            self.loop = loop
+            self.handle = loop.call_later(FLUSH_INTERVAL, self.flush)
+        return True
+
+    def flush(self) -> None:
+        """Write what was added up."""
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        counts, self.counts = self.counts, {}
+        histograms, self.histograms = self.histograms, {}
+        for metric_child, amount in counts.items():
+            if amount:
+                metric_child.inc(amount)
+        for metric_child, (total, buckets) in histograms.items():
+            metric_child._sum.inc(total)
+            for value, n in zip(metric_child._buckets, buckets, strict=True):
+                if n:
+                    value.inc(n)
+
+
+TALLY = Tally()
 
 
 def child(metric: Any, *labels: str) -> Any:
@@ -158,6 +227,7 @@ def _version() -> str:
 def render(cache_stats: dict[str, int | bool] | None = None) -> tuple[bytes, str]:
     """The exposition text for `/metrics`: every worker's counters (multi-process mode), plus the
     scrape-time gauges (`cache_stats` from `FrameCache.stats()`, when the cache is on)."""
+    TALLY.flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

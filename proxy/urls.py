@@ -33,15 +33,22 @@ def external_base(request: Request, settings: Settings) -> str:
     """
     if settings.public_url:
         return settings.public_url
-    headers = request.headers
-    client = request.client.host if request.client else None
-    trusted = client is not None and client in settings.trusted_proxies
-    server = request.scope.get("server")
-    return _base(request.url.scheme, headers.get("host", ""), tuple(server) if server else None,
-                 headers.get("forwarded") if trusted else None,
-                 headers.get("x-forwarded-host", "") if trusted else "",
-                 headers.get("x-forwarded-proto", "") if trusted else "",
-                 headers.get("x-forwarded-port", "") if trusted else "")
+    scope = request.scope
+    wanted = {}
+    for k, v in scope["headers"]:  # one pass over the raw headers: this runs on every cache hit
+        if k in _WANTED:
+            wanted.setdefault(k, v.decode("latin-1"))
+    client = scope.get("client")
+    trusted = client is not None and client[0] in settings.trusted_proxies
+    server = scope.get("server")
+    return _base(scope.get("scheme", "http"), wanted.get(b"host", ""), tuple(server) if server else None,
+                 wanted.get(b"forwarded") if trusted else None,
+                 wanted.get(b"x-forwarded-host", "") if trusted else "",
+                 wanted.get(b"x-forwarded-proto", "") if trusted else "",
+                 wanted.get(b"x-forwarded-port", "") if trusted else "")
+
+
+_WANTED = frozenset((b"host", b"forwarded", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-port"))
 
 
 @functools.lru_cache(maxsize=256)

@@ -54,7 +54,11 @@ class Target:
 
 def client_accept(request: Request) -> str | None:
     """The `accept` query parameter wins over the Accept header (W-06, PS3.18 §8.7.8.1)."""
-    return request.query_params.get("accept") or request.headers.get("accept")
+    if b"accept" in request.scope["query_string"]:  # parse the query only when it may hold `accept`
+        value = request.query_params.get("accept")
+        if value:
+            return value
+    return request.headers.get("accept")
 
 
 def select(request: Request, resource: Resource, single_item: bool) -> Selection:
