@@ -27,6 +27,7 @@ from .health import STATE_VALUE
 from .limits import BODILESS
 from .responses import Problem, error_response
 from .routes import dicomweb_routes
+from .sendfile import body_size
 from .upstream import Archive
 from .urls import DICOMWEB_ROOT
 
@@ -99,8 +100,8 @@ class EdgeMiddleware:
                     if k == b"x-cache":
                         fields["cache"] = v.decode("latin-1").lower()
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
+            else:
+                sent += body_size(message)
             await send(message)
 
         tally = metrics.TALLY

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import diskcache
 
 from . import metrics
+from .sendfile import REF_COST, FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
 _HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32
@@ -39,7 +40,7 @@ DISK_ERRORS = (OSError, sqlite3.Error)  # ENOSPC arrives as either, depending on
 class Frame:
     """A cached frame: its bytes and what they are."""
 
-    payload: bytes
+    payload: bytes | OpenPayload  # OpenPayload: a disk-tier file, open, for sendfile (sendfile.py)
     media_type: str
     transfer_syntax: str
     crc: int = -1  # CRC-32 of the payload when known (every cache hit knows it)
@@ -52,7 +53,7 @@ class Frame:
     @property
     def etag(self) -> str:
         """A strong validator: the bytes' CRC-32 and length."""
-        crc = self.crc if self.crc >= 0 else zlib.crc32(self.payload)
+        crc = self.crc if self.crc >= 0 else zlib.crc32(self.payload)  # type: ignore[arg-type]
         return f'"{crc:08x}-{len(self.payload):x}"'
 
 
@@ -112,6 +113,11 @@ def frames_of(part10: bytes) -> list[tuple[str, int, str, str, bytes]]:
     return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)]
 
 
+def _cost(payload: bytes | FileRef) -> int:
+    """What an entry counts for in the memory tier's bound."""
+    return REF_COST if isinstance(payload, FileRef) else len(payload)
+
+
 def frame_key(sop: str, frame: int, media_type: str, transfer_syntax: str) -> str:
     """The key of one encoding of one frame."""
     return f"frame/{sop}/{frame}/{media_type}/{transfer_syntax}"
@@ -140,13 +146,15 @@ class FrameCache:
     """Memory LRU in front of a diskcache directory."""
 
     def __init__(self, directory: str, size_limit: int = 10 * 1024**3, memory_limit: int = 256 * 1024**2,
-                 max_entry: int = 64 * 1024**2) -> None:
+                 max_entry: int = 64 * 1024**2, sendfile: bool = False) -> None:
         # cull_limit=0: no culling inside set(); write() culls itself, so that evictions can be counted.
         self.disk = diskcache.Cache(directory, size_limit=size_limit, eviction_policy="least-recently-used",
                                     tag_index=True, cull_limit=0)
         self._generation = self._read_generation()
         self._checked = time.monotonic()
-        self.memory: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # key → (payload, CRC-32)
+        # key → (payload or where it lies in a disk-tier file, CRC-32)
+        self.memory: OrderedDict[str, tuple[bytes | FileRef, int]] = OrderedDict()
+        self.sendfile = sendfile  # large frames on disk are remembered as FileRefs and sent with sendfile
         self.memory_limit = memory_limit
         self.memory_bytes = 0
         self.max_entry = max_entry
@@ -154,18 +162,22 @@ class FrameCache:
         for tier in ("memory", "disk"):  # exported from the start, so that rate() sees the first eviction
             metrics.child(metrics.CACHE_EVICTIONS, tier)
 
-    def _remember(self, key: str, payload: bytes, crc: int | None = None) -> None:
-        if len(payload) > self.memory_limit // 4:
+    def _remember(self, key: str, payload: bytes | FileRef, crc: int | None = None) -> None:
+        cost = _cost(payload)
+        if cost > self.memory_limit // 4:
             return
         old = self.memory.pop(key, None)
         if old is not None:
-            self.memory_bytes -= len(old[0])
-        self.memory[key] = (payload, zlib.crc32(payload) if crc is None else crc)
-        self.memory_bytes += len(payload)
+            self.memory_bytes -= _cost(old[0])
+        if crc is None:
+            assert isinstance(payload, bytes)
+            crc = zlib.crc32(payload)
+        self.memory[key] = (payload, crc)
+        self.memory_bytes += cost
         evicted = 0
         while self.memory_bytes > self.memory_limit:
             _, (dropped, _) = self.memory.popitem(last=False)
-            self.memory_bytes -= len(dropped)
+            self.memory_bytes -= _cost(dropped)
             evicted += 1
         if evicted:
             metrics.child(metrics.CACHE_EVICTIONS, "memory").inc(evicted)
@@ -194,7 +206,8 @@ class FrameCache:
             self.memory_bytes = 0
             self._gauge_memory()
 
-    def _get(self, key: str, kind: str = "frame", count_hit: bool = True) -> tuple[bytes, int] | None:
+    def _get(self, key: str, kind: str = "frame", count_hit: bool = True,
+             ref: bool = False) -> tuple[bytes | FileRef, int] | None:
         self._sync_purges()
         found = self.memory.get(key)
         if found is not None:
@@ -203,12 +216,16 @@ class FrameCache:
                 metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", kind, "hit"))
                 metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "memory", kind), len(found[0]))
             return found
+        path = None
         try:
-            blob = self.disk.get(key)
+            blob = self.disk.get(key, read=ref)
+            if ref and blob is not None and not isinstance(blob, bytes):
+                with blob as handle:  # a value in a file of its own comes back open: read it, remember where
+                    blob, path = handle.read(), handle.name
         except Exception:  # an unreadable cache must not take the proxy down
             log.warning("cache read failed", exc_info=True)
             return None
-        if blob is None:
+        if not blob:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "miss").inc()
             return None
         payload = _unpack(blob)
@@ -221,18 +238,51 @@ class FrameCache:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "hit").inc()
             metrics.child(metrics.CACHE_SERVED_BYTES, "disk", kind).inc(len(payload))
         crc = _HEADER.unpack_from(blob)[2]
-        self._remember(key, payload, crc)
+        # Verified once; later hits in this worker are sent from the file (checked for length when opened).
+        self._remember(key, FileRef(path, _HEADER.size, len(payload)) if isinstance(path, str) else payload, crc)
         return payload, crc
 
-    def get(self, sop: str, frame: int, media_type: str, transfer_syntax: str) -> Frame | None:
-        """A cached frame in exactly this encoding, or (for `*`) in the encoding that is cached."""
+    def get(self, sop: str, frame: int, media_type: str, transfer_syntax: str,
+            open_file: bool = False) -> Frame | None:
+        """A cached frame in exactly this encoding, or (for `*`) in the encoding that is cached. With
+        `open_file`, a frame kept in a disk-tier file comes as an OpenPayload (for sendfile)."""
         if transfer_syntax == "*":
             idx = self._get(index_key(sop, frame), count_hit=False)  # one lookup per frame: the frame's
             if idx is None:
                 return None
-            media_type, _, transfer_syntax = idx[0].decode().partition(";")
-        found = self._get(frame_key(sop, frame, media_type, transfer_syntax))
-        return None if found is None else Frame(found[0], media_type, transfer_syntax, found[1])
+            media_type, _, transfer_syntax = bytes(idx[0]).decode().partition(";")  # type: ignore[arg-type]
+        key = frame_key(sop, frame, media_type, transfer_syntax)
+        for _ in range(2):
+            found = self._get(key, ref=self.sendfile)
+            if found is None:
+                return None
+            payload, crc = found
+            if not isinstance(payload, FileRef):
+                return Frame(payload, media_type, transfer_syntax, crc)
+            opened = payload.open()
+            if opened is not None:
+                if open_file:
+                    return Frame(opened, media_type, transfer_syntax, crc)
+                data = opened.read()
+                opened.close()
+                return Frame(data, media_type, transfer_syntax, crc)
+            self._drop(key)  # the file went (evicted, purged): ask the disk tier once more
+        return None
+
+    def _drop(self, key: str) -> None:
+        old = self.memory.pop(key, None)
+        if old is not None:
+            self.memory_bytes -= _cost(old[0])
+
+    def adopt(self, sop: str, frame: int, media_type: str, transfer_syntax: str, path: str | None) -> None:
+        """The frame is now on disk at `path`: remember the file instead of the bytes (sendfile)."""
+        key = frame_key(sop, frame, media_type, transfer_syntax)
+        held = self.memory.get(key)
+        if path is None or held is None or not isinstance(held[0], bytes):
+            return
+        self.memory[key] = (FileRef(path, _HEADER.size, len(held[0])), held[1])
+        self.memory_bytes += REF_COST - len(held[0])
+        self._gauge_memory()
 
     def put(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes) -> bool:
         """Make a frame visible in this process at once; True if it should also go to disk."""
@@ -243,22 +293,31 @@ class FrameCache:
         return self.writable
 
     def write(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
-              study: str | None = None) -> None:
-        """Store a frame in the shared disk tier, tagged with its study (blocking: call it off the loop)."""
+              study: str | None = None) -> str | None:
+        """Store a frame in the shared disk tier, tagged with its study (blocking: call it off the loop).
+        The path of the file it went to, when it has one of its own and sendfile is on (for `adopt`)."""
+        key = frame_key(sop, frame, media_type, transfer_syntax)
+        path = None
         try:
-            self.disk.set(frame_key(sop, frame, media_type, transfer_syntax), _pack(payload), tag=study)
+            self.disk.set(key, _pack(payload), tag=study)
             self.disk.set(index_key(sop, frame), _pack(f"{media_type};{transfer_syntax}".encode()), tag=study)
+            if self.sendfile and len(payload) >= self.disk.disk_min_file_size:
+                handle = self.disk.get(key, read=True)
+                if handle is not None and not isinstance(handle, bytes):
+                    handle.close()
+                    path = handle.name
         except DISK_ERRORS:
             self.writable = False  # disk full or gone: keep serving, stop writing
             metrics.child(metrics.CACHE_RESULTS, "disk", "frame", "write-failed").inc()
             log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
-            return
+            return None
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
         self.cull()
+        return path if isinstance(path, str) else None
 
     def get_entry(self, key: str, kind: str) -> tuple[bytes, int] | None:
         """Any other cached entry (objects.py builds the keys): (payload, CRC-32), or None."""
-        return self._get(key, kind)
+        return self._get(key, kind)  # type: ignore[return-value]  # only frames are kept as FileRefs
 
     def put_entry(self, key: str, payload: bytes) -> bool:
         """Make an entry visible in this process at once; True if it should also go to disk."""
@@ -440,7 +499,7 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
                 fut.set_result(None)
         for sop, n, mtype, ts, data in frames:
             if cache.writable:
-                await asyncio.to_thread(cache.write, sop, n, mtype, ts, data, study)
+                cache.adopt(sop, n, mtype, ts, await asyncio.to_thread(cache.write, sop, n, mtype, ts, data, study))
 
     task = asyncio.ensure_future(split())
     _learning.add(task)

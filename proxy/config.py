@@ -91,6 +91,7 @@ class Settings:
     cache_dir: str | None = None  # the frame cache is on when this is set
     cache_size_bytes: int = 10 * 1024**3  # disk tier bound (least recently used entries go first)
     memory_cache_bytes: int = 256 * 1024**2  # in-process tier bound, per worker
+    cache_sendfile: bool = False  # large frames sent from the disk tier's files with sendfile (slower here)
     metadata_cache_ttl: float = 30.0  # cached study/series/instance metadata lives this long (0: never cached)
     stale_if_error: float = 86400.0  # expired metadata is kept this long, served (stale) while the archive fails
     prefetch: bool = True  # series metadata requests fetch the series into the cache in the background
@@ -171,7 +172,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for section, keys in (("server", None), ("cache", {"dir": "cache_dir", "size_bytes": "cache_size_bytes",
-                                                         "memory_bytes": "memory_cache_bytes"}), ("limits", None),
+                                                         "memory_bytes": "memory_cache_bytes",
+                                                         "sendfile": "cache_sendfile"}), ("limits", None),
                           ("federation", None), ("shared", None), ("viewer", {"dir": "viewer_dir"})):
         table = doc.pop(section, {})
         if not isinstance(table, dict):
@@ -216,7 +218,7 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
                 out[f.name] = float(value)
             except ValueError:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a number: {value!r}") from None
-        elif f.name in ("prefetch", "log_patient_data"):
+        elif f.name in ("prefetch", "log_patient_data", "cache_sendfile"):
             out[f.name] = value.strip().lower() in ("1", "true", "yes", "on")
         elif f.name == "redis_timeout":
             try:
@@ -389,7 +391,7 @@ def describe(s: Settings) -> str:
               "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins", "tls_cert_file", "tls_key_file"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
-              f"memory_bytes = {s.memory_cache_bytes}",
+              f"memory_bytes = {s.memory_cache_bytes}", f"sendfile = {json.dumps(s.cache_sendfile)}",
               f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"stale_if_error = {s.stale_if_error}",
               f"prefetch = {json.dumps(s.prefetch)}",
               f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",

@@ -34,7 +34,8 @@ class Context:
         ordered = sorted(settings.archives, key=lambda a: -a.priority)
         cache = None
         if settings.cache_dir:
-            cache = FrameCache(settings.cache_dir, settings.cache_size_bytes, settings.memory_cache_bytes)
+            cache = FrameCache(settings.cache_dir, settings.cache_size_bytes, settings.memory_cache_bytes,
+                               sendfile=settings.cache_sendfile)
         shared = None
         if settings.redis_url:
             shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)

@@ -57,7 +57,13 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
     if stored:  # visible to this worker now, to all once on disk
         task = asyncio.ensure_future(asyncio.to_thread(cache.write, sop, frame, mtype, ts, payload, study))
         _pending.add(task)
-        task.add_done_callback(_pending.discard)
+
+        def written(t: asyncio.Task[str | None]) -> None:
+            _pending.discard(t)
+            if not t.cancelled() and t.exception() is None:
+                cache.adopt(sop, frame, mtype, ts, t.result())  # later hits are sent from the file
+
+        task.add_done_callback(written)
 
 
 class _Held:
@@ -82,7 +88,7 @@ def _lookup(cache: FrameCache, target: Target, sel: Selection) -> dict[int, Fram
     assert target.instance is not None and target.frames is not None
     found: dict[int, Frame] = {}
     for n in target.frames:
-        hit = cache.get(target.instance, n, sel.media_type, sel.transfer_syntax or "*")
+        hit = cache.get(target.instance, n, sel.media_type, sel.transfer_syntax or "*", open_file=True)
         if hit is not None:
             found[n] = hit
     return found

@@ -24,6 +24,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from . import sendfile
 from .config import Settings
 from .responses import error_response
 
@@ -163,7 +164,7 @@ class LimitsMiddleware:
                 await send(message)
                 return
             if byte_bucket is not None:
-                byte_bucket.tokens -= len(message.get("body", b""))
+                byte_bucket.tokens -= sendfile.body_size(message)
             await send(message)
             if STALLED in scope:  # the protocol cut the client: stop producing (and release the archive)
                 raise ClientStalled()
@@ -290,6 +291,10 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is None or cycle.scope is not self.scope or self.transport.get_extra_info("sslcontext") is not None:
+            return  # (TLS: the bytes must pass through the encryption: no sendfile, no writev)
+        sendfile.install(cycle, self.transport, self.scope)
 
     def send_400_response(self, msg: str) -> None:
         if self._refused is not None:

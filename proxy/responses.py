@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .sendfile import OpenPayload, send_payload
+
 log = logging.getLogger("dicomweb_edge")
 
 
@@ -66,7 +68,7 @@ class StreamResponse:
                 async for chunk in self.body:
                     if gone.is_set():
                         return
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send_payload(scope, send, chunk, True)
             except StreamAborted as exc:
                 log.warning("response cut mid-stream: %s", exc)
                 return  # the server closes the connection: the client sees a truncated body
@@ -82,22 +84,32 @@ class StreamResponse:
 
 
 class BuffersResponse:
-    """A body already in memory as a few buffers (a cache hit), with Content-Length in `headers`.
+    """A body already at hand as a few buffers (a cache hit), with Content-Length in `headers`.
 
-    Each buffer is handed to the server as it is (no join, no copy) and the last one ends the response,
-    so there is no empty closing write: one write less per hit than a StreamResponse.
+    Each buffer is handed to the server as it is (no join, no copy; an open disk-tier file is sent with
+    sendfile, sendfile.py) and the last one ends the response, so there is no empty closing write: one
+    write less per hit than a StreamResponse. Open files are closed when the response ends.
     """
 
-    def __init__(self, status: int, headers: list[tuple[str, str]], buffers: list[bytes | memoryview]) -> None:
+    def __init__(self, status: int, headers: list[tuple[str, str]],
+                 buffers: list[bytes | memoryview | OpenPayload]) -> None:
         self.status = status
         self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         self.buffers = buffers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
-        last = len(self.buffers) - 1
-        if last < 0:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        for i, buf in enumerate(self.buffers):
-            await send({"type": "http.response.body", "body": buf, "more_body": i < last})
+        files = any(isinstance(buf, OpenPayload) for buf in self.buffers)
+        try:
+            await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+            last = len(self.buffers) - 1
+            if last < 0:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            for i, buf in enumerate(self.buffers):
+                await send_payload(scope, send, buf, i < last)
+        finally:
+            if files:
+                for buf in self.buffers:
+                    if isinstance(buf, OpenPayload):
+                        buf.close()
+
 

@@ -341,3 +341,35 @@ def test_search_results_are_reused_briefly_and_a_store_clears_them(archive, data
         after = c.get(search)
         assert "x-cache" not in after.headers
         assert new.StudyInstanceUID in {s["0020000D"]["Value"][0] for s in after.json()}
+
+
+def test_sendfile_hits_are_the_archives_bytes_and_a_vanished_file_is_a_clean_miss(archive, data, tmp_path):
+    """`[cache] sendfile = true`: once a frame is on disk, the memory tier keeps where it is instead of its
+    bytes (its memory cost drops), hits are sent from the file by the server, byte for byte the archive's
+    frame, single-part and multipart, a frame asked twice included. When the file goes (another worker's
+    eviction, a purge), the next request is a complete miss, never a truncated body."""
+    import time
+
+    native, _ = data
+    cache_dir = tmp_path / "c"
+    single = {"Accept": "application/octet-stream; transfer-syntax=*"}
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(cache_dir)],
+                      env={"DICOMWEB_EDGE_CACHE_SENDFILE": "true"}) as proxy, httpx.Client(trust_env=False) as c:
+        assert c.get(url(proxy.dicomweb_url, native, "4"), headers=ANY).headers["x-cache"] == "MISS"
+        deadline = time.monotonic() + 20
+        while (stats := c.get(f"{proxy.url}/admin/cache").json())["memory_bytes"] >= FRAME:  # written, adopted
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        for _ in range(3):
+            r = c.get(url(proxy.dicomweb_url, native, "4"), headers=ANY)
+            assert r.headers["x-cache"] == "HIT" and payloads(r) == [native_frame(native, 4)]
+        r = c.get(url(proxy.dicomweb_url, native, "4,4"), headers=ANY)
+        assert r.headers["x-cache"] == "HIT" and payloads(r) == [native_frame(native, 4)] * 2
+        r = c.get(url(proxy.dicomweb_url, native, "4"), headers=single)
+        assert r.headers["x-cache"] == "HIT" and r.content == native_frame(native, 4)
+        assert int(r.headers["content-length"]) == FRAME
+        for f in cache_dir.rglob("*.val"):
+            f.unlink()  # what an eviction by another worker looks like to this one
+        r = c.get(url(proxy.dicomweb_url, native, "4"), headers=ANY)
+        assert r.status_code == 200 and r.headers["x-cache"] == "MISS"
+        assert payloads(r) == [native_frame(native, 4)]
