@@ -247,6 +247,10 @@ def create_app(settings: Settings) -> Starlette:
     from .limits import LimitsMiddleware
 
     app.add_middleware(LimitsMiddleware, settings=settings)  # inside CORS: a 429 carries the CORS headers too
+    from . import hitlane
+
+    if hitlane.applies(settings, auth_config.mode, forwarding):
+        app.add_middleware(hitlane.HitLane, ctx=ctx)  # the cache phase: inside CORS and the edge layer
     if settings.cors_origins:  # a viewer served from another origin (viewer.py serves one same-origin)
         from starlette.middleware.cors import CORSMiddleware
 

@@ -206,8 +206,8 @@ class FrameCache:
             self.memory_bytes = 0
             self._gauge_memory()
 
-    def _get(self, key: str, kind: str = "frame", count_hit: bool = True,
-             ref: bool = False) -> tuple[bytes | FileRef, int] | None:
+    def _get(self, key: str, kind: str = "frame", count_hit: bool = True, ref: bool = False,
+             memory_only: bool = False) -> tuple[bytes | FileRef, int] | None:
         self._sync_purges()
         found = self.memory.get(key)
         if found is not None:
@@ -216,6 +216,8 @@ class FrameCache:
                 metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", kind, "hit"))
                 metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "memory", kind), len(found[0]))
             return found
+        if memory_only:
+            return None
         path = None
         try:
             blob = self.disk.get(key, read=ref)
@@ -243,17 +245,19 @@ class FrameCache:
         return payload, crc
 
     def get(self, sop: str, frame: int, media_type: str, transfer_syntax: str,
-            open_file: bool = False) -> Frame | None:
+            open_file: bool = False, count: bool = True, memory_only: bool = False) -> Frame | None:
         """A cached frame in exactly this encoding, or (for `*`) in the encoding that is cached. With
-        `open_file`, a frame kept in a disk-tier file comes as an OpenPayload (for sendfile)."""
+        `open_file`, a frame kept in a disk-tier file comes as an OpenPayload (for sendfile); with
+        `memory_only`, nothing is looked up (or counted) beyond this worker's memory tier."""
         if transfer_syntax == "*":
-            idx = self._get(index_key(sop, frame), count_hit=False)  # one lookup per frame: the frame's
+            # Which encoding is cached; not counted: one lookup per frame, the frame's own.
+            idx = self._get(index_key(sop, frame), count_hit=False, memory_only=memory_only)
             if idx is None:
                 return None
             media_type, _, transfer_syntax = bytes(idx[0]).decode().partition(";")  # type: ignore[arg-type]
         key = frame_key(sop, frame, media_type, transfer_syntax)
         for _ in range(2):
-            found = self._get(key, ref=self.sendfile)
+            found = self._get(key, count_hit=count, ref=self.sendfile, memory_only=memory_only)
             if found is None:
                 return None
             payload, crc = found
@@ -268,6 +272,13 @@ class FrameCache:
                 return Frame(data, media_type, transfer_syntax, crc)
             self._drop(key)  # the file went (evicted, purged): ask the disk tier once more
         return None
+
+    @staticmethod
+    def count_hits(frames: list[Frame]) -> None:
+        """Count memory-tier hits looked up with `count=False` (the cache phase, once it knows it answers)."""
+        for f in frames:
+            metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", "frame", "hit"))
+            metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "memory", "frame"), len(f.payload))
 
     def _drop(self, key: str) -> None:
         old = self.memory.pop(key, None)

@@ -84,24 +84,28 @@ class _Held:
                 self.pieces.append(piece)
 
 
-def _lookup(cache: FrameCache, target: Target, sel: Selection) -> dict[int, Frame]:
+def lookup(cache: FrameCache, target: Target, sel: Selection, memory_only: bool = False) -> dict[int, Frame]:
+    """The requested frames the cache holds, by frame number (`memory_only`: this worker's memory tier,
+    and not counted in the lookup metrics)."""
     assert target.instance is not None and target.frames is not None
     found: dict[int, Frame] = {}
     for n in target.frames:
-        hit = cache.get(target.instance, n, sel.media_type, sel.transfer_syntax or "*", open_file=True)
+        hit = cache.get(target.instance, n, sel.media_type, sel.transfer_syntax or "*", open_file=True,
+                        count=not memory_only, memory_only=memory_only)
         if hit is not None:
             found[n] = hit
     return found
 
 
-def _from_cache(request: Request, target: Target, sel: Selection, hits: dict[int, Frame], base: str) -> Response:
+def from_cache(if_none_match: str, target: Target, sel: Selection, hits: dict[int, Frame],
+               base: str) -> Response | BuffersResponse:
     """Answer from the cache: no archive I/O, no parsing, the cached bytes handed to the server as they are."""
     assert target.frames is not None
     frames = [hits[n] for n in target.frames]
     etag = frames[0].etag if len(frames) == 1 else (
         '"' + format(zlib.crc32("".join(f.etag for f in frames).encode()), "08x") + f'-{len(frames)}"')
     headers = [("ETag", etag), ("Vary", "Accept"), ("X-Cache", "HIT"), CACHE_CONTROL]
-    if etag in request.headers.get("if-none-match", ""):
+    if etag in if_none_match:
         return Response(None, 304, headers=dict(headers))
     if not sel.multipart:
         chunks = [frames[0].payload]
@@ -127,7 +131,7 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
     assert target.frames is not None and target.instance is not None
     sel = select(request, Resource.FRAMES, len(target.frames) == 1)
     base = dicomweb_base(request, ctx.settings, ctx.root)
-    hits = _lookup(cache, target, sel)
+    hits = lookup(cache, target, sel)
     flying = [_inflight[k] for n in set(target.frames) - set(hits)
               if (k := _flight(target.instance, n, sel)) in _inflight]
     if len(hits) < len(set(target.frames)):
@@ -139,11 +143,11 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
         timeout = max(a.config.timeouts.idle_read for a in ctx.archives)
         await asyncio.wait([asyncio.shield(f) for f in flying], timeout=timeout,
                            return_when=asyncio.FIRST_COMPLETED)
-        hits = _lookup(cache, target, sel)
+        hits = lookup(cache, target, sel)
     if hits:
         await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
     if len(hits) == len(set(target.frames)):
-        return _from_cache(request, target, sel, hits, base)
+        return from_cache(request.headers.get("if-none-match", ""), target, sel, hits, base)
     missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
     keys = [_flight(target.instance, n, sel) for n in missing]
     loop = asyncio.get_running_loop()

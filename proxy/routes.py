@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import cache
 
 from starlette.requests import Request
@@ -35,7 +35,11 @@ def _uid(value: str, what: str) -> str:
 
 def target(request: Request) -> Target:
     """The validated UIDs and frame numbers of a WADO-RS URL."""
-    p = request.path_params
+    return target_of(request.path_params)
+
+
+def target_of(p: Mapping[str, str]) -> Target:
+    """`target` from the path parameters themselves (study, series, instance, frames): Problem(400) if bad."""
     frames = None
     if "frames" in p:
         raw = p["frames"].replace("%2C", ",").replace("%2c", ",")

@@ -6,6 +6,7 @@ import functools
 import re
 
 from starlette.requests import Request
+from starlette.types import Scope
 
 from .config import Settings
 
@@ -31,9 +32,13 @@ def external_base(request: Request, settings: Settings) -> str:
     header. A Host without a port on a non-default port (dicomweb-client sends `Host: 127.0.0.1`,
     real-stack.md §6) gets the port the request actually arrived on.
     """
+    return base_of(request.scope, settings)
+
+
+def base_of(scope: Scope, settings: Settings) -> str:
+    """`external_base` from the ASGI scope itself (for the cache phase, which builds no Request)."""
     if settings.public_url:
         return settings.public_url
-    scope = request.scope
     wanted = {}
     for k, v in scope["headers"]:  # one pass over the raw headers: this runs on every cache hit
         if k in _WANTED:

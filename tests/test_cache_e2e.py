@@ -373,3 +373,34 @@ def test_sendfile_hits_are_the_archives_bytes_and_a_vanished_file_is_a_clean_mis
         r = c.get(url(proxy.dicomweb_url, native, "4"), headers=ANY)
         assert r.status_code == 200 and r.headers["x-cache"] == "MISS"
         assert payloads(r) == [native_frame(native, 4)]
+
+
+def test_the_cache_phase_answers_a_hit_as_the_routed_path_does(archive, data, tmp_path):
+    """hitlane.py answers full memory hits before routing; a query string sends the same request through
+    the router. Both answers must be the same to a client: status, headers, parts, ETag and 304."""
+    native, _ = data
+    single = {"Accept": "application/octet-stream; transfer-syntax=*"}
+    routed = {"accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
+            httpx.Client(trust_env=False) as c:
+        c.get(url(proxy.dicomweb_url, native, "1,2"), headers=ANY)  # miss: fills the cache
+        for frames, headers, params in (("2,1,2", ANY, routed), ("1", single, {"accept": single["Accept"]})):
+            lane = c.get(url(proxy.dicomweb_url, native, frames), headers=headers)
+            router = c.get(url(proxy.dicomweb_url, native, frames), params=params)
+            assert lane.status_code == router.status_code == 200
+            assert lane.headers["x-cache"] == router.headers["x-cache"] == "HIT"
+            same = ("etag", "vary", "cache-control", "content-length")
+            assert {k: lane.headers[k] for k in same} == {k: router.headers[k] for k in same}
+            assert lane.headers["content-type"].split("boundary=")[0] == router.headers["content-type"].split(
+                "boundary=")[0]
+            if "," in frames:
+                assert payloads(lane) == payloads(router) == [native_frame(native, n) for n in (2, 1, 2)]
+                locations = [[dict(h)["Content-Location"] for h, _ in split_multipart(r.content,
+                              r.headers["content-type"])[1]] for r in (lane, router)]
+                assert locations[0] == locations[1]
+            else:
+                assert lane.content == router.content == native_frame(native, 1)
+            etag = {"If-None-Match": lane.headers["etag"]}
+            assert c.get(url(proxy.dicomweb_url, native, frames), headers={**headers, **etag}).status_code == 304
+            assert c.get(url(proxy.dicomweb_url, native, frames), params=params, headers=etag).status_code == 304
+        assert c.get(url(proxy.dicomweb_url, native, "0"), headers=ANY).status_code == 400  # still validated
