@@ -22,11 +22,14 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,2048}$")  # what encode_token produces: u
 _BULK_MEMBER = re.compile(rb'(,\s*)?"BulkDataURI"\s*:\s*"((?:[^"\\]|\\.)*)"(\s*,)?')
 
 
+_UNSAFE_CHAR = re.compile(r"[\x00-\x20\x7f\\]")  # control characters, space, DEL, backslash
+
+
 def escapes(path: str) -> bool:
     """True when `path` would climb out of where it is put: a `.`/`..` segment (also percent-encoded),
     an encoded slash, a backslash, or a control character."""
-    decoded = unquote(path)
-    if "\\" in decoded or any(ord(c) < 0x21 or ord(c) == 0x7F for c in decoded):
+    decoded = unquote(path) if "%" in path else path
+    if _UNSAFE_CHAR.search(decoded):
         return True
     return decoded.count("/") != path.count("/") or any(s in (".", "..") for s in decoded.split("?")[0].split("/"))
 

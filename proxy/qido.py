@@ -24,7 +24,7 @@ from .responses import Problem
 from .searchcache import Codec
 from .upstream import Archive, UpstreamError
 from .urls import dicomweb_base
-from .wado import open_upstream, upstream_problem
+from .wado import client_accept, open_upstream, upstream_problem
 
 PARAMS = {"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching", "multiplevaluematching"}
 UID_LIST = re.compile(r"^[0-9]+(\.[0-9]+)*([,\\][0-9]+(\.[0-9]+)*)*$")
@@ -176,7 +176,7 @@ def is_empty(body: bytes) -> bool:
 
 def _accept_json(request: Request) -> None:
     try:
-        negotiate(request.query_params.get("accept") or request.headers.get("accept"), Resource.JSON)
+        negotiate(client_accept(request), Resource.JSON)
     except BadAccept as exc:
         raise Problem(400, f"malformed Accept: {exc}") from None
     except NotAcceptable:
@@ -193,7 +193,10 @@ def _answer(body: bytes | None, warnings: list[str]) -> Response:
 async def search(request: Request, ctx: Context, path: str) -> Response:
     """A QIDO-RS search: 200 with results, 204 with none; federated when there are several archives."""
     _accept_json(request)
-    q = parse_query(request.url.query)
+    try:
+        q = parse_query(request.scope["query_string"].decode())  # as sent: parse_query percent-decodes
+    except UnicodeDecodeError:
+        raise Problem(400, "the query string is not UTF-8") from None
     if len(ctx.archives) > 1:
         return await federated_search(request, ctx, path, q)
     archive = ctx.archives[0]

@@ -74,6 +74,7 @@ class UpstreamResponse:
         idle = self.archive.config.timeouts.idle_read
         body = self._resp.iter_body()
         received = metrics.child(metrics.UPSTREAM_BYTES, self.archive.name)
+        tally = metrics.TALLY
         while True:
             try:
                 async with asyncio.timeout(idle):
@@ -87,7 +88,7 @@ class UpstreamResponse:
             if piece is None:
                 return
             self.bytes_read += len(piece)
-            received.inc(len(piece))
+            tally.inc(received, len(piece))
             yield piece
 
     async def read(self, limit: int) -> bytes:
@@ -112,6 +113,7 @@ class Archive:
         self.profile: Profile = PROFILES[config.profile]
         self.rewriter = UrlRewriter(config.name, config.url, config.url_aliases)
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown)
+        self._gauged = False
         u = urlsplit(config.url)
         self._path = u.path.rstrip("/")
         for kind in metrics.UPSTREAM_ERROR_KINDS:  # exported from the start, so that rate() sees the first
@@ -126,8 +128,11 @@ class Archive:
         metrics.child(metrics.UPSTREAM_ERRORS, self.name, kind).inc()
 
     def _health(self, ok: bool) -> None:
+        before = self.breaker.state
         self.breaker.success() if ok else self.breaker.failure()
-        metrics.child(metrics.ARCHIVE_BREAKER, self.name).set(STATE_VALUE[self.breaker.state])
+        if self.breaker.state != before or not self._gauged:  # a gauge write only when the state changes
+            metrics.child(metrics.ARCHIVE_BREAKER, self.name).set(STATE_VALUE[self.breaker.state])
+            self._gauged = True
 
     async def probe(self, timeout: float = 2.0) -> bool:
         """A cheap search (one study at most): True when the archive answers it."""
@@ -212,7 +217,9 @@ class Archive:
                 raise UnsafeTarget("a header value holds a line break or a control character")
         started = time.perf_counter()
         status = "error"
-        metrics.child(metrics.UPSTREAM_IN_FLIGHT, self.name).inc()
+        tally = metrics.TALLY  # per-request updates, added up (metrics.Tally)
+        in_flight = metrics.child(metrics.UPSTREAM_IN_FLIGHT, self.name)
+        tally.inc(in_flight)
         if service != "probe":
             logs.annotate("archive", self.name)
         try:
@@ -229,12 +236,12 @@ class Archive:
             if resp.status >= 500:
                 self.count_error("http_5xx")
             self._health(resp.status not in (502, 503, 504))
-            metrics.child(metrics.UPSTREAM_TTFB, self.name, service).observe(time.perf_counter() - started)
+            tally.observe(metrics.child(metrics.UPSTREAM_TTFB, self.name, service), time.perf_counter() - started)
             try:
                 yield UpstreamResponse(self, resp)
             finally:
                 resp.release()
         finally:
-            metrics.child(metrics.UPSTREAM_IN_FLIGHT, self.name).dec()
-            metrics.child(metrics.UPSTREAM_REQUESTS, self.name, service, status).inc()
-            metrics.child(metrics.UPSTREAM_DURATION, self.name, service).observe(time.perf_counter() - started)
+            tally.inc(in_flight, -1)
+            tally.inc(metrics.child(metrics.UPSTREAM_REQUESTS, self.name, service, status))
+            tally.observe(metrics.child(metrics.UPSTREAM_DURATION, self.name, service), time.perf_counter() - started)

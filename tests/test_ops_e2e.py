@@ -1,5 +1,7 @@
 """Operations endpoints and the composed /bulkdata and /pixeldata resources, against real Orthanc."""
 
+import time
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -95,7 +97,15 @@ def test_two_workers_serve_and_metrics_count_both(orthanc_a, tmp_path):
             for _ in range(40):  # new connections, so the kernel spreads them over both workers
                 r = c.get(f"{proxy.dicomweb_url}/studies?limit=1", headers={"Connection": "close"})
                 assert r.status_code == 200
-            text = c.get(f"{proxy.url}/metrics").text
-    total = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "dicomweb_edge_requests_total" and s.labels == {"service": "qido", "status": "200"})
+            # Each worker writes its added-up counts every metrics.FLUSH_INTERVAL (50 ms): a scrape right
+            # after the burst may see the other worker's last requests one interval later, never lose them.
+            deadline = time.monotonic() + 5
+            while True:
+                text = c.get(f"{proxy.url}/metrics").text
+                total = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                            if s.name == "dicomweb_edge_requests_total"
+                            and s.labels == {"service": "qido", "status": "200"})
+                if total >= 40 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
     assert total >= 40
