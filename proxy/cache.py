@@ -14,6 +14,7 @@ disk turns the disk tier off for writes, never the proxy.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import sqlite3
@@ -130,6 +131,17 @@ def index_key(sop: str, frame: int) -> str:
 
 def _pack(payload: bytes) -> bytes:
     return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+class _Pieces:
+    """A file-like reader over a few buffers, for `disk.set(..., read=True)`: each read returns the next
+    buffer as it is, so the value is written without being joined (copied) first."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
 
 
 def _unpack(blob: bytes) -> bytes | None:
@@ -295,23 +307,24 @@ class FrameCache:
         self.memory_bytes += REF_COST - len(held[0])
         self._gauge_memory()
 
-    def put(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes) -> bool:
+    def put(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
+            crc: int | None = None) -> bool:
         """Make a frame visible in this process at once; True if it should also go to disk."""
         if len(payload) > self.max_entry:
             return False
-        self._remember(frame_key(sop, frame, media_type, transfer_syntax), payload)
+        self._remember(frame_key(sop, frame, media_type, transfer_syntax), payload, crc)
         self._remember(index_key(sop, frame), f"{media_type};{transfer_syntax}".encode())
         return self.writable
 
     def write(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
-              study: str | None = None) -> str | None:
+              study: str | None = None, crc: int | None = None) -> str | None:
         """Store a frame in the shared disk tier, tagged with its study (blocking: call it off the loop).
         The path of the file it went to, when it has one of its own and sendfile is on (for `adopt`)."""
         key = frame_key(sop, frame, media_type, transfer_syntax)
         path = None
         try:
-            self.disk.set(key, _pack(payload), tag=study)
-            self.disk.set(index_key(sop, frame), _pack(f"{media_type};{transfer_syntax}".encode()), tag=study)
+            self._set_packed(key, payload, crc, tag=study)
+            self._set(index_key(sop, frame), _pack(f"{media_type};{transfer_syntax}".encode()), tag=study)
             if self.sendfile and len(payload) >= self.disk.disk_min_file_size:
                 handle = self.disk.get(key, read=True)
                 if handle is not None and not isinstance(handle, bytes):
@@ -325,6 +338,26 @@ class FrameCache:
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
         self.cull()
         return path if isinstance(path, str) else None
+
+    def _set_packed(self, key: str, payload: bytes, crc: int | None, tag: str | None) -> None:
+        """`_set(key, _pack(payload))` without building the packed copy (and with the CRC known)."""
+        head = _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload) if crc is None else crc)
+        if len(payload) + len(head) >= self.disk.disk_min_file_size:
+            self.disk.set(key, _Pieces(head, payload), read=True, tag=tag)
+        else:
+            self.disk.set(key, head + payload, tag=tag)
+
+    def _set(self, key: str, blob: bytes, expire: float | None = None, tag: str | None = None) -> None:
+        """`disk.set`, with a value that goes to a file of its own written in one piece.
+
+        diskcache writes a bytes value by iterating a BytesIO over it, which yields *lines*: a 512 KB
+        frame of binary pixel data became ~2,000 write() calls (11.5 ms of CPU per frame, measured).
+        Handed over as a file to read (read=True), it is written in 4 MB reads: one write().
+        """
+        if len(blob) >= self.disk.disk_min_file_size:
+            self.disk.set(key, io.BytesIO(blob), expire=expire, read=True, tag=tag)
+        else:
+            self.disk.set(key, blob, expire=expire, tag=tag)
 
     def get_entry(self, key: str, kind: str) -> tuple[bytes, int] | None:
         """Any other cached entry (objects.py builds the keys): (payload, CRC-32), or None."""
@@ -341,7 +374,7 @@ class FrameCache:
         """Store entries in the shared disk tier, tagged `obj:{study}` (blocking: call it off the loop)."""
         try:
             for key, payload in entries:
-                self.disk.set(key, _pack(payload), tag=f"obj:{study}")
+                self._set(key, _pack(payload), tag=f"obj:{study}")
         except DISK_ERRORS:
             self.writable = False
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "write-failed").inc()
@@ -401,7 +434,7 @@ class FrameCache:
         if ttl <= 0 or not self.writable:
             return
         try:
-            self.disk.set("json/" + key, _FRESH.pack(time.time() + ttl) + _pack(body), expire=ttl + stale_if_error,
+            self._set("json/" + key, _FRESH.pack(time.time() + ttl) + _pack(body), expire=ttl + stale_if_error,
                           tag=f"json:{study}")
         except DISK_ERRORS:
             self.writable = False

@@ -51,11 +51,12 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
     if not mtype or not ts:
         return  # an unlabelled frame cannot be keyed truthfully
     payload = b"".join(pieces)
-    stored = cache.put(sop, frame, mtype, ts, payload)
+    crc = zlib.crc32(payload)  # once, for the memory tier and the disk tier's entry
+    stored = cache.put(sop, frame, mtype, ts, payload, crc)
     for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
         _land(key)
     if stored:  # visible to this worker now, to all once on disk
-        task = asyncio.ensure_future(asyncio.to_thread(cache.write, sop, frame, mtype, ts, payload, study))
+        task = asyncio.ensure_future(asyncio.to_thread(cache.write, sop, frame, mtype, ts, payload, study, crc))
         _pending.add(task)
 
         def written(t: asyncio.Task[str | None]) -> None:
