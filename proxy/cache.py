@@ -14,7 +14,6 @@ disk turns the disk tier off for writes, never the proxy.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import sqlite3
@@ -114,6 +113,12 @@ def frames_of(part10: bytes) -> list[tuple[str, int, str, str, bytes]]:
     return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)]
 
 
+def _count_memory_hit(kind: str, size: int) -> None:
+    """The path that must be cheap: updates added up (metrics.TALLY)."""
+    metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", kind, "hit"))
+    metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "memory", kind), size)
+
+
 def _cost(payload: bytes | FileRef) -> int:
     """What an entry counts for in the memory tier's bound."""
     return REF_COST if isinstance(payload, FileRef) else len(payload)
@@ -129,8 +134,9 @@ def index_key(sop: str, frame: int) -> str:
     return f"frame-any/{sop}/{frame}"
 
 
-def _pack(payload: bytes) -> bytes:
-    return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
+def _head(payload: bytes, crc: int | None = None) -> bytes:
+    """The header every disk entry starts with: magic, payload length, CRC-32."""
+    return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload) if crc is None else crc)
 
 
 class _Pieces:
@@ -224,9 +230,8 @@ class FrameCache:
         found = self.memory.get(key)
         if found is not None:
             self.memory.move_to_end(key)
-            if count_hit:  # the path that must be cheap: updates added up (metrics.TALLY)
-                metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", kind, "hit"))
-                metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "memory", kind), len(found[0]))
+            if count_hit:
+                _count_memory_hit(kind, len(found[0]))
             return found
         if memory_only:
             return None
@@ -289,8 +294,7 @@ class FrameCache:
     def count_hits(frames: list[Frame]) -> None:
         """Count memory-tier hits looked up with `count=False` (the cache phase, once it knows it answers)."""
         for f in frames:
-            metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", "frame", "hit"))
-            metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "memory", "frame"), len(f.payload))
+            _count_memory_hit("frame", len(f.payload))
 
     def _drop(self, key: str) -> None:
         old = self.memory.pop(key, None)
@@ -323,8 +327,9 @@ class FrameCache:
         key = frame_key(sop, frame, media_type, transfer_syntax)
         path = None
         try:
-            self._set_packed(key, payload, crc, tag=study)
-            self._set(index_key(sop, frame), _pack(f"{media_type};{transfer_syntax}".encode()), tag=study)
+            self._set(key, _head(payload, crc), payload, tag=study)
+            index = f"{media_type};{transfer_syntax}".encode()
+            self._set(index_key(sop, frame), _head(index), index, tag=study)
             if self.sendfile and len(payload) >= self.disk.disk_min_file_size:
                 handle = self.disk.get(key, read=True)
                 if handle is not None and not isinstance(handle, bytes):
@@ -339,25 +344,17 @@ class FrameCache:
         self.cull()
         return path if isinstance(path, str) else None
 
-    def _set_packed(self, key: str, payload: bytes, crc: int | None, tag: str | None) -> None:
-        """`_set(key, _pack(payload))` without building the packed copy (and with the CRC known)."""
-        head = _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload) if crc is None else crc)
-        if len(payload) + len(head) >= self.disk.disk_min_file_size:
-            self.disk.set(key, _Pieces(head, payload), read=True, tag=tag)
-        else:
-            self.disk.set(key, head + payload, tag=tag)
-
-    def _set(self, key: str, blob: bytes, expire: float | None = None, tag: str | None = None) -> None:
-        """`disk.set`, with a value that goes to a file of its own written in one piece.
+    def _set(self, key: str, *pieces: bytes, expire: float | None = None, tag: str | None = None) -> None:
+        """`disk.set` of the value made of `pieces`, without joining (copying) them when it is large.
 
         diskcache writes a bytes value by iterating a BytesIO over it, which yields *lines*: a 512 KB
         frame of binary pixel data became ~2,000 write() calls (11.5 ms of CPU per frame, measured).
-        Handed over as a file to read (read=True), it is written in 4 MB reads: one write().
+        Handed over as a reader (read=True), a large value is written piece by piece: one write() each.
         """
-        if len(blob) >= self.disk.disk_min_file_size:
-            self.disk.set(key, io.BytesIO(blob), expire=expire, read=True, tag=tag)
+        if sum(len(p) for p in pieces) >= self.disk.disk_min_file_size:
+            self.disk.set(key, _Pieces(*pieces), expire=expire, read=True, tag=tag)
         else:
-            self.disk.set(key, blob, expire=expire, tag=tag)
+            self.disk.set(key, b"".join(pieces), expire=expire, tag=tag)
 
     def get_entry(self, key: str, kind: str) -> tuple[bytes, int] | None:
         """Any other cached entry (objects.py builds the keys): (payload, CRC-32), or None."""
@@ -374,7 +371,7 @@ class FrameCache:
         """Store entries in the shared disk tier, tagged `obj:{study}` (blocking: call it off the loop)."""
         try:
             for key, payload in entries:
-                self._set(key, _pack(payload), tag=f"obj:{study}")
+                self._set(key, _head(payload), payload, tag=f"obj:{study}")
         except DISK_ERRORS:
             self.writable = False
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "write-failed").inc()
@@ -434,7 +431,7 @@ class FrameCache:
         if ttl <= 0 or not self.writable:
             return
         try:
-            self._set("json/" + key, _FRESH.pack(time.time() + ttl) + _pack(body), expire=ttl + stale_if_error,
+            self._set("json/" + key, _FRESH.pack(time.time() + ttl), _head(body), body, expire=ttl + stale_if_error,
                           tag=f"json:{study}")
         except DISK_ERRORS:
             self.writable = False
