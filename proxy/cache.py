@@ -21,11 +21,14 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import diskcache
 
-from . import metrics
+from . import metrics, siblings
 from .sendfile import REF_COST, FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
@@ -33,6 +36,8 @@ _HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32
 _MAGIC = b"DWE1"
 _FRESH = struct.Struct("<d")  # metadata entries start with the wall-clock time they stay fresh until
 GENERATION = "purge-generation"
+TOUCH_EVERY = 5.0  # seconds: disk-tier reads are written back to the LRU order at most this often
+T = TypeVar("T")
 DISK_ERRORS = (OSError, sqlite3.Error)  # ENOSPC arrives as either, depending on where it hits
 
 
@@ -150,14 +155,16 @@ class _Pieces:
         return self.pieces.pop(0) if self.pieces else b""
 
 
-def _unpack(blob: bytes) -> bytes | None:
+def _unpack(blob: bytes, view: bool = False) -> bytes | None:
+    """The payload of a disk entry whose length and CRC-32 check, else None (`view`: a memoryview of
+    `blob` instead of a copy)."""
     if len(blob) < _HEADER.size:
         return None
     magic, length, crc = _HEADER.unpack_from(blob)
-    payload = blob[_HEADER.size :]
+    payload = memoryview(blob)[_HEADER.size :] if view else blob[_HEADER.size :]
     if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
         return None
-    return payload
+    return payload  # type: ignore[return-value]  # a memoryview sends, joins and measures as bytes do
 
 
 class FrameCache:
@@ -166,8 +173,18 @@ class FrameCache:
     def __init__(self, directory: str, size_limit: int = 10 * 1024**3, memory_limit: int = 256 * 1024**2,
                  max_entry: int = 64 * 1024**2, sendfile: bool = False) -> None:
         # cull_limit=0: no culling inside set(); write() culls itself, so that evictions can be counted.
-        self.disk = diskcache.Cache(directory, size_limit=size_limit, eviction_policy="least-recently-used",
-                                    tag_index=True, cull_limit=0)
+        settings: dict[str, Any] = {"size_limit": size_limit, "eviction_policy": "least-recently-used",
+                                    "tag_index": True, "cull_limit": 0}
+        self.disk = diskcache.Cache(directory, **settings)
+        # Reads go through a second handle that does not write: with the LRU policy diskcache updates an
+        # entry's access time inside a write transaction on every get, so readers in one worker queued
+        # behind the other worker's writes (SQLite's busy handler sleeps). What was read is written back
+        # to the LRU order in batches instead (_touch), by the one writer thread.
+        self.reader = diskcache.Cache(directory, **settings)
+        self.reader.reset("eviction_policy", "none", update=False)
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="cache-writer")  # disk writes, one at a time
+        self._touched: set[str] = set()
+        self._touch_at = time.monotonic()
         self._generation = self._read_generation()
         self._checked = time.monotonic()
         # key → (payload or where it lies in a disk-tier file, CRC-32)
@@ -237,7 +254,7 @@ class FrameCache:
             return None
         path = None
         try:
-            blob = self.disk.get(key, read=ref)
+            blob = self.reader.get(key, read=ref)
             if ref and blob is not None and not isinstance(blob, bytes):
                 with blob as handle:  # a value in a file of its own comes back open: read it, remember where
                     blob, path = handle.read(), handle.name
@@ -247,7 +264,7 @@ class FrameCache:
         if not blob:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "miss").inc()
             return None
-        payload = _unpack(blob)
+        payload = _unpack(blob, view=True)
         if payload is None:
             log.warning("cache entry failed its length/checksum test and was evicted")
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "corrupt").inc()
@@ -257,9 +274,33 @@ class FrameCache:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "hit").inc()
             metrics.child(metrics.CACHE_SERVED_BYTES, "disk", kind).inc(len(payload))
         crc = _HEADER.unpack_from(blob)[2]
+        self._read_back(key)
         # Verified once; later hits in this worker are sent from the file (checked for length when opened).
         self._remember(key, FileRef(path, _HEADER.size, len(payload)) if isinstance(path, str) else payload, crc)
         return payload, crc
+
+    def _read_back(self, key: str) -> None:
+        """Note a disk-tier read for the LRU order; hand the batch to the writer every TOUCH_EVERY s."""
+        self._touched.add(key)
+        now = time.monotonic()
+        if now - self._touch_at >= TOUCH_EVERY:
+            self._touch_at = now
+            batch, self._touched = self._touched, set()
+            self.writer.submit(self._touch, batch)
+
+    def _touch(self, keys: set[str]) -> None:
+        """Move entries read lately to the young end of the LRU order, in one transaction (writer thread)."""
+        now = time.time()
+        try:
+            with self.disk.transact():
+                for key in keys:
+                    self.disk._sql("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", (now, key))
+        except Exception:  # the order is a hint; losing a batch costs nothing but precision
+            log.debug("cache access times not written back", exc_info=True)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run a blocking disk-tier write in the writer thread (writes never contend with each other)."""
+        return asyncio.get_running_loop().run_in_executor(self.writer, fn, *args)
 
     def get(self, sop: str, frame: int, media_type: str, transfer_syntax: str,
             open_file: bool = False, count: bool = True, memory_only: bool = False) -> Frame | None:
@@ -344,6 +385,10 @@ class FrameCache:
         self.cull()
         return path if isinstance(path, str) else None
 
+    def write_frames(self, frames: list[tuple[str, int, str, str, bytes, int]], study: str | None) -> list[str | None]:
+        """`write` each of (SOP, frame, media type, transfer syntax, payload, CRC) (blocking)."""
+        return [self.write(sop, n, mtype, ts, data, study, crc) for sop, n, mtype, ts, data, crc in frames]
+
     def _set(self, key: str, *pieces: bytes, expire: float | None = None, tag: str | None = None) -> None:
         """`disk.set` of the value made of `pieces`, without joining (copying) them when it is large.
 
@@ -411,7 +456,7 @@ class FrameCache:
         """A cached metadata document (short-lived; shared by all workers). With `stale`, also one past
         its TTL but within the stale-if-error window (for when the archive fails)."""
         try:
-            blob = self.disk.get("json/" + key)
+            blob = self.reader.get("json/" + key)
         except Exception:
             return None
         body = None
@@ -438,6 +483,22 @@ class FrameCache:
             return
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(body))
         self.cull()
+
+    def mark_prefetched(self, study: str, series: str, ttl: float) -> None:
+        """Remember, for every worker, that this series was prefetched whole (dropped with the study's
+        metadata by a store or a purge; blocking)."""
+        if self.writable:
+            try:
+                self.disk.set("prefetched/" + series, 1, expire=ttl, tag=f"json:{study}")
+            except DISK_ERRORS:
+                pass
+
+    def was_prefetched(self, series: str) -> bool:
+        """Whether some worker prefetched this series within the prefetch TTL (blocking)."""
+        try:
+            return self.reader.get("prefetched/" + series) is not None
+        except Exception:
+            return False
 
     def forget_json(self, study: str) -> None:
         """A store changed the study: its cached metadata is stale (blocking)."""
@@ -471,8 +532,10 @@ class FrameCache:
                 "filesystem_free_bytes": free, "filesystem_size_bytes": size}
 
     def close(self) -> None:
-        """Close the disk tier."""
+        """Finish the writes under way and close the disk tier."""
+        self.writer.shutdown(wait=True)
         self.disk.close()
+        self.reader.close()
 
 
 _learning: set[asyncio.Task[None]] = set()
@@ -493,9 +556,21 @@ def _scope(study: str, series: str | None, instance: str | None) -> str:
 
 
 def covering(study: str, series: str | None, instance: str) -> list[asyncio.Future[None]]:
-    """Retrieves in flight whose answer contains this instance (its study, its series, itself)."""
+    """Retrieves in flight, here or in a sibling worker, whose answer contains this instance (its
+    study, its series, itself)."""
     keys = (_scope(study, None, None), _scope(study, series, None), _scope(study, series, instance))
-    return [f for k in keys if (f := _scopes.get(k)) is not None and not f.done()]
+    found = [f for k in keys if (f := _scopes.get(k)) is not None and not f.done()]
+    return found + [f for k in keys if (f := siblings.flying("scope/" + k)) is not None]
+
+
+def arrivals(study: str, series: str | None, instance: str) -> list[asyncio.Future[None]]:
+    """What to wait for when a frame of `instance` misses: empty when nothing in flight carries it;
+    otherwise done when its instance is learned (here, or on disk by a sibling) or the retrieve ends."""
+    scopes = covering(study, series, instance)
+    if not scopes:
+        return []
+    remote = siblings.landing("learned/" + instance)
+    return [learned(instance), *scopes] + ([remote] if remote is not None else [])
 
 
 class Fetching:
@@ -504,10 +579,12 @@ class Fetching:
 
     def __init__(self, study: str, series: str | None, instance: str | None) -> None:
         self.key = _scope(study, series, instance)
+        self.study = study
         self.tasks: list[asyncio.Task[None]] = []
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.key not in _scopes or _scopes[self.key].done():
             _scopes[self.key] = self.future
+        siblings.announce("scope/" + self.key)
 
     async def done(self) -> None:
         """The retrieve ended: once its frames are learned, wake whoever waits."""
@@ -515,32 +592,45 @@ class Fetching:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         if _scopes.get(self.key) is self.future:
             del _scopes[self.key]
+        siblings.settle("scope/" + self.key)  # its learned frames are on disk for the siblings too
         if not self.future.done():
             self.future.set_result(None)
 
 
+def _split(part10: bytes, study: str | None) -> tuple[list[tuple[str, int, str, str, bytes, int]], str | None]:
+    """frames_of, each frame with its CRC-32, and the study to tag them with (blocking: in a thread)."""
+    frames = frames_of(part10)
+    if frames and study is None:
+        study = study_of(part10)
+    return [(*f, zlib.crc32(f[4])) for f in frames], study
+
+
 def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview],
-                   fetching: Fetching | None = None) -> None:
-    """Tee for instance retrieves: split a Part 10 instance that passed through into frame entries."""
+                   fetching: Fetching | None = None, study: str | None = None) -> None:
+    """Tee for instance retrieves: split a Part 10 instance that passed through into frame entries
+    (`study`, or the fetching retrieve's: the study the request named, saving a parse)."""
     if not content_type.startswith("application/dicom"):
         return
     payload = b"".join(pieces)
+    study = study or (fetching.study if fetching is not None else None)
 
     async def split() -> None:
         try:
-            frames = await asyncio.to_thread(frames_of, payload)
-            study = await asyncio.to_thread(study_of, payload) if frames else None
+            frames, tag = await asyncio.to_thread(_split, payload, study)
         except Exception:  # a part we cannot parse teaches us nothing; the client already has it
             return
-        for sop, n, mtype, ts, data in frames:
-            cache.put(sop, n, mtype, ts, data)
-        if frames:
-            fut = _learned.pop(frames[0][0], None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-        for sop, n, mtype, ts, data in frames:
-            if cache.writable:
-                cache.adopt(sop, n, mtype, ts, await asyncio.to_thread(cache.write, sop, n, mtype, ts, data, study))
+        if not frames:
+            return
+        for sop, n, mtype, ts, data, crc in frames:
+            cache.put(sop, n, mtype, ts, data, crc)
+        fut = _learned.pop(frames[0][0], None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        if cache.writable:
+            paths = await cache.submit(cache.write_frames, frames, tag)
+            for (sop, n, mtype, ts, _, _), path in zip(frames, paths, strict=True):
+                cache.adopt(sop, n, mtype, ts, path)
+        siblings.settle("learned/" + frames[0][0])  # on disk: a sibling waiting for it reads it there
 
     task = asyncio.ensure_future(split())
     _learning.add(task)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from . import siblings
 from .cache import FrameCache
 from .config import Settings
 from .locator import Locator
@@ -51,7 +52,10 @@ class Context:
         return ctx
 
     def start(self) -> None:
-        """Follow the other processes' stores through the shared tier (from the app's lifespan)."""
+        """Follow the other processes' stores through the shared tier, and open the channel to the
+        sibling workers on the same cache directory (from the app's lifespan)."""
+        if self.cache is not None and self.settings.cache_dir and self.root == DICOMWEB_ROOT:
+            siblings.start(self.settings.cache_dir)
         if self.shared is not None and self._listener is None:
             self._listener = asyncio.ensure_future(self.shared.listen(self._stored_elsewhere, self.clear_searches))
 
@@ -106,4 +110,5 @@ class Context:
         for a in self.archives:
             await a.close()
         if self.cache is not None and self.root == DICOMWEB_ROOT:
+            siblings.stop()
             self.cache.close()

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import access, metrics
-from .cache import Frame, FrameCache, covering, learned
+from . import access, metrics, siblings
+from .cache import Frame, FrameCache, arrivals
 from .context import Context
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartError, PartEnd, PartHeaders
@@ -28,9 +28,15 @@ from .urls import dicomweb_base
 from .wado import Target, open_upstream, retrieve, select, upstream_accept, upstream_problem
 
 CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")
-_pending: set[asyncio.Task[None]] = set()
+_pending: set[asyncio.Future[str | None]] = set()
 # Single-flight: (SOP UID, frame, media type, transfer syntax) → done when the fetch in flight ends.
 _inflight: dict[tuple[str, int, str, str], asyncio.Future[None]] = {}
+_writing: set[str] = set()  # sibling keys of frames fetched here whose disk write is under way
+
+
+def _sibling_key(sop: str, frame: int) -> str:
+    """What the sibling workers know a frame fetch by (any encoding: a waiter looks its own up after)."""
+    return f"frame/{sop}/{frame}"
 
 
 def _flight(sop: str, frame: int, sel: Selection) -> tuple[str, int, str, str]:
@@ -56,11 +62,15 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
     for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
         _land(key)
     if stored:  # visible to this worker now, to all once on disk
-        task = asyncio.ensure_future(asyncio.to_thread(cache.write, sop, frame, mtype, ts, payload, study, crc))
+        task = cache.submit(cache.write, sop, frame, mtype, ts, payload, study, crc)
         _pending.add(task)
+        sibling = _sibling_key(sop, frame)
+        _writing.add(sibling)
 
-        def written(t: asyncio.Task[str | None]) -> None:
+        def written(t: asyncio.Future[str | None]) -> None:
             _pending.discard(t)
+            _writing.discard(sibling)
+            siblings.settle(sibling)  # a sibling waiting for this frame reads it from disk now
             if not t.cancelled() and t.exception() is None:
                 cache.adopt(sop, frame, mtype, ts, t.result())  # later hits are sent from the file
 
@@ -133,12 +143,11 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
     sel = select(request, Resource.FRAMES, len(target.frames) == 1)
     base = dicomweb_base(request, ctx.settings, ctx.root)
     hits = lookup(cache, target, sel)
-    flying = [_inflight[k] for n in set(target.frames) - set(hits)
-              if (k := _flight(target.instance, n, sel)) in _inflight]
-    if len(hits) < len(set(target.frames)):
-        scopes = covering(target.study, target.series, target.instance)
-        if scopes:  # the instance is on its way in a study/series/instance retrieve
-            flying += [learned(target.instance), *scopes]
+    absent = set(target.frames) - set(hits)
+    flying = [_inflight[k] for n in absent if (k := _flight(target.instance, n, sel)) in _inflight]
+    flying += [f for n in absent if (f := siblings.flying(_sibling_key(target.instance, n))) is not None]
+    if absent:  # the instance may be on its way in a study/series/instance retrieve, here or in a sibling
+        flying += arrivals(target.study, target.series, target.instance)
     if flying:  # another request is fetching these frames: wait for it instead of asking again
         metrics.CACHE_WAITERS.inc()
         timeout = max(a.config.timeouts.idle_read for a in ctx.archives)
@@ -154,10 +163,15 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
     loop = asyncio.get_running_loop()
     for k in keys:
         _inflight.setdefault(k, loop.create_future())
+    for n in missing:
+        siblings.announce(_sibling_key(target.instance, n))
 
     def land_all() -> None:
         for k in keys:
             _land(k)
+        for n in missing:  # what is being written settles once on disk (_store)
+            if (sibling := _sibling_key(target.instance, n)) not in _writing:
+                siblings.settle(sibling)
 
     try:
         return await _fetch(request, ctx, target, sel, base, cache, hits, missing, land_all)

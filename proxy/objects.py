@@ -35,7 +35,7 @@ from .wado import Target, select
 
 IMMUTABLE = "private, max-age=86400"  # an instance's bytes never change under its SOP Instance UID
 REVALIDATE = "private, no-cache"  # a study or series rendering changes as instances arrive
-_pending: set[asyncio.Task[None]] = set()
+_pending: set[asyncio.Future[None]] = set()
 HIERARCHY = re.compile(r"/studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)/(.+)$")
 
 
@@ -57,11 +57,11 @@ def _encode(content_type: str, payload: bytes) -> bytes:
     return content_type.encode("latin-1") + b"\0" + payload
 
 
-def _decode(value: bytes, crc: int) -> Entry | None:
-    cut = value.find(b"\0", 0, 1024)
+def _decode(value: bytes | memoryview, crc: int) -> Entry | None:
+    cut = bytes(value[:1024]).find(b"\0")
     if cut < 0:
         return None
-    return Entry(value[:cut].decode("latin-1"), memoryview(value)[cut + 1 :], crc, len(value))
+    return Entry(bytes(value[:cut]).decode("latin-1"), memoryview(value)[cut + 1 :], crc, len(value))
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def keeper(cache: FrameCache, key: Key) -> Keep:
             entries.append((key.index, ts.encode("latin-1")))
         if not all([cache.put_entry(k, v) for k, v in entries]):
             return
-        task = asyncio.ensure_future(asyncio.to_thread(cache.write_entries, entries, key.kind, key.study))
+        task = cache.submit(cache.write_entries, entries, key.kind, key.study)
         _pending.add(task)
         task.add_done_callback(_pending.discard)
 

@@ -52,8 +52,13 @@ def schedule(ctx: Context, study: str, series: str) -> None:
 async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaphore) -> None:
     from .wado import open_upstream  # late: wado imports this module's neighbours
 
+    cache = ctx.cache
+    assert cache is not None
     async with slots:
         metrics.PREFETCH_QUEUE.dec()
+        if covering(study, series, "") or await asyncio.to_thread(cache.was_prefetched, series):
+            metrics.child(metrics.PREFETCHES, "skipped").inc()  # another worker has it, or is on it
+            return
         fetching = Fetching(study, series, None)
         outcome = "done"
         try:
@@ -66,12 +71,13 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
                     return
                 events = PartEvents(resp)
                 reframer = Reframer(sel, "")
-                reframer.tee = partial(learn_instance, ctx.cache, fetching=fetching)
+                reframer.tee = partial(learn_instance, cache, fetching=fetching)
                 head = await events.first()
                 if head is None:
                     return
                 async for _ in reframer.parts(events, await label(events, head, sel)):
                     pass  # the tee learns each instance as it completes; the event loop serves clients between reads
+            await cache.submit(cache.mark_prefetched, study, series, ctx.settings.prefetch_ttl)
         except (Problem, UpstreamError, MultipartError, Exception) as exc:  # a prefetch never hurts anyone
             outcome = "failed"
             log.info("prefetch failed: %s", type(exc).__name__)

@@ -213,6 +213,37 @@ async def test_a_frame_request_during_a_series_retrieve_waits_for_it(data, tmp_p
     assert archive.requests["frames"] == 0
 
 
+async def test_a_retrieve_in_one_worker_serves_frame_requests_in_the_other(data, tmp_path):
+    """Two worker processes: while one streams a study retrieve (or a prefetch), frame requests that
+    reach the other wait for it instead of asking the archive (proxy/siblings.py), and are answered
+    from the shared disk tier. Fresh connections, so that both workers take some of them."""
+    import asyncio
+
+    from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
+
+    native, _ = data
+    archive = SampleArchive("SIBLINGS", Faults(first_byte_delay=0.5))
+    archive.add(native)
+    args = ["--cache-dir", str(tmp_path / "c"), "--workers", "2"]
+    with ArchiveServer(archive) as server, ProxyProcess({"s": server.dicomweb_url}, tmp_path, args) as proxy:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
+            study = asyncio.ensure_future(c.get(
+                f"{proxy.dicomweb_url}/studies/{native.StudyInstanceUID}",
+                headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}))
+            async with asyncio.timeout(10):
+                while archive.requests["retrieve"] == 0:  # the study retrieve has reached the archive
+                    await asyncio.sleep(0.01)
+
+            async def fresh(n: int) -> httpx.Response:
+                async with httpx.AsyncClient(trust_env=False, timeout=30) as one:
+                    return await one.get(url(proxy.dicomweb_url, native, str(n)), headers=ANY)
+
+            frames = await asyncio.gather(*(fresh(1 + i % 6) for i in range(12)))
+            assert (await study).status_code == 200
+    assert [payloads(r) for r in frames] == [[native_frame(native, 1 + i % 6)] for i in range(12)]
+    assert archive.requests["frames"] == 0
+
+
 def test_series_metadata_prefetches_the_series(archive, data, tmp_path):
     """A viewer asks for series metadata, then for frames: the proxy fetched the series meanwhile,
     in one upstream request, so the frame requests are hits."""

@@ -1,0 +1,218 @@
+"""Sibling workers: the processes that share one cache directory tell each other what is in flight.
+
+Each worker's single-flight tables (frames.py, cache.py) only know that worker's fetches. With
+`--workers 2`, a prefetch running in one worker would not stop the other from asking the archive for
+every frame of the same series. So a worker that starts fetching something *announces* it, and *settles*
+it once the bytes are on the shared disk tier (or the fetch gave up); a sibling that misses waits for
+the settle instead of going upstream, then reads the disk tier.
+
+Transport: one Unix datagram socket per worker in the abstract namespace (Linux), named after the cache
+directory and the pid; siblings are found in /proc/net/unix. Messages name keys by a 12-byte digest,
+never by UID. It is best-effort by design: a message that cannot be delivered, a sibling that died, or
+a platform without abstract sockets only costs the duplicate upstream request we would have made anyway
+(a waiter never waits past its own timeout, and a vanished sibling's announcements are dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import time
+
+log = logging.getLogger("dicomweb_edge.siblings")
+_ANNOUNCE, _SETTLE = b"A", b"S"
+_DIGEST = 12
+MAX_FLIGHT = 120.0  # seconds an announcement counts without its settle
+REFRESH = 1.0  # seconds between two looks for siblings
+
+
+def digest(key: str) -> bytes:
+    """What a message carries instead of the key (keys hold UIDs)."""
+    return hashlib.blake2b(key.encode(), digest_size=_DIGEST).digest()
+
+
+class Siblings:
+    """This worker's end of the channel between the workers sharing `cache_dir`."""
+
+    def __init__(self, cache_dir: str, ident: str | None = None) -> None:
+        tag = hashlib.blake2b(os.path.realpath(cache_dir).encode(), digest_size=8).hexdigest()
+        self.prefix = f"dicomweb-edge/{tag}/"
+        self.name = f"{self.prefix}{ident or os.getpid()}"
+        self.sock: socket.socket | None = None
+        self.peers: list[str] = []
+        self._looked = -REFRESH
+        self._outbox: list[bytes] = []
+        self._flushing = False
+        self._announced: dict[bytes, tuple[str, float]] = {}  # digest → (announcing sibling, until)
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+
+    def start(self) -> bool:
+        """Open the socket and listen (from the app's lifespan); False where the platform cannot."""
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind("\0" + self.name)
+            sock.setblocking(False)
+        except OSError as exc:
+            log.info("sibling channel unavailable (%s): workers coordinate only within themselves", exc)
+            return False
+        self.sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._receive)
+        return True
+
+    def close(self) -> None:
+        """Stop listening; waiters are released (they will find a miss and fetch for themselves)."""
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    # -- this worker's fetches -------------------------------------------------------------------
+
+    def announce(self, key: str) -> None:
+        """This worker starts fetching `key`."""
+        if self.sock is not None:
+            self._send(_ANNOUNCE + digest(key))
+
+    def settle(self, key: str) -> None:
+        """What this worker fetched is on the disk tier now, or will not be."""
+        if self.sock is not None:
+            self._send(_SETTLE + digest(key))
+
+    # -- the siblings' fetches -------------------------------------------------------------------
+
+    def flying(self, key: str) -> asyncio.Future[None] | None:
+        """Done when the sibling fetching `key` settles it; None when no sibling announced it."""
+        d = digest(key)
+        found = self._announced.get(d)
+        if found is None:
+            return None
+        if found[1] < time.monotonic() or found[0] not in self._peers():
+            self._release(d)
+            return None
+        return self._waiter(d)
+
+    def landing(self, key: str) -> asyncio.Future[None]:
+        """Done when any sibling settles `key` (whether or not it was announced)."""
+        return self._waiter(digest(key))
+
+    def _waiter(self, d: bytes) -> asyncio.Future[None]:
+        fut = self._waiters.get(d)
+        if fut is None or fut.done():
+            fut = self._waiters[d] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def _release(self, d: bytes) -> None:
+        self._announced.pop(d, None)
+        fut = self._waiters.pop(d, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _receive(self) -> None:
+        assert self.sock is not None
+        now = time.monotonic()
+        while True:
+            try:
+                data, sender = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            peer = sender[1:].decode("latin-1", "replace") if isinstance(sender, bytes) else str(sender)[1:]
+            if peer not in self.peers and peer != self.name:
+                self.peers.append(peer)  # a worker started since we last looked
+            for i in range(0, len(data) - _DIGEST, _DIGEST + 1):
+                kind, d = data[i : i + 1], data[i + 1 : i + 1 + _DIGEST]
+                if kind == _ANNOUNCE:
+                    self._announced[d] = (peer, now + MAX_FLIGHT)
+                elif kind == _SETTLE:
+                    self._release(d)
+        if len(self._announced) > 10_000:
+            for d in [d for d, (_, until) in self._announced.items() if until < now]:
+                self._release(d)
+
+    # -- delivery --------------------------------------------------------------------------------
+
+    def _peers(self) -> list[str]:
+        """The other workers on this cache directory (looked up at most once a second)."""
+        now = time.monotonic()
+        if now - self._looked >= REFRESH:
+            self._looked = now
+            try:
+                with open("/proc/net/unix", "rb") as f:
+                    names = [line.rsplit(b" ", 1)[-1].strip() for line in f]
+                found = [n[1:].decode() for n in names if n.startswith(b"@" + self.prefix.encode())]
+            except OSError:
+                found = []
+            self.peers = [n for n in found if n != self.name]
+        return self.peers
+
+    def _send(self, message: bytes) -> None:
+        """Queue a message; all queued in one turn of the loop go out as one datagram per sibling."""
+        self._outbox.append(message)
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        if self.sock is None or not self._outbox:
+            return
+        data, self._outbox = b"".join(self._outbox), []
+        for peer in self._peers():
+            for cut in range(0, len(data), 60_000):
+                try:
+                    self.sock.sendto(data[cut : cut + 60_000], "\0" + peer)
+                except BlockingIOError:  # the sibling is behind: it will time out and fetch for itself
+                    log.debug("sibling queue full, message dropped")
+                except OSError:  # gone since we looked
+                    self._looked = -REFRESH
+
+
+_bus: Siblings | None = None
+
+
+def start(cache_dir: str) -> Siblings | None:
+    """Open this worker's end (once per process)."""
+    global _bus
+    if _bus is None:
+        bus = Siblings(cache_dir)
+        if bus.start():
+            _bus = bus
+    return _bus
+
+
+def stop() -> None:
+    """Close this worker's end."""
+    global _bus
+    if _bus is not None:
+        _bus.close()
+        _bus = None
+
+
+def announce(key: str) -> None:
+    """This worker starts fetching `key` (no-op without siblings)."""
+    if _bus is not None:
+        _bus.announce(key)
+
+
+def settle(key: str) -> None:
+    """`key` is on the disk tier now, or will not be (no-op without siblings)."""
+    if _bus is not None:
+        _bus.settle(key)
+
+
+def flying(key: str) -> asyncio.Future[None] | None:
+    """A sibling is fetching `key`: done when it settles."""
+    return None if _bus is None else _bus.flying(key)
+
+
+def landing(key: str) -> asyncio.Future[None] | None:
+    """Done when a sibling settles `key`."""
+    return None if _bus is None else _bus.landing(key)

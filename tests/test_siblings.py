@@ -1,0 +1,86 @@
+"""The channel between worker processes on one cache directory (proxy/siblings.py)."""
+
+import asyncio
+import sys
+
+import pytest
+
+from proxy.siblings import Siblings
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux-only")
+
+
+async def settled(fut: asyncio.Future[None]) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.shield(fut), 5)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def until(check) -> None:
+    """Let the event loop deliver datagrams until `check()` holds (bounded)."""
+    async with asyncio.timeout(5):
+        while not check():
+            await asyncio.sleep(0)
+
+
+async def test_an_announced_fetch_is_waited_for_until_it_settles(tmp_path):
+    a, b = Siblings(str(tmp_path), "1"), Siblings(str(tmp_path), "2")
+    other = Siblings(str(tmp_path / "elsewhere"), "3")  # another cache directory: not a sibling
+    assert a.start() and b.start() and other.start()
+    try:
+        assert b.flying("frame/1.2.3/1") is None
+        a.announce("frame/1.2.3/1")
+        await until(lambda: b.flying("frame/1.2.3/1") is not None)
+        fut = b.flying("frame/1.2.3/1")
+        assert fut is not None and not fut.done()
+        assert other.flying("frame/1.2.3/1") is None
+        a.settle("frame/1.2.3/1")
+        assert await settled(fut)
+        assert b.flying("frame/1.2.3/1") is None  # settled: a miss now goes to the disk tier, then upstream
+    finally:
+        for s in (a, b, other):
+            s.close()
+
+
+async def test_a_settle_wakes_a_waiter_that_never_saw_the_announcement(tmp_path):
+    a, b = Siblings(str(tmp_path), "1"), Siblings(str(tmp_path), "2")
+    assert a.start() and b.start()
+    try:
+        fut = b.landing("learned/1.2.3")
+        a.settle("learned/1.2.3")
+        assert await settled(fut)
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_vanished_siblings_announcements_do_not_hold_anyone(tmp_path):
+    a, b = Siblings(str(tmp_path), "1"), Siblings(str(tmp_path), "2")
+    assert a.start() and b.start()
+    try:
+        a.announce("scope/1.2/3.4/*")
+        await until(lambda: b.flying("scope/1.2/3.4/*") is not None)
+        a.close()  # the worker died mid-fetch
+        b._looked -= 10  # its next look at /proc/net/unix is due
+        assert b.flying("scope/1.2/3.4/*") is None
+    finally:
+        b.close()
+
+
+async def test_messages_carry_no_uids(tmp_path):
+    import socket
+
+    a = Siblings(str(tmp_path), "1")
+    spy = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    spy.bind("\0" + a.prefix + "spy")
+    spy.setblocking(False)
+    assert a.start()
+    try:
+        a.announce("frame/1.2.840.113619.2.55.3/1")
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(spy, 65536), 5)
+        assert b"1.2.840" not in data and len(data) == 13
+    finally:
+        a.close()
+        spy.close()
