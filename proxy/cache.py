@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import diskcache
 
 from . import metrics, siblings
+from .part10 import Unusual, pixel_layout
 from .sendfile import REF_COST, FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
@@ -92,8 +93,48 @@ def frames_of(part10: bytes) -> list[tuple[str, int, str, str, bytes]]:
     Native little-endian pixel data is cut by frame size and labelled Explicit VR Little Endian (what
     a frames request with no transfer syntax returns); encapsulated pixel data is cut by fragments and
     the offset table, in its own transfer syntax. Anything else (big endian, no pixel data, odd
-    sizes) yields nothing: the frames are then fetched and cached one by one.
+    sizes) yields nothing: the frames are then fetched and cached one by one. The frame of a
+    single-frame native instance is a memoryview of `part10` (no copy).
     """
+    return _split_lean(part10)[0]
+
+
+def _split_lean(part10: bytes) -> tuple[list[tuple[str, int, str, str, bytes]], str | None]:
+    """frames_of, and the StudyInstanceUID: the header walked by part10.pixel_layout (about a tenth of a
+    pydicom parse), pydicom for whatever that walker leaves to it."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        layout = pixel_layout(part10)
+    except Unusual:
+        return _split_pydicom(part10), study_of(part10)
+    if layout is None or not {"rows", "cols", "bits", "sop"} <= layout.keys():
+        return [], None
+    ts, sop, count = str(layout["ts"]), str(layout["sop"]), int(layout["frames"])  # type: ignore[call-overload]
+    study = layout.get("study")
+    at, length = layout["pixels"]  # type: ignore[misc]
+    data = memoryview(part10)[at : at + length]
+    if not layout.get("encapsulated"):
+        if ts not in (EXPLICIT_LE, IMPLICIT_LE):
+            return [], None
+        rows, cols, spp, bits = (int(layout[k]) for k in ("rows", "cols", "spp", "bits"))  # type: ignore[call-overload]
+        size = rows * cols * spp * bits // 8
+        if size == 0 or bits % 8 or len(data) < size * count:
+            return [], None
+        if count == 1:  # a view: the instance's buffer is (nearly) the frame, no copy
+            return [(sop, 1, "application/octet-stream", EXPLICIT_LE, data[:size])], str(study) if study else None  # type: ignore[list-item]
+        # Copies: a view would keep the whole instance alive while the memory tier counts one frame.
+        return [(sop, n + 1, "application/octet-stream", EXPLICIT_LE, bytes(data[n * size : (n + 1) * size]))
+                for n in range(count)], str(study) if study else None
+    media = _MEDIA_BY_TS.get(ts)
+    if media is None:
+        return [], None
+    frames = list(generate_frames(bytes(data), number_of_frames=count))
+    return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)], str(study) if study else None
+
+
+def _split_pydicom(part10: bytes) -> list[tuple[str, int, str, str, bytes]]:
+    """frames_of by a full pydicom parse (what pixel_layout does not read)."""
     import io
 
     import pydicom
@@ -484,21 +525,21 @@ class FrameCache:
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(body))
         self.cull()
 
-    def mark_prefetched(self, study: str, series: str, ttl: float) -> None:
-        """Remember, for every worker, that this series was prefetched whole (dropped with the study's
-        metadata by a store or a purge; blocking)."""
-        if self.writable:
-            try:
-                self.disk.set("prefetched/" + series, 1, expire=ttl, tag=f"json:{study}")
-            except DISK_ERRORS:
-                pass
-
-    def was_prefetched(self, series: str) -> bool:
-        """Whether some worker prefetched this series within the prefetch TTL (blocking)."""
+    def claim_prefetch(self, study: str, series: str, ttl: float) -> bool:
+        """Claim the prefetch of a series for this worker: False when some worker prefetched it within
+        `ttl` or is prefetching it now (an atomic insert; dropped with the study's metadata by a store or
+        a purge). Blocking."""
         try:
-            return self.reader.get("prefetched/" + series) is not None
-        except Exception:
-            return False
+            return bool(self.disk.add("prefetched/" + series, 1, expire=ttl, tag=f"json:{study}"))
+        except DISK_ERRORS:
+            return True  # no shared record: prefetch, as a single worker would
+
+    def release_prefetch(self, series: str) -> None:
+        """The prefetch failed: let the next series metadata request try again (blocking)."""
+        try:
+            self.disk.delete("prefetched/" + series)
+        except DISK_ERRORS:
+            pass
 
     def forget_json(self, study: str) -> None:
         """A store changed the study: its cached metadata is stale (blocking)."""
@@ -597,12 +638,12 @@ class Fetching:
             self.future.set_result(None)
 
 
-def _split(part10: bytes, study: str | None) -> tuple[list[tuple[str, int, str, str, bytes, int]], str | None]:
-    """frames_of, each frame with its CRC-32, and the study to tag them with (blocking: in a thread)."""
-    frames = frames_of(part10)
-    if frames and study is None:
-        study = study_of(part10)
-    return [(*f, zlib.crc32(f[4])) for f in frames], study
+def _split(pieces: list[bytes | memoryview], study: str | None
+           ) -> tuple[list[tuple[str, int, str, str, bytes, int]], str | None]:
+    """frames_of the instance in `pieces`, each frame with its CRC-32, and the study to tag them with
+    (blocking: in a thread)."""
+    frames, found = _split_lean(b"".join(pieces))
+    return [(*f, zlib.crc32(f[4])) for f in frames], study or found
 
 
 def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview],
@@ -611,12 +652,11 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
     (`study`, or the fetching retrieve's: the study the request named, saving a parse)."""
     if not content_type.startswith("application/dicom"):
         return
-    payload = b"".join(pieces)
     study = study or (fetching.study if fetching is not None else None)
 
     async def split() -> None:
         try:
-            frames, tag = await asyncio.to_thread(_split, payload, study)
+            frames, tag = await asyncio.to_thread(_split, pieces, study)
         except Exception:  # a part we cannot parse teaches us nothing; the client already has it
             return
         if not frames:

@@ -44,3 +44,103 @@ def file_meta(head: bytes | bytearray) -> dict[str, str] | str | None:
             if len(found) == 2:
                 return found
         pos = value_at + length
+
+
+_US = {(0x0028, 0x0002): "spp", (0x0028, 0x0010): "rows", (0x0028, 0x0011): "cols", (0x0028, 0x0100): "bits"}
+_TEXT = {(0x0008, 0x0018): "sop", (0x0020, 0x000D): "study", (0x0028, 0x0008): "frames"}
+_ITEM, _ITEM_END, _SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
+UNDEFINED = 0xFFFFFFFF
+
+
+class Unusual(ValueError):
+    """The instance is not laid out the way the fast path reads (the caller falls back to pydicom)."""
+
+
+def _element(buf: memoryview, pos: int, explicit: bool) -> tuple[tuple[int, int], int, int]:
+    """(tag, length, value offset) of the element at `pos` (little endian)."""
+    if pos + 8 > len(buf):
+        raise Unusual("truncated element")
+    group, elem = struct.unpack_from("<HH", buf, pos)
+    if group == 0xFFFE or not explicit:
+        return (group, elem), struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+    if bytes(buf[pos + 4 : pos + 6]) in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise Unusual("truncated element")
+        return (group, elem), struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+    return (group, elem), struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+
+
+def _only_sequence(buf: memoryview, pos: int, explicit: bool, tag: tuple[int, int]) -> None:
+    """An undefined length is walked only as a sequence (SQ, or an item): UN with undefined length holds
+    implicit VR content inside explicit VR, which pydicom reads and this walker does not."""
+    if explicit and tag[0] != 0xFFFE and bytes(buf[pos + 4 : pos + 6]) != b"SQ":
+        raise Unusual("undefined length outside a sequence")
+
+
+def _skip_undefined(buf: memoryview, pos: int, explicit: bool, end: tuple[int, int], depth: int = 0) -> int:
+    """The offset after the delimiter `end` that closes what starts at `pos` (sequences of items)."""
+    if depth > 16:
+        raise Unusual("sequences nested too deep")
+    while True:
+        tag, length, at = _element(buf, pos, explicit)
+        if tag == end:
+            return at
+        if length == UNDEFINED:
+            _only_sequence(buf, pos, explicit, tag)
+            inner = _ITEM_END if tag == _ITEM else _SEQ_END
+            pos = _skip_undefined(buf, at, explicit, inner, depth + 1)
+        else:
+            pos = at + length
+
+
+def pixel_layout(part10: bytes | memoryview) -> dict[str, object] | None:
+    """Where the pixel data of a little-endian Part 10 instance lies, without building a dataset.
+
+    {"ts", "sop", "study", "rows", "cols", "bits", "spp", "frames", "pixels": (offset, length),
+    "encapsulated" (when it is)}; the pixel data of an encapsulated instance ends before its delimiter. Read
+    from the top-level elements only. None when the instance has no pixel data. Raises Unusual for what
+    this walker does not read (big endian, deflate, a malformed or truncated element): the caller then
+    parses the whole instance with pydicom, which knows every corner of the standard.
+    """
+    buf = memoryview(part10)
+    meta = file_meta(buf)
+    if not isinstance(meta, dict) or "ts" not in meta:
+        raise Unusual("no File Meta")
+    ts = meta["ts"]
+    if ts not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") and not ts.startswith("1.2.840.10008.1.2.4") \
+            and ts != "1.2.840.10008.1.2.5":
+        raise Unusual("transfer syntax not read here")
+    explicit = ts != "1.2.840.10008.1.2"
+    pos = 132
+    while True:  # past the File Meta group (always explicit VR little endian)
+        tag, length, at = _element(buf, pos, True)
+        if tag[0] != 2:
+            break
+        pos = at + length
+    found: dict[str, object] = {"ts": ts, "spp": 1, "frames": 1}
+    while pos < len(buf):
+        tag, length, at = _element(buf, pos, explicit)
+        if tag == (0x7FE0, 0x0010):
+            if length == UNDEFINED:  # encapsulated: fragments up to the sequence delimiter
+                length = _skip_undefined(buf, at, explicit, _SEQ_END) - 8 - at
+                found["encapsulated"] = True
+            elif at + length > len(buf):
+                raise Unusual("pixel data truncated")
+            found["pixels"] = (at, length)
+            return found
+        if length == UNDEFINED:
+            _only_sequence(buf, pos, explicit, tag)
+            pos = _skip_undefined(buf, at, explicit, _SEQ_END)
+            continue
+        if at + length > len(buf):
+            raise Unusual("element truncated")
+        if tag in _US and length == 2:
+            found[_US[tag]] = struct.unpack_from("<H", buf, at)[0]
+        elif tag in _TEXT:
+            text = bytes(buf[at : at + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+            try:
+                found[_TEXT[tag]] = (int(text or 1) or 1) if _TEXT[tag] == "frames" else text
+            except ValueError:
+                raise Unusual("NumberOfFrames is not a number") from None
+        pos = at + length
+    return None

@@ -56,7 +56,8 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
     assert cache is not None
     async with slots:
         metrics.PREFETCH_QUEUE.dec()
-        if covering(study, series, "") or await asyncio.to_thread(cache.was_prefetched, series):
+        ttl = ctx.settings.prefetch_ttl
+        if covering(study, series, "") or not await asyncio.to_thread(cache.claim_prefetch, study, series, ttl):
             metrics.child(metrics.PREFETCHES, "skipped").inc()  # another worker has it, or is on it
             return
         fetching = Fetching(study, series, None)
@@ -77,11 +78,12 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
                     return
                 async for _ in reframer.parts(events, await label(events, head, sel)):
                     pass  # the tee learns each instance as it completes; the event loop serves clients between reads
-            await cache.submit(cache.mark_prefetched, study, series, ctx.settings.prefetch_ttl)
         except (Problem, UpstreamError, MultipartError, Exception) as exc:  # a prefetch never hurts anyone
             outcome = "failed"
             log.info("prefetch failed: %s", type(exc).__name__)
         finally:
+            if outcome != "done":
+                await asyncio.to_thread(cache.release_prefetch, series)
             await fetching.done()
             metrics.child(metrics.PREFETCHES, outcome).inc()
 

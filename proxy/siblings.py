@@ -23,10 +23,11 @@ import socket
 import time
 
 log = logging.getLogger("dicomweb_edge.siblings")
-_ANNOUNCE, _SETTLE = b"A", b"S"
+_ANNOUNCE, _SETTLE, _HELLO = b"A", b"S", b"H"
 _DIGEST = 12
 MAX_FLIGHT = 120.0  # seconds an announcement counts without its settle
 REFRESH = 1.0  # seconds between two looks for siblings
+REFRESH_ALONE = 0.05  # the same while none was found (workers start together)
 
 
 def digest(key: str) -> bytes:
@@ -60,6 +61,11 @@ class Siblings:
             return False
         self.sock = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._receive)
+        # Workers start together: whoever binds later finds the earlier ones and says hello, so that
+        # they know it at once rather than at their next look (a viewer may be served within that second).
+        self._looked = -REFRESH
+        if self._peers():
+            self._send(_HELLO + bytes(_DIGEST))
         return True
 
     def close(self) -> None:
@@ -142,7 +148,7 @@ class Siblings:
     def _peers(self) -> list[str]:
         """The other workers on this cache directory (looked up at most once a second)."""
         now = time.monotonic()
-        if now - self._looked >= REFRESH:
+        if now - self._looked >= (REFRESH if self.peers else REFRESH_ALONE):
             self._looked = now
             try:
                 with open("/proc/net/unix", "rb") as f:

@@ -25,10 +25,16 @@ async def until(check) -> None:
             await asyncio.sleep(0)
 
 
+async def acquainted(*sibs: Siblings) -> None:
+    """Started together: wait until each knows the others (a hello, or its next look)."""
+    await until(lambda: all({o.name for o in sibs if o is not s} <= set(s._peers()) for s in sibs))
+
+
 async def test_an_announced_fetch_is_waited_for_until_it_settles(tmp_path):
     a, b = Siblings(str(tmp_path), "1"), Siblings(str(tmp_path), "2")
     other = Siblings(str(tmp_path / "elsewhere"), "3")  # another cache directory: not a sibling
     assert a.start() and b.start() and other.start()
+    await acquainted(a, b)
     try:
         assert b.flying("frame/1.2.3/1") is None
         a.announce("frame/1.2.3/1")
@@ -47,6 +53,7 @@ async def test_an_announced_fetch_is_waited_for_until_it_settles(tmp_path):
 async def test_a_settle_wakes_a_waiter_that_never_saw_the_announcement(tmp_path):
     a, b = Siblings(str(tmp_path), "1"), Siblings(str(tmp_path), "2")
     assert a.start() and b.start()
+    await acquainted(a, b)
     try:
         fut = b.landing("learned/1.2.3")
         a.settle("learned/1.2.3")
@@ -59,6 +66,7 @@ async def test_a_settle_wakes_a_waiter_that_never_saw_the_announcement(tmp_path)
 async def test_a_vanished_siblings_announcements_do_not_hold_anyone(tmp_path):
     a, b = Siblings(str(tmp_path), "1"), Siblings(str(tmp_path), "2")
     assert a.start() and b.start()
+    await acquainted(a, b)
     try:
         a.announce("scope/1.2/3.4/*")
         await until(lambda: b.flying("scope/1.2/3.4/*") is not None)
@@ -80,7 +88,23 @@ async def test_messages_carry_no_uids(tmp_path):
     try:
         a.announce("frame/1.2.840.113619.2.55.3/1")
         data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(spy, 65536), 5)
-        assert b"1.2.840" not in data and len(data) == 13
+        assert b"1.2.840" not in data and len(data) == 26  # its hello, then the announcement: 1 + 12 bytes each
     finally:
         a.close()
         spy.close()
+
+
+async def test_a_worker_that_starts_later_is_known_at_once(tmp_path):
+    a = Siblings(str(tmp_path), "1")
+    assert a.start()
+    assert a._peers() == []  # looked before its sibling existed
+    a._looked += 60  # ... and will not look again soon
+    b = Siblings(str(tmp_path), "2")
+    assert b.start()  # finds a, says hello
+    try:
+        await until(lambda: a.peers == [b.name])
+        a.announce("frame/1.2.3/1")
+        await until(lambda: b.flying("frame/1.2.3/1") is not None)
+    finally:
+        a.close()
+        b.close()
