@@ -49,6 +49,7 @@ class Siblings:
         self._flushing = False
         self._announced: dict[bytes, tuple[str, float]] = {}  # digest → (announcing sibling, until)
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._mine: set[bytes] = set()  # announced here, not settled yet: told again to a newcomer
 
     def start(self) -> bool:
         """Open the socket and listen (from the app's lifespan); False where the platform cannot."""
@@ -84,12 +85,16 @@ class Siblings:
     def announce(self, key: str) -> None:
         """This worker starts fetching `key`."""
         if self.sock is not None:
-            self._send(_ANNOUNCE + digest(key))
+            d = digest(key)
+            self._mine.add(d)
+            self._send(_ANNOUNCE + d)
 
     def settle(self, key: str) -> None:
         """What this worker fetched is on the disk tier now, or will not be."""
         if self.sock is not None:
-            self._send(_SETTLE + digest(key))
+            d = digest(key)
+            self._mine.discard(d)
+            self._send(_SETTLE + d)
 
     # -- the siblings' fetches -------------------------------------------------------------------
 
@@ -139,6 +144,8 @@ class Siblings:
                     self._announced[d] = (peer, now + MAX_FLIGHT)
                 elif kind == _SETTLE:
                     self._release(d)
+                elif kind == _HELLO and self._mine:  # a worker that started after our announcements
+                    self._tell(peer, b"".join(_ANNOUNCE + m for m in self._mine))
         if len(self._announced) > 10_000:
             for d in [d for d, (_, until) in self._announced.items() if until < now]:
                 self._release(d)
@@ -172,13 +179,17 @@ class Siblings:
             return
         data, self._outbox = b"".join(self._outbox), []
         for peer in self._peers():
-            for cut in range(0, len(data), 60_000):
-                try:
-                    self.sock.sendto(data[cut : cut + 60_000], "\0" + peer)
-                except BlockingIOError:  # the sibling is behind: it will time out and fetch for itself
-                    log.debug("sibling queue full, message dropped")
-                except OSError:  # gone since we looked
-                    self._looked = -REFRESH
+            self._tell(peer, data)
+
+    def _tell(self, peer: str, data: bytes) -> None:
+        assert self.sock is not None
+        for cut in range(0, len(data), 59_995):  # whole messages (13 bytes) per datagram
+            try:
+                self.sock.sendto(data[cut : cut + 59_995], "\0" + peer)
+            except BlockingIOError:  # the sibling is behind: it will time out and fetch for itself
+                log.debug("sibling queue full, message dropped")
+            except OSError:  # gone since we looked
+                self._looked = -REFRESH
 
 
 _bus: Siblings | None = None

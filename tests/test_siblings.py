@@ -108,3 +108,19 @@ async def test_a_worker_that_starts_later_is_known_at_once(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+async def test_a_worker_that_starts_mid_fetch_learns_what_is_in_flight(tmp_path):
+    a = Siblings(str(tmp_path), "1")
+    assert a.start()
+    a.announce("scope/1.2/3.4/*")  # nobody to tell yet
+    a.announce("frame/1.2.3/1")
+    a.settle("frame/1.2.3/1")
+    b = Siblings(str(tmp_path), "2")
+    assert b.start()  # says hello; a tells it what it is still fetching
+    try:
+        await until(lambda: b.flying("scope/1.2/3.4/*") is not None)
+        assert b.flying("frame/1.2.3/1") is None
+    finally:
+        a.close()
+        b.close()
