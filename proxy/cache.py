@@ -7,7 +7,7 @@ an explicit transfer syntax only from an exact match.
 
 Tiers: a bounded in-process LRU, and `diskcache` in the configured directory, size-bounded with
 eviction, persistent across restarts and shared by every worker process. Every entry carries its
-length and CRC-32; an entry that does not verify is deleted and treated as a miss. A full or failing
+length and checksum; an entry that does not verify is deleted and treated as a miss. A full or failing
 disk turns the disk tier off for writes, never the proxy.
 """
 
@@ -18,8 +18,8 @@ import logging
 import os
 import sqlite3
 import struct
+import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,18 +27,22 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import diskcache
+import xxhash
+from diskcache.core import UNKNOWN
 
 from . import metrics, siblings
 from .part10 import Unusual, pixel_layout
 from .sendfile import REF_COST, FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
-_HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32
-_MAGIC = b"DWE1"
+_HEADER = struct.Struct("<4sQQ")  # magic, payload length, checksum
+_MAGIC = b"DWE2"  # DWE1 entries (CRC-32) fail the magic test: evicted and fetched again, once
 _FRESH = struct.Struct("<d")  # metadata entries start with the wall-clock time they stay fresh until
 GENERATION = "purge-generation"
 TOUCH_EVERY = 5.0  # seconds: disk-tier reads are written back to the LRU order at most this often
 T = TypeVar("T")
+FrameToWrite = tuple[str, int, str, str, bytes, int]  # SOP, frame, media type, transfer syntax, payload, checksum
+BATCH = 32  # frames written in one disk-tier transaction at most
 DISK_ERRORS = (OSError, sqlite3.Error)  # ENOSPC arrives as either, depending on where it hits
 
 
@@ -49,7 +53,7 @@ class Frame:
     payload: bytes | OpenPayload  # OpenPayload: a disk-tier file, open, for sendfile (sendfile.py)
     media_type: str
     transfer_syntax: str
-    crc: int = -1  # CRC-32 of the payload when known (every cache hit knows it)
+    checksum: int = -1  # checksum of the payload when known (every cache hit knows it)
 
     @property
     def content_type(self) -> str:
@@ -58,9 +62,9 @@ class Frame:
 
     @property
     def etag(self) -> str:
-        """A strong validator: the bytes' CRC-32 and length."""
-        crc = self.crc if self.crc >= 0 else zlib.crc32(self.payload)  # type: ignore[arg-type]
-        return f'"{crc:08x}-{len(self.payload):x}"'
+        """A strong validator: the bytes' checksum and length."""
+        checksum = self.checksum if self.checksum >= 0 else checksum_of(self.payload)  # type: ignore[arg-type]
+        return f'"{checksum:016x}-{len(self.payload):x}"'
 
 
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
@@ -159,6 +163,23 @@ def _split_pydicom(part10: bytes) -> list[tuple[str, int, str, str, bytes]]:
     return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)]
 
 
+class _FlatDisk(diskcache.Disk):
+    """diskcache's file layout with one level of 256 directories, made once, instead of two levels of
+    random directories made as files arrive: on a fresh cache nearly every 512 KB frame paid a mkdir
+    (0.25-0.5 ms each on this ext4). Existing entries keep their paths (the database holds them)."""
+
+    def filename(self, key: object = UNKNOWN, value: object = UNKNOWN) -> tuple[str, str]:
+        name = os.urandom(16).hex()
+        filename = os.path.join(name[:2], name[2:] + ".val")
+        return filename, os.path.join(self._directory, filename)
+
+
+def checksum_of(data: bytes | memoryview) -> int:
+    """What every entry is checked against (and ETags are made of): xxh3-64, ~12x zlib's CRC-32 here
+    (13 vs 156 µs per 512 KB frame), computed once per frame stored and once per disk-tier read."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
 def _count_memory_hit(kind: str, size: int) -> None:
     """The path that must be cheap: updates added up (metrics.TALLY)."""
     metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", kind, "hit"))
@@ -180,9 +201,9 @@ def index_key(sop: str, frame: int) -> str:
     return f"frame-any/{sop}/{frame}"
 
 
-def _head(payload: bytes, crc: int | None = None) -> bytes:
-    """The header every disk entry starts with: magic, payload length, CRC-32."""
-    return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload) if crc is None else crc)
+def _head(payload: bytes, checksum: int | None = None) -> bytes:
+    """The header every disk entry starts with: magic, payload length, checksum."""
+    return _HEADER.pack(_MAGIC, len(payload), checksum_of(payload) if checksum is None else checksum)
 
 
 class _Pieces:
@@ -197,13 +218,13 @@ class _Pieces:
 
 
 def _unpack(blob: bytes, view: bool = False) -> bytes | None:
-    """The payload of a disk entry whose length and CRC-32 check, else None (`view`: a memoryview of
+    """The payload of a disk entry whose length and checksum check, else None (`view`: a memoryview of
     `blob` instead of a copy)."""
     if len(blob) < _HEADER.size:
         return None
-    magic, length, crc = _HEADER.unpack_from(blob)
+    magic, length, checksum = _HEADER.unpack_from(blob)
     payload = memoryview(blob)[_HEADER.size :] if view else blob[_HEADER.size :]
-    if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+    if magic != _MAGIC or len(payload) != length or checksum_of(payload) != checksum:
         return None
     return payload  # type: ignore[return-value]  # a memoryview sends, joins and measures as bytes do
 
@@ -215,7 +236,9 @@ class FrameCache:
                  max_entry: int = 64 * 1024**2, sendfile: bool = False) -> None:
         # cull_limit=0: no culling inside set(); write() culls itself, so that evictions can be counted.
         settings: dict[str, Any] = {"size_limit": size_limit, "eviction_policy": "least-recently-used",
-                                    "tag_index": True, "cull_limit": 0}
+                                    "tag_index": True, "cull_limit": 0, "disk": _FlatDisk}
+        for n in range(256):
+            os.makedirs(os.path.join(directory, f"{n:02x}"), exist_ok=True)
         self.disk = diskcache.Cache(directory, **settings)
         # Reads go through a second handle that does not write: with the LRU policy diskcache updates an
         # entry's access time inside a write transaction on every get, so readers in one worker queued
@@ -224,11 +247,14 @@ class FrameCache:
         self.reader = diskcache.Cache(directory, **settings)
         self.reader.reset("eviction_policy", "none", update=False)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="cache-writer")  # disk writes, one at a time
+        self._batch: list[tuple[list[FrameToWrite], str | None, asyncio.Future[list[str | None]]]] = []
+        self._batch_lock = threading.Lock()
+        self._draining = False
         self._touched: set[str] = set()
         self._touch_at = time.monotonic()
         self._generation = self._read_generation()
         self._checked = time.monotonic()
-        # key → (payload or where it lies in a disk-tier file, CRC-32)
+        # key → (payload or where it lies in a disk-tier file, checksum)
         self.memory: OrderedDict[str, tuple[bytes | FileRef, int]] = OrderedDict()
         self.sendfile = sendfile  # large frames on disk are remembered as FileRefs and sent with sendfile
         self.memory_limit = memory_limit
@@ -238,17 +264,17 @@ class FrameCache:
         for tier in ("memory", "disk"):  # exported from the start, so that rate() sees the first eviction
             metrics.child(metrics.CACHE_EVICTIONS, tier)
 
-    def _remember(self, key: str, payload: bytes | FileRef, crc: int | None = None) -> None:
+    def _remember(self, key: str, payload: bytes | FileRef, checksum: int | None = None) -> None:
         cost = _cost(payload)
         if cost > self.memory_limit // 4:
             return
         old = self.memory.pop(key, None)
         if old is not None:
             self.memory_bytes -= _cost(old[0])
-        if crc is None:
+        if checksum is None:
             assert isinstance(payload, bytes)
-            crc = zlib.crc32(payload)
-        self.memory[key] = (payload, crc)
+            checksum = checksum_of(payload)
+        self.memory[key] = (payload, checksum)
         self.memory_bytes += cost
         evicted = 0
         while self.memory_bytes > self.memory_limit:
@@ -314,11 +340,11 @@ class FrameCache:
         if count_hit:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "hit").inc()
             metrics.child(metrics.CACHE_SERVED_BYTES, "disk", kind).inc(len(payload))
-        crc = _HEADER.unpack_from(blob)[2]
+        checksum = _HEADER.unpack_from(blob)[2]
         self._read_back(key)
         # Verified once; later hits in this worker are sent from the file (checked for length when opened).
-        self._remember(key, FileRef(path, _HEADER.size, len(payload)) if isinstance(path, str) else payload, crc)
-        return payload, crc
+        self._remember(key, FileRef(path, _HEADER.size, len(payload)) if isinstance(path, str) else payload, checksum)
+        return payload, checksum
 
     def _read_back(self, key: str) -> None:
         """Note a disk-tier read for the LRU order; hand the batch to the writer every TOUCH_EVERY s."""
@@ -359,16 +385,16 @@ class FrameCache:
             found = self._get(key, count_hit=count, ref=self.sendfile, memory_only=memory_only)
             if found is None:
                 return None
-            payload, crc = found
+            payload, checksum = found
             if not isinstance(payload, FileRef):
-                return Frame(payload, media_type, transfer_syntax, crc)
+                return Frame(payload, media_type, transfer_syntax, checksum)
             opened = payload.open()
             if opened is not None:
                 if open_file:
-                    return Frame(opened, media_type, transfer_syntax, crc)
+                    return Frame(opened, media_type, transfer_syntax, checksum)
                 data = opened.read()
                 opened.close()
-                return Frame(data, media_type, transfer_syntax, crc)
+                return Frame(data, media_type, transfer_syntax, checksum)
             self._drop(key)  # the file went (evicted, purged): ask the disk tier once more
         return None
 
@@ -394,22 +420,22 @@ class FrameCache:
         self._gauge_memory()
 
     def put(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
-            crc: int | None = None) -> bool:
+            checksum: int | None = None) -> bool:
         """Make a frame visible in this process at once; True if it should also go to disk."""
         if len(payload) > self.max_entry:
             return False
-        self._remember(frame_key(sop, frame, media_type, transfer_syntax), payload, crc)
+        self._remember(frame_key(sop, frame, media_type, transfer_syntax), payload, checksum)
         self._remember(index_key(sop, frame), f"{media_type};{transfer_syntax}".encode())
         return self.writable
 
     def write(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
-              study: str | None = None, crc: int | None = None) -> str | None:
+              study: str | None = None, checksum: int | None = None, cull: bool = True) -> str | None:
         """Store a frame in the shared disk tier, tagged with its study (blocking: call it off the loop).
         The path of the file it went to, when it has one of its own and sendfile is on (for `adopt`)."""
         key = frame_key(sop, frame, media_type, transfer_syntax)
         path = None
         try:
-            self._set(key, _head(payload, crc), payload, tag=study)
+            self._set(key, _head(payload, checksum), payload, tag=study)
             index = f"{media_type};{transfer_syntax}".encode()
             self._set(index_key(sop, frame), _head(index), index, tag=study)
             if self.sendfile and len(payload) >= self.disk.disk_min_file_size:
@@ -423,12 +449,53 @@ class FrameCache:
             log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
             return None
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
-        self.cull()
+        if cull:
+            self.cull()
         return path if isinstance(path, str) else None
 
-    def write_frames(self, frames: list[tuple[str, int, str, str, bytes, int]], study: str | None) -> list[str | None]:
-        """`write` each of (SOP, frame, media type, transfer syntax, payload, CRC) (blocking)."""
-        return [self.write(sop, n, mtype, ts, data, study, crc) for sop, n, mtype, ts, data, crc in frames]
+    def write_soon(self, frames: list[FrameToWrite], study: str | None) -> asyncio.Future[list[str | None]]:
+        """Queue frames for the disk tier; done, with `write`'s paths, once they are on disk.
+
+        The writer thread takes whatever is queued when it gets to it, up to BATCH frames, and writes
+        it in one transaction: a frame and its index entry were two commits each, and a series
+        arriving at 1 GB/s queues faster than one commit per frame goes (measured: 2-3.5 ms -> 0.8-1.4
+        ms per 512 KB frame with the flat layout, on this machine's ext4)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[str | None]] = loop.create_future()
+        with self._batch_lock:
+            self._batch.append((frames, study, done))
+            start, self._draining = not self._draining, True
+        if start:
+            self.writer.submit(self._drain, loop)
+        return done
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Writer thread: write the queued frames, a batch per transaction, and tell the loop."""
+        while True:
+            with self._batch_lock:
+                batch, size = [], 0
+                while self._batch and (size == 0 or size + len(self._batch[0][0]) <= BATCH):
+                    size += len(self._batch[0][0])
+                    batch.append(self._batch.pop(0))
+                if not batch:
+                    self._draining = False
+                    return
+            results: list[list[str | None]] = []
+            try:
+                with self.disk.transact():
+                    for frames, study, _ in batch:
+                        results.append([self.write(sop, n, mtype, ts, data, study, checksum, cull=False)
+                                        for sop, n, mtype, ts, data, checksum in frames])
+            except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
+                self.writable = False
+                log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
+                results = [[None] * len(frames) for frames, _, _ in batch]
+            self.cull()
+            for (_, _, done), paths in zip(batch, results, strict=True):
+                try:
+                    loop.call_soon_threadsafe(_resolve, done, paths)
+                except RuntimeError:  # the loop closed (shutdown): the frames are on disk all the same
+                    pass
 
     def _set(self, key: str, *pieces: bytes, expire: float | None = None, tag: str | None = None) -> None:
         """`disk.set` of the value made of `pieces`, without joining (copying) them when it is large.
@@ -443,7 +510,7 @@ class FrameCache:
             self.disk.set(key, b"".join(pieces), expire=expire, tag=tag)
 
     def get_entry(self, key: str, kind: str) -> tuple[bytes, int] | None:
-        """Any other cached entry (objects.py builds the keys): (payload, CRC-32), or None."""
+        """Any other cached entry (objects.py builds the keys): (payload, checksum), or None."""
         return self._get(key, kind)  # type: ignore[return-value]  # only frames are kept as FileRefs
 
     def put_entry(self, key: str, payload: bytes) -> bool:
@@ -580,6 +647,10 @@ class FrameCache:
 
 
 _learning: set[asyncio.Task[None]] = set()
+# Instances are split in a thread of their own: a prefetch queues a split per instance, and in the
+# default executor those queued ahead of the request path's own blocking calls (a metadata request
+# waited ~1 s behind a series' 200 splits).
+_SPLITTER = ThreadPoolExecutor(1, thread_name_prefix="cache-split")
 _learned: dict[str, asyncio.Future[None]] = {}  # SOP UID → set once its frames are in the cache
 _scopes: dict[str, asyncio.Future[None]] = {}  # "study/series/instance" being retrieved → done
 
@@ -638,12 +709,17 @@ class Fetching:
             self.future.set_result(None)
 
 
+def _resolve(done: asyncio.Future[list[str | None]], paths: list[str | None]) -> None:
+    if not done.done():
+        done.set_result(paths)
+
+
 def _split(pieces: list[bytes | memoryview], study: str | None
            ) -> tuple[list[tuple[str, int, str, str, bytes, int]], str | None]:
-    """frames_of the instance in `pieces`, each frame with its CRC-32, and the study to tag them with
+    """frames_of the instance in `pieces`, each frame with its checksum, and the study to tag them with
     (blocking: in a thread)."""
     frames, found = _split_lean(b"".join(pieces))
-    return [(*f, zlib.crc32(f[4])) for f in frames], study or found
+    return [(*f, checksum_of(f[4])) for f in frames], study or found
 
 
 def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview],
@@ -656,18 +732,18 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
 
     async def split() -> None:
         try:
-            frames, tag = await asyncio.to_thread(_split, pieces, study)
+            frames, tag = await asyncio.get_running_loop().run_in_executor(_SPLITTER, _split, pieces, study)
         except Exception:  # a part we cannot parse teaches us nothing; the client already has it
             return
         if not frames:
             return
-        for sop, n, mtype, ts, data, crc in frames:
-            cache.put(sop, n, mtype, ts, data, crc)
+        for sop, n, mtype, ts, data, checksum in frames:
+            cache.put(sop, n, mtype, ts, data, checksum)
         fut = _learned.pop(frames[0][0], None)
         if fut is not None and not fut.done():
             fut.set_result(None)
         if cache.writable:
-            paths = await cache.submit(cache.write_frames, frames, tag)
+            paths = await cache.write_soon(frames, tag)
             for (sop, n, mtype, ts, _, _), path in zip(frames, paths, strict=True):
                 cache.adopt(sop, n, mtype, ts, path)
         siblings.settle("learned/" + frames[0][0])  # on disk: a sibling waiting for it reads it there

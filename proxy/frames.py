@@ -10,14 +10,13 @@ stores a partial frame).
 from __future__ import annotations
 
 import asyncio
-import zlib
 from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from . import access, metrics, siblings
-from .cache import Frame, FrameCache, arrivals
+from .cache import Frame, FrameCache, arrivals, checksum_of
 from .context import Context
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartError, PartEnd, PartHeaders
@@ -28,7 +27,7 @@ from .urls import dicomweb_base
 from .wado import Target, open_upstream, retrieve, select, upstream_accept, upstream_problem
 
 CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")
-_pending: set[asyncio.Future[str | None]] = set()
+_pending: set[asyncio.Future[list[str | None]]] = set()
 # Single-flight: (SOP UID, frame, media type, transfer syntax) → done when the fetch in flight ends.
 _inflight: dict[tuple[str, int, str, str], asyncio.Future[None]] = {}
 _writing: set[str] = set()  # sibling keys of frames fetched here whose disk write is under way
@@ -57,22 +56,22 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
     if not mtype or not ts:
         return  # an unlabelled frame cannot be keyed truthfully
     payload = b"".join(pieces)
-    crc = zlib.crc32(payload)  # once, for the memory tier and the disk tier's entry
-    stored = cache.put(sop, frame, mtype, ts, payload, crc)
+    checksum = checksum_of(payload)  # once, for the memory tier and the disk tier's entry
+    stored = cache.put(sop, frame, mtype, ts, payload, checksum)
     for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
         _land(key)
     if stored:  # visible to this worker now, to all once on disk
-        task = cache.submit(cache.write, sop, frame, mtype, ts, payload, study, crc)
+        task = cache.write_soon([(sop, frame, mtype, ts, payload, checksum)], study)
         _pending.add(task)
         sibling = _sibling_key(sop, frame)
         _writing.add(sibling)
 
-        def written(t: asyncio.Future[str | None]) -> None:
+        def written(t: asyncio.Future[list[str | None]]) -> None:
             _pending.discard(t)
             _writing.discard(sibling)
             siblings.settle(sibling)  # a sibling waiting for this frame reads it from disk now
             if not t.cancelled() and t.exception() is None:
-                cache.adopt(sop, frame, mtype, ts, t.result())  # later hits are sent from the file
+                cache.adopt(sop, frame, mtype, ts, t.result()[0])  # later hits are sent from the file
 
         task.add_done_callback(written)
 
@@ -114,7 +113,7 @@ def from_cache(if_none_match: str, target: Target, sel: Selection, hits: dict[in
     assert target.frames is not None
     frames = [hits[n] for n in target.frames]
     etag = frames[0].etag if len(frames) == 1 else (
-        '"' + format(zlib.crc32("".join(f.etag for f in frames).encode()), "08x") + f'-{len(frames)}"')
+        '"' + format(checksum_of("".join(f.etag for f in frames).encode()), "016x") + f'-{len(frames)}"')
     headers = [("ETag", etag), ("Vary", "Accept"), ("X-Cache", "HIT"), CACHE_CONTROL]
     if etag in if_none_match:
         return Response(None, 304, headers=dict(headers))

@@ -1,6 +1,6 @@
 """Whole objects through the cache: single instances, bulk data, rendered images and thumbnails.
 
-They share the frame cache's tiers, size bound and checks (CRC, length), tagged `obj:{study}` so that a
+They share the frame cache's tiers, size bound and checks (checksum, length), tagged `obj:{study}` so that a
 purge of the study or a store into it drops them. Keys name the bytes, never a URL:
 
     instance/{SOP}/{media type}/{transfer syntax}   (+ instance-any/{SOP}/{media type} → the cached
@@ -41,27 +41,27 @@ HIERARCHY = re.compile(r"/studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)
 
 @dataclass(frozen=True)
 class Entry:
-    """A cached object: its Content-Type and payload, and the CRC-32 of the stored value."""
+    """A cached object: its Content-Type and payload, and the checksum of the stored value."""
 
     content_type: str
     payload: memoryview
-    crc: int
+    checksum: int
     size: int  # of the stored value
 
     def etag(self, multipart: bool) -> str:
         """A strong validator of the representation (single-part and multipart differ)."""
-        return f'"{self.crc:08x}-{self.size:x}{"-m" if multipart else ""}"'
+        return f'"{self.checksum:016x}-{self.size:x}{"-m" if multipart else ""}"'
 
 
 def _encode(content_type: str, payload: bytes) -> bytes:
     return content_type.encode("latin-1") + b"\0" + payload
 
 
-def _decode(value: bytes | memoryview, crc: int) -> Entry | None:
+def _decode(value: bytes | memoryview, checksum: int) -> Entry | None:
     cut = bytes(value[:1024]).find(b"\0")
     if cut < 0:
         return None
-    return Entry(bytes(value[:cut]).decode("latin-1"), memoryview(value)[cut + 1 :], crc, len(value))
+    return Entry(bytes(value[:cut]).decode("latin-1"), memoryview(value)[cut + 1 :], checksum, len(value))
 
 
 @dataclass(frozen=True)
