@@ -18,8 +18,10 @@ log = logging.getLogger("dicomweb_edge")
 # A DICOMweb path the proxy serves itself under the same shape (the locator routes it by study).
 _STUDY_PATH = re.compile(r"^/studies/[0-9]+(?:\.[0-9]+)*(?:/[A-Za-z0-9._,=-]+)*$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,2048}$")  # what encode_token produces: unpadded URL-safe base64
-# A BulkDataURI member with the comma before or after it, so that a refused one can be cut out cleanly.
-_BULK_MEMBER = re.compile(rb'(,\s*)?"BulkDataURI"\s*:\s*"((?:[^"\\]|\\.)*)"(\s*,)?')
+# A BulkDataURI member. It starts with its literal name, so that the regex engine jumps from one to the
+# next (an optional leading comma made it try every byte of the body: 45 ms for a 200-instance series).
+_BULK_MEMBER = re.compile(rb'"BulkDataURI"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_SPACE = b" \t\r\n"
 
 
 _UNSAFE_CHAR = re.compile(r"[\x00-\x20\x7f\\]")  # control characters, space, DEL, backslash
@@ -111,17 +113,26 @@ class UrlRewriter:
         body = self._json_re.sub(sub, body)
         if b'"BulkDataURI"' not in body:
             return body
-        dropped = 0
         ours = (base + b"/", base.replace(b"/", b"\\/") + b"\\/")
-
-        def drop(m: re.Match[bytes]) -> bytes:
-            nonlocal dropped
-            if m.group(2).startswith(ours):
-                return m.group(0)
-            dropped += 1
-            return b"," if m.group(1) and m.group(3) else b""
-
-        body = _BULK_MEMBER.sub(drop, body)
+        refused = [m.span() for m in _BULK_MEMBER.finditer(body) if not m.group(1).startswith(ours)]
+        dropped = len(refused)
+        if refused:
+            kept, at = [], 0
+            for start, end in refused:  # cut each out with one of the commas around it
+                before = start
+                while before > at and body[before - 1] in _SPACE:
+                    before -= 1
+                if before > at and body[before - 1] == 0x2C:  # ","
+                    start = before - 1
+                else:
+                    after = end
+                    while after < len(body) and body[after] in _SPACE:
+                        after += 1
+                    if body[after : after + 1] == b",":
+                        end = after + 1
+                kept.append(body[at:start])
+                at = end
+            body = b"".join([*kept, body[at:]])
         if dropped:
             log.warning("archive '%s': removed %d BulkDataURI(s) that point outside its base URL (if the archive "
                         "writes another name for itself, add that base to its url_aliases)", self.archive, dropped)
