@@ -16,8 +16,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import access, metrics, siblings
-from .cache import Frame, FrameCache, arrivals, checksum_of
+from .cache import Frame, FrameCache, checksum_of
 from .context import Context
+from .flights import arrivals
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartError, PartEnd, PartHeaders
 from .reframe import PartEvents, Reframer, label

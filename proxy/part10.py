@@ -1,4 +1,5 @@
-"""Just enough DICOM Part 10 to label a streamed instance: its File Meta transfer syntax and SOP UID."""
+"""Just enough DICOM Part 10: label a streamed instance (File Meta transfer syntax and SOP UID), and cut
+an instance into its frames for the frame cache (the header walked here, pydicom for the rest)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,95 @@ def pixel_layout(part10: bytes | memoryview) -> dict[str, object] | None:
                 raise Unusual("NumberOfFrames is not a number") from None
         pos = at + length
     return None
+
+
+EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+_MEDIA_BY_TS = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+
+
+def study_of(part10: bytes) -> str | None:
+    """The StudyInstanceUID of a Part 10 instance (for tagging its cache entries)."""
+    import io
+
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(io.BytesIO(part10), stop_before_pixels=True,
+                                   specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+    except Exception:
+        return None
+
+
+def frames_and_study(part10: bytes) -> tuple[list[tuple[str, int, str, str, bytes]], str | None]:
+    """Split a Part 10 instance into (SOP UID, frame number, media type, transfer syntax, bytes), and
+    give its StudyInstanceUID.
+
+    Native little-endian pixel data is cut by frame size and labelled Explicit VR Little Endian (what
+    a frames request with no transfer syntax returns); encapsulated pixel data is cut by fragments and
+    the offset table, in its own transfer syntax. Anything else (big endian, no pixel data, odd
+    sizes) yields nothing: the frames are then fetched and cached one by one. The header is walked
+    by pixel_layout (about a tenth of a pydicom parse), pydicom reads what that walker leaves to it.
+    The frame of a single-frame native instance is a memoryview of `part10` (no copy).
+    """
+    from pydicom.encaps import generate_frames
+
+    try:
+        layout = pixel_layout(part10)
+    except Unusual:
+        return _frames_by_pydicom(part10), study_of(part10)
+    if layout is None or not {"rows", "cols", "bits", "sop"} <= layout.keys():
+        return [], None
+    ts, sop, count = str(layout["ts"]), str(layout["sop"]), int(layout["frames"])  # type: ignore[call-overload]
+    study = layout.get("study")
+    at, length = layout["pixels"]  # type: ignore[misc]
+    data = memoryview(part10)[at : at + length]
+    if not layout.get("encapsulated"):
+        if ts not in (EXPLICIT_LE, IMPLICIT_LE):
+            return [], None
+        rows, cols, spp, bits = (int(layout[k]) for k in ("rows", "cols", "spp", "bits"))  # type: ignore[call-overload]
+        size = rows * cols * spp * bits // 8
+        if size == 0 or bits % 8 or len(data) < size * count:
+            return [], None
+        if count == 1:  # a view: the instance's buffer is (nearly) the frame, no copy
+            return [(sop, 1, "application/octet-stream", EXPLICIT_LE, data[:size])], str(study) if study else None  # type: ignore[list-item]
+        # Copies: a view would keep the whole instance alive while the memory tier counts one frame.
+        return [(sop, n + 1, "application/octet-stream", EXPLICIT_LE, bytes(data[n * size : (n + 1) * size]))
+                for n in range(count)], str(study) if study else None
+    media = _MEDIA_BY_TS.get(ts)
+    if media is None:
+        return [], None
+    frames = list(generate_frames(bytes(data), number_of_frames=count))
+    return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)], str(study) if study else None
+
+
+def _frames_by_pydicom(part10: bytes) -> list[tuple[str, int, str, str, bytes]]:
+    """The frames by a full pydicom parse (what pixel_layout does not read)."""
+    import io
+
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(io.BytesIO(part10))
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if "PixelData" not in ds or not {"Rows", "Columns", "BitsAllocated"} <= set(ds.dir()):
+        return []
+    sop, count = str(ds.SOPInstanceUID), int(ds.get("NumberOfFrames", 1) or 1)
+    data = ds.PixelData
+    if ts in (EXPLICIT_LE, IMPLICIT_LE):
+        size = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel", 1)) * ds.BitsAllocated // 8
+        if size == 0 or ds.BitsAllocated % 8 or len(data) < size * count:
+            return []
+        return [(sop, n + 1, "application/octet-stream", EXPLICIT_LE, data[n * size : (n + 1) * size])
+                for n in range(count)]
+    media = _MEDIA_BY_TS.get(ts)
+    if media is None or not ds["PixelData"].is_undefined_length:
+        return []
+    frames = list(generate_frames(data, number_of_frames=count))
+    return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)]

@@ -14,8 +14,8 @@ import time
 from functools import partial
 
 from . import metrics
-from .cache import Fetching, covering, learn_instance
 from .context import Context
+from .flights import Fetching, covering, learn_instance
 from .media import Selection
 from .multipart import MultipartError
 from .reframe import PartEvents, Reframer, label

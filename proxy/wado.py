@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import access, jsonbody, merge, prefetch
-from .cache import Fetching, learn_instance
 from .context import Context
+from .flights import Fetching, learn_instance
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
 from .multipart import MultipartError
 from .reframe import Keep, Kept, PartEvents, Reframer, label, payload

@@ -2,7 +2,8 @@
 
 import os
 
-from proxy.cache import EXPLICIT_LE, FrameCache
+from proxy.cache import FrameCache
+from proxy.part10 import EXPLICIT_LE
 
 
 def test_frames_metadata_and_objects_of_every_size_come_back_from_disk_as_written(tmp_path):

@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from proxy import cache, part10
+from proxy import part10
 from proxy.demo.synth import Patient, Study, ct_series, multiframe_jpeg, multiframe_native, to_part10
 
 STUDY = Study(Patient("PART^TEN", "P10"))
@@ -52,8 +52,8 @@ def test_the_fast_walk_cuts_the_frames_pydicom_cuts(case):
     ds = CASES[case]()
     blob = to_part10(ds)
     part10.pixel_layout(blob)  # read by the walker, not handed back to pydicom
-    frames, study = cache._split_lean(blob)
-    expected = cache._split_pydicom(blob)
+    frames, study = part10.frames_and_study(blob)
+    expected = part10._frames_by_pydicom(blob)
     assert len(frames) == len(expected) == int(getattr(ds, "NumberOfFrames", 1) or 1)
     as_bytes = lambda fs: [(s, n, m, t, bytes(b)) for s, n, m, t, b in fs]  # noqa: E731
     assert as_bytes(frames) == as_bytes(expected)
@@ -66,11 +66,11 @@ def test_what_the_walk_does_not_read_goes_to_pydicom():
     big.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
     with pytest.raises(part10.Unusual):
         part10.pixel_layout(to_part10(big))
-    assert cache._split_lean(to_part10(big))[0] == cache._split_pydicom(to_part10(big))  # both: nothing cut
+    assert part10.frames_and_study(to_part10(big))[0] == part10._frames_by_pydicom(to_part10(big))  # both: nothing cut
     blob = to_part10(ds)
     for cut in (200, len(blob) // 2, len(blob) - 10):  # truncated anywhere: never a short frame
         try:
-            frames, _ = cache._split_lean(blob[:cut])
+            frames, _ = part10.frames_and_study(blob[:cut])
         except Exception:  # pydicom's own error: learn_instance treats the part as unparseable
             continue
         assert all(len(f[4]) == 16 * 16 * 2 for f in frames)
@@ -80,4 +80,4 @@ def test_an_instance_without_pixel_data_has_no_frames():
     ds = multiframe_native(STUDY, n_frames=2, rows=16, cols=16)
     del ds.PixelData
     assert part10.pixel_layout(to_part10(ds)) is None
-    assert cache._split_lean(to_part10(ds)) == ([], None)
+    assert part10.frames_and_study(to_part10(ds)) == ([], None)

@@ -1,0 +1,121 @@
+"""What is on its way into the frame cache: single-flight across granularities and worker processes.
+
+A frame request that misses waits, instead of asking the archive, when the frame is already coming:
+fetched by another request (frames.py keeps those), carried by a study, series or instance retrieve
+or a prefetch in flight here (`Fetching`), or announced by a sibling worker (siblings.py). Instances
+that pass through are split into frame entries (`learn_instance`) off the event loop, and whoever
+waits for them is woken once they are in this worker's memory tier, or on disk for the siblings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from . import siblings
+from .cache import FrameCache, checksum_of
+from .part10 import frames_and_study
+
+_learning: set[asyncio.Task[None]] = set()
+# Instances are split in a thread of their own: a prefetch queues a split per instance, and in the
+# default executor those queued ahead of the request path's own blocking calls (a metadata request
+# waited ~1 s behind a series' 200 splits).
+_SPLITTER = ThreadPoolExecutor(1, thread_name_prefix="cache-split")
+_learned: dict[str, asyncio.Future[None]] = {}  # SOP UID → set once its frames are in the cache
+_scopes: dict[str, asyncio.Future[None]] = {}  # "study/series/instance" being retrieved → done
+
+
+def learned(sop: str) -> asyncio.Future[None]:
+    """Done when an instance retrieve in flight has put this instance's frames in the cache."""
+    fut = _learned.get(sop)
+    if fut is None or fut.done():
+        fut = _learned[sop] = asyncio.get_running_loop().create_future()
+    return fut
+
+
+def _scope(study: str, series: str | None, instance: str | None) -> str:
+    return f"{study}/{series or '*'}/{instance or '*'}"
+
+
+def covering(study: str, series: str | None, instance: str) -> list[asyncio.Future[None]]:
+    """Retrieves in flight, here or in a sibling worker, whose answer contains this instance (its
+    study, its series, itself)."""
+    keys = (_scope(study, None, None), _scope(study, series, None), _scope(study, series, instance))
+    found = [f for k in keys if (f := _scopes.get(k)) is not None and not f.done()]
+    return found + [f for k in keys if (f := siblings.flying("scope/" + k)) is not None]
+
+
+def arrivals(study: str, series: str | None, instance: str) -> list[asyncio.Future[None]]:
+    """What to wait for when a frame of `instance` misses: empty when nothing in flight carries it;
+    otherwise done when its instance is learned (here, or on disk by a sibling) or the retrieve ends."""
+    scopes = covering(study, series, instance)
+    if not scopes:
+        return []
+    remote = siblings.landing("learned/" + instance)
+    return [learned(instance), *scopes] + ([remote] if remote is not None else [])
+
+
+class Fetching:
+    """Marks a study, series or instance retrieve as in flight, so that frame requests for what it
+    carries wait for it instead of asking the archive (single-flight across granularities)."""
+
+    def __init__(self, study: str, series: str | None, instance: str | None) -> None:
+        self.key = _scope(study, series, instance)
+        self.study = study
+        self.tasks: list[asyncio.Task[None]] = []
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.key not in _scopes or _scopes[self.key].done():
+            _scopes[self.key] = self.future
+        siblings.announce("scope/" + self.key)
+
+    async def done(self) -> None:
+        """The retrieve ended: once its frames are learned, wake whoever waits."""
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if _scopes.get(self.key) is self.future:
+            del _scopes[self.key]
+        siblings.settle("scope/" + self.key)  # its learned frames are on disk for the siblings too
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+def _frames_with_checksums(pieces: list[bytes | memoryview], study: str | None
+           ) -> tuple[list[tuple[str, int, str, str, bytes, int]], str | None]:
+    """The frames of the instance in `pieces`, each frame with its checksum, and the study to tag them with
+    (blocking: in a thread)."""
+    frames, found = frames_and_study(b"".join(pieces))
+    return [(*f, checksum_of(f[4])) for f in frames], study or found
+
+
+def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview],
+                   fetching: Fetching | None = None, study: str | None = None) -> None:
+    """Tee for instance retrieves: split a Part 10 instance that passed through into frame entries
+    (`study`, or the fetching retrieve's: the study the request named, saving a parse)."""
+    if not content_type.startswith("application/dicom"):
+        return
+    study = study or (fetching.study if fetching is not None else None)
+
+    async def split() -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            frames, tag = await loop.run_in_executor(_SPLITTER, _frames_with_checksums, pieces, study)
+        except Exception:  # a part we cannot parse teaches us nothing; the client already has it
+            return
+        if not frames:
+            return
+        for sop, n, mtype, ts, data, checksum in frames:
+            cache.put(sop, n, mtype, ts, data, checksum)
+        fut = _learned.pop(frames[0][0], None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        if cache.writable:
+            paths = await cache.write_soon(frames, tag)
+            for (sop, n, mtype, ts, _, _), path in zip(frames, paths, strict=True):
+                cache.adopt(sop, n, mtype, ts, path)
+        siblings.settle("learned/" + frames[0][0])  # on disk: a sibling waiting for it reads it there
+
+    task = asyncio.ensure_future(split())
+    _learning.add(task)
+    task.add_done_callback(_learning.discard)
+    if fetching is not None:
+        fetching.tasks.append(task)
