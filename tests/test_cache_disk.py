@@ -1,4 +1,5 @@
-"""The disk tier's values round-trip whatever their size (cache.py writes large ones without copies)."""
+"""The disk tier: values round-trip whatever their size (large ones written without copies), batched
+writes reach other workers, and reads keep the LRU order without taking the write lock."""
 
 import os
 
@@ -22,3 +23,26 @@ def test_frames_metadata_and_objects_of_every_size_come_back_from_disk_as_writte
     assert fresh.get_json("meta") == body
     assert fresh.get_entry("obj/a", "instance")[0] == frames[5]
     assert fresh.get_entry("obj/b", "instance")[0] == b"tiny"
+
+
+async def test_batched_writes_reach_another_worker_and_reads_keep_the_lru_order(tmp_path):
+    """write_soon batches frames into the writer thread; another worker reads them. Reads take no write
+    lock, yet what was read is written back to the LRU order: the bound drops unread frames first."""
+    import asyncio
+
+    from proxy.cache import checksum_of
+
+    payloads = {n: os.urandom(64 * 1024) for n in range(1, 61)}
+    cache = FrameCache(str(tmp_path))
+    await asyncio.gather(*(cache.write_soon(
+        [("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, checksum_of(p))], "1.2")
+        for n, p in payloads.items()))
+    other = FrameCache(str(tmp_path))  # another worker: nothing in memory
+    for n in range(1, 21):  # the oldest third, read again
+        hit = other.get("1.2.3", n, "application/octet-stream", "*")
+        assert hit is not None and bytes(hit.payload) == payloads[n]
+    other._touch(set(other._touched))  # what its writer thread does every TOUCH_EVERY seconds
+    bounded = FrameCache(str(tmp_path), size_limit=int(cache.disk.volume() * 0.6))
+    assert bounded.cull() > 0
+    kept = {n for n in payloads if bounded.get("1.2.3", n, "application/octet-stream", "*") is not None}
+    assert set(range(1, 21)) <= kept and len(kept) < 60, sorted(kept)
