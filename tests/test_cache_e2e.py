@@ -270,6 +270,35 @@ def test_series_metadata_prefetches_the_series(archive, data, tmp_path):
         assert upstream_frame_requests(proxy) == before == 0
 
 
+def test_a_series_is_prefetched_once_whichever_worker_is_asked(archive, data, tmp_path):
+    """Two workers, series metadata asked again and again on fresh connections (both workers take
+    some): one worker claims the prefetch, the archive sees one series retrieve."""
+    import time
+
+    native, _ = data
+    meta = f"/studies/{native.StudyInstanceUID}/series/{native.SeriesInstanceUID}/metadata"
+    args = ["--cache-dir", str(tmp_path / "c"), "--workers", "2"]
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, args) as proxy:
+        for _ in range(10):
+            with httpx.Client(trust_env=False, timeout=30) as fresh:
+                assert fresh.get(proxy.dicomweb_url + meta).status_code == 200
+
+        def outcomes() -> dict[str, float]:
+            text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
+            return {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "dicomweb_edge_prefetches_total"}
+
+        deadline = time.monotonic() + 20
+        while not outcomes().get("done") and time.monotonic() < deadline:  # the claimed prefetch ends
+            time.sleep(0.05)
+        done = outcomes()
+        text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
+        series_retrieves = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                               if s.name == "dicomweb_edge_upstream_requests_total"
+                               and s.labels.get("service") == "prefetch")
+    assert done.get("done") == 1 and series_retrieves == 1, (done, series_retrieves)
+
+
 def test_purge_a_study_through_the_admin_endpoint_and_the_command(archive, data, tmp_path):
     import json
     import subprocess
