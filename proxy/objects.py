@@ -89,7 +89,7 @@ def lookup(cache: FrameCache, key: Key) -> Entry | None:
         idx = cache.get_entry(key.index, key.kind)
         if idx is None:
             return None
-        ts = idx[0].decode("latin-1")
+        ts = bytes(idx[0]).decode("latin-1")  # a memoryview when it came from disk
     found = cache.get_entry(key.entry(ts), key.kind)
     return None if found is None else _decode(found[0], found[1])
 

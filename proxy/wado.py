@@ -349,9 +349,6 @@ async def _metadata_body(request: Request, ctx: Context, archives: list[Archive]
     return resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root))
 
 
-_stores: set[asyncio.Future[None]] = set()
-
-
 async def metadata(request: Request, ctx: Context, target: Target) -> Response:
     """Study, series or instance metadata, BulkDataURIs pointed at the proxy; merged when split."""
     select(request, Resource.JSON, True)
@@ -383,11 +380,10 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
         return Response(stale, 200, media_type="application/dicom+json",
                         headers={"Vary": "Accept", "X-Cache": "STALE", "Warning": '110 - "Response is Stale"'})
     if cache is not None and ttl > 0 and response.status_code == 200 and "warning" not in response.headers:
-        # Stored in the background: the client does not wait for our disk.
-        stored = asyncio.ensure_future(asyncio.to_thread(cache.put_json, key, bytes(response.body), target.study,
-                                                         ttl, ctx.settings.stale_if_error))
-        _stores.add(stored)
-        stored.add_done_callback(_stores.discard)
+        # Stored before answering, so that the next request (from any worker) is a hit. In the default
+        # executor, which no longer queues instance splits (those have their own thread, flights.py).
+        await asyncio.to_thread(cache.put_json, key, bytes(response.body), target.study, ttl,
+                                ctx.settings.stale_if_error)
         response.headers["X-Cache"] = "MISS"
     return response
 

@@ -46,3 +46,18 @@ async def test_batched_writes_reach_another_worker_and_reads_keep_the_lru_order(
     assert bounded.cull() > 0
     kept = {n for n in payloads if bounded.get("1.2.3", n, "application/octet-stream", "*") is not None}
     assert set(range(1, 21)) <= kept and len(kept) < 60, sorted(kept)
+
+
+def test_cached_objects_come_back_from_another_workers_disk_tier(tmp_path):
+    """An instance cached with `transfer-syntax=*` is found through its index entry by a worker that has
+    nothing in memory (the soak test caught the index read from disk failing)."""
+    from proxy import objects
+
+    key = objects.Key("instance", "1.2.3.4", "application/dicom", "*", "1.2.3")
+    payload = os.urandom(40 * 1024)
+    value = objects._encode(f"application/dicom; transfer-syntax={EXPLICIT_LE}", payload)
+    entries = [(key.entry(EXPLICIT_LE), value), (key.index, EXPLICIT_LE.encode("latin-1"))]
+    FrameCache(str(tmp_path)).write_entries(entries, "instance", "1.2.3")
+    hit = objects.lookup(FrameCache(str(tmp_path)), key)
+    assert hit is not None and bytes(hit.payload) == payload
+    assert hit.content_type == f"application/dicom; transfer-syntax={EXPLICIT_LE}"
