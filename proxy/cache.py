@@ -194,7 +194,7 @@ class FrameCache:
 
     def _read_generation(self) -> int:
         try:
-            return int(self.disk.get(GENERATION, 0))
+            return int(self.reader.get(GENERATION, 0))
         except Exception:
             return 0
 
@@ -260,11 +260,12 @@ class FrameCache:
 
     def _touch(self, keys: set[str]) -> None:
         """Move entries read lately to the young end of the LRU order, in one transaction (writer thread)."""
-        now = time.time()
         try:
             with self.disk.transact():
-                for key in keys:
-                    self.disk._sql("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", (now, key))
+                for key in keys:  # an LRU get updates the access time; read=True opens a file, reads nothing
+                    found = self.disk.get(key, read=True)
+                    if found is not None and not isinstance(found, bytes | int | float | str):
+                        found.close()
         except Exception:  # the order is a hint; losing a batch costs nothing but precision
             log.debug("cache access times not written back", exc_info=True)
 
