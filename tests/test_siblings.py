@@ -1,7 +1,9 @@
 """The channel between worker processes on one cache directory (proxy/siblings.py)."""
 
 import asyncio
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -50,31 +52,33 @@ async def test_an_announced_fetch_is_waited_for_until_it_settles(tmp_path):
             s.close()
 
 
-async def test_a_settle_wakes_a_waiter_that_never_saw_the_announcement(tmp_path):
-    a, b = Siblings(str(tmp_path), "1"), Siblings(str(tmp_path), "2")
+@contextlib.asynccontextmanager
+async def pair(directory) -> AsyncIterator[tuple[Siblings, Siblings]]:
+    """Two workers on one cache directory, each knowing the other (in the test's own event loop)."""
+    a, b = Siblings(str(directory), "1"), Siblings(str(directory), "2")
     assert a.start() and b.start()
-    await acquainted(a, b)
     try:
-        fut = b.landing("learned/1.2.3")
-        a.settle("learned/1.2.3")
-        assert await settled(fut)
+        await acquainted(a, b)
+        yield a, b
     finally:
         a.close()
         b.close()
 
 
+async def test_a_settle_wakes_a_waiter_that_never_saw_the_announcement(tmp_path):
+    async with pair(tmp_path) as (a, b):
+        fut = b.landing("learned/1.2.3")
+        a.settle("learned/1.2.3")
+        assert await settled(fut)
+
+
 async def test_a_vanished_siblings_announcements_do_not_hold_anyone(tmp_path):
-    a, b = Siblings(str(tmp_path), "1"), Siblings(str(tmp_path), "2")
-    assert a.start() and b.start()
-    await acquainted(a, b)
-    try:
+    async with pair(tmp_path) as (a, b):
         a.announce("scope/1.2/3.4/*")
         await until(lambda: b.flying("scope/1.2/3.4/*") is not None)
         a.close()  # the worker died mid-fetch
         b._looked -= 10  # its next look at /proc/net/unix is due
         assert b.flying("scope/1.2/3.4/*") is None
-    finally:
-        b.close()
 
 
 async def test_messages_carry_no_uids(tmp_path):
