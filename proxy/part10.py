@@ -4,6 +4,7 @@ an instance into its frames for the frame cache (the header walked here, pydicom
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 NEED_MORE = "need-more"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
@@ -158,19 +159,6 @@ _MEDIA_BY_TS = {
 }
 
 
-def study_of(part10: bytes) -> str | None:
-    """The StudyInstanceUID of a Part 10 instance (for tagging its cache entries)."""
-    import io
-
-    import pydicom
-
-    try:
-        return str(pydicom.dcmread(io.BytesIO(part10), stop_before_pixels=True,
-                                   specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
-    except Exception:
-        return None
-
-
 def frames_and_study(part10: bytes) -> tuple[list[tuple[str, int, str, str, bytes]], str | None]:
     """Split a Part 10 instance into (SOP UID, frame number, media type, transfer syntax, bytes), and
     give its StudyInstanceUID.
@@ -187,7 +175,8 @@ def frames_and_study(part10: bytes) -> tuple[list[tuple[str, int, str, str, byte
     try:
         layout = pixel_layout(part10)
     except Unusual:
-        return _frames_by_pydicom(part10), study_of(part10)
+        ds = _dataset(part10)
+        return _frames_by_pydicom(part10, ds), str(ds.get("StudyInstanceUID", "")) or None
     if layout is None or not {"rows", "cols", "bits", "sop"} <= layout.keys():
         return [], None
     ts, sop, count = str(layout["ts"]), str(layout["sop"]), int(layout["frames"])  # type: ignore[call-overload]
@@ -213,14 +202,20 @@ def frames_and_study(part10: bytes) -> tuple[list[tuple[str, int, str, str, byte
     return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)], str(study) if study else None
 
 
-def _frames_by_pydicom(part10: bytes) -> list[tuple[str, int, str, str, bytes]]:
-    """The frames by a full pydicom parse (what pixel_layout does not read)."""
+def _dataset(part10: bytes) -> Any:
+    """The whole instance parsed by pydicom (raises on what pydicom cannot read)."""
     import io
 
     import pydicom
+
+    return pydicom.dcmread(io.BytesIO(part10))
+
+
+def _frames_by_pydicom(part10: bytes, ds: Any = None) -> list[tuple[str, int, str, str, bytes]]:
+    """The frames by a full pydicom parse (what pixel_layout does not read); `ds`: already parsed."""
     from pydicom.encaps import generate_frames
 
-    ds = pydicom.dcmread(io.BytesIO(part10))
+    ds = _dataset(part10) if ds is None else ds
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if "PixelData" not in ds or not {"Rows", "Columns", "BitsAllocated"} <= set(ds.dir()):
         return []
