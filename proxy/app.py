@@ -1,138 +1,33 @@
-"""The application: the edge layer (request id, metrics, errors), routes, and the lifespan."""
+"""The application: the layers a request passes (edge.py, the cache phase, limits, auth), routes, errors,
+and the lifespan."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
-import secrets
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import access, logs, metrics
+from . import access, metrics
 from .auth import AuthMiddleware
 from .auth import parse as parse_auth
 from .config import Settings
 from .context import Context
+from .edge import EdgeMiddleware
 from .health import STATE_VALUE
-from .limits import BODILESS
+from .limits import client_key
 from .responses import Problem, error_response
 from .routes import dicomweb_routes
-from .sendfile import body_size
 from .upstream import Archive
 from .urls import DICOMWEB_ROOT
 
-log = logs.access
 SETTINGS_ENV = "DICOMWEB_EDGE__SETTINGS_JSON"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def service_of(method: str, path: str) -> str:
-    """The DICOMweb service a request belongs to (a closed set: safe as a metric label)."""
-    if path.startswith("/upstreams/"):
-        path = "/" + path.split("/", 3)[-1]
-    if not path.startswith(DICOMWEB_ROOT + "/"):
-        return "other"
-    if method == "POST":
-        return "stow"
-    tail = path.rstrip("/").rsplit("/", 2)
-    last = tail[-1]
-    if last in ("studies", "series", "instances"):
-        return "qido"
-    if last in ("metadata", "rendered", "thumbnail"):
-        return last
-    if last == "pixeldata" or "/bulk/" in path or "/bulkdata" in path:
-        return "bulkdata"
-    if len(tail) > 1 and tail[-2] == "frames":
-        return "frames"
-    return "instance"
-
-
-class EdgeMiddleware:
-    """Request id, access log without patient data, and request metrics, as plain ASGI."""
-
-    def __init__(self, app: ASGIApp, log_patient_data: bool = False) -> None:
-        self.app = app
-        self.log_patient_data = log_patient_data
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        rid = None
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                rid = v.decode("latin-1")
-                break
-        if rid is None or not _REQUEST_ID.match(rid):
-            rid = secrets.token_hex(8)
-        scope.setdefault("state", {})["request_id"] = rid
-        service = service_of(scope["method"], scope["path"])
-        fields: dict[str, Any] = {"request_id": rid}
-        token = logs.REQUEST.set(fields)
-        status = 500
-        sent = received = 0
-        ttfb = None
-
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-            return message
-
-        async def tracked(message: Message) -> None:
-            nonlocal status, sent, ttfb
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                ttfb = time.perf_counter() - started
-                for k, v in message.get("headers", ()):
-                    if k == b"x-cache":
-                        fields["cache"] = v.decode("latin-1").lower()
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            else:
-                sent += body_size(message)
-            await send(message)
-
-        tally = metrics.TALLY
-        in_flight = metrics.REQUESTS_IN_FLIGHT
-        tally.inc(in_flight)
-        try:
-            await self.app(scope, receive if scope["method"] in BODILESS else counted, tracked)
-        finally:
-            tally.inc(in_flight, -1)
-            elapsed = time.perf_counter() - started
-            tally.inc(metrics.child(metrics.REQUESTS, service, str(status)))
-            tally.observe(metrics.child(metrics.REQUEST_DURATION, service, _CODE_CLASS.get(status // 100, "5xx")),
-                          elapsed)
-            if ttfb is not None:
-                tally.observe(metrics.child(metrics.REQUEST_TTFB, service), ttfb)
-            tally.inc(metrics.child(metrics.RESPONSE_BYTES, service), sent)
-            if received:
-                tally.inc(metrics.child(metrics.REQUEST_BYTES, service), received)
-            if log.isEnabledFor(logging.INFO):
-                # No path, no query (they hold UIDs and patient names) unless debugging asks for them.
-                fields.update(service=service, method=scope["method"], status=status, bytes_in=received,
-                              bytes_out=sent, duration_ms=round(elapsed * 1000, 2),
-                              ttfb_ms=None if ttfb is None else round(ttfb * 1000, 2))
-                if self.log_patient_data:
-                    qs = scope.get("query_string", b"").decode("latin-1")
-                    fields["path"] = scope["path"] + ("?" + qs if qs else "")
-                log.info("request", extra={"fields": fields})
-            logs.REQUEST.reset(token)
-
-
-_CODE_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
 async def _problem(request: Request, exc: Exception) -> Response:
@@ -192,11 +87,13 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"status": "ready" if ready else "no archive reachable", "archives": archives},
                             200 if ready else 503)
 
+    trusted = frozenset(settings.trusted_proxies)
+
     def admin(request: Request) -> None:
         # With inbound authentication on, AuthMiddleware required the admin scope; without it, admin
         # actions come only from trusted hops.
-        if settings.auth.get("mode", "none") == "none" and (
-                request.client is None or request.client.host not in settings.trusted_proxies):
+        if settings.auth.get("mode", "none") == "none" and (  # (a request a trusted front relayed is not)
+                client_key(request.scope, trusted) not in trusted):
             raise Problem(403, "admin endpoints are only served to trusted addresses")
         if ctx.cache is None:
             raise Problem(404, "the frame cache is not configured (cache_dir)")
@@ -250,7 +147,9 @@ def create_app(settings: Settings) -> Starlette:
     from . import hitlane
 
     if hitlane.applies(settings, auth_config.mode, forwarding):
-        app.add_middleware(hitlane.HitLane, ctx=ctx)  # the cache phase: inside CORS and the edge layer
+        lane = hitlane.Lane(ctx)
+        app.add_middleware(hitlane.HitLane, lane=lane)  # the cache phase: inside CORS and the edge layer
+        app.state.lane = lane  # the server protocol asks it first (protocol.py)
     if settings.cors_origins:  # a viewer served from another origin (viewer.py serves one same-origin)
         from starlette.middleware.cors import CORSMiddleware
 

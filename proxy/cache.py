@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -301,6 +301,23 @@ class FrameCache:
                 return Frame(data, media_type, transfer_syntax, checksum)
             self._drop(key)  # the file went (evicted, purged): ask the disk tier once more
         return None
+
+    def memory_hits(self, entries: Sequence[tuple[str, int]]) -> list[bytes] | None:
+        """The payloads of these memory-tier entries (key, checksum) if every one still holds the bytes
+        it held when the cache phase prepared its answer; then they count as hits and become the most
+        recent. None if any is gone, replaced, or only a file reference now."""
+        self._sync_purges()
+        memory = self.memory
+        payloads = []
+        for key, checksum in entries:
+            found = memory.get(key)
+            if found is None or found[1] != checksum or isinstance(found[0], FileRef):
+                return None
+            payloads.append(found[0])
+        for (key, _), payload in zip(entries, payloads, strict=True):
+            memory.move_to_end(key)
+            _count_memory_hit("frame", len(payload))
+        return payloads
 
     @staticmethod
     def count_hits(frames: list[Frame]) -> None:

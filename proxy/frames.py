@@ -23,6 +23,7 @@ from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartError, PartEnd, PartHeaders
 from .reframe import PartEvents, Reframer, label
 from .responses import BuffersResponse, Problem, StreamAborted, StreamResponse
+from .sendfile import OpenPayload
 from .upstream import UpstreamError
 from .urls import dicomweb_base
 from .wado import Target, open_upstream, retrieve, select, upstream_accept, upstream_problem
@@ -111,13 +112,23 @@ def lookup(cache: FrameCache, target: Target, sel: Selection, memory_only: bool 
 def from_cache(if_none_match: str, target: Target, sel: Selection, hits: dict[int, Frame],
                base: str) -> Response | BuffersResponse:
     """Answer from the cache: no archive I/O, no parsing, the cached bytes handed to the server as they are."""
+    etag, headers, chunks = cached_answer(target, sel, hits, base)
+    if etag in if_none_match:
+        return Response(None, 304, headers=dict(headers[:4]))
+    return BuffersResponse(200, headers, chunks)  # each piece written as is: no join, no copy
+
+
+def cached_answer(target: Target, sel: Selection, hits: dict[int, Frame],
+                  base: str) -> tuple[str, list[tuple[str, str]], list[bytes | memoryview | OpenPayload]]:
+    """(ETag, headers, body pieces) of the 200 answer made of `hits`: the headers start with the four a
+    304 carries too (ETag, Vary, X-Cache, Cache-Control); the pieces are the frames' payloads themselves
+    (the very objects) between the multipart framing."""
     assert target.frames is not None
     frames = [hits[n] for n in target.frames]
     etag = frames[0].etag if len(frames) == 1 else (
         '"' + format(checksum_of("".join(f.etag for f in frames).encode()), "016x") + f'-{len(frames)}"')
     headers = [("ETag", etag), ("Vary", "Accept"), ("X-Cache", "HIT"), CACHE_CONTROL]
-    if etag in if_none_match:
-        return Response(None, 304, headers=dict(headers))
+    chunks: list[bytes | memoryview | OpenPayload]
     if not sel.multipart:
         chunks = [frames[0].payload]
         ctype = frames[0].content_type
@@ -130,8 +141,7 @@ def from_cache(if_none_match: str, target: Target, sel: Selection, hits: dict[in
         chunks.append(rf.close())
         ctype = rf.writer.content_type(parse_content_type(frames[0].content_type)[0])
     headers += [("Content-Type", ctype), ("Content-Length", str(sum(len(c) for c in chunks)))]
-    return BuffersResponse(200, headers, chunks)  # each piece written as is: no join, no copy
-
+    return etag, headers, chunks
 
 
 async def frames(request: Request, ctx: Context, target: Target) -> Response:

@@ -3,9 +3,8 @@
 `LimitsMiddleware`: per-client request and byte rates (token buckets; over them 429 with
 `Retry-After`), a timeout on a request body that stops arriving (408, so it does not hold an archive
 connection), `Retry-After` on every 503, and a 500 for an unexpected error that CORS still wraps.
-`EdgeHttpProtocol`: uvicorn's httptools protocol with a bound on request header size and count (431),
-on the time the headers may take to arrive (408), and a send timeout that cuts a client that stopped
-reading its response.
+The limits the server protocol itself enforces (header size and count, header and send timeouts) are
+in protocol.py.
 Limits are per worker process; a client is its address, or, behind a trusted proxy, the address that
 proxy reports.
 """
@@ -13,16 +12,11 @@ proxy reports.
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import math
-import os
 import time
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from . import sendfile
 from .config import Settings
@@ -189,122 +183,3 @@ class LimitsMiddleware:
         response = error_response(429, f"too many {what} from this client; retry in {seconds} s",
                                   {"Retry-After": str(seconds)})
         await response(scope, receive, send)
-
-
-@functools.cache
-def _protocol_limits() -> tuple[int, int, float, float]:
-    """(max header bytes, max header count, header timeout, send timeout) of the settings the server runs with."""
-    from .app import SETTINGS_ENV
-
-    raw: dict[str, Any] = json.loads(os.environ.get(SETTINGS_ENV, "{}"))
-    d = Settings()
-    return (int(raw.get("max_header_bytes", d.max_header_bytes)), int(raw.get("max_header_count", d.max_header_count)),
-            float(raw.get("header_timeout", d.header_timeout)), float(raw.get("send_timeout", d.send_timeout)))
-
-
-class EdgeHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing oversized header blocks (431) and slow ones (408), and
-    cutting a client that reads nothing of its response for `send_timeout` s (nginx's send_timeout).
-
-    Without this, httptools accepts headers of any size, a client may take forever to send them, and a
-    client that stops reading holds its response (and the archive connection feeding it) for ever. The
-    send timeout costs nothing per write: a timer is armed only when the transport's buffer is full
-    (pause_writing) and cancelled when the client drains it (resume_writing). Cutting the connection
-    makes the server report a disconnect to the application, which releases what the response held.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._max_bytes, self._max_count, self._header_timeout, self._send_timeout = _protocol_limits()
-        self._send_timer: asyncio.TimerHandle | None = None
-        self._head_bytes = 0
-        self._refused: tuple[int, str] | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        self._unwatch_send()
-        super().connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self._send_timer is None:
-            self._send_timer = self.loop.call_later(self._send_timeout, self._send_stalled)
-
-    def resume_writing(self) -> None:
-        self._unwatch_send()
-        super().resume_writing()
-
-    def _unwatch_send(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
-
-    def _send_stalled(self) -> None:
-        self._send_timer = None
-        if not self.transport.is_closing():
-            log.warning("client read nothing for %gs: response cut", self._send_timeout)
-            if self.cycle is not None:
-                self.cycle.scope[STALLED] = True  # type: ignore[literal-required]
-            self.transport.abort()
-
-    def _arm(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self._header_timeout, self._head_too_slow)
-
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_too_slow(self) -> None:
-        self._head_timer = None
-        if not self.transport.is_closing():
-            self._send_status(408, "the request headers took too long")
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._head_bytes = 0
-        self._arm()
-
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        if len(self.headers) >= self._max_count:
-            self._refused = (431, "too many request headers")
-            raise ValueError("too many request headers")
-        super().on_header(name, value)
-
-    def _count(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self._max_bytes:
-            self._refused = (431, "request headers too large")
-            raise ValueError("request headers too large")
-
-    def on_headers_complete(self) -> None:
-        self._disarm()
-        super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is None or cycle.scope is not self.scope or self.transport.get_extra_info("sslcontext") is not None:
-            return  # (TLS: the bytes must pass through the encryption: no sendfile, no writev)
-        sendfile.install(cycle, self.transport, self.scope)
-
-    def send_400_response(self, msg: str) -> None:
-        if self._refused is not None:
-            self._send_status(*self._refused)
-        else:
-            super().send_400_response(msg)
-
-    def _send_status(self, status: int, msg: str) -> None:
-        body = json.dumps({"status": status, "reason": msg}).encode()
-        head = [STATUS_LINE[status], b"content-type: application/json\r\n",
-                b"content-length: " + str(len(body)).encode() + b"\r\n", b"connection: close\r\n\r\n"]
-        self.transport.write(b"".join(head) + body)
-        self.transport.close()

@@ -3,7 +3,7 @@
 A large frame in the disk tier is a file of its own (diskcache keeps values over 32 KB in files). The
 memory tier then remembers where it is (`FileRef`) instead of holding its bytes, and a hit opens the
 file (`FileRef.open`, which also proves it is still there and whole) and hands the open file to the
-server in a `dicomweb_edge.sendfile` message. The protocol (`limits.EdgeHttpProtocol`) advertises the
+server in a `dicomweb_edge.sendfile` message. The protocol (`protocol.EdgeHttpProtocol`) advertises the
 extension in `scope["extensions"]` and answers it with sendfile from the page cache to the socket; any
 other server, or TLS, gets the same bytes read with pread() into an ordinary body message.
 

@@ -1,0 +1,178 @@
+"""The server protocol's cache phase (proxy/protocol.py): hits answered before any ASGI request exists must
+behave on the wire like every other answer: in order on a pipelined connection, honouring
+`Connection: close`, following forwarding headers, logged and counted, and never stale after a purge."""
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support import ProxyProcess, missing, split_multipart
+
+from proxy.demo.orthanc import OrthancServer, find_orthanc
+from proxy.demo.synth import Patient, Study, multiframe_native
+
+ANY = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+FRAME = 64 * 64 * 2
+
+
+@pytest.fixture(scope="module")
+def native():
+    return multiframe_native(Study(Patient("PROTO^LANE", "PIDP1")), n_frames=4, rows=64, cols=64)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, native):
+    if find_orthanc() is None:
+        missing("Orthanc with the DICOMweb plugin is not installed")
+    with OrthancServer(tmp_path_factory.mktemp("proto_orthanc"), "PROTO") as server:
+        server.store([native])
+        yield server
+
+
+@pytest.fixture()
+def proxy(archive, tmp_path):
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as p:
+        yield p
+
+
+def path(ds, frames):
+    return (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+            f"/frames/{frames}")
+
+
+def frame(ds, n):
+    return ds.PixelData[(n - 1) * FRAME : n * FRAME]
+
+
+def warm(proxy, ds, frames):
+    """Fill the cache (a miss), then make sure the next request is a memory hit."""
+    for expected in ("MISS", "HIT"):
+        r = httpx.get(proxy.url + path(ds, frames), headers={"Accept": ANY}, trust_env=False)
+        assert r.status_code == 200 and r.headers["x-cache"] == expected
+
+
+def read_response(f):
+    """One HTTP/1.1 response (Content-Length or chunked) from a socket file: (status, headers, body)."""
+    status = int(f.readline().split()[1])
+    headers = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        k, _, v = line.decode("latin-1").partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if headers.get("transfer-encoding") != "chunked":
+        return status, headers, f.read(int(headers.get("content-length", 0)))
+    body = b""
+    while size := int(f.readline().split(b";")[0], 16):
+        body += f.read(size)
+        f.readline()
+    f.readline()  # the empty trailer
+    return status, headers, body
+
+
+def request(host, target, extra=""):
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: {ANY}\r\n{extra}\r\n".encode()
+
+
+def parts(headers, body):
+    return [b for _, b in split_multipart(body, headers["content-type"])[1]]
+
+
+def test_pipelined_requests_are_answered_in_order(proxy, native):
+    """A hit pipelined behind a miss waits for the miss's answer: responses keep the order of requests."""
+    warm(proxy, native, "1")
+    warm(proxy, native, "2")
+    host = proxy.url.split("//")[1]
+    with socket.create_connection(("127.0.0.1", int(host.rsplit(":", 1)[1])), timeout=30) as s:
+        s.sendall(request(host, path(native, "1")) + request(host, path(native, "3")) + request(host, path(native, "2"))
+                  + request(host, path(native, "1") + "?x=routed"))
+        f = s.makefile("rb")
+        answers = [read_response(f) for _ in range(4)]
+    assert [a[0] for a in answers] == [200] * 4
+    assert [a[1]["x-cache"] for a in answers] == ["HIT", "MISS", "HIT", "HIT"]
+    assert [parts(h, b) for _, h, b in answers] == [[frame(native, n)] for n in (1, 3, 2, 1)]
+
+
+def test_connection_close_is_honoured(proxy, native):
+    warm(proxy, native, "1")
+    host = proxy.url.split("//")[1]
+    with socket.create_connection(("127.0.0.1", int(host.rsplit(":", 1)[1])), timeout=30) as s:
+        s.sendall(request(host, path(native, "1"), "Connection: close\r\n"))
+        f = s.makefile("rb")
+        status, headers, body = read_response(f)
+        assert status == 200 and headers["x-cache"] == "HIT" and headers["connection"] == "close"
+        assert parts(headers, body) == [frame(native, 1)]
+        assert f.read() == b""  # the server closed the connection
+
+
+def test_forwarded_base_url_is_followed(proxy, native):
+    """A trusted hop's X-Forwarded-Host/Proto name the base URL of the parts' Content-Location (J-07), in
+    the cache phase and on the routed path alike, also when the hop relays a client from elsewhere
+    (X-Forwarded-For): the proxy judges forwarding headers by `trusted_proxies`, not uvicorn."""
+    warm(proxy, native, "1")
+    forwarded = {"Accept": ANY, "X-Forwarded-Host": "pacs.example.org", "X-Forwarded-Proto": "https",
+                 "X-Forwarded-For": "203.0.113.7"}
+    for query in ("", "?routed=1"):
+        r = httpx.get(proxy.url + path(native, "1") + query, trust_env=False, headers=forwarded)
+        assert r.headers["x-cache"] == "HIT"
+        (headers, body), = split_multipart(r.content, r.headers["content-type"])[1]
+        assert dict(headers)["Content-Location"] == "https://pacs.example.org" + path(native, "1")
+    r = httpx.get(proxy.url + path(native, "1"), headers={"Accept": ANY}, trust_env=False)
+    (headers, body), = split_multipart(r.content, r.headers["content-type"])[1]
+    assert dict(headers)["Content-Location"] == proxy.url + path(native, "1")
+
+
+def test_a_hit_is_logged_and_counted(proxy, native):
+    warm(proxy, native, "2")
+
+    def frame_requests():
+        text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
+        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.name == "dicomweb_edge_requests_total" and s.labels == {"service": "frames", "status": "200"})
+
+    before = frame_requests()
+    for i in range(5):
+        r = httpx.get(proxy.url + path(native, "2"), trust_env=False,
+                      headers={"Accept": ANY, "X-Request-Id": f"lane-{i}"})
+        assert r.headers["x-cache"] == "HIT" and r.headers["x-request-id"] == f"lane-{i}"
+    deadline = time.monotonic() + 10  # the metrics are added up and flushed at most 50 ms late
+    while frame_requests() - before < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert frame_requests() - before == 5
+    deadline = time.monotonic() + 5
+    while True:
+        logged = [json.loads(ln) for ln in proxy.log_path.read_text().splitlines() if '"lane-' in ln]
+        if len(logged) == 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert sorted(r["request_id"] for r in logged) == [f"lane-{i}" for i in range(5)]
+    for rec in logged:
+        assert rec["service"] == "frames" and rec["status"] == 200 and rec["cache"] == "hit"
+        assert rec["bytes_out"] > FRAME
+        assert native.SOPInstanceUID not in json.dumps(rec)  # no UIDs in the access log at INFO
+
+
+def test_a_prepared_answer_never_outlives_its_entries(proxy, native):
+    """Purging the study makes the next request a miss (not the answer prepared before); a 304 and another
+    Accept of the same frame are answered from the same entry correctly."""
+    warm(proxy, native, "4")
+    hit = httpx.get(proxy.url + path(native, "4"), headers={"Accept": ANY}, trust_env=False)
+    single = httpx.get(proxy.url + path(native, "4"), trust_env=False,
+                       headers={"Accept": "application/octet-stream; transfer-syntax=*"})
+    assert single.headers["x-cache"] == "HIT" and single.content == frame(native, 4)
+    r = httpx.get(proxy.url + path(native, "4"), headers={"Accept": ANY, "If-None-Match": hit.headers["etag"]},
+                  trust_env=False)
+    assert r.status_code == 304 and r.headers["etag"] == hit.headers["etag"] and r.content == b""
+    purge = httpx.post(f"{proxy.url}/admin/cache/purge", params={"study": native.StudyInstanceUID}, trust_env=False)
+    assert purge.status_code == 200 and purge.json()["removed"] > 0
+    r = httpx.get(proxy.url + path(native, "4"), headers={"Accept": ANY}, trust_env=False)
+    assert r.status_code == 200 and r.headers["x-cache"] == "MISS"
+    assert parts(r.headers, r.content) == [frame(native, 4)]
+
+
+def test_admin_is_not_served_to_a_relayed_client(proxy):
+    """Admin endpoints answer a trusted address asking directly, not a client a trusted front relays."""
+    assert httpx.get(f"{proxy.url}/admin/cache", trust_env=False).status_code == 200
+    r = httpx.get(f"{proxy.url}/admin/cache", headers={"X-Forwarded-For": "203.0.113.7"}, trust_env=False)
+    assert r.status_code == 403
