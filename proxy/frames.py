@@ -29,6 +29,7 @@ from .urls import dicomweb_base
 from .wado import Target, open_upstream, retrieve, select, upstream_accept, upstream_problem
 
 CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")
+LOOKED_UP = "dicomweb_edge.looked_up"  # scope key: (Target, Selection, hits) of the cache phase's lookup
 _pending: set[asyncio.Future[list[str | None]]] = set()
 # Single-flight: (SOP UID, frame, media type, transfer syntax) → done when the fetch in flight ends.
 _inflight: dict[tuple[str, int, str, str], asyncio.Future[None]] = {}
@@ -152,7 +153,8 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
     assert target.frames is not None and target.instance is not None
     sel = select(request, Resource.FRAMES, len(target.frames) == 1)
     base = dicomweb_base(request, ctx.settings, ctx.root)
-    hits = lookup(cache, target, sel)
+    handed = request.scope.pop(LOOKED_UP, None)  # what the cache phase found (and counted) already
+    hits = handed[2] if handed is not None and handed[:2] == (target, sel) else lookup(cache, target, sel)
     absent = set(target.frames) - set(hits)
     flying = [_inflight[k] for n in absent if (k := _flight(target.instance, n, sel)) in _inflight]
     flying += [f for n in absent if (f := siblings.flying(_sibling_key(target.instance, n))) is not None]

@@ -9,6 +9,11 @@ other ASGI server). The answer is built by the same code as the routed one (`fra
 `frames.cached_answer`); anything else, including every malformed request (the routed path gives it
 its 400) and every partial hit, goes on to routing untouched.
 
+A hit on the disk tier (a frame another worker fetched, or one from before a restart) is answered here
+too, and lands in the memory tier; when the lookup finds less than everything, what it found travels
+on with the request (`frames.LOOKED_UP` in the scope) so that the routed path neither looks up nor counts
+the same frames again.
+
 An answer, once built, is kept as prepared header bytes plus the memory-tier keys and checksums of
 its frames (`_Prepared`, a few hundred bytes; never the frames themselves): the next identical request
 (same path, Accept and base URL) checks that each entry still holds the same bytes and writes them,
@@ -98,7 +103,7 @@ class Lane:
             else:
                 self.prepared.move_to_end(key)
         if prepared is None:
-            found = self._prepare(path, accept, key[2])
+            found = self._prepare(scope, path, accept, key[2])
             if found is None:
                 return None
             prepared, payloads = found
@@ -111,7 +116,8 @@ class Lane:
             body.append(next(it) if piece is None else piece)
         return Answer(200, prepared.headers, body, prepared.size)
 
-    def _prepare(self, path: str, accept: str | None, base: str) -> tuple[_Prepared, list[bytes]] | None:
+    def _prepare(self, scope: Scope, path: str, accept: str | None,
+                 base: str) -> tuple[_Prepared, list[bytes | memoryview]] | None:
         cache = self.ctx.cache
         assert cache is not None
         found = _FRAMES.match(path)
@@ -126,25 +132,23 @@ class Lane:
             sel = negotiate(accept, Resource.FRAMES, len(target.frames) == 1)
         except (BadAccept, NotAcceptable):
             return None  # 400 / 406 from the routed path
-        hits = frames.lookup(cache, target, sel, memory_only=True)
-        if len(hits) < len(set(target.frames)):
-            return None  # a miss or a partial hit: single-flight, the archive, the tee
-        if any(not isinstance(f.payload, bytes | memoryview) or f.checksum < 0 for f in hits.values()):
-            return None  # held as a file reference (sendfile): the routed path sends it
+        hits = frames.lookup(cache, target, sel)  # memory, then disk (counted: the routed path won't look again)
+        if len(hits) < len(set(target.frames)) or any(
+                not isinstance(f.payload, bytes | memoryview) or f.checksum < 0 for f in hits.values()):
+            scope[frames.LOOKED_UP] = (target, sel, hits)  # a miss, a partial hit, a file to send: routing answers
+            return None
         etag, headers, chunks = frames.cached_answer(target, sel, hits, base)
-        owner = {id(f.payload): (frame_key(target.instance, n, f.media_type, f.transfer_syntax), f.checksum)
+        owner = {id(f.payload): (frame_key(target.instance, n, f.media_type, f.transfer_syntax), f.checksum, f.payload)
                  for n, f in hits.items()}
-        entries = tuple(owner[id(c)] for c in chunks if id(c) in owner)
+        entries = tuple(owner[id(c)][:2] for c in chunks if id(c) in owner)
+        payloads = [owner[id(c)][2] for c in chunks if id(c) in owner]
         pieces = tuple(None if id(c) in owner else bytes(c) for c in chunks)  # type: ignore[arg-type]
         prepared = _Prepared(entries, etag, [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
                              pieces, sum(len(c) for c in chunks))
-        payloads = cache.memory_hits(entries)  # counted as hits here, as on every later use
-        if payloads is None:
-            return None
         self.prepared[(path, accept, base)] = prepared
         if len(self.prepared) > PREPARED:
             self.prepared.popitem(last=False)
-        return prepared, payloads
+        return prepared, payloads  # type: ignore[return-value]
 
 
 class HitLane:
@@ -155,7 +159,8 @@ class HitLane:
         self.lane = lane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("query_string"):
+        if (scope["type"] == "http" and scope["method"] == "GET" and not scope.get("query_string")
+                and frames.LOOKED_UP not in scope):  # (the protocol's cache phase looked it up already)
             answer = self.lane.answer(scope)
             if answer is not None:
                 await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})

@@ -176,3 +176,34 @@ def test_admin_is_not_served_to_a_relayed_client(proxy):
     assert httpx.get(f"{proxy.url}/admin/cache", trust_env=False).status_code == 200
     r = httpx.get(f"{proxy.url}/admin/cache", headers={"X-Forwarded-For": "203.0.113.7"}, trust_env=False)
     assert r.status_code == 403
+
+
+def test_disk_hits_are_answered_and_every_lookup_counted_once(archive, native, tmp_path):
+    """After a restart the frames are on disk only: the cache phase answers them from the disk tier, and a
+    frame it cannot answer goes on to the routed path with what was looked up, so that each request is
+    one lookup in the metrics (a disk hit, or a disk miss), never two."""
+    args = ["--cache-dir", str(tmp_path / "c")]
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / "first", args) as first:
+        warm(first, native, "1")
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / "second", args) as proxy:
+        def lookups(result):
+            text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
+            return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                       if s.name == "dicomweb_edge_cache_lookups_total"
+                       and s.labels == {"tier": "disk", "kind": "frame", "result": result})
+
+        r = httpx.get(proxy.url + path(native, "1"), headers={"Accept": ANY}, trust_env=False)
+        assert r.headers["x-cache"] == "HIT" and parts(r.headers, r.content) == [frame(native, 1)]
+        r = httpx.get(proxy.url + path(native, "3"), headers={"Accept": ANY}, trust_env=False)
+        assert r.headers["x-cache"] == "MISS" and parts(r.headers, r.content) == [frame(native, 3)]
+        deadline = time.monotonic() + 10
+        while (lookups("hit"), lookups("miss")) != (1, 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (lookups("hit"), lookups("miss")) == (1, 1)
+        r = httpx.get(proxy.url + path(native, "1"), headers={"Accept": ANY}, trust_env=False)
+        assert r.headers["x-cache"] == "HIT"  # now from memory: no disk lookup at all
+        r = httpx.get(proxy.url + path(native, "4"), headers={"Accept": ANY}, trust_env=False)
+        assert r.headers["x-cache"] == "MISS"
+        while lookups("miss") < 2 and time.monotonic() < deadline + 10:  # counted after the memory hit
+            time.sleep(0.05)
+        assert (lookups("hit"), lookups("miss")) == (1, 2)
