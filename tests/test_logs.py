@@ -1,0 +1,91 @@
+"""proxy/logs.py: the batched stderr handler keeps every record, in order, and never holds one for long."""
+
+import asyncio
+import io
+import logging
+
+from proxy.logs import BatchedStreamHandler
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+def logger_to(stream: CountingStream, name: str, delay: float = 0.05) -> tuple[logging.Logger, BatchedStreamHandler]:
+    handler = BatchedStreamHandler(stream, delay=delay)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger(name)
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    return log, handler
+
+
+def test_records_on_a_loop_go_out_together_and_soon():
+    stream = CountingStream()
+    log, _ = logger_to(stream, "test_logs.batched")
+
+    async def main() -> None:
+        for i in range(100):
+            log.info("request %d", i)
+        assert stream.getvalue() == ""  # waiting for the batch
+        done = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.06, done.set)  # just after the handler's own timer
+        await done.wait()
+
+    asyncio.run(main())
+    assert stream.getvalue().splitlines() == [f"INFO request {i}" for i in range(100)]
+    assert stream.writes == 1
+
+
+def test_a_warning_goes_out_at_once_after_what_waited():
+    stream = CountingStream()
+    log, _ = logger_to(stream, "test_logs.warning", delay=3600)
+
+    async def main() -> None:
+        log.info("first")
+        log.warning("second")
+        assert stream.getvalue().splitlines() == ["INFO first", "WARNING second"]
+
+    asyncio.run(main())
+
+
+def test_off_a_loop_records_are_written_at_once_and_flush_empties_the_batch():
+    stream = CountingStream()
+    log, handler = logger_to(stream, "test_logs.plain", delay=3600)
+    log.info("no loop here")
+    assert stream.getvalue() == "INFO no loop here\n"
+
+    async def main() -> None:
+        log.info("on a loop")
+
+    asyncio.run(main())
+    assert "on a loop" not in stream.getvalue()
+    handler.flush()  # what logging.shutdown does at exit
+    assert stream.getvalue().splitlines() == ["INFO no loop here", "INFO on a loop"]
+
+
+def test_a_new_loop_gets_its_own_timer():
+    """A timer left on a loop that ended never runs: the next loop must not wait for it."""
+    stream = CountingStream()
+    log, _ = logger_to(stream, "test_logs.loops", delay=0.01)
+
+    async def log_one(msg: str) -> None:
+        log.info(msg)
+
+    asyncio.run(log_one("first loop"))  # ends before its timer: the record waits
+
+    async def second() -> None:
+        log.info("second loop")
+        done = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, done.set)
+        await done.wait()
+
+    asyncio.run(second())
+    assert stream.getvalue().splitlines() == ["INFO first loop", "INFO second loop"]
