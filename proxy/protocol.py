@@ -48,6 +48,33 @@ def lane_of(app: Any) -> Lane | None:
     return None
 
 
+def _chunks_unjoined(cycle: Any, transport: asyncio.Transport) -> None:
+    """Write each chunk of a chunked body as its three pieces (size line, body, CRLF) in one writelines.
+
+    uvicorn joins them into one new bytes object first: a copy of every byte of a streamed series or
+    study on its way out. The transport keeps references to the pieces it could not send yet (the
+    receive buffers they point into are reused only once nothing refers to them, transport.py).
+    Everything else, and the closing chunk, is left to uvicorn's own send.
+    """
+    plain = cycle.send
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and cycle.chunked_encoding and not cycle.response_complete:
+            body = message.get("body", b"")
+            if body and cycle.scope["method"] != "HEAD":
+                if cycle.flow.write_paused and not cycle.disconnected:
+                    await cycle.flow.drain()
+                if cycle.disconnected:
+                    return
+                transport.writelines([b"%x\r\n" % len(body), body, b"\r\n"])
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+        await plain(message)
+
+    cycle.send = send
+
+
 @functools.cache
 def _protocol_limits() -> tuple[int, int, float, float]:
     """(max header bytes, max header count, header timeout, send timeout) of the settings the server runs with."""
@@ -158,9 +185,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is None or cycle.scope is not self.scope or self.transport.get_extra_info("sslcontext") is not None:
-            return  # (TLS: the bytes must pass through the encryption: no sendfile, no writev)
-        sendfile.install(cycle, self.transport, self.scope)
+        if cycle is None or cycle.scope is not self.scope:
+            return
+        _chunks_unjoined(cycle, self.transport)
+        if self.transport.get_extra_info("sslcontext") is None:  # (TLS: the bytes pass through the encryption)
+            sendfile.install(cycle, self.transport, self.scope)
 
     def on_body(self, body: bytes) -> None:
         if not self._answered:
