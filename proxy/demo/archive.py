@@ -188,9 +188,13 @@ async def _body(pieces: list[bytes], f: Faults) -> AsyncIterator[bytes]:
     """Yield the body in chunks (each piece, and every 64 KB), applying the body-level faults."""
     chunks = (p[i : i + CHUNK] for p in pieces for i in range(0, len(p), CHUNK))
     sent, limit, endless = 0, f.reset_after_bytes, f.endless_body
-    if f.endless_part:  # after the pieces (the first part's head), its payload goes on and on, at full speed
-        chunks = itertools.chain(chunks, iter(lambda: bytes(CHUNK), None))
+    if f.endless_part:  # after the pieces (the first part's head), its payload goes on and on, at full speed,
+        # until the fault is cleared (a client that went away is not always seen here: without this the
+        # generator went on in the archive's thread, at full speed, for the rest of the test session)
+        chunks = itertools.chain(chunks, iter(lambda: bytes(CHUNK) if f.endless_part else None, None))
     while endless or (chunk := next(chunks, None)) is not None:
+        if endless and not f.endless_body:
+            return  # the fault was cleared (as above)
         chunk = bytes(CHUNK) if endless else chunk
         if limit is not None and sent + len(chunk) > limit:
             yield chunk[: limit - sent]
