@@ -380,9 +380,9 @@ async def metadata(request: Request, ctx: Context, target: Target) -> Response:
         return Response(stale, 200, media_type="application/dicom+json",
                         headers={"Vary": "Accept", "X-Cache": "STALE", "Warning": '110 - "Response is Stale"'})
     if cache is not None and ttl > 0 and response.status_code == 200 and "warning" not in response.headers:
-        # Stored before answering, so that the next request (from any worker) is a hit. In the default
-        # executor, which no longer queues instance splits (those have their own thread, flights.py).
-        await asyncio.to_thread(cache.put_json, key, bytes(response.body), target.study, ttl,
+        # Stored before answering, so that the next request (from any worker) is a hit; by the writer
+        # thread, ahead of the frames a prefetch queues there (cache.write_first).
+        await cache.write_first(cache.put_json, key, bytes(response.body), target.study, ttl,
                                 ctx.settings.stale_if_error)
         response.headers["X-Cache"] = "MISS"
     return response

@@ -61,3 +61,45 @@ def test_cached_objects_come_back_from_another_workers_disk_tier(tmp_path):
     hit = objects.lookup(FrameCache(str(tmp_path)), key)
     assert hit is not None and bytes(hit.payload) == payload
     assert hit.content_type == f"application/dicom; transfer-syntax={EXPLICIT_LE}"
+
+
+async def test_a_metadata_document_is_written_ahead_of_the_queued_frames(tmp_path):
+    """write_first: a write a client waits for goes before the frames a prefetch queued in the writer
+    thread (in another thread it lost SQLite's write lock to batch after batch of them), and an error in
+    it reaches the caller."""
+    import asyncio
+    import threading
+
+    from proxy.cache import checksum_of
+
+    cache = FrameCache(str(tmp_path))
+    busy, release = threading.Event(), threading.Event()
+
+    def occupy() -> None:  # the writer thread, busy with a batch when the requests arrive
+        busy.set()
+        release.wait(10)
+
+    held = cache.submit(occupy)
+    await asyncio.to_thread(busy.wait, 10)
+    order: list[str] = []
+    payloads = [os.urandom(64 * 1024) for _ in range(64)]
+    frames = [cache.write_soon([("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, checksum_of(p))], "1.2")
+              for n, p in enumerate(payloads, start=1)]
+    frames[-1].add_done_callback(lambda _: order.append("frames"))
+    meta = cache.write_first(cache.put_json, "meta", b'[{"x": 1}]', "1.2", 60.0)
+    meta.add_done_callback(lambda _: order.append("metadata"))
+
+    def fails() -> None:
+        raise OSError("disk gone")
+
+    failing = cache.write_first(fails)
+    release.set()
+    await asyncio.gather(held, meta, *frames)
+    assert order == ["metadata", "frames"]
+    assert FrameCache(str(tmp_path)).get_json("meta") == b'[{"x": 1}]'
+    try:
+        await failing
+    except OSError as exc:
+        assert "disk gone" in str(exc)
+    else:
+        raise AssertionError("the error of a write_first job must reach its caller")
