@@ -1,13 +1,14 @@
-"""The cache phase: a frames request this worker's memory tier answers whole, before routing.
+"""The cache phase: a frames request the frame cache answers whole, before routing.
 
 Pingora and Envoy look the cache up before anything else runs for a request; here the common request
-of a viewer, GET `.../instances/{sop}/frames/{list}` for frames already in memory, is answered by
+of a viewer, GET `.../instances/{sop}/frames/{list}` for frames already cached, is answered by
 `Lane.answer` without the router, the Request object or the layers a hit never needs. Two places ask
 it: the server protocol itself (protocol.py), before an ASGI request even exists, and `HitLane`, an
-ASGI layer right after the edge layer, for requests the protocol leaves alone (forwarded ones, any
-other ASGI server). The answer is built by the same code as the routed one (`frames.lookup`,
-`frames.cached_answer`); anything else, including every malformed request (the routed path gives it
-its 400) and every partial hit, goes on to routing untouched.
+ASGI layer right after the edge layer, for requests the protocol leaves alone (a CORS request, one
+pipelined behind another, a client not keeping up, any other ASGI server). The answer is built by the
+same code as the routed one (`frames.lookup`, `frames.cached_answer`); anything else, including every
+malformed request (the routed path gives it its 400) and every partial hit, goes on to routing
+untouched.
 
 A hit on the disk tier (a frame another worker fetched, or one from before a restart) is answered here
 too, and lands in the memory tier; when the lookup finds less than everything, what it found travels
@@ -74,7 +75,7 @@ class _Prepared:
 
 
 class Lane:
-    """Answers full memory-tier frame hits of one worker; keeps its answers prepared."""
+    """Answers full frame hits (memory tier, else disk tier) of one worker; keeps its answers prepared."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
