@@ -1,10 +1,14 @@
 """The HTTP/1.1 server protocol: uvicorn's httptools protocol with the limits only a protocol can
-enforce, and the cache phase run before there is an ASGI request at all.
+enforce, the cache phase run before there is an ASGI request at all, and streamed bodies written
+without a copy.
 
 Limits: a bound on request header size and count (431) and on the time the headers may take to arrive
 (408), and a send timeout that cuts a client that stopped reading its response.
 
-The cache phase: a GET that this worker's memory tier answers whole (hitlane.py) is written to the
+Streamed (chunked) bodies: each chunk goes out as size line, body and CRLF in one writelines, not
+joined into a new bytes object first (`_chunks_unjoined`).
+
+The cache phase: a GET that the frame cache answers whole (hitlane.py) is written to the
 socket from `on_headers_complete`, in one writev, with the request id, access record and metrics of
 the edge layer (edge.py), and no task, no ASGI messages, no middleware. It takes only what needs none
 of those: HTTP/1.1, no request body, no other request of the connection in progress, a client that
