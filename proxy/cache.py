@@ -382,13 +382,8 @@ class FrameCache:
         it in one transaction: a frame and its index entry were two commits each, and a series
         arriving at 1 GB/s queues faster than one commit per frame goes (measured: 2-3.5 ms -> 0.8-1.4
         ms per 512 KB frame with the flat layout, on this machine's ext4)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[str | None]] = loop.create_future()
-        with self._batch_lock:
-            self._batch.append((frames, study, done))
-            start, self._draining = not self._draining, True
-        if start:
-            self.writer.submit(self._drain, loop)
+        done: asyncio.Future[list[str | None]] = asyncio.get_running_loop().create_future()
+        self._queue(self._batch, (frames, study, done))
         return done
 
     def write_first(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -398,14 +393,17 @@ class FrameCache:
         In any other thread it would contend for SQLite's write lock with the writer, which commits batch
         after batch while a series streams in, and lose for as long (measured: 541 ms for one metadata
         document during a prefetch, against 22 ms without one)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue(self._first, (fn, args, done))
+        return done
+
+    def _queue(self, queue: list[Any], item: Any) -> None:
+        """Queue work for the writer thread; start it draining unless it is at it already."""
         with self._batch_lock:
-            self._first.append((fn, args, done))
+            queue.append(item)
             start, self._draining = not self._draining, True
         if start:
-            self.writer.submit(self._drain, loop)
-        return done
+            self.writer.submit(self._drain, asyncio.get_running_loop())
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Writer thread: the writes asked for first, then the queued frames, a batch per transaction;

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,6 +33,18 @@ def missing(reason: str) -> NoReturn:
     if running_in_ci():
         pytest.fail(f"{reason} (CI=true: missing dependencies are failures, not skips)", pytrace=False)
     pytest.skip(reason)
+
+
+def orthanc_holding(tmp_path_factory: Any, name: str, datasets: Iterable[Any]) -> Iterator[Any]:
+    """For a module-scoped fixture: a real Orthanc (with its DICOMweb plugin) on loopback holding
+    `datasets`, stopped afterwards; skipped without Orthanc (failed under CI=true)."""
+    from proxy.demo.orthanc import OrthancServer, find_orthanc
+
+    if find_orthanc() is None:
+        missing("Orthanc with the DICOMweb plugin is not installed")
+    with OrthancServer(tmp_path_factory.mktemp(f"{name.lower()}_orthanc"), name) as server:
+        server.store(list(datasets))
+        yield server
 
 
 def require_binary(name_or_path: str) -> str:

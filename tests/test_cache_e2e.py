@@ -4,9 +4,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.encaps import generate_frames
-from support import ProxyProcess, missing, split_multipart
+from support import ProxyProcess, missing, orthanc_holding, split_multipart
 
-from proxy.demo.orthanc import OrthancServer, find_orthanc
 from proxy.demo.synth import Patient, Study, multiframe_jpeg, multiframe_native
 
 ANY = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
@@ -22,11 +21,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory, data):
-    if find_orthanc() is None:
-        missing("Orthanc with the DICOMweb plugin is not installed")
-    with OrthancServer(tmp_path_factory.mktemp("cache_orthanc"), "CACHE") as server:
-        server.store(list(data))
-        yield server
+    yield from orthanc_holding(tmp_path_factory, "CACHE", data)
 
 
 def url(base, ds, frames):

@@ -6,9 +6,8 @@ import time
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ProxyProcess, missing, split_multipart
+from support import ProxyProcess, orthanc_holding, split_multipart
 
-from proxy.demo.orthanc import OrthancServer, find_orthanc
 from proxy.demo.synth import Patient, Study, ct_series, multiframe_native, to_part10
 
 ANY_DICOM = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
@@ -22,11 +21,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory, data):
-    if find_orthanc() is None:
-        missing("Orthanc with the DICOMweb plugin is not installed")
-    with OrthancServer(tmp_path_factory.mktemp("objects_orthanc"), "OBJECTS") as server:
-        server.store([data])
-        yield server
+    yield from orthanc_holding(tmp_path_factory, "OBJECTS", [data])
 
 
 def inst(base, ds):

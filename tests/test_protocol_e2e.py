@@ -9,9 +9,8 @@ import time
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ProxyProcess, missing, split_multipart
+from support import ProxyProcess, orthanc_holding, split_multipart
 
-from proxy.demo.orthanc import OrthancServer, find_orthanc
 from proxy.demo.synth import Patient, Study, multiframe_native
 
 ANY = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
@@ -25,11 +24,7 @@ def native():
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory, native):
-    if find_orthanc() is None:
-        missing("Orthanc with the DICOMweb plugin is not installed")
-    with OrthancServer(tmp_path_factory.mktemp("proto_orthanc"), "PROTO") as server:
-        server.store([native])
-        yield server
+    yield from orthanc_holding(tmp_path_factory, "PROTO", [native])
 
 
 @pytest.fixture()
