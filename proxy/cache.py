@@ -303,7 +303,7 @@ class FrameCache:
             self._drop(key)  # the file went (evicted, purged): ask the disk tier once more
         return None
 
-    def memory_hits(self, entries: Sequence[tuple[str, int]]) -> list[bytes] | None:
+    def memory_hits(self, entries: Sequence[tuple[str, int]]) -> list[bytes | memoryview] | None:
         """The payloads of these memory-tier entries (key, checksum) if every one still holds the bytes
         it held when the cache phase prepared its answer; then they count as hits and become the most
         recent. None if any is gone, replaced, or only a file reference now."""
@@ -319,12 +319,6 @@ class FrameCache:
             memory.move_to_end(key)
             _count_memory_hit("frame", len(payload))
         return payloads
-
-    @staticmethod
-    def count_hits(frames: list[Frame]) -> None:
-        """Count memory-tier hits looked up with `count=False` (the cache phase, once it knows it answers)."""
-        for f in frames:
-            _count_memory_hit("frame", len(f.payload))
 
     def _drop(self, key: str) -> None:
         old = self.memory.pop(key, None)
@@ -442,7 +436,7 @@ class FrameCache:
             self.cull()
             for (_, _, done), paths in zip(batch, results, strict=True):
                 try:
-                    loop.call_soon_threadsafe(_resolve, done, paths)
+                    loop.call_soon_threadsafe(_settle, done, paths, None)
                 except RuntimeError:  # the loop closed (shutdown): the frames are on disk all the same
                     pass
 
@@ -602,7 +596,3 @@ def _settle(done: asyncio.Future[Any], result: Any, exc: BaseException | None) -
         else:
             done.set_result(result)
 
-
-def _resolve(done: asyncio.Future[list[str | None]], paths: list[str | None]) -> None:
-    if not done.done():
-        done.set_result(paths)

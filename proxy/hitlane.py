@@ -38,7 +38,7 @@ from .cache import frame_key
 from .config import Settings
 from .context import Context
 from .media import BadAccept, NotAcceptable, Resource, negotiate
-from .responses import Problem
+from .responses import Problem, encode_headers
 from .routes import target_of
 from .urls import DICOMWEB_ROOT, base_of
 
@@ -144,8 +144,7 @@ class Lane:
         entries = tuple(owner[id(c)][:2] for c in chunks if id(c) in owner)
         payloads = [owner[id(c)][2] for c in chunks if id(c) in owner]
         pieces = tuple(None if id(c) in owner else bytes(c) for c in chunks)  # type: ignore[arg-type]
-        prepared = _Prepared(entries, etag, [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-                             pieces, sum(len(c) for c in chunks))
+        prepared = _Prepared(entries, etag, encode_headers(headers), pieces, sum(len(c) for c in chunks))
         self.prepared[(path, accept, base)] = prepared
         if len(self.prepared) > PREPARED:
             self.prepared.popitem(last=False)

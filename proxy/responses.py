@@ -31,6 +31,11 @@ def error_response(status: int, reason: str, headers: dict[str, str] | None = No
     return Response(body, status, headers=headers, media_type="application/json")
 
 
+def encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Response headers as ASGI (and the server protocol) carry them: lower-case names, latin-1 bytes."""
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
 class StreamAborted(Exception):
     """The body could not be completed after the response started; the connection is cut."""
 
@@ -48,7 +53,7 @@ class StreamResponse:
     def __init__(self, status: int, headers: list[tuple[str, str]], body: AsyncIterator[bytes],
                  on_close: Callable[[], Awaitable[None]] | None = None, watch_disconnect: bool = False) -> None:
         self.status = status
-        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        self.raw_headers = encode_headers(headers)
         self.body = body
         self.on_close = on_close
         self.watch_disconnect = watch_disconnect
@@ -94,7 +99,7 @@ class BuffersResponse:
     def __init__(self, status: int, headers: list[tuple[str, str]],
                  buffers: list[bytes | memoryview | OpenPayload]) -> None:
         self.status = status
-        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        self.raw_headers = encode_headers(headers)
         self.buffers = buffers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
