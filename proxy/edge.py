@@ -116,9 +116,10 @@ class EdgeMiddleware:
                     if k == b"x-cache":
                         fields["cache"] = v.decode("latin-1").lower()
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                await send(message)
             else:
-                sent += body_size(message)
-            await send(message)
+                await send(message)
+                sent += body_size(message)  # after: a relay message counts what it moved
 
         in_flight = metrics.REQUESTS_IN_FLIGHT
         metrics.TALLY.inc(in_flight)

@@ -157,9 +157,9 @@ class LimitsMiddleware:
                     message["headers"] = [*message["headers"], (b"retry-after", retry_after.encode())]
                 await send(message)
                 return
-            if byte_bucket is not None:
-                byte_bucket.tokens -= sendfile.body_size(message)
             await send(message)
+            if byte_bucket is not None:
+                byte_bucket.tokens -= sendfile.body_size(message)  # after: a relay message counts what it moved
             if STALLED in scope:  # the protocol cut the client: stop producing (and release the archive)
                 raise ClientStalled()
 

@@ -59,6 +59,9 @@ UPSTREAM_ERRORS = Counter("dicomweb_edge_upstream_errors_total",
                           "idle_timeout, reset (mid-body), http_5xx.", ["archive", "kind"])
 UPSTREAM_BYTES = Counter("dicomweb_edge_upstream_received_bytes_total", "Response body bytes read from archives.",
                          ["archive"])
+RELAYED_BYTES = Counter("dicomweb_edge_relayed_bytes_total",
+                        "Response body bytes moved from an archive's socket to the client's with splice(2), "
+                        "never copied through the proxy (part of upstream_received_bytes).", ["archive"])
 UPSTREAM_IN_FLIGHT = Gauge("dicomweb_edge_upstream_in_flight", "Requests in flight to each archive.",
                            ["archive"], multiprocess_mode="livesum")
 

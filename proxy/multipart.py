@@ -66,6 +66,20 @@ class MultipartReader:
         self._pos = 0
         yield from self._drain()
 
+    def counted_left(self) -> int | None:
+        """Payload bytes still to come of the current part when it declared its Content-Length and all
+        that was fed has been consumed; None otherwise."""
+        if self._state == "counted" and self._pos >= len(self._data):
+            return self._left
+        return None
+
+    def skip(self, n: int) -> None:
+        """`n` payload bytes of the current counted part went past the parser (splice.py)."""
+        left = self.counted_left()
+        if left is None or n > left:
+            raise MultipartError("skipped bytes outside a counted part")
+        self._left -= n
+
     def close(self) -> None:
         """Declare EOF; raise if the closing delimiter was never seen."""
         if not self.done:

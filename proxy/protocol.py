@@ -29,7 +29,7 @@ from typing import Any
 from starlette.applications import Starlette
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from . import sendfile
+from . import sendfile, splice
 from .config import Settings
 from .edge import account, request_id
 from .hitlane import Lane
@@ -194,6 +194,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         _chunks_unjoined(cycle, self.transport)
         if self.transport.get_extra_info("sslcontext") is None:  # (TLS: the bytes pass through the encryption)
             sendfile.install(cycle, self.transport, self.scope)
+            splice.install(cycle, self.transport, self.scope, self._send_timeout)
 
     def on_body(self, body: bytes) -> None:
         if not self._answered:

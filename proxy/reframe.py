@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from . import part10
 from .media import ANY_TS, Selection, parse_content_type
 from .multipart import Event, MultipartError, MultipartReader, MultipartWriter, PartEnd, PartHeaders
-from .responses import Problem, StreamAborted
+from .responses import ClientGone, Problem, StreamAborted
+from .splice import MIN_RELAY, Relay
 from .upstream import Archive, UpstreamError, UpstreamResponse
 
 
@@ -29,6 +31,7 @@ class PartEvents:
             raise Problem(502, f"archive '{resp.archive.name}' sent {mtype or 'no content type'} "
                                "where multipart/related was expected")
         self.archive = resp.archive
+        self.resp = resp
         self.reader = MultipartReader(params["boundary"])
         self.chunks = resp.iter_chunks()
         self.pending: deque[Event] = deque()
@@ -42,6 +45,35 @@ class PartEvents:
                 return None
             self.pending.extend(self.reader.feed(chunk))
         return self.pending.popleft()
+
+    def relay(self) -> Relay | None:
+        """The rest of the current part as a Relay (splice.py), when it declared its length, at least
+        MIN_RELAY bytes of it are still to come and the connection can be read past the parser."""
+        if self.pending:
+            return None
+        left = self.reader.counted_left()
+        if left is None or left < MIN_RELAY:
+            return None
+        return self.resp.relay(left)
+
+    def relayed(self, relay: Relay) -> None:
+        """After `relay` (and the relays the server chained to it) was sent: the parser skips the bytes of
+        the last one (those before it were skipped when the next was made); StreamAborted/ClientGone if
+        it was not sent whole."""
+        while relay.next is not None:
+            relay = relay.next
+        if relay.failure is not None:
+            if relay.client:
+                raise ClientGone(relay.failure)
+            raise StreamAborted(str(self.resp.relay_failed(relay.failure)))
+        if not relay.settled:
+            relay.settled = True
+            self.reader.skip(relay.payload)
+
+    def take_ready(self) -> None:
+        """Parse what the connection has already received, without waiting for more."""
+        for piece in self.resp.take_ready():
+            self.pending.extend(self.reader.feed(piece))
 
     async def finish(self, limit: int = 64 * 1024) -> None:
         """Read what is left (normally just the closing delimiter) so the connection can be reused;
@@ -89,7 +121,18 @@ async def label(events: PartEvents, headers: PartHeaders, sel: Selection,
     if mtype == "application/dicom" and (not ts or seen is not None):
         head = b""
         while True:
-            meta = part10.file_meta(head)
+            ev = await events.next()
+            if ev is None:
+                break
+            held.append(ev)
+            if isinstance(ev, PartEnd | PartHeaders):
+                break
+            small = bytes(ev[:4096])  # the File Meta is small: look at the start of the piece first
+            meta = part10.file_meta(head + small)
+            if meta == part10.NEED_MORE and len(ev) > len(small):
+                small = bytes(ev[: part10.MAX_META - len(head)])  # rare: a long File Meta
+                meta = part10.file_meta(head + small)
+            head += small
             if meta != part10.NEED_MORE:
                 if isinstance(meta, dict):
                     ts = ts or meta.get("ts")
@@ -98,16 +141,11 @@ async def label(events: PartEvents, headers: PartHeaders, sel: Selection,
                         skip = sop in seen
                         seen.add(sop)
                 break
-            ev = await events.next()
-            if ev is None:
-                break
-            held.append(ev)
-            if isinstance(ev, PartEnd | PartHeaders):
-                break
-            small = bytes(ev[:4096])  # the File Meta is small: look at the start of the piece first
-            if len(ev) > len(small) and part10.file_meta(head + small) == part10.NEED_MORE:
-                small = bytes(ev[: part10.MAX_META - len(head)])  # rare: a long File Meta
-            head += small
+    return _part_out(headers, mtype, ts, sel, held, skip)
+
+
+def _part_out(headers: PartHeaders, mtype: str, ts: str | None, sel: Selection, held: list[Event],
+              skip: bool) -> PartOut:
     if not mtype:
         mtype = sel.media_type
     if ts is None and sel.transfer_syntax not in (None, ANY_TS):
@@ -115,6 +153,26 @@ async def label(events: PartEvents, headers: PartHeaders, sel: Selection,
     length = headers.headers.get("content-length")
     return PartOut(f"{mtype}; transfer-syntax={ts}" if ts else mtype, headers.headers.get("content-location"),
                    int(length) if length and length.isdigit() else None, held, skip)
+
+
+def label_now(headers: PartHeaders, first: bytes | memoryview, sel: Selection,
+              seen: set[str] | None) -> PartOut | None:
+    """`label` for a part whose first payload piece is at hand: None when that piece does not hold the
+    whole File Meta, or when the part repeats an instance already sent (then `label` deals with it)."""
+    mtype, params = parse_content_type(headers.headers.get("content-type", sel.media_type))
+    ts = params.get("transfer-syntax")
+    if mtype == "application/dicom" and (not ts or seen is not None):
+        meta = part10.file_meta(bytes(first[:4096]))
+        if meta == part10.NEED_MORE:
+            return None
+        if isinstance(meta, dict):
+            ts = ts or meta.get("ts")
+            sop = meta.get("sop")
+            if seen is not None and sop:
+                if sop in seen:
+                    return None
+                seen.add(sop)
+    return _part_out(headers, mtype, ts, sel, [], False)
 
 
 class Reframer:
@@ -133,6 +191,8 @@ class Reframer:
         # `tee_limit` are not collected.
         self.tee: Callable[[str, list[bytes | memoryview]], None] | None = None
         self.tee_limit = 64 * 1024 * 1024
+        # Payloads nothing collects may be relayed past Python (splice.py) when the server offers it.
+        self.relay = False
 
     def header(self, part: PartOut, archive: Archive) -> bytes:
         """Our delimiter and headers for `part`."""
@@ -153,9 +213,18 @@ class Reframer:
         sent = 0
         try:
             while part is not None:
+                head = None
                 if not part.skip:
-                    yield first_header if first_header is not None and sent == 0 else self.header(part, archive)
+                    head = first_header if first_header is not None and sent == 0 else self.header(part, archive)
                 sent += 1
+                if head is not None and self.relay and self.tee is None:
+                    follow = self.chained(events, archive) if max_parts is None else None
+                    async for piece in _relayed(events, part, head, follow):
+                        yield piece
+                    part = await self._next_part(events, sent, max_parts)
+                    continue
+                if head is not None:
+                    yield head
                 ended = False
                 kept: list[bytes | memoryview] | None = [] if self.tee is not None and not part.skip else None
                 size = 0
@@ -183,20 +252,95 @@ class Reframer:
                         yield ev  # type: ignore[misc]
                 if kept is not None and self.tee is not None:
                     self.tee(part.content_type, kept)
-                if max_parts is not None and sent >= max_parts:
-                    return
-                nxt = await events.next()
-                if nxt is None:
-                    return
-                if not isinstance(nxt, PartHeaders):
-                    raise MultipartError("data outside a part")
-                part = await label(events, nxt, self.sel, self.seen)
+                part = await self._next_part(events, sent, max_parts)
         except (MultipartError, UpstreamError) as exc:
             raise StreamAborted(f"archive '{archive.name}': {exc}") from None
+
+    def chained(self, events: PartEvents, archive: Archive) -> Callable[[Relay], Relay | None]:
+        """What the server calls when a relay was sent whole, to go on with the next part at once.
+
+        It makes the next part's relay when everything that takes is already received (the delimiter,
+        the part's headers and the start of its payload, which the connection reads as soon as a relay
+        ends): then the server moves part after part without coming back through the response's
+        generators. Anything else (a part that is short, a duplicate, headers not yet complete, the end
+        of the body) returns None, and `parts` goes on from exactly there.
+        """
+        def follow(prev: Relay) -> Relay | None:
+            events.relayed(prev)
+            events.take_ready()
+            pending = events.pending
+            left = events.reader.counted_left()
+            if left is None or left < MIN_RELAY or len(pending) < 3 or not isinstance(pending[0], PartEnd) \
+                    or not isinstance(pending[1], PartHeaders) \
+                    or any(isinstance(ev, PartEnd | PartHeaders) for ev in islice(pending, 2, None)):
+                return None
+            part = label_now(pending[1], pending[2], self.sel, self.seen)  # type: ignore[arg-type]
+            if part is None or part.length is None:
+                return None
+            relay = events.resp.relay(left)
+            if relay is None:
+                return None
+            pending.popleft()
+            pending.popleft()
+            prefix: list[bytes | memoryview] = [self.header(part, archive)]
+            while pending:
+                prefix.append(pending.popleft())  # type: ignore[arg-type]
+            relay.prepend(prefix, sum(len(p) for p in prefix))
+            relay.follow = follow
+            return relay
+        return follow
+
+    async def _next_part(self, events: PartEvents, sent: int, max_parts: int | None) -> PartOut | None:
+        """The next part of the archive's body, labelled; None at its end (or after `max_parts`)."""
+        if max_parts is not None and sent >= max_parts:
+            return None
+        nxt = await events.next()
+        if nxt is None:
+            return None
+        if not isinstance(nxt, PartHeaders):
+            raise MultipartError("data outside a part")
+        return await label(events, nxt, self.sel, self.seen)
 
     def close(self) -> bytes:
         """The closing delimiter."""
         return self.writer.close()
+
+
+async def _relayed(events: PartEvents, part: PartOut, head: bytes,
+                   follow: Callable[[Relay], Relay | None] | None) -> AsyncIterator[bytes | memoryview | Relay]:
+    """One part, its payload relayed past Python where it can be (splice.py). What is already at hand
+    (our part header, the payload the parser has seen) goes out with the relay, in one message."""
+    prefix: list[bytes | memoryview] = [head]
+    size = len(head)
+    for ev in part.held:
+        if isinstance(ev, PartEnd | PartHeaders):
+            for piece in prefix:
+                yield piece
+            return
+        prefix.append(ev)  # type: ignore[arg-type]
+        size += len(ev)  # type: ignore[arg-type]
+    while True:
+        relay = events.relay()
+        if relay is not None:
+            relay.prepend(prefix, size)
+            relay.follow = follow
+            prefix, size = [], 0
+            yield relay
+            events.relayed(relay)
+            continue
+        ev = await events.next()
+        if ev is None:
+            raise MultipartError("body ended inside a part")
+        if isinstance(ev, PartEnd):
+            break
+        prefix.append(ev)  # type: ignore[arg-type]
+        size += len(ev)  # type: ignore[arg-type]
+        if size >= MIN_RELAY:  # no relay yet: pass on what was gathered
+            for piece in prefix:
+                yield piece
+            prefix, size = [], 0
+    for piece in prefix:
+        yield piece
 
 
 Keep = Callable[[str, list[bytes | memoryview]], None]

@@ -40,6 +40,10 @@ class StreamAborted(Exception):
     """The body could not be completed after the response started; the connection is cut."""
 
 
+class ClientGone(Exception):
+    """The client went away (or was cut for not reading) in the middle of the body: stop producing."""
+
+
 class StreamResponse:
     """An ASGI response fed by an async iterator, with backpressure and clean-up on every exit.
 
@@ -77,6 +81,8 @@ class StreamResponse:
             except StreamAborted as exc:
                 log.warning("response cut mid-stream: %s", exc)
                 return  # the server closes the connection: the client sees a truncated body
+            except ClientGone:
+                return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if watcher is not None:

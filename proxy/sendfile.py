@@ -22,6 +22,8 @@ from typing import Any
 
 from starlette.types import Message, Scope, Send
 
+from .splice import Relay, send_relay
+
 EXTENSION = "dicomweb_edge.sendfile"
 MESSAGE = "dicomweb_edge.sendfile"
 REF_COST = 256  # what a FileRef counts for in the memory tier's byte bound
@@ -83,7 +85,9 @@ class OpenPayload:
 async def send_payload(scope: Scope, send: Send, payload: Any, more_body: bool) -> None:
     """Send one body piece: bytes as they are, an OpenPayload with sendfile when the server offers it
     (it may be sent again: a frame asked twice in one list; its owner closes it)."""
-    if not isinstance(payload, OpenPayload):
+    if isinstance(payload, Relay):
+        await send_relay(send, payload, more_body)
+    elif not isinstance(payload, OpenPayload):
         await send({"type": "http.response.body", "body": payload, "more_body": more_body})
     elif EXTENSION in (scope.get("extensions") or ()):
         await send({"type": MESSAGE, "fd": payload.fd, "offset": payload.offset, "count": payload.length,
@@ -93,9 +97,9 @@ async def send_payload(scope: Scope, send: Send, payload: Any, more_body: bool) 
 
 
 def body_size(message: Message) -> int:
-    """Bytes a body message carries (a sendfile message names them)."""
-    if message["type"] == MESSAGE:
-        return int(message["count"])
+    """Bytes a body message carries (a sendfile or relay message names them)."""
+    if message["type"] != "http.response.body":
+        return int(message.get("count", 0))
     return len(message.get("body", b""))
 
 

@@ -13,6 +13,7 @@ async iterator (sent chunked unless a Content-Length header is given); http and 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import sys
 import time
@@ -25,6 +26,7 @@ MAX_HEADER_BYTES = 64 * 1024
 HIGH_WATER = 1024 * 1024  # received but not yet consumed: stop reading from the archive above this
 LOW_WATER = 256 * 1024
 MAX_SPARES = 16  # receive buffers kept for reuse (enough for HIGH_WATER plus what is being written)
+RELAY_WINDOW = 8 * 1024  # read-ahead once a response is being relayed: a part's headers, not its payload
 _EMPTY = bytearray()
 _UNREFERENCED = 2  # sys.getrefcount of a spare nobody else holds: the list and the call's argument
 
@@ -85,6 +87,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.paused = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
+        self.window = 0  # when set: read at most this much, then pause (the rest is relayed, splice.py)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -92,6 +95,8 @@ class _Protocol(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if BUFFER_SIZE - self._used < 16 * 1024:
             self._next_buffer()
+        if self.window:
+            return memoryview(self._buf)[self._used : self._used + self.window]
         return memoryview(self._buf)[self._used :]
 
     def _next_buffer(self) -> None:
@@ -116,7 +121,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.pieces.append(memoryview(self._buf)[self._used : self._used + nbytes])
         self._used += nbytes
         self.buffered += nbytes
-        if self.buffered > HIGH_WATER and self.transport is not None and not self.paused:
+        if (self.buffered > HIGH_WATER or self.window) and self.transport is not None and not self.paused:
             self.transport.pause_reading()  # backpressure: the consumer is slower than the archive
             self.paused = True
         self._wake()
@@ -164,6 +169,9 @@ class _Protocol(asyncio.BufferedProtocol):
                 raise TransportError(f"connection lost ({type(self.error).__name__})")
             if self.eof:
                 return None
+            if self.paused and self.transport is not None:
+                self.transport.resume_reading()  # (relaying reads the next window only when it is wanted)
+                self.paused = False
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await self.waiter
@@ -171,10 +179,27 @@ class _Protocol(asyncio.BufferedProtocol):
                 self.waiter = None
         piece = self.pieces.popleft()
         self.buffered -= len(piece)
-        if self.paused and self.buffered < LOW_WATER and self.transport is not None:
+        if self.paused and self.buffered < LOW_WATER and self.transport is not None and not self.window:
             self.transport.resume_reading()
             self.paused = False
         return piece
+
+    def read_now(self, fd: int) -> bool:
+        """Relaying (`window` set, reading paused): read the next window from `fd` at once if it is there,
+        without a trip through the event loop; else let the transport read it when it comes."""
+        try:
+            n = os.readv(fd, [self.get_buffer(-1)])
+        except (BlockingIOError, InterruptedError):
+            n = -1
+        except OSError:
+            n = -1  # the transport finds out itself once reading
+        if n > 0:
+            self.buffer_updated(n)
+            return True
+        if self.paused and self.transport is not None:
+            self.transport.resume_reading()
+            self.paused = False
+        return False
 
     def unread(self, piece: memoryview) -> None:
         """Put back what belongs to the next message (or is left of this one)."""
@@ -227,6 +252,7 @@ class Response:
             conn.reusable = False
         self.complete = False
         self._released = False
+        self._fd: int | None = None  # the socket's descriptor for relaying; -1: not to be read past the protocol
 
     async def iter_body(self) -> AsyncIterator[memoryview]:
         """The body, as the pieces received (no copy); TransportError if it ends early."""
@@ -274,11 +300,69 @@ class Response:
             if line:
                 raise TransportError("missing CRLF after a chunk")
 
+    def raw_fd(self) -> int | None:
+        """The socket to read the rest of the body from past the protocol (splice.py), or None: over TLS,
+        for a chunked body (its framing must be parsed), or once the connection is gone."""
+        transport = self._conn.transport
+        if self._mode == "chunked" or self._released or transport.is_closing():
+            return None
+        if self._fd is None:
+            sock = transport.get_extra_info("socket")
+            plain = sock is not None and transport.get_extra_info("sslcontext") is None
+            self._fd = sock.fileno() if plain else -1
+        return self._fd if self._fd >= 0 else None
+
+    def hold(self, limit: int) -> list[memoryview]:
+        """Stop the protocol reading (the caller reads the socket itself now) and hand over the body bytes
+        it had already received, up to `limit`; what lies beyond stays queued for the ordinary reads."""
+        proto = self._conn.protocol
+        proto.window = RELAY_WINDOW  # from now on the protocol reads only up to the next part's payload
+        if not proto.paused and proto.transport is not None:
+            proto.transport.pause_reading()
+            proto.paused = True
+        taken: list[memoryview] = []
+        while proto.pieces and limit > 0:
+            piece = proto.pieces.popleft()
+            proto.buffered -= len(piece)
+            if len(piece) > limit:
+                proto.unread(piece[limit:])
+                piece = piece[:limit]
+            limit -= len(piece)
+            taken.append(piece)
+        self.consumed(sum(len(p) for p in taken))
+        return taken
+
+    def take_ready(self) -> list[memoryview]:
+        """The body bytes already received, without waiting for more."""
+        return self.hold(self._left if self._mode == "length" else sys.maxsize)
+
+    def consumed(self, n: int) -> None:
+        """`n` body bytes were read past the protocol."""
+        if self._mode == "length":
+            self._left -= n
+
+    def unhold(self, eof: bool = False) -> None:
+        """Let the protocol read again (`eof`: the caller found the connection closed)."""
+        proto = self._conn.protocol
+        if eof:
+            proto.eof = True
+            self._conn.reusable = False
+        if eof or proto.transport is None:
+            return
+        fd = self.raw_fd()
+        if fd is not None and not proto.pieces:
+            proto.read_now(fd)  # the next part's headers, read now rather than on the loop's next turn
+
     def release(self) -> None:
         """Give the connection back to the pool if the body was read through, else close it."""
         if self._released:
             return
         self._released = True
+        proto = self._conn.protocol
+        proto.window = 0
+        if proto.paused and not proto.pieces and proto.transport is not None:
+            proto.transport.resume_reading()  # an idle connection must see the archive close it
+            proto.paused = False
         if self.complete and self._conn.reusable:
             self._pool.put(self._conn)
         else:

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from . import logs, metrics, outbound
+from . import logs, metrics, outbound, splice
 from .config import ArchiveConfig
 from .dicomjson import UrlRewriter
 from .health import STATE_VALUE, Breaker
@@ -90,6 +90,47 @@ class UpstreamResponse:
             self.bytes_read += len(piece)
             tally.inc(received, len(piece))
             yield piece
+
+    def relay(self, count: int) -> splice.Relay | None:
+        """The next `count` body bytes as a Relay (splice.py), or None when this connection cannot be read
+        past its protocol (TLS, a chunked body). The protocol stops reading until the relay is done."""
+        fd = self._resp.raw_fd()
+        if fd is None:
+            return None
+        head = self._resp.hold(count)
+        got = sum(len(p) for p in head)
+        self.bytes_read += got
+        received = metrics.child(metrics.UPSTREAM_BYTES, self.archive.name)
+        relayed = metrics.child(metrics.RELAYED_BYTES, self.archive.name)
+        tally = metrics.TALLY
+        tally.inc(received, got)
+        resp = self._resp
+
+        def account(n: int) -> None:
+            self.bytes_read += n
+            resp.consumed(n)
+            tally.inc(received, n)
+            tally.inc(relayed, n)
+
+        def finish(eof: bool) -> None:
+            resp.unhold(eof)
+
+        return splice.Relay(count, head, fd, self.archive.config.timeouts.idle_read, account, finish)
+
+    def take_ready(self) -> list[memoryview]:
+        """The body bytes already received, without waiting (while relaying: reading is the relay's)."""
+        pieces = self._resp.take_ready()
+        got = sum(len(p) for p in pieces)
+        if got:
+            self.bytes_read += got
+            metrics.TALLY.inc(metrics.child(metrics.UPSTREAM_BYTES, self.archive.name), got)
+        return pieces
+
+    def relay_failed(self, reason: str) -> UpstreamError:
+        """The error a relay that the archive broke off stands for (counted like a broken read)."""
+        self.archive.count_error("idle_timeout" if reason.startswith("stalled") else "reset")
+        status = 504 if reason.startswith("stalled") else 502
+        return UpstreamError(status, f"archive '{self.archive.name}' broke off the response ({reason})")
 
     async def read(self, limit: int) -> bytes:
         """The whole body, refusing (502) one larger than `limit` bytes."""

@@ -17,7 +17,7 @@ from functools import partial
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import access, jsonbody, merge, prefetch
+from . import access, jsonbody, merge, prefetch, splice
 from .context import Context
 from .flights import Fetching, learn_instance
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
@@ -188,6 +188,7 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
         learn = partial(learn_instance, ctx.cache, fetching=fetching) \
             if ctx.cache is not None and fetching is not None else None
         reframer.tee = _both(learn, keep) if learn and keep else learn or keep
+        reframer.relay = splice.offered(request.scope)
         events = PartEvents(resp) if resp.status < 300 else None
         first_headers = await events.first() if events else None
         try:
@@ -293,6 +294,7 @@ async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, ar
         reframer = Reframer(sel, dicomweb_base(request, ctx.settings, ctx.root), dedupe=True)
         if ctx.cache is not None:
             reframer.tee = partial(learn_instance, ctx.cache)
+        reframer.relay = splice.offered(request.scope)
         streams = [PartEvents(resp) for resp, _ in found]
         heads = [await events.first() for events in streams]
         first_type = next((h.headers.get("content-type") for h in heads if h is not None), None)

@@ -111,3 +111,25 @@ def test_part_longer_than_its_content_length_is_an_error():
     body = b"--B\r\nContent-Length: 3\r\n\r\nabcdef\r\n--B--\r\n"
     with pytest.raises(MultipartError):
         _parse(body, "B", [len(body)])
+
+
+def test_counted_part_bytes_can_go_past_the_parser():
+    """splice.py relays the rest of a counted part without feeding it: the parser is told (`skip`) and
+    goes on at the delimiter that follows; it refuses a skip outside a counted part or past its end."""
+    payloads = [bytes(range(256)) * 40, b"second part"]
+    body = _frame(payloads)
+    reader = MultipartReader("b0und")
+    head_end = body.index(b"\r\n\r\n") + 4
+    events = list(reader.feed(body[: head_end + 100]))  # headers and the first 100 payload bytes
+    assert isinstance(events[0], PartHeaders) and b"".join(events[1:]) == payloads[0][:100]
+    assert reader.counted_left() == len(payloads[0]) - 100
+    with pytest.raises(MultipartError):
+        reader.skip(len(payloads[0]))  # more than is left
+    reader.skip(len(payloads[0]) - 100)  # relayed elsewhere
+    assert reader.counted_left() == 0
+    rest = list(reader.feed(body[head_end + len(payloads[0]) :]))
+    assert isinstance(rest[0], PartEnd) and isinstance(rest[1], PartHeaders)
+    assert b"".join(e for e in rest if isinstance(e, bytes | memoryview)) == payloads[1]
+    assert reader.done and reader.counted_left() is None
+    with pytest.raises(MultipartError):
+        reader.skip(1)
