@@ -154,37 +154,38 @@ async def serve(cycle: Any, transport: Any, plain: Send, message: Message, send_
     if cycle.disconnected or transport.is_closing() or sock is None or cycle.scope["method"] == "HEAD":
         message["relay"].abandon("the client went away", client=True)
         return
-    client_fd = sock.fileno()
     chunked = cycle.chunked_encoding
     sent = 0
     crlf = b""
-    while relay is not None:
-        pieces = relay.head
-        if chunked:
-            pieces = [b"%s%x\r\n" % (crlf, relay.count), *pieces]
-            crlf = b"\r\n"
-        else:
-            if relay.count > cycle.expected_content_length:
-                relay.abandon("response longer than its Content-Length", client=False)
-                raise RuntimeError("Response content longer than Content-Length")
-            cycle.expected_content_length -= relay.count
-        if pieces:
-            transport.writelines(pieces)
-        try:
-            await _move(relay, transport, client_fd, send_timeout)
-        except _ClientStalled:
-            log.warning("client read nothing for %gs: response cut", send_timeout)
-            relay.abandon("the client stopped reading", client=True)
-            transport.abort()
-            return
-        if relay.failure is not None:
-            if relay.client:
+    mover = _Mover(transport, sock.fileno(), send_timeout)
+    try:
+        while relay is not None:
+            pieces = relay.head
+            if chunked:
+                pieces = [b"%s%x\r\n" % (crlf, relay.count), *pieces]
+                crlf = b"\r\n"
+            else:
+                if relay.count > cycle.expected_content_length:
+                    relay.abandon("response longer than its Content-Length", client=False)
+                    raise RuntimeError("Response content longer than Content-Length")
+                cycle.expected_content_length -= relay.count
+            try:
+                await mover.move(relay, pieces)
+            except _ClientStalled:
+                log.warning("client read nothing for %gs: response cut", send_timeout)
+                relay.abandon("the client stopped reading", client=True)
                 transport.abort()
-            message["count"] = sent + relay.moved
-            return
-        sent += relay.count
-        relay.next = relay.follow(relay) if relay.follow is not None else None
-        relay = relay.next
+                return
+            if relay.failure is not None:
+                if relay.client:
+                    transport.abort()
+                message["count"] = sent + relay.moved
+                return
+            sent += relay.count
+            relay.next = relay.follow(relay) if relay.follow is not None else None
+            relay = relay.next
+    finally:
+        mover.close()
     message["count"] = sent
     if crlf:
         transport.write(crlf)
@@ -196,72 +197,104 @@ class _ClientStalled(Exception):
     pass
 
 
-async def _move(relay: Relay, transport: Any, client_fd: int, send_timeout: float) -> None:
-    """Splice the relay's remaining bytes from the archive's socket to the client's, through a pipe."""
-    loop = asyncio.get_running_loop()
-    left = relay.count - sum(len(p) for p in relay.head)
-    relay.moved = relay.count - left
-    src, dst = relay.fd, client_fd
-    watched = _Watched(loop)
-    pipe = _take_pipe()
-    r, w, size = pipe
-    inflight = 0
-    try:
-        # Our bytes must follow whatever the client's transport still holds (part headers, the head).
-        while transport.get_write_buffer_size():
-            if transport.is_closing():
-                relay.abandon("the client went away", client=True)
-                return
-            await watched.ready(None, dst, send_timeout, "client")
-            await asyncio.sleep(0)  # the transport flushes on the same readiness
-        while left or inflight:
-            progressed = False
-            if left and inflight < size:
-                try:
-                    n = os.splice(src, w, min(left, size - inflight), flags=_FLAGS)
-                except BlockingIOError:
-                    n = -1
-                except OSError as exc:
-                    relay.abandon(f"connection lost ({errno.errorcode.get(exc.errno or 0, 'error')})", client=False)
+class _Mover:
+    """Moves relays into one client socket: the bytes at hand written with writev, the rest spliced from
+    the archive's socket through a pipe. Nothing goes through the client's transport meanwhile (its
+    buffer is empty once the first move starts), so the order of the bytes is ours to keep."""
+
+    def __init__(self, transport: Any, client_fd: int, send_timeout: float) -> None:
+        self.transport = transport
+        self.dst = client_fd
+        self.send_timeout = send_timeout
+        self.watched = _Watched(asyncio.get_running_loop())
+        self.pipe = _take_pipe()
+        self.clean = True  # the pipe is empty
+
+    def close(self) -> None:
+        _give_pipe(self.pipe, self.clean)
+        self.watched.close()
+
+    async def move(self, relay: Relay, pieces: list[bytes | memoryview]) -> None:
+        """Write `pieces` (framing and the relay's head), then splice the rest of the relay."""
+        dst, watched = self.dst, self.watched
+        r, w, size = self.pipe
+        src = relay.fd
+        left = relay.count - sum(len(p) for p in relay.head)
+        views = [memoryview(p) for p in pieces if len(p)]
+        inflight = 0
+        self.clean = False
+        try:
+            # What the response already wrote through the transport (its start) goes first.
+            while self.transport.get_write_buffer_size():
+                if self.transport.is_closing():
+                    relay.abandon("the client went away", client=True)
                     return
-                if n == 0:
-                    relay.failure = "connection closed inside a part"
-                    relay._finish(True)
-                    return
-                if n > 0:
-                    left -= n
-                    inflight += n
-                    relay.account(n)
-                    progressed = True
-            if inflight:
-                try:
-                    m = os.splice(r, dst, inflight, flags=_FLAGS)
-                except BlockingIOError:
-                    m = 0
-                except OSError as exc:
-                    if exc.errno in _CLIENT_GONE:
-                        relay.abandon("the client went away", client=True)
+                await watched.ready(None, dst, self.send_timeout, "client")
+                await asyncio.sleep(0)  # the transport flushes on the same readiness
+            while views or left or inflight:
+                progressed = False
+                if left and inflight < size:
+                    try:
+                        n = os.splice(src, w, min(left, size - inflight), flags=_FLAGS)
+                    except BlockingIOError:
+                        n = -1
+                    except OSError as exc:
+                        relay.abandon(f"connection lost ({errno.errorcode.get(exc.errno or 0, 'error')})",
+                                      client=False)
                         return
-                    raise
-                if m:
-                    inflight -= m
-                    relay.moved += m
-                    progressed = True
-            if not progressed:
-                want_src = src if left and inflight < size else None
-                if inflight:
-                    await watched.ready(want_src, dst, max(send_timeout, relay.idle) if want_src else send_timeout,
-                                        "client")
-                elif not await watched.ready(want_src, None, relay.idle, "archive"):
-                    relay.abandon(f"stalled for {relay.idle:g}s mid-body", client=False)
-                    return
-        relay._finish(False)
-    except BaseException:
-        relay.abandon("cancelled", client=True)
-        raise
-    finally:
-        _give_pipe(pipe, inflight == 0 and relay.failure is None)
-        watched.close()
+                    if n == 0:
+                        relay.failure = "connection closed inside a part"
+                        relay._finish(True)
+                        return
+                    if n > 0:
+                        left -= n
+                        inflight += n
+                        relay.account(n)
+                        progressed = True
+                if views or inflight:
+                    try:
+                        if views:
+                            m = os.writev(dst, views[:64])
+                            views = _advance(views, m)
+                        else:
+                            m = os.splice(r, dst, inflight, flags=_FLAGS)
+                            inflight -= m
+                    except BlockingIOError:
+                        m = 0
+                    except OSError as exc:
+                        if exc.errno in _CLIENT_GONE:
+                            relay.abandon("the client went away", client=True)
+                            return
+                        raise
+                    if m:
+                        relay.moved += m
+                        progressed = True
+                if not progressed:
+                    want_src = src if left and inflight < size else None
+                    if views or inflight:
+                        await watched.ready(want_src, dst,
+                                            max(self.send_timeout, relay.idle) if want_src else self.send_timeout,
+                                            "client")
+                    elif not await watched.ready(want_src, None, relay.idle, "archive"):
+                        relay.abandon(f"stalled for {relay.idle:g}s mid-body", client=False)
+                        return
+            self.clean = True
+            relay._finish(False)
+        except BaseException:
+            relay.abandon("cancelled", client=True)
+            raise
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """`views` without their first `n` bytes."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if n and rest:
+        rest[0] = rest[0][n:]
+    return rest
 
 
 class _Watched:
