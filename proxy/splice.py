@@ -12,6 +12,9 @@ archive connection, a server that advertises `EXTENSION`); `upstream.UpstreamRes
 the archive connection's protocol reading and gives the bytes it had already received; the protocol
 side (`serve`) writes those, then splices the rest, with the archive's idle-read timeout and the
 client's send timeout, and leaves the response's framing (chunk size line, Content-Length) right.
+
+Measured (benchmarks/RESULTS.md, "Issue 2 targets: status"): a 105 MB series through the proxy costs
+the worker 60–80 ms of CPU instead of 130–145 ms, and runs 5–10 % faster at c=1, 15–40 % at c=4.
 """
 
 from __future__ import annotations
