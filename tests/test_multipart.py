@@ -133,3 +133,15 @@ def test_counted_part_bytes_can_go_past_the_parser():
     assert reader.done and reader.counted_left() is None
     with pytest.raises(MultipartError):
         reader.skip(1)
+
+
+def test_part_headers_longer_than_the_first_look_are_found_in_memoryview_chunks():
+    """The parser first copies 1 KB of a memoryview chunk to find a delimiter or the end of the headers,
+    and looks further when the chunk holds more: long headers in one chunk are not mistaken for a wait."""
+    w = MultipartWriter("b0und")
+    long_location = "http://archive.example/" + "x" * 3000
+    body = w.part("application/octet-stream", long_location, 5) + b"hello" + w.close()
+    reader = MultipartReader("b0und")
+    events = list(reader.feed(memoryview(body)))
+    assert isinstance(events[0], PartHeaders) and events[0].headers["content-location"] == long_location
+    assert bytes(events[1]) == b"hello" and isinstance(events[2], PartEnd) and reader.done
