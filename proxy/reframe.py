@@ -277,7 +277,7 @@ class Reframer:
             part = label_now(pending[1], pending[2], self.sel, self.seen)  # type: ignore[arg-type]
             if part is None or part.length is None:
                 return None
-            relay = events.resp.relay(left)
+            relay = events.resp.relay(left, prev.pipe)
             if relay is None:
                 return None
             pending.popleft()

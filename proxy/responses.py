@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .sendfile import OpenPayload, send_payload
+from .splice import Relay
 
 log = logging.getLogger("dicomweb_edge")
 
@@ -76,6 +77,8 @@ class StreamResponse:
             try:
                 async for chunk in self.body:
                     if gone.is_set():
+                        if isinstance(chunk, Relay):
+                            chunk.drop()
                         return
                     await send_payload(scope, send, chunk, True)
             except StreamAborted as exc:

@@ -37,6 +37,7 @@ MESSAGE = "dicomweb_edge.relay"
 MIN_RELAY = 64 * 1024  # a smaller remainder of a part is not worth a pipe: read it the ordinary way
 PIPE_SIZE = 1024 * 1024  # asked of the kernel (fs.pipe-max-size is 1 MiB by default); it may give less
 MAX_IDLE_PIPES = 8
+MAX_PIPES = 32  # relays in flight per worker (each holds a pipe); beyond, payloads take the ordinary path
 AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _CLIENT_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
@@ -50,15 +51,17 @@ class Relay:
     archive's fault as a short reason.
     """
 
-    __slots__ = ("count", "payload", "head", "fd", "idle", "account", "finish", "moved", "failure", "client",
-                 "follow", "next", "settled")
+    __slots__ = ("count", "payload", "head", "fd", "pipe", "owns", "idle", "account", "finish", "moved", "failure",
+                 "client", "follow", "next", "settled")
 
-    def __init__(self, count: int, head: list[memoryview], fd: int, idle: float,
+    def __init__(self, count: int, head: list[memoryview], fd: int, pipe: Pipe, idle: float,
                  account: Callable[[int], None], finish: Callable[[bool], None]) -> None:
         self.count = count  # bytes the message sends
         self.payload = count  # of which payload bytes from the archive (the parser skips them)
         self.head: list[bytes | memoryview] = list(head)
         self.fd = fd
+        self.pipe = pipe  # taken for it (`take_pipe`); chained relays share their first one's
+        self.owns = False  # the pipe was taken for this relay and no mover has it yet
         self.idle = idle  # the archive's idle-read timeout
         self.account = account  # called with each number of bytes taken from the archive's socket
         self.finish = finish  # called once, with True when the archive closed the connection
@@ -85,6 +88,18 @@ class Relay:
             self.failure, self.client = reason, client
         self._finish(False)
 
+    def drop(self) -> None:
+        """Never sent at all (the response was not there to take it): give its pipe back too."""
+        self.abandon("the client went away", client=True)
+        if self.owns:
+            self.owns = False
+            self.pipe.give()
+
+    def __del__(self) -> None:
+        if self.owns:  # made but never sent (the response ended first)
+            self.owns = False
+            self.pipe.give()
+
     def _finish(self, eof: bool) -> None:
         finish, self.finish = self.finish, _nothing
         finish(eof)
@@ -94,27 +109,54 @@ def _nothing(eof: bool) -> None:
     return None
 
 
-_pipes: list[tuple[int, int, int]] = []
+class Pipe:
+    """A pipe for relaying, from the worker's pool; `give` puts it back (once)."""
+
+    __slots__ = ("r", "w", "size", "clean", "held")
+
+    def __init__(self, r: int, w: int, size: int) -> None:
+        self.r, self.w, self.size = r, w, size
+        self.clean = True  # empty: it may be used again
+        self.held = False
+
+    def give(self) -> None:
+        global _taken
+        if not self.held:
+            return
+        self.held = False
+        _taken -= 1
+        if self.clean and len(_idle) < MAX_IDLE_PIPES:
+            _idle.append(self)
+        else:
+            os.close(self.r)
+            os.close(self.w)
 
 
-def _take_pipe() -> tuple[int, int, int]:
-    """(read end, write end, capacity): an empty pipe from the pool, else a new one."""
-    if _pipes:
-        return _pipes.pop()
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:  # over the user's pipe quota: the default size still works
-        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-    return r, w, size
+_idle: list[Pipe] = []
+_taken = 0
 
 
-def _give_pipe(pipe: tuple[int, int, int], empty: bool) -> None:
-    if empty and len(_pipes) < MAX_IDLE_PIPES:
-        _pipes.append(pipe)
+def take_pipe() -> Pipe | None:
+    """An empty pipe for a relay, or None when the worker has MAX_PIPES out or cannot make one (out of
+    descriptors): the payload then goes the ordinary way."""
+    global _taken
+    if _taken >= MAX_PIPES:
+        return None
+    if _idle:
+        pipe = _idle.pop()
     else:
-        os.close(pipe[0])
-        os.close(pipe[1])
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # over the user's pipe quota: the size it got still works
+            size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        pipe = Pipe(r, w, size)
+    pipe.held = True
+    _taken += 1
+    return pipe
 
 
 def offered(scope: Scope) -> bool:
@@ -155,12 +197,13 @@ async def serve(cycle: Any, transport: Any, plain: Send, message: Message, send_
         await cycle.flow.drain()
     sock = transport.get_extra_info("socket")
     if cycle.disconnected or transport.is_closing() or sock is None or cycle.scope["method"] == "HEAD":
-        message["relay"].abandon("the client went away", client=True)
+        message["relay"].drop()
         return
     chunked = cycle.chunked_encoding
     sent = 0
     crlf = b""
-    mover = _Mover(transport, sock.fileno(), send_timeout)
+    mover = _Mover(transport, sock.fileno(), send_timeout, message["relay"].pipe)
+    message["relay"].owns = False
     try:
         while relay is not None:
             pieces = relay.head
@@ -205,27 +248,26 @@ class _Mover:
     the archive's socket through a pipe. Nothing goes through the client's transport meanwhile (its
     buffer is empty once the first move starts), so the order of the bytes is ours to keep."""
 
-    def __init__(self, transport: Any, client_fd: int, send_timeout: float) -> None:
+    def __init__(self, transport: Any, client_fd: int, send_timeout: float, pipe: Pipe) -> None:
         self.transport = transport
         self.dst = client_fd
         self.send_timeout = send_timeout
         self.watched = _Watched(asyncio.get_running_loop())
-        self.pipe = _take_pipe()
-        self.clean = True  # the pipe is empty
+        self.pipe = pipe
 
     def close(self) -> None:
-        _give_pipe(self.pipe, self.clean)
+        self.pipe.give()
         self.watched.close()
 
     async def move(self, relay: Relay, pieces: list[bytes | memoryview]) -> None:
         """Write `pieces` (framing and the relay's head), then splice the rest of the relay."""
-        dst, watched = self.dst, self.watched
-        r, w, size = self.pipe
+        dst, watched, pipe = self.dst, self.watched, self.pipe
+        r, w, size = pipe.r, pipe.w, pipe.size
         src = relay.fd
         left = relay.count - sum(len(p) for p in relay.head)
         views = [memoryview(p) for p in pieces if len(p)]
         inflight = 0
-        self.clean = False
+        pipe.clean = False
         try:
             # What the response already wrote through the transport (its start) goes first.
             while self.transport.get_write_buffer_size():
@@ -281,7 +323,7 @@ class _Mover:
                     elif not await watched.ready(want_src, None, relay.idle, "archive"):
                         relay.abandon(f"stalled for {relay.idle:g}s mid-body", client=False)
                         return
-            self.clean = True
+            pipe.clean = True
             relay._finish(False)
         except BaseException:
             relay.abandon("cancelled", client=True)

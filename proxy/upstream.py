@@ -91,11 +91,15 @@ class UpstreamResponse:
             tally.inc(received, len(piece))
             yield piece
 
-    def relay(self, count: int) -> splice.Relay | None:
+    def relay(self, count: int, pipe: splice.Pipe | None = None) -> splice.Relay | None:
         """The next `count` body bytes as a Relay (splice.py), or None when this connection cannot be read
-        past its protocol (TLS, a chunked body). The protocol stops reading until the relay is done."""
+        past its protocol (TLS, a chunked body) or no pipe is free. The protocol stops reading until the
+        relay is done. `pipe`: the one of the relay this one follows (chained in the same message)."""
         fd = self._resp.raw_fd()
         if fd is None:
+            return None
+        owns = pipe is None
+        if pipe is None and (pipe := splice.take_pipe()) is None:
             return None
         head = self._resp.hold(count)
         got = sum(len(p) for p in head)
@@ -115,7 +119,9 @@ class UpstreamResponse:
         def finish(eof: bool) -> None:
             resp.unhold(eof)
 
-        return splice.Relay(count, head, fd, self.archive.config.timeouts.idle_read, account, finish)
+        relay = splice.Relay(count, head, fd, pipe, self.archive.config.timeouts.idle_read, account, finish)
+        relay.owns = owns
+        return relay
 
     def take_ready(self) -> list[memoryview]:
         """The body bytes already received, without waiting (while relaying: reading is the relay's)."""
