@@ -165,6 +165,7 @@ class Archive:
         self._path = u.path.rstrip("/")
         for kind in metrics.UPSTREAM_ERROR_KINDS:  # exported from the start, so that rate() sees the first
             metrics.child(metrics.UPSTREAM_ERRORS, self.name, kind)
+        metrics.child(metrics.RELAYED_BYTES, self.name)
         self.credentials = outbound.credentials(config.auth, config.name, config.tls)
         self.pool = Pool(u.scheme, u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80),
                          max_connections=config.max_connections, queue_timeout=queue_timeout,
