@@ -47,6 +47,17 @@ def orthanc_holding(tmp_path_factory: Any, name: str, datasets: Iterable[Any]) -
         yield server
 
 
+def sample_holding(name: str, datasets: Iterable[Any]) -> Iterator[Any]:
+    """For a module-scoped fixture: the in-process sample archive (`proxy.demo.archive`, the one whose
+    faults tests switch on) holding `datasets`, served on loopback, stopped afterwards."""
+    from proxy.demo.archive import ArchiveServer, SampleArchive
+
+    archive = SampleArchive(name)
+    archive.extend(datasets)
+    with ArchiveServer(archive) as server:
+        yield server
+
+
 def require_binary(name_or_path: str) -> str:
     """The path of an executable (a name looked up on PATH, or a path), or skip/fail."""
     if os.sep in name_or_path:

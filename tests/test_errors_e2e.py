@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from support import ProxyProcess, free_port, instance_path
+from support import ProxyProcess, free_port, instance_path, sample_holding
 
-from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series, to_part10
 
 FIRST_BYTE, IDLE_READ = 0.3, 0.3
@@ -38,10 +37,7 @@ def slice0(slices):
 
 @pytest.fixture(scope="module")
 def sample(slices):
-    archive = SampleArchive("SLOW")
-    archive.extend(slices)
-    with ArchiveServer(archive) as server:
-        yield server
+    yield from sample_holding("SLOW", slices)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ import time
 import httpx
 import pytest
 from procstats import children, connections_to, fd_targets
-from support import ProxyProcess, instance_path, orthanc_holding, split_multipart
+from support import ProxyProcess, instance_path, orthanc_holding, sample_holding, split_multipart
 
-from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series
 
 STUDY = Study(Patient("DOE^RELAY", "PID610"), accession="ACC610", description="RELAY")
@@ -42,10 +41,7 @@ def orthanc(tmp_path_factory, slices):
 
 @pytest.fixture(scope="module")
 def sample(slices):
-    archive = SampleArchive("RELAYSAMPLE")
-    archive.extend(slices)
-    with ArchiveServer(archive) as server:
-        yield server
+    yield from sample_holding("RELAYSAMPLE", slices)
 
 
 @pytest.fixture(scope="module")

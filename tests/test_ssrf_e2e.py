@@ -12,10 +12,9 @@ import threading
 
 import httpx
 import pytest
-from support import ProxyProcess, instance_path, split_multipart
+from support import ProxyProcess, instance_path, sample_holding, split_multipart
 
 from proxy.config import ArchiveConfig
-from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series
 from proxy.dicomjson import encode_token
 from proxy.upstream import Archive, UnsafeTarget
@@ -71,10 +70,7 @@ def slices():
 
 @pytest.fixture(scope="module")
 def sample(slices):
-    archive = SampleArchive("SSRF")
-    archive.extend(slices)
-    with ArchiveServer(archive) as server:
-        yield server
+    yield from sample_holding("SSRF", slices)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ import time
 
 import httpx
 import pytest
-from support import ProxyProcess, instance_path, split_multipart
+from support import ProxyProcess, instance_path, sample_holding, split_multipart
 
-from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series
 
 TTL = 1.0
@@ -31,10 +30,7 @@ def slices():
 
 @pytest.fixture(scope="module")
 def archive(slices):
-    sample = SampleArchive("STALE")
-    sample.extend(slices)
-    with ArchiveServer(sample) as server:
-        yield server
+    yield from sample_holding("STALE", slices)
 
 
 @pytest.fixture(scope="module")
