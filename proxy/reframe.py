@@ -65,7 +65,7 @@ class PartEvents:
         if relay.failure is not None:
             if relay.client:
                 raise ClientGone(relay.failure)
-            raise StreamAborted(str(self.resp.relay_failed(relay.failure)))
+            raise StreamAborted(str(self.resp.relay_failed(relay.failure, relay.fault == "stalled")))
         if not relay.settled:
             relay.settled = True
             self.reader.skip(relay.payload)

@@ -52,7 +52,7 @@ class Relay:
     """
 
     __slots__ = ("count", "payload", "head", "fd", "pipe", "owns", "idle", "account", "finish", "moved", "failure",
-                 "client", "follow", "next", "settled")
+                 "fault", "follow", "next", "settled")
 
     def __init__(self, count: int, head: list[memoryview], fd: int, pipe: Pipe, idle: float,
                  account: Callable[[int], None], finish: Callable[[bool], None]) -> None:
@@ -67,7 +67,7 @@ class Relay:
         self.finish = finish  # called once, with True when the archive closed the connection
         self.moved = 0
         self.failure: str | None = None
-        self.client = False
+        self.fault = ""  # with `failure`: "client" (gone or not reading), "stalled" or "reset" (the archive)
         # Called once this relay was sent whole: the relay of the next part, when it can be made at once
         # (reframe.Reframer.chained); the server sends it in the same message and links it as `next`.
         self.follow: Callable[[Relay], Relay | None] | None = None
@@ -82,15 +82,21 @@ class Relay:
         self.head[:0] = pieces
         self.count += size
 
-    def abandon(self, reason: str, client: bool) -> None:
-        """Not (wholly) sent: remember why, and give the archive connection back to its protocol."""
+    @property
+    def client(self) -> bool:
+        """It failed on the client's side."""
+        return self.fault == "client"
+
+    def abandon(self, reason: str, fault: str) -> None:
+        """Not (wholly) sent: remember why and whose fault (`fault`), and give the archive connection back
+        to its protocol."""
         if self.failure is None:
-            self.failure, self.client = reason, client
+            self.failure, self.fault = reason, fault
         self._finish(False)
 
     def drop(self) -> None:
         """Never sent at all (the response was not there to take it): give its pipe back too."""
-        self.abandon("the client went away", client=True)
+        self.abandon("the client went away", fault="client")
         if self.owns:
             self.owns = False
             self.pipe.give()
@@ -212,14 +218,14 @@ async def serve(cycle: Any, transport: Any, plain: Send, message: Message, send_
                 crlf = b"\r\n"
             else:
                 if relay.count > cycle.expected_content_length:
-                    relay.abandon("response longer than its Content-Length", client=False)
+                    relay.abandon("response longer than its Content-Length", fault="reset")
                     raise RuntimeError("Response content longer than Content-Length")
                 cycle.expected_content_length -= relay.count
             try:
                 await mover.move(relay, pieces)
             except _ClientStalled:
                 log.warning("client read nothing for %gs: response cut", send_timeout)
-                relay.abandon("the client stopped reading", client=True)
+                relay.abandon("the client stopped reading", fault="client")
                 transport.abort()
                 return
             if relay.failure is not None:
@@ -272,7 +278,7 @@ class _Mover:
             # What the response already wrote through the transport (its start) goes first.
             while self.transport.get_write_buffer_size():
                 if self.transport.is_closing():
-                    relay.abandon("the client went away", client=True)
+                    relay.abandon("the client went away", fault="client")
                     return
                 await watched.ready(None, dst, self.send_timeout, "client")
                 await asyncio.sleep(0)  # the transport flushes on the same readiness
@@ -285,7 +291,7 @@ class _Mover:
                         n = -1
                     except OSError as exc:
                         relay.abandon(f"connection lost ({errno.errorcode.get(exc.errno or 0, 'error')})",
-                                      client=False)
+                                      fault="reset")
                         return
                     if n == 0:
                         relay.failure = "connection closed inside a part"
@@ -308,7 +314,7 @@ class _Mover:
                         m = 0
                     except OSError as exc:
                         if exc.errno in _CLIENT_GONE:
-                            relay.abandon("the client went away", client=True)
+                            relay.abandon("the client went away", fault="client")
                             return
                         raise
                     if m:
@@ -321,12 +327,12 @@ class _Mover:
                                             max(self.send_timeout, relay.idle) if want_src else self.send_timeout,
                                             "client")
                     elif not await watched.ready(want_src, None, relay.idle, "archive"):
-                        relay.abandon(f"stalled for {relay.idle:g}s mid-body", client=False)
+                        relay.abandon(f"stalled for {relay.idle:g}s mid-body", fault="stalled")
                         return
             pipe.clean = True
             relay._finish(False)
         except BaseException:
-            relay.abandon("cancelled", client=True)
+            relay.abandon("cancelled", fault="client")
             raise
 
 

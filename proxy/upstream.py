@@ -132,10 +132,10 @@ class UpstreamResponse:
             metrics.TALLY.inc(metrics.child(metrics.UPSTREAM_BYTES, self.archive.name), got)
         return pieces
 
-    def relay_failed(self, reason: str) -> UpstreamError:
+    def relay_failed(self, reason: str, stalled: bool) -> UpstreamError:
         """The error a relay that the archive broke off stands for (counted like a broken read)."""
-        self.archive.count_error("idle_timeout" if reason.startswith("stalled") else "reset")
-        status = 504 if reason.startswith("stalled") else 502
+        self.archive.count_error("idle_timeout" if stalled else "reset")
+        status = 504 if stalled else 502
         return UpstreamError(status, f"archive '{self.archive.name}' broke off the response ({reason})")
 
     async def read(self, limit: int) -> bytes:
