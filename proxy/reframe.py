@@ -35,6 +35,7 @@ class PartEvents:
         self.reader = MultipartReader(params["boundary"])
         self.chunks = resp.iter_chunks()
         self.pending: deque[Event] = deque()
+        self.broken: MultipartError | UpstreamError | None = None  # found while the server chained relays
 
     async def next(self) -> Event | None:
         """The next event, None at a clean end; MultipartError/UpstreamError on a broken body."""
@@ -60,6 +61,8 @@ class PartEvents:
         """After `relay` (and the relays the server chained to it) was sent: the parser skips the bytes of
         the last one (those before it were skipped when the next was made); StreamAborted/ClientGone if
         it was not sent whole."""
+        if self.broken is not None:
+            raise self.broken
         while relay.next is not None:
             relay = relay.next
         if relay.failure is not None:
@@ -266,8 +269,12 @@ class Reframer:
         of the body) returns None, and `parts` goes on from exactly there.
         """
         def follow(prev: Relay) -> Relay | None:
-            events.relayed(prev)
-            events.take_ready()
+            try:
+                events.relayed(prev)
+                events.take_ready()
+            except (MultipartError, UpstreamError) as exc:  # raised where `parts` resumes, as its own would be
+                events.broken = exc
+                return None
             pending = events.pending
             left = events.reader.counted_left()
             if left is None or left < MIN_RELAY or len(pending) < 3 or not isinstance(pending[0], PartEnd) \

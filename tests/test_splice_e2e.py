@@ -219,6 +219,17 @@ def test_archive_stall_inside_a_relayed_part_is_cut_after_idle_read(proxy, sampl
     assert _metric(proxy, "dicomweb_edge_upstream_errors_total", "sample", "idle_timeout") == stalls + 1
 
 
+def test_archive_part_longer_than_declared_cuts_the_response(proxy, sample, slices, faults):
+    """M-07: a part with more bytes than its Content-Length said, found while the server chains relays:
+    the response is cut (never complete-looking), as the ordinary path does, not a server error."""
+    url = _base(proxy, "sample") + _series_path(slices)
+    faults.short_part_length = True
+    status, cut, _ = _read_cut(url, SERIES_ACCEPT)
+    assert status == 200 and cut
+    log = proxy.log_path.read_text()
+    assert "longer than its Content-Length" in log and "Exception in ASGI application" not in log
+
+
 def test_client_that_stops_reading_mid_relay_is_cut_after_send_timeout(proxy, orthanc, slices):
     url_path = "/upstreams/orthanc/dicomweb" + _series_path(slices)
     before = _relayed(proxy, "orthanc")

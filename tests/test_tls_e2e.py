@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from support import ProxyProcess
+from support import ProxyProcess, split_multipart
 
 from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series
@@ -73,10 +73,20 @@ def pki(tmp_path_factory):
     return {"ca": d / "ca.pem", "server": server, "client": client}
 
 
+TLS_STUDY = Study(Patient("DOE^TLS", "PID-TLS"), accession="ACC-TLS")
+
+
 @pytest.fixture(scope="module")
-def archive(pki):
+def large():
+    """512x512 slices: parts large enough that a plain-TCP proxy would relay them (splice.py)."""
+    return list(ct_series(TLS_STUDY, 3, series_number=2, seed=5))
+
+
+@pytest.fixture(scope="module")
+def archive(pki, large):
     sample = SampleArchive("MTLS")
-    sample.extend(ct_series(Study(Patient("DOE^TLS", "PID-TLS"), accession="ACC-TLS"), 1, rows=32, cols=32))
+    sample.extend(ct_series(TLS_STUDY, 1, rows=32, cols=32))
+    sample.extend(large)
     tls = {"ssl_certfile": str(pki["server"][0]), "ssl_keyfile": str(pki["server"][1]),
            "ssl_ca_certs": str(pki["ca"]), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     with ArchiveServer(sample, tls=tls) as server:
@@ -109,6 +119,22 @@ def test_the_proxy_serves_https_and_writes_https_urls(proxy, pki):
     assert study["00081190"]["Value"][0].startswith(f"https://127.0.0.1:{proxy.port}/upstreams/mtls/dicomweb/studies/")
     with pytest.raises(httpx.TransportError):  # no cleartext on the TLS port
         httpx.get(f"http://127.0.0.1:{proxy.port}/healthz", trust_env=False, timeout=5)
+
+
+def test_payloads_over_tls_are_never_relayed(proxy, pki, large):
+    """splice(2) would move ciphertext past the encryption: with TLS on the client's side and the
+    archive's, a series comes whole through the ordinary path and nothing is counted as relayed."""
+    first = large[0]
+    r = httpx.get(f"{proxy.url}/upstreams/mtls/dicomweb/studies/{first.StudyInstanceUID}/series/"
+                  f"{first.SeriesInstanceUID}", headers={"Accept": 'multipart/related; type="application/dicom"'},
+                  verify=_trust(pki), trust_env=False, timeout=30)
+    assert r.status_code == 200, r.text
+    _, parts = split_multipart(r.content, r.headers["content-type"])
+    assert len(parts) == len(large)
+    assert all(any(ds.PixelData in body for _, body in parts) for ds in large)
+    text = httpx.get(f"{proxy.url}/metrics", verify=_trust(pki), trust_env=False, timeout=10).text
+    relayed = [line for line in text.splitlines() if line.startswith("dicomweb_edge_relayed_bytes_total{")]
+    assert relayed and all(float(line.rsplit(" ", 1)[1]) == 0 for line in relayed), relayed
 
 
 def test_the_archive_sees_the_client_certificate(proxy, pki, archive):
