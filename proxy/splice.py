@@ -46,9 +46,9 @@ _CLIENT_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 class Relay:
     """`count` payload bytes of a part: `head` already received, the rest still in the archive's socket.
 
-    Made by `UpstreamResponse.relay`; sent as one `MESSAGE` and moved by `serve`. Afterwards `moved` is
-    `count`, or `failure` says why not: `client` (the client went away or stopped reading) or the
-    archive's fault as a short reason.
+    Made by `UpstreamResponse.relay` with a pipe of its own (or by the relay before it, sharing that
+    one's); sent as one `MESSAGE` and moved by `serve`. Afterwards `moved` is `count`, or `failure` says
+    why not, in a few words, and `fault` whose fault it was.
     """
 
     __slots__ = ("count", "payload", "head", "fd", "pipe", "owns", "idle", "account", "finish", "moved", "failure",
