@@ -22,6 +22,14 @@ from .splice import MIN_RELAY, Relay
 from .upstream import Archive, UpstreamError, UpstreamResponse
 
 
+def sent_whole(relay: Relay, resp: UpstreamResponse) -> None:
+    """Nothing, when `relay` was sent whole; ClientGone or StreamAborted (counted against the archive)."""
+    if relay.failure is not None:
+        if relay.client:
+            raise ClientGone(relay.failure)
+        raise StreamAborted(str(resp.relay_failed(relay.failure, relay.fault == "stalled")))
+
+
 class PartEvents:
     """Pull-style events from an upstream multipart body."""
 
@@ -65,10 +73,7 @@ class PartEvents:
             raise self.broken
         while relay.next is not None:
             relay = relay.next
-        if relay.failure is not None:
-            if relay.client:
-                raise ClientGone(relay.failure)
-            raise StreamAborted(str(self.resp.relay_failed(relay.failure, relay.fault == "stalled")))
+        sent_whole(relay, self.resp)
         if not relay.settled:
             relay.settled = True
             self.reader.skip(relay.payload)
@@ -379,9 +384,10 @@ class Kept:
         self.pieces = None
 
 
-async def payload(events: PartEvents, first: PartOut, keep: Keep | None = None) -> AsyncIterator[bytes | memoryview]:
+async def payload(events: PartEvents, first: PartOut, keep: Keep | None = None,
+                  relay: bool = False) -> AsyncIterator[bytes | memoryview | Relay]:
     """The payload of one part, as a single-part body; `keep` gets the whole payload once the part
-    ended cleanly (never a truncated one)."""
+    ended cleanly (never a truncated one). `relay`: what nothing keeps may be relayed (splice.py)."""
     kept = Kept(keep, first.content_type)
     try:
         for ev in first.held:
@@ -392,6 +398,10 @@ async def payload(events: PartEvents, first: PartOut, keep: Keep | None = None) 
             kept.add(ev)  # type: ignore[arg-type]
             yield ev
         while True:
+            if relay and keep is None and (moving := events.relay()) is not None:
+                yield moving
+                events.relayed(moving)
+                continue
             ev = await events.next()
             if ev is None or isinstance(ev, PartEnd | PartHeaders):
                 if isinstance(ev, PartEnd):

@@ -22,8 +22,9 @@ from .context import Context
 from .flights import Fetching, learn_instance
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
 from .multipart import MultipartError
-from .reframe import Keep, Kept, PartEvents, Reframer, label, payload
+from .reframe import Keep, Kept, PartEvents, Reframer, label, payload, sent_whole
 from .responses import Problem, StreamAborted, StreamResponse
+from .splice import Relay
 from .upstream import Archive, UpstreamError, UpstreamResponse
 from .urls import dicomweb_base
 
@@ -177,7 +178,8 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
             headers = [("Content-Type", resp.content_type or sel.media_type), VARY]
             if "Content-Length" in resp.headers:
                 headers.append(("Content-Length", resp.headers["Content-Length"]))
-            return StreamResponse(200, headers, _passthrough(resp, keep), stack.aclose)
+            return StreamResponse(200, headers, _passthrough(resp, keep, splice.offered(request.scope)),
+                                  stack.aclose)
         locations = None
         if target.frames:
             locations = [f"{base}{Target(target.study, target.series, target.instance, (n,)).path()}"
@@ -205,7 +207,8 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
                 headers.append(("Content-Location", location))
             if not first.held and first.length is not None:
                 headers.append(("Content-Length", str(first.length)))
-            return StreamResponse(200, headers, payload(events, first, keep), stack.aclose)
+            return StreamResponse(200, headers, payload(events, first, keep, splice.offered(request.scope)),
+                                  stack.aclose)
         part_type = parse_content_type(first.content_type)[0] if first else sel.media_type
         headers = [("Content-Type", reframer.writer.content_type(part_type)), VARY]
         if (resource is Resource.INSTANCE or one_frame) and first is not None and first.length is not None \
@@ -320,10 +323,17 @@ async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, ar
     return StreamResponse(200, headers, body(), close_all, watch_disconnect=True)
 
 
-async def _passthrough(resp: UpstreamResponse, keep: Keep | None = None) -> AsyncIterator[bytes]:
+async def _passthrough(resp: UpstreamResponse, keep: Keep | None = None,
+                       relay: bool = False) -> AsyncIterator[bytes | memoryview | Relay]:
     kept = Kept(keep, resp.content_type or "")
+    length = resp.headers.get("Content-Length")
+    if relay and keep is None and length and length.isdigit() and int(length) >= splice.MIN_RELAY:
+        moving = resp.relay(int(length))  # the whole body, past Python (splice.py)
+        if moving is not None:
+            yield moving
+            sent_whole(moving, resp)
     try:
-        async for chunk in resp.iter_chunks():
+        async for chunk in resp.iter_chunks():  # (after a relay: nothing is left, the body is complete)
             kept.add(chunk)
             yield chunk
     except UpstreamError as exc:

@@ -19,6 +19,7 @@ import pytest
 from procstats import children, connections_to, fd_targets
 from support import ProxyProcess, instance_path, orthanc_holding, sample_holding, split_multipart
 
+from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series
 
 STUDY = Study(Patient("DOE^RELAY", "PID610"), accession="ACC610", description="RELAY")
@@ -45,14 +46,24 @@ def sample(slices):
 
 
 @pytest.fixture(scope="module")
-def proxy(orthanc, sample, tmp_path_factory):
+def single(slices):
+    """A sample archive that answers `Accept: application/dicom` on an instance itself, like dcm4chee."""
+    archive = SampleArchive("SINGLEPART", single_part=True)
+    archive.extend(slices[:6])
+    with ArchiveServer(archive) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(orthanc, sample, single, tmp_path_factory):
     work = tmp_path_factory.mktemp("proxy_relay")
     config = work / "edge.toml"
     timeouts = f"timeouts = {{ connect = 2.0, first_byte = 5.0, idle_read = {IDLE_READ} }}\n"
     config.write_text(
         f"[server]\nworkers = 1\n[limits]\nsend_timeout = {SEND_TIMEOUT}\n[federation]\nhealth_interval = 0\n"
         f'[[archives]]\nname = "orthanc"\nurl = "{orthanc.dicomweb_url}"\n{timeouts}'
-        f'[[archives]]\nname = "sample"\nurl = "{sample.dicomweb_url}"\nbreaker_threshold = 100000\n{timeouts}')
+        f'[[archives]]\nname = "sample"\nurl = "{sample.dicomweb_url}"\nbreaker_threshold = 100000\n{timeouts}'
+        f'[[archives]]\nname = "single"\nurl = "{single.dicomweb_url}"\nprofile = "dcm4chee"\n{timeouts}')
     with ProxyProcess({}, work, extra_args=["--config", str(config)]) as p:
         yield p
 
@@ -85,6 +96,15 @@ def _metric(proxy: ProxyProcess, name: str, archive: str, kind: str | None = Non
 
 def _relayed(proxy: ProxyProcess, archive: str) -> float:
     return _metric(proxy, "dicomweb_edge_relayed_bytes_total", archive)
+
+
+def _relayed_since(proxy: ProxyProcess, archive: str, before: float, at_least: float) -> float:
+    """Bytes relayed since `before`, polled until they reach `at_least` or 3 s pass (a worker adds its
+    counts up and writes them within 50 ms, not at once)."""
+    deadline = time.monotonic() + 3
+    while (got := _relayed(proxy, archive) - before) < at_least and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return got
 
 
 def _fds(proxy: ProxyProcess) -> collections.Counter[str]:
@@ -141,21 +161,50 @@ def test_series_is_relayed_whole_with_truthful_part_headers(proxy, orthanc, slic
         ctype = dict((k.lower(), v) for k, v in headers)["content-type"]
         assert ctype == "application/dicom; transfer-syntax=1.2.840.10008.1.2.1", ctype
     payload = sum(map(len, ours))
-    relayed = _relayed(proxy, "orthanc") - before
+    relayed = _relayed_since(proxy, "orthanc", before, 0.9 * payload)
     assert 0.9 * payload <= relayed <= payload, (relayed, payload)
 
 
-def test_single_frame_is_relayed_under_its_content_length(proxy, orthanc, slices):
-    """A one-frame answer keeps its Content-Length (no chunking) when the payload is spliced."""
+def test_single_frame_is_relayed_under_its_content_length(proxy, orthanc, sample, slices, faults):
+    """A one-frame answer keeps its Content-Length (no chunking) when the payload is spliced. (How much
+    is spliced depends on how much of the body the connection had read before the relay began: from an
+    archive that sends 64 KB every 10 ms, most of it.)"""
     ds = slices[3]
-    before = _relayed(proxy, "orthanc")
-    response = httpx.get(_base(proxy, "orthanc") + instance_path(ds) + "/frames/1",
-                         headers={"Accept": FRAME_ACCEPT}, trust_env=False)
-    assert response.status_code == 200
-    assert int(response.headers["content-length"]) == len(response.content)
-    assert _payloads(response) == [ds.PixelData]
-    # (the protocol's first read, before the relay starts, may already hold part of the payload)
-    assert _relayed(proxy, "orthanc") - before >= len(ds.PixelData) // 2
+    for archive in ("orthanc", "sample"):
+        faults.body_chunk_delay = 0.01 if archive == "sample" else 0.0
+        before = _relayed(proxy, archive)
+        response = httpx.get(_base(proxy, archive) + instance_path(ds) + "/frames/1",
+                             headers={"Accept": FRAME_ACCEPT}, trust_env=False, timeout=30)
+        assert response.status_code == 200
+        assert int(response.headers["content-length"]) == len(response.content)
+        assert _payloads(response) == [ds.PixelData]
+    assert _relayed_since(proxy, "sample", before, len(ds.PixelData) // 2) >= len(ds.PixelData) // 2
+
+
+def test_single_part_answers_are_relayed_too(proxy, orthanc, sample, single, slices, faults):
+    """W-08: an instance asked single-part comes whole, both when the proxy unwraps it from a multipart
+    answer (Orthanc, the sample archive) and when the archive answers single-part itself (passed through
+    with its Content-Length); from archives that send 64 KB every 10 ms, most of it is relayed."""
+    ds = slices[5]
+    direct = httpx.get(orthanc.dicomweb_url + instance_path(ds), headers={"Accept": SERIES_ACCEPT},
+                       trust_env=False, timeout=30)
+    (part10,) = _payloads(direct)
+    faults.body_chunk_delay = 0.01
+    single.archive.faults.body_chunk_delay = 0.01
+    try:
+        for archive in ("orthanc", "sample", "single"):
+            before = _relayed(proxy, archive)
+            response = httpx.get(_base(proxy, archive) + instance_path(ds), headers={"Accept": "application/dicom"},
+                                 trust_env=False, timeout=30)
+            assert response.status_code == 200 and response.headers["content-type"].startswith("application/dicom")
+            assert response.content == part10, archive
+            if archive != "orthanc":
+                assert _relayed_since(proxy, archive, before, len(part10) // 2) >= len(part10) // 2, archive
+    finally:
+        single.archive.faults.clear()
+    own = httpx.get(single.dicomweb_url + instance_path(ds), headers={"Accept": "application/dicom"},
+                    trust_env=False, timeout=30)
+    assert own.headers["content-type"] == "application/dicom"  # that archive's own single part, passed on
 
 
 def test_client_that_goes_away_mid_relay_leaks_nothing(proxy, orthanc, slices):
@@ -183,7 +232,7 @@ def test_archive_reset_inside_a_relayed_part_cuts_the_response(proxy, sample, sl
     url = _base(proxy, "sample") + _series_path(slices)
     ok = httpx.get(url, headers={"Accept": SERIES_ACCEPT}, trust_env=False, timeout=60)
     size = int(ok.headers.get("content-length") or len(ok.content))
-    assert _relayed(proxy, "sample") > 0, "the sample archive's parts were not relayed"
+    assert _relayed_since(proxy, "sample", 0, 1) > 0, "the sample archive's parts were not relayed"
     baseline = _fds(proxy)
     resets = _metric(proxy, "dicomweb_edge_upstream_errors_total", "sample", "reset")
     faults.reset_after_bytes = size // 2 + 100_000  # inside a part, past its first read window
@@ -242,5 +291,5 @@ def test_client_that_stops_reading_mid_relay_is_cut_after_send_timeout(proxy, or
         while "client read nothing" not in proxy.log_path.read_text():
             assert time.monotonic() < deadline, "a client that stopped reading was never cut"
             time.sleep(0.1)
-    assert _relayed(proxy, "orthanc") > before  # it was cut inside a relay, not before one
+    assert _relayed_since(proxy, "orthanc", before, 1) > 0  # it was cut inside a relay, not before one
     _settled(proxy, orthanc.port, collections.Counter({"socket": 10**6, "pipe": 10**6}))

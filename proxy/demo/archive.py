@@ -42,6 +42,7 @@ from proxy.demo.synth import to_part10
 
 CHUNK = 64 * 1024
 DICOM_JSON = "application/dicom+json"
+DICOM = "application/dicom"
 RESERVED = {"limit", "offset", "includefield", "fuzzymatching", "orderby"}
 PHRASES = {s.value: s.phrase for s in HTTPStatus}
 DEFAULT_FIELDS = {level: [int(t, 16) for t in tags.split()] for level, tags in {  # Orthanc's QIDO defaults
@@ -211,9 +212,12 @@ async def _body(pieces: list[bytes], f: Faults) -> AsyncIterator[bytes]:
 class SampleArchive:
     """An in-memory DICOMweb origin (QIDO, WADO, STOW) over Part-10 instances, mounted at /dicom-web."""
 
-    def __init__(self, name: str = "SAMPLE", faults: Faults | None = None) -> None:
+    def __init__(self, name: str = "SAMPLE", faults: Faults | None = None, single_part: bool = False) -> None:
         self.name = name
         self.faults = faults or Faults()
+        # Like dcm4chee: `Accept: application/dicom` on an instance is answered with the Part 10 file itself
+        # (single part, Content-Length); off, like Orthanc, such a request is refused.
+        self.single_part = single_part
         self.requests: collections.Counter[str] = collections.Counter()
         self.request_ids: collections.deque[str | None] = collections.deque(maxlen=100)  # X-Request-ID seen
         # Per-token access (None: everyone sees everything): bearer token → the study UIDs it may see. Then a
@@ -385,6 +389,12 @@ class SampleArchive:
         return _json(out[offset : None if limit < 0 else offset + limit])
 
     async def _retrieve(self, request: Request) -> _Payload:
+        accept = request.headers.get("accept", "")
+        if self.single_part and "instance" in request.path_params and accept.split(";")[0].strip() == DICOM:
+            found = self._select(request.path_params)
+            if not found:
+                raise HTTPException(404, "no such instance")
+            return _Payload(media_type=DICOM, body=found[0].data)
         _needs_multipart(request)
         parts = [([("Content-Type", "application/dicom")], e.data) for e in self._select(request.path_params)]
         return _Payload(media_type='multipart/related; type="application/dicom"', parts=parts)
