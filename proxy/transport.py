@@ -189,10 +189,8 @@ class _Protocol(asyncio.BufferedProtocol):
         without a trip through the event loop; else let the transport read it when it comes."""
         try:
             n = os.readv(fd, [self.get_buffer(-1)])
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # nothing there yet (EAGAIN), or a failure the transport finds out itself once reading
             n = -1
-        except OSError:
-            n = -1  # the transport finds out itself once reading
         if n > 0:
             self.buffer_updated(n)
             return True

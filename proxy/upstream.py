@@ -102,12 +102,10 @@ class UpstreamResponse:
         if pipe is None and (pipe := splice.take_pipe()) is None:
             return None
         head = self._resp.hold(count)
-        got = sum(len(p) for p in head)
-        self.bytes_read += got
+        self._received(head)
         received = metrics.child(metrics.UPSTREAM_BYTES, self.archive.name)
         relayed = metrics.child(metrics.RELAYED_BYTES, self.archive.name)
         tally = metrics.TALLY
-        tally.inc(received, got)
         resp = self._resp
 
         def account(n: int) -> None:
@@ -116,21 +114,22 @@ class UpstreamResponse:
             tally.inc(received, n)
             tally.inc(relayed, n)
 
-        def finish(eof: bool) -> None:
-            resp.unhold(eof)
-
-        relay = splice.Relay(count, head, fd, pipe, self.archive.config.timeouts.idle_read, account, finish)
+        relay = splice.Relay(count, head, fd, pipe, self.archive.config.timeouts.idle_read, account, resp.unhold)
         relay.owns = owns
         return relay
 
     def take_ready(self) -> list[memoryview]:
         """The body bytes already received, without waiting (while relaying: reading is the relay's)."""
         pieces = self._resp.take_ready()
+        self._received(pieces)
+        return pieces
+
+    def _received(self, pieces: list[memoryview]) -> None:
+        """Count body bytes taken from the connection past `iter_chunks` (as it counts its own)."""
         got = sum(len(p) for p in pieces)
         if got:
             self.bytes_read += got
             metrics.TALLY.inc(metrics.child(metrics.UPSTREAM_BYTES, self.archive.name), got)
-        return pieces
 
     def relay_failed(self, reason: str, stalled: bool) -> UpstreamError:
         """The error a relay that the archive broke off stands for (counted like a broken read)."""
