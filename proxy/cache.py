@@ -382,7 +382,8 @@ class FrameCache:
 
     def write_first(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a blocking disk-tier write in the writer thread ahead of the frames queued there: a write
-        a client's answer waits for (a metadata document) waits for one batch of frames at most.
+        a client's answer waits for (a metadata document) waits for the instance being written at most:
+        the batch in progress is committed as far as it got and the rest queued again behind it.
 
         In any other thread it would contend for SQLite's write lock with the writer, which commits batch
         after batch while a series streams in, and lose for as long (measured: 541 ms for one metadata
@@ -426,7 +427,12 @@ class FrameCache:
             results: list[list[str | None]] = []
             try:
                 with self.disk.transact():
-                    for frames, study, _ in batch:
+                    for i, (frames, study, _) in enumerate(batch):
+                        if i and self._first:  # a write a client waits for: commit these, let it go first
+                            with self._batch_lock:
+                                self._batch[:0] = batch[i:]
+                            batch = batch[:i]
+                            break
                         results.append([self.write(sop, n, mtype, ts, data, study, checksum, cull=False)
                                         for sop, n, mtype, ts, data, checksum in frames])
             except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
