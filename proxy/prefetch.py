@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from functools import partial
 
 from . import metrics
 from .context import Context
 from .flights import Fetching, covering, learn_instance
 from .media import Selection
-from .multipart import MultipartError
-from .reframe import PartEvents, Reframer, label
+from .multipart import MultipartError, PartEnd, PartHeaders
+from .reframe import TEE_LIMIT, PartEvents, PartOut, label
 from .responses import Problem
 from .upstream import UpstreamError
 
@@ -71,13 +70,13 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
                     outcome = "refused"
                     return
                 events = PartEvents(resp)
-                reframer = Reframer(sel, "")
-                reframer.tee = partial(learn_instance, cache, fetching=fetching)
                 head = await events.first()
-                if head is None:
-                    return
-                async for _ in reframer.parts(events, await label(events, head, sel)):
-                    pass  # the tee learns each instance as it completes; the event loop serves clients between reads
+                while head is not None:  # the event loop serves clients between reads
+                    part = await label(events, head, sel)
+                    payload = await _payload(events, part)
+                    if payload is not None:
+                        learn_instance(cache, part.content_type, payload, fetching=fetching)
+                    head = await _next_headers(events)
         except (Problem, UpstreamError, MultipartError, Exception) as exc:  # a prefetch never hurts anyone
             outcome = "failed"
             log.info("prefetch failed: %s", type(exc).__name__)
@@ -86,6 +85,49 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
                 await asyncio.to_thread(cache.release_prefetch, series)
             await fetching.done()
             metrics.child(metrics.PREFETCHES, outcome).inc()
+
+
+async def _payload(events: PartEvents, part: PartOut) -> list[bytes | bytearray | memoryview] | None:
+    """The payload of the part `label` started reading: received whole into one bytearray when the part
+    declared its length (no receive buffers held, no join to copy it again: measured below), else as
+    the pieces parsed. None for a part too large to keep (read past, not collected)."""
+    pieces: list[bytes | bytearray | memoryview] | None = []
+    size = 0
+    for ev in part.held:
+        if isinstance(ev, PartEnd | PartHeaders):
+            return pieces
+        pieces.append(ev)  # type: ignore[union-attr, arg-type]
+        size += len(ev)  # type: ignore[arg-type]
+    left = events.counted_left()
+    if left and size + left <= TEE_LIMIT:
+        whole = bytearray(size + left)
+        at = 0
+        for piece in pieces:  # type: ignore[union-attr]
+            whole[at : at + len(piece)] = piece
+            at += len(piece)
+        await events.resp.read_into(memoryview(whole)[at:])
+        events.reader.skip(left)
+        pieces, size = [whole], size + left
+    while True:
+        ev = await events.next()
+        if ev is None:
+            raise MultipartError("body ended inside a part")
+        if isinstance(ev, PartEnd):
+            return pieces
+        if isinstance(ev, PartHeaders):
+            raise MultipartError("a part began inside a part")
+        size += len(ev)
+        pieces = pieces if pieces is not None and size <= TEE_LIMIT else None
+        if pieces is not None:
+            pieces.append(ev)
+
+
+async def _next_headers(events: PartEvents) -> PartHeaders | None:
+    """The next part's headers; None at the end of the body."""
+    ev = await events.next()
+    if ev is not None and not isinstance(ev, PartHeaders):
+        raise MultipartError("data outside a part")
+    return ev
 
 
 class _NoRequest:

@@ -21,6 +21,8 @@ from .responses import ClientGone, Problem, StreamAborted
 from .splice import MIN_RELAY, Relay
 from .upstream import Archive, UpstreamError, UpstreamResponse
 
+TEE_LIMIT = 64 * 1024 * 1024  # parts larger than this are not collected for the frame cache
+
 
 def sent_whole(relay: Relay, resp: UpstreamResponse) -> None:
     """Nothing, when `relay` was sent whole; ClientGone or StreamAborted (counted against the archive)."""
@@ -58,9 +60,7 @@ class PartEvents:
     def relay(self) -> Relay | None:
         """The rest of the current part as a Relay (splice.py), when it declared its length, at least
         MIN_RELAY bytes of it are still to come and the connection can be read past the parser."""
-        if self.pending:
-            return None
-        left = self.reader.counted_left()
+        left = self.counted_left()
         if left is None or left < MIN_RELAY:
             return None
         return self.resp.relay(left)
@@ -77,6 +77,11 @@ class PartEvents:
         if not relay.settled:
             relay.settled = True
             self.reader.skip(relay.payload)
+
+    def counted_left(self) -> int | None:
+        """Payload bytes of the current part still to come, when it declared its length and nothing
+        parsed is pending; None otherwise."""
+        return None if self.pending else self.reader.counted_left()
 
     def take_ready(self) -> None:
         """Parse what the connection has already received, without waiting for more."""
@@ -198,7 +203,7 @@ class Reframer:
         # (the frame cache learns frames from instances passing through); parts larger than
         # `tee_limit` are not collected.
         self.tee: Callable[[str, list[bytes | memoryview]], None] | None = None
-        self.tee_limit = 64 * 1024 * 1024
+        self.tee_limit = TEE_LIMIT
         # Payloads nothing collects may be relayed past Python (splice.py) when the server offers it.
         self.relay = False
 

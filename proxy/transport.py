@@ -88,11 +88,14 @@ class _Protocol(asyncio.BufferedProtocol):
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.window = 0  # when set: read at most this much, then pause (the rest is relayed, splice.py)
+        self.target: memoryview | None = None  # when set: receive straight into it (Response.read_into)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.target is not None:
+            return self.target
         if BUFFER_SIZE - self._used < 16 * 1024:
             self._next_buffer()
         if self.window:
@@ -118,6 +121,11 @@ class _Protocol(asyncio.BufferedProtocol):
         self._used = 0
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.target is not None:
+            self.target = self.target[nbytes:] if nbytes < len(self.target) else None
+            if self.target is None:
+                self._wake()  # (the reader wakes once, when it is full)
+            return
         self.pieces.append(memoryview(self._buf)[self._used : self._used + nbytes])
         self._used += nbytes
         self.buffered += nbytes
@@ -333,6 +341,52 @@ class Response:
     def take_ready(self) -> list[memoryview]:
         """The body bytes already received, without waiting for more."""
         return self.hold(self._left if self._mode == "length" else sys.maxsize)
+
+    async def read_into(self, view: memoryview, idle: float | None = None) -> None:
+        """Fill `view` with the next body bytes: what is queued is copied, the rest the kernel copies
+        straight into `view` (no receive buffer, no join: a part collected whole, e.g. by a prefetch).
+        Not for a chunked body (its framing must be parsed). TransportError if the connection ends
+        first, TimeoutError if nothing arrives for `idle` s."""
+        proto = self._conn.protocol
+        if self._mode == "chunked" or (self._mode == "length" and len(view) > self._left) or proto.window:
+            raise ValueError("read_into needs an unchunked body, not relayed, with that many bytes left")
+        got, want = 0, len(view)
+        while proto.pieces and got < want:
+            piece = proto.pieces.popleft()
+            proto.buffered -= len(piece)
+            take = min(len(piece), want - got)
+            view[got : got + take] = piece[:take]
+            if take < len(piece):
+                proto.unread(piece[take:])
+            got += take
+        self.consumed(got)
+        if got == want:
+            return
+        proto.target = view[got:]
+        try:
+            if proto.paused and proto.transport is not None:
+                proto.transport.resume_reading()
+                proto.paused = False
+            while proto.target is not None:
+                if proto.error is not None:
+                    raise TransportError(f"connection lost ({type(proto.error).__name__})")
+                if proto.eof:
+                    raise TransportError("connection closed before the end of the body")
+                left = len(proto.target)
+                proto.waiter = asyncio.get_running_loop().create_future()
+                try:
+                    async with asyncio.timeout(idle):
+                        await proto.waiter
+                except TimeoutError:
+                    if proto.target is not None and len(proto.target) == left:
+                        raise  # nothing at all for `idle` s
+                finally:
+                    proto.waiter = None
+                self.consumed(left - (len(proto.target) if proto.target is not None else 0))
+        finally:
+            if proto.target is not None:  # failed or cancelled: the connection cannot be reused
+                proto.target = None
+                self._conn.reusable = False
 
     def consumed(self, n: int) -> None:
         """`n` body bytes were read past the protocol."""

@@ -118,6 +118,21 @@ class UpstreamResponse:
         relay.owns = owns
         return relay
 
+    async def read_into(self, view: memoryview) -> None:
+        """Fill `view` with the next body bytes, received straight into it (transport.Response.read_into);
+        UpstreamError(504) if the archive goes quiet for idle_read s, 502 if it breaks off."""
+        idle = self.archive.config.timeouts.idle_read
+        try:
+            await self._resp.read_into(view, idle)
+        except TimeoutError:
+            self.archive.count_error("idle_timeout")
+            raise UpstreamError(504, f"archive '{self.archive.name}' stalled for {idle:g}s mid-body") from None
+        except (TransportError, OSError) as exc:
+            self.archive.count_error("reset")
+            raise UpstreamError(502, f"archive '{self.archive.name}' broke off the response ({exc})") from None
+        self.bytes_read += len(view)
+        metrics.TALLY.inc(metrics.child(metrics.UPSTREAM_BYTES, self.archive.name), len(view))
+
     def take_ready(self) -> list[memoryview]:
         """The body bytes already received, without waiting (while relaying: reading is the relay's)."""
         pieces = self._resp.take_ready()

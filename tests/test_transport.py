@@ -187,3 +187,74 @@ def test_receive_buffers_are_reused_only_when_no_slice_is_alive():
     proto.pieces.clear()
     proto.get_buffer(-1)
     assert id(proto._buf) in spare_ids
+
+
+async def test_read_into_fills_a_buffer_straight_from_the_socket():
+    """read_into (a prefetch collecting a part whole): what was queued is copied, the rest is received
+    into the caller's buffer; the body goes on from the right byte, and a counted body's connection is
+    reused. The same for a close-delimited body (Orthanc's series retrieve); a chunked one is refused."""
+    payload = bytes(range(256)) * 8000  # 2 MB: several reads
+
+    async def handler(reader, writer):
+        while True:
+            try:
+                head, _ = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            framing = b"" if b"/eof" in head else b"Content-Length: %d\r\n" % len(payload)
+            if b"/chunked" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+                await writer.drain()
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
+            for i in range(0, len(payload), 100_000):  # in pieces, so part of it is queued, part still coming
+                writer.write(payload[i : i + 100_000])
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            if not framing:
+                writer.close()
+                return
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port)
+        for path in ("/length", "/length", "/eof"):
+            resp = await pool.request("GET", path, {})
+            first = bytearray(1_000_000)
+            await resp.read_into(memoryview(first))
+            rest = await body_of(resp)
+            assert bytes(first) + rest == payload, path
+            resp.release()
+        assert pool.opened == 1  # read through: the connection went on to the next request each time
+        resp = await pool.request("GET", "/chunked", {})
+        with pytest.raises(ValueError):
+            await resp.read_into(memoryview(bytearray(3)))
+        resp.release()
+        assert pool.opened == 2  # (the close-delimited body ended the first connection)
+        await pool.close()
+
+
+async def test_read_into_a_stalled_or_broken_body():
+    """Nothing for `idle` s: TimeoutError; the connection closing first: TransportError. Neither
+    connection is reused."""
+    async def handler(reader, writer):
+        head, _ = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        await writer.drain()
+        if b"/stall" in head:
+            await asyncio.sleep(5)
+        writer.close()
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port)
+        resp = await pool.request("GET", "/stall", {})
+        with pytest.raises(TimeoutError):
+            await resp.read_into(memoryview(bytearray(500_000)), idle=0.2)
+        resp.release()
+        resp = await pool.request("GET", "/close", {})
+        with pytest.raises(TransportError):
+            await resp.read_into(memoryview(bytearray(500_000)), idle=5)
+        resp.release()
+        assert pool.opened == 2
+        await pool.close()

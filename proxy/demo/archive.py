@@ -61,6 +61,7 @@ class Faults:
     body_chunk_delay: float = 0.0  # seconds between body chunks (each part, and every 64 KB)
     status: int | None = None  # answer every request with this status and a short JSON error
     reset_after_bytes: int | None = None  # drop the connection after this many body bytes
+    stall_after_bytes: int | None = None  # after this many body bytes, send nothing more until cleared
     truncate_multipart: bool = False  # omit the closing --boundary--
     wrong_boundary: bool = False  # the Content-Type boundary differs from the body's
     invalid_json: bool = False  # JSON bodies are truncated garbage
@@ -201,6 +202,11 @@ async def _body(pieces: list[bytes], f: Faults) -> AsyncIterator[bytes]:
         if limit is not None and sent + len(chunk) > limit:
             yield chunk[: limit - sent]
             raise ArchiveReset(f"fault injection: connection reset after {limit} bytes")
+        if (stall := f.stall_after_bytes) is not None and sent + len(chunk) > stall:
+            yield chunk[: stall - sent]
+            while f.stall_after_bytes is not None:  # silent, the connection open, until the fault is cleared
+                await asyncio.sleep(0.05)
+            return
         yield chunk
         sent += len(chunk)
         if f.body_chunk_delay or endless:

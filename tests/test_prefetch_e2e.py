@@ -1,0 +1,114 @@
+"""The series prefetch (issue 4 point 6) when the archive breaks off or stalls inside a part.
+
+A prefetch receives each counted part straight into one buffer (transport.Response.read_into). These
+faults a real archive cannot make on demand, so the sample archive makes them: whatever the prefetch
+had received whole is cached, the instance it was inside is not (a truncated entry is never served),
+the failure is counted, and the frames it did not get are fetched on request, with the right bytes.
+The happy path against real Orthanc is in test_cache_e2e.py.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+from support import ProxyProcess, sample_holding, split_multipart
+
+from proxy.demo.synth import Patient, Study, ct_series
+
+STUDY = Study(Patient("DOE^PREFETCH", "PID620"), accession="ACC620", description="PREFETCH")
+SLICES = 6
+ROWS = 256  # 256x256x2: 131,072 pixel bytes a slice
+ACCEPT = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+IDLE_READ = 0.5
+
+
+@pytest.fixture(scope="module")
+def slices():
+    return list(ct_series(STUDY, SLICES, rows=ROWS, cols=ROWS, seed=620))
+
+
+@pytest.fixture(scope="module")
+def sample(slices):
+    yield from sample_holding("PREFETCHSAMPLE", slices)
+
+
+@pytest.fixture
+def faults(sample):
+    sample.archive.faults.clear()
+    yield sample.archive.faults
+    sample.archive.faults.clear()
+
+
+@pytest.fixture
+def proxy(sample, tmp_path):
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f'[server]\nworkers = 1\n[cache]\ndir = "{tmp_path / "cache"}"\nprefetch = true\n'
+        "[federation]\nhealth_interval = 0\n"
+        f'[[archives]]\nname = "sample"\nurl = "{sample.dicomweb_url}"\nbreaker_threshold = 100000\n'
+        f"timeouts = {{ connect = 2.0, first_byte = 5.0, idle_read = {IDLE_READ} }}\n")
+    with ProxyProcess({}, tmp_path, extra_args=["--config", str(config)]) as p:
+        yield p
+
+
+def _metric(proxy: ProxyProcess, name: str, labels: str) -> float:
+    text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
+    m = re.search(rf"^{name}\{{{labels}\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _prefetch_ended(proxy: ProxyProcess, outcome: str) -> None:
+    deadline = time.monotonic() + 15
+    while _metric(proxy, "dicomweb_edge_prefetches_total", f'outcome="{outcome}"') < 1:
+        assert time.monotonic() < deadline, f"no prefetch ended {outcome}"
+        time.sleep(0.05)
+
+
+def _frame(client: httpx.Client, proxy: ProxyProcess, ds) -> tuple[str, bytes]:
+    r = client.get(f"{proxy.dicomweb_url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                   f"/instances/{ds.SOPInstanceUID}/frames/1", headers=ACCEPT)
+    assert r.status_code == 200
+    parts = split_multipart(r.content, r.headers["content-type"])[1]
+    assert len(parts) == 1
+    return r.headers["x-cache"], parts[0][1]
+
+
+def _instance_sizes(sample, slices) -> list[int]:
+    """The Part 10 size of each instance as the archive sends it (its parts' Content-Length)."""
+    r = httpx.get(f"{sample.dicomweb_url}/studies/{slices[0].StudyInstanceUID}/series/{slices[0].SeriesInstanceUID}",
+                  headers={"Accept": 'multipart/related; type="application/dicom"'}, trust_env=False)
+    return [len(body) for _, body in split_multipart(r.content, r.headers["content-type"])[1]]
+
+
+def test_an_archive_that_breaks_off_mid_part_leaves_only_whole_instances(proxy, sample, slices, faults):
+    sizes = _instance_sizes(sample, slices)
+    faults.reset_after_bytes = sizes[0] + sizes[1] + sizes[2] // 2  # inside the third instance
+    series = f"/studies/{slices[0].StudyInstanceUID}/series/{slices[0].SeriesInstanceUID}"
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        resets = _metric(proxy, "dicomweb_edge_upstream_errors_total", 'archive="sample",kind="reset"')
+        assert client.get(proxy.dicomweb_url + series + "/metadata").status_code == 200  # (not cut: JSON is small)
+        _prefetch_ended(proxy, "failed")
+        assert _metric(proxy, "dicomweb_edge_upstream_errors_total", 'archive="sample",kind="reset"') == resets + 1
+        faults.clear()
+        got = [_frame(client, proxy, ds) for ds in slices]
+    assert [cache for cache, _ in got] == ["HIT", "HIT"] + ["MISS"] * (SLICES - 2)
+    assert [payload for _, payload in got] == [ds.PixelData for ds in slices]
+
+
+def test_an_archive_that_stalls_mid_part_is_given_up_after_idle_read(proxy, sample, slices, faults):
+    sizes = _instance_sizes(sample, slices)
+    faults.stall_after_bytes = sizes[0] + sizes[1] // 2  # silent inside the second instance, connection open
+    series = f"/studies/{slices[0].StudyInstanceUID}/series/{slices[0].SeriesInstanceUID}"
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        stalls = _metric(proxy, "dicomweb_edge_upstream_errors_total", 'archive="sample",kind="idle_timeout"')
+        assert client.get(proxy.dicomweb_url + series + "/metadata").status_code == 200
+        _prefetch_ended(proxy, "failed")
+        assert _metric(proxy, "dicomweb_edge_upstream_errors_total",
+                       'archive="sample",kind="idle_timeout"') == stalls + 1
+        faults.clear()
+        got = [_frame(client, proxy, ds) for ds in slices]
+    assert [cache for cache, _ in got] == ["HIT"] + ["MISS"] * (SLICES - 1)
+    assert [payload for _, payload in got] == [ds.PixelData for ds in slices]
