@@ -1,6 +1,6 @@
 """A viewer-like replay: Orthanc direct vs the proxy with its frame cache, with and without prefetch (issue 4).
 
-    python benchmarks/replay.py [--viewers 4] [--slices 200]
+    python benchmarks/replay.py [--viewers 4] [--slices 200] [--rounds 3]
 
 One viewer = what OHIF does to open a CT: study search, series search, the series metadata, then every
 frame of the series with 6 requests in flight (`curl --parallel --parallel-max 6`, a C client, so the
@@ -14,6 +14,8 @@ on, the first viewer faster than direct.
 from __future__ import annotations
 
 import argparse
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -52,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--viewers", type=int, default=4)
     ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3, help="cold starts of every mode, interleaved (medians)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args(argv)
     on_sigterm()
     work = WORK / "replay"
-    times: dict[str, list[float]] = {}
+    modes = ("Orthanc direct", "proxy, cache, prefetch off", "proxy, cache, prefetch on")
+    rounds: list[dict[str, list[float]]] = []
     with Stack(work, slices=args.slices, workers=2, proxy=False, nginx=False) as st:
         assert st.orthanc is not None
         study, series = st.uids["study"], st.uids["series"]
@@ -64,19 +68,26 @@ def main(argv: list[str] | None = None) -> int:
                             trust_env=False).json()
         # In InstanceNumber order, as a viewer walks a CT stack.
         sops = [r["00080018"]["Value"][0] for r in sorted(listing, key=lambda r: r["00200013"]["Value"][0])]
-        times["Orthanc direct"] = [viewer(st.orthanc.dicomweb_url, study, series, sops, work)
-                                   for _ in range(args.viewers)]
-        for label, prefetch in (("proxy, cache, prefetch off", "false"), ("proxy, cache, prefetch on", "true")):
-            run = work / label.replace(", ", "-").replace(" ", "_")
-            run.mkdir(parents=True, exist_ok=True)
-            with ProxyProcess({"bench": st.orthanc.dicomweb_url}, run,
-                              ["--cache-dir", str(run / "cache"), "--workers", "2"],
-                              env={"DICOMWEB_EDGE_PREFETCH": prefetch}) as proxy:
-                times[label] = [viewer(proxy.dicomweb_url, study, series, sops, run) for _ in range(args.viewers)]
-    direct = times["Orthanc direct"]
-    off, on = times["proxy, cache, prefetch off"], times["proxy, cache, prefetch on"]
+        viewer(st.orthanc.dicomweb_url, study, series, sops, work)  # unrecorded: Orthanc's own caches warm
+        for n in range(args.rounds):
+            times: dict[str, list[float]] = {}
+            times[modes[0]] = [viewer(st.orthanc.dicomweb_url, study, series, sops, work)
+                               for _ in range(args.viewers)]
+            for label, prefetch in ((modes[1], "false"), (modes[2], "true")):
+                run = work / f"{label.replace(', ', '-').replace(' ', '_')}-{n}"
+                shutil.rmtree(run, ignore_errors=True)
+                run.mkdir(parents=True)
+                with ProxyProcess({"bench": st.orthanc.dicomweb_url}, run,
+                                  ["--cache-dir", str(run / "cache"), "--workers", "2"],
+                                  env={"DICOMWEB_EDGE_PREFETCH": prefetch}) as proxy:
+                    times[label] = [viewer(proxy.dicomweb_url, study, series, sops, run)
+                                    for _ in range(args.viewers)]
+            rounds.append(times)
+    med = {m: [statistics.median(r[m][v] for r in rounds) for v in range(args.viewers)] for m in modes}
+    direct, off, on = med[modes[0]], med[modes[1]], med[modes[2]]
     second = direct[1] / off[1]
     first_on = direct[0] / on[0]
+    per_round = [(r[modes[0]][1] / r[modes[1]][1], r[modes[0]][0] / r[modes[2]][0]) for r in rounds]
     lines = [
         f"Command: `python benchmarks/replay.py {' '.join(argv if argv is not None else sys.argv[1:])}`<br>",
         f"Date: {datetime.now(UTC).isoformat(timespec='seconds')}<br>",
@@ -84,18 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"One viewer: study search, series search, series metadata, then frame 1 of each of the {len(sops)} "
         "CT slices in InstanceNumber order (512x512, `transfer-syntax=*`) with 6 in flight "
-        "(`curl --parallel-max 6`). Viewers one after the other; seconds per viewer; each mode starts cold "
-        "(fresh cache; Orthanc's own caches are warm after the first mode).",
+        "(`curl --parallel-max 6`). Viewers one after the other; seconds per viewer. A round runs every "
+        "mode once, each proxy mode from a cold start (new proxy, empty cache); Orthanc's own caches are "
+        f"warm (one unrecorded viewer first). {args.rounds} rounds; the table gives the median of each "
+        "cell over the rounds, the verdicts are on those medians, and each round's own ratios follow.",
         "",
         "| mode | " + " | ".join(f"viewer {i + 1}" for i in range(args.viewers)) + " |",
         "|---|" + "---|" * args.viewers,
     ]
-    lines += [f"| {k} | " + " | ".join(f"{t:.3f}" for t in v) + " |" for k, v in times.items()]
-    lines += ["", "| metric | value | target | result |", "|---|---|---|---|",
-              f"| second viewer, direct / proxy (prefetch off) | {second:.1f}x | ≥ 5x | "
-              f"**{'PASS' if second >= 5 else 'FAIL'}** |",
-              f"| first viewer with prefetch, direct / proxy | {first_on:.2f}x | > 1x | "
-              f"**{'PASS' if first_on > 1 else 'FAIL'}** |"]
+    lines += [f"| {k} | " + " | ".join(f"{t:.3f}" for t in v) + " |" for k, v in med.items()]
+    lines += ["", "| metric | value (median) | per round | target | result |", "|---|---|---|---|---|",
+              f"| second viewer, direct / proxy (prefetch off) | {second:.1f}x | "
+              + ", ".join(f"{a:.1f}x" for a, _ in per_round) + f" | ≥ 5x | **{'PASS' if second >= 5 else 'FAIL'}** |",
+              f"| first viewer with prefetch, direct / proxy | {first_on:.2f}x | "
+              + ", ".join(f"{b:.2f}x" for _, b in per_round) + f" | > 1x | **{'PASS' if first_on > 1 else 'FAIL'}** |"]
     body = "\n".join(lines) + "\n"
     replace_section(args.out, "## Viewer replay: Orthanc direct vs the frame cache (issue 4)", body)
     print(body)
