@@ -89,3 +89,30 @@ def test_a_new_loop_gets_its_own_timer():
 
     asyncio.run(second())
     assert stream.getvalue().splitlines() == ["INFO first loop", "INFO second loop"]
+
+
+def test_json_records_are_one_line_of_json_with_every_field():
+    """JsonFormatter (msgspec): one line, non-ASCII kept as is, numbers as numbers, anything else as its
+    str(), the request's fields merged in, an exception as text."""
+    import json
+    from pathlib import PurePosixPath
+
+    from proxy.logs import JsonFormatter
+
+    formatter = JsonFormatter()
+    record = logging.LogRecord("dicomweb_edge.access", logging.INFO, "", 0, "request %s", ("done",), None)
+    record.fields = {"request_id": "r1", "status": 200, "duration_ms": 0.31, "archive": "Zürich-東",  # type: ignore[attr-defined]
+                     "where": PurePosixPath("/a/b"), "cache": None}
+    line = formatter.format(record)
+    assert "\n" not in line and "Zürich-東" in line
+    out = json.loads(line)
+    assert out["msg"] == "request done" and out["logger"] == "dicomweb_edge.access" and out["level"] == "info"
+    assert out["status"] == 200 and out["duration_ms"] == 0.31 and out["where"] == "/a/b" and out["cache"] is None
+    assert out["ts"].endswith("Z")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        failed = logging.LogRecord("dicomweb_edge", logging.ERROR, "", 0, "failed", None, sys.exc_info())
+    assert "ValueError: boom" in json.loads(formatter.format(failed))["error"]
