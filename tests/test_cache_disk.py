@@ -156,3 +156,42 @@ async def test_a_metadata_document_waits_for_one_instance_not_the_whole_batch(tm
     for n, p in payloads.items():
         hit = other.get("1.2.3", n, "application/octet-stream", "*")
         assert hit is not None and bytes(hit.payload) == p
+
+
+def test_disk_tier_hits_are_mapped_and_checked(tmp_path):
+    """A frame another worker wrote comes back as a read-only mapping of its file (no copy), checked
+    for length and checksum like a read: a truncated or altered file is refused and evicted, and a
+    mapping already handed out keeps its bytes when the file is evicted (unlinked) under it."""
+    import mmap
+
+    from proxy.cache import checksum_of, frame_key
+
+    payloads = {n: os.urandom(200 * 1024 + n) for n in range(1, 5)}
+    writer = FrameCache(str(tmp_path))
+    for n, p in payloads.items():
+        writer.write("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, "1.2", checksum_of(p))
+    reader = FrameCache(str(tmp_path))
+    hit = reader.get("1.2.3", 1, "application/octet-stream", "*")
+    assert hit is not None and isinstance(hit.payload, memoryview) and isinstance(hit.payload.obj, mmap.mmap)
+    assert bytes(hit.payload) == payloads[1] and hit.checksum == checksum_of(payloads[1])
+
+    files = {}
+    for n in (2, 3):
+        with writer.disk.get(frame_key("1.2.3", n, "application/octet-stream", EXPLICIT_LE), read=True) as f:
+            files[n] = f.name
+    with open(files[2], "r+b") as f:  # truncated: shorter than its header says
+        f.truncate(os.path.getsize(files[2]) - 100)
+    with open(files[3], "r+b") as f:  # altered: same length, one byte changed
+        f.seek(-10, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    fresh = FrameCache(str(tmp_path))
+    assert fresh.get("1.2.3", 2, "application/octet-stream", "*") is None
+    assert fresh.get("1.2.3", 3, "application/octet-stream", "*") is None
+    assert not os.path.exists(files[2]) and not os.path.exists(files[3])  # evicted
+
+    kept = fresh.get("1.2.3", 4, "application/octet-stream", "*")
+    assert kept is not None
+    assert writer.purge("1.2") > 0  # the files are unlinked; the mapping handed out stays whole
+    assert bytes(kept.payload) == payloads[4]
