@@ -76,7 +76,8 @@ def account(service: str, method: str, status: int, elapsed: float, ttfb: float 
                       duration_ms=round(elapsed * 1000, 2), ttfb_ms=None if ttfb is None else round(ttfb * 1000, 2))
         if path is not None:
             fields["path"] = path
-        log.info("request", extra={"fields": fields})
+        if not logs.write_access(fields):
+            log.info("request", extra={"fields": fields})
 
 
 class EdgeMiddleware:

@@ -62,6 +62,11 @@ class JsonFormatter(logging.Formatter):
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
 
+    def access_line(self, fields: dict[str, Any]) -> str:
+        """What `format` makes of an INFO "request" record of the access logger carrying `fields`."""
+        return self._encode({"ts": self._ts(time.time()), "level": "info", "logger": access.name, "msg": "request",
+                             **fields}).decode()
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": self._ts(record.created),
@@ -123,9 +128,17 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self._queue(line, record.levelno)
+
+    def queue_info(self, line: str) -> None:
+        """An INFO line formatted already (`write_access`), queued as `emit` queues one."""
+        with self.lock:  # type: ignore[union-attr]
+            self._queue(line + self.terminator, logging.INFO)
+
+    def _queue(self, line: str, levelno: int) -> None:
         self.pending.append(line)
         self.size += len(line)
-        if record.levelno >= logging.WARNING or self.size >= self.limit:
+        if levelno >= logging.WARNING or self.size >= self.limit:
             self._write()
             return
         try:
@@ -155,6 +168,24 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             self._write()
+
+
+def write_access(fields: dict[str, Any]) -> bool:
+    """Write an access record straight to the batched JSON handler when that is all `access.info` would
+    do (the configuration `log_config` makes, JSON format): the same line, without a LogRecord or the
+    logging module's dispatch, which were half of what a cached frame's answer cost in Python (cProfile:
+    ~57 of ~98 µs spent in `edge.account`). False when anything else is configured: the caller logs it."""
+    parent = access.parent
+    if (access.handlers or access.filters or not access.propagate or access.disabled or parent is None
+            or parent.filters or parent.propagate or parent.disabled or len(parent.handlers) != 1):
+        return False
+    handler = parent.handlers[0]
+    formatter = handler.formatter
+    if (type(handler) is not BatchedStreamHandler or handler.filters or handler.level > logging.INFO
+            or type(formatter) is not JsonFormatter):
+        return False
+    handler.queue_info(formatter.access_line(fields))
+    return True
 
 
 def log_config(settings: Settings) -> dict[str, Any]:

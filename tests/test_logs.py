@@ -116,3 +116,45 @@ def test_json_records_are_one_line_of_json_with_every_field():
 
         failed = logging.LogRecord("dicomweb_edge", logging.ERROR, "", 0, "failed", None, sys.exc_info())
     assert "ValueError: boom" in json.loads(formatter.format(failed))["error"]
+
+
+def test_access_records_skip_the_logging_machinery_only_where_that_changes_nothing():
+    """edge.account writes the access record straight to the batched JSON handler under the configuration
+    log_config makes (the same line as the logging path writes, timestamp aside), and through the
+    logging module as soon as anything else listens (a handler added for debugging, a filter)."""
+    import json
+    import logging.config
+
+    from proxy.config import Settings
+    from proxy.edge import account
+    from proxy.logs import access, log_config, write_access
+
+    parent = logging.getLogger("dicomweb_edge")
+    saved = (parent.handlers[:], parent.level, parent.propagate, access.handlers[:], access.level)
+    try:
+        logging.config.dictConfig(log_config(Settings()))
+        handler = parent.handlers[0]
+        handler.stream = stream = io.StringIO()
+        fields = {"request_id": "r1", "cache": "hit", "archive": "Zürich"}
+        account("frames", "GET", 200, 0.00031, 0.00028, 524938, 0, dict(fields))
+        handler.flush()
+        fast = json.loads(stream.getvalue())
+
+        record = logging.LogRecord(access.name, logging.INFO, "", 0, "request", None, None)
+        record.fields = {**fields, "service": "frames", "method": "GET", "status": 200, "bytes_in": 0,  # type: ignore[attr-defined]
+                         "bytes_out": 524938, "duration_ms": 0.31, "ttfb_ms": 0.28}
+        slow = json.loads(handler.formatter.format(record))
+        assert {k: v for k, v in fast.items() if k != "ts"} == {k: v for k, v in slow.items() if k != "ts"}
+        assert list(fast) == list(slow)  # the same keys in the same order
+
+        seen: list[logging.LogRecord] = []
+        listener = logging.Handler()
+        listener.emit = seen.append  # type: ignore[method-assign]
+        access.addHandler(listener)
+        assert not write_access(dict(fields))
+        account("frames", "GET", 200, 0.001, 0.001, 1, 0, dict(fields))
+        assert len(seen) == 1 and seen[0].fields["request_id"] == "r1"  # type: ignore[attr-defined]
+        access.removeHandler(listener)
+        assert write_access(dict(fields))
+    finally:
+        parent.handlers[:], parent.level, parent.propagate, access.handlers[:], access.level = saved
