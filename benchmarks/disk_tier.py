@@ -1,0 +1,101 @@
+"""The disk tier in-process: what a frame costs to write, and to read back in another worker.
+
+    python benchmarks/disk_tier.py [--frames 200] [--size 524288] [--rounds 3]
+
+Writes `frames` frames through FrameCache.write in transactions of 1, 8 and 32 frames (the writer
+thread's batches), then reads every frame back with a fresh FrameCache (another worker: nothing in its
+memory tier) two ways, interleaved: as the cache does (the file mapped, checked on the mapping) and as it
+did before (diskcache reads the file into a new bytes object, checked). CPU ms per frame, medians over
+the rounds. Appends nothing to RESULTS.md by itself: the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from proxy.cache import FrameCache, _unpack, checksum_of, frame_key  # noqa: E402
+from proxy.part10 import EXPLICIT_LE  # noqa: E402
+
+MEDIA = "application/octet-stream"
+
+
+def write(directory: str, payloads: list[bytes], batch: int) -> float:
+    """CPU seconds per frame to write them all, `batch` frames a transaction."""
+    cache = FrameCache(directory)
+    started = time.process_time()
+    for at in range(0, len(payloads), batch):
+        with cache.disk.transact():
+            for n in range(at, min(at + batch, len(payloads))):
+                p = payloads[n]
+                cache.write(f"1.2.{n}", 1, MEDIA, EXPLICIT_LE, p, "1.2", checksum_of(p), cull=False)
+    cache.cull()
+    cpu = time.process_time() - started
+    cache.close()
+    return cpu / len(payloads)
+
+
+def read_mapped(directory: str, count: int) -> float:
+    """CPU seconds per frame for disk-tier hits as the cache makes them (mapped)."""
+    cache = FrameCache(directory)
+    started = time.process_time()
+    for n in range(count):
+        if cache.get(f"1.2.{n}", 1, MEDIA, "*") is None:
+            raise RuntimeError("a frame is missing")
+    cpu = time.process_time() - started
+    cache.close()
+    return cpu / count
+
+
+def read_copied(directory: str, count: int) -> float:
+    """CPU seconds per frame reading each file into a new bytes object, then checking it (the old way)."""
+    cache = FrameCache(directory)
+    started = time.process_time()
+    for n in range(count):
+        index = cache.reader.get(f"frame-any/1.2.{n}/1")
+        blob = cache.reader.get(frame_key(f"1.2.{n}", 1, MEDIA, EXPLICIT_LE))
+        if index is None or blob is None or _unpack(blob, view=True) is None:
+            raise RuntimeError("a frame is missing or corrupt")
+    cpu = time.process_time() - started
+    cache.close()
+    return cpu / count
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512 * 1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    payloads = [os.urandom(args.size) for _ in range(args.frames)]
+    results: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for batch in (1, 8, 32):
+            work = tempfile.mkdtemp(prefix="dicomweb-edge-disk-")
+            try:
+                results.setdefault(f"write, {batch} a transaction", []).append(write(work, payloads, batch))
+                if batch == 8:
+                    results.setdefault("hit from disk, mapped", []).append(read_mapped(work, args.frames))
+                    results.setdefault("hit from disk, read into new memory", []).append(
+                        read_copied(work, args.frames))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    print(f"{args.frames} frames of {args.size:,} B, {args.rounds} rounds, CPU ms per frame (median; per round)\n")
+    print("| operation | ms per frame | per round |\n|---|---|---|")
+    for name, values in results.items():
+        print(f"| {name} | {statistics.median(values) * 1000:.3f} | "
+              + ", ".join(f"{v * 1000:.3f}" for v in values) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
