@@ -351,7 +351,7 @@ class FrameCache:
         """The frame is now on disk at `path`: remember the file instead of the bytes (sendfile)."""
         key = frame_key(sop, frame, media_type, transfer_syntax)
         held = self.memory.get(key)
-        if path is None or held is None or not isinstance(held[0], bytes):
+        if path is None or held is None or isinstance(held[0], FileRef):
             return
         self.memory[key] = (FileRef(path, _HEADER.size, len(held[0])), held[1])
         self.memory_bytes += REF_COST - len(held[0])

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import siblings
 from .cache import FrameCache, checksum_of
 from .part10 import frames_and_study
+from .reframe import whole
 
 _learning: set[asyncio.Task[None]] = set()
 # Instances are split in a thread of their own: a prefetch queues a split per instance, and in the
@@ -79,16 +80,15 @@ class Fetching:
             self.future.set_result(None)
 
 
-def _frames_with_checksums(pieces: list[bytes | bytearray | memoryview], study: str | None
+def _frames_with_checksums(pieces: list[bytes | memoryview], study: str | None
            ) -> tuple[list[tuple[str, int, str, str, bytes, int]], str | None]:
     """The frames of the instance in `pieces`, each frame with its checksum, and the study to tag them with
-    (blocking: in a thread). An instance received whole into one bytearray (a prefetch) is not copied."""
-    whole = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytearray) else b"".join(pieces)
-    frames, found = frames_and_study(whole)  # type: ignore[arg-type]
+    (blocking: in a thread). An instance received whole into one buffer is not copied (reframe.whole)."""
+    frames, found = frames_and_study(whole(pieces))  # type: ignore[arg-type]
     return [(*f, checksum_of(f[4])) for f in frames], study or found
 
 
-def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | bytearray | memoryview],
+def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview],
                    fetching: Fetching | None = None, study: str | None = None) -> None:
     """Tee for instance retrieves: split a Part 10 instance that passed through into frame entries
     (`study`, or the fetching retrieve's: the study the request named, saving a parse)."""

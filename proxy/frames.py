@@ -20,8 +20,8 @@ from .cache import Frame, FrameCache, checksum_of
 from .context import Context
 from .flights import arrivals
 from .media import Resource, Selection, parse_content_type
-from .multipart import MultipartError, PartEnd, PartHeaders
-from .reframe import PartEvents, Reframer, label
+from .multipart import MultipartError, PartHeaders
+from .reframe import Held, PartEvents, Reframer, label, part_payload, whole
 from .responses import BuffersResponse, Problem, StreamAborted, StreamResponse
 from .sendfile import OpenPayload
 from .upstream import UpstreamError
@@ -58,7 +58,7 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
     ts = params.get("transfer-syntax")
     if not mtype or not ts:
         return  # an unlabelled frame cannot be keyed truthfully
-    payload = b"".join(pieces)
+    payload = whole(pieces)  # (no copy when the frame was received whole into a buffer of its own)
     checksum = checksum_of(payload)  # once, for the memory tier and the disk tier's entry
     stored = cache.put(sop, frame, mtype, ts, payload, checksum)
     for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
@@ -77,24 +77,6 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
                 cache.adopt(sop, frame, mtype, ts, t.result()[0])  # later hits are sent from the file
 
         task.add_done_callback(written)
-
-
-class _Held:
-    """The pieces of one frame as it streams by, for the cache; given up (and let go) once the frame is
-    larger than a cache entry may be, so that an endless part costs no memory (issue 7)."""
-
-    def __init__(self, limit: int) -> None:
-        self.pieces: list[bytes | memoryview] | None = []
-        self.size = 0
-        self.limit = limit
-
-    def add(self, piece: bytes | memoryview) -> None:
-        if self.pieces is not None:
-            self.size += len(piece)
-            if self.size > self.limit:
-                self.pieces = None
-            else:
-                self.pieces.append(piece)
 
 
 def lookup(cache: FrameCache, target: Target, sel: Selection, memory_only: bool = False) -> dict[int, Frame]:
@@ -236,29 +218,11 @@ async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection,
     return StreamResponse(200, headers, body, close)
 
 
-async def _part_payload(events: PartEvents, held: list[object]) -> AsyncIterator[bytes | memoryview]:
-    """The rest of the current part's payload (after what `label` read ahead)."""
-    for ev in held:
-        if isinstance(ev, PartEnd | PartHeaders):
-            return
-        yield ev  # type: ignore[misc]
-    while True:
-        ev = await events.next()
-        if ev is None:
-            raise MultipartError("body ended inside a frame")
-        if isinstance(ev, PartEnd):
-            return
-        if isinstance(ev, PartHeaders):
-            raise MultipartError("part without an end")
-        yield ev
-
-
 async def _single(cache: FrameCache, target: Target, events: PartEvents, part: object) -> AsyncIterator[bytes]:
     assert target.frames is not None and target.instance is not None
-    held = _Held(cache.max_entry)
+    held = Held(cache.max_entry)
     try:
-        async for piece in _part_payload(events, part.held):  # type: ignore[attr-defined]
-            held.add(piece)
+        async for piece in part_payload(events, part.held, held):  # type: ignore[attr-defined]
             yield piece  # type: ignore[misc]
     except (UpstreamError, MultipartError) as exc:
         raise StreamAborted(str(exc)) from None
@@ -287,16 +251,15 @@ async def _interleaved(cache: FrameCache, target: Target, hits: dict[int, Frame]
                 part = await label(events, nxt, rf.sel)
             yield rf.writer.part(part.content_type, loc, part.length)  # type: ignore[attr-defined]
             repeated = target.frames.count(n) > 1  # asked again later in the list: hold it whatever its size
-            held = _Held(1 << 62 if repeated else cache.max_entry)
-            async for piece in _part_payload(events, part.held):  # type: ignore[attr-defined]
-                held.add(piece)
+            held = Held(1 << 62 if repeated else cache.max_entry)
+            async for piece in part_payload(events, part.held, held):  # type: ignore[attr-defined]
                 yield piece
             pieces = held.pieces or []
             mtype, params = parse_content_type(part.content_type)  # type: ignore[attr-defined]
             if held.pieces is not None:
                 _store(cache, target.instance, n, part.content_type, pieces, target.study)  # type: ignore
             if repeated:
-                fetched[n] = Frame(b"".join(pieces), mtype, params.get("transfer-syntax", ""))
+                fetched[n] = Frame(whole(pieces), mtype, params.get("transfer-syntax", ""))
             part = None
         yield rf.close()
         await events.finish()

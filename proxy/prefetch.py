@@ -16,8 +16,8 @@ from . import metrics
 from .context import Context
 from .flights import Fetching, covering, learn_instance
 from .media import Selection
-from .multipart import MultipartError, PartEnd, PartHeaders
-from .reframe import TEE_LIMIT, PartEvents, PartOut, label
+from .multipart import MultipartError, PartHeaders
+from .reframe import TEE_LIMIT, Held, PartEvents, PartOut, label, part_payload
 from .responses import Problem
 from .upstream import UpstreamError
 
@@ -87,39 +87,13 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
             metrics.child(metrics.PREFETCHES, outcome).inc()
 
 
-async def _payload(events: PartEvents, part: PartOut) -> list[bytes | bytearray | memoryview] | None:
-    """The payload of the part `label` started reading: received whole into one bytearray when the part
-    declared its length (no receive buffers held, no join to copy it again: measured below), else as
-    the pieces parsed. None for a part too large to keep (read past, not collected)."""
-    pieces: list[bytes | bytearray | memoryview] | None = []
-    size = 0
-    for ev in part.held:
-        if isinstance(ev, PartEnd | PartHeaders):
-            return pieces
-        pieces.append(ev)  # type: ignore[union-attr, arg-type]
-        size += len(ev)  # type: ignore[arg-type]
-    left = events.counted_left()
-    if left and size + left <= TEE_LIMIT:
-        whole = bytearray(size + left)
-        at = 0
-        for piece in pieces:  # type: ignore[union-attr]
-            whole[at : at + len(piece)] = piece
-            at += len(piece)
-        await events.resp.read_into(memoryview(whole)[at:])
-        events.reader.skip(left)
-        pieces, size = [whole], size + left
-    while True:
-        ev = await events.next()
-        if ev is None:
-            raise MultipartError("body ended inside a part")
-        if isinstance(ev, PartEnd):
-            return pieces
-        if isinstance(ev, PartHeaders):
-            raise MultipartError("a part began inside a part")
-        size += len(ev)
-        pieces = pieces if pieces is not None and size <= TEE_LIMIT else None
-        if pieces is not None:
-            pieces.append(ev)
+async def _payload(events: PartEvents, part: PartOut) -> list[bytes | memoryview] | None:
+    """The payload of the part `label` started reading, received whole into one buffer when it declared
+    its length (reframe.part_payload); None for a part too large to keep (read past, not collected)."""
+    held = Held(TEE_LIMIT)
+    async for _ in part_payload(events, part.held, held):
+        pass
+    return held.pieces
 
 
 async def _next_headers(events: PartEvents) -> PartHeaders | None:

@@ -342,6 +342,10 @@ class Response:
         """The body bytes already received, without waiting for more."""
         return self.hold(self._left if self._mode == "length" else sys.maxsize)
 
+    def can_read_into(self) -> bool:
+        """Whether `read_into` may be used now."""
+        return self._mode != "chunked" and not self._released and not self._conn.protocol.window
+
     async def read_into(self, view: memoryview, idle: float | None = None) -> None:
         """Fill `view` with the next body bytes: what is queued is copied, the rest the kernel copies
         straight into `view` (no receive buffer, no join: a part collected whole, e.g. by a prefetch).

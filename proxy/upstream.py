@@ -118,6 +118,10 @@ class UpstreamResponse:
         relay.owns = owns
         return relay
 
+    def can_read_into(self) -> bool:
+        """Whether `read_into` may be used now (not for a chunked body, nor while relaying)."""
+        return self._resp.can_read_into()
+
     async def read_into(self, view: memoryview) -> None:
         """Fill `view` with the next body bytes, received straight into it (transport.Response.read_into);
         UpstreamError(504) if the archive goes quiet for idle_read s, 502 if it breaks off."""

@@ -145,3 +145,21 @@ def test_part_headers_longer_than_the_first_look_are_found_in_memoryview_chunks(
     events = list(reader.feed(memoryview(body)))
     assert isinstance(events[0], PartHeaders) and events[0].headers["content-location"] == long_location
     assert bytes(events[1]) == b"hello" and isinstance(events[2], PartEnd) and reader.done
+
+
+def test_whole_keeps_a_part_received_into_its_own_buffer_and_copies_anything_else():
+    """reframe.whole: the buffer part_payload received a part into is the payload itself (no copy); a
+    slice of a larger receive buffer is copied (kept, it would hold all of that buffer), pieces joined."""
+    from proxy.reframe import whole
+
+    own = memoryview(bytearray(b"abcdef")).toreadonly()
+    assert whole([own]) is own
+    receive_buffer = bytearray(b"xxabcdefyy")
+    piece = memoryview(receive_buffer)[2:8]
+    kept = whole([piece])
+    assert kept == b"abcdef" and isinstance(kept, bytes)
+    receive_buffer[2:4] = b"ZZ"  # the transport reuses its buffer: what was kept does not change
+    assert kept == b"abcdef"
+    assert whole([b"ab", memoryview(b"cd"), b"ef"]) == b"abcdef"
+    writable_whole = memoryview(bytearray(b"abc"))  # not marked read-only: not one of part_payload's
+    assert isinstance(whole([writable_whole]), bytes)
