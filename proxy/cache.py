@@ -325,6 +325,14 @@ class FrameCache:
             self._drop(key)  # the file went (evicted, purged): ask the disk tier once more
         return None
 
+    def on_disk(self, sop: str, frame: int, media_type: str, transfer_syntax: str) -> bool:
+        """Whether the disk tier holds this frame in this encoding (an index lookup, no file read; blocking).
+        False when the disk tier cannot be asked."""
+        try:
+            return frame_key(sop, frame, media_type, transfer_syntax) in self.reader
+        except DISK_ERRORS:
+            return False
+
     def memory_hits(self, entries: Sequence[tuple[str, int]]) -> list[bytes | memoryview] | None:
         """The payloads of these memory-tier entries (key, checksum) if every one still holds the bytes
         it held when the cache phase prepared its answer; then they count as hits and become the most

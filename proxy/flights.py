@@ -80,12 +80,16 @@ class Fetching:
             self.future.set_result(None)
 
 
-def _frames_with_checksums(pieces: list[bytes | memoryview], study: str | None
-           ) -> tuple[list[tuple[str, int, str, str, bytes, int]], str | None]:
-    """The frames of the instance in `pieces`, each frame with its checksum, and the study to tag them with
-    (blocking: in a thread). An instance received whole into one buffer is not copied (reframe.whole)."""
+Split = tuple[list[tuple[str, int, str, str, bytes, int]], list[bool], str | None]
+
+
+def _frames_with_checksums(cache: FrameCache, pieces: list[bytes | memoryview], study: str | None) -> Split:
+    """The frames of the instance in `pieces`, each frame with its checksum; for each, whether the disk
+    tier holds it already; and the study to tag them with (blocking: in a thread). An instance received
+    whole into one buffer is not copied (reframe.whole)."""
     frames, found = frames_and_study(whole(pieces))  # type: ignore[arg-type]
-    return [(*f, checksum_of(f[4])) for f in frames], study or found
+    return ([(*f, checksum_of(f[4])) for f in frames], [cache.on_disk(*f[:4]) for f in frames],
+            study or found)
 
 
 def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview],
@@ -99,7 +103,8 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
     async def split() -> None:
         try:
             loop = asyncio.get_running_loop()
-            frames, tag = await loop.run_in_executor(_SPLITTER, _frames_with_checksums, pieces, study)
+            frames, stored, tag = await loop.run_in_executor(_SPLITTER, _frames_with_checksums, cache, pieces,
+                                                             study)
         except Exception:  # a part we cannot parse teaches us nothing; the client already has it
             return
         if not frames:
@@ -109,9 +114,12 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
         fut = _learned.pop(frames[0][0], None)
         if fut is not None and not fut.done():
             fut.set_result(None)
-        if cache.writable:
-            paths = await cache.write_soon(frames, tag)
-            for (sop, n, mtype, ts, _, _), path in zip(frames, paths, strict=True):
+        # A SOP Instance's frames never change: what the disk tier holds already (a series retrieved
+        # again) is not written again.
+        new = [f for f, there in zip(frames, stored, strict=True) if not there]
+        if cache.writable and new:
+            paths = await cache.write_soon(new, tag)
+            for (sop, n, mtype, ts, _, _), path in zip(new, paths, strict=True):
                 cache.adopt(sop, n, mtype, ts, path)
         siblings.settle("learned/" + frames[0][0])  # on disk: a sibling waiting for it reads it there
 

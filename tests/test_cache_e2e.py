@@ -183,6 +183,33 @@ def test_instances_passing_through_become_frame_entries(archive, data, tmp_path)
         assert upstream_frame_requests(proxy) == before
 
 
+def test_a_study_retrieved_again_is_not_written_to_disk_again(archive, data, tmp_path):
+    """A SOP Instance's frames never change: a study retrieved again through the proxy (an AI pipeline
+    pulling the same study) finds its frames in the disk tier and writes none of them again. Splits run
+    in order on one thread, so once a third retrieve's frames are counted, the second's were skipped."""
+    import time
+
+    native, jpeg = data
+    jpeg_bytes = sum(len(f) for f in generate_frames(jpeg.PixelData, number_of_frames=jpeg.NumberOfFrames))
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
+            httpx.Client(trust_env=False, timeout=30) as c:
+        def written_when(at_least: int) -> float:
+            deadline = time.monotonic() + 20
+            while True:
+                text = c.get(f"{proxy.url}/metrics").text
+                got = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                          if s.name == "dicomweb_edge_cache_written_bytes_total")
+                if got >= at_least or time.monotonic() > deadline:
+                    return got
+                time.sleep(0.05)
+
+        for ds in (jpeg, jpeg, native):
+            assert c.get(f"{proxy.dicomweb_url}/studies/{ds.StudyInstanceUID}", headers=accept).status_code == 200
+        # Written in order too: a second copy of the JPEG frames would be counted before the native ones.
+        assert written_when(jpeg_bytes + len(native.PixelData)) == jpeg_bytes + len(native.PixelData)
+
+
 async def test_a_frame_request_during_a_series_retrieve_waits_for_it(data, tmp_path):
     """Single-flight across granularities: while a study retrieve is in flight, a frame of an instance
     it carries is not asked of the archive (counted at the archive side)."""
