@@ -1,4 +1,6 @@
-"""The upstream HTTP/1.1 client: pooled keep-alive connections that read straight into our buffers.
+"""The upstream HTTP/1.1 client's receiving side: a protocol that reads straight into our buffers, and
+responses whose bodies are read from it (Content-Length, chunked, close-delimited). Connections, the
+pool and request writing are in pool.py.
 
 Why not aiohttp or httpx: reading a 512 KB frame from Orthanc costs about 1.5 ms of CPU in aiohttp
 and more in httpx's default transport (performance-notes.md), against about 0.5 ms for a protocol
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl
 import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .pool import Pool
 
 BUFFER_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -447,172 +451,3 @@ async def _line(proto: _Protocol, view: memoryview) -> tuple[bytes, memoryview]:
         acc, view = joined, view[len(head) :]
         if len(acc) > 4096:
             raise TransportError("malformed chunk header")
-
-
-def _parse_head(raw: bytes) -> tuple[int, Headers]:
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise TransportError("not an HTTP/1.x response")
-    items = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise TransportError("malformed response header")
-        items.append((name, value.strip()))
-    return int(parts[1]), Headers(items)
-
-
-class Pool:
-    """Keep-alive connections to one origin (scheme, host, port)."""
-
-    def __init__(self, scheme: str, host: str, port: int, max_connections: int = 64,
-                 keepalive: float = 0.75, ssl_context: ssl.SSLContext | None = None,
-                 queue_timeout: float | None = None) -> None:
-        self.host, self.port = host, port
-        self.ssl: ssl.SSLContext | None = None
-        if scheme == "https":  # verified against the system CAs unless the caller brings its own context
-            self.ssl = ssl_context or ssl.create_default_context()
-        self.queue_timeout = queue_timeout
-        self.keepalive = keepalive  # Orthanc closes idle connections after 1 s
-        self._idle: list[Connection] = []
-        self._slots = asyncio.Semaphore(max_connections)
-        self.opened = 0
-
-    def put(self, conn: Connection) -> None:
-        """An idle connection, ready for the next request."""
-        conn.idle_since = time.monotonic()
-        self._idle.append(conn)
-        self._slots.release()
-
-    def discard(self) -> None:
-        """A connection was closed instead of put back: its slot is free again."""
-        self._slots.release()
-
-    def _reuse(self) -> Connection | None:
-        now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.alive and now - conn.idle_since < self.keepalive:
-                return conn
-            conn.close()
-        return None
-
-    async def _connect(self, timeout: float) -> Connection:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(_Protocol, self.host, self.port, ssl=self.ssl)
-        except TimeoutError:
-            raise ConnectTimeout(f"no connection within {timeout:g}s") from None
-        self.opened += 1
-        return Connection(transport, protocol)  # type: ignore[arg-type]
-
-    async def request(self, method: str, target: str, headers: dict[str, str], body: Any = None,
-                      connect_timeout: float = 5.0, first_byte_timeout: float = 30.0) -> Response:
-        """Send a request and return once the response headers have arrived.
-
-        Raises ConnectTimeout, FirstByteTimeout, PoolBusy, TransportError, or OSError (refused, unreachable).
-        Redirects are not followed: a 3xx is returned like any other status.
-        """
-        try:
-            async with asyncio.timeout(self.queue_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise PoolBusy(f"no free connection within {self.queue_timeout:g}s") from None
-        try:
-            reused = self._reuse() if method in ("GET", "HEAD") else None
-            conn = reused or await self._connect(connect_timeout)
-            try:
-                return await self._exchange(conn, method, target, headers, body, first_byte_timeout)
-            except (TransportError, OSError) as exc:
-                conn.close()
-                if reused is None or isinstance(exc, FirstByteTimeout):
-                    raise
-            except BaseException:
-                conn.close()  # cancelled, or the request body failed (too large, client gone): never reused
-                raise
-            # A kept-alive connection the origin had just closed: once more on a fresh one.
-            conn = await self._connect(connect_timeout)
-            try:
-                return await self._exchange(conn, method, target, headers, body, first_byte_timeout)
-            except BaseException:
-                conn.close()
-                raise
-        except BaseException:
-            self._slots.release()
-            raise
-
-    async def close(self) -> None:
-        """Close idle connections."""
-        for conn in self._idle:
-            conn.close()
-        self._idle.clear()
-
-    async def _exchange(self, conn: Connection, method: str, target: str, headers: dict[str, str],
-                        body: Any, first_byte_timeout: float) -> Response:
-        host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        chunked = body is not None and not isinstance(body, bytes | bytearray | memoryview) and not any(
-            k.lower() == "content-length" for k in headers)
-        if isinstance(body, bytes | bytearray | memoryview):
-            lines.append(f"Content-Length: {len(body)}")
-        elif chunked:
-            lines.append("Transfer-Encoding: chunked")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        transport = conn.transport
-        if isinstance(body, bytes | bytearray | memoryview):
-            transport.write(head + bytes(body))
-        else:
-            transport.write(head)
-            if body is not None:
-                await self._send_stream(conn, body, chunked)
-        try:
-            async with asyncio.timeout(first_byte_timeout):
-                return await self._read_head(conn, method)
-        except TimeoutError:
-            raise FirstByteTimeout(f"no response within {first_byte_timeout:g}s") from None
-
-    async def _send_stream(self, conn: Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
-        transport = conn.transport
-        async for chunk in body:
-            if conn.protocol.error is not None or transport.is_closing():
-                raise TransportError("connection lost while sending the body")
-            if chunked:
-                transport.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
-            else:
-                transport.write(chunk)
-            if conn.protocol.write_paused:
-                await conn.protocol.drain()
-        if chunked:
-            transport.write(b"0\r\n\r\n")
-
-    async def _read_head(self, conn: Connection, method: str) -> Response:
-        proto = conn.protocol
-        buf = b""
-        while True:
-            piece = await proto.next_piece()
-            if piece is None:
-                raise TransportError("connection closed before a response")
-            probe = 4096  # look at the start of the piece only: the rest is body, left uncopied
-            while True:
-                candidate = buf + bytes(piece[:probe])
-                end = candidate.find(b"\r\n\r\n", max(0, len(buf) - 3))
-                if end >= 0 or probe >= len(piece):
-                    break
-                probe *= 4
-            if end >= 0:
-                break
-            buf = candidate
-            if len(buf) > MAX_HEADER_BYTES:
-                raise TransportError("response headers too large")
-        if end > MAX_HEADER_BYTES:
-            raise TransportError("response headers too large")
-        status, headers = _parse_head(candidate[:end])
-        proto.unread(piece[end + 4 - len(buf) :])
-        if status == 100:
-            return await self._read_head(conn, method)
-        return Response(self, conn, status, headers, method)

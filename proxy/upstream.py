@@ -19,8 +19,9 @@ from . import logs, metrics, outbound, splice
 from .config import ArchiveConfig
 from .dicomjson import UrlRewriter
 from .health import STATE_VALUE, Breaker
+from .pool import Pool
 from .profiles import PROFILES, Profile
-from .transport import ConnectTimeout, FirstByteTimeout, Headers, Pool, PoolBusy, Response, TransportError
+from .transport import ConnectTimeout, FirstByteTimeout, Headers, PoolBusy, Response, TransportError
 
 _TARGET = re.compile(r"^/[!-~]*$")  # printable ASCII only: no space, CR, LF or anything that splits the request
 _HEADER_VALUE = re.compile(r"^[\t -~]*$")

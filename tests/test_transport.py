@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from proxy.transport import FirstByteTimeout, Pool, TransportError
+from proxy.pool import Pool
+from proxy.transport import FirstByteTimeout, TransportError
 
 
 async def serve(handler):
