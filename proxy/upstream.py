@@ -80,17 +80,22 @@ class UpstreamResponse:
             try:
                 async with asyncio.timeout(idle):
                     piece = await anext(body, None)
-            except TimeoutError:
-                self.archive.count_error("idle_timeout")
-                raise UpstreamError(504, f"archive '{self.archive.name}' stalled for {idle:g}s mid-body") from None
-            except (TransportError, OSError) as exc:
-                self.archive.count_error("reset")
-                raise UpstreamError(502, f"archive '{self.archive.name}' broke off the response ({exc})") from None
+            except (TransportError, OSError) as exc:  # (TimeoutError among them)
+                raise self._broken(exc, idle) from None
             if piece is None:
                 return
             self.bytes_read += len(piece)
             tally.inc(received, len(piece))
             yield piece
+
+    def _broken(self, exc: BaseException, idle: float) -> UpstreamError:
+        """What a body read that failed stands for (504 when nothing came for `idle` s, else 502), counted
+        against the archive."""
+        if isinstance(exc, TimeoutError):
+            self.archive.count_error("idle_timeout")
+            return UpstreamError(504, f"archive '{self.archive.name}' stalled for {idle:g}s mid-body")
+        self.archive.count_error("reset")
+        return UpstreamError(502, f"archive '{self.archive.name}' broke off the response ({exc})")
 
     def relay(self, count: int, pipe: splice.Pipe | None = None) -> splice.Relay | None:
         """The next `count` body bytes as a Relay (splice.py), or None when this connection cannot be read
@@ -129,12 +134,8 @@ class UpstreamResponse:
         idle = self.archive.config.timeouts.idle_read
         try:
             await self._resp.read_into(view, idle)
-        except TimeoutError:
-            self.archive.count_error("idle_timeout")
-            raise UpstreamError(504, f"archive '{self.archive.name}' stalled for {idle:g}s mid-body") from None
         except (TransportError, OSError) as exc:
-            self.archive.count_error("reset")
-            raise UpstreamError(502, f"archive '{self.archive.name}' broke off the response ({exc})") from None
+            raise self._broken(exc, idle) from None
         self.bytes_read += len(view)
         metrics.TALLY.inc(metrics.child(metrics.UPSTREAM_BYTES, self.archive.name), len(view))
 
