@@ -13,7 +13,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from . import siblings
-from .cache import FrameCache, checksum_of
+from .cache import FrameCache, checksum_of, frame_key
 from .part10 import frames_and_study
 from .reframe import whole
 
@@ -24,6 +24,7 @@ _learning: set[asyncio.Task[None]] = set()
 _SPLITTER = ThreadPoolExecutor(1, thread_name_prefix="cache-split")
 _learned: dict[str, asyncio.Future[None]] = {}  # SOP UID → set once its frames are in the cache
 _scopes: dict[str, asyncio.Future[None]] = {}  # "study/series/instance" being retrieved → done
+_queued: set[str] = set()  # frame keys learned here and queued for the disk tier, not written yet
 
 
 def learned(sop: str) -> asyncio.Future[None]:
@@ -115,10 +116,15 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
         if fut is not None and not fut.done():
             fut.set_result(None)
         # A SOP Instance's frames never change: what the disk tier holds already (a series retrieved
-        # again) is not written again.
-        new = [f for f, there in zip(frames, stored, strict=True) if not there]
+        # again), or what this worker has queued for it, is not written again.
+        new = [f for f, there in zip(frames, stored, strict=True) if not there and frame_key(*f[:4]) not in _queued]
         if cache.writable and new:
-            paths = await cache.write_soon(new, tag)
+            keys = [frame_key(*f[:4]) for f in new]
+            _queued.update(keys)
+            try:
+                paths = await cache.write_soon(new, tag)
+            finally:
+                _queued.difference_update(keys)
             for (sop, n, mtype, ts, _, _), path in zip(new, paths, strict=True):
                 cache.adopt(sop, n, mtype, ts, path)
         siblings.settle("learned/" + frames[0][0])  # on disk: a sibling waiting for it reads it there
