@@ -117,15 +117,16 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
             fut.set_result(None)
         # A SOP Instance's frames never change: what the disk tier holds already (a series retrieved
         # again), or what this worker has queued for it, is not written again.
-        new = [f for f, there in zip(frames, stored, strict=True) if not there and frame_key(*f[:4]) not in _queued]
+        keys = [frame_key(*f[:4]) for f in frames]
+        new = [(f, k) for f, k, there in zip(frames, keys, stored, strict=True) if not there and k not in _queued]
         if cache.writable and new:
-            keys = [frame_key(*f[:4]) for f in new]
+            keys = [k for _, k in new]
             _queued.update(keys)
             try:
-                paths = await cache.write_soon(new, tag)
+                paths = await cache.write_soon([f for f, _ in new], tag)
             finally:
                 _queued.difference_update(keys)
-            for (sop, n, mtype, ts, _, _), path in zip(new, paths, strict=True):
+            for ((sop, n, mtype, ts, _, _), _), path in zip(new, paths, strict=True):
                 cache.adopt(sop, n, mtype, ts, path)
         siblings.settle("learned/" + frames[0][0])  # on disk: a sibling waiting for it reads it there
 

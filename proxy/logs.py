@@ -64,16 +64,15 @@ class JsonFormatter(logging.Formatter):
 
     def access_line(self, fields: dict[str, Any]) -> str:
         """What `format` makes of an INFO "request" record of the access logger carrying `fields`."""
-        return self._encode({"ts": self._ts(time.time()), "level": "info", "logger": access.name, "msg": "request",
-                             **fields}).decode()
+        out = self._head(time.time(), "info", access.name, "request")
+        out.update(fields)
+        return self._encode(out).decode()
+
+    def _head(self, created: float, level: str, logger: str, msg: str) -> dict[str, Any]:
+        return {"ts": self._ts(created), "level": level, "logger": logger, "msg": msg}
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": self._ts(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
+        out = self._head(record.created, record.levelname.lower(), record.name, record.getMessage())
         fields = getattr(record, "fields", None)
         if fields is not None:
             out.update(fields)

@@ -16,7 +16,7 @@ from . import metrics
 from .context import Context
 from .flights import Fetching, covering, learn_instance
 from .media import Selection
-from .multipart import MultipartError, PartHeaders
+from .multipart import MultipartError
 from .reframe import TEE_LIMIT, Held, PartEvents, PartOut, label, part_payload
 from .responses import Problem
 from .upstream import UpstreamError
@@ -76,7 +76,7 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
                     payload = await _payload(events, part)
                     if payload is not None:
                         learn_instance(cache, part.content_type, payload, fetching=fetching)
-                    head = await _next_headers(events)
+                    head = await events.next_headers()
         except (Problem, UpstreamError, MultipartError, Exception) as exc:  # a prefetch never hurts anyone
             outcome = "failed"
             log.info("prefetch failed: %s", type(exc).__name__)
@@ -94,14 +94,6 @@ async def _payload(events: PartEvents, part: PartOut) -> list[bytes | memoryview
     async for _ in part_payload(events, part.held, held):
         pass
     return held.pieces
-
-
-async def _next_headers(events: PartEvents) -> PartHeaders | None:
-    """The next part's headers; None at the end of the body."""
-    ev = await events.next()
-    if ev is not None and not isinstance(ev, PartHeaders):
-        raise MultipartError("data outside a part")
-    return ev
 
 
 class _NoRequest:

@@ -79,6 +79,13 @@ class PartEvents:
             relay.settled = True
             self.reader.skip(relay.payload)
 
+    async def next_headers(self) -> PartHeaders | None:
+        """The next part's headers, after a part ended; None at the end of the body."""
+        ev = await self.next()
+        if ev is not None and not isinstance(ev, PartHeaders):
+            raise MultipartError("data outside a part")
+        return ev
+
     def counted_left(self) -> int | None:
         """Payload bytes of the current part still to come, when it declared its length and nothing
         parsed is pending; None otherwise."""
@@ -370,12 +377,8 @@ class Reframer:
         """The next part of the archive's body, labelled; None at its end (or after `max_parts`)."""
         if max_parts is not None and sent >= max_parts:
             return None
-        nxt = await events.next()
-        if nxt is None:
-            return None
-        if not isinstance(nxt, PartHeaders):
-            raise MultipartError("data outside a part")
-        return await label(events, nxt, self.sel, self.seen)
+        nxt = await events.next_headers()
+        return None if nxt is None else await label(events, nxt, self.sel, self.seen)
 
     def close(self) -> bytes:
         """The closing delimiter."""

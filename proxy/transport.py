@@ -330,6 +330,11 @@ class Response:
         if not proto.paused and proto.transport is not None:
             proto.transport.pause_reading()
             proto.paused = True
+        return self._queued(limit)
+
+    def _queued(self, limit: int) -> list[memoryview]:
+        """Up to `limit` body bytes the protocol has received already, taken off its queue (counted)."""
+        proto = self._conn.protocol
         taken: list[memoryview] = []
         while proto.pieces and limit > 0:
             piece = proto.pieces.popleft()
@@ -356,19 +361,13 @@ class Response:
         Not for a chunked body (its framing must be parsed). TransportError if the connection ends
         first, TimeoutError if nothing arrives for `idle` s."""
         proto = self._conn.protocol
-        if self._mode == "chunked" or (self._mode == "length" and len(view) > self._left) or proto.window:
+        if not self.can_read_into() or (self._mode == "length" and len(view) > self._left):
             raise ValueError("read_into needs an unchunked body, not relayed, with that many bytes left")
-        got, want = 0, len(view)
-        while proto.pieces and got < want:
-            piece = proto.pieces.popleft()
-            proto.buffered -= len(piece)
-            take = min(len(piece), want - got)
-            view[got : got + take] = piece[:take]
-            if take < len(piece):
-                proto.unread(piece[take:])
-            got += take
-        self.consumed(got)
-        if got == want:
+        got = 0
+        for piece in self._queued(len(view)):
+            view[got : got + len(piece)] = piece
+            got += len(piece)
+        if got == len(view):
             return
         proto.target = view[got:]
         try:

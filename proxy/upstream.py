@@ -136,8 +136,7 @@ class UpstreamResponse:
             await self._resp.read_into(view, idle)
         except (TransportError, OSError) as exc:
             raise self._broken(exc, idle) from None
-        self.bytes_read += len(view)
-        metrics.TALLY.inc(metrics.child(metrics.UPSTREAM_BYTES, self.archive.name), len(view))
+        self._received([view])
 
     def take_ready(self) -> list[memoryview]:
         """The body bytes already received, without waiting (while relaying: reading is the relay's)."""
