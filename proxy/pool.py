@@ -85,14 +85,21 @@ class Pool:
         return Connection(transport, protocol)  # type: ignore[arg-type]
 
     async def request(self, method: str, target: str, headers: dict[str, str], body: Any = None,
-                      connect_timeout: float = 5.0, first_byte_timeout: float = 30.0) -> Response:
+                      connect_timeout: float = 5.0, first_byte_timeout: float = 30.0, window: int = 0) -> Response:
         """Send a request and return once the response headers have arrived.
+
+        `window`: read no more than this much at a time from the start of the response, because its body
+        is to be relayed past Python (splice.py): what the protocol has not read, the kernel moves to the
+        client without a copy. Dropped once the headers show a body that cannot be relayed.
 
         Raises ConnectTimeout, FirstByteTimeout, PoolBusy, TransportError, or OSError (refused, unreachable).
         Redirects are not followed: a 3xx is returned like any other status.
         """
         try:
-            async with asyncio.timeout(self.queue_timeout):
+            if self._slots.locked():  # (a timer only when there is something to wait for)
+                async with asyncio.timeout(self.queue_timeout):
+                    await self._slots.acquire()
+            else:
                 await self._slots.acquire()
         except TimeoutError:
             raise PoolBusy(f"no free connection within {self.queue_timeout:g}s") from None
@@ -100,7 +107,7 @@ class Pool:
             reused = self._reuse() if method in ("GET", "HEAD") else None
             conn = reused or await self._connect(connect_timeout)
             try:
-                return await self._exchange(conn, method, target, headers, body, first_byte_timeout)
+                return await self._exchange(conn, method, target, headers, body, first_byte_timeout, window)
             except (TransportError, OSError) as exc:
                 conn.close()
                 if reused is None or isinstance(exc, FirstByteTimeout):
@@ -111,7 +118,7 @@ class Pool:
             # A kept-alive connection the origin had just closed: once more on a fresh one.
             conn = await self._connect(connect_timeout)
             try:
-                return await self._exchange(conn, method, target, headers, body, first_byte_timeout)
+                return await self._exchange(conn, method, target, headers, body, first_byte_timeout, window)
             except BaseException:
                 conn.close()
                 raise
@@ -126,7 +133,7 @@ class Pool:
         self._idle.clear()
 
     async def _exchange(self, conn: Connection, method: str, target: str, headers: dict[str, str],
-                        body: Any, first_byte_timeout: float) -> Response:
+                        body: Any, first_byte_timeout: float, window: int = 0) -> Response:
         host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
@@ -138,6 +145,7 @@ class Pool:
             lines.append("Transfer-Encoding: chunked")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         transport = conn.transport
+        conn.protocol.window = window
         if isinstance(body, bytes | bytearray | memoryview):
             transport.write(head + bytes(body))
         else:
@@ -189,4 +197,7 @@ class Pool:
         proto.unread(piece[end + 4 - len(buf) :])
         if status == 100:
             return await self._read_head(conn, method)
-        return Response(self, conn, status, headers, method)
+        resp = Response(self, conn, status, headers, method)
+        if proto.window and (status >= 300 or resp.raw_fd() is None):
+            proto.window = 0  # nothing to relay (an error, a chunked body, TLS): read it as usual
+        return resp

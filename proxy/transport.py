@@ -310,6 +310,14 @@ class Response:
             if line:
                 raise TransportError("missing CRLF after a chunk")
 
+    def ready(self) -> bool:
+        """Whether `iter_body` yields its next piece (or ends) without waiting for the connection."""
+        if self._mode == "chunked":
+            return False  # a chunk's size line may need more than what is at hand
+        proto = self._conn.protocol
+        return bool(proto.pieces) or proto.eof or proto.error is not None or \
+            (self._mode == "length" and self._left <= 0)
+
     def raw_fd(self) -> int | None:
         """The socket to read the rest of the body from past the protocol (splice.py), or None: over TLS,
         for a chunked body (its framing must be parsed), or once the connection is gone."""

@@ -21,7 +21,7 @@ from .dicomjson import UrlRewriter
 from .health import STATE_VALUE, Breaker
 from .pool import Pool
 from .profiles import PROFILES, Profile
-from .transport import ConnectTimeout, FirstByteTimeout, Headers, PoolBusy, Response, TransportError
+from .transport import RELAY_WINDOW, ConnectTimeout, FirstByteTimeout, Headers, PoolBusy, Response, TransportError
 
 _TARGET = re.compile(r"^/[!-~]*$")  # printable ASCII only: no space, CR, LF or anything that splits the request
 _HEADER_VALUE = re.compile(r"^[\t -~]*$")
@@ -76,10 +76,14 @@ class UpstreamResponse:
         body = self._resp.iter_body()
         received = metrics.child(metrics.UPSTREAM_BYTES, self.archive.name)
         tally = metrics.TALLY
+        resp = self._resp
         while True:
             try:
-                async with asyncio.timeout(idle):
+                if resp.ready():  # the next piece is at hand: no timer to arm and cancel
                     piece = await anext(body, None)
+                else:
+                    async with asyncio.timeout(idle):
+                        piece = await anext(body, None)
             except (TransportError, OSError) as exc:  # (TimeoutError among them)
                 raise self._broken(exc, idle) from None
             if piece is None:
@@ -240,10 +244,10 @@ class Archive:
             raise UnsafeTarget("the upstream URL would leave the archive's base URL")
         return target
 
-    async def _send(self, method: str, target: str, headers: dict[str, str], body: Any) -> Response:
+    async def _send(self, method: str, target: str, headers: dict[str, str], body: Any, window: int = 0) -> Response:
         t = self.config.timeouts
         try:
-            return await self.pool.request(method, target, headers, body, t.connect, t.first_byte)
+            return await self.pool.request(method, target, headers, body, t.connect, t.first_byte, window)
         except PoolBusy:
             raise ArchiveBusy(f"archive '{self.name}' has all {self.config.max_connections} connections busy; "
                               "try again shortly") from None
@@ -263,8 +267,9 @@ class Archive:
 
     @asynccontextmanager
     async def open(self, method: str, path: str, query: str = "", headers: Mapping[str, str] | None = None,
-                   body: Any = None, service: str = "other") -> AsyncIterator[UpstreamResponse]:
-        """Send one request to `base_url + path` and hold its response open for streaming.
+                   body: Any = None, service: str = "other", relay: bool = False) -> AsyncIterator[UpstreamResponse]:
+        """Send one request to `base_url + path` and hold its response open for streaming. `relay`: its
+        body is to be relayed (splice.py), so the connection reads only the start of it (Pool.request).
 
         Raises UpstreamError(502) when the archive is unreachable or resets, and (504) when it does
         not connect or answer within its timeouts.
@@ -291,7 +296,7 @@ class Archive:
             logs.annotate("archive", self.name)
         try:
             try:
-                resp = await self._send(method, target, hdrs, body)
+                resp = await self._send(method, target, hdrs, body, RELAY_WINDOW if relay else 0)
             except ArchiveBusy:
                 raise
             except UpstreamError:

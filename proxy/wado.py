@@ -97,9 +97,10 @@ async def locate(ctx: Context, study: str) -> list[Archive]:
 
 
 async def open_upstream(ctx: Context, study: str | None, path: str, accept: str, request: Request,
-                        service: str, query: str = "",
-                        archives: list[Archive] | None = None) -> tuple[UpstreamResponse, AsyncExitStack]:
-    """Open the first archive that has the resource (a 404 or an unreachable archive moves on)."""
+                        service: str, query: str = "", archives: list[Archive] | None = None,
+                        relay: bool = False) -> tuple[UpstreamResponse, AsyncExitStack]:
+    """Open the first archive that has the resource (a 404 or an unreachable archive moves on).
+    `relay`: the body is to be relayed past Python (Archive.open)."""
     candidates = archives if archives is not None else await locate(ctx, study or "")
     last: Problem | None = None
     headers = {"Accept": accept}
@@ -109,7 +110,8 @@ async def open_upstream(ctx: Context, study: str | None, path: str, accept: str,
     for i, archive in enumerate(candidates):
         stack = AsyncExitStack()
         try:
-            resp = await stack.enter_async_context(archive.open("GET", path, query, headers, service=service))
+            resp = await stack.enter_async_context(archive.open("GET", path, query, headers, service=service,
+                                                                    relay=relay))
         except UpstreamError as exc:
             await stack.aclose()
             last = Problem(exc.status, exc.reason)
@@ -161,8 +163,11 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
     fetching = None
     if ctx.cache is not None and resource in (Resource.INSTANCE, Resource.INSTANCES):
         fetching = Fetching(target.study, target.series, target.instance)  # frame requests wait for us
+    # Nothing keeps the body (no cache tee): it will be relayed past Python, so read only its start.
+    relay = splice.offered(request.scope) and keep is None and fetching is None
     try:
-        resp, stack = await open_upstream(ctx, target.study, path, accept, request, service, archives=candidates)
+        resp, stack = await open_upstream(ctx, target.study, path, accept, request, service, archives=candidates,
+                                          relay=relay)
     except BaseException:
         if fetching is not None:
             await fetching.done()

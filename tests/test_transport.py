@@ -34,6 +34,13 @@ async def read_request(reader):
     return head, body
 
 
+async def _until(condition, timeout: float = 5.0) -> None:
+    """Let the event loop run until `condition()` holds (or `timeout` s pass)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.001)
+
+
 async def body_of(resp):
     return b"".join([bytes(p) async for p in resp.iter_body()])
 
@@ -73,6 +80,50 @@ async def test_content_length_chunked_and_eof_bodies():
                 assert resp.headers.getall("x-a") == ["1", "2"]
             resp.release()
         assert pool.opened == 2  # kept alive across length and chunked bodies; EOF bodies close it
+        await pool.close()
+
+
+async def test_a_window_reads_only_the_start_of_a_body_to_be_relayed():
+    """`window` (a body to be relayed, splice.py): the connection reads at most that much and stops, so the
+    rest stays in the socket for the kernel to move; a body that cannot be relayed (chunked, an error
+    status) is read as usual, and the next request on the connection reads without a window."""
+    payload = bytes(range(256)) * 3000
+
+    async def handler(reader, writer):
+        while True:
+            try:
+                head, _ = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if b"/chunked" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(payload)
+                             + payload + b"\r\n0\r\n\r\n")
+            else:
+                status = b"404 Not Found" if b"/missing" in head else b"200 OK"
+                writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n" % (status, len(payload)) + payload)
+            await writer.drain()
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port)
+        resp = await pool.request("GET", "/length", {}, window=8192)
+        proto = resp._conn.protocol
+        await _until(lambda: proto.paused or proto.buffered > 8192)
+        assert proto.window == 8192 and proto.paused and proto.buffered <= 8192
+        assert await body_of(resp) == payload  # (read on in windows: still whole)
+        resp.release()
+        for path in ("/chunked", "/missing"):
+            resp = await pool.request("GET", path, {}, window=8192)
+            assert resp._conn.protocol.window == 0, path
+            assert await body_of(resp) == payload, path
+            resp.release()
+        resp = await pool.request("GET", "/length", {})
+        proto = resp._conn.protocol
+        await _until(lambda: proto.buffered >= len(payload))
+        assert proto.window == 0 and proto.buffered == len(payload)
+        assert await body_of(resp) == payload
+        resp.release()
+        assert pool.opened == 1
         await pool.close()
 
 
