@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import httpx
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.testclient import TestClient
 
 from proxy.config import Settings
 from proxy.limits import Buckets, LimitsMiddleware, client_key
@@ -37,14 +37,15 @@ def test_bucket_refills_at_the_rate_up_to_the_burst():
     assert buckets.get("c", now=200.0).tokens == 3  # never above the burst
 
 
-def test_an_unexpected_error_is_a_500_that_cors_still_wraps():
+async def test_an_unexpected_error_is_a_500_that_cors_still_wraps():
     async def boom(request: Request) -> Response:
         raise RuntimeError("bug")
 
     app = Starlette(routes=[Route("/boom", boom)])
     app.add_middleware(LimitsMiddleware, settings=Settings())
     app.add_middleware(CORSMiddleware, allow_origins=["http://viewer.example"])
-    with TestClient(app, raise_server_exceptions=False) as client:
-        r = client.get("/boom", headers={"Origin": "http://viewer.example"})
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        r = await client.get("/boom", headers={"Origin": "http://viewer.example"})
     assert r.status_code == 500 and r.json() == {"status": 500, "reason": "internal error"}
     assert r.headers["access-control-allow-origin"] == "http://viewer.example"
