@@ -17,7 +17,7 @@ from . import objects
 from .context import Context
 from .media import Resource
 from .multipart import MultipartError, MultipartWriter, PartEnd, PartHeaders
-from .reframe import Kept, PartEvents
+from .parts import Kept, PartEvents
 from .responses import Problem, StreamAborted, StreamResponse
 from .upstream import Archive, UpstreamError
 from .urls import dicomweb_base

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import siblings
 from .cache import FrameCache, checksum_of, frame_key
 from .part10 import frames_and_study
-from .reframe import whole
+from .parts import whole
 
 _learning: set[asyncio.Task[None]] = set()
 # Instances are split in a thread of their own: a prefetch queues a split per instance, and in the
@@ -87,7 +87,7 @@ Split = tuple[list[tuple[str, int, str, str, bytes, int]], list[bool], str | Non
 def _frames_with_checksums(cache: FrameCache, pieces: list[bytes | memoryview], study: str | None) -> Split:
     """The frames of the instance in `pieces`, each frame with its checksum; for each, whether the disk
     tier holds it already; and the study to tag them with (blocking: in a thread). An instance received
-    whole into one buffer is not copied (reframe.whole)."""
+    whole into one buffer is not copied (parts.whole)."""
     frames, found = frames_and_study(whole(pieces))  # type: ignore[arg-type]
     return ([(*f, checksum_of(f[4])) for f in frames], [cache.on_disk(*f[:4]) for f in frames],
             study or found)

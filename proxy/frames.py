@@ -21,7 +21,8 @@ from .context import Context
 from .flights import arrivals
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartError, PartHeaders
-from .reframe import Held, PartEvents, Reframer, label, part_payload, whole
+from .parts import Held, PartEvents, part_payload, whole
+from .reframe import Reframer, label
 from .responses import BuffersResponse, Problem, StreamAborted, StreamResponse
 from .sendfile import OpenPayload
 from .upstream import UpstreamError

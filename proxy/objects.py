@@ -27,7 +27,7 @@ from .cache import FrameCache
 from .context import Context
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartWriter
-from .reframe import Keep
+from .parts import Keep
 from .responses import BuffersResponse, StreamResponse
 from .upstream import Archive
 from .urls import dicomweb_base

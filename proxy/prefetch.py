@@ -17,7 +17,8 @@ from .context import Context
 from .flights import Fetching, covering, learn_instance
 from .media import Selection
 from .multipart import MultipartError
-from .reframe import TEE_LIMIT, Held, PartEvents, PartOut, label, part_payload
+from .parts import TEE_LIMIT, Held, PartEvents, part_payload
+from .reframe import PartOut, label
 from .responses import Problem
 from .upstream import UpstreamError
 
@@ -89,7 +90,7 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
 
 async def _payload(events: PartEvents, part: PartOut) -> list[bytes | memoryview] | None:
     """The payload of the part `label` started reading, received whole into one buffer when it declared
-    its length (reframe.part_payload); None for a part too large to keep (read past, not collected)."""
+    its length (parts.part_payload); None for a part too large to keep (read past, not collected)."""
     held = Held(TEE_LIMIT)
     async for _ in part_payload(events, part.held, held):
         pass

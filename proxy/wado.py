@@ -22,7 +22,8 @@ from .context import Context
 from .flights import Fetching, learn_instance
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
 from .multipart import MultipartError
-from .reframe import Keep, Kept, PartEvents, Reframer, label, payload, sent_whole
+from .parts import Keep, Kept, PartEvents, sent_whole
+from .reframe import Reframer, label, payload
 from .responses import Problem, StreamAborted, StreamResponse
 from .splice import Relay
 from .upstream import Archive, UpstreamError, UpstreamResponse
