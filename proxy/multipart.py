@@ -73,6 +73,11 @@ class MultipartReader:
             return self._left
         return None
 
+    @property
+    def uncounted(self) -> bool:
+        """Inside a part that declared no Content-Length (its end is found by scanning for the boundary)."""
+        return self._state == "body"
+
     def skip(self, n: int) -> None:
         """`n` payload bytes of the current counted part went past the parser (splice.py)."""
         left = self.counted_left()

@@ -48,6 +48,8 @@ class PartEvents:
     async def next(self) -> Event | None:
         """The next event, None at a clean end; MultipartError/UpstreamError on a broken body."""
         while not self.pending:
+            if self.reader.uncounted:  # nothing of this part can be relayed: read it as it comes, not 8 KB a time
+                self.resp.unwindow()
             chunk = await anext(self.chunks, None)
             if chunk is None:
                 self.reader.close()
@@ -61,7 +63,10 @@ class PartEvents:
         left = self.counted_left()
         if left is None or left < MIN_RELAY:
             return None
-        return self.resp.relay(left)
+        relay = self.resp.relay(left)
+        if relay is None:  # no pipe free (or a connection that cannot be relayed): read on as usual
+            self.resp.unwindow()
+        return relay
 
     def relayed(self, relay: Relay) -> None:
         """After `relay` (and the relays the server chained to it) was sent: the parser skips the bytes of

@@ -359,6 +359,10 @@ class Response:
         """The body bytes already received, without waiting for more."""
         return self.hold(self._left if self._mode == "length" else sys.maxsize)
 
+    def unwindow(self) -> None:
+        """Stop reading `window` bytes at a time (a relay sets it again when it holds the connection)."""
+        self._conn.protocol.window = 0
+
     def can_read_into(self) -> bool:
         """Whether `read_into` may be used now."""
         return self._mode != "chunked" and not self._released and not self._conn.protocol.window

@@ -128,6 +128,10 @@ class UpstreamResponse:
         relay.owns = owns
         return relay
 
+    def unwindow(self) -> None:
+        """Read the rest of the body as usual: what comes next cannot be relayed (Pool.request `window`)."""
+        self._resp.unwindow()
+
     def can_read_into(self) -> bool:
         """Whether `read_into` may be used now (not for a chunked body, nor while relaying)."""
         return self._resp.can_read_into()

@@ -210,6 +210,20 @@ def test_single_part_answers_are_relayed_too(proxy, orthanc, sample, single, sli
     assert own.headers["content-type"] == "application/dicom"  # that archive's own single part, passed on
 
 
+def test_parts_without_a_length_come_whole_and_are_not_relayed(proxy, sample, slices, faults):
+    """An archive whose parts declare no Content-Length (their ends found by the boundary, M-03): the
+    series comes whole under our framing, nothing is relayed, and the window the connection started with
+    (a retrieve nothing caches) does not hold the reads to 8 KB at a time (test_transport checks that)."""
+    url = _base(proxy, "sample") + _series_path(slices)
+    counted = httpx.get(url, headers={"Accept": SERIES_ACCEPT}, trust_env=False, timeout=60)
+    faults.uncounted_parts = True
+    before = _relayed(proxy, "sample")
+    response = httpx.get(url, headers={"Accept": SERIES_ACCEPT}, trust_env=False, timeout=60)
+    assert response.status_code == 200
+    assert sorted(_payloads(response)) == sorted(_payloads(counted)) and len(_payloads(response)) == SLICES
+    assert _relayed(proxy, "sample") == before
+
+
 def test_client_that_goes_away_mid_relay_leaks_nothing(proxy, orthanc, slices):
     url_path = "/upstreams/orthanc/dicomweb" + _series_path(slices)
     httpx.get(proxy.url + url_path, headers={"Accept": SERIES_ACCEPT}, trust_env=False, timeout=60)  # warm

@@ -8,8 +8,12 @@ import asyncio
 
 import pytest
 
+from proxy.config import ArchiveConfig
+from proxy.multipart import PartEnd, PartHeaders
+from proxy.parts import PartEvents
 from proxy.pool import Pool
-from proxy.transport import FirstByteTimeout, TransportError
+from proxy.transport import RELAY_WINDOW, FirstByteTimeout, TransportError
+from proxy.upstream import Archive
 
 
 async def serve(handler):
@@ -125,6 +129,44 @@ async def test_a_window_reads_only_the_start_of_a_body_to_be_relayed():
         resp.release()
         assert pool.opened == 1
         await pool.close()
+
+
+async def test_a_part_without_a_length_drops_the_window():
+    """A part that declares no Content-Length cannot be relayed (its end is found by scanning for the
+    boundary): once the parser is inside one, the connection reads as it comes instead of 8 KB a time,
+    and the payloads come out whole."""
+    payloads = [bytes([i]) * 300_000 for i in (1, 2)]
+    body = b"".join(b"%s--b0und\r\nContent-Type: application/octet-stream\r\n\r\n%s" % (b"\r\n" if i else b"", p)
+                    for i, p in enumerate(payloads)) + b"\r\n--b0und--\r\n"
+
+    async def handler(reader, writer):
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: multipart/related; boundary=b0und\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+
+    server, port = await serve(handler)
+    async with server:
+        archive = Archive(ArchiveConfig("a", f"http://127.0.0.1:{port}/dicom-web"))
+        async with archive.open("GET", "/studies/1.2/series/3.4", relay=True) as resp:
+            proto = resp._resp._conn.protocol
+            assert proto.window == RELAY_WINDOW  # asked to relay: only the start is read
+            events = PartEvents(resp)
+            got: list[bytes] = []
+            windows = []
+            while (ev := await events.next()) is not None:
+                if isinstance(ev, PartHeaders):
+                    got.append(b"")
+                elif not isinstance(ev, PartEnd):
+                    got[-1] += bytes(ev)
+                    windows.append(proto.window)
+        assert got == payloads
+        assert windows[-1] == 0 and proto.window == 0
+        await archive.close()
 
 
 async def test_unreleased_slots_never_leak():

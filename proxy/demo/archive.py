@@ -69,6 +69,7 @@ class Faults:
     endless_body: bool = False  # stream zeros forever
     endless_part: bool = False  # multipart: the first part's headers (no Content-Length), then zeros forever
     short_part_length: bool = False  # multipart: parts after the first declare a Content-Length 1000 B short
+    uncounted_parts: bool = False  # multipart: no part declares a Content-Length (found by its boundary)
     huge_headers: int | None = None  # add an X-Padding header of this many bytes
     max_limit: int | None = None  # like Azure (cap 200): a search with a larger `limit` gets 400
     bulk_uri_base: str | None = None  # BulkDataURIs and frame Content-Locations point under this base (elsewhere)
@@ -317,7 +318,8 @@ class SampleArchive:
             pieces: list[bytes] = []
             for i, (headers, content) in enumerate(p.parts):
                 declared = len(content) - (1000 if f.short_part_length and i and len(content) > 1000 else 0)
-                lines = [*headers, ("Content-Length", str(declared)), ("MIME-Version", "1.0")]
+                length = [] if f.uncounted_parts else [("Content-Length", str(declared))]
+                lines = [*headers, *length, ("MIME-Version", "1.0")]
                 head = "".join(f"{k}: {v}\r\n" for k, v in lines)
                 pieces += [(("\r\n" if i else "") + f"--{boundary}\r\n{head}\r\n").encode("latin-1"), content]
             if f.endless_part:
