@@ -45,6 +45,21 @@ async def _until(condition, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
+def each_request(answer):
+    """A connection handler for `serve`: `answer(head, writer)` for every request on the connection until
+    the client closes it; an answer that returns True has closed the connection itself."""
+    async def handler(reader, writer):
+        while True:
+            try:
+                head, _ = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if await answer(head, writer):
+                return
+            await writer.drain()
+    return handler
+
+
 async def body_of(resp):
     return b"".join([bytes(p) async for p in resp.iter_body()])
 
@@ -52,29 +67,24 @@ async def body_of(resp):
 async def test_content_length_chunked_and_eof_bodies():
     payload = bytes(range(256)) * 3000
 
-    async def handler(reader, writer):
-        while True:
-            try:
-                head, _ = await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            if b"/chunked" in head:
-                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-                for i in range(0, len(payload), 70000):
-                    piece = payload[i : i + 70000]
-                    writer.write(b"%x;ext=1\r\n" % len(piece) + piece + b"\r\n")
-                writer.write(b"0\r\nX-Trailer: 1\r\n\r\n")
-            elif b"/eof" in head:
-                writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + payload)
-                await writer.drain()
-                writer.close()
-                return
-            else:
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-A: 1\r\nx-a: 2\r\n\r\n" % len(payload)
-                             + payload)
+    async def answer(head, writer):
+        if b"/chunked" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(0, len(payload), 70000):
+                piece = payload[i : i + 70000]
+                writer.write(b"%x;ext=1\r\n" % len(piece) + piece + b"\r\n")
+            writer.write(b"0\r\nX-Trailer: 1\r\n\r\n")
+        elif b"/eof" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + payload)
             await writer.drain()
+            writer.close()
+            return True
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-A: 1\r\nx-a: 2\r\n\r\n" % len(payload)
+                         + payload)
+        return False
 
-    server, port = await serve(handler)
+    server, port = await serve(each_request(answer))
     async with server:
         pool = Pool("http", "127.0.0.1", port)
         for path in ("/length", "/chunked", "/length", "/eof", "/chunked"):
@@ -93,21 +103,16 @@ async def test_a_window_reads_only_the_start_of_a_body_to_be_relayed():
     status) is read as usual, and the next request on the connection reads without a window."""
     payload = bytes(range(256)) * 3000
 
-    async def handler(reader, writer):
-        while True:
-            try:
-                head, _ = await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            if b"/chunked" in head:
-                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(payload)
-                             + payload + b"\r\n0\r\n\r\n")
-            else:
-                status = b"404 Not Found" if b"/missing" in head else b"200 OK"
-                writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n" % (status, len(payload)) + payload)
-            await writer.drain()
+    async def answer(head, writer):
+        if b"/chunked" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(payload)
+                         + payload + b"\r\n0\r\n\r\n")
+        else:
+            status = b"404 Not Found" if b"/missing" in head else b"200 OK"
+            writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n" % (status, len(payload)) + payload)
+        return False
 
-    server, port = await serve(handler)
+    server, port = await serve(each_request(answer))
     async with server:
         pool = Pool("http", "127.0.0.1", port)
         resp = await pool.request("GET", "/length", {}, window=8192)
@@ -139,17 +144,12 @@ async def test_a_part_without_a_length_drops_the_window():
     body = b"".join(b"%s--b0und\r\nContent-Type: application/octet-stream\r\n\r\n%s" % (b"\r\n" if i else b"", p)
                     for i, p in enumerate(payloads)) + b"\r\n--b0und--\r\n"
 
-    async def handler(reader, writer):
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: multipart/related; boundary=b0und\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            await writer.drain()
+    async def answer(head, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: multipart/related; boundary=b0und\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        return False
 
-    server, port = await serve(handler)
+    server, port = await serve(each_request(answer))
     async with server:
         archive = Archive(ArchiveConfig("a", f"http://127.0.0.1:{port}/dicom-web"))
         async with archive.open("GET", "/studies/1.2/series/3.4", relay=True) as resp:
@@ -289,27 +289,22 @@ async def test_read_into_fills_a_buffer_straight_from_the_socket():
     reused. The same for a close-delimited body (Orthanc's series retrieve); a chunked one is refused."""
     payload = bytes(range(256)) * 8000  # 2 MB: several reads
 
-    async def handler(reader, writer):
-        while True:
-            try:
-                head, _ = await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            framing = b"" if b"/eof" in head else b"Content-Length: %d\r\n" % len(payload)
-            if b"/chunked" in head:
-                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
-                await writer.drain()
-                continue
-            writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
-            for i in range(0, len(payload), 100_000):  # in pieces, so part of it is queued, part still coming
-                writer.write(payload[i : i + 100_000])
-                await writer.drain()
-                await asyncio.sleep(0.001)
-            if not framing:
-                writer.close()
-                return
+    async def answer(head, writer):
+        framing = b"" if b"/eof" in head else b"Content-Length: %d\r\n" % len(payload)
+        if b"/chunked" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
+        for i in range(0, len(payload), 100_000):  # in pieces, so part of it is queued, part still coming
+            writer.write(payload[i : i + 100_000])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        if not framing:
+            writer.close()
+            return True
+        return False
 
-    server, port = await serve(handler)
+    server, port = await serve(each_request(answer))
     async with server:
         pool = Pool("http", "127.0.0.1", port)
         for path in ("/length", "/length", "/eof"):
