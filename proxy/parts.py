@@ -63,10 +63,7 @@ class PartEvents:
         left = self.counted_left()
         if left is None or left < MIN_RELAY:
             return None
-        relay = self.resp.relay(left)
-        if relay is None:  # no pipe free (or a connection that cannot be relayed): read on as usual
-            self.resp.unwindow()
-        return relay
+        return self.resp.relay(left)
 
     def relayed(self, relay: Relay) -> None:
         """After `relay` (and the relays the server chained to it) was sent: the parser skips the bytes of

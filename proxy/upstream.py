@@ -104,12 +104,12 @@ class UpstreamResponse:
     def relay(self, count: int, pipe: splice.Pipe | None = None) -> splice.Relay | None:
         """The next `count` body bytes as a Relay (splice.py), or None when this connection cannot be read
         past its protocol (TLS, a chunked body) or no pipe is free. The protocol stops reading until the
-        relay is done. `pipe`: the one of the relay this one follows (chained in the same message)."""
+        relay is done. `pipe`: the one of the relay this one follows (chained in the same message). When
+        there is no relay, the connection reads on as usual (no read window, Pool.request)."""
         fd = self._resp.raw_fd()
-        if fd is None:
-            return None
         owns = pipe is None
-        if pipe is None and (pipe := splice.take_pipe()) is None:
+        if fd is None or (pipe is None and (pipe := splice.take_pipe()) is None):
+            self._resp.unwindow()
             return None
         head = self._resp.hold(count)
         self._received(head)

@@ -333,13 +333,12 @@ async def _passthrough(resp: UpstreamResponse, keep: Keep | None = None,
                        relay: bool = False) -> AsyncIterator[bytes | memoryview | Relay]:
     kept = Kept(keep, resp.content_type or "")
     length = resp.headers.get("Content-Length")
-    moving = None
     if relay and keep is None and length and length.isdigit() and int(length) >= splice.MIN_RELAY:
-        moving = resp.relay(int(length))  # the whole body, past Python (splice.py)
+        moving = resp.relay(int(length))  # the whole body, past Python (splice.py); else read as usual
         if moving is not None:
             yield moving
             sent_whole(moving, resp)
-    if moving is None:
+    else:
         resp.unwindow()  # not relayed: read the body as usual
     try:
         async for chunk in resp.iter_chunks():  # (after a relay: nothing is left, the body is complete)
