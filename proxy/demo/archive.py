@@ -227,6 +227,7 @@ class SampleArchive:
         self.single_part = single_part
         self.requests: collections.Counter[str] = collections.Counter()
         self.request_ids: collections.deque[str | None] = collections.deque(maxlen=100)  # X-Request-ID seen
+        self.queries: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)  # (kind, query string)
         # Per-token access (None: everyone sees everything): bearer token → the study UIDs it may see. Then a
         # request without a known token gets 401, a retrieve of another study 403, and searches list only
         # the token's studies, like an archive with per-user ACLs.
@@ -286,6 +287,7 @@ class SampleArchive:
         async def endpoint(request: Request) -> StreamingResponse:
             self.requests[kind] += 1
             self.request_ids.append(request.headers.get("x-request-id"))
+            self.queries.append((kind, request.url.query))
             self.authorizations[request.headers.get("authorization")] += 1
             self.header_names.update(request.headers.keys())
             if self.required_authorization is not None and \
