@@ -19,11 +19,9 @@ import mmap
 import os
 import sqlite3
 import struct
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,6 +30,7 @@ import xxhash
 from diskcache.core import UNKNOWN
 
 from . import metrics
+from .diskwriter import DiskWriter, FrameToWrite, Item, Paths
 from .sendfile import REF_COST, FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
@@ -41,8 +40,6 @@ _FRESH = struct.Struct("<d")  # metadata entries start with the wall-clock time 
 GENERATION = "purge-generation"
 TOUCH_EVERY = 5.0  # seconds: disk-tier reads are written back to the LRU order at most this often
 T = TypeVar("T")
-FrameToWrite = tuple[str, int, str, str, bytes, int]  # SOP, frame, media type, transfer syntax, payload, checksum
-BATCH = 8  # frames written in one disk-tier transaction at most (siblings see them a batch at a time)
 DISK_ERRORS = (OSError, sqlite3.Error)  # ENOSPC arrives as either, depending on where it hits
 
 
@@ -168,11 +165,9 @@ class FrameCache:
         # to the LRU order in batches instead (_touch), by the one writer thread.
         self.reader = diskcache.Cache(directory, **settings)
         self.reader.reset("eviction_policy", "none", update=False)
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="cache-writer")  # disk writes, one at a time
-        self._batch: list[tuple[list[FrameToWrite], str | None, asyncio.Future[list[str | None]]]] = []
-        self._first: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []  # before frames
-        self._batch_lock = threading.Lock()
-        self._draining = False
+        # Disk writes, one at a time, in a thread; frames already served from memory wait for a quiet
+        # moment, holding at most half the memory tier's bound more (diskwriter.py).
+        self.writer = DiskWriter(self._commit, memory_limit // 2)
         self._touched: set[str] = set()
         self._touch_at = time.monotonic()
         self._generation = self._read_generation()
@@ -227,6 +222,7 @@ class FrameCache:
         generation = self._read_generation()
         if generation != self._generation:
             self._generation = generation
+            self.writer.drop(None)  # a purge elsewhere: what was deferred here may be what it dropped
             self.memory.clear()
             self.memory_bytes = 0
             self._gauge_memory()
@@ -279,7 +275,7 @@ class FrameCache:
         if now - self._touch_at >= TOUCH_EVERY:
             self._touch_at = now
             batch, self._touched = self._touched, set()
-            self.writer.submit(self._touch, batch)
+            self.writer.run(self._touch, batch)
 
     def _touch(self, keys: set[str]) -> None:
         """Move entries read lately to the young end of the LRU order, in one transaction (writer thread)."""
@@ -294,7 +290,7 @@ class FrameCache:
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a blocking disk-tier write in the writer thread (writes never contend with each other)."""
-        return asyncio.get_running_loop().run_in_executor(self.writer, fn, *args)
+        return self.writer.submit(fn, *args)
 
     def get(self, sop: str, frame: int, media_type: str, transfer_syntax: str,
             open_file: bool = False, count: bool = True, memory_only: bool = False) -> Frame | None:
@@ -399,84 +395,43 @@ class FrameCache:
             self.cull()
         return path if isinstance(path, str) else None
 
-    def write_soon(self, frames: list[FrameToWrite], study: str | None) -> asyncio.Future[list[str | None]]:
-        """Queue frames for the disk tier; done, with `write`'s paths, once they are on disk.
+    def write_soon(self, frames: list[FrameToWrite], study: str | None, token: bytes | None = None,
+                   defer: bool = False) -> asyncio.Future[Paths]:
+        """Queue frames for the disk tier; done, with `write`'s paths, once they are on disk. `defer`: this
+        worker serves them from memory already, so they wait for a quiet moment unless a sibling worker
+        wants `token` (diskwriter.py).
 
-        The writer thread takes whatever is queued when it gets to it, up to BATCH frames, and writes
-        it in one transaction: a frame and its index entry were two commits each, and a series
+        The writer thread takes whatever is queued when it gets to it, up to a batch of 8 frames, and
+        writes it in one transaction: a frame and its index entry were two commits each, and a series
         arriving at 1 GB/s queues faster than one commit per frame goes (measured: 2-3.5 ms -> 0.8-1.4
         ms per 512 KB frame with the flat layout, on this machine's ext4). A sibling worker waiting
         for a prefetched frame sees it when its batch commits: 8 frames a batch instead of 32 cost no
         measurable write throughput and brought a cold viewer's frames in 60-120 ms sooner."""
-        done: asyncio.Future[list[str | None]] = asyncio.get_running_loop().create_future()
-        self._queue(self._batch, (frames, study, done))
-        return done
+        return self.writer.write_soon(frames, study, token, defer)
 
     def write_first(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a blocking disk-tier write in the writer thread ahead of the frames queued there: a write
         a client's answer waits for (a metadata document) waits for the instance being written at most:
-        the batch in progress is committed as far as it got and the rest queued again behind it.
+        the batch in progress is committed as far as it got and the rest queued again behind it."""
+        return self.writer.write_first(fn, *args)
 
-        In any other thread it would contend for SQLite's write lock with the writer, which commits batch
-        after batch while a series streams in, and lose for as long (measured: 541 ms for one metadata
-        document during a prefetch, against 22 ms without one)."""
-        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue(self._first, (fn, args, done))
-        return done
-
-    def _queue(self, queue: list[Any], item: Any) -> None:
-        """Queue work for the writer thread; start it draining unless it is at it already."""
-        with self._batch_lock:
-            queue.append(item)
-            start, self._draining = not self._draining, True
-        if start:
-            self.writer.submit(self._drain, asyncio.get_running_loop())
-
-    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Writer thread: the writes asked for first, then the queued frames, a batch per transaction;
-        tell the loop as each is done."""
-        while True:
-            with self._batch_lock:
-                first, self._first = self._first, []
-                batch, size = [], 0
-                while self._batch and (size == 0 or size + len(self._batch[0][0]) <= BATCH):
-                    size += len(self._batch[0][0])
-                    batch.append(self._batch.pop(0))
-                if not batch and not first:
-                    self._draining = False
-                    return
-            for fn, args, waiter in first:
-                try:
-                    outcome: tuple[Any, BaseException | None] = (fn(*args), None)
-                except Exception as exc:
-                    outcome = (None, exc)
-                try:
-                    loop.call_soon_threadsafe(_settle, waiter, *outcome)
-                except RuntimeError:
-                    pass
-            if not batch:
-                continue
-            results: list[list[str | None]] = []
-            try:
-                with self.disk.transact():
-                    for i, (frames, study, _) in enumerate(batch):
-                        if i and self._first:  # a write a client waits for: commit these, let it go first
-                            with self._batch_lock:
-                                self._batch[:0] = batch[i:]
-                            batch = batch[:i]
-                            break
-                        results.append([self.write(sop, n, mtype, ts, data, study, checksum, cull=False)
-                                        for sop, n, mtype, ts, data, checksum in frames])
-            except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
-                self.writable = False
-                log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
-                results = [[None] * len(frames) for frames, _, _ in batch]
-            self.cull()
-            for (_, _, done), paths in zip(batch, results, strict=True):
-                try:
-                    loop.call_soon_threadsafe(_settle, done, paths, None)
-                except RuntimeError:  # the loop closed (shutdown): the frames are on disk all the same
-                    pass
+    def _commit(self, items: list[Item], interrupted: Callable[[], bool]) -> list[Paths]:
+        """Writer thread: write items of frames in one transaction, stopping after any item once
+        `interrupted()` (a write a client waits for came in); the paths of each item written."""
+        results: list[Paths] = []
+        try:
+            with self.disk.transact():
+                for i, (frames, study) in enumerate(items):
+                    if i and interrupted():
+                        break
+                    results.append([self.write(sop, n, mtype, ts, data, study, checksum, cull=False)
+                                    for sop, n, mtype, ts, data, checksum in frames])
+        except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
+            self.writable = False
+            log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
+            results = [[None] * len(frames) for frames, _ in items]
+        self.cull()
+        return results
 
     def _set(self, key: str, *pieces: bytes, expire: float | None = None, tag: str | None = None) -> None:
         """`disk.set` of the value made of `pieces`, without joining (copying) them when it is large.
@@ -598,8 +553,10 @@ class FrameCache:
 
     def purge(self, study: str | None = None) -> int:
         """Drop one study's entries (or everything) from every tier of every worker; how many went."""
-        removed = (self.disk.evict(study) + self.disk.evict(f"json:{study}") + self.disk.evict(f"obj:{study}")
-                   if study else self.disk.clear())
+        # Frames of it not written yet count as entries dropped (the siblings drop theirs as they see it).
+        removed = self.writer.drop(study)
+        removed += (self.disk.evict(study) + self.disk.evict(f"json:{study}") + self.disk.evict(f"obj:{study}")
+                    if study else self.disk.clear())
         self.disk.incr(GENERATION, default=0)
         self._generation = self._read_generation()
         self.memory.clear()
@@ -622,15 +579,7 @@ class FrameCache:
 
     def close(self) -> None:
         """Finish the writes under way and close the disk tier."""
-        self.writer.shutdown(wait=True)
+        self.writer.close()
         self.disk.close()
         self.reader.close()
-
-
-def _settle(done: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if not done.done():
-        if exc is not None:
-            done.set_exception(exc)
-        else:
-            done.set_result(result)
 

@@ -55,7 +55,9 @@ class Context:
         """Follow the other processes' stores through the shared tier, and open the channel to the
         sibling workers on the same cache directory (from the app's lifespan)."""
         if self.cache is not None and self.settings.cache_dir and self.root == DICOMWEB_ROOT:
-            siblings.start(self.settings.cache_dir)
+            bus = siblings.start(self.settings.cache_dir)
+            if bus is not None:
+                bus.on_want = self.cache.writer.want  # a sibling waits for frames this worker holds back
         if self.shared is not None and self._listener is None:
             self._listener = asyncio.ensure_future(self.shared.listen(self._stored_elsewhere, self.clear_searches))
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import logs, metrics
+from . import busy, logs, metrics
 from .limits import BODILESS
 from .sendfile import body_size
 from .urls import DICOMWEB_ROOT
@@ -62,6 +62,8 @@ def account(service: str, method: str, status: int, elapsed: float, ttfb: float 
             fields: dict[str, Any], path: str | None = None) -> None:
     """Count a finished request in the metrics and write its access record (`path`, with the query,
     only when `log_patient_data` asks for it)."""
+    if service != "other":
+        busy.client()
     tally = metrics.TALLY
     tally.inc(metrics.child(metrics.REQUESTS, service, str(status)))
     tally.observe(metrics.child(metrics.REQUEST_DURATION, service, _CODE_CLASS.get(status // 100, "5xx")), elapsed)
@@ -95,6 +97,8 @@ class EdgeMiddleware:
         rid = request_id(scope["headers"])
         scope.setdefault("state", {})["request_id"] = rid
         service = service_of(scope["method"], scope["path"])
+        if service != "other":
+            busy.client()
         fields: dict[str, Any] = {"request_id": rid}
         token = logs.REQUEST.set(fields)
         status = 500

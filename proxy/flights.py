@@ -64,21 +64,30 @@ class Fetching:
     def __init__(self, study: str, series: str | None, instance: str | None) -> None:
         self.key = _scope(study, series, instance)
         self.study = study
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks: list[asyncio.Task[None]] = []  # instances being split into this worker's memory tier
+        self.writes: list[asyncio.Task[None]] = []  # their frames on the way to the disk tier
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.key not in _scopes or _scopes[self.key].done():
             _scopes[self.key] = self.future
         siblings.announce("scope/" + self.key)
 
     async def done(self) -> None:
-        """The retrieve ended: once its frames are learned, wake whoever waits."""
+        """The retrieve ended: once its frames are learned (in this worker's memory tier), wake whoever
+        waits here; the siblings are told once they are on disk too (in the background)."""
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         if _scopes.get(self.key) is self.future:
             del _scopes[self.key]
-        siblings.settle("scope/" + self.key)  # its learned frames are on disk for the siblings too
         if not self.future.done():
             self.future.set_result(None)
+        task = asyncio.ensure_future(self._settle_when_written())
+        _learning.add(task)
+        task.add_done_callback(_learning.discard)
+
+    async def _settle_when_written(self) -> None:
+        if self.writes:
+            await asyncio.gather(*self.writes, return_exceptions=True)
+        siblings.settle("scope/" + self.key)  # its learned frames are on disk for the siblings too
 
 
 Split = tuple[list[tuple[str, int, str, str, bytes, int]], list[bool], str | None]
@@ -91,6 +100,22 @@ def _frames_with_checksums(cache: FrameCache, pieces: list[bytes | memoryview], 
     frames, found = frames_and_study(whole(pieces))  # type: ignore[arg-type]
     return ([(*f, checksum_of(f[4])) for f in frames], [cache.on_disk(*f[:4]) for f in frames],
             study or found)
+
+
+async def _to_disk(cache: FrameCache, sop: str, new: list[tuple[tuple[str, int, str, str, bytes, int], str]],
+                   tag: str | None) -> None:
+    """An instance's learned frames to the shared disk tier, once this worker is quiet or a sibling waits
+    for them (diskwriter.py); then the siblings waiting for the instance read it there."""
+    if cache.writable and new:
+        keys = [k for _, k in new]
+        _queued.update(keys)
+        try:
+            paths = await cache.write_soon([f for f, _ in new], tag, siblings.digest("learned/" + sop), defer=True)
+        finally:
+            _queued.difference_update(keys)
+        for ((sop_, n, mtype, ts, _, _), _), path in zip(new, paths, strict=True):
+            cache.adopt(sop_, n, mtype, ts, path)
+    siblings.settle("learned/" + sop)
 
 
 def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview],
@@ -119,16 +144,11 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
         # again), or what this worker has queued for it, is not written again.
         keys = [frame_key(*f[:4]) for f in frames]
         new = [(f, k) for f, k, there in zip(frames, keys, stored, strict=True) if not there and k not in _queued]
-        if cache.writable and new:
-            keys = [k for _, k in new]
-            _queued.update(keys)
-            try:
-                paths = await cache.write_soon([f for f, _ in new], tag)
-            finally:
-                _queued.difference_update(keys)
-            for ((sop, n, mtype, ts, _, _), _), path in zip(new, paths, strict=True):
-                cache.adopt(sop, n, mtype, ts, path)
-        siblings.settle("learned/" + frames[0][0])  # on disk: a sibling waiting for it reads it there
+        writing = asyncio.ensure_future(_to_disk(cache, frames[0][0], new, tag))
+        _learning.add(writing)
+        writing.add_done_callback(_learning.discard)
+        if fetching is not None:
+            fetching.writes.append(writing)
 
     task = asyncio.ensure_future(split())
     _learning.add(task)

@@ -64,10 +64,11 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
     stored = cache.put(sop, frame, mtype, ts, payload, checksum)
     for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
         _land(key)
-    if stored:  # visible to this worker now, to all once on disk
-        task = cache.write_soon([(sop, frame, mtype, ts, payload, checksum)], study)
-        _pending.add(task)
+    if stored:  # visible to this worker now, to all once on disk (when quiet, or a sibling waits for it)
         sibling = _sibling_key(sop, frame)
+        task = cache.write_soon([(sop, frame, mtype, ts, payload, checksum)], study, siblings.digest(sibling),
+                                defer=True)
+        _pending.add(task)
         _writing.add(sibling)
 
         def written(t: asyncio.Future[list[str | None]]) -> None:

@@ -93,6 +93,14 @@ CACHE_MEMORY_BYTES = Gauge("dicomweb_edge_cache_memory_bytes", "Bytes held by th
                            multiprocess_mode="livesum")
 CACHE_MEMORY_ENTRIES = Gauge("dicomweb_edge_cache_memory_entries", "Entries held by the memory tiers, all workers.",
                              multiprocess_mode="livesum")
+CACHE_DEFERRED_BYTES = Gauge("dicomweb_edge_cache_deferred_bytes",
+                             "Bytes of frames served from memory and waiting for a quiet moment to be written to "
+                             "the disk tier, all workers.", multiprocess_mode="livesum")
+CACHE_DEFERRED_WRITES = Counter("dicomweb_edge_cache_deferred_writes_total",
+                                "Frames served from memory that were to wait for a quiet moment, handed to the "
+                                "disk writer, by why: quiet (no client for a moment), wanted (a sibling worker "
+                                "waits for them), waited (their longest), bound (too many bytes deferred), stop "
+                                "(the worker stops).", ["why"])
 
 CACHE_WAITERS = Counter("dicomweb_edge_cache_singleflight_waiters_total",
                         "Frame requests that waited for a fetch already in flight instead of asking the archive.")

@@ -4,7 +4,9 @@ Each worker's single-flight tables (frames.py, cache.py) only know that worker's
 `--workers 2`, a prefetch running in one worker would not stop the other from asking the archive for
 every frame of the same series. So a worker that starts fetching something *announces* it, and *settles*
 it once the bytes are on the shared disk tier (or the fetch gave up); a sibling that misses waits for
-the settle instead of going upstream, then reads the disk tier.
+the settle instead of going upstream, then reads the disk tier. A worker writes what it serves from
+memory to disk when it is quiet (diskwriter.py), so a sibling that starts waiting says it *wants* the
+key: whoever holds it writes it next.
 
 Transport: one Unix datagram socket per worker in the abstract namespace (Linux), named after the cache
 directory and the pid; siblings are found in /proc/net/unix. Messages name keys by a 12-byte digest,
@@ -21,9 +23,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("dicomweb_edge.siblings")
-_ANNOUNCE, _SETTLE, _HELLO = b"A", b"S", b"H"
+_ANNOUNCE, _SETTLE, _HELLO, _WANT = b"A", b"S", b"H", b"W"
 _DIGEST = 12
 MAX_FLIGHT = 120.0  # seconds an announcement counts without its settle
 REFRESH = 1.0  # seconds between two looks for siblings
@@ -50,6 +53,7 @@ class Siblings:
         self._announced: dict[bytes, tuple[str, float]] = {}  # digest → (announcing sibling, until)
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
         self._mine: set[bytes] = set()  # announced here, not settled yet: told again to a newcomer
+        self.on_want: Callable[[bytes], None] | None = None  # a sibling waits for this digest's key
 
     def start(self) -> bool:
         """Open the socket and listen (from the app's lifespan); False where the platform cannot."""
@@ -117,6 +121,7 @@ class Siblings:
         fut = self._waiters.get(d)
         if fut is None or fut.done():
             fut = self._waiters[d] = asyncio.get_running_loop().create_future()
+            self._send(_WANT + d)  # whoever has it deferred writes it next
         return fut
 
     def _release(self, d: bytes) -> None:
@@ -144,6 +149,11 @@ class Siblings:
                     self._announced[d] = (peer, now + MAX_FLIGHT)
                 elif kind == _SETTLE:
                     self._release(d)
+                elif kind == _WANT and self.on_want is not None:
+                    try:
+                        self.on_want(d)
+                    except Exception:  # the channel outlives a fault in what a want sets off
+                        log.exception("a sibling's want could not be handled")
                 elif kind == _HELLO and self._mine:  # a worker that started after our announcements
                     self._tell(peer, b"".join(_ANNOUNCE + m for m in self._mine))
         if len(self._announced) > 10_000:

@@ -266,6 +266,40 @@ async def test_a_retrieve_in_one_worker_serves_frame_requests_in_the_other(data,
     assert archive.requests["frames"] == 0
 
 
+async def test_a_frame_a_sibling_holds_back_is_written_as_soon_as_it_is_asked_for(data, tmp_path):
+    """Frames a worker serves from memory wait for a quiet moment before they go to the shared disk tier
+    (proxy/diskwriter.py), but not when another worker waits for them: it says so (a want, by digest) and
+    they are written at once. Two proxies on one cache directory (siblings, as two workers are), so that
+    each request goes to the one the test means: the frame request reaches the second while the first
+    streams the study, it is answered without the archive, and the first counts the frames as wanted."""
+    import asyncio
+
+    from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
+
+    native, _ = data
+    archive = SampleArchive("WANTED", Faults(first_byte_delay=0.5))
+    archive.add(native)
+    args = ["--cache-dir", str(tmp_path / "c")]
+    with ArchiveServer(archive) as server, \
+            ProxyProcess({"s": server.dicomweb_url}, tmp_path / "a", args) as first, \
+            ProxyProcess({"s": server.dicomweb_url}, tmp_path / "b", args) as second:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
+            study = asyncio.ensure_future(c.get(
+                f"{first.dicomweb_url}/studies/{native.StudyInstanceUID}",
+                headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}))
+            async with asyncio.timeout(10):
+                while archive.requests["retrieve"] == 0:  # the study retrieve has reached the archive
+                    await asyncio.sleep(0.01)
+            frame = await c.get(url(second.dicomweb_url, native, "4"), headers=ANY)
+            assert (await study).status_code == 200
+            text = (await c.get(f"{first.url}/metrics")).text
+    wanted = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                 if s.name == "dicomweb_edge_cache_deferred_writes_total" and s.labels.get("why") == "wanted")
+    assert frame.status_code == 200 and payloads(frame) == [native_frame(native, 4)]
+    assert archive.requests["frames"] == 0
+    assert wanted >= 1
+
+
 def test_series_metadata_prefetches_the_series(archive, data, tmp_path):
     """A viewer asks for series metadata, then for frames: the proxy fetched the series meanwhile,
     in one upstream request, so the frame requests are hits."""

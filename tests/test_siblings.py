@@ -81,6 +81,22 @@ async def test_a_vanished_siblings_announcements_do_not_hold_anyone(tmp_path):
         assert b.flying("scope/1.2/3.4/*") is None
 
 
+async def test_a_waiter_says_once_what_it_wants_and_the_holder_hears_it(tmp_path):
+    """A worker that starts waiting for a key tells its siblings (by digest): one that holds the key's
+    frames back for a quiet moment writes them next (diskwriter.py)."""
+    from proxy.siblings import digest
+
+    async with pair(tmp_path) as (a, b):
+        heard: list[bytes] = []
+        a.on_want = heard.append
+        b.landing("learned/1.2.3")
+        b.landing("learned/1.2.3")  # a second request waiting for the same instance: no second want
+        a.announce("scope/1.2/1.2.4/*")
+        await until(lambda: b.flying("scope/1.2/1.2.4/*") is not None)
+        await until(lambda: len(heard) >= 2)
+        assert heard == [digest("learned/1.2.3"), digest("scope/1.2/1.2.4/*")]
+
+
 async def test_messages_carry_no_uids(tmp_path):
     import socket
 

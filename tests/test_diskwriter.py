@@ -1,0 +1,136 @@
+"""The disk writer (proxy/diskwriter.py): frames a worker already serves from memory wait for a quiet
+moment before they are written to the shared disk tier, unless a sibling worker wants them, they waited
+their longest, too many bytes wait, or the worker stops; a purge drops what has not been written yet.
+
+Whether the worker is busy is set by the test (busy.quiet_for), not by timing: a frame deferred while
+"busy" is never written for quietness, however slow the machine."""
+
+import asyncio
+import os
+
+import pytest
+
+from proxy import busy, diskwriter, metrics
+from proxy.cache import FrameCache, checksum_of
+from proxy.part10 import EXPLICIT_LE
+
+MEDIA = "application/octet-stream"
+
+
+@pytest.fixture
+def quiet(monkeypatch):
+    """Control what the writer sees: quiet["for"] is returned as seconds since the last client request."""
+    state = {"for": 0.0}
+    monkeypatch.setattr(busy, "quiet_for", lambda: state["for"])
+    monkeypatch.setattr(diskwriter, "QUIET", 0.04)
+    return state
+
+
+def frame(n: int, size: int = 64 * 1024) -> tuple[str, int, str, str, bytes, int]:
+    payload = os.urandom(size)
+    return ("1.2.3", n, MEDIA, EXPLICIT_LE, payload, checksum_of(payload))
+
+
+def on_disk(directory, n: int) -> bool:
+    """What another worker finds (nothing in its memory tier)."""
+    return FrameCache(str(directory)).get("1.2.3", n, MEDIA, "*", memory_only=False) is not None
+
+
+def count(why: str) -> float:
+    return metrics.child(metrics.CACHE_DEFERRED_WRITES, why)._value.get()
+
+
+async def looks(writer: diskwriter.DiskWriter, monkeypatch, times: int) -> None:
+    """Let the writer look at the queue `times` more times (its own timer)."""
+    seen = {"n": 0}
+    original = writer._look
+
+    def counted() -> None:
+        seen["n"] += 1
+        original()
+
+    monkeypatch.setattr(writer, "_look", counted)
+    async with asyncio.timeout(10):
+        while seen["n"] < times:
+            await asyncio.sleep(0.01)
+
+
+async def test_deferred_frames_wait_while_clients_come_and_are_written_once_quiet(tmp_path, quiet, monkeypatch):
+    cache = FrameCache(str(tmp_path))
+    before = count("quiet")
+    frames = [frame(n) for n in range(1, 21)]
+    done = [cache.write_soon([f], "1.2", defer=True) for f in frames]
+    await looks(cache.writer, monkeypatch, 3)  # busy all along: looked three times, wrote nothing
+    assert not any(d.done() for d in done)
+    assert not any(on_disk(tmp_path, n) for n in range(1, 21))
+    quiet["for"] = 1.0
+    async with asyncio.timeout(10):
+        await asyncio.gather(*done)
+    assert all(on_disk(tmp_path, n) for n in range(1, 21))
+    assert count("quiet") - before == 20
+    assert cache.writer._later_bytes == 0
+    cache.close()
+
+
+async def test_a_sibling_that_wants_frames_gets_them_written_at_once_even_while_busy(tmp_path, quiet):
+    cache = FrameCache(str(tmp_path))
+    before = count("wanted")
+    held = cache.write_soon([frame(1)], "1.2", b"token-one", defer=True)
+    wanted = cache.write_soon([frame(2)], "1.2", b"token-two", defer=True)
+    cache.writer.want(b"token-two")
+    async with asyncio.timeout(10):
+        await wanted
+    assert on_disk(tmp_path, 2) and not on_disk(tmp_path, 1) and not held.done()
+    # Wanted before it was queued (the sibling asked first): written as it comes.
+    cache.writer.want(b"token-three")
+    early = cache.write_soon([frame(3)], "1.2", b"token-three", defer=True)
+    async with asyncio.timeout(10):
+        await early
+    assert on_disk(tmp_path, 3) and not held.done()
+    assert count("wanted") - before == 2
+    cache.close()  # the worker stops: what waited is written
+    assert on_disk(tmp_path, 1)
+
+
+async def test_the_bound_and_the_longest_wait_write_frames_while_busy(tmp_path, quiet, monkeypatch):
+    cache = FrameCache(str(tmp_path), memory_limit=8 * 64 * 1024)  # defers at most 4 frames of 64 KB
+    bound, waited = count("bound"), count("waited")
+    done = [cache.write_soon([frame(n)], "1.2", defer=True) for n in range(1, 11)]
+    async with asyncio.timeout(10):
+        await asyncio.gather(*done[:6])
+    assert count("bound") - bound == 6 and not any(d.done() for d in done[6:])
+    assert cache.writer._later_bytes == 4 * 64 * 1024
+    monkeypatch.setattr(diskwriter, "MAX_WAIT", 0.0)
+    for item in cache.writer._later.values():  # as if they had waited MAX_WAIT seconds already
+        item.until = 0.0
+    late = cache.write_soon([frame(11)], "1.2", defer=True)  # one more: the oldest goes for the bound,
+    async with asyncio.timeout(10):                           # the rest at the next look (no wait allowed)
+        await asyncio.gather(late, *done[6:])
+    assert count("bound") - bound == 7 and count("waited") - waited == 4
+    assert all(on_disk(tmp_path, n) for n in range(1, 12))
+    cache.close()
+
+
+async def test_a_purge_drops_frames_not_written_yet(tmp_path, quiet, monkeypatch):
+    cache = FrameCache(str(tmp_path))
+    purged = cache.write_soon([frame(1)], "1.2", defer=True)
+    kept = cache.write_soon([frame(2)], "9.9", defer=True)
+    assert cache.purge("1.2") == 1  # counted among the entries it dropped
+    assert purged.done() and purged.result() == [None]
+    quiet["for"] = 1.0
+    async with asyncio.timeout(10):
+        await kept
+    await looks(cache.writer, monkeypatch, 0)
+    assert on_disk(tmp_path, 2) and not on_disk(tmp_path, 1)
+    cache.close()
+
+
+async def test_frames_a_stopping_worker_deferred_survive_the_restart(tmp_path, quiet):
+    cache = FrameCache(str(tmp_path))
+    before = count("stop")
+    done = [cache.write_soon([frame(n)], "1.2", defer=True) for n in (1, 2, 3)]
+    cache.close()  # inside the running loop, as the app's lifespan does
+    assert count("stop") - before == 3
+    assert all(on_disk(tmp_path, n) for n in (1, 2, 3))
+    await asyncio.sleep(0)  # the writer's reports reach the loop
+    assert all(d.done() for d in done)
