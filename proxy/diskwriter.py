@@ -6,8 +6,10 @@ SQLite's lock and never block the event loop. Three queues, taken in this order:
 
 - first: a write a client's answer waits for (a metadata document). It waits for the instance being
   written at most: the batch in progress is committed as far as it got and the rest queued again.
-- now: frames a sibling worker waits for (it said so on the siblings channel: `want`), frames that
-  waited MAX_WAIT seconds, and the oldest of the deferred frames beyond the deferral bound.
+- now: frames a sibling worker waits for (it said so on the siblings channel: `want`), with every
+  other frame of their study (a sibling serving a viewer of the study will want those next; for
+  WANT_FOR seconds, frames of the study are not held back at all), frames that waited MAX_WAIT seconds,
+  and the oldest of the deferred frames beyond the deferral bound.
 - later: frames this worker serves from its memory tier already (a prefetch, an instance passing
   through, a miss). They go to disk, for the other workers and the next start, once no client request
   has started or ended for QUIET seconds, a batch at a time while it stays quiet; after MAX_WAIT
@@ -70,6 +72,7 @@ class DiskWriter:
         self._seq = 0
         self._tokens: dict[bytes, list[int]] = {}  # token → deferred items it names
         self._wanted: dict[bytes, float] = {}  # token → until: asked for before it was queued
+        self._shared: dict[str, float] = {}  # study → until: a sibling serves it too, hold nothing back
         self._timer: asyncio.TimerHandle | None = None
         self._pacing = False  # a batch written because it was quiet: look again once it is done
 
@@ -97,9 +100,14 @@ class DiskWriter:
         they wait for a quiet moment unless a sibling wants `token` (or did before)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Paths] = loop.create_future()
-        if defer and token is not None and self._wanted.pop(token, 0.0) >= time.monotonic():
-            defer = False  # a sibling asked for them before they came
-            metrics.child(metrics.CACHE_DEFERRED_WRITES, "wanted").inc(len(frames))
+        if defer:
+            now = time.monotonic()
+            asked = token is not None and self._wanted.pop(token, 0.0) >= now  # before they came
+            if asked:
+                self._share(study, now)
+            if asked or (study is not None and self._shared.get(study, 0.0) >= now):
+                defer = False
+                metrics.child(metrics.CACHE_DEFERRED_WRITES, "wanted").inc(len(frames))
         if not defer:
             self._queue(self._now, (frames, study, done))
             return done
@@ -116,17 +124,31 @@ class DiskWriter:
         return done
 
     def want(self, token: bytes) -> None:
-        """A sibling worker waits for the frames `token` names: write them next, or once they are queued."""
-        seqs = self._tokens.get(token)
-        if seqs:
-            for seq in list(seqs):
-                self._promote(seq, "wanted")
-            self._gauge()
-            return
+        """A sibling worker waits for the frames `token` names: write them next, with the rest of their
+        study, or once they are queued."""
         now = time.monotonic()
-        self._wanted[token] = now + WANT_FOR
-        if len(self._wanted) > 10_000:
-            self._wanted = {t: until for t, until in self._wanted.items() if until >= now}
+        seqs = self._tokens.get(token)
+        if not seqs:
+            self._wanted[token] = now + WANT_FOR
+            if len(self._wanted) > 10_000:
+                self._wanted = {t: until for t, until in self._wanted.items() if until >= now}
+            return
+        study = self._later[seqs[0]].study
+        for seq in list(seqs):
+            self._promote(seq, "wanted")
+        self._share(study, now)
+        self._gauge()
+
+    def _share(self, study: str | None, now: float) -> None:
+        """A sibling serves `study` too: write what is held back of it, and hold nothing of it back."""
+        if study is None:
+            return
+        self._shared[study] = now + WANT_FOR
+        if len(self._shared) > 10_000:
+            self._shared = {s: until for s, until in self._shared.items() if until >= now}
+        for seq, item in list(self._later.items()):
+            if item.study == study:
+                self._promote(seq, "wanted")
 
     def drop(self, study: str | None) -> int:
         """A purge: frames of `study` (every frame, for None) not written yet will not be; how many."""

@@ -72,22 +72,27 @@ async def test_deferred_frames_wait_while_clients_come_and_are_written_once_quie
     cache.close()
 
 
-async def test_a_sibling_that_wants_frames_gets_them_written_at_once_even_while_busy(tmp_path, quiet):
+async def test_a_sibling_that_wants_frames_gets_them_and_their_study_written_at_once_even_while_busy(
+        tmp_path, quiet):
     cache = FrameCache(str(tmp_path))
     before = count("wanted")
-    held = cache.write_soon([frame(1)], "1.2", b"token-one", defer=True)
-    wanted = cache.write_soon([frame(2)], "1.2", b"token-two", defer=True)
-    cache.writer.want(b"token-two")
-    async with asyncio.timeout(10):
-        await wanted
-    assert on_disk(tmp_path, 2) and not on_disk(tmp_path, 1) and not held.done()
-    # Wanted before it was queued (the sibling asked first): written as it comes.
+    held = cache.write_soon([frame(1)], "9.9", b"token-one", defer=True)  # another study
+    same = cache.write_soon([frame(2)], "1.2", b"token-two", defer=True)
+    wanted = cache.write_soon([frame(3)], "1.2", b"token-three", defer=True)
     cache.writer.want(b"token-three")
-    early = cache.write_soon([frame(3)], "1.2", b"token-three", defer=True)
     async with asyncio.timeout(10):
-        await early
-    assert on_disk(tmp_path, 3) and not held.done()
-    assert count("wanted") - before == 2
+        await asyncio.gather(wanted, same)  # the sibling serves study 1.2: it will want frame 2 next
+    assert on_disk(tmp_path, 3) and on_disk(tmp_path, 2)
+    assert not on_disk(tmp_path, 1) and not held.done()
+    later = cache.write_soon([frame(4)], "1.2", b"token-four", defer=True)  # 1.2 is shared: not held back
+    # Wanted before it was queued (the sibling asked first): written as it comes, with its study.
+    cache.writer.want(b"token-six")
+    other = cache.write_soon([frame(5)], "5.5", b"token-five", defer=True)
+    early = cache.write_soon([frame(6)], "5.5", b"token-six", defer=True)
+    async with asyncio.timeout(10):
+        await asyncio.gather(later, other, early)
+    assert all(on_disk(tmp_path, n) for n in (4, 5, 6)) and not held.done()
+    assert count("wanted") - before == 5
     cache.close()  # the worker stops: what waited is written
     assert on_disk(tmp_path, 1)
 
