@@ -11,7 +11,7 @@ SQLite's lock and never block the event loop. Three queues, taken in this order:
   WANT_FOR seconds, frames of the study are not held back at all), frames that waited MAX_WAIT seconds,
   and the oldest of the deferred frames beyond the deferral bound.
 - later: frames this worker serves from its memory tier already (a prefetch, an instance passing
-  through, a miss). They go to disk, for the other workers and the next start, once no client request
+  through; a frame fetched on a miss is written at once, frames.py). They go to disk, for the other workers and the next start, once no client request
   has started or ended for QUIET seconds, a batch at a time while it stays quiet; after MAX_WAIT
   seconds whatever happens; all of them when the worker stops.
 
