@@ -1,6 +1,6 @@
 """A viewer-like replay: Orthanc direct vs the proxy with its frame cache, with and without prefetch (issue 4).
 
-    python benchmarks/replay.py [--viewers 4] [--slices 200] [--rounds 3] [--workers 2,1]
+    python benchmarks/replay.py [--viewers 4] [--slices 200] [--rounds 3] [--workers 2,1] [--against REV]
 
 One viewer = what OHIF does to open a CT: study search, series search, the series metadata (one
 keep-alive connection, stdlib `http.client`), then every frame of the series with 6 requests in flight
@@ -9,7 +9,9 @@ is measured: httpx, used here before, spent 3-5 ms more than curl per viewer on 
 (the 670 KB metadata most), a cost that weighed on the proxy's short viewers only. Viewers run one
 after the other, each timed from its first request to its last byte. Modes, each from a cold start:
 Orthanc direct; for each worker count, the proxy with a fresh cache and prefetch off, and with
-prefetch on. Worker counts: 2 (deploy/docker, deploy/kubernetes) and 1 (the default).
+prefetch on. Worker counts: 2 (deploy/docker, deploy/kubernetes) and 1 (the default). `--against REV`
+adds, for each worker count, the proxy of another revision (a clean export of its `proxy/`) with prefetch
+on, interleaved with the rest: a before/after in one run.
 Targets: the second viewer through the proxy >= 5x faster than against Orthanc directly; with prefetch
 on, the first viewer faster than direct.
 """
@@ -33,7 +35,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from stack import ACCEPT_FRAME, PATIENT, WORK, Stack, on_sigterm, replace_section, versions  # noqa: E402
+from stack import (  # noqa: E402
+    ACCEPT_FRAME,
+    PATIENT,
+    WORK,
+    Stack,
+    code_state,
+    on_sigterm,
+    replace_section,
+    versions,
+)
 from support import ProxyProcess  # noqa: E402
 
 
@@ -65,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3, help="cold starts of every mode, interleaved (medians)")
     ap.add_argument("--workers", default="2,1", help="proxy worker counts to run, comma-separated")
+    ap.add_argument("--against", metavar="REV", help="also run this revision's proxy (prefetch on)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args(argv)
     on_sigterm()
@@ -73,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     direct_mode = "Orthanc direct"
     proxied = [(f"proxy, {w} worker{'s' if w > 1 else ''}, prefetch {p}", w, "true" if p == "on" else "false")
                for w in counts for p in ("off", "on")]
+    against = None
+    if args.against:
+        rev = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        against = work / f"rev-{rev}"
+        shutil.rmtree(against, ignore_errors=True)
+        against.mkdir(parents=True)
+        tar = subprocess.run(["git", "archive", args.against, "proxy"], cwd=REPO, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(against)], input=tar.stdout, check=True)
+        proxied += [(f"proxy at {rev}, {w} worker{'s' if w > 1 else ''}, prefetch on", w, "true") for w in counts]
     modes = [direct_mode] + [label for label, _, _ in proxied]
     rounds: list[dict[str, list[float]]] = []
     with Stack(work, slices=args.slices, workers=2, proxy=False, nginx=False) as st:
@@ -91,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                 run = work / f"{label.replace(', ', '-').replace(' ', '_')}-{n}"
                 shutil.rmtree(run, ignore_errors=True)
                 run.mkdir(parents=True)
-                with ProxyProcess({"bench": st.orthanc.dicomweb_url}, run,
-                                  ["--cache-dir", str(run / "cache"), "--workers", str(workers)],
-                                  env={"DICOMWEB_EDGE_PREFETCH": prefetch}) as proxy:
+                process = ProxyProcess({"bench": st.orthanc.dicomweb_url}, run,
+                                       ["--cache-dir", str(run / "cache"), "--workers", str(workers)],
+                                       env={"DICOMWEB_EDGE_PREFETCH": prefetch})
+                if label.startswith("proxy at ") and against is not None:
+                    process.env["PYTHONPATH"] = str(against)  # that revision's package, not the work tree's
+                with process as proxy:
                     times[label] = [viewer(proxy.dicomweb_url, study, series, sops, run)
                                     for _ in range(args.viewers)]
             rounds.append(times)
@@ -106,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Command: `python benchmarks/replay.py {' '.join(argv if argv is not None else sys.argv[1:])}`<br>",
         f"Date: {datetime.now(UTC).isoformat(timespec='seconds')}<br>",
+        f"Code: {code_state()}<br>",
         "Software: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         "",
         f"One viewer: study search, series search, series metadata (stdlib `http.client`, one keep-alive "
@@ -124,13 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {k} | " + " | ".join(f"{t:.3f}" for t in v) + " |" for k, v in med.items()]
     lines += ["", "| metric | value (median) | per round | target | result |", "|---|---|---|---|---|"]
     for workers in counts:
-        off, on = (label for label, w, _ in proxied if w == workers)
+        off, on = (label for label, w, _ in proxied if w == workers and not label.startswith("proxy at "))
         for what, mode, v, target in (("second viewer", off, 1, 5.0), ("second viewer", on, 1, 5.0),
                                       ("first viewer", on, 0, 1.0)):
             value, each = ratio(mode, v)
             met = value >= target if target > 1 else value > target
             lines.append(f"| {what}, direct / {mode} | {value:.2f}x | " + ", ".join(f"{x:.2f}x" for x in each)
                          + f" | {'≥' if target > 1 else '>'} {target:g}x | **{'PASS' if met else 'FAIL'}** |")
+    for label, _, _ in proxied:
+        if label.startswith("proxy at "):
+            for what, v in (("first viewer", 0), ("second viewer", 1)):
+                value, each = ratio(label, v)
+                lines.append(f"| {what}, direct / {label} (for comparison) | {value:.2f}x | "
+                             + ", ".join(f"{x:.2f}x" for x in each) + " | | |")
     body = "\n".join(lines) + "\n"
     replace_section(args.out, "## Viewer replay: Orthanc direct vs the frame cache (issue 4)", body)
     print(body)
