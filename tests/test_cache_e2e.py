@@ -210,10 +210,23 @@ def test_a_study_retrieved_again_is_not_written_to_disk_again(archive, data, tmp
         assert written_when(jpeg_bytes + len(native.PixelData)) == jpeg_bytes + len(native.PixelData)
 
 
+async def study_retrieve_in_flight(c, base, native, archive):
+    """Start a study retrieve through the proxy at `base`; return it once it has reached the archive
+    (whose first byte is delayed: the retrieve is in flight while the test goes on)."""
+    import asyncio
+
+    study = asyncio.ensure_future(c.get(
+        f"{base}/studies/{native.StudyInstanceUID}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}))
+    async with asyncio.timeout(10):
+        while archive.requests["retrieve"] == 0:
+            await asyncio.sleep(0.01)
+    return study
+
+
 async def test_a_frame_request_during_a_series_retrieve_waits_for_it(data, tmp_path):
     """Single-flight across granularities: while a study retrieve is in flight, a frame of an instance
     it carries is not asked of the archive (counted at the archive side)."""
-    import asyncio
 
     from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
 
@@ -223,12 +236,7 @@ async def test_a_frame_request_during_a_series_retrieve_waits_for_it(data, tmp_p
     with ArchiveServer(archive) as server, \
             ProxyProcess({"s": server.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy:
         async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
-            study = c.get(f"{proxy.dicomweb_url}/studies/{native.StudyInstanceUID}",
-                          headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
-            task = asyncio.ensure_future(study)
-            async with asyncio.timeout(10):
-                while archive.requests["retrieve"] == 0:  # the study retrieve has reached the archive
-                    await asyncio.sleep(0.01)
+            task = await study_retrieve_in_flight(c, proxy.dicomweb_url, native, archive)
             frame = await c.get(url(proxy.dicomweb_url, native, "4"), headers=ANY)
             assert (await task).status_code == 200
     assert frame.status_code == 200 and payloads(frame) == [native_frame(native, 4)]
@@ -249,12 +257,7 @@ async def test_a_retrieve_in_one_worker_serves_frame_requests_in_the_other(data,
     args = ["--cache-dir", str(tmp_path / "c"), "--workers", "2"]
     with ArchiveServer(archive) as server, ProxyProcess({"s": server.dicomweb_url}, tmp_path, args) as proxy:
         async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
-            study = asyncio.ensure_future(c.get(
-                f"{proxy.dicomweb_url}/studies/{native.StudyInstanceUID}",
-                headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}))
-            async with asyncio.timeout(10):
-                while archive.requests["retrieve"] == 0:  # the study retrieve has reached the archive
-                    await asyncio.sleep(0.01)
+            study = await study_retrieve_in_flight(c, proxy.dicomweb_url, native, archive)
 
             async def fresh(n: int) -> httpx.Response:
                 async with httpx.AsyncClient(trust_env=False, timeout=30) as one:
@@ -272,7 +275,6 @@ async def test_a_frame_a_sibling_holds_back_is_written_as_soon_as_it_is_asked_fo
     they are written at once. Two proxies on one cache directory (siblings, as two workers are), so that
     each request goes to the one the test means: the frame request reaches the second while the first
     streams the study, it is answered without the archive, and the first counts the frames as wanted."""
-    import asyncio
 
     from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
 
@@ -284,12 +286,7 @@ async def test_a_frame_a_sibling_holds_back_is_written_as_soon_as_it_is_asked_fo
             ProxyProcess({"s": server.dicomweb_url}, tmp_path / "a", args) as first, \
             ProxyProcess({"s": server.dicomweb_url}, tmp_path / "b", args) as second:
         async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
-            study = asyncio.ensure_future(c.get(
-                f"{first.dicomweb_url}/studies/{native.StudyInstanceUID}",
-                headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}))
-            async with asyncio.timeout(10):
-                while archive.requests["retrieve"] == 0:  # the study retrieve has reached the archive
-                    await asyncio.sleep(0.01)
+            study = await study_retrieve_in_flight(c, first.dicomweb_url, native, archive)
             frame = await c.get(url(second.dicomweb_url, native, "4"), headers=ANY)
             assert (await study).status_code == 200
             text = (await c.get(f"{first.url}/metrics")).text
