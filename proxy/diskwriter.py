@@ -6,14 +6,15 @@ SQLite's lock and never block the event loop. Three queues, taken in this order:
 
 - first: a write a client's answer waits for (a metadata document). It waits for the instance being
   written at most: the batch in progress is committed as far as it got and the rest queued again.
-- now: frames a sibling worker waits for (it said so on the siblings channel: `want`), with every
-  other frame of their study (a sibling serving a viewer of the study will want those next; for
-  WANT_FOR seconds, frames of the study are not held back at all), frames that waited MAX_WAIT seconds,
-  and the oldest of the deferred frames beyond the deferral bound.
+- now: frames a sibling worker waits for (it said so on the siblings channel: `want`; they go to the
+  front), then every other frame of their study (a sibling serving a viewer of the study will want
+  those next; for WANT_FOR seconds, frames of the study are not held back at all), frames that waited
+  MAX_WAIT seconds, and the oldest of the deferred frames beyond the deferral bound.
 - later: frames this worker serves from its memory tier already (a prefetch, an instance passing
-  through; a frame fetched on a miss is written at once, frames.py). They go to disk, for the other workers and the next start, once no client request
-  has started or ended for QUIET seconds, a batch at a time while it stays quiet; after MAX_WAIT
-  seconds whatever happens; all of them when the worker stops.
+  through; a frame fetched on a miss is written at once, frames.py). They go to disk, for the other
+  workers and the next start, once no client request has started or ended for QUIET seconds, a batch
+  at a time while it stays quiet; after MAX_WAIT seconds whatever happens; all of them when the worker
+  stops.
 
 Why later: writing a 512 KB frame (its file, the page-cache copy, ext4's allocation, two SQLite rows)
 costs ~0.4 ms of CPU alone and 1-1.5 ms while a series streams in, on the cores that serve the viewer
@@ -135,7 +136,7 @@ class DiskWriter:
             return
         study = self._later[seqs[0]].study
         for seq in list(seqs):
-            self._promote(seq, "wanted")
+            self._promote(seq, "wanted", front=True)  # ahead of the rest of a study another want let go
         self._share(study, now)
         self._gauge()
 
@@ -197,12 +198,12 @@ class DiskWriter:
                 self._tokens.pop(item.token, None)
         return item
 
-    def _promote(self, seq: int, why: str) -> asyncio.Future[Paths] | None:
+    def _promote(self, seq: int, why: str, front: bool = False) -> asyncio.Future[Paths] | None:
         item = self._forget(seq)
         if item is None:
             return None
         metrics.child(metrics.CACHE_DEFERRED_WRITES, why).inc(len(item.frames))
-        self._queue(self._now, (item.frames, item.study, item.done))
+        self._queue(self._now, (item.frames, item.study, item.done), front)
         return item.done
 
     def _gauge(self) -> None:
@@ -245,10 +246,13 @@ class DiskWriter:
                 self._timer = None
             self._look()
 
-    def _queue(self, queue: list[Any], item: Any) -> None:
+    def _queue(self, queue: list[Any], item: Any, front: bool = False) -> None:
         """Queue work for the writer thread; start it draining unless it is at it already."""
         with self._lock:
-            queue.append(item)
+            if front:
+                queue.insert(0, item)
+            else:
+                queue.append(item)
             start, self._draining = not self._draining, True
         if start:
             self.thread.submit(self._drain, asyncio.get_running_loop())

@@ -97,6 +97,22 @@ async def test_a_sibling_that_wants_frames_gets_them_and_their_study_written_at_
     assert on_disk(tmp_path, 1)
 
 
+async def test_what_a_sibling_waits_for_goes_ahead_of_a_study_another_want_let_go(tmp_path, quiet):
+    cache = FrameCache(str(tmp_path))
+    order: list[int] = []
+    done = []
+    for n in range(1, 22):
+        d = cache.write_soon([frame(n)], "1.2" if n <= 20 else "3.4", b"token-%d" % n, defer=True)
+        d.add_done_callback(lambda _, n=n: order.append(n))
+        done.append(d)
+    cache.writer.want(b"token-1")  # study 1.2 goes to disk: 20 frames queued
+    cache.writer.want(b"token-21")  # a sibling waits for a frame of 3.4 meanwhile: it goes next
+    async with asyncio.timeout(10):
+        await asyncio.gather(*done)
+    assert order.index(21) < 16, order  # (the writer may be a batch of 8 into 1.2 by then)
+    cache.close()
+
+
 async def test_the_bound_and_the_longest_wait_write_frames_while_busy(tmp_path, quiet, monkeypatch):
     cache = FrameCache(str(tmp_path), memory_limit=8 * 64 * 1024)  # defers at most 4 frames of 64 KB
     bound, waited = count("bound"), count("waited")
