@@ -74,6 +74,7 @@ class DiskWriter:
         self._tokens: dict[bytes, list[int]] = {}  # token → deferred items it names
         self._wanted: dict[bytes, float] = {}  # token → until: asked for before it was queued
         self._shared: dict[str, float] = {}  # study → until: a sibling serves it too, hold nothing back
+        self._aliases: dict[bytes, str] = {}  # token → study: wanting it wants the study (a retrieve in flight)
         self._timer: asyncio.TimerHandle | None = None
         self._pacing = False  # a batch written because it was quiet: look again once it is done
 
@@ -129,6 +130,10 @@ class DiskWriter:
         study, or once they are queued."""
         now = time.monotonic()
         seqs = self._tokens.get(token)
+        if not seqs and token in self._aliases:
+            self._share(self._aliases[token], now)
+            self._gauge()
+            return
         if not seqs:
             self._wanted[token] = now + WANT_FOR
             if len(self._wanted) > 10_000:
@@ -150,6 +155,13 @@ class DiskWriter:
         for seq, item in list(self._later.items()):
             if item.study == study:
                 self._promote(seq, "wanted")
+
+    def alias(self, token: bytes, study: str | None) -> None:
+        """A sibling that wants `token` (a retrieve's scope) wants all of `study`; None: no longer."""
+        if study is None:
+            self._aliases.pop(token, None)
+        else:
+            self._aliases[token] = study
 
     def drop(self, study: str | None) -> int:
         """A purge: frames of `study` (every frame, for None) not written yet will not be; how many."""

@@ -61,15 +61,18 @@ class Fetching:
     """Marks a study, series or instance retrieve as in flight, so that frame requests for what it
     carries wait for it instead of asking the archive (single-flight across granularities)."""
 
-    def __init__(self, study: str, series: str | None, instance: str | None) -> None:
+    def __init__(self, study: str, series: str | None, instance: str | None, cache: FrameCache | None = None) -> None:
         self.key = _scope(study, series, instance)
         self.study = study
+        self.cache = cache
         self.tasks: list[asyncio.Task[None]] = []  # instances being split into this worker's memory tier
         self.writes: list[asyncio.Task[None]] = []  # their frames on the way to the disk tier
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.key not in _scopes or _scopes[self.key].done():
             _scopes[self.key] = self.future
         siblings.announce("scope/" + self.key)
+        if cache is not None:  # a sibling waiting for what this brings asks for all of its study
+            cache.writer.alias(siblings.digest("scope/" + self.key), study)
 
     async def done(self) -> None:
         """The retrieve ended: once its frames are learned (in this worker's memory tier), wake whoever
@@ -87,6 +90,8 @@ class Fetching:
     async def _settle_when_written(self) -> None:
         if self.writes:
             await asyncio.gather(*self.writes, return_exceptions=True)
+        if self.cache is not None:
+            self.cache.writer.alias(siblings.digest("scope/" + self.key), None)
         siblings.settle("scope/" + self.key)  # its learned frames are on disk for the siblings too
 
 

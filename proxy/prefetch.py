@@ -60,7 +60,7 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
         if covering(study, series, "") or not await asyncio.to_thread(cache.claim_prefetch, study, series, ttl):
             metrics.child(metrics.PREFETCHES, "skipped").inc()  # another worker has it, or is on it
             return
-        fetching = Fetching(study, series, None)
+        fetching = Fetching(study, series, None, cache)
         outcome = "done"
         try:
             sel = Selection(True, "application/dicom", "*")

@@ -163,7 +163,7 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
         return await _retrieve_federated(request, ctx, sel, candidates, path, accept, service)
     fetching = None
     if ctx.cache is not None and resource in (Resource.INSTANCE, Resource.INSTANCES):
-        fetching = Fetching(target.study, target.series, target.instance)  # frame requests wait for us
+        fetching = Fetching(target.study, target.series, target.instance, ctx.cache)  # frame requests wait for us
     # Nothing keeps the body (no cache tee): it will be relayed past Python, so read only its start.
     relay = splice.offered(request.scope) and keep is None and fetching is None
     try:

@@ -113,6 +113,24 @@ async def test_what_a_sibling_waits_for_goes_ahead_of_a_study_another_want_let_g
     cache.close()
 
 
+async def test_a_sibling_waiting_for_a_retrieve_in_flight_gets_its_whole_study_written(tmp_path, quiet):
+    """A sibling waits for a retrieve (its scope), not for an instance the retrieve brought (one too large
+    to keep, or that could not be cut into frames, is never learned): the study's frames go to disk, so
+    that the retrieve's end reaches the sibling without waiting for a quiet moment."""
+    cache = FrameCache(str(tmp_path))
+    held = [cache.write_soon([frame(n)], "1.2", b"token-%d" % n, defer=True) for n in (1, 2)]
+    cache.writer.alias(b"scope-token", "1.2")
+    cache.writer.want(b"scope-token")
+    async with asyncio.timeout(10):
+        await asyncio.gather(*held)
+    assert on_disk(tmp_path, 1) and on_disk(tmp_path, 2)
+    cache.writer.alias(b"scope-token", None)  # the retrieve settled
+    other = cache.write_soon([frame(3)], "3.4", b"token-3", defer=True)
+    cache.writer.want(b"scope-token")  # no longer anything: remembered as a token of its own
+    assert not other.done()
+    cache.close()
+
+
 async def test_the_bound_and_the_longest_wait_write_frames_while_busy(tmp_path, quiet, monkeypatch):
     cache = FrameCache(str(tmp_path), memory_limit=8 * 64 * 1024)  # defers at most 4 frames of 64 KB
     bound, waited = count("bound"), count("waited")
