@@ -47,6 +47,9 @@ MAX_WAIT = 10.0  # seconds a deferred frame waits for a quiet moment at most
 WANT_FOR = 30.0  # seconds a sibling's want is remembered for frames not queued yet
 
 
+_Queued = tuple[list[FrameToWrite], str | None, asyncio.Future[Paths], bytes | None]  # frames, study, done, token
+
+
 @dataclass(slots=True)
 class _Deferred:
     frames: list[FrameToWrite]
@@ -66,7 +69,7 @@ class DiskWriter:
         self._commit = commit
         self._lock = threading.Lock()
         self._first: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._now: list[tuple[list[FrameToWrite], str | None, asyncio.Future[Paths]]] = []
+        self._now: list[_Queued] = []
         self._draining = False
         self._later: OrderedDict[int, _Deferred] = OrderedDict()  # oldest first
         self._later_bytes = 0
@@ -111,7 +114,7 @@ class DiskWriter:
                 defer = False
                 metrics.child(metrics.CACHE_DEFERRED_WRITES, "wanted").inc(len(frames))
         if not defer:
-            self._queue(self._now, (frames, study, done))
+            self._queue(self._now, (frames, study, done, token))
             return done
         self._seq += 1
         size = sum(len(f[4]) for f in frames)
@@ -130,6 +133,8 @@ class DiskWriter:
         study, or once they are queued."""
         now = time.monotonic()
         seqs = self._tokens.get(token)
+        if not seqs and self._hurry(token):
+            return
         if not seqs and token in self._aliases:
             self._share(self._aliases[token], now)
             self._gauge()
@@ -144,6 +149,16 @@ class DiskWriter:
             self._promote(seq, "wanted", front=True)  # ahead of the rest of a study another want let go
         self._share(study, now)
         self._gauge()
+
+    def _hurry(self, token: bytes) -> bool:
+        """Frames `token` names queued already (behind a study another want let go): to the front."""
+        with self._lock:
+            for i, queued in enumerate(self._now):
+                if queued[3] == token:
+                    if i:
+                        self._now.insert(0, self._now.pop(i))
+                    return True
+        return False
 
     def _share(self, study: str | None, now: float) -> None:
         """A sibling serves `study` too: write what is held back of it, and hold nothing of it back."""
@@ -174,7 +189,7 @@ class DiskWriter:
         with self._lock:
             waiting = [q for q in self._now if study is None or q[1] == study]
             self._now = [q for q in self._now if not (study is None or q[1] == study)]
-        for frames, _, done in waiting:
+        for frames, _, done, _ in waiting:
             dropped += len(frames)
             _settle(done, [None] * len(frames), None)
         self._gauge()
@@ -215,7 +230,7 @@ class DiskWriter:
         if item is None:
             return None
         metrics.child(metrics.CACHE_DEFERRED_WRITES, why).inc(len(item.frames))
-        self._queue(self._now, (item.frames, item.study, item.done), front)
+        self._queue(self._now, (item.frames, item.study, item.done, item.token), front)
         return item.done
 
     def _gauge(self) -> None:
@@ -275,7 +290,7 @@ class DiskWriter:
         while True:
             with self._lock:
                 first, self._first = self._first, []
-                batch: list[tuple[list[FrameToWrite], str | None, asyncio.Future[Paths]]] = []
+                batch: list[_Queued] = []
                 size = 0
                 while self._now and (size == 0 or size + len(self._now[0][0]) <= BATCH):
                     size += len(self._now[0][0])
@@ -291,12 +306,12 @@ class DiskWriter:
                 _tell(loop, waiter, *outcome)
             if not batch:
                 continue
-            results = self._commit([(frames, study) for frames, study, _ in batch], lambda: bool(self._first))
+            results = self._commit([(frames, study) for frames, study, _, _ in batch], lambda: bool(self._first))
             if len(results) < len(batch):  # a write a client waits for came in: it goes next
                 with self._lock:
                     self._now[:0] = batch[len(results):]
                 batch = batch[:len(results)]
-            for (_, _, done), paths in zip(batch, results, strict=True):
+            for (_, _, done, _), paths in zip(batch, results, strict=True):
                 _tell(loop, done, paths, None)
 
 

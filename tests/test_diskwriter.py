@@ -113,6 +113,22 @@ async def test_what_a_sibling_waits_for_goes_ahead_of_a_study_another_want_let_g
     cache.close()
 
 
+async def test_a_wanted_frame_queued_behind_its_studys_burst_moves_to_the_front(tmp_path, quiet):
+    cache = FrameCache(str(tmp_path))
+    order: list[int] = []
+    done = []
+    for n in range(1, 21):
+        d = cache.write_soon([frame(n)], "1.2", b"token-%d" % n, defer=True)
+        d.add_done_callback(lambda _, n=n: order.append(n))
+        done.append(d)
+    cache.writer.want(b"token-1")  # the whole study is queued, frame 20 last
+    cache.writer.want(b"token-20")  # the sibling's next request: frame 20 goes next
+    async with asyncio.timeout(10):
+        await asyncio.gather(*done)
+    assert order.index(20) < 16, order
+    cache.close()
+
+
 async def test_a_sibling_waiting_for_a_retrieve_in_flight_gets_its_whole_study_written(tmp_path, quiet):
     """A sibling waits for a retrieve (its scope), not for an instance the retrieve brought (one too large
     to keep, or that could not be cut into frames, is never learned): the study's frames go to disk, so
