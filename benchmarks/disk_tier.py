@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.cache import FrameCache, _unpack, checksum_of, frame_key  # noqa: E402
+from proxy.cache import FrameCache, checksum_of, frame_key  # noqa: E402
+from proxy.entries import unpack  # noqa: E402
 from proxy.part10 import EXPLICIT_LE  # noqa: E402
 
 MEDIA = "application/octet-stream"
@@ -64,7 +65,7 @@ def read_copied(directory: str, count: int) -> float:
     for n in range(count):
         index = cache.reader.get(f"frame-any/1.2.{n}/1")
         blob = cache.reader.get(frame_key(f"1.2.{n}", 1, MEDIA, EXPLICIT_LE))
-        payload = None if index is None or blob is None else _unpack(blob, view=True)
+        payload = None if index is None or blob is None else unpack(blob, view=True)
         if payload is None:
             raise RuntimeError("a frame is missing or corrupt")
         kept.append(payload)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import os
 import sqlite3
 import struct
@@ -26,16 +25,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import diskcache
-import xxhash
-from diskcache.core import UNKNOWN
 
 from . import metrics
 from .diskwriter import DiskWriter, FrameToWrite, Item, Paths
+from .entries import HEADER, FlatDisk, Pieces, checksum_of, head, mapped, unpack
 from .sendfile import REF_COST, FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
-_HEADER = struct.Struct("<4sQQ")  # magic, payload length, checksum
-_MAGIC = b"DWE2"  # DWE1 entries (CRC-32) fail the magic test: evicted and fetched again, once
 _FRESH = struct.Struct("<d")  # metadata entries start with the wall-clock time they stay fresh until
 GENERATION = "purge-generation"
 TOUCH_EVERY = 5.0  # seconds: disk-tier reads are written back to the LRU order at most this often
@@ -64,23 +60,6 @@ class Frame:
         return f'"{checksum:016x}-{len(self.payload):x}"'
 
 
-class _FlatDisk(diskcache.Disk):
-    """diskcache's file layout with one level of 256 directories, made once, instead of two levels of
-    random directories made as files arrive: on a fresh cache nearly every 512 KB frame paid a mkdir
-    (0.25-0.5 ms each on this ext4). Existing entries keep their paths (the database holds them)."""
-
-    def filename(self, key: object = UNKNOWN, value: object = UNKNOWN) -> tuple[str, str]:
-        name = os.urandom(16).hex()
-        filename = os.path.join(name[:2], name[2:] + ".val")
-        return filename, os.path.join(self._directory, filename)
-
-
-def checksum_of(data: bytes | memoryview) -> int:
-    """What every entry is checked against (and ETags are made of): xxh3-64, ~12x zlib's CRC-32 here
-    (13 vs 156 µs per 512 KB frame), computed once per frame stored and once per disk-tier read."""
-    return xxhash.xxh3_64_intdigest(data)
-
-
 def _count_memory_hit(kind: str, size: int) -> None:
     """The path that must be cheap: updates added up (metrics.TALLY)."""
     metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", kind, "hit"))
@@ -102,52 +81,6 @@ def index_key(sop: str, frame: int) -> str:
     return f"frame-any/{sop}/{frame}"
 
 
-def _head(payload: bytes, checksum: int | None = None) -> bytes:
-    """The header every disk entry starts with: magic, payload length, checksum."""
-    return _HEADER.pack(_MAGIC, len(payload), checksum_of(payload) if checksum is None else checksum)
-
-
-class _Pieces:
-    """A file-like reader over a few buffers, for `disk.set(..., read=True)`: each read returns the next
-    buffer as it is, so the value is written without being joined (copied) first."""
-
-    def __init__(self, *pieces: bytes) -> None:
-        self.pieces = list(pieces)
-
-    def read(self, size: int = -1) -> bytes:
-        return self.pieces.pop(0) if self.pieces else b""
-
-
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map the whole file at once, not page by page
-
-
-def _mapped(handle: Any) -> memoryview | None:
-    """The file behind `handle`, mapped read-only (the page cache's own pages: no copy, no fresh memory
-    to fault in); None where it cannot be mapped (an empty file, a platform without mmap).
-
-    Measured (benchmarks/disk_tier.py): a disk-tier hit of a 512 KB frame costs 0.26 ms of CPU mapped,
-    0.59 ms read into a new bytes object (fresh memory faulted in page by page). diskcache
-    never rewrites a file in place (a new value is a new file; eviction unlinks, which leaves a mapping
-    valid), so what was checked stays what is sent.
-    """
-    try:
-        return memoryview(mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ))
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _unpack(blob: bytes, view: bool = False) -> bytes | None:
-    """The payload of a disk entry whose length and checksum check, else None (`view`: a memoryview of
-    `blob` instead of a copy)."""
-    if len(blob) < _HEADER.size:
-        return None
-    magic, length, checksum = _HEADER.unpack_from(blob)
-    payload = memoryview(blob)[_HEADER.size :] if view else blob[_HEADER.size :]
-    if magic != _MAGIC or len(payload) != length or checksum_of(payload) != checksum:
-        return None
-    return payload  # type: ignore[return-value]  # a memoryview sends, joins and measures as bytes do
-
-
 class FrameCache:
     """Memory LRU in front of a diskcache directory."""
 
@@ -155,7 +88,7 @@ class FrameCache:
                  max_entry: int = 64 * 1024**2, sendfile: bool = False) -> None:
         # cull_limit=0: no culling inside set(); write() culls itself, so that evictions can be counted.
         settings: dict[str, Any] = {"size_limit": size_limit, "eviction_policy": "least-recently-used",
-                                    "tag_index": True, "cull_limit": 0, "disk": _FlatDisk}
+                                    "tag_index": True, "cull_limit": 0, "disk": FlatDisk}
         for n in range(256):
             os.makedirs(os.path.join(directory, f"{n:02x}"), exist_ok=True)
         self.disk = diskcache.Cache(directory, **settings)
@@ -244,15 +177,15 @@ class FrameCache:
             if blob is not None and not isinstance(blob, bytes):
                 with blob as handle:  # a value in a file of its own comes back open: map it (or, to send it
                     path = handle.name  # from the file later, read it) and remember where it is
-                    mapped = None if ref else _mapped(handle)
-                    blob = mapped if mapped is not None else handle.read()
+                    view = None if ref else mapped(handle)
+                    blob = view if view is not None else handle.read()
         except Exception:  # an unreadable cache must not take the proxy down
             log.warning("cache read failed", exc_info=True)
             return None
         if not blob:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "miss").inc()
             return None
-        payload = _unpack(blob, view=True)
+        payload = unpack(blob, view=True)
         if payload is None:
             log.warning("cache entry failed its length/checksum test and was evicted")
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "corrupt").inc()
@@ -261,10 +194,10 @@ class FrameCache:
         if count_hit:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "hit").inc()
             metrics.child(metrics.CACHE_SERVED_BYTES, "disk", kind).inc(len(payload))
-        checksum = _HEADER.unpack_from(blob)[2]
+        checksum = HEADER.unpack_from(blob)[2]
         self._read_back(key)
         # Verified once; later hits in this worker are sent from the file (checked for length when opened).
-        self._remember(key, FileRef(path, _HEADER.size, len(payload)) if ref and isinstance(path, str) else payload,
+        self._remember(key, FileRef(path, HEADER.size, len(payload)) if ref and isinstance(path, str) else payload,
                        checksum)
         return payload, checksum
 
@@ -357,7 +290,7 @@ class FrameCache:
         held = self.memory.get(key)
         if path is None or held is None or isinstance(held[0], FileRef):
             return
-        self.memory[key] = (FileRef(path, _HEADER.size, len(held[0])), held[1])
+        self.memory[key] = (FileRef(path, HEADER.size, len(held[0])), held[1])
         self.memory_bytes += REF_COST - len(held[0])
         self._gauge_memory()
 
@@ -377,9 +310,9 @@ class FrameCache:
         key = frame_key(sop, frame, media_type, transfer_syntax)
         path = None
         try:
-            self._set(key, _head(payload, checksum), payload, tag=study)
+            self._set(key, head(payload, checksum), payload, tag=study)
             index = f"{media_type};{transfer_syntax}".encode()
-            self._set(index_key(sop, frame), _head(index), index, tag=study)
+            self._set(index_key(sop, frame), head(index), index, tag=study)
             if self.sendfile and len(payload) >= self.disk.disk_min_file_size:
                 handle = self.disk.get(key, read=True)
                 if handle is not None and not isinstance(handle, bytes):
@@ -441,7 +374,7 @@ class FrameCache:
         Handed over as a reader (read=True), a large value is written piece by piece: one write() each.
         """
         if sum(len(p) for p in pieces) >= self.disk.disk_min_file_size:
-            self.disk.set(key, _Pieces(*pieces), expire=expire, read=True, tag=tag)
+            self.disk.set(key, Pieces(*pieces), expire=expire, read=True, tag=tag)
         else:
             self.disk.set(key, b"".join(pieces), expire=expire, tag=tag)
 
@@ -460,7 +393,7 @@ class FrameCache:
         """Store entries in the shared disk tier, tagged `obj:{study}` (blocking: call it off the loop)."""
         try:
             for key, payload in entries:
-                self._set(key, _head(payload), payload, tag=f"obj:{study}")
+                self._set(key, head(payload), payload, tag=f"obj:{study}")
         except DISK_ERRORS:
             self.writable = False
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "write-failed").inc()
@@ -507,7 +440,7 @@ class FrameCache:
         if blob is not None and len(blob) >= _FRESH.size:
             fresh_until = _FRESH.unpack_from(blob)[0]
             if stale or time.time() < fresh_until:
-                body = _unpack(blob[_FRESH.size :])
+                body = unpack(blob[_FRESH.size :])
         result = "miss" if body is None else "stale" if stale else "hit"
         metrics.child(metrics.CACHE_RESULTS, "disk", "metadata", result).inc()
         if body is not None:
@@ -520,7 +453,7 @@ class FrameCache:
         if ttl <= 0 or not self.writable:
             return
         try:
-            self._set("json/" + key, _FRESH.pack(time.time() + ttl), _head(body), body, expire=ttl + stale_if_error,
+            self._set("json/" + key, _FRESH.pack(time.time() + ttl), head(body), body, expire=ttl + stale_if_error,
                           tag=f"json:{study}")
         except DISK_ERRORS:
             self.writable = False
