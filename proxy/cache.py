@@ -507,8 +507,8 @@ class FrameCache:
             free = size = 0
         return {"disk_entries": entries, "disk_bytes": int(self.disk.volume()),
                 "disk_limit_bytes": int(self.disk.size_limit), "memory_entries": len(self.memory),
-                "memory_bytes": self.memory_bytes, "writable": self.writable,
-                "filesystem_free_bytes": free, "filesystem_size_bytes": size}
+                "memory_bytes": self.memory_bytes, "held_back_bytes": self.writer.held_back_bytes,
+                "writable": self.writable, "filesystem_free_bytes": free, "filesystem_size_bytes": size}
 
     def close(self) -> None:
         """Finish the writes under way and close the disk tier."""

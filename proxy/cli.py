@@ -105,7 +105,9 @@ def cache_command(args: argparse.Namespace) -> int:
     cache = FrameCache(directory)
     try:
         if args.action == "stats":
-            print(json.dumps(cache.stats(), indent=2))
+            stats = cache.stats()
+            del stats["memory_entries"], stats["memory_bytes"], stats["held_back_bytes"]  # a running worker's own
+            print(json.dumps(stats, indent=2))
         else:
             print(json.dumps({"removed": cache.purge(args.study)}))
     finally:

@@ -81,6 +81,11 @@ class DiskWriter:
         self._timer: asyncio.TimerHandle | None = None
         self._pacing = False  # a batch written because it was quiet: look again once it is done
 
+    @property
+    def held_back_bytes(self) -> int:
+        """Bytes of frames waiting for a quiet moment (this worker)."""
+        return self._later_bytes
+
     def run(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run `fn` in the writer thread, in no particular order with the queues (fire and forget)."""
         return self.thread.submit(fn, *args)

@@ -62,6 +62,7 @@ async def test_deferred_frames_wait_while_clients_come_and_are_written_once_quie
     done = [cache.write_soon([f], "1.2", defer=True) for f in frames]
     await looks(cache.writer, monkeypatch, 3)  # busy all along: looked three times, wrote nothing
     assert not any(d.done() for d in done)
+    assert cache.stats()["held_back_bytes"] == 20 * 64 * 1024  # (the admin endpoint and `cache stats`)
     assert not any(on_disk(tmp_path, n) for n in range(1, 21))
     quiet["for"] = 1.0
     async with asyncio.timeout(10):
