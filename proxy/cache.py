@@ -319,14 +319,19 @@ class FrameCache:
                     handle.close()
                     path = handle.name
         except DISK_ERRORS:
-            self.writable = False  # disk full or gone: keep serving, stop writing
-            metrics.child(metrics.CACHE_RESULTS, "disk", "frame", "write-failed").inc()
-            log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
+            self._disk_failed("frame")
             return None
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
         if cull:
             self.cull()
         return path if isinstance(path, str) else None
+
+    def _disk_failed(self, kind: str | None = None) -> None:
+        """Disk full or gone: keep serving, stop writing (counted as a failed write of `kind`)."""
+        self.writable = False
+        if kind is not None:
+            metrics.child(metrics.CACHE_RESULTS, "disk", kind, "write-failed").inc()
+        log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
 
     def write_soon(self, frames: list[FrameToWrite], study: str | None, token: bytes | None = None,
                    defer: bool = False) -> asyncio.Future[Paths]:
@@ -360,8 +365,7 @@ class FrameCache:
                     results.append([self.write(sop, n, mtype, ts, data, study, checksum, cull=False)
                                     for sop, n, mtype, ts, data, checksum in frames])
         except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
-            self.writable = False
-            log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
+            self._disk_failed()
             results = [[None] * len(frames) for frames, _ in items]
         self.cull()
         return results
@@ -395,9 +399,7 @@ class FrameCache:
             for key, payload in entries:
                 self._set(key, head(payload), payload, tag=f"obj:{study}")
         except DISK_ERRORS:
-            self.writable = False
-            metrics.child(metrics.CACHE_RESULTS, "disk", kind, "write-failed").inc()
-            log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
+            self._disk_failed(kind)
             return
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(sum(len(p) for _, p in entries))
         self.cull()
