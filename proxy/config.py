@@ -91,6 +91,7 @@ class Settings:
     cache_dir: str | None = None  # the frame cache is on when this is set
     cache_size_bytes: int = 10 * 1024**3  # disk tier bound (least recently used entries go first)
     memory_cache_bytes: int = 256 * 1024**2  # in-process tier bound, per worker
+    memory_warm_bytes: int = 128 * 1024**2  # heap touched at worker start for the memory tier (heap.py; 0: off)
     cache_sendfile: bool = False  # large frames sent from the disk tier's files with sendfile (slower here)
     metadata_cache_ttl: float = 30.0  # cached study/series/instance metadata lives this long (0: never cached)
     stale_if_error: float = 86400.0  # expired metadata is kept this long, served (stale) while the archive fails
@@ -173,6 +174,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, keys in (("server", None), ("cache", {"dir": "cache_dir", "size_bytes": "cache_size_bytes",
                                                          "memory_bytes": "memory_cache_bytes",
+                                                         "warm_bytes": "memory_warm_bytes",
                                                          "sendfile": "cache_sendfile"}), ("limits", None),
                           ("federation", None), ("shared", None), ("viewer", {"dir": "viewer_dir"})):
         table = doc.pop(section, {})
@@ -199,7 +201,8 @@ def parse_upstream_flag(text: str) -> dict[str, Any]:
 def _env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ints = {"port", "workers", "max_json_bytes", "max_stow_bytes", "max_search_results", "cache_size_bytes",
-            "memory_cache_bytes", "prefetch_concurrency", "client_request_burst", "client_byte_burst",
+            "memory_cache_bytes", "memory_warm_bytes", "prefetch_concurrency", "client_request_burst",
+            "client_byte_burst",
             "max_header_bytes", "max_header_count"}
     floats = {"shutdown_grace", "health_interval", "locator_ttl", "search_cache_ttl", "prefetch_ttl",
               "metadata_cache_ttl", "stale_if_error", "client_request_rate", "client_byte_rate", "header_timeout",
@@ -274,6 +277,8 @@ def validate(s: Settings) -> None:
         if origin != "*" and (u.scheme not in ("http", "https") or not u.netloc or u.path or u.query or u.fragment):
             raise ConfigError(f"cors_origins: {origin!r} must be '*' or an origin like https://viewer.example.org")
     _validate_limits(s)
+    if not 0 <= s.memory_warm_bytes <= 1024**3:
+        raise ConfigError(f"[cache] warm_bytes {s.memory_warm_bytes} must be 0 (off) to 1073741824 (1 GiB)")
     if not 0 <= s.stale_if_error <= 30 * 86400:
         raise ConfigError(f"stale_if_error {s.stale_if_error} must be 0 (off) to 2592000 seconds (30 days)")
     if s.viewer_dir is not None and not (Path(s.viewer_dir).expanduser() / "index.html").is_file():
@@ -391,7 +396,8 @@ def describe(s: Settings) -> str:
               "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins", "tls_cert_file", "tls_key_file"):
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
-              f"memory_bytes = {s.memory_cache_bytes}", f"sendfile = {json.dumps(s.cache_sendfile)}",
+              f"memory_bytes = {s.memory_cache_bytes}",
+              f"warm_bytes = {s.memory_warm_bytes}", f"sendfile = {json.dumps(s.cache_sendfile)}",
               f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"stale_if_error = {s.stale_if_error}",
               f"prefetch = {json.dumps(s.prefetch)}",
               f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",

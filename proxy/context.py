@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from . import siblings
+from . import heap, siblings
 from .cache import FrameCache
 from .config import Settings
 from .locator import Locator
@@ -54,6 +54,8 @@ class Context:
     def start(self) -> None:
         """Follow the other processes' stores through the shared tier, and open the channel to the
         sibling workers on the same cache directory (from the app's lifespan)."""
+        if self.cache is not None and self.root == DICOMWEB_ROOT:
+            heap.warm(min(self.settings.memory_warm_bytes, self.settings.memory_cache_bytes))
         if self.cache is not None and self.settings.cache_dir and self.root == DICOMWEB_ROOT:
             bus = siblings.start(self.settings.cache_dir)
             if bus is not None:
