@@ -5,7 +5,7 @@ A key is (SOP Instance UID, frame number, media type, actual transfer syntax), n
 `transfer-syntax=*` is answered from whatever encoding is cached (an index entry remembers which),
 an explicit transfer syntax only from an exact match.
 
-Tiers: a bounded in-process LRU, and `diskcache` in the configured directory, size-bounded with
+Tiers: a bounded in-process LRU (memtier.py), and `diskcache` in the configured directory, size-bounded with
 eviction, persistent across restarts and shared by every worker process. Every entry carries its
 length and checksum; an entry that does not verify is deleted and treated as a miss. A full or failing
 disk turns the disk tier off for writes, never the proxy.
@@ -19,7 +19,6 @@ import os
 import sqlite3
 import struct
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,7 +28,8 @@ import diskcache
 from . import metrics
 from .diskwriter import DiskWriter, FrameToWrite, Item, Paths
 from .entries import HEADER, FlatDisk, Pieces, checksum_of, head, mapped, unpack
-from .sendfile import REF_COST, FileRef, OpenPayload
+from .memtier import MemoryTier, count_hit
+from .sendfile import FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
 _FRESH = struct.Struct("<d")  # metadata entries start with the wall-clock time they stay fresh until
@@ -58,17 +58,6 @@ class Frame:
         """A strong validator: the bytes' checksum and length."""
         checksum = self.checksum if self.checksum >= 0 else checksum_of(self.payload)  # type: ignore[arg-type]
         return f'"{checksum:016x}-{len(self.payload):x}"'
-
-
-def _count_memory_hit(kind: str, size: int) -> None:
-    """The path that must be cheap: updates added up (metrics.TALLY)."""
-    metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", kind, "hit"))
-    metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "memory", kind), size)
-
-
-def _cost(payload: bytes | FileRef) -> int:
-    """What an entry counts for in the memory tier's bound."""
-    return REF_COST if isinstance(payload, FileRef) else len(payload)
 
 
 def frame_key(sop: str, frame: int, media_type: str, transfer_syntax: str) -> str:
@@ -105,40 +94,11 @@ class FrameCache:
         self._touch_at = time.monotonic()
         self._generation = self._read_generation()
         self._checked = time.monotonic()
-        # key → (payload or where it lies in a disk-tier file, checksum)
-        self.memory: OrderedDict[str, tuple[bytes | FileRef, int]] = OrderedDict()
+        self.memory = MemoryTier(memory_limit)  # (memtier.py)
         self.sendfile = sendfile  # large frames on disk are remembered as FileRefs and sent with sendfile
-        self.memory_limit = memory_limit
-        self.memory_bytes = 0
         self.max_entry = max_entry
         self.writable = True
-        for tier in ("memory", "disk"):  # exported from the start, so that rate() sees the first eviction
-            metrics.child(metrics.CACHE_EVICTIONS, tier)
-
-    def _remember(self, key: str, payload: bytes | FileRef, checksum: int | None = None) -> None:
-        cost = _cost(payload)
-        if cost > self.memory_limit // 4:
-            return
-        old = self.memory.pop(key, None)
-        if old is not None:
-            self.memory_bytes -= _cost(old[0])
-        if checksum is None:
-            assert isinstance(payload, bytes)
-            checksum = checksum_of(payload)
-        self.memory[key] = (payload, checksum)
-        self.memory_bytes += cost
-        evicted = 0
-        while self.memory_bytes > self.memory_limit:
-            _, (dropped, _) = self.memory.popitem(last=False)
-            self.memory_bytes -= _cost(dropped)
-            evicted += 1
-        if evicted:
-            metrics.child(metrics.CACHE_EVICTIONS, "memory").inc(evicted)
-        self._gauge_memory()
-
-    def _gauge_memory(self) -> None:
-        metrics.CACHE_MEMORY_BYTES.set(self.memory_bytes)
-        metrics.CACHE_MEMORY_ENTRIES.set(len(self.memory))
+        metrics.child(metrics.CACHE_EVICTIONS, "disk")  # exported from the start, so that rate() sees the first
 
     def _read_generation(self) -> int:
         try:
@@ -157,17 +117,14 @@ class FrameCache:
             self._generation = generation
             self.writer.drop(None)  # a purge elsewhere: what was deferred here may be what it dropped
             self.memory.clear()
-            self.memory_bytes = 0
-            self._gauge_memory()
 
-    def _get(self, key: str, kind: str = "frame", count_hit: bool = True, ref: bool = False,
+    def _get(self, key: str, kind: str = "frame", counted: bool = True, ref: bool = False,
              memory_only: bool = False) -> tuple[bytes | FileRef, int] | None:
         self._sync_purges()
         found = self.memory.get(key)
         if found is not None:
-            self.memory.move_to_end(key)
-            if count_hit:
-                _count_memory_hit(kind, len(found[0]))
+            if counted:
+                count_hit(kind, len(found[0]))
             return found
         if memory_only:
             return None
@@ -191,14 +148,14 @@ class FrameCache:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "corrupt").inc()
             self.disk.delete(key)
             return None
-        if count_hit:
+        if counted:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "hit").inc()
             metrics.child(metrics.CACHE_SERVED_BYTES, "disk", kind).inc(len(payload))
         checksum = HEADER.unpack_from(blob)[2]
         self._read_back(key)
         # Verified once; later hits in this worker are sent from the file (checked for length when opened).
-        self._remember(key, FileRef(path, HEADER.size, len(payload)) if ref and isinstance(path, str) else payload,
-                       checksum)
+        self.memory.remember(key, FileRef(path, HEADER.size, len(payload)) if ref and isinstance(path, str)
+                             else payload, checksum)
         return payload, checksum
 
     def _read_back(self, key: str) -> None:
@@ -232,13 +189,13 @@ class FrameCache:
         `memory_only`, nothing is looked up (or counted) beyond this worker's memory tier."""
         if transfer_syntax == "*":
             # Which encoding is cached; not counted: one lookup per frame, the frame's own.
-            idx = self._get(index_key(sop, frame), count_hit=False, memory_only=memory_only)
+            idx = self._get(index_key(sop, frame), counted=False, memory_only=memory_only)
             if idx is None:
                 return None
             media_type, _, transfer_syntax = bytes(idx[0]).decode().partition(";")  # type: ignore[arg-type]
         key = frame_key(sop, frame, media_type, transfer_syntax)
         for _ in range(2):
-            found = self._get(key, count_hit=count, ref=self.sendfile, memory_only=memory_only)
+            found = self._get(key, counted=count, ref=self.sendfile, memory_only=memory_only)
             if found is None:
                 return None
             payload, checksum = found
@@ -251,7 +208,7 @@ class FrameCache:
                 data = opened.read()
                 opened.close()
                 return Frame(data, media_type, transfer_syntax, checksum)
-            self._drop(key)  # the file went (evicted, purged): ask the disk tier once more
+            self.memory.drop(key)  # the file went (evicted, purged): ask the disk tier once more
         return None
 
     def on_disk(self, sop: str, frame: int, media_type: str, transfer_syntax: str) -> bool:
@@ -267,40 +224,20 @@ class FrameCache:
         it held when the cache phase prepared its answer; then they count as hits and become the most
         recent. None if any is gone, replaced, or only a file reference now."""
         self._sync_purges()
-        memory = self.memory
-        payloads = []
-        for key, checksum in entries:
-            found = memory.get(key)
-            if found is None or found[1] != checksum or isinstance(found[0], FileRef):
-                return None
-            payloads.append(found[0])
-        for (key, _), payload in zip(entries, payloads, strict=True):
-            memory.move_to_end(key)
-            _count_memory_hit("frame", len(payload))
-        return payloads
-
-    def _drop(self, key: str) -> None:
-        old = self.memory.pop(key, None)
-        if old is not None:
-            self.memory_bytes -= _cost(old[0])
+        return self.memory.hits(entries)
 
     def adopt(self, sop: str, frame: int, media_type: str, transfer_syntax: str, path: str | None) -> None:
         """The frame is now on disk at `path`: remember the file instead of the bytes (sendfile)."""
-        key = frame_key(sop, frame, media_type, transfer_syntax)
-        held = self.memory.get(key)
-        if path is None or held is None or isinstance(held[0], FileRef):
-            return
-        self.memory[key] = (FileRef(path, HEADER.size, len(held[0])), held[1])
-        self.memory_bytes += REF_COST - len(held[0])
-        self._gauge_memory()
+        if path is not None:
+            self.memory.refer(frame_key(sop, frame, media_type, transfer_syntax), path, HEADER.size)
 
     def put(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
             checksum: int | None = None) -> bool:
         """Make a frame visible in this process at once; True if it should also go to disk."""
         if len(payload) > self.max_entry:
             return False
-        self._remember(frame_key(sop, frame, media_type, transfer_syntax), payload, checksum)
-        self._remember(index_key(sop, frame), f"{media_type};{transfer_syntax}".encode())
+        self.memory.remember(frame_key(sop, frame, media_type, transfer_syntax), payload, checksum)
+        self.memory.remember(index_key(sop, frame), f"{media_type};{transfer_syntax}".encode())
         return self.writable
 
     def write(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
@@ -390,7 +327,7 @@ class FrameCache:
         """Make an entry visible in this process at once; True if it should also go to disk."""
         if len(payload) > self.max_entry:
             return False
-        self._remember(key, payload)
+        self.memory.remember(key, payload)
         return self.writable
 
     def write_entries(self, entries: list[tuple[str, bytes]], kind: str, study: str) -> None:
@@ -416,8 +353,6 @@ class FrameCache:
             self.disk.incr(GENERATION, default=0)  # other workers clear their memory tier within a second
             self._generation = self._read_generation()
             self.memory.clear()
-            self.memory_bytes = 0
-            self._gauge_memory()
         return removed
 
     def cull(self) -> int:
@@ -495,8 +430,6 @@ class FrameCache:
         self.disk.incr(GENERATION, default=0)
         self._generation = self._read_generation()
         self.memory.clear()
-        self.memory_bytes = 0
-        self._gauge_memory()
         return int(removed)
 
     def stats(self) -> dict[str, int | bool]:
@@ -509,7 +442,7 @@ class FrameCache:
             free = size = 0
         return {"disk_entries": entries, "disk_bytes": int(self.disk.volume()),
                 "disk_limit_bytes": int(self.disk.size_limit), "memory_entries": len(self.memory),
-                "memory_bytes": self.memory_bytes, "held_back_bytes": self.writer.held_back_bytes,
+                "memory_bytes": self.memory.bytes, "held_back_bytes": self.writer.held_back_bytes,
                 "writable": self.writable, "filesystem_free_bytes": free, "filesystem_size_bytes": size}
 
     def close(self) -> None:

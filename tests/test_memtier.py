@@ -1,0 +1,54 @@
+"""The memory tier (memtier.py): an LRU bounded in bytes, whose hits the cache phase trusts only while
+each entry still holds the bytes it was prepared with."""
+
+from proxy import metrics
+from proxy.entries import checksum_of
+from proxy.memtier import MemoryTier
+from proxy.sendfile import REF_COST
+
+
+def evictions() -> float:
+    return metrics.child(metrics.CACHE_EVICTIONS, "memory")._value.get()
+
+
+def test_the_bound_holds_and_the_least_recently_used_go_first():
+    tier = MemoryTier(400)
+    before = evictions()
+    for key in "abcd":
+        tier.remember(key, key.encode() * 100)
+    assert tier.bytes == 400 and len(tier) == 4
+    assert tier.get("a") is not None  # a is now the most recent: b is the oldest
+    tier.remember("e", b"e" * 100)
+    assert tier.get("b") is None and all(tier.get(k) is not None for k in "acde")
+    assert tier.bytes == 400 and evictions() == before + 1
+    assert metrics.CACHE_MEMORY_BYTES._value.get() == 400
+
+
+def test_an_entry_over_a_quarter_of_the_bound_is_not_kept():
+    tier = MemoryTier(400)
+    tier.remember("small", b"x" * 100)
+    tier.remember("large", b"x" * 101)
+    assert tier.get("small") is not None and tier.get("large") is None and tier.bytes == 100
+
+
+def test_a_replaced_key_counts_once():
+    tier = MemoryTier(1000)
+    tier.remember("k", b"x" * 200)
+    tier.remember("k", b"y" * 100)
+    assert tier.bytes == 100 and tier.get("k") == (b"y" * 100, checksum_of(b"y" * 100))
+    tier.drop("k")
+    assert tier.bytes == 0 and len(tier) == 0
+
+
+def test_prepared_hits_only_while_the_entries_hold_the_same_bytes():
+    tier = MemoryTier(1000)
+    tier.remember("a", b"a" * 100)
+    tier.remember("b", b"b" * 100)
+    prepared = [("a", checksum_of(b"a" * 100)), ("b", checksum_of(b"b" * 100))]
+    assert tier.hits(prepared) == [b"a" * 100, b"b" * 100]
+    tier.remember("b", b"B" * 100)  # replaced: another encoding, another bytes
+    assert tier.hits(prepared) is None
+    tier.remember("b", b"b" * 100)
+    tier.refer("a", "/cache/00/a.val", 16)  # on disk now, held as where it lies: sent another way
+    assert tier.hits(prepared) is None
+    assert tier.bytes == REF_COST + 100
