@@ -25,7 +25,7 @@ from .responses import Problem
 from .upstream import CALLER_AUTHORIZATION, Archive, UpstreamError
 
 # Upstream services whose 200 about a study shows the caller may see it (searches can answer 200 with
-# nothing, or filter, so they never count; metadata counts when it is not empty, see wado.py).
+# nothing, or filter, so they never count; metadata counts when it is not empty, see metadata.py).
 CONFIRMING = frozenset({"frames", "instance", "bulkdata", "rendered", "thumbnail"})
 _STUDY_PATH = re.compile(r"^/studies/([0-9][0-9.]*)(?:/|$)")
 CHALLENGE = 'Bearer realm="dicomweb-edge", error="invalid_token", error_description="the archive refused the token"'

@@ -16,6 +16,7 @@ from .capabilities import capabilities_response
 from .context import Context
 from .dicomjson import BadToken, decode_token
 from .media import Resource
+from .metadata import retrieve_metadata
 from .responses import Problem
 from .urls import dicomweb_base, external_base
 from .wado import Target
@@ -91,7 +92,7 @@ async def retrieve(request: Request) -> Response:
 
 async def metadata(request: Request) -> Response:
     """Study, series or instance metadata."""
-    return await wado.metadata(request, _ctx(request), target(request))
+    return await retrieve_metadata(request, _ctx(request), target(request))
 
 
 async def frames(request: Request) -> Response:
