@@ -19,9 +19,8 @@ glibc only (mallopt); with another C library, or none found, nothing is done.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
-import platform
+import os
 import time
 
 log = logging.getLogger("dicomweb_edge")
@@ -34,13 +33,10 @@ _M_MMAP_THRESHOLD = -3
 
 def _glibc() -> ctypes.CDLL | None:
     """The process's glibc with malloc, memset, free and mallopt typed, or None."""
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        libc = ctypes.CDLL(name)
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        libc = ctypes.CDLL(None)  # the symbols the interpreter is linked with: its C library's allocator
         libc.malloc.restype = ctypes.c_void_p
         libc.malloc.argtypes = [ctypes.c_size_t]
         libc.memset.restype = ctypes.c_void_p
@@ -49,7 +45,7 @@ def _glibc() -> ctypes.CDLL | None:
         libc.free.argtypes = [ctypes.c_void_p]
         libc.mallopt.restype = ctypes.c_int
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    except (OSError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # no confstr name, no such symbol: not glibc
         return None
     return libc
 
