@@ -43,6 +43,7 @@ def test_file_env_and_flags_merge(tmp_path):
     ("[server]\nbogus=1\n[[archives]]\nname='a'\nurl='http://x'\n", "unknown key"),
     ("[server]\nport=1\n", "no archives"),
     ("not toml [", "not valid TOML"),
+    ("[cache]\nwarm_bytes=-1\n[[archives]]\nname='a'\nurl='http://x'\n", r"warm_bytes -1 must be 0 \(off\)"),
 ])
 def test_errors_are_clear(tmp_path, text, needle):
     f = tmp_path / "c.toml"
