@@ -52,11 +52,10 @@ class Context:
         return ctx
 
     def start(self) -> None:
-        """Follow the other processes' stores through the shared tier, and open the channel to the
-        sibling workers on the same cache directory (from the app's lifespan)."""
-        if self.cache is not None and self.root == DICOMWEB_ROOT:
-            heap.warm(min(self.settings.memory_warm_bytes, self.settings.memory_cache_bytes))
+        """Warm the heap for the memory tier, open the channel to the sibling workers on the same cache
+        directory, and follow the other processes' stores through the shared tier (from the app's lifespan)."""
         if self.cache is not None and self.settings.cache_dir and self.root == DICOMWEB_ROOT:
+            heap.warm(min(self.settings.memory_warm_bytes, self.settings.memory_cache_bytes))
             bus = siblings.start(self.settings.cache_dir)
             if bus is not None:
                 bus.on_want = self.cache.writer.want  # a sibling waits for frames this worker holds back

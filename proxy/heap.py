@@ -9,7 +9,8 @@ that has run for a while reuses memory it freed; a new one has none to reuse.
 So a worker with a frame cache touches `nbytes` of heap before it serves anything, and hands it
 back to the allocator told to keep it: glibc's M_TRIM_THRESHOLD above it (freed memory stays in the
 process), and M_MMAP_THRESHOLD at BUFFER_LIMIT, so that buffers up to that size (an instance received
-whole, parts.py; a frame read from the disk tier) come from the warm heap instead of fresh mmaps. The
+whole, parts.py; the archive connections' receive buffers, transport.py) come from the warm heap instead
+of fresh mmaps. The
 JVM's AlwaysPreTouch does the same for its heap. The price is start-up time (~1 ms of CPU per MiB
 here) and resident memory from the start rather than after the first studies.
 
