@@ -240,6 +240,12 @@ def flying(key: str) -> asyncio.Future[None] | None:
     return None if _bus is None else _bus.flying(key)
 
 
+def alone() -> bool:
+    """Whether this worker knows it has no sibling on its cache directory (False without a channel:
+    then it cannot know)."""
+    return _bus is not None and not _bus._peers()
+
+
 def landing(key: str) -> asyncio.Future[None] | None:
     """Done when a sibling settles `key`."""
     return None if _bus is None else _bus.landing(key)

@@ -7,12 +7,14 @@ Whether the worker is busy is set by the test (busy.quiet_for), not by timing: a
 
 import asyncio
 import os
+import sys
 
 import pytest
 
-from proxy import busy, diskwriter, metrics
+from proxy import busy, diskwriter, frames, metrics, siblings
 from proxy.cache import FrameCache, checksum_of
 from proxy.part10 import EXPLICIT_LE
+from proxy.siblings import Siblings
 
 MEDIA = "application/octet-stream"
 
@@ -190,3 +192,44 @@ async def test_frames_a_stopping_worker_deferred_survive_the_restart(tmp_path, q
     assert all(on_disk(tmp_path, n) for n in (1, 2, 3))
     await asyncio.sleep(0)  # the writer's reports reach the loop
     assert all(d.done() for d in done)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the siblings channel uses abstract Unix sockets")
+async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_beside_a_sibling(
+        tmp_path, quiet, monkeypatch):
+    cache = FrameCache(str(tmp_path))
+    bus = siblings.start(str(tmp_path))
+    assert bus is not None
+    bus.on_want = cache.writer.want  # (as context.start wires it)
+    other = Siblings(str(tmp_path), ident="sibling")
+    ctype = f"{MEDIA}; transfer-syntax={EXPLICIT_LE}"
+
+    def store(n: int) -> asyncio.Future:
+        before = set(frames._pending)
+        frames._store(cache, "1.2.3", n, ctype, [os.urandom(64 * 1024)], "1.2")
+        (task,) = set(frames._pending) - before
+        return task
+
+    try:
+        alone = store(1)  # no sibling: held back while clients keep coming
+        await looks(cache.writer, monkeypatch, 3)
+        assert not alone.done() and not on_disk(tmp_path, 1)
+        assert cache.stats()["held_back_bytes"] == 64 * 1024
+
+        assert other.start()
+        async with asyncio.timeout(5):
+            while siblings.alone():
+                await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            await store(2)  # a sibling may serve the next viewer: written at once, busy or not
+        assert on_disk(tmp_path, 2) and not on_disk(tmp_path, 1)
+
+        landed = other.landing(frames._sibling_key("1.2.3", 1))  # the sibling waits for frame 1: says so
+        async with asyncio.timeout(10):
+            await asyncio.shield(landed)  # ... and it is written and settled, still busy
+            await alone
+        assert on_disk(tmp_path, 1)
+    finally:
+        other.close()
+        siblings.stop()
+        cache.close()
