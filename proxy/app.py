@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from . import access, metrics
+from . import access, cors, metrics
 from .auth import AuthMiddleware
 from .auth import parse as parse_auth
 from .config import Settings
@@ -151,12 +151,7 @@ def create_app(settings: Settings) -> Starlette:
         app.add_middleware(hitlane.HitLane, lane=lane)  # the cache phase: inside CORS and the edge layer
         app.state.lane = lane  # the server protocol asks it first (protocol.py)
     if settings.cors_origins:  # a viewer served from another origin (viewer.py serves one same-origin)
-        from starlette.middleware.cors import CORSMiddleware
-
-        from .viewer import CORS_EXPOSED
-
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "HEAD", "POST"],
-                           allow_headers=["*"], expose_headers=CORS_EXPOSED, max_age=600)
+        cors.install(app, settings.cors_origins)
     app.add_middleware(EdgeMiddleware, log_patient_data=settings.log_patient_data)
     return app
 

@@ -37,6 +37,7 @@ from . import frames
 from .cache import frame_key
 from .config import Settings
 from .context import Context
+from .cors import LaneCors
 from .media import BadAccept, NotAcceptable, Resource, negotiate
 from .responses import Problem, encode_headers
 from .routes import target_of
@@ -79,6 +80,9 @@ class Lane:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        # The CORS headers an answer written before the ASGI layers needs (protocol.py; HitLane runs inside
+        # the CORS layer).
+        self.cors = LaneCors(ctx.settings.cors_origins) if ctx.settings.cors_origins else None
         self.prepared: OrderedDict[tuple[str, str | None, str], _Prepared] = OrderedDict()
 
     def answer(self, scope: Scope) -> Answer | None:

@@ -12,8 +12,8 @@ The cache phase: a GET that the frame cache answers whole (hitlane.py) is writte
 socket from `on_headers_complete`, in one writev, with the request id, access record and metrics of
 the edge layer (edge.py), and no task, no ASGI messages, no middleware. It takes only what needs none
 of those: HTTP/1.1, no request body, no other request of the connection in progress, a client that
-keeps up with its responses, no CORS request when `cors_origins` is set (the ASGI layer adds those
-headers). Everything else goes the ordinary way.
+keeps up with its responses. With `cors_origins` set it adds the headers the CORS layer would (cors.py).
+Everything else goes the ordinary way.
 """
 
 from __future__ import annotations
@@ -214,11 +214,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         url = self.url
         if not url.startswith(_STUDIES) or b"?" in url or b"%" in url or b"#" in url:
             return False
-        settings = lane.ctx.settings
-        cors = bool(settings.cors_origins)
-        for k, _ in self.headers:
-            if k in _NOT_IN_LANE or (k == b"origin" and cors):
-                return False  # a body, an upgrade, or CORS: the ASGI layers answer it
+        origin = None
+        for k, v in self.headers:
+            if k in _NOT_IN_LANE:
+                return False  # a body or an upgrade: the ASGI layers answer it
+            if k == b"origin" and origin is None:
+                origin = v
         started = time.perf_counter()
         scope = self.scope
         try:
@@ -238,7 +239,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         rid = request_id(self.headers)
         keep_alive = parser.should_keep_alive()
         head = [STATUS_LINE[answer.status]]
-        for k, v in (*self.server_state.default_headers, *answer.headers):
+        headers = answer.headers if lane.cors is None else lane.cors.apply(answer.headers, origin)
+        for k, v in (*self.server_state.default_headers, *headers):
             head += [k, b": ", v, b"\r\n"]
         head += [b"x-request-id: ", rid.encode(), b"\r\n" if keep_alive else b"\r\nconnection: close\r\n", b"\r\n"]
         self.transport.writelines([b"".join(head), *answer.body])
@@ -250,7 +252,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self.transport.close()
         elapsed = time.perf_counter() - started
         account("frames", "GET", answer.status, elapsed, elapsed, answer.size, 0, {"request_id": rid, "cache": "hit"},
-                scope["path"] if settings.log_patient_data else None)
+                scope["path"] if lane.ctx.settings.log_patient_data else None)
         return True
 
     def send_400_response(self, msg: str) -> None:

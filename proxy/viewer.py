@@ -50,8 +50,6 @@ COMPRESSIBLE = {".html", ".js", ".mjs", ".css", ".json", ".map", ".wasm", ".svg"
 # workers need the same headers on their scripts, and every file may be embedded by the same origin only.
 ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
              "Cross-Origin-Resource-Policy": "same-origin"}
-# Response headers a cross-origin viewer may read (Content-Type and Content-Length always are).
-CORS_EXPOSED = ["Content-Location", "Location", "Warning", "Retry-After", "X-Request-Id", "X-Cache"]
 
 
 class _ViewerRoute(Route):

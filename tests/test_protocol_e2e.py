@@ -118,6 +118,40 @@ def test_forwarded_base_url_is_followed(proxy, native):
     assert dict(headers)["Content-Location"] == proxy.url + path(native, "1")
 
 
+@pytest.mark.parametrize("allowed", ["https://viewer.example.org", "*"])
+def test_hits_carry_the_cors_headers_of_the_routed_path(archive, native, tmp_path, allowed):
+    """A viewer on another origin sends Origin with every frame request: the cache phase answers those hits
+    too, with the headers the CORS layer gives a routed answer, and every answer varies on Origin."""
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")],
+                      env={"DICOMWEB_EDGE_CORS_ORIGINS": allowed}) as proxy:
+        warm(proxy, native, "1")
+        for origin in (None, "https://viewer.example.org", "https://elsewhere.example.net"):
+            seen = []
+            for query in ("", "?routed=1"):
+                headers = {"Accept": ANY} | ({"Origin": origin} if origin else {})
+                r = httpx.get(proxy.url + path(native, "1") + query, trust_env=False, headers=headers)
+                assert r.status_code == 200 and r.headers["x-cache"] == "HIT"
+                assert parts(r.headers, r.content) == [frame(native, 1)]
+                seen.append({k: v for k, v in r.headers.items() if k == "vary" or k.startswith("access-control-")})
+            lane, routed = seen
+            assert lane == routed, origin
+            assert lane["vary"] == "Accept, Origin"
+            allow = lane.get("access-control-allow-origin")
+            if origin is None:
+                assert allow is None
+            elif allowed == "*":
+                assert allow == "*"
+            else:
+                assert allow == (origin if origin == allowed else None)
+            if origin:
+                assert "X-Cache" in lane["access-control-expose-headers"]
+            etag = r.headers["etag"]
+            r = httpx.get(proxy.url + path(native, "1"), trust_env=False,
+                          headers={"Accept": ANY, "If-None-Match": etag} | ({"Origin": origin} if origin else {}))
+            assert r.status_code == 304
+            assert {k: v for k, v in r.headers.items() if k == "vary" or k.startswith("access-control-")} == lane
+
+
 def test_a_hit_is_logged_and_counted(proxy, native):
     warm(proxy, native, "2")
 
