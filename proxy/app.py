@@ -109,7 +109,7 @@ def create_app(settings: Settings) -> Starlette:
         study = request.query_params.get("study")
         if study is not None and not re.match(r"^[0-9]+(\.[0-9]+)*$", study):
             raise Problem(400, "malformed study UID")
-        removed = await asyncio.to_thread(ctx.cache.purge, study)
+        removed = await ctx.cache.purge_soon(study)
         return JSONResponse({"removed": removed})
 
     async def metrics_endpoint(request: Request) -> Response:

@@ -341,18 +341,26 @@ class FrameCache:
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(sum(len(p) for _, p in entries))
         self.cull()
 
-    def forget_objects(self, study: str) -> int:
-        """A store changed the study: drop its rendered images, thumbnails, bulk data and instances from
-        every tier of every worker (frames stay: a SOP's pixels do not change). Blocking."""
+    async def forget_study(self, study: str) -> None:
+        """A store changed the study: drop its cached metadata, and its rendered images, thumbnails, bulk
+        data and instances from every tier of every worker (frames stay: a SOP's pixels do not change).
+        The disk in the writer thread (no contention for SQLite's lock), this worker's memory tier here."""
+        if await self.write_first(self._forget_disk, study):
+            self.memory.clear()
+
+    def _forget_disk(self, study: str) -> int:
+        try:
+            self.disk.evict(f"json:{study}")
+        except Exception:
+            log.warning("could not drop cached metadata", exc_info=True)
         try:
             removed = int(self.disk.evict(f"obj:{study}"))
+            if removed:
+                self.disk.incr(GENERATION, default=0)  # other workers clear their memory tier within a second
+                self._generation = self._read_generation()
         except Exception:
             log.warning("could not drop cached objects", exc_info=True)
             return 0
-        if removed:
-            self.disk.incr(GENERATION, default=0)  # other workers clear their memory tier within a second
-            self._generation = self._read_generation()
-            self.memory.clear()
         return removed
 
     def cull(self) -> int:
@@ -414,22 +422,26 @@ class FrameCache:
         except DISK_ERRORS:
             pass
 
-    def forget_json(self, study: str) -> None:
-        """A store changed the study: its cached metadata is stale (blocking)."""
-        try:
-            self.disk.evict(f"json:{study}")
-        except Exception:
-            log.warning("could not drop cached metadata", exc_info=True)
-
     def purge(self, study: str | None = None) -> int:
-        """Drop one study's entries (or everything) from every tier of every worker; how many went."""
-        # Frames of it not written yet count as entries dropped (the siblings drop theirs as they see it).
-        removed = self.writer.drop(study)
-        removed += (self.disk.evict(study) + self.disk.evict(f"json:{study}") + self.disk.evict(f"obj:{study}")
-                    if study else self.disk.clear())
-        self.disk.incr(GENERATION, default=0)
-        self._generation = self._read_generation()
+        """Drop one study's entries (or everything) from every tier of every worker; how many went.
+        Blocking, for a process without an event loop (the CLI); the app uses `purge_soon`."""
+        removed = self.writer.drop(study) + self._purge_disk(study)
         self.memory.clear()
+        return removed
+
+    async def purge_soon(self, study: str | None = None) -> int:
+        """`purge` from the event loop: what waits to be written and the memory tier here, the disk in the
+        writer thread, ahead of the frames queued there."""
+        removed = self.writer.drop(study)  # frames of it not written yet count as entries dropped
+        removed += await self.write_first(self._purge_disk, study)
+        self.memory.clear()  # (again: what landed while the disk was purged)
+        return removed
+
+    def _purge_disk(self, study: str | None) -> int:
+        removed = (self.disk.evict(study) + self.disk.evict(f"json:{study}") + self.disk.evict(f"obj:{study}")
+                   if study else self.disk.clear())
+        self.disk.incr(GENERATION, default=0)  # the siblings clear their memory tier within a second
+        self._generation = self._read_generation()
         return int(removed)
 
     def stats(self) -> dict[str, int | bool]:

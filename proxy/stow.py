@@ -7,7 +7,6 @@ and exactly `Content-Type: application/dicom+json` (S-11, S-13).
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
 
@@ -62,8 +61,7 @@ async def _learn(ctx: Context, archive: str, study: str | None, body: bytes) -> 
         studies.add(study)
     for uid in studies:
         if ctx.cache is not None:
-            ctx.cache.forget_json(uid)
-            await asyncio.to_thread(ctx.cache.forget_objects, uid)  # renderings and the like may change
+            await ctx.cache.forget_study(uid)  # its metadata, renderings and the like may change
     ctx.clear_searches()
     await ctx.locator.share({uid: [archive] for uid in studies})
     if ctx.shared is not None:

@@ -195,3 +195,46 @@ def test_disk_tier_hits_are_mapped_and_checked(tmp_path):
     assert kept is not None
     assert writer.purge("1.2") > 0  # the files are unlinked; the mapping handed out stays whole
     assert bytes(kept.payload) == payloads[4]
+
+
+async def test_a_purge_and_a_store_change_this_workers_state_on_its_event_loop_only(tmp_path, monkeypatch):
+    """The admin purge and a store's invalidation drop entries from every tier; the memory tier and the
+    frames waiting to be written belong to the event loop's thread, so only the disk work leaves it (to
+    the writer thread, which holds SQLite's lock anyway)."""
+    import asyncio
+    import threading
+
+    from proxy.cache import checksum_of
+
+    cache = FrameCache(str(tmp_path))
+    touched: list[threading.Thread] = []
+
+    def on_the_loop(owner, name):
+        original = getattr(owner, name)
+
+        def wrapped(*args):
+            touched.append(threading.current_thread())
+            return original(*args)
+        monkeypatch.setattr(owner, name, wrapped)
+
+    on_the_loop(cache.memory, "clear")
+    on_the_loop(cache.writer, "drop")
+    payload = os.urandom(64 * 1024)
+    cache.write_entries([("obj/r", b"rendered")], "rendered", "1.2")
+    cache.put_entry("obj/r", b"rendered")
+    cache.put_json("meta", b"[]", "1.2", ttl=60)
+
+    await cache.forget_study("1.2")  # a store to the study: its objects and metadata go, frames stay
+    assert cache.get_entry("obj/r", "rendered") is None and cache.get_json("meta") is None
+    assert FrameCache(str(tmp_path)).get_entry("obj/r", "rendered") is None
+
+    cache.write("1.2.3", 1, "application/octet-stream", EXPLICIT_LE, payload, "1.2")
+    cache.put("1.2.3", 1, "application/octet-stream", EXPLICIT_LE, payload)
+    held = cache.write_soon([("1.2.3", 2, "application/octet-stream", EXPLICIT_LE, payload, checksum_of(payload))],
+                            "1.2", defer=True)
+    assert await cache.purge_soon("1.2") >= 2  # the frame on disk and the one waiting to be written
+    assert await asyncio.wait_for(held, 5) == [None]  # never written
+    assert cache.get("1.2.3", 1, "application/octet-stream", "*") is None
+    assert FrameCache(str(tmp_path)).get("1.2.3", 2, "application/octet-stream", "*") is None
+    assert len(touched) == 3 and all(t is threading.main_thread() for t in touched)
+    cache.close()
