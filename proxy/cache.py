@@ -149,8 +149,8 @@ class FrameCache:
             self.disk.delete(key)
             return None
         if counted:
-            metrics.child(metrics.CACHE_RESULTS, "disk", kind, "hit").inc()
-            metrics.child(metrics.CACHE_SERVED_BYTES, "disk", kind).inc(len(payload))
+            metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "disk", kind, "hit"))
+            metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "disk", kind), len(payload))
         checksum = HEADER.unpack_from(blob)[2]
         self._read_back(key)
         # Verified once; later hits in this worker are sent from the file (checked for length when opened).

@@ -110,5 +110,5 @@ class MemoryTier:
         self._gauge()
 
     def _gauge(self) -> None:
-        metrics.CACHE_MEMORY_BYTES.set(self.bytes)
-        metrics.CACHE_MEMORY_ENTRIES.set(len(self._entries))
+        metrics.TALLY.set(metrics.CACHE_MEMORY_BYTES, self.bytes)
+        metrics.TALLY.set(metrics.CACHE_MEMORY_ENTRIES, len(self._entries))

@@ -137,6 +137,7 @@ class Tally:
     def __init__(self) -> None:
         self.counts: dict[Any, float] = {}  # counter or gauge child → amount to add
         self.histograms: dict[Any, list[Any]] = {}  # histogram child → [sum, count per bucket]
+        self.levels: dict[Any, float] = {}  # gauge child → its latest value
         self.handle: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -146,6 +147,13 @@ class Tally:
             metric_child.inc(amount)
             return
         self.counts[metric_child] = self.counts.get(metric_child, 0.0) + amount
+
+    def set(self, metric_child: Any, value: float) -> None:
+        """`child.set(value)` on a gauge, later (only the latest value is written)."""
+        if not self._armed():
+            metric_child.set(value)
+            return
+        self.levels[metric_child] = value
 
     def observe(self, metric_child: Any, value: float) -> None:
         """`child.observe(value)` on a histogram, later."""
@@ -177,6 +185,9 @@ class Tally:
             self.handle = None
         counts, self.counts = self.counts, {}
         histograms, self.histograms = self.histograms, {}
+        levels, self.levels = self.levels, {}
+        for metric_child, value in levels.items():
+            metric_child.set(value)
         for metric_child, amount in counts.items():
             if amount:
                 metric_child.inc(amount)

@@ -52,3 +52,28 @@ def test_prepared_hits_only_while_the_entries_hold_the_same_bytes():
     tier.refer("a", "/cache/00/a.val", 16)  # on disk now, held as where it lies: sent another way
     assert tier.hits(prepared) is None
     assert tier.bytes == REF_COST + 100
+
+
+async def test_on_the_event_loop_the_gauges_are_written_once_per_flush_with_the_latest_figures():
+    """Remembering a series frame by frame sets the two gauges each time: on the loop those writes (locked
+    mmap writes with several workers) are added up by metrics.TALLY, and a scrape flushes them first."""
+    gauge = metrics.CACHE_MEMORY_ENTRIES._value
+    metrics.TALLY.flush()
+    tier = MemoryTier(10_000)
+    writes = []
+    original = type(gauge).set
+
+    def counted(self, value):
+        writes.append(value)
+        return original(self, value)
+
+    type(gauge).set = counted
+    try:
+        for n in range(50):
+            tier.remember(f"frame/{n}", b"x" * 100)
+        assert writes == []  # not yet
+        metrics.TALLY.flush()  # (what /metrics does first, and the loop every FLUSH_INTERVAL)
+        assert gauge.get() == 50 and metrics.CACHE_MEMORY_BYTES._value.get() == 5_000
+        assert len(writes) <= 2  # once for each gauge (both share the value class here)
+    finally:
+        type(gauge).set = original
