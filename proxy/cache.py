@@ -8,12 +8,14 @@ an explicit transfer syntax only from an exact match.
 Tiers: a bounded in-process LRU (memtier.py), and `diskcache` in the configured directory, size-bounded with
 eviction, persistent across restarts and shared by every worker process. Every entry carries its
 length and checksum; an entry that does not verify is deleted and treated as a miss. A full or failing
-disk turns the disk tier off for writes, never the proxy.
+disk turns the disk tier off for writes for a minute at a time (a purge turns them on at once), never
+the proxy off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -37,6 +39,7 @@ GENERATION = "purge-generation"
 TOUCH_EVERY = 5.0  # seconds: disk-tier reads are written back to the LRU order at most this often
 T = TypeVar("T")
 DISK_ERRORS = (OSError, sqlite3.Error)  # ENOSPC arrives as either, depending on where it hits
+WRITE_RETRY = 60.0  # seconds without disk-tier writes after a disk failure (a purge ends them sooner)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ class FrameCache:
         self.memory = MemoryTier(memory_limit)  # (memtier.py)
         self.sendfile = sendfile  # large frames on disk are remembered as FileRefs and sent with sendfile
         self.max_entry = max_entry
-        self.writable = True
+        self._writes_off_until = 0.0  # monotonic: a disk failure stops writes until then
+        self.failing = False  # the last disk-tier write failed, none succeeded since (the writable gauge)
         metrics.child(metrics.CACHE_EVICTIONS, "disk")  # exported from the start, so that rate() sees the first
 
     def _read_generation(self) -> int:
@@ -117,6 +121,7 @@ class FrameCache:
             self._generation = generation
             self.writer.drop(None)  # a purge elsewhere: what was deferred here may be what it dropped
             self.memory.clear()
+            self._writes_off_until = 0.0  # and it freed space: writes are tried again
 
     def _get(self, key: str, kind: str = "frame", counted: bool = True, ref: bool = False,
              memory_only: bool = False) -> tuple[bytes | FileRef, int] | None:
@@ -244,6 +249,8 @@ class FrameCache:
               study: str | None = None, checksum: int | None = None, cull: bool = True) -> str | None:
         """Store a frame in the shared disk tier, tagged with its study (blocking: call it off the loop).
         The path of the file it went to, when it has one of its own and sendfile is on (for `adopt`)."""
+        if not self.writable:  # (frames queued before a disk failure)
+            return None
         key = frame_key(sop, frame, media_type, transfer_syntax)
         path = None
         try:
@@ -259,16 +266,24 @@ class FrameCache:
             self._disk_failed("frame")
             return None
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
+        self.failing = False
         if cull:
             self.cull()
         return path if isinstance(path, str) else None
 
+    @property
+    def writable(self) -> bool:
+        """Whether the disk tier takes writes: not for WRITE_RETRY seconds after a disk failure (a full
+        disk), then it tries again; a purge, which frees space, makes it try at once."""
+        return time.monotonic() >= self._writes_off_until
+
     def _disk_failed(self, kind: str | None = None) -> None:
-        """Disk full or gone: keep serving, stop writing (counted as a failed write of `kind`)."""
-        self.writable = False
+        """Disk full or gone: keep serving, stop writing for a while (counted as a failed write of `kind`)."""
+        self._writes_off_until = time.monotonic() + WRITE_RETRY
         if kind is not None:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "write-failed").inc()
-        log.error("cache disk failed; the cache is read-only until restart", exc_info=True)
+        self.failing = True
+        log.error("cache disk failed; no cache writes for %g s", WRITE_RETRY, exc_info=True)
 
     def write_soon(self, frames: list[FrameToWrite], study: str | None, token: bytes | None = None,
                    defer: bool = False) -> asyncio.Future[Paths]:
@@ -294,8 +309,8 @@ class FrameCache:
         """Writer thread: write items of frames in one transaction, stopping after any item once
         `interrupted()` (a write a client waits for came in); the paths of each item written."""
         results: list[Paths] = []
-        try:
-            with self.disk.transact():
+        try:  # a commit that fails leaves no file of the batch behind (entries.py)
+            with self.disk.disk.undone_on_failure(), self.disk.transact():
                 for i, (frames, study) in enumerate(items):
                     if i and interrupted():
                         break
@@ -314,10 +329,11 @@ class FrameCache:
         frame of binary pixel data became ~2,000 write() calls (11.5 ms of CPU per frame, measured).
         Handed over as a reader (read=True), a large value is written piece by piece: one write() each.
         """
-        if sum(len(p) for p in pieces) >= self.disk.disk_min_file_size:
-            self.disk.set(key, Pieces(*pieces), expire=expire, read=True, tag=tag)
-        else:
-            self.disk.set(key, b"".join(pieces), expire=expire, tag=tag)
+        with self.disk.disk.undone_on_failure():  # (a file written halfway is not left behind: entries.py)
+            if sum(len(p) for p in pieces) >= self.disk.disk_min_file_size:
+                self.disk.set(key, Pieces(*pieces), expire=expire, read=True, tag=tag)
+            else:
+                self.disk.set(key, b"".join(pieces), expire=expire, tag=tag)
 
     def get_entry(self, key: str, kind: str) -> tuple[bytes, int] | None:
         """Any other cached entry (objects.py builds the keys): (payload, checksum), or None."""
@@ -339,6 +355,7 @@ class FrameCache:
             self._disk_failed(kind)
             return
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(sum(len(p) for _, p in entries))
+        self.failing = False
         self.cull()
 
     async def forget_study(self, study: str) -> None:
@@ -401,9 +418,10 @@ class FrameCache:
             self._set("json/" + key, _FRESH.pack(time.time() + ttl), head(body), body, expire=ttl + stale_if_error,
                           tag=f"json:{study}")
         except DISK_ERRORS:
-            self.writable = False
+            self._disk_failed("metadata")
             return
         metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(body))
+        self.failing = False
         self.cull()
 
     def claim_prefetch(self, study: str, series: str, ttl: float) -> bool:
@@ -438,11 +456,36 @@ class FrameCache:
         return removed
 
     def _purge_disk(self, study: str | None) -> int:
-        removed = (self.disk.evict(study) + self.disk.evict(f"json:{study}") + self.disk.evict(f"obj:{study}")
-                   if study else self.disk.clear())
+        try:
+            removed = self._evict(study)
+        except DISK_ERRORS:  # a full disk: SQLite cannot journal the deletions. Free the files, then again.
+            log.warning("cache purge on a full disk: the entries' files go first", exc_info=True)
+            self._unlink_files(study)
+            removed = self._evict(study)
         self.disk.incr(GENERATION, default=0)  # the siblings clear their memory tier within a second
         self._generation = self._read_generation()
+        self._writes_off_until = 0.0  # space was freed: writes are tried again
         return int(removed)
+
+    def _evict(self, study: str | None) -> int:
+        return int(self.disk.evict(study) + self.disk.evict(f"json:{study}") + self.disk.evict(f"obj:{study}")
+                   if study else self.disk.clear())
+
+    def _unlink_files(self, study: str | None) -> None:
+        """Delete the value files of a study's entries (every entry's, for None) without writing to the
+        database (a read-only look at diskcache's table): what frees space on a full disk. Their rows go
+        with the eviction that follows; a row whose file is gone reads as a miss meanwhile."""
+        db = os.path.join(self.disk.directory, diskcache.core.DBNAME)
+        query = "SELECT filename FROM Cache WHERE filename IS NOT NULL"
+        args: tuple[str, ...] = ()
+        if study is not None:
+            query += " AND tag IN (?, ?, ?)"
+            args = (study, f"json:{study}", f"obj:{study}")
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            names = [name for (name,) in con.execute(query, args)]
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.disk.directory, name))
 
     def stats(self) -> dict[str, int | bool]:
         """Sizes and counts, for `dicomweb-edge cache stats`, the admin endpoint and the metrics."""
@@ -455,7 +498,7 @@ class FrameCache:
         return {"disk_entries": entries, "disk_bytes": int(self.disk.volume()),
                 "disk_limit_bytes": int(self.disk.size_limit), "memory_entries": len(self.memory),
                 "memory_bytes": self.memory.bytes, "held_back_bytes": self.writer.held_back_bytes,
-                "writable": self.writable, "filesystem_free_bytes": free, "filesystem_size_bytes": size}
+                "writable": not self.failing, "filesystem_free_bytes": free, "filesystem_size_bytes": size}
 
     def close(self) -> None:
         """Finish the writes under way and close the disk tier."""

@@ -8,9 +8,12 @@ or foreign entry is deleted and treated as a miss.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import diskcache
@@ -24,12 +27,45 @@ MAGIC = b"DWE2"  # DWE1 entries (CRC-32) fail the magic test: evicted and fetche
 class FlatDisk(diskcache.Disk):
     """diskcache's file layout with one level of 256 directories, made once, instead of two levels of
     random directories made as files arrive: on a fresh cache nearly every 512 KB frame paid a mkdir
-    (0.25-0.5 ms each on this ext4). Existing entries keep their paths (the database holds them)."""
+    (0.25-0.5 ms each on this ext4). Existing entries keep their paths (the database holds them).
+
+    It also knows which value files a block of writes named (`undone_on_failure`), so that a failed write
+    leaves none behind: diskcache keeps the file of a value it could not finish writing (ENOSPC halfway),
+    and of one whose transaction was rolled back; nothing refers to those files, no eviction removes them,
+    and on a full disk they held the space a purge was meant to free."""
+
+    def __init__(self, directory: str, **kwargs: Any) -> None:
+        super().__init__(directory, **kwargs)
+        self._named = threading.local()
 
     def filename(self, key: object = UNKNOWN, value: object = UNKNOWN) -> tuple[str, str]:
         name = os.urandom(16).hex()
         filename = os.path.join(name[:2], name[2:] + ".val")
-        return filename, os.path.join(self._directory, filename)
+        full_path = os.path.join(self._directory, filename)
+        named = getattr(self._named, "files", None)
+        if named is not None:
+            named.append(full_path)
+        return filename, full_path
+
+    @contextlib.contextmanager
+    def undone_on_failure(self) -> Iterator[None]:
+        """Value files named in this block (by this thread) are removed if the block raises; blocks nest
+        (a failed transaction removes the files of the writes inside it that had succeeded)."""
+        outer = getattr(self._named, "files", None)
+        files: list[str] = []
+        self._named.files = files
+        try:
+            yield
+        except BaseException:
+            for path in files:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            files.clear()
+            raise
+        finally:
+            if outer is not None:
+                outer.extend(files)
+            self._named.files = outer
 
 
 def checksum_of(data: bytes | memoryview) -> int:

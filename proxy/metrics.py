@@ -228,7 +228,7 @@ class _Snapshot:
             ("dicomweb_edge_cache_disk_entries", "Entries in the shared disk tier.", st["disk_entries"]),
             ("dicomweb_edge_cache_disk_bytes", "Bytes used by the shared disk tier.", st["disk_bytes"]),
             ("dicomweb_edge_cache_disk_limit_bytes", "Size bound of the shared disk tier.", st["disk_limit_bytes"]),
-            ("dicomweb_edge_cache_writable", "1 while the disk tier accepts writes (0 after a disk failure).",
+            ("dicomweb_edge_cache_writable", "1 while the disk tier accepts writes (0 while they fail: a full disk).",
              int(st["writable"])),
             ("dicomweb_edge_cache_filesystem_free_bytes", "Free bytes on the filesystem of the cache directory.",
              st.get("filesystem_free_bytes", 0)),

@@ -409,7 +409,8 @@ def test_metadata_is_cached_briefly_and_a_store_invalidates_it(archive, data, tm
 
 def test_a_full_disk_turns_cache_writes_off_not_the_proxy(archive, data, tmp_path):
     """A cache directory that fills up (a real ENOSPC, on a tiny tmpfs) makes the cache read-only; every
-    request is still answered with the right bytes."""
+    request is still answered with the right bytes. A purge frees the cache's space even when the disk is
+    full to the last byte, and the next miss is written again (no restart)."""
     import os
     import subprocess
     import time
@@ -434,6 +435,19 @@ def test_a_full_disk_turns_cache_writes_off_not_the_proxy(archive, data, tmp_pat
                 r = c.get(url(proxy.dicomweb_url, native, str(n)), headers=ANY)
                 assert r.status_code == 200 and payloads(r) == [native_frame(native, n)]
             assert c.get(f"{proxy.url}/healthz").status_code == 200
+            with open(small / "filler", "wb", buffering=0) as filler:  # something else takes the last bytes
+                try:
+                    while True:
+                        filler.write(b"\0" * 4096)
+                except OSError:
+                    pass
+            assert c.post(f"{proxy.url}/admin/cache/purge").status_code == 200  # (SQLite itself has no room)
+            r = c.get(url(proxy.dicomweb_url, native, "1"), headers=ANY)  # a miss again: written this time
+            assert r.status_code == 200 and r.headers["x-cache"] == "MISS" and payloads(r) == [native_frame(native, 1)]
+            deadline = time.monotonic() + 20
+            while not (stats := c.get(f"{proxy.url}/admin/cache").json())["writable"] or stats["disk_entries"] < 2:
+                assert time.monotonic() < deadline, f"the cache never wrote again: {stats}"
+                time.sleep(0.05)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 
