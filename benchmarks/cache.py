@@ -4,7 +4,9 @@
 
 One run: a fresh Orthanc with a CT study, the proxy with `--cache-dir` in front of it, nginx serving
 the exact frame body Orthanc sends as a static file. The frame is read once through the proxy (a miss
-that fills the cache), then wrk measures the three servers on the same frame URL, interleaved.
+that fills the cache), then wrk measures the three servers on the same frame URL, interleaved, and the
+proxy once more with an `Origin` header: a viewer served from another origin (the proxy runs with that
+origin in `cors_origins`) sends one with every request.
 Targets: cached single-frame throughput >= 0.5x nginx and >= 5x Orthanc direct.
 """
 
@@ -25,7 +27,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from run import wrk  # noqa: E402
 from stack import WORK, Stack, on_sigterm, replace_section, versions  # noqa: E402
 
-SERVERS = ("orthanc", "proxy", "nginx")
+SERVERS = ("orthanc", "proxy", "nginx", "proxy, Origin")
+ORIGIN = "https://viewer.example.org"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     on_sigterm()
     os.environ["DICOMWEB_EDGE_CACHE_SENDFILE"] = "true" if args.sendfile else "false"  # the proxy inherits it
+    os.environ["DICOMWEB_EDGE_CORS_ORIGINS"] = ORIGIN
     mode = "sendfile from the disk tier's file" if args.sendfile else "writes from the memory tier"
     work = WORK / "cache"
     concs = [int(c) for c in args.concurrency.split(",")]
@@ -52,14 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         hit = httpx.get(st.url("proxy", "frame"), headers={"Accept": accept}, trust_env=False, timeout=60)
         assert hit.headers.get("x-cache") == "HIT", dict(hit.headers)
         pg = frozenset(st.pgids())
+
+        def measure(server: str, conc: int, duration: int) -> dict:
+            name, _, origin = server.partition(", ")
+            return wrk(st.url(name, "frame"), accept, conc, duration, pg, (f"Origin: {ORIGIN}",) if origin else ())
+
         for server in SERVERS:
-            wrk(st.url(server, "frame"), accept, 1, 1, pg)  # warm-up, not recorded
+            measure(server, 1, 1)  # warm-up, not recorded
         for conc in concs:
             for _ in range(args.repeat):
                 for server in SERVERS:
-                    r = wrk(st.url(server, "frame"), accept, conc, args.duration, pg)
+                    r = measure(server, conc, args.duration)
                     runs.setdefault((server, conc), []).append(r)
-                    print(f"c={conc:<3} {server:7} {r['requests'] / r['duration_us'] * 1e6:9.1f} req/s", flush=True)
+                    print(f"c={conc:<3} {server:13} {r['requests'] / r['duration_us'] * 1e6:9.1f} req/s", flush=True)
         size = st.body_sizes["frame"]
 
     def rps(server: str, conc: int) -> float:
@@ -76,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         f"One 512x512 CT frame ({size:,} B body, `transfer-syntax=*`), the proxy with `--cache-dir` and "
         f"`--workers {args.workers}` after one miss filled the cache, hits sent as {mode}; "
         f"`wrk -t min(c,2) -c c -d {args.duration}s`, "
-        f"{args.repeat} runs per cell, servers interleaved, medians.",
+        f"{args.repeat} runs per cell, servers interleaved, medians. \"proxy, Origin\": the same requests with "
+        f"`Origin: {ORIGIN}`, an origin in the proxy's `cors_origins` (a viewer served from elsewhere).",
         "",
         "| c | server | req/s | p50 ms |",
         "|---|---|---|---|",
@@ -93,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         # where it is below 5x too, the client and the machine bound the ratio, not the proxy.
         lines.append(f"| reference: nginx static / Orthanc direct, c={c} | "
                      f"{rps('nginx', c) / rps('orthanc', c):.2f} | | — |")
+        lines.append(f"| cached with Origin / nginx, c={c} | {rps('proxy, Origin', c) / rps('nginx', c):.2f} | | — |")
     body = "\n".join(lines) + "\n"
     heading = "## Cached single frame, sendfile (issue 4)" if args.sendfile else "## Cached single frame (issue 4)"
     replace_section(args.out, heading, body)

@@ -64,13 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def wrk(url: str, accept: str | None, conc: int, duration: int, pgids: frozenset[int] = frozenset()) -> dict:
+def wrk(url: str, accept: str | None, conc: int, duration: int, pgids: frozenset[int] = frozenset(),
+        headers: tuple[str, ...] = ()) -> dict:
     """One wrk run: the numbers report.lua prints, the 1-minute load average before and after, and the
-    cores other sessions kept busy meanwhile (everything but wrk, this process and the `pgids`)."""
+    cores other sessions kept busy meanwhile (everything but wrk, this process and the `pgids`).
+    `headers`: more request headers ("Name: value")."""
     cmd = ["wrk", "-t", str(min(conc, 2)), "-c", str(conc), "-d", f"{duration}s", "--timeout", "30s",
            "-s", str(LUA)]
     if accept:
         cmd += ["-H", f"Accept: {accept}"]
+    for header in headers:
+        cmd += ["-H", header]
     load_before = os.getloadavg()[0]
     foreign = ForeignCpu(set(pgids))
     foreign.start()
