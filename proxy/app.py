@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from . import access, cors, metrics
+from . import access, cors, metrics, purges
 from .auth import AuthMiddleware
 from .auth import parse as parse_auth
 from .config import Settings
@@ -109,7 +109,7 @@ def create_app(settings: Settings) -> Starlette:
         study = request.query_params.get("study")
         if study is not None and not re.match(r"^[0-9]+(\.[0-9]+)*$", study):
             raise Problem(400, "malformed study UID")
-        removed = await ctx.cache.purge_soon(study)
+        removed = await purges.purge_soon(ctx.cache, study)
         return JSONResponse({"removed": removed})
 
     async def metrics_endpoint(request: Request) -> Response:

@@ -9,13 +9,12 @@ Tiers: a bounded in-process LRU (memtier.py), and `diskcache` in the configured 
 eviction, persistent across restarts and shared by every worker process. Every entry carries its
 length and checksum; an entry that does not verify is deleted and treated as a miss. A full or failing
 disk turns the disk tier off for writes for a minute at a time (a purge turns them on at once), never
-the proxy off.
+the proxy off. What a store invalidates and what an operator purges: purges.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sqlite3
@@ -358,28 +357,6 @@ class FrameCache:
         self.failing = False
         self.cull()
 
-    async def forget_study(self, study: str) -> None:
-        """A store changed the study: drop its cached metadata, and its rendered images, thumbnails, bulk
-        data and instances from every tier of every worker (frames stay: a SOP's pixels do not change).
-        The disk in the writer thread (no contention for SQLite's lock), this worker's memory tier here."""
-        if await self.write_first(self._forget_disk, study):
-            self.memory.clear()
-
-    def _forget_disk(self, study: str) -> int:
-        try:
-            self.disk.evict(f"json:{study}")
-        except Exception:
-            log.warning("could not drop cached metadata", exc_info=True)
-        try:
-            removed = int(self.disk.evict(f"obj:{study}"))
-            if removed:
-                self.disk.incr(GENERATION, default=0)  # other workers clear their memory tier within a second
-                self._generation = self._read_generation()
-        except Exception:
-            log.warning("could not drop cached objects", exc_info=True)
-            return 0
-        return removed
-
     def cull(self) -> int:
         """Evict least-recently-used entries until the disk tier is within its size bound (counted)."""
         try:
@@ -440,52 +417,12 @@ class FrameCache:
         except DISK_ERRORS:
             pass
 
-    def purge(self, study: str | None = None) -> int:
-        """Drop one study's entries (or everything) from every tier of every worker; how many went.
-        Blocking, for a process without an event loop (the CLI); the app uses `purge_soon`."""
-        removed = self.writer.drop(study) + self._purge_disk(study)
-        self.memory.clear()
-        return removed
-
-    async def purge_soon(self, study: str | None = None) -> int:
-        """`purge` from the event loop: what waits to be written and the memory tier here, the disk in the
-        writer thread, ahead of the frames queued there."""
-        removed = self.writer.drop(study)  # frames of it not written yet count as entries dropped
-        removed += await self.write_first(self._purge_disk, study)
-        self.memory.clear()  # (again: what landed while the disk was purged)
-        return removed
-
-    def _purge_disk(self, study: str | None) -> int:
-        try:
-            removed = self._evict(study)
-        except DISK_ERRORS:  # a full disk: SQLite cannot journal the deletions. Free the files, then again.
-            log.warning("cache purge on a full disk: the entries' files go first", exc_info=True)
-            self._unlink_files(study)
-            removed = self._evict(study)
-        self.disk.incr(GENERATION, default=0)  # the siblings clear their memory tier within a second
+    def note_purge(self) -> None:
+        """Entries went from the disk tier (purges.py; blocking): every worker clears its memory tier within
+        a second (the purge generation), and writes are tried again (space was freed)."""
+        self.disk.incr(GENERATION, default=0)
         self._generation = self._read_generation()
-        self._writes_off_until = 0.0  # space was freed: writes are tried again
-        return int(removed)
-
-    def _evict(self, study: str | None) -> int:
-        return int(self.disk.evict(study) + self.disk.evict(f"json:{study}") + self.disk.evict(f"obj:{study}")
-                   if study else self.disk.clear())
-
-    def _unlink_files(self, study: str | None) -> None:
-        """Delete the value files of a study's entries (every entry's, for None) without writing to the
-        database (a read-only look at diskcache's table): what frees space on a full disk. Their rows go
-        with the eviction that follows; a row whose file is gone reads as a miss meanwhile."""
-        db = os.path.join(self.disk.directory, diskcache.core.DBNAME)
-        query = "SELECT filename FROM Cache WHERE filename IS NOT NULL"
-        args: tuple[str, ...] = ()
-        if study is not None:
-            query += " AND tag IN (?, ?, ?)"
-            args = (study, f"json:{study}", f"obj:{study}")
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            names = [name for (name,) in con.execute(query, args)]
-        for name in names:
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(self.disk.directory, name))
+        self._writes_off_until = 0.0
 
     def stats(self) -> dict[str, int | bool]:
         """Sizes and counts, for `dicomweb-edge cache stats`, the admin endpoint and the metrics."""

@@ -95,6 +95,7 @@ def cache_command(args: argparse.Namespace) -> int:
     """`dicomweb-edge cache stats|purge`: works on the cache directory, with or without a running proxy."""
     import json
 
+    from . import purges
     from .cache import FrameCache
 
     directory = args.cache_dir
@@ -109,7 +110,7 @@ def cache_command(args: argparse.Namespace) -> int:
             del stats["memory_entries"], stats["memory_bytes"], stats["held_back_bytes"]  # a running worker's own
             print(json.dumps(stats, indent=2))
         else:
-            print(json.dumps({"removed": cache.purge(args.study)}))
+            print(json.dumps({"removed": purges.purge(cache, args.study)}))
     finally:
         cache.close()
     return 0

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from . import purges
 from .context import Context
 from .media import parse_content_type
 from .responses import Problem
@@ -61,7 +62,7 @@ async def _learn(ctx: Context, archive: str, study: str | None, body: bytes) -> 
         studies.add(study)
     for uid in studies:
         if ctx.cache is not None:
-            await ctx.cache.forget_study(uid)  # its metadata, renderings and the like may change
+            await purges.forget_study(ctx.cache, uid)  # its metadata, renderings and the like may change
     ctx.clear_searches()
     await ctx.locator.share({uid: [archive] for uid in studies})
     if ctx.shared is not None:

@@ -3,6 +3,7 @@ writes reach other workers, and reads keep the LRU order without taking the writ
 
 import os
 
+from proxy import purges
 from proxy.cache import FrameCache
 from proxy.part10 import EXPLICIT_LE
 
@@ -193,7 +194,7 @@ def test_disk_tier_hits_are_mapped_and_checked(tmp_path):
 
     kept = fresh.get("1.2.3", 4, "application/octet-stream", "*")
     assert kept is not None
-    assert writer.purge("1.2") > 0  # the files are unlinked; the mapping handed out stays whole
+    assert purges.purge(writer, "1.2") > 0  # the files are unlinked; the mapping handed out stays whole
     assert bytes(kept.payload) == payloads[4]
 
 
@@ -224,7 +225,7 @@ async def test_a_purge_and_a_store_change_this_workers_state_on_its_event_loop_o
     cache.put_entry("obj/r", b"rendered")
     cache.put_json("meta", b"[]", "1.2", ttl=60)
 
-    await cache.forget_study("1.2")  # a store to the study: its objects and metadata go, frames stay
+    await purges.forget_study(cache, "1.2")  # a store to the study: its objects and metadata go, frames stay
     assert cache.get_entry("obj/r", "rendered") is None and cache.get_json("meta") is None
     assert FrameCache(str(tmp_path)).get_entry("obj/r", "rendered") is None
 
@@ -232,7 +233,7 @@ async def test_a_purge_and_a_store_change_this_workers_state_on_its_event_loop_o
     cache.put("1.2.3", 1, "application/octet-stream", EXPLICIT_LE, payload)
     held = cache.write_soon([("1.2.3", 2, "application/octet-stream", EXPLICIT_LE, payload, checksum_of(payload))],
                             "1.2", defer=True)
-    assert await cache.purge_soon("1.2") >= 2  # the frame on disk and the one waiting to be written
+    assert await purges.purge_soon(cache, "1.2") >= 2  # the frame on disk and the one waiting to be written
     assert await asyncio.wait_for(held, 5) == [None]  # never written
     assert cache.get("1.2.3", 1, "application/octet-stream", "*") is None
     assert FrameCache(str(tmp_path)).get("1.2.3", 2, "application/octet-stream", "*") is None
