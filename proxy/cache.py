@@ -9,7 +9,8 @@ Tiers: a bounded in-process LRU (memtier.py), and `diskcache` in the configured 
 eviction, persistent across restarts and shared by every worker process. Every entry carries its
 length and checksum; an entry that does not verify is deleted and treated as a miss. A full or failing
 disk turns the disk tier off for writes for a minute at a time (a purge turns them on at once), never
-the proxy off. What a store invalidates and what an operator purges: purges.py.
+the proxy off. What a store invalidates and what an operator purges: purges.py; the metadata documents
+and prefetch claims kept in the same disk tier: documents.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import logging
 import os
 import sqlite3
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +33,6 @@ from .memtier import MemoryTier, count_hit
 from .sendfile import FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
-_FRESH = struct.Struct("<d")  # metadata entries start with the wall-clock time they stay fresh until
 GENERATION = "purge-generation"
 TOUCH_EVERY = 5.0  # seconds: disk-tier reads are written back to the LRU order at most this often
 T = TypeVar("T")
@@ -253,21 +252,18 @@ class FrameCache:
         key = frame_key(sop, frame, media_type, transfer_syntax)
         path = None
         try:
-            self._set(key, head(payload, checksum), payload, tag=study)
+            self.set_value(key, head(payload, checksum), payload, tag=study)
             index = f"{media_type};{transfer_syntax}".encode()
-            self._set(index_key(sop, frame), head(index), index, tag=study)
+            self.set_value(index_key(sop, frame), head(index), index, tag=study)
             if self.sendfile and len(payload) >= self.disk.disk_min_file_size:
                 handle = self.disk.get(key, read=True)
                 if handle is not None and not isinstance(handle, bytes):
                     handle.close()
                     path = handle.name
         except DISK_ERRORS:
-            self._disk_failed("frame")
+            self.disk_failed("frame")
             return None
-        metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(payload))
-        self.failing = False
-        if cull:
-            self.cull()
+        self.wrote(len(payload), cull)
         return path if isinstance(path, str) else None
 
     @property
@@ -276,13 +272,20 @@ class FrameCache:
         disk), then it tries again; a purge, which frees space, makes it try at once."""
         return time.monotonic() >= self._writes_off_until
 
-    def _disk_failed(self, kind: str | None = None) -> None:
+    def disk_failed(self, kind: str | None = None) -> None:
         """Disk full or gone: keep serving, stop writing for a while (counted as a failed write of `kind`)."""
         self._writes_off_until = time.monotonic() + WRITE_RETRY
         if kind is not None:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "write-failed").inc()
         self.failing = True
         log.error("cache disk failed; no cache writes for %g s", WRITE_RETRY, exc_info=True)
+
+    def wrote(self, nbytes: int, cull: bool = True) -> None:
+        """A disk-tier write succeeded: counted, the writable gauge back to 1, and (`cull`) the bound kept."""
+        metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(nbytes)
+        self.failing = False
+        if cull:
+            self.cull()
 
     def write_soon(self, frames: list[FrameToWrite], study: str | None, token: bytes | None = None,
                    defer: bool = False) -> asyncio.Future[Paths]:
@@ -316,12 +319,12 @@ class FrameCache:
                     results.append([self.write(sop, n, mtype, ts, data, study, checksum, cull=False)
                                     for sop, n, mtype, ts, data, checksum in frames])
         except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
-            self._disk_failed()
+            self.disk_failed()
             results = [[None] * len(frames) for frames, _ in items]
         self.cull()
         return results
 
-    def _set(self, key: str, *pieces: bytes, expire: float | None = None, tag: str | None = None) -> None:
+    def set_value(self, key: str, *pieces: bytes, expire: float | None = None, tag: str | None = None) -> None:
         """`disk.set` of the value made of `pieces`, without joining (copying) them when it is large.
 
         diskcache writes a bytes value by iterating a BytesIO over it, which yields *lines*: a 512 KB
@@ -349,13 +352,11 @@ class FrameCache:
         """Store entries in the shared disk tier, tagged `obj:{study}` (blocking: call it off the loop)."""
         try:
             for key, payload in entries:
-                self._set(key, head(payload), payload, tag=f"obj:{study}")
+                self.set_value(key, head(payload), payload, tag=f"obj:{study}")
         except DISK_ERRORS:
-            self._disk_failed(kind)
+            self.disk_failed(kind)
             return
-        metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(sum(len(p) for _, p in entries))
-        self.failing = False
-        self.cull()
+        self.wrote(sum(len(p) for _, p in entries))
 
     def cull(self) -> int:
         """Evict least-recently-used entries until the disk tier is within its size bound (counted)."""
@@ -367,55 +368,6 @@ class FrameCache:
             return 0
         metrics.child(metrics.CACHE_EVICTIONS, "disk").inc(removed)
         return removed
-
-    def get_json(self, key: str, stale: bool = False) -> bytes | None:
-        """A cached metadata document (short-lived; shared by all workers). With `stale`, also one past
-        its TTL but within the stale-if-error window (for when the archive fails)."""
-        try:
-            blob = self.reader.get("json/" + key)
-        except Exception:
-            return None
-        body = None
-        if blob is not None and len(blob) >= _FRESH.size:
-            fresh_until = _FRESH.unpack_from(blob)[0]
-            if stale or time.time() < fresh_until:
-                body = unpack(blob[_FRESH.size :])
-        result = "miss" if body is None else "stale" if stale else "hit"
-        metrics.child(metrics.CACHE_RESULTS, "disk", "metadata", result).inc()
-        if body is not None:
-            metrics.child(metrics.CACHE_SERVED_BYTES, "disk", "metadata").inc(len(body))
-        return body
-
-    def put_json(self, key: str, body: bytes, study: str, ttl: float, stale_if_error: float = 0.0) -> None:
-        """Keep a metadata document fresh for `ttl` seconds and, past that, `stale_if_error` seconds more for
-        `get_json(stale=True)`; until a store to its study drops it (blocking)."""
-        if ttl <= 0 or not self.writable:
-            return
-        try:
-            self._set("json/" + key, _FRESH.pack(time.time() + ttl), head(body), body, expire=ttl + stale_if_error,
-                          tag=f"json:{study}")
-        except DISK_ERRORS:
-            self._disk_failed("metadata")
-            return
-        metrics.child(metrics.CACHE_BYTES_WRITTEN, "disk").inc(len(body))
-        self.failing = False
-        self.cull()
-
-    def claim_prefetch(self, study: str, series: str, ttl: float) -> bool:
-        """Claim the prefetch of a series for this worker: False when some worker prefetched it within
-        `ttl` or is prefetching it now (an atomic insert; dropped with the study's metadata by a store or
-        a purge). Blocking."""
-        try:
-            return bool(self.disk.add("prefetched/" + series, 1, expire=ttl, tag=f"json:{study}"))
-        except DISK_ERRORS:
-            return True  # no shared record: prefetch, as a single worker would
-
-    def release_prefetch(self, series: str) -> None:
-        """The prefetch failed: let the next series metadata request try again (blocking)."""
-        try:
-            self.disk.delete("prefetched/" + series)
-        except DISK_ERRORS:
-            pass
 
     def note_purge(self) -> None:
         """Entries went from the disk tier (purges.py; blocking): every worker clears its memory tier within

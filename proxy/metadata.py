@@ -14,7 +14,7 @@ import asyncio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import access, jsonbody, merge, prefetch
+from . import access, documents, jsonbody, merge, prefetch
 from .context import Context
 from .media import Resource
 from .responses import Problem
@@ -56,7 +56,7 @@ async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> R
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
     key = dicomweb_base(request, ctx.settings, ctx.root) + path
     if cache is not None and ttl > 0 and not fresh:
-        cached = await asyncio.to_thread(cache.get_json, key)
+        cached = await asyncio.to_thread(documents.get_json, cache, key)
         if cached is not None:
             await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
             return Response(cached, 200, media_type="application/dicom+json",
@@ -66,7 +66,7 @@ async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> R
     except Problem as exc:
         if cache is None or ttl <= 0 or fresh or exc.status not in STALE_IF or not ctx.settings.stale_if_error:
             raise
-        stale = await asyncio.to_thread(cache.get_json, key, True)
+        stale = await asyncio.to_thread(documents.get_json, cache, key, True)
         if stale is None:
             raise
         await access.admit(ctx, target.study)
@@ -76,7 +76,7 @@ async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> R
     if cache is not None and ttl > 0 and response.status_code == 200 and "warning" not in response.headers:
         # Stored before answering, so that the next request (from any worker) is a hit; by the writer
         # thread, ahead of the frames a prefetch queues there (cache.write_first).
-        await cache.write_first(cache.put_json, key, bytes(response.body), target.study, ttl,
+        await cache.write_first(documents.put_json, cache, key, bytes(response.body), target.study, ttl,
                                 ctx.settings.stale_if_error)
         response.headers["X-Cache"] = "MISS"
     return response

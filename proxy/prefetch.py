@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 
-from . import metrics
+from . import documents, metrics
 from .context import Context
 from .flights import Fetching, covering, learn_instance
 from .media import Selection
@@ -57,7 +57,8 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
     async with slots:
         metrics.PREFETCH_QUEUE.dec()
         ttl = ctx.settings.prefetch_ttl
-        if covering(study, series, "") or not await asyncio.to_thread(cache.claim_prefetch, study, series, ttl):
+        if covering(study, series, "") or not await asyncio.to_thread(documents.claim_prefetch, cache, study, series,
+                                                                      ttl):
             metrics.child(metrics.PREFETCHES, "skipped").inc()  # another worker has it, or is on it
             return
         fetching = Fetching(study, series, None, cache)
@@ -83,7 +84,7 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
             log.info("prefetch failed: %s", type(exc).__name__)
         finally:
             if outcome != "done":
-                await asyncio.to_thread(cache.release_prefetch, series)
+                await asyncio.to_thread(documents.release_prefetch, cache, series)
             await fetching.done()
             metrics.child(metrics.PREFETCHES, outcome).inc()
 
