@@ -240,6 +240,12 @@ def flying(key: str) -> asyncio.Future[None] | None:
     return None if _bus is None else _bus.flying(key)
 
 
+def workers_on(cache_dir: str) -> int:
+    """How many worker processes serve `cache_dir` now (their channels in /proc/net/unix; 0 where there
+    is no such table)."""
+    return len(Siblings(cache_dir, ident="probe")._peers())
+
+
 def alone() -> bool:
     """Whether this worker knows it has no sibling on its cache directory (False without a channel:
     then it cannot know)."""
