@@ -3,7 +3,9 @@
 A viewer asks for a series' metadata and then for every frame of it; one series retrieve in the
 background (a single upstream request) turns those frame requests into hits. Prefetches run with
 bounded concurrency, yield to client requests between parts, are skipped when the series (or its
-study) is already being retrieved or was prefetched recently, and never fail a client request.
+study) is already being retrieved or was prefetched recently, stop when a client retrieves the same
+series or study through the same worker (`yield_to`: its retrieve teaches the cache the same instances),
+and never fail a client request.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from . import documents, metrics
 from .context import Context
@@ -26,6 +29,8 @@ log = logging.getLogger("dicomweb_edge.prefetch")
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _recent: dict[str, float] = {}
 _tasks: set[asyncio.Task[None]] = set()
+_running: dict[str, tuple[str, asyncio.Task[Any]]] = {}  # series → (study, its prefetch) streaming now
+_yielding: set[asyncio.Task[Any]] = set()  # prefetches stopped by yield_to
 _slots: asyncio.Semaphore | None = None
 
 
@@ -49,6 +54,19 @@ def schedule(ctx: Context, study: str, series: str) -> None:
     task.add_done_callback(_tasks.discard)
 
 
+def yield_to(study: str, series: str | None) -> int:
+    """A client retrieves this series (None: the whole study) through this worker, and its retrieve teaches
+    the cache the same instances: the prefetches of it here stop, so that the archive streams them once,
+    not twice (a script that reads a series' metadata and then retrieves it). How many stopped."""
+    stopped = 0
+    for key, (of, task) in list(_running.items()):
+        if of == study and (series is None or key == series) and not task.done():
+            _yielding.add(task)
+            task.cancel()
+            stopped += 1
+    return stopped
+
+
 async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaphore) -> None:
     from .wado import open_upstream  # late: wado imports this module's neighbours
 
@@ -63,6 +81,9 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
             return
         fetching = Fetching(study, series, None, cache)
         outcome = "done"
+        me = asyncio.current_task()
+        assert me is not None
+        _running[series] = (study, me)
         try:
             sel = Selection(True, "application/dicom", "*")
             resp, stack = await open_upstream(ctx, study, f"/studies/{study}/series/{series}", ACCEPT,
@@ -82,8 +103,15 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
         except (Problem, UpstreamError, MultipartError, Exception) as exc:  # a prefetch never hurts anyone
             outcome = "failed"
             log.info("prefetch failed: %s", type(exc).__name__)
+        except asyncio.CancelledError:
+            if me not in _yielding:
+                raise  # the worker stops
+            outcome = "yielded"  # to a client's retrieve of the same instances: its claim stays
+            me.uncancel()
         finally:
-            if outcome != "done":
+            _running.pop(series, None)
+            _yielding.discard(me)
+            if outcome not in ("done", "yielded"):
                 await asyncio.to_thread(documents.release_prefetch, cache, series)
             await fetching.done()
             metrics.child(metrics.PREFETCHES, outcome).inc()

@@ -16,7 +16,7 @@ from functools import partial
 
 from starlette.requests import Request
 
-from . import access, splice
+from . import access, prefetch, splice
 from .context import Context
 from .flights import Fetching, learn_instance
 from .media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
@@ -162,6 +162,8 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
     fetching = None
     if ctx.cache is not None and resource in (Resource.INSTANCE, Resource.INSTANCES):
         fetching = Fetching(target.study, target.series, target.instance, ctx.cache)  # frame requests wait for us
+        if target.instance is None:
+            prefetch.yield_to(target.study, target.series)  # this retrieve teaches the cache the same instances
     # Nothing keeps the body (no cache tee): it will be relayed past Python, so read only its start.
     relay = splice.offered(request.scope) and keep is None and fetching is None
     try:

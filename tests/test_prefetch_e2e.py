@@ -112,3 +112,31 @@ def test_an_archive_that_stalls_mid_part_is_given_up_after_idle_read(proxy, samp
         got = [_frame(client, proxy, ds) for ds in slices]
     assert [cache for cache, _ in got] == ["HIT"] + ["MISS"] * (SLICES - 1)
     assert [payload for _, payload in got] == [ds.PixelData for ds in slices]
+
+
+def test_a_client_retrieving_the_series_stops_its_prefetch_so_the_archive_sends_it_once(proxy, sample, slices,
+                                                                                         faults):
+    """A script reads a series' metadata (which starts a prefetch) and then retrieves the series itself: the
+    prefetch stops and the client's retrieve teaches the cache, so the archive streams the series about
+    once, not twice (body bytes counted at the archive side); every frame is a hit afterwards."""
+    size = sum(_instance_sizes(sample, slices))
+    archive = sample.archive
+    faults.body_chunk_delay = 0.05  # a slow archive: the two streams would overlap
+    series = f"/studies/{slices[0].StudyInstanceUID}/series/{slices[0].SeriesInstanceUID}"
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        sent, asked = archive.body_bytes["retrieve"], archive.requests["retrieve"]
+        assert client.get(proxy.dicomweb_url + series + "/metadata").status_code == 200
+        deadline = time.monotonic() + 10
+        while archive.requests["retrieve"] == asked:  # the prefetch's request reached the archive
+            assert time.monotonic() < deadline, "no prefetch started"
+            time.sleep(0.01)
+        r = client.get(proxy.dicomweb_url + series,
+                       headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert r.status_code == 200 and len(split_multipart(r.content, r.headers["content-type"])[1]) == SLICES
+        _prefetch_ended(proxy, "yielded")
+        sent = archive.body_bytes["retrieve"] - sent
+        faults.clear()
+        got = [_frame(client, proxy, ds) for ds in slices]
+    assert size <= sent < 1.5 * size, (sent, size)
+    assert [cache for cache, _ in got] == ["HIT"] * SLICES
+    assert [payload for _, payload in got] == [ds.PixelData for ds in slices]

@@ -226,6 +226,7 @@ class SampleArchive:
         # (single part, Content-Length); off, like Orthanc, such a request is refused.
         self.single_part = single_part
         self.requests: collections.Counter[str] = collections.Counter()
+        self.body_bytes: collections.Counter[str] = collections.Counter()  # body bytes sent, by request kind
         self.request_ids: collections.deque[str | None] = collections.deque(maxlen=100)  # X-Request-ID seen
         self.queries: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)  # (kind, query string)
         # Per-token access (None: everyone sees everything): bearer token → the study UIDs it may see. Then a
@@ -307,13 +308,14 @@ class SampleArchive:
             if self.faults.status is not None:
                 return await self._respond(_error(self.faults.status, "fault injection", request))
             try:
-                return await self._respond(await handler(request, *args))
+                return await self._respond(await handler(request, *args), kind)
             except HTTPException as exc:
                 return await self._respond(_error(exc.status_code, exc.detail, request))
         return endpoint
 
-    async def _respond(self, p: _Payload) -> StreamingResponse:
-        """The one place where a payload becomes a response, with every fault applied."""
+    async def _respond(self, p: _Payload, kind: str | None = None) -> StreamingResponse:
+        """The one place where a payload becomes a response, with every fault applied (and, for a request
+        of `kind`, its body bytes counted as they are sent)."""
         f = self.faults
         if p.parts is not None:
             boundary = f"{uuid.uuid4()}-{uuid.uuid4()}"[:70]
@@ -339,7 +341,13 @@ class SampleArchive:
             headers["X-Padding"] = "x" * f.huge_headers
         if f.first_byte_delay:
             await asyncio.sleep(f.first_byte_delay)
-        return StreamingResponse(_body(pieces, f), p.status, headers)
+        body = _body(pieces, f)
+        return StreamingResponse(body if kind is None else self._counted(body, kind), p.status, headers)
+
+    async def _counted(self, body: AsyncIterator[bytes], kind: str) -> AsyncIterator[bytes]:
+        async for chunk in body:
+            yield chunk
+            self.body_bytes[kind] += len(chunk)
 
     def _select(self, params: dict[str, str]) -> list[_Entry]:
         found = [e for e in self._snapshot() if e.study == params["study"]
