@@ -59,6 +59,9 @@ class Context:
             bus = siblings.start(self.settings.cache_dir)
             if bus is not None:
                 bus.on_want = self.cache.writer.want  # a sibling waits for frames this worker holds back
+                from .prefetch import sibling_yield  # (late: prefetch.py builds on this module)
+
+                bus.on_yield = sibling_yield  # a sibling's client retrieves what is prefetched here
         if self.shared is not None and self._listener is None:
             self._listener = asyncio.ensure_future(self.shared.listen(self._stored_elsewhere, self.clear_searches))
 

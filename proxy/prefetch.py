@@ -4,8 +4,8 @@ A viewer asks for a series' metadata and then for every frame of it; one series 
 background (a single upstream request) turns those frame requests into hits. Prefetches run with
 bounded concurrency, yield to client requests between parts, are skipped when the series (or its
 study) is already being retrieved or was prefetched recently, stop when a client retrieves the same
-series or study through the same worker (`yield_to`: its retrieve teaches the cache the same instances),
-and never fail a client request.
+series or study through any worker (`yield_to`, and the siblings channel: its retrieve teaches the cache
+the same instances), and never fail a client request.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from . import documents, metrics
+from . import documents, metrics, siblings
 from .context import Context
 from .flights import Fetching, covering, learn_instance
 from .media import Selection
@@ -56,11 +57,26 @@ def schedule(ctx: Context, study: str, series: str) -> None:
 
 def yield_to(study: str, series: str | None) -> int:
     """A client retrieves this series (None: the whole study) through this worker, and its retrieve teaches
-    the cache the same instances: the prefetches of it here stop, so that the archive streams them once,
-    not twice (a script that reads a series' metadata and then retrieves it). How many stopped."""
+    the cache the same instances: the prefetches of it stop, here and in the sibling workers, so that the
+    archive streams them once, not twice (a script that reads a series' metadata and then retrieves it).
+    How many stopped here."""
+    siblings.ask_to_yield(_scope_key(study, series))
+    return _stop(lambda of, key: of == study and (series is None or key == series))
+
+
+def sibling_yield(d: bytes) -> None:
+    """A sibling worker's client retrieves what digest `d` names (`yield_to` there)."""
+    _stop(lambda of, key: d in (siblings.digest(_scope_key(of, key)), siblings.digest(_scope_key(of, None))))
+
+
+def _scope_key(study: str, series: str | None) -> str:
+    return f"prefetch/{study}" + (f"/{series}" if series else "")
+
+
+def _stop(matches: Callable[[str, str], bool]) -> int:
     stopped = 0
     for key, (of, task) in list(_running.items()):
-        if of == study and (series is None or key == series) and not task.done():
+        if matches(of, key) and not task.done():
             _yielding.add(task)
             task.cancel()
             stopped += 1

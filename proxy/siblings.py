@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 log = logging.getLogger("dicomweb_edge.siblings")
-_ANNOUNCE, _SETTLE, _HELLO, _WANT = b"A", b"S", b"H", b"W"
+_ANNOUNCE, _SETTLE, _HELLO, _WANT, _YIELD = b"A", b"S", b"H", b"W", b"Y"
 _DIGEST = 12
 MAX_FLIGHT = 120.0  # seconds an announcement counts without its settle
 REFRESH = 1.0  # seconds between two looks for siblings
@@ -54,6 +54,7 @@ class Siblings:
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
         self._mine: set[bytes] = set()  # announced here, not settled yet: told again to a newcomer
         self.on_want: Callable[[bytes], None] | None = None  # a sibling waits for this digest's key
+        self.on_yield: Callable[[bytes], None] | None = None  # a sibling's client fetches what this key names
 
     def start(self) -> bool:
         """Open the socket and listen (from the app's lifespan); False where the platform cannot."""
@@ -99,6 +100,12 @@ class Siblings:
             d = digest(key)
             self._mine.discard(d)
             self._send(_SETTLE + d)
+
+    def ask_to_yield(self, key: str) -> None:
+        """A client of this worker fetches what `key` names: a sibling doing the same in the background
+        (a prefetch) may stop."""
+        if self.sock is not None:
+            self._send(_YIELD + digest(key))
 
     # -- the siblings' fetches -------------------------------------------------------------------
 
@@ -149,11 +156,13 @@ class Siblings:
                     self._announced[d] = (peer, now + MAX_FLIGHT)
                 elif kind == _SETTLE:
                     self._release(d)
-                elif kind == _WANT and self.on_want is not None:
+                elif kind in (_WANT, _YIELD):
+                    handler = self.on_want if kind == _WANT else self.on_yield
                     try:
-                        self.on_want(d)
-                    except Exception:  # the channel outlives a fault in what a want sets off
-                        log.exception("a sibling's want could not be handled")
+                        if handler is not None:
+                            handler(d)
+                    except Exception:  # the channel outlives a fault in what a message sets off
+                        log.exception("a sibling's message could not be handled")
                 elif kind == _HELLO and self._mine:  # a worker that started after our announcements
                     self._tell(peer, b"".join(_ANNOUNCE + m for m in self._mine))
         if len(self._announced) > 10_000:
@@ -244,6 +253,12 @@ def workers_on(cache_dir: str) -> int:
     """How many worker processes serve `cache_dir` now (their channels in /proc/net/unix; 0 where there
     is no such table)."""
     return len(Siblings(cache_dir, ident="probe")._peers())
+
+
+def ask_to_yield(key: str) -> None:
+    """Tell the siblings that a client of this worker fetches what `key` names (no-op without siblings)."""
+    if _bus is not None:
+        _bus.ask_to_yield(key)
 
 
 def alone() -> bool:
