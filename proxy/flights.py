@@ -23,7 +23,9 @@ _learning: set[asyncio.Task[None]] = set()
 # waited ~1 s behind a series' 200 splits).
 _SPLITTER = ThreadPoolExecutor(1, thread_name_prefix="cache-split")
 _learned: dict[str, asyncio.Future[None]] = {}  # SOP UID → set once its frames are in the cache
-_scopes: dict[str, asyncio.Future[None]] = {}  # "study/series/instance" being retrieved → done
+# "study/series/instance" being retrieved → done, one future per retrieve in flight (a client's series
+# retrieve may overlap the prefetch of the same series, for a moment: the prefetch then stops)
+_scopes: dict[str, list[asyncio.Future[None]]] = {}
 _queued: set[str] = set()  # frame keys learned here and queued for the disk tier, not written yet
 
 
@@ -43,7 +45,7 @@ def covering(study: str, series: str | None, instance: str) -> list[asyncio.Futu
     """Retrieves in flight, here or in a sibling worker, whose answer contains this instance (its
     study, its series, itself)."""
     keys = (_scope(study, None, None), _scope(study, series, None), _scope(study, series, instance))
-    found = [f for k in keys if (f := _scopes.get(k)) is not None and not f.done()]
+    found = [f for k in keys for f in _scopes.get(k, ()) if not f.done()]
     return found + [f for k in keys if (f := siblings.flying("scope/" + k)) is not None]
 
 
@@ -68,8 +70,7 @@ class Fetching:
         self.tasks: list[asyncio.Task[None]] = []  # instances being split into this worker's memory tier
         self.writes: list[asyncio.Task[None]] = []  # their frames on the way to the disk tier
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.key not in _scopes or _scopes[self.key].done():
-            _scopes[self.key] = self.future
+        _scopes.setdefault(self.key, []).append(self.future)
         siblings.announce("scope/" + self.key)
         if cache is not None:  # a sibling waiting for what this brings asks for all of its study
             cache.writer.alias(siblings.digest("scope/" + self.key), study)
@@ -79,8 +80,11 @@ class Fetching:
         waits here; the siblings are told once they are on disk too (in the background)."""
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        if _scopes.get(self.key) is self.future:
-            del _scopes[self.key]
+        live = _scopes.get(self.key, [])
+        if self.future in live:
+            live.remove(self.future)
+        if not live:
+            _scopes.pop(self.key, None)
         if not self.future.done():
             self.future.set_result(None)
         task = asyncio.ensure_future(self._settle_when_written())

@@ -134,6 +134,17 @@ def cached_answer(target: Target, sel: Selection, hits: dict[int, Frame],
     return etag, headers, chunks
 
 
+def _carriers(target: Target, sel: Selection, absent: set[int]) -> list[asyncio.Future[None]]:
+    """What is bringing these absent frames: a fetch of them here or in a sibling, or a study, series or
+    instance retrieve (a prefetch included) whose answer carries their instance."""
+    if not absent:
+        return []
+    assert target.instance is not None
+    flying = [_inflight[k] for n in absent if (k := _flight(target.instance, n, sel)) in _inflight]
+    flying += [f for n in absent if (f := siblings.flying(_sibling_key(target.instance, n))) is not None]
+    return flying + arrivals(target.study, target.series, target.instance)
+
+
 async def frames(request: Request, ctx: Context, target: Target) -> Response:
     """`.../instances/{sop}/frames/{list}`, through the frame cache when one is configured."""
     cache = ctx.cache
@@ -144,17 +155,17 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
     base = dicomweb_base(request, ctx.settings, ctx.root)
     handed = request.scope.pop(LOOKED_UP, None)  # what the cache phase found (and counted) already
     hits = handed[2] if handed is not None and handed[:2] == (target, sel) else lookup(cache, target, sel)
-    absent = set(target.frames) - set(hits)
-    flying = [_inflight[k] for n in absent if (k := _flight(target.instance, n, sel)) in _inflight]
-    flying += [f for n in absent if (f := siblings.flying(_sibling_key(target.instance, n))) is not None]
-    if absent:  # the instance may be on its way in a study/series/instance retrieve, here or in a sibling
-        flying += arrivals(target.study, target.series, target.instance)
+    flying = _carriers(target, sel, set(target.frames) - set(hits))
     if flying:  # another request is fetching these frames: wait for it instead of asking again
         metrics.CACHE_WAITERS.inc()
-        timeout = max(a.config.timeouts.idle_read for a in ctx.archives)
-        await asyncio.wait([asyncio.shield(f) for f in flying], timeout=timeout,
-                           return_when=asyncio.FIRST_COMPLETED)
-        hits = lookup(cache, target, sel)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(a.config.timeouts.idle_read for a in ctx.archives)
+        while flying and (left := deadline - loop.time()) > 0:
+            await asyncio.wait([asyncio.shield(f) for f in flying], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            hits = lookup(cache, target, sel)
+            # Still missing: what was bringing them may have handed over to another fetch (a prefetch that
+            # stopped for a client's retrieve of the same series): wait for that one too.
+            flying = [f for f in _carriers(target, sel, set(target.frames) - set(hits)) if not f.done()]
     if hits:
         await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
     if len(hits) == len(set(target.frames)):

@@ -56,7 +56,7 @@ def proxy(sample, tmp_path):
 
 def _metric(proxy: ProxyProcess, name: str, labels: str) -> float:
     text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
-    m = re.search(rf"^{name}\{{{labels}\}} (\S+)$", text, re.M)
+    m = re.search(rf"^{name}\{{{labels}\}} (\S+)$" if labels else rf"^{name} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
@@ -140,3 +140,38 @@ def test_a_client_retrieving_the_series_stops_its_prefetch_so_the_archive_sends_
     assert size <= sent < 1.5 * size, (sent, size)
     assert [cache for cache, _ in got] == ["HIT"] * SLICES
     assert [payload for _, payload in got] == [ds.PixelData for ds in slices]
+
+
+async def test_a_frame_waiting_on_a_prefetch_that_yields_waits_for_the_retrieve_that_took_over(proxy, sample,
+                                                                                                  slices, faults):
+    """A frame request waits for the prefetch that carries its instance; the prefetch then stops for a
+    client's series retrieve: the frame request waits for that retrieve instead, and the archive is never
+    asked for the frame (counted at the archive side)."""
+    import asyncio
+
+    archive = sample.archive
+    faults.body_chunk_delay = 0.05
+    series = f"/studies/{slices[0].StudyInstanceUID}/series/{slices[0].SeriesInstanceUID}"
+    # The second instance: not yet through when the prefetch stops, and through the client's retrieve
+    # within the waiter's patience (the archive's idle_read, 0.5 s here).
+    last = slices[1]
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+        frames_asked, asked = archive.requests["frames"], archive.requests["retrieve"]
+        waiters = _metric(proxy, "dicomweb_edge_cache_singleflight_waiters_total", "")
+        assert (await client.get(proxy.dicomweb_url + series + "/metadata")).status_code == 200
+        async with asyncio.timeout(10):
+            while archive.requests["retrieve"] == asked:  # the prefetch's request reached the archive
+                await asyncio.sleep(0.01)
+        frame = asyncio.ensure_future(client.get(
+            f"{proxy.dicomweb_url}{series}/instances/{last.SOPInstanceUID}/frames/1", headers=ACCEPT))
+        async with asyncio.timeout(10):
+            while _metric(proxy, "dicomweb_edge_cache_singleflight_waiters_total", "") == waiters:
+                await asyncio.sleep(0.01)  # the frame request waits for the prefetch
+        r = await client.get(proxy.dicomweb_url + series,
+                             headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert r.status_code == 200
+        f = await frame
+    _prefetch_ended(proxy, "yielded")
+    assert f.status_code == 200
+    assert split_multipart(f.content, f.headers["content-type"])[1][0][1] == last.PixelData
+    assert archive.requests["frames"] == frames_asked
