@@ -29,7 +29,7 @@ import diskcache
 from . import metrics
 from .diskwriter import DiskWriter, FrameToWrite, Item, Paths
 from .entries import HEADER, FlatDisk, Pieces, checksum_of, head, mapped, unpack
-from .memtier import MemoryTier, count_hit
+from .memtier import MemoryTier
 from .sendfile import FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
@@ -127,7 +127,7 @@ class FrameCache:
         found = self.memory.get(key)
         if found is not None:
             if counted:
-                count_hit(kind, len(found[0]))
+                metrics.count_hit("memory", kind, len(found[0]))
             return found
         if memory_only:
             return None
@@ -152,8 +152,7 @@ class FrameCache:
             self.disk.delete(key)
             return None
         if counted:
-            metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "disk", kind, "hit"))
-            metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "disk", kind), len(payload))
+            metrics.count_hit("disk", kind, len(payload))
         checksum = HEADER.unpack_from(blob)[2]
         self._read_back(key)
         # Verified once; later hits in this worker are sent from the file (checked for length when opened).

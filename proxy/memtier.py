@@ -19,12 +19,6 @@ from .sendfile import REF_COST, FileRef
 Entry = tuple[bytes | FileRef, int]  # (payload or where it lies, checksum)
 
 
-def count_hit(kind: str, size: int) -> None:
-    """The path that must be cheap: updates added up (metrics.TALLY)."""
-    metrics.TALLY.inc(metrics.child(metrics.CACHE_RESULTS, "memory", kind, "hit"))
-    metrics.TALLY.inc(metrics.child(metrics.CACHE_SERVED_BYTES, "memory", kind), size)
-
-
 def _cost(payload: bytes | FileRef) -> int:
     """What an entry counts for in the bound."""
     return REF_COST if isinstance(payload, FileRef) else len(payload)
@@ -93,7 +87,7 @@ class MemoryTier:
             payloads.append(found[0])
         for (key, _), payload in zip(entries, payloads, strict=True):
             held.move_to_end(key)
-            count_hit("frame", len(payload))
+            metrics.count_hit("memory", "frame", len(payload))
         return payloads
 
     def drop(self, key: str) -> None:

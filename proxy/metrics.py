@@ -201,6 +201,13 @@ class Tally:
 TALLY = Tally()
 
 
+def count_hit(tier: str, kind: str, size: int) -> None:
+    """A cache hit served `size` bytes from `tier` (memory, disk): the path that must be cheap, so the
+    updates are added up (TALLY)."""
+    TALLY.inc(child(CACHE_RESULTS, tier, kind, "hit"))
+    TALLY.inc(child(CACHE_SERVED_BYTES, tier, kind), size)
+
+
 def child(metric: Any, *labels: str) -> Any:
     """`metric.labels(*labels)`, memoised: label sets are small and closed, and `labels()` costs
     about 10 µs a call, several times per request on the hot path."""

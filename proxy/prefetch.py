@@ -55,13 +55,12 @@ def schedule(ctx: Context, study: str, series: str) -> None:
     task.add_done_callback(_tasks.discard)
 
 
-def yield_to(study: str, series: str | None) -> int:
+def yield_to(study: str, series: str | None) -> None:
     """A client retrieves this series (None: the whole study) through this worker, and its retrieve teaches
     the cache the same instances: the prefetches of it stop, here and in the sibling workers, so that the
-    archive streams them once, not twice (a script that reads a series' metadata and then retrieves it).
-    How many stopped here."""
+    archive streams them once, not twice (a script that reads a series' metadata and then retrieves it)."""
     siblings.ask_to_yield(_scope_key(study, series))
-    return _stop(lambda of, key: of == study and (series is None or key == series))
+    _stop(lambda of, key: of == study and (series is None or key == series))
 
 
 def sibling_yield(d: bytes) -> None:
@@ -73,14 +72,11 @@ def _scope_key(study: str, series: str | None) -> str:
     return f"prefetch/{study}" + (f"/{series}" if series else "")
 
 
-def _stop(matches: Callable[[str, str], bool]) -> int:
-    stopped = 0
+def _stop(matches: Callable[[str, str], bool]) -> None:
     for key, (of, task) in list(_running.items()):
         if matches(of, key) and not task.done():
             _yielding.add(task)
             task.cancel()
-            stopped += 1
-    return stopped
 
 
 async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaphore) -> None:
