@@ -104,11 +104,13 @@ Split = tuple[list[tuple[str, int, str, str, bytes, int]], list[bool], str | Non
 
 def _frames_with_checksums(cache: FrameCache, pieces: list[bytes | memoryview], study: str | None) -> Split:
     """The frames of the instance in `pieces`, each frame with its checksum; for each, whether the disk
-    tier holds it already; and the study to tag them with (blocking: in a thread). An instance received
-    whole into one buffer is not copied (parts.whole)."""
+    tier holds it already (or this worker is writing it); and the study to tag them with (blocking: in a
+    thread). An instance received whole into one buffer is not copied (parts.whole)."""
     frames, found = frames_and_study(whole(pieces))  # type: ignore[arg-type]
-    return ([(*f, checksum_of(f[4])) for f in frames], [cache.on_disk(*f[:4]) for f in frames],
-            study or found)
+    # Queued here, or on disk: a key leaves _queued only once its write is committed, so looking at
+    # _queued first never misses a frame whose write completes meanwhile (a set read under the GIL).
+    return ([(*f, checksum_of(f[4])) for f in frames],
+            [frame_key(*f[:4]) in _queued or cache.on_disk(*f[:4]) for f in frames], study or found)
 
 
 async def _to_disk(cache: FrameCache, sop: str, new: list[tuple[tuple[str, int, str, str, bytes, int], str]],
