@@ -117,15 +117,13 @@ async def _to_disk(cache: FrameCache, sop: str, new: list[tuple[tuple[str, int, 
                    tag: str | None) -> None:
     """An instance's learned frames to the shared disk tier, once this worker is quiet or a sibling waits
     for them (diskwriter.py); then the siblings waiting for the instance read it there."""
-    if cache.writable and new:
-        keys = [k for _, k in new]
-        _queued.update(keys)
-        try:
+    try:
+        if cache.writable and new:
             paths = await cache.write_soon([f for f, _ in new], tag, siblings.digest("learned/" + sop), defer=True)
-        finally:
-            _queued.difference_update(keys)
-        for ((sop_, n, mtype, ts, _, _), _), path in zip(new, paths, strict=True):
-            cache.adopt(sop_, n, mtype, ts, path)
+            for ((sop_, n, mtype, ts, _, _), _), path in zip(new, paths, strict=True):
+                cache.adopt(sop_, n, mtype, ts, path)
+    finally:
+        _queued.difference_update(k for _, k in new)  # (claimed by the split: learn_instance)
     siblings.settle("learned/" + sop)
 
 
@@ -155,6 +153,9 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
         # again), or what this worker has queued for it, is not written again.
         keys = [frame_key(*f[:4]) for f in frames]
         new = [(f, k) for f, k, there in zip(frames, keys, stored, strict=True) if not there and k not in _queued]
+        # Claimed at once: the split of the same instance retrieved again may end in this very turn of the
+        # loop, before the write below has started.
+        _queued.update(k for _, k in new)
         writing = asyncio.ensure_future(_to_disk(cache, frames[0][0], new, tag))
         _learning.add(writing)
         writing.add_done_callback(_learning.discard)
