@@ -7,11 +7,15 @@ keep-alive connection, stdlib `http.client`), then every frame of the series wit
 (`curl --parallel --parallel-max 6`). Both clients are thin C-backed readers, so the client is not what
 is measured: httpx, used here before, spent 3-5 ms more than curl per viewer on the three JSON answers
 (the 670 KB metadata most), a cost that weighed on the proxy's short viewers only. Viewers run one
-after the other, each timed from its first request to its last byte. Modes, each from a cold start:
+after the other, each timed from its first request to its last byte (curl already started, waiting
+for its list of frames: its process start is the harness's cost, not the server's). Modes, each from
+a cold start:
 Orthanc direct; for each worker count, the proxy with a fresh cache and prefetch off, and with
 prefetch on. Worker counts: 2 (deploy/docker, deploy/kubernetes) and 1 (the default). `--against REV`
 adds, for each worker count, the proxy of another revision (a clean export of its `proxy/`) with prefetch
 on, interleaved with the rest: a before/after in one run.
+A reference mode, nginx serving as static files the very bodies Orthanc sends for every request of the
+viewer, shows the floor: the fastest any cache could answer this viewer with these clients on this machine.
 Targets: the second viewer through the proxy >= 5x faster than against Orthanc directly; with prefetch
 on, the first viewer faster than direct.
 """
@@ -42,18 +46,28 @@ from stack import (  # noqa: E402
     WORK,
     Stack,
     code_state,
+    free_port,
     on_sigterm,
     replace_section,
+    spawn,
     versions,
+    wait_http,
 )
 from support import ProxyProcess  # noqa: E402
 
 
-def viewer(base: str, study: str, series: str, sops: list[str], workdir: Path) -> float:
-    """One viewer opening the study: seconds from the first request to the last byte."""
-    cfg = workdir / "frames.curl"
-    cfg.write_text("".join(f'url = "{base}/studies/{study}/series/{series}/instances/{sop}/frames/1"\n'
-                           'output = "/dev/null"\n' for sop in sops))
+def viewer(base: str, study: str, series: str, sops: list[str]) -> float:
+    """One viewer opening the study: seconds from the first request to the last byte.
+
+    curl is started before the clock, reading its list of frames from stdin (it parses all of its
+    config before its first transfer): its process start, ~6 ms here, is the harness's, not a cost any
+    server causes or a viewer in a running browser pays.
+    """
+    config = "".join(f'url = "{base}/studies/{study}/series/{series}/instances/{sop}/frames/1"\n'
+                     'output = "/dev/null"\n' for sop in sops)
+    curl = subprocess.Popen(["curl", "-sS", "--fail", "-Z", "--parallel-max", "6", "-H", f"Accept: {ACCEPT_FRAME}",
+                             "--config", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     url = urlsplit(base)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
     t = time.perf_counter()
@@ -64,11 +78,64 @@ def viewer(base: str, study: str, series: str, sops: list[str], workdir: Path) -
         body = r.read()
         assert r.status == 200 and body.startswith(b"["), (path, r.status)
     conn.close()
-    out = subprocess.run(["curl", "-sS", "--fail", "-Z", "--parallel-max", "6", "-H", f"Accept: {ACCEPT_FRAME}",
-                          "--config", str(cfg)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"curl failed: {out.stderr[:500]}")
-    return time.perf_counter() - t
+    _, err = curl.communicate(config, timeout=120)
+    elapsed = time.perf_counter() - t
+    if curl.returncode != 0:
+        raise RuntimeError(f"curl failed: {err[:500]}")
+    return elapsed
+
+
+STATIC_CONF = """\
+daemon off;
+worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; default_type application/octet-stream;
+  keepalive_timeout 65; keepalive_requests 100000;
+  client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp;
+  fastcgi_temp_path {dir}/tmp; uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+  server {{
+    listen 127.0.0.1:{port};
+    root {root};
+    location = {base}/studies {{ alias {dir}/studies.json; }}
+    location = {base}/studies/{study}/series {{ alias {dir}/series.json; }}
+  }}
+}}
+"""
+
+
+def static_mirror(st: Stack, study: str, series: str, sops: list[str], workdir: Path) -> str:
+    """nginx serving, as static files, the very bodies Orthanc sends for every request of a viewer: the
+    fastest any cache could answer this viewer on this machine (the reference). Returns its base URL."""
+    assert st.orthanc is not None
+    ngx, base = workdir / "nginx-static", urlsplit(st.orthanc.dicomweb_url).path
+    root = ngx / "root"
+    series_dir = root / base.lstrip("/") / "studies" / study / "series" / series
+    for d in (ngx / "tmp", series_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    with httpx.Client(base_url=st.orthanc.dicomweb_url, trust_env=False, timeout=120) as client:
+        def body(path: str, accept: str) -> bytes:
+            r = client.get(path, headers={"Accept": accept})
+            assert r.status_code == 200, (path, r.status_code)
+            return r.content
+        json = "application/dicom+json"
+        (ngx / "studies.json").write_bytes(body(f"/studies?PatientName={PATIENT.split('^')[0]}*", json))
+        (ngx / "series.json").write_bytes(body(f"/studies/{study}/series", json))
+        (series_dir / "metadata").write_bytes(body(f"/studies/{study}/series/{series}/metadata", json))
+        for sop in sops:
+            (series_dir / "instances" / sop / "frames").mkdir(parents=True)
+            (series_dir / "instances" / sop / "frames" / "1").write_bytes(
+                body(f"/studies/{study}/series/{series}/instances/{sop}/frames/1", ACCEPT_FRAME))
+    port = free_port()
+    conf = ngx / "nginx.conf"
+    conf.write_text(STATIC_CONF.format(dir=ngx, root=root, port=port, base=base, study=study))
+    proc = spawn(st.stack, ["nginx", "-e", str(ngx / "error.log"), "-p", str(ngx), "-c", str(conf)],
+                 ngx / "stdout.log")
+    url = f"http://127.0.0.1:{port}{base}"
+    wait_http(f"{url}/studies/{study}/series", proc, "nginx", ngx / "error.log")
+    return url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                                check=True).stdout.strip()
         assert found.startswith(str(against)), f"{args.against}'s export is not what imports: {found}"
         proxied += [(f"proxy at {rev}, {w} worker{'s' if w > 1 else ''}, prefetch on", w, "true") for w in counts]
-    modes = [direct_mode] + [label for label, _, _ in proxied]
+    static_mode = "nginx static (reference)"
+    modes = [direct_mode, static_mode] + [label for label, _, _ in proxied]
     rounds: list[dict[str, list[float]]] = []
     with Stack(work, slices=args.slices, workers=2, proxy=False, nginx=False) as st:
         assert st.orthanc is not None
@@ -109,11 +177,14 @@ def main(argv: list[str] | None = None) -> int:
                             trust_env=False).json()
         # In InstanceNumber order, as a viewer walks a CT stack.
         sops = [r["00080018"]["Value"][0] for r in sorted(listing, key=lambda r: r["00200013"]["Value"][0])]
-        viewer(st.orthanc.dicomweb_url, study, series, sops, work)  # unrecorded: Orthanc's own caches warm
+        viewer(st.orthanc.dicomweb_url, study, series, sops)  # unrecorded: Orthanc's own caches warm
+        static = static_mirror(st, study, series, sops, work)
+        viewer(static, study, series, sops)  # unrecorded: the page cache holds the files
         for n in range(args.rounds):
             times: dict[str, list[float]] = {}
-            times[direct_mode] = [viewer(st.orthanc.dicomweb_url, study, series, sops, work)
+            times[direct_mode] = [viewer(st.orthanc.dicomweb_url, study, series, sops)
                                   for _ in range(args.viewers)]
+            times[static_mode] = [viewer(static, study, series, sops) for _ in range(args.viewers)]
             for label, workers, prefetch in proxied:
                 run = work / f"{label.replace(', ', '-').replace(' ', '_')}-{n}"
                 shutil.rmtree(run, ignore_errors=True)
@@ -124,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 if label.startswith("proxy at ") and against is not None:
                     process.env["PYTHONPATH"] = str(against)  # that revision's package, not the work tree's
                 with process as proxy:
-                    times[label] = [viewer(proxy.dicomweb_url, study, series, sops, run)
+                    times[label] = [viewer(proxy.dicomweb_url, study, series, sops)
                                     for _ in range(args.viewers)]
             rounds.append(times)
     med = {m: [statistics.median(r[m][v] for r in rounds) for v in range(args.viewers)] for m in modes}
@@ -147,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         f"warm (one unrecorded viewer first). {args.rounds} rounds; the table gives the median of each "
         "cell over the rounds, the verdicts are on those medians, and each round's own ratios follow. "
         "Worker counts: 2 as in deploy/docker and deploy/kubernetes, 1 the default; all on the same 2 "
-        "cores as Orthanc and the clients.",
+        "cores as Orthanc and the clients. nginx static (2 workers, sendfile): the same bodies as Orthanc "
+        "sends them, from files in the page cache; no cold start.",
         "",
         "| mode | " + " | ".join(f"viewer {i + 1}" for i in range(args.viewers)) + " |",
         "|---|" + "---|" * args.viewers,
@@ -162,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             met = value >= target if target > 1 else value > target
             lines.append(f"| {what}, direct / {mode} | {value:.2f}x | " + ", ".join(f"{x:.2f}x" for x in each)
                          + f" | {'≥' if target > 1 else '>'} {target:g}x | **{'PASS' if met else 'FAIL'}** |")
+    # The floor: nginx sending the same bytes from static files. Where it is below a target too, this
+    # machine and these clients bound the ratio, not the proxy.
+    for what, v in (("first viewer", 0), ("second viewer", 1)):
+        value, each = ratio(static_mode, v)
+        lines.append(f"| reference: {what}, direct / {static_mode} | {value:.2f}x | "
+                     + ", ".join(f"{x:.2f}x" for x in each) + " | | — |")
     for label, _, _ in proxied:
         if label.startswith("proxy at "):
             for what, v in (("first viewer", 0), ("second viewer", 1)):
