@@ -71,6 +71,7 @@ class Fetching:
         self.writes: list[asyncio.Task[None]] = []  # their frames on the way to the disk tier
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         _scopes.setdefault(self.key, []).append(self.future)
+        siblings.claim(["scope/" + self.key])  # seen by the siblings at once, the announcement a moment later
         siblings.announce("scope/" + self.key)
         if cache is not None:  # a sibling waiting for what this brings asks for all of its study
             cache.writer.alias(siblings.digest("scope/" + self.key), study)

@@ -35,6 +35,7 @@ _pending: set[asyncio.Future[list[str | None]]] = set()
 # Single-flight: (SOP UID, frame, media type, transfer syntax) → done when the fetch in flight ends.
 _inflight: dict[tuple[str, int, str, str], asyncio.Future[None]] = {}
 _writing: set[str] = set()  # sibling keys of frames fetched here whose disk write is under way
+CLAIM_TRIES = 3  # looks for what brings the missing frames, each ending in a claim; then fetched unclaimed
 
 
 def _sibling_key(sop: str, frame: int) -> str:
@@ -145,6 +146,33 @@ def _carriers(target: Target, sel: Selection, absent: set[int]) -> list[asyncio.
     return flying + arrivals(target.study, target.series, target.instance)
 
 
+async def _await_or_claim(ctx: Context, cache: FrameCache, target: Target, sel: Selection,
+                          hits: dict[int, Frame]) -> tuple[dict[int, Frame], tuple[int, ...]]:
+    """(hits, frames this request fetches): what another request, retrieve or sibling is bringing is
+    waited for (up to the archives' idle_read), and what is left is claimed among the workers."""
+    assert target.instance is not None and target.frames is not None
+    loop = asyncio.get_running_loop()
+    deadline = None
+    for _ in range(CLAIM_TRIES):
+        flying = _carriers(target, sel, set(target.frames) - set(hits))
+        if flying and deadline is None:  # another request is fetching these frames: wait for it, not ask again
+            metrics.CACHE_WAITERS.inc()
+            deadline = loop.time() + max(a.config.timeouts.idle_read for a in ctx.archives)
+        while flying and deadline is not None and (left := deadline - loop.time()) > 0:
+            await asyncio.wait([asyncio.shield(f) for f in flying], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            hits = lookup(cache, target, sel)
+            # Still missing: what was bringing them may have handed over to another fetch (a prefetch that
+            # stopped for a client's retrieve of the same series): wait for that one too.
+            flying = [f for f in _carriers(target, sel, set(target.frames) - set(hits)) if not f.done()]
+        missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
+        # Claimed among the workers before the archive is asked: a sibling that missed the same frame in the
+        # same instant holds it now (its announcement still on its way), and the next look waits for it.
+        if not missing or siblings.claim([_sibling_key(target.instance, n) for n in missing]):
+            return hits, missing
+        hits = lookup(cache, target, sel)  # (what the sibling claimed may have landed on disk since)
+    return hits, tuple(n for n in dict.fromkeys(target.frames) if n not in hits)  # fetched unclaimed
+
+
 async def frames(request: Request, ctx: Context, target: Target) -> Response:
     """`.../instances/{sop}/frames/{list}`, through the frame cache when one is configured."""
     cache = ctx.cache
@@ -155,22 +183,10 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
     base = dicomweb_base(request, ctx.settings, ctx.root)
     handed = request.scope.pop(LOOKED_UP, None)  # what the cache phase found (and counted) already
     hits = handed[2] if handed is not None and handed[:2] == (target, sel) else lookup(cache, target, sel)
-    flying = _carriers(target, sel, set(target.frames) - set(hits))
-    if flying:  # another request is fetching these frames: wait for it instead of asking again
-        metrics.CACHE_WAITERS.inc()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(a.config.timeouts.idle_read for a in ctx.archives)
-        while flying and (left := deadline - loop.time()) > 0:
-            await asyncio.wait([asyncio.shield(f) for f in flying], timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            hits = lookup(cache, target, sel)
-            # Still missing: what was bringing them may have handed over to another fetch (a prefetch that
-            # stopped for a client's retrieve of the same series): wait for that one too.
-            flying = [f for f in _carriers(target, sel, set(target.frames) - set(hits)) if not f.done()]
-    if hits:
+    hits, missing = await _await_or_claim(ctx, cache, target, sel, hits)
+    if not missing:
         await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
-    if len(hits) == len(set(target.frames)):
         return from_cache(request.headers.get("if-none-match", ""), target, sel, hits, base)
-    missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
     keys = [_flight(target.instance, n, sel) for n in missing]
     loop = asyncio.get_running_loop()
     for k in keys:
@@ -186,6 +202,8 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
                 siblings.settle(sibling)
 
     try:
+        if hits:  # (registered in flight first: a request arriving meanwhile waits for this one)
+            await access.admit(ctx, target.study)
         return await _fetch(request, ctx, target, sel, base, cache, hits, missing, land_all)
     except BaseException:
         land_all()

@@ -8,6 +8,12 @@ the settle instead of going upstream, then reads the disk tier. A worker writes 
 memory to disk when it is quiet (diskwriter.py), so a sibling that starts waiting says it *wants* the
 key: whoever holds it writes it next.
 
+A fetch is also *claimed* (`claim`): this worker binds an abstract socket named after the key, which
+no other process can bind while it is held. Messages take a moment to arrive; the claim is seen by every
+worker at once, so two workers missing the same frame in the same instant do not both ask the archive:
+the one that fails to claim waits for the other's settle. The kernel releases the name of a worker that
+dies, so a claim never outlives its holder.
+
 Transport: one Unix datagram socket per worker in the abstract namespace (Linux), named after the cache
 directory and the pid; siblings are found in /proc/net/unix. Messages name keys by a 12-byte digest,
 never by UID. It is best-effort by design: a message that cannot be delivered, a sibling that died, or
@@ -18,6 +24,7 @@ a platform without abstract sockets only costs the duplicate upstream request we
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -31,6 +38,7 @@ _DIGEST = 12
 MAX_FLIGHT = 120.0  # seconds an announcement counts without its settle
 REFRESH = 1.0  # seconds between two looks for siblings
 REFRESH_ALONE = 0.05  # the same while none was found (workers start together)
+MAX_CLAIMS = 1024  # claims (one descriptor each) a worker holds at most; beyond, fetches go unclaimed
 
 
 def digest(key: str) -> bytes:
@@ -45,6 +53,8 @@ class Siblings:
         tag = hashlib.blake2b(os.path.realpath(cache_dir).encode(), digest_size=8).hexdigest()
         self.prefix = f"dicomweb-edge/{tag}/"
         self.name = f"{self.prefix}{ident or os.getpid()}"
+        self.claim_prefix = f"dicomweb-edge-claim/{tag}/"  # (not under `prefix`: claims are not workers)
+        self._claims: dict[bytes, socket.socket] = {}  # digest → the bound socket that holds the claim
         self.sock: socket.socket | None = None
         self.peers: list[str] = []
         self._looked = -REFRESH
@@ -80,6 +90,9 @@ class Siblings:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
+        for held in self._claims.values():
+            held.close()
+        self._claims.clear()
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_result(None)
@@ -95,11 +108,57 @@ class Siblings:
             self._send(_ANNOUNCE + d)
 
     def settle(self, key: str) -> None:
-        """What this worker fetched is on the disk tier now, or will not be."""
+        """What this worker fetched is on the disk tier now, or will not be (its claim, if any, ends)."""
         if self.sock is not None:
             d = digest(key)
             self._mine.discard(d)
+            self._unclaim(d)
             self._send(_SETTLE + d)
+
+    def claim(self, keys: list[str]) -> bool:
+        """Claim the fetch of every key for this worker, atomically across processes: False, holding none
+        of them, when a sibling holds one (it fetches it now; `flying` waits for it). A claim ends with
+        the key's settle. Where a claim cannot be made (no abstract sockets, too many held), the fetch
+        goes ahead unclaimed, as before claims existed. Alone, nothing is claimed: a sibling that starts
+        meanwhile hears of this worker's fetches from their announcements (its hello)."""
+        if self.sock is None or not self._peers():
+            return True
+        taken: list[bytes] = []
+        for key in keys:
+            d = digest(key)
+            if d in self._claims:
+                continue
+            if self._bind_claim(d) is False:  # a sibling holds it
+                for t in taken:
+                    self._unclaim(t)
+                return False
+            taken.append(d)
+        return True
+
+    def _bind_claim(self, d: bytes, hold: bool = True) -> bool | None:
+        """Bind the claim of digest `d`: True (held, or released again unless `hold`), False when another
+        process holds it, None when no claim can be made."""
+        if len(self._claims) >= MAX_CLAIMS:
+            return None
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        except OSError:
+            return None
+        try:
+            sock.bind("\0" + self.claim_prefix + d.hex())
+        except OSError as exc:
+            sock.close()
+            return False if exc.errno == errno.EADDRINUSE else None
+        if hold:
+            self._claims[d] = sock
+        else:
+            sock.close()
+        return True
+
+    def _unclaim(self, d: bytes) -> None:
+        held = self._claims.pop(d, None)
+        if held is not None:
+            held.close()
 
     def ask_to_yield(self, key: str) -> None:
         """A client of this worker fetches what `key` names: a sibling doing the same in the background
@@ -110,11 +169,14 @@ class Siblings:
     # -- the siblings' fetches -------------------------------------------------------------------
 
     def flying(self, key: str) -> asyncio.Future[None] | None:
-        """Done when the sibling fetching `key` settles it; None when no sibling announced it."""
+        """Done when the sibling fetching `key` settles it; None when no sibling is fetching it (none
+        announced it, and none holds its claim: its announcement may still be on its way)."""
         d = digest(key)
         found = self._announced.get(d)
         if found is None:
-            return None
+            if d in self._claims or not self._peers() or self._bind_claim(d, hold=False) is not False:
+                return None
+            return self._waiter(d)
         if found[1] < time.monotonic() or found[0] not in self._peers():
             self._release(d)
             return None
@@ -242,6 +304,12 @@ def settle(key: str) -> None:
     """`key` is on the disk tier now, or will not be (no-op without siblings)."""
     if _bus is not None:
         _bus.settle(key)
+
+
+def claim(keys: list[str]) -> bool:
+    """Claim the fetch of `keys` among the workers: False (none claimed) when a sibling holds one; True
+    without siblings."""
+    return True if _bus is None else _bus.claim(keys)
 
 
 def flying(key: str) -> asyncio.Future[None] | None:

@@ -129,27 +129,65 @@ def test_a_corrupt_entry_is_never_served(archive, data, tmp_path):
         assert r.headers["x-cache"] == "HIT" and payloads(r) == [native_frame(native, 1)]
 
 
-async def test_concurrent_identical_misses_make_one_upstream_request(data, tmp_path):
-    """Single-flight: 100 clients ask for the same uncached frame at once; the archive sees one request
-    (counted at the archive side; the archive answers slowly so that all 100 overlap)."""
+async def burst(targets: list[tuple[int, str]]) -> list[tuple[int, dict[str, str], bytes]]:
+    """GET each (port, path) on 127.0.0.1 with every connection open first and every request written in
+    one go: the requests reach the servers in the same instant. (status, headers, body) of each."""
     import asyncio
+
+    import h11
+
+    conns = [await asyncio.open_connection("127.0.0.1", port) for port, _ in targets]
+    for (port, path), (_, writer) in zip(targets, conns, strict=True):
+        writer.write(h11.Connection(h11.CLIENT).send(h11.Request(
+            method="GET", target=path, headers=[("Host", f"127.0.0.1:{port}"), ("Connection", "close"),
+                                                ("Accept", ANY["Accept"])])))
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, dict, bytes]:
+        parser = h11.Connection(h11.CLIENT)
+        parser.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        parser.send(h11.EndOfMessage())
+        status, headers, body = 0, {}, b""
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                parser.receive_data(await reader.read(1 << 16))
+            elif isinstance(event, h11.Response):
+                status, headers = event.status_code, {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                writer.close()
+                return status, headers, body
+
+    return await asyncio.gather(*(answer(r, w) for r, w in conns))
+
+
+@pytest.mark.parametrize("proxies", [1, 2])
+async def test_concurrent_identical_misses_make_one_upstream_request(data, tmp_path, proxies):
+    """Single-flight: 100 clients ask for the same uncached frame in the same instant; the archive sees
+    one request (counted at the archive side; the archive answers slowly so that all 100 overlap). With
+    2 (two proxies on one cache directory are siblings, as two workers are, and each gets half the
+    requests) both miss it before either's announcement reaches the other: the claim (siblings.py)
+    still lets only one of them ask."""
+    from contextlib import ExitStack
+    from urllib.parse import urlsplit
 
     from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
 
     native, _ = data
     archive = SampleArchive("SF", Faults(first_byte_delay=0.5))
     archive.add(native)
-    with ArchiveServer(archive) as server, \
-            ProxyProcess({"sf": server.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy:
-        limits = httpx.Limits(max_connections=100)
-        async with httpx.AsyncClient(trust_env=False, timeout=30, limits=limits) as c:
-            rs = await asyncio.gather(*(c.get(url(proxy.dicomweb_url, native, "2"), headers=ANY) for _ in range(100)))
-            text = (await c.get(f"{proxy.url}/metrics")).text
-    assert all(r.status_code == 200 and payloads(r) == [native_frame(native, 2)] for r in rs)
+    with ArchiveServer(archive) as server, ExitStack() as stack:
+        fronts = [stack.enter_context(ProxyProcess({"sf": server.dicomweb_url}, tmp_path / str(i),
+                                                   ["--cache-dir", str(tmp_path / "c")])) for i in range(proxies)]
+        rs = await burst([(p.port, urlsplit(url(p.dicomweb_url, native, "2")).path) for _ in range(50) for p in fronts])
+        texts = [httpx.get(f"{p.url}/metrics", trust_env=False).text for p in fronts]
+    assert all(status == 200 for status, _, _ in rs)
+    assert all(payloads(httpx.Response(200, headers=h, content=body)) == [native_frame(native, 2)] for _, h, body in rs)
     assert archive.requests["frames"] == 1
-    waiters = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+    waiters = sum(s.value for text in texts for f in text_string_to_metric_families(text) for s in f.samples
                   if s.name == "dicomweb_edge_cache_singleflight_waiters_total")
-    assert waiters == 99
+    assert waiters == len(rs) - 1
 
 
 def test_instances_passing_through_become_frame_entries(archive, data, tmp_path):

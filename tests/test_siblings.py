@@ -171,3 +171,30 @@ async def test_a_worker_that_starts_mid_fetch_learns_what_is_in_flight(tmp_path)
     finally:
         a.close()
         b.close()
+
+
+async def test_a_claim_is_seen_by_a_sibling_before_any_message_arrives(tmp_path):
+    """Two workers miss one frame in the same instant: the first to claim it fetches it, the second sees
+    the claim at once (no datagram delivered yet: no await in between) and waits for its settle."""
+    key = "frame/1.2.3/1"
+    async with pair(tmp_path) as (a, b):
+        assert a.claim([key, "frame/1.2.3/2"])
+        a.announce(key)
+        assert not b.claim(["frame/1.2.3/3", key])  # all or nothing: 3 is not held by b either
+        fut = b.flying(key)
+        assert fut is not None and not fut.done()
+        assert a.flying(key) is None  # its own claim: its own single-flight table knows it
+        assert b.claim(["frame/1.2.3/3"]) and not a.claim(["frame/1.2.3/3"])
+        a.settle(key)  # on disk: the claim ends with the settle
+        assert await settled(fut)
+        assert b.claim([key])
+        assert not a.claim(["frame/1.2.3/1"])
+        b.settle(key)
+        assert a.claim([key])
+
+
+async def test_a_dead_workers_claims_end_with_it(tmp_path):
+    async with pair(tmp_path) as (a, b):
+        assert a.claim(["frame/9/1"]) and not b.claim(["frame/9/1"])
+        a.close()  # (the kernel closes a dead process's sockets the same way)
+        assert b.claim(["frame/9/1"])
