@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from . import heap, siblings
+from . import handover, heap, siblings
 from .cache import FrameCache
 from .config import Settings
 from .locator import Locator
@@ -62,6 +62,10 @@ class Context:
                 from .prefetch import sibling_yield  # (late: prefetch.py builds on this module)
 
                 bus.on_yield = sibling_yield  # a sibling's client retrieves what is prefetched here
+                from .frames import give  # (late, as above)
+
+                cache = self.cache
+                handover.start(bus.name, lambda *ask: give(*ask, cache=cache))  # frames straight from memory
         if self.shared is not None and self._listener is None:
             self._listener = asyncio.ensure_future(self.shared.listen(self._stored_elsewhere, self.clear_searches))
 
@@ -116,5 +120,6 @@ class Context:
         for a in self.archives:
             await a.close()
         if self.cache is not None and self.root == DICOMWEB_ROOT:
+            await handover.stop()
             siblings.stop()
             self.cache.close()

@@ -41,21 +41,31 @@ def _scope(study: str, series: str | None, instance: str | None) -> str:
     return f"{study}/{series or '*'}/{instance or '*'}"
 
 
-def covering(study: str, series: str | None, instance: str) -> list[asyncio.Future[None]]:
-    """Retrieves in flight, here or in a sibling worker, whose answer contains this instance (its
-    study, its series, itself)."""
+def scope_keys(study: str, series: str | None, instance: str) -> list[str]:
+    """The siblings' keys of the retrieves whose answer contains this instance (its study, its series,
+    itself)."""
+    return ["scope/" + _scope(study, s, i) for s, i in ((None, None), (series, None), (series, instance))]
+
+
+def here(study: str, series: str | None, instance: str) -> list[asyncio.Future[None]]:
+    """Retrieves in flight in this worker whose answer contains this instance."""
     keys = (_scope(study, None, None), _scope(study, series, None), _scope(study, series, instance))
-    found = [f for k in keys for f in _scopes.get(k, ()) if not f.done()]
-    return found + [f for k in keys if (f := siblings.flying("scope/" + k)) is not None]
+    return [f for k in keys for f in _scopes.get(k, ()) if not f.done()]
 
 
-def arrivals(study: str, series: str | None, instance: str) -> list[asyncio.Future[None]]:
+def covering(study: str, series: str | None, instance: str, want: bool = True) -> list[asyncio.Future[None]]:
+    """Retrieves in flight, here or in a sibling worker, whose answer contains this instance."""
+    return here(study, series, instance) + [f for k in scope_keys(study, series, instance)
+                                            if (f := siblings.flying(k, want)) is not None]
+
+
+def arrivals(study: str, series: str | None, instance: str, want: bool = True) -> list[asyncio.Future[None]]:
     """What to wait for when a frame of `instance` misses: empty when nothing in flight carries it;
     otherwise done when its instance is learned (here, or on disk by a sibling) or the retrieve ends."""
-    scopes = covering(study, series, instance)
+    scopes = covering(study, series, instance, want)
     if not scopes:
         return []
-    remote = siblings.landing("learned/" + instance)
+    remote = siblings.landing("learned/" + instance, want)
     return [learned(instance), *scopes] + ([remote] if remote is not None else [])
 
 

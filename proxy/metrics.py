@@ -104,6 +104,10 @@ CACHE_DEFERRED_WRITES = Counter("dicomweb_edge_cache_deferred_writes_total",
 
 CACHE_WAITERS = Counter("dicomweb_edge_cache_singleflight_waiters_total",
                         "Frame requests that waited for a fetch already in flight instead of asking the archive.")
+CACHE_HANDOVERS = Counter("dicomweb_edge_cache_handovers_total",
+                          "Frames a worker asked a sibling worker for and received from its memory tier "
+                          "(instead of waiting for them on the shared disk tier), by outcome: given, none "
+                          "(the sibling did not hold them: the disk tier then).", ["outcome"])
 
 PREFETCH_QUEUE = Gauge("dicomweb_edge_prefetch_queued", "Series prefetches waiting for a slot.",
                        multiprocess_mode="livesum")

@@ -168,29 +168,45 @@ class Siblings:
 
     # -- the siblings' fetches -------------------------------------------------------------------
 
-    def flying(self, key: str) -> asyncio.Future[None] | None:
+    def flying(self, key: str, want: bool = True) -> asyncio.Future[None] | None:
         """Done when the sibling fetching `key` settles it; None when no sibling is fetching it (none
-        announced it, and none holds its claim: its announcement may still be on its way)."""
+        announced it, and none holds its claim: its announcement may still be on its way). `want`:
+        say that this worker waits for it (the sibling writes it to disk next; see `want`)."""
         d = digest(key)
         found = self._announced.get(d)
         if found is None:
             if d in self._claims or not self._peers() or self._bind_claim(d, hold=False) is not False:
                 return None
-            return self._waiter(d)
+            return self._waiter(d, want)
         if found[1] < time.monotonic() or found[0] not in self._peers():
             self._release(d)
             return None
-        return self._waiter(d)
+        return self._waiter(d, want)
 
-    def landing(self, key: str) -> asyncio.Future[None]:
+    def landing(self, key: str, want: bool = True) -> asyncio.Future[None]:
         """Done when any sibling settles `key` (whether or not it was announced)."""
-        return self._waiter(digest(key))
+        return self._waiter(digest(key), want)
 
-    def _waiter(self, d: bytes) -> asyncio.Future[None]:
+    def want(self, keys: list[str]) -> None:
+        """Tell the siblings this worker waits for `keys` on disk: whoever holds them back writes them next
+        (when a hand-over, which needs no disk, did not bring them)."""
+        for key in keys:
+            self._send(_WANT + digest(key))
+
+    def holders(self, keys: list[str]) -> list[str]:
+        """The siblings that announced any of `keys`; all of them when none did (a claim seen before its
+        announcement names nobody)."""
+        now = time.monotonic()
+        named = {found[0] for key in keys if (found := self._announced.get(digest(key))) and found[1] >= now}
+        peers = self._peers()
+        return [p for p in peers if p in named] or list(peers)
+
+    def _waiter(self, d: bytes, want: bool = True) -> asyncio.Future[None]:
         fut = self._waiters.get(d)
         if fut is None or fut.done():
             fut = self._waiters[d] = asyncio.get_running_loop().create_future()
-            self._send(_WANT + d)  # whoever has it deferred writes it next
+            if want:
+                self._send(_WANT + d)  # whoever has it deferred writes it next
         return fut
 
     def _release(self, d: bytes) -> None:
@@ -312,9 +328,20 @@ def claim(keys: list[str]) -> bool:
     return True if _bus is None else _bus.claim(keys)
 
 
-def flying(key: str) -> asyncio.Future[None] | None:
+def flying(key: str, want: bool = True) -> asyncio.Future[None] | None:
     """A sibling is fetching `key`: done when it settles."""
-    return None if _bus is None else _bus.flying(key)
+    return None if _bus is None else _bus.flying(key, want)
+
+
+def want(keys: list[str]) -> None:
+    """This worker waits for `keys` to be on disk (no-op without siblings)."""
+    if _bus is not None:
+        _bus.want(keys)
+
+
+def holders(keys: list[str]) -> list[str]:
+    """The siblings (their channel names) to ask for what `keys` name."""
+    return [] if _bus is None else _bus.holders(keys)
 
 
 def workers_on(cache_dir: str) -> int:
@@ -335,6 +362,6 @@ def alone() -> bool:
     return _bus is not None and not _bus._peers()
 
 
-def landing(key: str) -> asyncio.Future[None] | None:
+def landing(key: str, want: bool = True) -> asyncio.Future[None] | None:
     """Done when a sibling settles `key`."""
-    return None if _bus is None else _bus.landing(key)
+    return None if _bus is None else _bus.landing(key, want)

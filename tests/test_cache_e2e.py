@@ -307,12 +307,12 @@ async def test_a_retrieve_in_one_worker_serves_frame_requests_in_the_other(data,
     assert archive.requests["frames"] == 0
 
 
-async def test_a_frame_a_sibling_holds_back_is_written_as_soon_as_it_is_asked_for(data, tmp_path):
+async def test_a_frame_a_sibling_is_bringing_is_handed_over_from_its_memory(data, tmp_path):
     """Frames a worker serves from memory wait for a quiet moment before they go to the shared disk tier
-    (proxy/diskwriter.py), but not when another worker waits for them: it says so (a want, by digest) and
-    they are written at once. Two proxies on one cache directory (siblings, as two workers are), so that
-    each request goes to the one the test means: the frame request reaches the second while the first
-    streams the study, it is answered without the archive, and the first counts the frames as wanted."""
+    (proxy/diskwriter.py). A sibling that misses one of them while it is being retrieved asks for it
+    (proxy/handover.py) and gets it from the first worker's memory, not from the disk and not from the
+    archive; the first worker's writes keep waiting. Two proxies on one cache directory (siblings, as
+    two workers are), so that each request goes to the one the test means."""
 
     from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
 
@@ -327,12 +327,18 @@ async def test_a_frame_a_sibling_holds_back_is_written_as_soon_as_it_is_asked_fo
             study = await study_retrieve_in_flight(c, first.dicomweb_url, native, archive)
             frame = await c.get(url(second.dicomweb_url, native, "4"), headers=ANY)
             assert (await study).status_code == 200
-            text = (await c.get(f"{first.url}/metrics")).text
-    wanted = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                 if s.name == "dicomweb_edge_cache_deferred_writes_total" and s.labels.get("why") == "wanted")
+            texts = [(await c.get(f"{p.url}/metrics")).text for p in (first, second)]
+            again = await c.get(url(second.dicomweb_url, native, "4"), headers=ANY)
+    assert again.headers["x-cache"] == "HIT" and payloads(again) == [native_frame(native, 4)]
+
+    def total(text: str, name: str, **labels: str) -> float:
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
     assert frame.status_code == 200 and payloads(frame) == [native_frame(native, 4)]
     assert archive.requests["frames"] == 0
-    assert wanted >= 1
+    assert total(texts[1], "dicomweb_edge_cache_handovers_total", outcome="given") == 1
+    assert total(texts[0], "dicomweb_edge_cache_deferred_writes_total", why="wanted") == 0
 
 
 def test_series_metadata_prefetches_the_series(archive, data, tmp_path):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from proxy import busy, diskwriter, frames, metrics, purges, siblings
+from proxy import busy, diskwriter, frames, handover, metrics, purges, siblings
 from proxy.cache import FrameCache, checksum_of
 from proxy.part10 import EXPLICIT_LE
 from proxy.siblings import Siblings
@@ -197,6 +197,7 @@ async def test_frames_a_stopping_worker_deferred_survive_the_restart(tmp_path, q
 @pytest.mark.skipif(sys.platform != "linux", reason="the siblings channel uses abstract Unix sockets")
 async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_beside_a_sibling(
         tmp_path, quiet, monkeypatch):
+    """... unless the sibling can ask for it from this worker's memory (handover.py): then it waits too."""
     cache = FrameCache(str(tmp_path))
     bus = siblings.start(str(tmp_path))
     assert bus is not None
@@ -204,9 +205,9 @@ async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_b
     other = Siblings(str(tmp_path), ident="sibling")
     ctype = f"{MEDIA}; transfer-syntax={EXPLICIT_LE}"
 
-    def store(n: int) -> asyncio.Future:
+    def store(n: int, study: str = "1.2") -> asyncio.Future:
         before = set(frames._pending)
-        frames._store(cache, "1.2.3", n, ctype, [os.urandom(64 * 1024)], "1.2")
+        frames._store(cache, "1.2.3", n, ctype, [os.urandom(64 * 1024)], study)
         (task,) = set(frames._pending) - before
         return task
 
@@ -229,7 +230,19 @@ async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_b
             await asyncio.shield(landed)  # ... and it is written and settled, still busy
             await alone
         assert on_disk(tmp_path, 1)
+
+        async def nothing(*ask):
+            return None
+
+        handover.start(bus.name, nothing)  # the sibling can ask for it from memory: held back again
+        async with asyncio.timeout(5):
+            while handover.taker() is None:
+                await asyncio.sleep(0.01)
+        held = store(3, "1.9")  # (of another study: 1.2 is being written for the sibling that wanted it)
+        await looks(cache.writer, monkeypatch, 3)
+        assert not held.done() and not on_disk(tmp_path, 3)
     finally:
+        await handover.stop()
         other.close()
         siblings.stop()
         cache.close()

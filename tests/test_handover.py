@@ -1,0 +1,147 @@
+"""Frames handed from one worker's memory tier to a sibling's (proxy/handover.py), over real sockets."""
+
+import asyncio
+import os
+import sys
+
+import pytest
+
+from proxy import frames, handover
+from proxy.entries import checksum_of
+from proxy.handover import Giver, Taker
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux-only")
+TS = "1.2.840.10008.1.2.1"
+
+
+class Holder:
+    """What a giver's memory tier holds: sop → payload; `later` sops arrive when their event is set."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, bytes] = {}
+        self.later: dict[str, asyncio.Event] = {}
+        self.lie = False
+        self.asked: list[tuple] = []
+
+    async def find(self, study, series, sop, frame, mtype, ts, wait):
+        self.asked.append((study, series, sop, frame, mtype, ts))
+        if sop in self.later:
+            try:
+                await asyncio.wait_for(self.later[sop].wait(), wait)
+            except TimeoutError:
+                return None
+        payload = self.frames.get(sop)
+        if payload is None:
+            return None
+        return payload, checksum_of(payload) + (1 if self.lie else 0), "application/octet-stream", TS
+
+
+async def giver(holder: Holder, tmp_path) -> Giver:
+    g = Giver(f"dicomweb-edge-give/test-{os.getpid()}-{id(holder)}/1", holder.find)
+    assert await g.start()
+    return g
+
+
+async def test_a_frame_crosses_whole_and_the_connection_is_kept(tmp_path):
+    holder = Holder()
+    big = os.urandom(4 * 1024 * 1024 + 7)  # larger than any socket buffer: many reads into one buffer
+    holder.frames = {"1.2.3": big, "1.2.4": b"x" * 100}
+    g, taker = await giver(holder, tmp_path), Taker()
+    try:
+        got = await taker.ask(g.name, "9", "8", "1.2.3", 2, "application/octet-stream", "*", 1.0)
+        assert got is not None and bytes(got.payload) == big and got.checksum == checksum_of(big)
+        assert isinstance(got.payload, memoryview) and got.payload.readonly  # what the cache phase sends as is
+        assert (got.media_type, got.transfer_syntax) == ("application/octet-stream", TS)
+        assert holder.asked == [("9", "8", "1.2.3", 2, "application/octet-stream", "*")]
+        assert len(taker.idle[g.name]) == 1
+        small = await taker.ask(g.name, "9", "8", "1.2.4", 1, "application/octet-stream", "*", 1.0)
+        assert small is not None and bytes(small.payload) == b"x" * 100
+        assert len(taker.idle[g.name]) == 1  # the same connection again
+    finally:
+        taker.close()
+        await g.close()
+
+
+async def test_what_the_sibling_does_not_hold_is_none(tmp_path):
+    holder = Holder()
+    g, taker = await giver(holder, tmp_path), Taker()
+    try:
+        assert await taker.ask(g.name, "9", "8", "1.2.3", 1, "application/octet-stream", "*", 0.2) is None
+        holder.frames["1.2.3"] = b"late"
+        assert await taker.ask(g.name, "9", "8", "1.2.3", 1, "application/octet-stream", "*", 0.2) is not None
+        holder.lie = True  # bytes that do not match their checksum are never kept
+        assert await taker.ask(g.name, "9", "8", "1.2.3", 1, "application/octet-stream", "*", 0.2) is None
+        assert await taker.ask("dicomweb-edge-give/nobody/0", "9", "8", "1.2.3", 1, "a", "*", 0.2) is None
+    finally:
+        taker.close()
+        await g.close()
+
+
+async def test_a_frame_still_on_its_way_is_handed_over_when_it_arrives(tmp_path):
+    holder = Holder()
+    holder.later["1.2.3"] = asyncio.Event()
+    g, taker = await giver(holder, tmp_path), Taker()
+    try:
+        ask = asyncio.ensure_future(taker.ask(g.name, "9", "8", "1.2.3", 1, "application/octet-stream", "*", 5))
+        await asyncio.sleep(0.05)
+        assert not ask.done()
+        holder.frames["1.2.3"] = b"arrived"
+        holder.later["1.2.3"].set()
+        got = await ask
+        assert got is not None and bytes(got.payload) == b"arrived"
+    finally:
+        taker.close()
+        await g.close()
+
+
+async def test_a_cancelled_ask_does_not_spoil_the_next(tmp_path):
+    holder = Holder()
+    holder.later["1.2.3"] = asyncio.Event()
+    holder.frames = {"1.2.3": b"slow", "1.2.4": b"next"}
+    g, taker = await giver(holder, tmp_path), Taker()
+    try:
+        ask = asyncio.ensure_future(taker.ask(g.name, "9", "8", "1.2.3", 1, "application/octet-stream", "*", 5))
+        await asyncio.sleep(0.05)
+        ask.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await ask
+        holder.later["1.2.3"].set()  # its answer must not be read as the next ask's
+        got = await taker.ask(g.name, "9", "8", "1.2.4", 1, "application/octet-stream", "*", 1.0)
+        assert got is not None and bytes(got.payload) == b"next"
+    finally:
+        taker.close()
+        await g.close()
+
+
+async def test_a_frame_none_hands_over_is_wanted_on_disk(monkeypatch):
+    """The fallback: no sibling hands the frame over, so the siblings are asked to write it to disk next
+    (the waiter then reads it there), under every key it may be held back by."""
+
+    class Nobody:
+        async def ask(self, *args):
+            return None
+
+    wanted: list[list[str]] = []
+    monkeypatch.setattr(frames.siblings, "holders", lambda keys: ["dicomweb-edge/x/1"])
+    monkeypatch.setattr(frames.siblings, "want", wanted.append)
+    target = frames.Target("1.1", "1.2", "1.3", (4,))
+    sel = frames.Selection(True, "application/octet-stream", None)
+    await frames._take(Nobody(), None, target, sel, 4, 1.0)  # type: ignore[arg-type]
+    assert wanted == [["frame/1.3/4", "learned/1.3", "scope/1.1/*/*", "scope/1.1/1.2/*", "scope/1.1/1.2/1.3"]]
+    assert handover.giver_of("dicomweb-edge/abc/12") == "dicomweb-edge-give/abc/12"
+
+
+async def test_a_process_of_another_user_is_not_answered(tmp_path, monkeypatch):
+    """Abstract sockets have no file permissions: the giver checks who connects (SO_PEERCRED)."""
+    holder = Holder()
+    holder.frames = {"1.2.3": b"pixels"}
+    g, taker = await giver(holder, tmp_path), Taker()
+    try:
+        monkeypatch.setattr(handover.os, "getuid", lambda: os.getuid() + 1)  # the giver's user, seen as other
+        assert await taker.ask(g.name, "9", "8", "1.2.3", 1, "application/octet-stream", "*", 0.5) is None
+        assert holder.asked == []
+        monkeypatch.undo()
+        assert await taker.ask(g.name, "9", "8", "1.2.3", 1, "application/octet-stream", "*", 0.5) is not None
+    finally:
+        taker.close()
+        await g.close()
