@@ -78,11 +78,20 @@ class Giver:
         return True
 
     async def close(self) -> None:
+        """Stop listening, and stop the asks being answered (a giver may be waiting for a frame)."""
         if self.server is not None:
             self.server.close()
             self.server = None
+        for task in list(self.serving):
+            task.cancel()
+        if self.serving:
+            await asyncio.gather(*self.serving, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.serving.add(task)
+            task.add_done_callback(self.serving.discard)
         try:
             sock = writer.get_extra_info("socket")
             if sock is None or not _same_user(sock):

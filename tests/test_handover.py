@@ -145,3 +145,18 @@ async def test_a_process_of_another_user_is_not_answered(tmp_path, monkeypatch):
     finally:
         taker.close()
         await g.close()
+
+
+async def test_a_giver_that_stops_ends_the_asks_it_was_answering(tmp_path):
+    holder = Holder()
+    holder.later["1.2.3"] = asyncio.Event()  # never set: the giver waits for a frame that does not come
+    g, taker = await giver(holder, tmp_path), Taker()
+    try:
+        ask = asyncio.ensure_future(taker.ask(g.name, "9", "8", "1.2.3", 1, "application/octet-stream", "*", 30))
+        async with asyncio.timeout(5):
+            while not holder.asked:
+                await asyncio.sleep(0.01)
+            await g.close()  # the worker stops
+            assert await ask is None and not g.serving
+    finally:
+        taker.close()
