@@ -41,6 +41,18 @@ REFRESH_ALONE = 0.05  # the same while none was found (workers start together)
 MAX_CLAIMS = 1024  # claims (one descriptor each) a worker holds at most; beyond, fetches go unclaimed
 
 
+def _claims_allowed() -> int:
+    """MAX_CLAIMS, or an eighth of the descriptors this process may open if that is less: claims must
+    never keep a worker from accepting connections."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_CLAIMS
+    return MAX_CLAIMS if soft == resource.RLIM_INFINITY else max(0, min(MAX_CLAIMS, soft // 8))
+
+
 def digest(key: str) -> bytes:
     """What a message carries instead of the key (keys hold UIDs)."""
     return hashlib.blake2b(key.encode(), digest_size=_DIGEST).digest()
@@ -55,6 +67,7 @@ class Siblings:
         self.name = f"{self.prefix}{ident or os.getpid()}"
         self.claim_prefix = f"dicomweb-edge-claim/{tag}/"  # (not under `prefix`: claims are not workers)
         self._claims: dict[bytes, socket.socket] = {}  # digest → the bound socket that holds the claim
+        self.max_claims = _claims_allowed()
         self.sock: socket.socket | None = None
         self.peers: list[str] = []
         self._looked = -REFRESH
@@ -138,7 +151,7 @@ class Siblings:
     def _bind_claim(self, d: bytes, hold: bool = True) -> bool | None:
         """Bind the claim of digest `d`: True (held, or released again unless `hold`), False when another
         process holds it, None when no claim can be made."""
-        if len(self._claims) >= MAX_CLAIMS:
+        if len(self._claims) >= self.max_claims:
             return None
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

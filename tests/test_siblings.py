@@ -217,3 +217,22 @@ async def test_a_waiter_that_asks_for_a_hand_over_wants_nothing_written_until_it
         b.want(["end"])  # (datagrams arrive in order: a want sent by the waiters would be heard first)
         await until(lambda: len(heard) >= 2)
         assert heard == [digest("learned/1.2.6"), digest("end")]
+
+
+def test_claims_leave_most_descriptors_to_connections(monkeypatch):
+    """A worker under a low descriptor limit (1,024 is a common default) claims at most an eighth of it."""
+    import resource
+
+    from proxy import siblings
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    assert siblings._claims_allowed() == 128
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1 << 20, 1 << 20))
+    assert siblings._claims_allowed() == siblings.MAX_CLAIMS
+
+
+async def test_no_claim_beyond_the_limit(tmp_path):
+    async with pair(tmp_path) as (a, b):
+        a.max_claims = 2
+        assert a.claim(["k/1", "k/2"]) and a.claim(["k/3"])  # the third goes ahead unclaimed
+        assert not b.claim(["k/1"]) and b.claim(["k/3"])
