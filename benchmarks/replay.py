@@ -42,6 +42,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from stack import (  # noqa: E402
     ACCEPT_FRAME,
+    NGINX_HTTP,
+    NGINX_TOP,
     PATIENT,
     WORK,
     Stack,
@@ -85,17 +87,10 @@ def viewer(base: str, study: str, series: str, sops: list[str]) -> float:
     return elapsed
 
 
-STATIC_CONF = """\
-daemon off;
-worker_processes 2;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
+STATIC_CONF = NGINX_TOP + """\
 http {{
   access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; default_type application/octet-stream;
-  keepalive_timeout 65; keepalive_requests 100000;
-  client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp;
-  fastcgi_temp_path {dir}/tmp; uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+""" + NGINX_HTTP + """\
   server {{
     listen 127.0.0.1:{port};
     root {root};

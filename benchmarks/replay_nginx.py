@@ -42,6 +42,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from stack import (  # noqa: E402
     ACCEPT_FRAME,
     ACCEPT_SERIES,
+    NGINX_HTTP,
+    NGINX_TOP,
     PATIENT,
     WORK,
     Stack,
@@ -58,19 +60,12 @@ from proxy.demo.orthanc import free_port  # noqa: E402
 from proxy.demo.synth import Patient, Study, multiframe_jpeg  # noqa: E402
 
 GROUPINGS = (10, 8, 5, 1, 4, 2, 3, 6)
-NGINX_CACHE_CONF = """\
-daemon off;
-worker_processes 2;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
+NGINX_CACHE_CONF = NGINX_TOP + """\
 http {{
   log_format cache '$upstream_cache_status $status "$request_uri"';
   access_log {dir}/access.log cache;
   sendfile on; tcp_nopush on; tcp_nodelay on;
-  keepalive_timeout 65; keepalive_requests 100000;
-  client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp;
-  fastcgi_temp_path {dir}/tmp; uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+""" + NGINX_HTTP + """\
   proxy_cache_path {dir}/cache levels=1:2 keys_zone=dicom:32m max_size=10g inactive=60m use_temp_path=off;
   upstream orthanc {{ server {upstream}; keepalive 32; }}
   server {{

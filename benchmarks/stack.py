@@ -283,17 +283,24 @@ class Stack:
         return [p for p, cmd in cmdline.items() if b"resource_tracker" not in cmd]
 
 
-NGINX_CONF = """\
+# What every nginx of the benchmarks runs with: 2 workers (the proxy's count in deploy/), its files under
+# {dir}; NGINX_HTTP opens its http block.
+NGINX_TOP = """\
 daemon off;
 worker_processes 2;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 1024; }}
-http {{
-  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on;
+"""
+NGINX_HTTP = """\
   keepalive_timeout 65; keepalive_requests 100000;
   client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp;
   fastcgi_temp_path {dir}/tmp; uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+"""
+NGINX_CONF = NGINX_TOP + """\
+http {{
+  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on;
+""" + NGINX_HTTP + """\
   server {{
     listen 127.0.0.1:{port};
     root {static};
