@@ -79,6 +79,11 @@ class Context:
         for single in self.single.values():
             single.searches.clear()
 
+    def patience(self) -> float:
+        """How long a request waits for what another request is fetching: the archives' idle_read (past
+        it, the fetch it waits for would have failed)."""
+        return max((a.config.timeouts.idle_read for a in self.archives), default=30.0)
+
     def archive(self, name: str) -> Archive | None:
         """The archive with this configured name."""
         return next((a for a in self.archives if a.name == name), None)

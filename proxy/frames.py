@@ -212,7 +212,7 @@ async def _await_or_claim(ctx: Context, cache: FrameCache, target: Target, sel: 
             flying, theirs = _carriers(target, sel, set(target.frames) - set(hits), want=taker is None)
             if flying and deadline is None:  # another request is fetching these frames: wait, not ask again
                 metrics.CACHE_WAITERS.inc()
-                deadline = loop.time() + max(a.config.timeouts.idle_read for a in ctx.archives)
+                deadline = loop.time() + ctx.patience()
             if theirs and taker is not None and not asks and deadline is not None:
                 asks = [asyncio.ensure_future(_take(taker, cache, target, sel, n, deadline - loop.time()))
                         for n in dict.fromkeys(target.frames) if n not in hits]

@@ -14,7 +14,7 @@ import asyncio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import access, documents, jsonbody, merge, prefetch
+from . import access, documents, jsonbody, merge, prefetch, singleflight
 from .context import Context
 from .media import Resource
 from .responses import Problem
@@ -61,8 +61,26 @@ async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> R
             await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
             return Response(cached, 200, media_type="application/dicom+json",
                             headers={"Vary": "Accept", "X-Cache": "HIT"})
+    storing = cache is not None and ttl > 0
+
+    async def fetch() -> Response:
+        answer = await _metadata(request, ctx, target, archives, path)
+        if storing and answer.status_code == 200 and "warning" not in answer.headers:
+            # Stored before answering, so that the next request (from any worker) is a hit; by the writer
+            # thread, ahead of the frames a prefetch queues there (cache.write_first).
+            assert cache is not None
+            await cache.write_first(documents.put_json, cache, key, bytes(answer.body), target.study, ttl,
+                                    ctx.settings.stale_if_error)
+            answer.headers["X-Cache"] = "MISS"
+        return answer
+
+    async def look() -> Response | None:  # what a sibling worker fetched meanwhile, from the disk tier
+        found = await asyncio.to_thread(documents.get_json, cache, key) if storing else None
+        return None if found is None else Response(found, 200, media_type="application/dicom+json")
+
     try:
-        response = await _metadata(request, ctx, target, archives, path)
+        # Concurrent identical misses (a study opened on several workstations at once) ask the archive once.
+        got = await singleflight.shared("metadata/" + key, fetch, ctx.patience(), look)
     except Problem as exc:
         if cache is None or ttl <= 0 or fresh or exc.status not in STALE_IF or not ctx.settings.stale_if_error:
             raise
@@ -73,12 +91,14 @@ async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> R
         # RFC 7234 §5.5.1 (stale-if-error, RFC 5861): the last good answer, marked, instead of the failure.
         return Response(stale, 200, media_type="application/dicom+json",
                         headers={"Vary": "Accept", "X-Cache": "STALE", "Warning": '110 - "Response is Stale"'})
-    if cache is not None and ttl > 0 and response.status_code == 200 and "warning" not in response.headers:
-        # Stored before answering, so that the next request (from any worker) is a hit; by the writer
-        # thread, ahead of the frames a prefetch queues there (cache.write_first).
-        await cache.write_first(documents.put_json, cache, key, bytes(response.body), target.study, ttl,
-                                ctx.settings.stale_if_error)
-        response.headers["X-Cache"] = "MISS"
+    if got.led:
+        return got.value
+    # What another request fetched meanwhile: the same bytes, in a response of this request's own.
+    await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
+    response = Response(got.value.body, got.value.status_code, media_type="application/dicom+json",
+                        headers={"Vary": "Accept", "X-Cache": "HIT"})
+    for warning in got.value.headers.getlist("warning"):  # (a merge missing an archive's part)
+        response.headers.append("Warning", warning)
     return response
 
 

@@ -129,9 +129,11 @@ def test_a_corrupt_entry_is_never_served(archive, data, tmp_path):
         assert r.headers["x-cache"] == "HIT" and payloads(r) == [native_frame(native, 1)]
 
 
-async def burst(targets: list[tuple[int, str]]) -> list[tuple[int, dict[str, str], bytes]]:
+async def burst(targets: list[tuple[int, str]], accept: str = ANY["Accept"],
+                host: str | None = None) -> list[tuple[int, dict[str, str], bytes]]:
     """GET each (port, path) on 127.0.0.1 with every connection open first and every request written in
-    one go: the requests reach the servers in the same instant. (status, headers, body) of each."""
+    one go: the requests reach the servers in the same instant. (status, headers, body) of each. `host`:
+    the Host every request names (servers behind one public name)."""
     import asyncio
 
     import h11
@@ -139,8 +141,8 @@ async def burst(targets: list[tuple[int, str]]) -> list[tuple[int, dict[str, str
     conns = [await asyncio.open_connection("127.0.0.1", port) for port, _ in targets]
     for (port, path), (_, writer) in zip(targets, conns, strict=True):
         writer.write(h11.Connection(h11.CLIENT).send(h11.Request(
-            method="GET", target=path, headers=[("Host", f"127.0.0.1:{port}"), ("Connection", "close"),
-                                                ("Accept", ANY["Accept"])])))
+            method="GET", target=path, headers=[("Host", host or f"127.0.0.1:{port}"), ("Connection", "close"),
+                                                ("Accept", accept)])))
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, dict, bytes]:
         parser = h11.Connection(h11.CLIENT)
@@ -180,7 +182,8 @@ async def test_concurrent_identical_misses_make_one_upstream_request(data, tmp_p
     with ArchiveServer(archive) as server, ExitStack() as stack:
         fronts = [stack.enter_context(ProxyProcess({"sf": server.dicomweb_url}, tmp_path / str(i),
                                                    ["--cache-dir", str(tmp_path / "c")])) for i in range(proxies)]
-        rs = await burst([(p.port, urlsplit(url(p.dicomweb_url, native, "2")).path) for _ in range(50) for p in fronts])
+        rs = await burst([(p.port, urlsplit(url(p.dicomweb_url, native, "2")).path)
+                          for _ in range(100 // proxies) for p in fronts])
         texts = [httpx.get(f"{p.url}/metrics", trust_env=False).text for p in fronts]
     assert all(status == 200 for status, _, _ in rs)
     assert all(payloads(httpx.Response(200, headers=h, content=body)) == [native_frame(native, 2)] for _, h, body in rs)
@@ -188,6 +191,39 @@ async def test_concurrent_identical_misses_make_one_upstream_request(data, tmp_p
     waiters = sum(s.value for text in texts for f in text_string_to_metric_families(text) for s in f.samples
                   if s.name == "dicomweb_edge_cache_singleflight_waiters_total")
     assert waiters == len(rs) - 1
+
+
+@pytest.mark.parametrize("proxies", [1, 2])
+async def test_concurrent_identical_metadata_misses_make_one_upstream_request(data, tmp_path, proxies):
+    """Single-flight for what else the cache keeps: a study's metadata asked by 100 clients in the same
+    instant (a study opened on many workstations at once) is asked of the archive once; with two siblings
+    too (one cache directory, one public name), the other reading it from the shared disk tier. Every
+    client gets the same document."""
+    import json
+    from contextlib import ExitStack
+    from urllib.parse import urlsplit
+
+    from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
+
+    native, jpeg = data
+    archive = SampleArchive("SFM", Faults(first_byte_delay=0.5))
+    archive.add(native)
+    with ArchiveServer(archive) as server, ExitStack() as stack:
+        fronts = [stack.enter_context(ProxyProcess({"sf": server.dicomweb_url}, tmp_path / str(i),
+                                                   ["--cache-dir", str(tmp_path / "c")])) for i in range(proxies)]
+        path = f"/studies/{native.StudyInstanceUID}/metadata"
+        rs = await burst([(p.port, urlsplit(p.dicomweb_url + path).path)
+                          for _ in range(100 // proxies) for p in fronts], "application/dicom+json",
+                         "imaging.test:8042")  # (one public name: the documents' URLs are the same in both)
+        texts = [httpx.get(f"{p.url}/metrics", trust_env=False).text for p in fronts]
+    assert [status for status, _, _ in rs] == [200] * 100
+    documents = {body for _, _, body in rs}
+    assert len(documents) == 1 and json.loads(documents.pop())[0]["00080018"]["Value"] == [native.SOPInstanceUID]
+    assert archive.requests["metadata"] == 1
+    assert sorted(h.get("x-cache") for _, h, _ in rs).count("MISS") == 1
+    waiters = sum(s.value for text in texts for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name == "dicomweb_edge_cache_singleflight_waiters_total")
+    assert waiters == 99
 
 
 def test_instances_passing_through_become_frame_entries(archive, data, tmp_path):

@@ -1,0 +1,82 @@
+"""One upstream request for concurrent identical misses (proxy/singleflight.py), within a worker."""
+
+import asyncio
+
+import pytest
+
+from proxy.responses import Problem
+from proxy.singleflight import shared
+
+
+class Archive:
+    """A fetch that counts its calls and ends when the test says so."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def fetch(self) -> str:
+        self.calls += 1
+        mine = self.calls
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        return f"answer {mine}"
+
+
+async def started(archive: Archive, calls: int = 1) -> None:
+    async with asyncio.timeout(5):
+        while archive.calls < calls:
+            await asyncio.sleep(0)
+
+
+async def test_followers_get_the_leaders_answer():
+    archive = Archive()
+    leader = asyncio.ensure_future(shared("k", archive.fetch, 5))
+    await started(archive)
+    followers = [asyncio.ensure_future(shared("k", archive.fetch, 5)) for _ in range(9)]
+    other = asyncio.ensure_future(shared("other key", archive.fetch, 5))
+    await started(archive, 2)
+    archive.release.set()
+    got = await asyncio.gather(leader, *followers)
+    assert archive.calls == 2 and (await other).led
+    assert [g.led for g in got] == [True] + [False] * 9 and {g.value for g in got} == {"answer 1"}
+
+
+async def test_the_leaders_error_is_every_followers():
+    archive = Archive()
+    archive.fail = Problem(404, "no such resource in the archive")
+    leader = asyncio.ensure_future(shared("k", archive.fetch, 5))
+    await started(archive)
+    follower = asyncio.ensure_future(shared("k", archive.fetch, 5))
+    await asyncio.sleep(0)
+    archive.release.set()
+    for task in (leader, follower):
+        with pytest.raises(Problem):
+            await task
+    assert archive.calls == 1
+
+
+async def test_a_leader_whose_client_left_hands_the_fetch_to_a_follower():
+    archive = Archive()
+    leader = asyncio.ensure_future(shared("k", archive.fetch, 5))
+    await started(archive)
+    followers = [asyncio.ensure_future(shared("k", archive.fetch, 5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    leader.cancel()
+    await started(archive, 2)  # one follower leads now; the other two follow it
+    archive.release.set()
+    got = await asyncio.gather(*followers)
+    assert archive.calls == 2 and sorted(g.led for g in got) == [False, False, True]
+
+
+async def test_a_follower_past_its_patience_fetches_for_itself():
+    archive = Archive()
+    leader = asyncio.ensure_future(shared("k", archive.fetch, 5))
+    await started(archive)
+    impatient = asyncio.ensure_future(shared("k", archive.fetch, 0.05))
+    await started(archive, 2)  # it gave up waiting and asked too
+    archive.release.set()
+    assert (await impatient).led and (await leader).led
+    assert (await shared("k", archive.fetch, 5)).led  # nothing left in flight: a new miss leads
