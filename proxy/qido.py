@@ -16,7 +16,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import access, jsonbody, merge, metrics
+from . import access, jsonbody, merge, metrics, singleflight
 from .context import Context
 from .media import BadAccept, NotAcceptable, Resource, negotiate
 from .profiles import PROFILES, Profile
@@ -212,6 +212,20 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
         response = _answer(*cached)
         response.headers["X-Cache"] = "HIT"
         return response
+    if key is None:
+        return _answer(*await _search_one(request, ctx, archive, path, q, query, base, key, mark))
+    got = await singleflight.shared(f"search/{key!r}", lambda: _search_one(request, ctx, archive, path, q, query,
+                                                                           base, key, mark), _patience(ctx),
+                                    across=False)
+    response = _answer(*got.value)
+    if not got.led:
+        response.headers["X-Cache"] = "HIT"
+    return response
+
+
+async def _search_one(request: Request, ctx: Context, archive: Archive, path: str, q: Query, query: str, base: str,
+                      key: tuple | None, mark: object) -> tuple[bytes | None, list[str]]:
+    """The one archive's answer, its URLs pointed at the proxy (kept briefly, with the cache on)."""
     resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "qido",
                                       query=query, archives=[archive])
     async with stack:
@@ -230,7 +244,7 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
         answer = archive.rewriter.rewrite_json(body, base)
     if key is not None and mark is not None:
         await ctx.searches.put(key, (answer, warnings), mark, SINGLE)
-    return _answer(answer, warnings)
+    return answer, warnings
 
 
 LEVELS = {"studies": "study", "series": "series", "instances": "instance"}
@@ -294,42 +308,10 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
     if not no_cache:
         metrics.child(metrics.CACHE_RESULTS, mark.tier, "search", "miss" if cached is None else "hit").inc()
     if cached is None:
-        asked = [a for a in ctx.archives if a.breaker.allow()]
-        skipped = [a for a in ctx.archives if a not in asked]
-        warnings = [f"299 dicomweb-edge: archive '{a.name}' was skipped (circuit open); "
-                    "results may be incomplete" for a in skipped]
-        for a in skipped:
-            metrics.child(metrics.SEARCH_PARTIAL, a.name, "circuit_open").inc()
-        metrics.SEARCH_FANOUT.observe(len(asked))
-        results = await asyncio.gather(*(_fetch_all(request, ctx, a, path, q, base) for a in asked),
-                                       return_exceptions=True)
-        found: list[tuple[str, list[merge.Record]]] = []
-        statuses = []
-        for archive, result in zip(asked, results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                reason, status = _failure(result)
-                statuses.append(status)
-                if isinstance(result, TimeoutError):
-                    archive._health(False)
-                metrics.child(metrics.SEARCH_PARTIAL, archive.name, "timeout" if status == 504 else "error").inc()
-                warnings.append(f"299 dicomweb-edge: archive '{archive.name}' {reason}; results may be incomplete")
-                continue
-            records, archive_warnings, truncated = result
-            found.append((archive.name, records))
-            warnings += archive_warnings
-            if truncated:
-                warnings.append(f"299 dicomweb-edge: archive '{archive.name}' has more than "
-                                f"{ctx.settings.max_search_results} matches; narrow the search")
-        if not found:
-            status = 503 if not asked else 504 if all(s == 504 for s in statuses) else 502
-            raise Problem(status, "no archive could be searched: " + "; ".join(w.split(": ", 1)[1] for w in warnings))
-        merged, where = merge.merge(found, level)
-        await ctx.locator.share(where)
-        cached = (merge.order(merged, level), warnings)
-        if len(found) == len(ctx.archives):  # never reuse a partial answer
-            await ctx.searches.put(key, cached, mark, FEDERATED)
+        # Concurrent identical searches (a worklist refreshed on many workstations) fan out once.
+        got = await singleflight.shared(f"search/{key!r}", lambda: _fan_out(request, ctx, path, q, level, base, key,
+                                                                               mark), _patience(ctx), across=False)
+        cached, hit = got.value, not got.led
     ordered, warnings = cached
     chunk, remaining = merge.page(ordered, q.offset, q.limit)
     if remaining:
@@ -338,6 +320,53 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
     if hit:
         response.headers["X-Cache"] = "HIT"
     return response
+
+
+def _patience(ctx: Context) -> float:
+    """How long a search waits for the same search in flight: as long as the archives may take."""
+    return max((a.config.search_deadline for a in ctx.archives), default=30.0)
+
+
+async def _fan_out(request: Request, ctx: Context, path: str, q: Query, level: str, base: str, key: tuple,
+                   mark: object) -> tuple[list[merge.Record], list[str]]:
+    """Every healthy archive searched, the answers merged, de-duplicated and ordered (kept when whole)."""
+    asked = [a for a in ctx.archives if a.breaker.allow()]
+    skipped = [a for a in ctx.archives if a not in asked]
+    warnings = [f"299 dicomweb-edge: archive '{a.name}' was skipped (circuit open); "
+                "results may be incomplete" for a in skipped]
+    for a in skipped:
+        metrics.child(metrics.SEARCH_PARTIAL, a.name, "circuit_open").inc()
+    metrics.SEARCH_FANOUT.observe(len(asked))
+    results = await asyncio.gather(*(_fetch_all(request, ctx, a, path, q, base) for a in asked),
+                                   return_exceptions=True)
+    found: list[tuple[str, list[merge.Record]]] = []
+    statuses = []
+    for archive, result in zip(asked, results, strict=True):
+        if isinstance(result, BaseException):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            reason, status = _failure(result)
+            statuses.append(status)
+            if isinstance(result, TimeoutError):
+                archive._health(False)
+            metrics.child(metrics.SEARCH_PARTIAL, archive.name, "timeout" if status == 504 else "error").inc()
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' {reason}; results may be incomplete")
+            continue
+        records, archive_warnings, truncated = result
+        found.append((archive.name, records))
+        warnings += archive_warnings
+        if truncated:
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' has more than "
+                            f"{ctx.settings.max_search_results} matches; narrow the search")
+    if not found:
+        status = 503 if not asked else 504 if all(s == 504 for s in statuses) else 502
+        raise Problem(status, "no archive could be searched: " + "; ".join(w.split(": ", 1)[1] for w in warnings))
+    merged, where = merge.merge(found, level)
+    await ctx.locator.share(where)
+    cached = (merge.order(merged, level), warnings)
+    if len(found) == len(ctx.archives):  # never reuse a partial answer
+        await ctx.searches.put(key, cached, mark, FEDERATED)
+    return cached
 
 
 def _pack(value: tuple[bytes | None, list[str]]) -> bytes:

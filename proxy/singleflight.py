@@ -35,18 +35,19 @@ class Shared(Generic[T]):
 
 
 async def shared(key: str, fetch: Callable[[], Awaitable[T]], patience: float,
-                 look: Callable[[], Awaitable[T | None]] | None = None) -> Shared[T]:
+                 look: Callable[[], Awaitable[T | None]] | None = None, across: bool = True) -> Shared[T]:
     """`fetch()` once for the concurrent callers with this `key`, in this worker and its siblings. A
     follower in this worker gets the leader's value (or raises its exception); one in a sibling gets what
     `look()` finds in the cache once the sibling's leader is done (None, or no `look`: it fetches for
-    itself). After `patience` seconds of waiting a follower fetches for itself."""
+    itself). After `patience` seconds of waiting a follower fetches for itself. `across`: the siblings
+    share the answer too (what they cannot read from a tier of their own is shared in this worker only)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + patience
     counted = claimed = False
     while True:
         lead = _leaders.get(key)
-        if lead is None and siblings.claim([key]):
-            claimed = True
+        if lead is None and (not across or siblings.claim([key])):
+            claimed = across
             break
         if not counted:
             metrics.CACHE_WAITERS.inc()

@@ -323,3 +323,42 @@ def test_capped_dcm4chee_is_paged_past_its_cap(tmp_path, orthanc_a, client):
             assert warnings(r) == []
     finally:
         server.stop()
+
+
+async def test_concurrent_identical_searches_fan_out_once(tmp_path):
+    """A worklist refreshed on 50 workstations at once while the archives are slow to answer: each archive
+    is searched once, and every client gets the same merged answer (each page of it its own)."""
+    import asyncio
+
+    a = SampleArchive("SLOW_A", Faults(first_byte_delay=0.5))
+    a.extend(tiny_studies("SFA", 3))
+    b = SampleArchive("SLOW_B", Faults(first_byte_delay=0.5))
+    b.extend(tiny_studies("SFB", 2))
+    with ArchiveServer(a) as sa, ArchiveServer(b) as sb, \
+            ProxyProcess({"a": sa.dicomweb_url, "b": sb.dicomweb_url}, tmp_path) as proxy:
+        a.requests.clear()
+        b.requests.clear()
+        async with httpx.AsyncClient(trust_env=False, timeout=30, limits=httpx.Limits(max_connections=50)) as c:
+            rs = await asyncio.gather(*(c.get(f"{proxy.dicomweb_url}/studies", params={"limit": 2 + i % 3})
+                                        for i in range(50)))
+    assert a.requests["qido"] == 1 and b.requests["qido"] == 1
+    assert {r.status_code for r in rs} == {200}
+    assert {len(r.json()) for r in rs} == {2, 3, 4}  # the page each asked for, of one merged answer
+    assert sorted(r.headers.get("x-cache", "") for r in rs).count("HIT") == 49
+
+
+async def test_concurrent_identical_searches_of_one_archive_ask_it_once(tmp_path):
+    """The same with a single archive (its answers are reused briefly when the cache is on)."""
+    import asyncio
+
+    a = SampleArchive("SLOW_ONE", Faults(first_byte_delay=0.5))
+    a.extend(tiny_studies("SFO", 3))
+    with ArchiveServer(a) as sa, ProxyProcess({"a": sa.dicomweb_url}, tmp_path,
+                                              ["--cache-dir", str(tmp_path / "c")]) as proxy:
+        a.requests.clear()
+        async with httpx.AsyncClient(trust_env=False, timeout=30, limits=httpx.Limits(max_connections=50)) as c:
+            rs = await asyncio.gather(*(c.get(f"{proxy.dicomweb_url}/studies", params={"PatientName": "SFO*"})
+                                        for _ in range(50)))
+    assert a.requests["qido"] == 1
+    assert {r.status_code for r in rs} == {200} and {len(r.json()) for r in rs} == {3}
+    assert sorted(r.headers.get("x-cache", "") for r in rs).count("HIT") == 49
