@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import access, wado
+from . import access, singleflight, wado
 from .cache import FrameCache
 from .context import Context
 from .media import Resource, Selection, parse_content_type
@@ -138,6 +139,33 @@ def _answer(request: Request, entry: Entry, multipart: bool, location: str | Non
 
 
 
+async def _once(ctx: Context, cache: FrameCache, key: Key,
+                fetch: Callable[[], Awaitable[StreamResponse]]) -> StreamResponse | Entry:
+    """The archive's answer for this miss, or, when another request of this worker was fetching the same
+    object, what that one left in the cache (concurrent identical misses ask the archive once)."""
+    lead = await singleflight.wait_or_lead("object/" + key.entry(key.transfer_syntax), ctx.patience())
+    if lead is None and (hit := lookup(cache, key)) is not None:
+        return hit
+    try:
+        resp = await fetch()
+    except BaseException:
+        if lead is not None:
+            lead.end()
+        raise
+    if lead is not None:  # ended with the stream, once the tee has kept the object (or could not)
+        closing = resp.on_close
+
+        async def close() -> None:
+            try:
+                if closing is not None:
+                    await closing()
+            finally:
+                lead.end()
+
+        resp.on_close = close
+    return resp
+
+
 def _miss(resp: StreamResponse, cache_control: str) -> StreamResponse:
     resp.raw_headers += [(b"x-cache", b"MISS"), (b"cache-control", cache_control.encode())]
     return resp
@@ -155,8 +183,13 @@ async def instance(request: Request, ctx: Context, target: Target) -> Response:
         await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
         location = dicomweb_base(request, ctx.settings, ctx.root) + target.path()
         return _answer(request, hit, sel.multipart, location, IMMUTABLE)
-    resp = await wado.retrieve(request, ctx, target, Resource.INSTANCE, "instance", keep=keeper(cache, key))
-    return _miss(resp, IMMUTABLE)
+    got = await _once(ctx, cache, key, lambda: wado.retrieve(request, ctx, target, Resource.INSTANCE, "instance",
+                                                             keep=keeper(cache, key)))
+    if isinstance(got, Entry):
+        await access.admit(ctx, target.study)
+        return _answer(request, got, sel.multipart, dicomweb_base(request, ctx.settings, ctx.root) + target.path(),
+                       IMMUTABLE)
+    return _miss(got, IMMUTABLE)
 
 
 async def bulk(request: Request, ctx: Context, target: Target, tags: str, location: str) -> Response:
@@ -194,9 +227,14 @@ async def _bulk(request: Request, ctx: Context, target: Target, sel: Selection, 
     if hit is not None:
         await access.admit(ctx, key.study)  # token pass-through: the archive said yes to this caller
         return _answer(request, hit, sel.multipart, location, IMMUTABLE)
-    resp = await wado.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata", upstream_path=path,
-                               archives=archives, location=location, keep=keeper(ctx.cache, key))
-    return _miss(resp, IMMUTABLE)
+    cache = ctx.cache
+    got = await _once(ctx, cache, key, lambda: wado.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata",
+                                                             upstream_path=path, archives=archives,
+                                                             location=location, keep=keeper(cache, key)))
+    if isinstance(got, Entry):
+        await access.admit(ctx, key.study)
+        return _answer(request, got, sel.multipart, location, IMMUTABLE)
+    return _miss(got, IMMUTABLE)
 
 
 def rendering_key(target: Target, query: str) -> str:
@@ -221,5 +259,9 @@ async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bo
     if hit is not None:
         await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
         return _answer(request, hit, False, None, control)
-    resp = await wado.rendered(request, ctx, target, thumbnail, keep=keeper(cache, key))
-    return _miss(resp, control)
+    got = await _once(ctx, cache, key, lambda: wado.rendered(request, ctx, target, thumbnail,
+                                                             keep=keeper(cache, key)))
+    if isinstance(got, Entry):
+        await access.admit(ctx, target.study)
+        return _answer(request, got, False, None, control)
+    return _miss(got, control)

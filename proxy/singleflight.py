@@ -101,3 +101,35 @@ def _end(key: str, mine: asyncio.Future[object] | None, outcome: object, claimed
 def _retrieved(fut: asyncio.Future[object]) -> None:
     if not fut.cancelled():
         fut.exception()  # (seen: a leader's error nobody followed is not "never retrieved")
+
+
+class Lead:
+    """A fetch this request leads (`wait_or_lead`): `end()` once its answer is in the cache, or will not be."""
+
+    def __init__(self, key: str, fut: asyncio.Future[object]) -> None:
+        self.key = key
+        self.fut = fut
+
+    def end(self) -> None:
+        if _leaders.get(self.key) is self.fut:
+            del _leaders[self.key]
+        if not self.fut.done():
+            self.fut.set_result(None)
+
+
+async def wait_or_lead(key: str, patience: float) -> Lead | None:
+    """For answers that stream to their client while the cache keeps them (no value to share): the
+    first of this worker's concurrent misses of `key` gets a Lead, and fetches; the others wait for its
+    end (up to `patience` seconds) and get None: they look the cache up again, and fetch for themselves
+    what it does not hold (too large to keep, or the leader failed)."""
+    lead = _leaders.get(key)
+    if lead is None:
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        _leaders[key] = fut
+        return Lead(key, fut)
+    metrics.CACHE_WAITERS.inc()
+    try:
+        await asyncio.wait_for(asyncio.shield(lead), patience)
+    except TimeoutError:
+        pass
+    return None

@@ -202,3 +202,30 @@ def test_composed_bulkdata_shares_entries_with_the_element_urls(archive, data, t
                 assert body == data.PixelData and dict(headers)["Content-Location"] == element
             if order == "composed first":
                 assert second.headers["x-cache"] == "HIT"
+
+
+@pytest.mark.parametrize("kind", ["retrieve", "rendered", "bulk"])
+async def test_concurrent_identical_object_misses_ask_the_archive_once(data, tmp_path, kind):
+    """Single-flight for whole objects: 30 clients asking for the same instance, rendering or bulk data
+    element while the archive is slow answer from one archive request (the others wait for it and are
+    served from the cache), all with the same bytes."""
+    import asyncio
+
+    from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
+
+    archive = SampleArchive("OBJ_SF", Faults(first_byte_delay=0.5))
+    archive.add(data)
+    path, accept = {"retrieve": ("", ANY_DICOM), "rendered": ("/rendered", JPEG),
+                    "bulk": ("/bulk/7fe00010", {"Accept": "application/octet-stream"})}[kind]
+    with ArchiveServer(archive) as server, \
+            ProxyProcess({"a": server.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy:
+        async with httpx.AsyncClient(trust_env=False, timeout=30, limits=httpx.Limits(max_connections=30)) as c:
+            rs = await asyncio.gather(*(c.get(inst(proxy.dicomweb_url, data) + path, headers=accept)
+                                        for _ in range(30)))
+        waiters = metric(proxy, "dicomweb_edge_cache_singleflight_waiters_total")
+    assert {r.status_code for r in rs} == {200}
+    bodies = {r.content if kind != "retrieve" else split_multipart(r.content, r.headers["content-type"])[1][0][1]
+              for r in rs}
+    assert len(bodies) == 1 and len(bodies.pop()) > 1000
+    assert archive.requests[kind] == 1 and waiters == 29
+    assert sorted(r.headers["x-cache"] for r in rs).count("MISS") == 1

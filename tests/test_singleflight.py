@@ -80,3 +80,20 @@ async def test_a_follower_past_its_patience_fetches_for_itself():
     archive.release.set()
     assert (await impatient).led and (await leader).led
     assert (await shared("k", archive.fetch, 5)).led  # nothing left in flight: a new miss leads
+
+
+async def test_a_streamed_miss_leads_and_the_others_look_again_once_it_ends():
+    from proxy.singleflight import wait_or_lead
+
+    lead = await wait_or_lead("object/k", 5)
+    assert lead is not None
+    followers = [asyncio.ensure_future(wait_or_lead("object/k", 5)) for _ in range(3)]
+    impatient = asyncio.ensure_future(wait_or_lead("object/k", 0.01))
+    assert await impatient is None  # gave up: it looks the cache up, and fetches what is not there
+    assert not any(f.done() for f in followers)
+    lead.end()
+    assert await asyncio.gather(*followers) == [None, None, None]
+    lead.end()  # (twice is harmless)
+    again = await wait_or_lead("object/k", 5)
+    assert again is not None  # nothing in flight: the next miss leads
+    again.end()
