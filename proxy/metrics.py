@@ -103,7 +103,8 @@ CACHE_DEFERRED_WRITES = Counter("dicomweb_edge_cache_deferred_writes_total",
                                 "(the worker stops).", ["why"])
 
 CACHE_WAITERS = Counter("dicomweb_edge_cache_singleflight_waiters_total",
-                        "Frame requests that waited for a fetch already in flight instead of asking the archive.")
+                        "Requests (frames, metadata, searches, instances, bulk data, renderings) that waited for "
+                        "an identical fetch already in flight instead of asking the archive.")
 CACHE_HANDOVERS = Counter("dicomweb_edge_cache_handovers_total",
                           "Frames a worker asked a sibling worker for and received from its memory tier "
                           "(instead of waiting for them on the shared disk tier), by outcome: given, none "
