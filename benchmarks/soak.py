@@ -90,7 +90,8 @@ def counters(metrics_url: str) -> dict[str, dict[tuple[tuple[str, str], ...], fl
     text = httpx.get(metrics_url, timeout=30, trust_env=False).text
     out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for fam in text_string_to_metric_families(text):
-        if fam.name in ("dicomweb_edge_requests", "dicomweb_edge_upstream_errors", "dicomweb_edge_upstream_requests"):
+        if fam.name in ("dicomweb_edge_requests", "dicomweb_edge_upstream_errors", "dicomweb_edge_upstream_requests",
+                        "dicomweb_edge_shared_failures"):
             for s in fam.samples:
                 if s.name.endswith("_total"):
                     out.setdefault(fam.name, {})[tuple(sorted(s.labels.items()))] = s.value
@@ -139,9 +140,11 @@ def soak(proxy_url: str, proxy_pid: int, mix: list[tuple[int, str, str]], connec
     gateway = sum(v for s, v in statuses.items() if s in (502, 503, 504))
     unhandled = log.read_text(errors="replace").count("Exception in ASGI application") if log else 0
     # A 502/503/504 has an archive failure behind it when the proxy counted one (an error status, timeout,
-    # reset...); anything else (a 500, a 503 the proxy shed itself, gateway errors beyond the archive's
-    # failures) is the proxy's.
-    archive_caused = min(gateway, sum(upstream_errors.values()))
+    # reset...), or answered an identical request's archive failure it waited for (single-flight); anything
+    # else (a 500, a 503 the proxy shed itself, gateway errors beyond the archive's failures) is the proxy's.
+    shared = sum(int(v) for k, v in delta.get("dicomweb_edge_shared_failures", {}).items()
+                 if dict(k)["status"] in ("502", "503", "504"))
+    archive_caused = min(gateway, sum(upstream_errors.values()) + shared)
     return {**result, "statuses": statuses, "by_service": by_service, "upstream_errors": upstream_errors,
             "fivexx": fivexx, "archive_caused_5xx": archive_caused, "proxy_caused_5xx": fivexx - archive_caused,
             "unhandled_exceptions": unhandled, "samples": sampler.samples}

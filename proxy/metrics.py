@@ -105,6 +105,10 @@ CACHE_DEFERRED_WRITES = Counter("dicomweb_edge_cache_deferred_writes_total",
 CACHE_WAITERS = Counter("dicomweb_edge_cache_singleflight_waiters_total",
                         "Requests (frames, metadata, searches, instances, bulk data, renderings) that waited for "
                         "an identical fetch already in flight instead of asking the archive.")
+SHARED_FAILURES = Counter("dicomweb_edge_shared_failures_total",
+                          "Requests answered with the failure of an identical request's archive fetch they "
+                          "waited for (single-flight), by the failure's status: archive failures answered more "
+                          "than once.", ["status"])
 CACHE_HANDOVERS = Counter("dicomweb_edge_cache_handovers_total",
                           "Frames a worker asked a sibling worker for and received from its memory tier "
                           "(instead of waiting for them on the shared disk tier), by outcome: given, none "

@@ -65,6 +65,9 @@ async def shared(key: str, fetch: Callable[[], Awaitable[T]], patience: float,
             value = await asyncio.wait_for(asyncio.shield(lead), left)
         except TimeoutError:
             break
+        except Exception as exc:  # the leader's failure is this request's answer too: counted as such
+            metrics.SHARED_FAILURES.labels(str(getattr(exc, "status", 500))).inc()  # (at once: rare)
+            raise
         if value is _LET_GO:
             continue
         return Shared(value, False)  # type: ignore[arg-type]

@@ -52,10 +52,14 @@ async def test_the_leaders_error_is_every_followers():
     follower = asyncio.ensure_future(shared("k", archive.fetch, 5))
     await asyncio.sleep(0)
     archive.release.set()
+    from proxy import metrics
+
+    before = metrics.child(metrics.SHARED_FAILURES, "404")._value.get()
     for task in (leader, follower):
         with pytest.raises(Problem):
             await task
     assert archive.calls == 1
+    assert metrics.child(metrics.SHARED_FAILURES, "404")._value.get() == before + 1  # the follower's answer
 
 
 async def test_a_leader_whose_client_left_hands_the_fetch_to_a_follower():
