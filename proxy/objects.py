@@ -95,8 +95,9 @@ def lookup(cache: FrameCache, key: Key) -> Entry | None:
     return None if found is None else _decode(found[0], found[1])
 
 
-def keeper(cache: FrameCache, key: Key) -> Keep:
-    """The tee for a miss: stores the object once it passed through whole (once per response)."""
+def keeper(cache: FrameCache, key: Key, lead: singleflight.Lead | None = None) -> Keep:
+    """The tee for a miss: stores the object once it passed through whole (once per response); `lead`
+    learns of its disk write (a sibling waiting for it reads it from there)."""
     done = False
 
     def keep(content_type: str, pieces: list[bytes | memoryview]) -> None:
@@ -116,6 +117,8 @@ def keeper(cache: FrameCache, key: Key) -> Keep:
         task = cache.submit(cache.write_entries, entries, key.kind, key.study)
         _pending.add(task)
         task.add_done_callback(_pending.discard)
+        if lead is not None:
+            lead.writing = task
 
     return keep
 
@@ -140,14 +143,14 @@ def _answer(request: Request, entry: Entry, multipart: bool, location: str | Non
 
 
 async def _once(ctx: Context, cache: FrameCache, key: Key,
-                fetch: Callable[[], Awaitable[StreamResponse]]) -> StreamResponse | Entry:
-    """The archive's answer for this miss, or, when another request of this worker was fetching the same
-    object, what that one left in the cache (concurrent identical misses ask the archive once)."""
+                fetch: Callable[[Keep], Awaitable[StreamResponse]]) -> StreamResponse | Entry:
+    """The archive's answer for this miss (`fetch(tee)`), or, when another request (of any worker) was
+    fetching the same object, what that one left in the cache: concurrent identical misses ask once."""
     lead = await singleflight.wait_or_lead("object/" + key.entry(key.transfer_syntax), ctx.patience())
     if lead is None and (hit := lookup(cache, key)) is not None:
         return hit
     try:
-        resp = await fetch()
+        resp = await fetch(keeper(cache, key, lead))
     except BaseException:
         if lead is not None:
             lead.end()
@@ -183,8 +186,8 @@ async def instance(request: Request, ctx: Context, target: Target) -> Response:
         await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
         location = dicomweb_base(request, ctx.settings, ctx.root) + target.path()
         return _answer(request, hit, sel.multipart, location, IMMUTABLE)
-    got = await _once(ctx, cache, key, lambda: wado.retrieve(request, ctx, target, Resource.INSTANCE, "instance",
-                                                             keep=keeper(cache, key)))
+    got = await _once(ctx, cache, key, lambda tee: wado.retrieve(request, ctx, target, Resource.INSTANCE,
+                                                                 "instance", keep=tee))
     if isinstance(got, Entry):
         await access.admit(ctx, target.study)
         return _answer(request, got, sel.multipart, dicomweb_base(request, ctx.settings, ctx.root) + target.path(),
@@ -228,9 +231,9 @@ async def _bulk(request: Request, ctx: Context, target: Target, sel: Selection, 
         await access.admit(ctx, key.study)  # token pass-through: the archive said yes to this caller
         return _answer(request, hit, sel.multipart, location, IMMUTABLE)
     cache = ctx.cache
-    got = await _once(ctx, cache, key, lambda: wado.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata",
-                                                             upstream_path=path, archives=archives,
-                                                             location=location, keep=keeper(cache, key)))
+    got = await _once(ctx, cache, key, lambda tee: wado.retrieve(request, ctx, target, Resource.BULKDATA,
+                                                                 "bulkdata", upstream_path=path, archives=archives,
+                                                                 location=location, keep=tee))
     if isinstance(got, Entry):
         await access.admit(ctx, key.study)
         return _answer(request, got, sel.multipart, location, IMMUTABLE)
@@ -259,8 +262,7 @@ async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bo
     if hit is not None:
         await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
         return _answer(request, hit, False, None, control)
-    got = await _once(ctx, cache, key, lambda: wado.rendered(request, ctx, target, thumbnail,
-                                                             keep=keeper(cache, key)))
+    got = await _once(ctx, cache, key, lambda tee: wado.rendered(request, ctx, target, thumbnail, keep=tee))
     if isinstance(got, Entry):
         await access.admit(ctx, target.study)
         return _answer(request, got, False, None, control)

@@ -9,6 +9,8 @@ away leaves the fetch to its first follower.
 
 Across workers the leader also holds the key's claim (siblings.py) until its answer is in the shared
 disk tier: a sibling that misses the same key meanwhile waits for the claim's settle and reads it there.
+(Searches, which the siblings keep in no shared tier unless Redis is configured, are shared within a
+worker only.)
 """
 
 from __future__ import annotations
@@ -107,32 +109,44 @@ def _retrieved(fut: asyncio.Future[object]) -> None:
 
 
 class Lead:
-    """A fetch this request leads (`wait_or_lead`): `end()` once its answer is in the cache, or will not be."""
+    """A fetch this request leads (`wait_or_lead`): `end()` once its answer is in this worker's cache, or
+    will not be. A sibling waiting for it is told once the disk write `writing` (if any) is done."""
 
-    def __init__(self, key: str, fut: asyncio.Future[object]) -> None:
+    def __init__(self, key: str, fut: asyncio.Future[object], claimed: bool) -> None:
         self.key = key
         self.fut = fut
+        self.claimed = claimed
+        self.writing: asyncio.Future[None] | None = None  # the answer on its way to the disk tier
 
     def end(self) -> None:
         if _leaders.get(self.key) is self.fut:
             del _leaders[self.key]
         if not self.fut.done():
             self.fut.set_result(None)
+        if self.claimed:
+            self.claimed = False
+            if self.writing is not None and not self.writing.done():
+                self.writing.add_done_callback(lambda _: siblings.settle(self.key))
+            else:
+                siblings.settle(self.key)
 
 
 async def wait_or_lead(key: str, patience: float) -> Lead | None:
     """For answers that stream to their client while the cache keeps them (no value to share): the
-    first of this worker's concurrent misses of `key` gets a Lead, and fetches; the others wait for its
-    end (up to `patience` seconds) and get None: they look the cache up again, and fetch for themselves
-    what it does not hold (too large to keep, or the leader failed)."""
+    first of the concurrent misses of `key`, in this worker and its siblings, gets a Lead, and fetches;
+    the others wait for its end (up to `patience` seconds) and get None: they look the cache up again
+    (a sibling's answer in the disk tier), and fetch for themselves what it does not hold (too large to
+    keep, or the leader failed)."""
     lead = _leaders.get(key)
-    if lead is None:
+    if lead is None and siblings.claim([key]):
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         _leaders[key] = fut
-        return Lead(key, fut)
+        return Lead(key, fut, True)
     metrics.CACHE_WAITERS.inc()
-    try:
-        await asyncio.wait_for(asyncio.shield(lead), patience)
-    except TimeoutError:
-        pass
+    waiting = lead if lead is not None else siblings.flying(key, want=False)
+    if waiting is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), patience)
+        except TimeoutError:
+            pass
     return None

@@ -204,12 +204,15 @@ def test_composed_bulkdata_shares_entries_with_the_element_urls(archive, data, t
                 assert second.headers["x-cache"] == "HIT"
 
 
+@pytest.mark.parametrize("proxies", [1, 2])
 @pytest.mark.parametrize("kind", ["retrieve", "rendered", "bulk"])
-async def test_concurrent_identical_object_misses_ask_the_archive_once(data, tmp_path, kind):
+async def test_concurrent_identical_object_misses_ask_the_archive_once(data, tmp_path, kind, proxies):
     """Single-flight for whole objects: 30 clients asking for the same instance, rendering or bulk data
     element while the archive is slow answer from one archive request (the others wait for it and are
-    served from the cache), all with the same bytes."""
+    served from the cache), all with the same bytes; with two siblings on one cache directory (as two
+    workers are) too, the other reading it from the shared disk tier."""
     import asyncio
+    from contextlib import ExitStack
 
     from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
 
@@ -217,12 +220,13 @@ async def test_concurrent_identical_object_misses_ask_the_archive_once(data, tmp
     archive.add(data)
     path, accept = {"retrieve": ("", ANY_DICOM), "rendered": ("/rendered", JPEG),
                     "bulk": ("/bulk/7fe00010", {"Accept": "application/octet-stream"})}[kind]
-    with ArchiveServer(archive) as server, \
-            ProxyProcess({"a": server.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy:
+    with ArchiveServer(archive) as server, ExitStack() as stack:
+        fronts = [stack.enter_context(ProxyProcess({"a": server.dicomweb_url}, tmp_path / str(i),
+                                                   ["--cache-dir", str(tmp_path / "c")])) for i in range(proxies)]
         async with httpx.AsyncClient(trust_env=False, timeout=30, limits=httpx.Limits(max_connections=30)) as c:
-            rs = await asyncio.gather(*(c.get(inst(proxy.dicomweb_url, data) + path, headers=accept)
-                                        for _ in range(30)))
-        waiters = metric(proxy, "dicomweb_edge_cache_singleflight_waiters_total")
+            rs = await asyncio.gather(*(c.get(inst(fronts[i % proxies].dicomweb_url, data) + path, headers=accept)
+                                        for i in range(30)))
+        waiters = sum(metric(p, "dicomweb_edge_cache_singleflight_waiters_total") for p in fronts)
     assert {r.status_code for r in rs} == {200}
     bodies = {r.content if kind != "retrieve" else split_multipart(r.content, r.headers["content-type"])[1][0][1]
               for r in rs}
