@@ -1,5 +1,7 @@
 """The frame cache against a real Orthanc (issue 4: tiers, keys, tee, safety; conformance W-10, C-02)."""
 
+import contextlib
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -164,6 +166,21 @@ async def burst(targets: list[tuple[int, str]], accept: str = ANY["Accept"],
     return await asyncio.gather(*(answer(r, w) for r, w in conns))
 
 
+@contextlib.contextmanager
+def siblings_of(server, tmp_path, proxies: int):
+    """`proxies` proxies on one cache directory in front of `server`: siblings, as workers are."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(ProxyProcess({"sf": server.dicomweb_url}, tmp_path / str(i),
+                                                ["--cache-dir", str(tmp_path / "c")])) for i in range(proxies)]
+
+
+def waiters_of(fronts) -> float:
+    """Requests that waited for a fetch in flight, over all of `fronts`."""
+    texts = [httpx.get(f"{p.url}/metrics", trust_env=False).text for p in fronts]
+    return sum(s.value for text in texts for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "dicomweb_edge_cache_singleflight_waiters_total")
+
+
 @pytest.mark.parametrize("proxies", [1, 2])
 async def test_concurrent_identical_misses_make_one_upstream_request(data, tmp_path, proxies):
     """Single-flight: 100 clients ask for the same uncached frame in the same instant; the archive sees
@@ -171,7 +188,6 @@ async def test_concurrent_identical_misses_make_one_upstream_request(data, tmp_p
     2 (two proxies on one cache directory are siblings, as two workers are, and each gets half the
     requests) both miss it before either's announcement reaches the other: the claim (siblings.py)
     still lets only one of them ask."""
-    from contextlib import ExitStack
     from urllib.parse import urlsplit
 
     from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
@@ -179,17 +195,13 @@ async def test_concurrent_identical_misses_make_one_upstream_request(data, tmp_p
     native, _ = data
     archive = SampleArchive("SF", Faults(first_byte_delay=0.5))
     archive.add(native)
-    with ArchiveServer(archive) as server, ExitStack() as stack:
-        fronts = [stack.enter_context(ProxyProcess({"sf": server.dicomweb_url}, tmp_path / str(i),
-                                                   ["--cache-dir", str(tmp_path / "c")])) for i in range(proxies)]
+    with ArchiveServer(archive) as server, siblings_of(server, tmp_path, proxies) as fronts:
         rs = await burst([(p.port, urlsplit(url(p.dicomweb_url, native, "2")).path)
                           for _ in range(100 // proxies) for p in fronts])
-        texts = [httpx.get(f"{p.url}/metrics", trust_env=False).text for p in fronts]
+        waiters = waiters_of(fronts)
     assert all(status == 200 for status, _, _ in rs)
     assert all(payloads(httpx.Response(200, headers=h, content=body)) == [native_frame(native, 2)] for _, h, body in rs)
     assert archive.requests["frames"] == 1
-    waiters = sum(s.value for text in texts for f in text_string_to_metric_families(text) for s in f.samples
-                  if s.name == "dicomweb_edge_cache_singleflight_waiters_total")
     assert waiters == len(rs) - 1
 
 
@@ -200,29 +212,24 @@ async def test_concurrent_identical_metadata_misses_make_one_upstream_request(da
     too (one cache directory, one public name), the other reading it from the shared disk tier. Every
     client gets the same document."""
     import json
-    from contextlib import ExitStack
     from urllib.parse import urlsplit
 
     from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
 
-    native, jpeg = data
+    native, _ = data
     archive = SampleArchive("SFM", Faults(first_byte_delay=0.5))
     archive.add(native)
-    with ArchiveServer(archive) as server, ExitStack() as stack:
-        fronts = [stack.enter_context(ProxyProcess({"sf": server.dicomweb_url}, tmp_path / str(i),
-                                                   ["--cache-dir", str(tmp_path / "c")])) for i in range(proxies)]
+    with ArchiveServer(archive) as server, siblings_of(server, tmp_path, proxies) as fronts:
         path = f"/studies/{native.StudyInstanceUID}/metadata"
         rs = await burst([(p.port, urlsplit(p.dicomweb_url + path).path)
                           for _ in range(100 // proxies) for p in fronts], "application/dicom+json",
                          "imaging.test:8042")  # (one public name: the documents' URLs are the same in both)
-        texts = [httpx.get(f"{p.url}/metrics", trust_env=False).text for p in fronts]
+        waiters = waiters_of(fronts)
     assert [status for status, _, _ in rs] == [200] * 100
     documents = {body for _, _, body in rs}
     assert len(documents) == 1 and json.loads(documents.pop())[0]["00080018"]["Value"] == [native.SOPInstanceUID]
     assert archive.requests["metadata"] == 1
     assert sorted(h.get("x-cache") for _, h, _ in rs).count("MISS") == 1
-    waiters = sum(s.value for text in texts for f in text_string_to_metric_families(text) for s in f.samples
-                  if s.name == "dicomweb_edge_cache_singleflight_waiters_total")
     assert waiters == 99
 
 
