@@ -96,7 +96,7 @@ def _refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
         return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # (reset: the listener closed with it queued)
         return True
 
 
