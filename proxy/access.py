@@ -1,12 +1,15 @@
-"""Token pass-through and the shared cache: a cached study is served to a caller only once an archive that
-receives the caller's token has confirmed that this token may see that study.
+"""Token pass-through and the shared cache: who may be served what the cache learned (`admit`, the one place).
 
-With the proxy's own archive credentials every authenticated reader sees the same archive, so cache hits
-are shared. With `forward_authorization` the archive decides per token; the proxy then remembers, for a
-short while (`[auth] access_ttl`, in this process only), which (token digest, study) pairs an archive
-answered with content: a 200 for a retrieve about the study, or a search for the study that matched it.
-Without such a memo a cache hit first asks the archive (`admit`); a refusal answers 401/403/404 and
-nothing comes from the cache. Search answers are cached per token digest (`search_scope`).
+Every cached entry carries its placement (placement.py): the study and series the archive placed it in,
+and its audience, whose answer it was. What an archive read with the proxy's own credentials answered
+is the same for every reader, so every reader is served it (the proxy's own scopes decide). What a token
+pass-through archive (`forward_authorization`) answered one caller is served to another caller only once
+*that* archive confirmed that this caller may see the entry's study, whatever other archives hold: a
+200 for a retrieve about the study with the caller's token, non-empty metadata, or a search
+`StudyInstanceUID=<study>` that lists it. A confirmation is remembered for a short while
+(`[auth] access_ttl`, in this process only) per (archive, token digest, study). Without one a hit first
+asks the archive; a refusal answers 401/403/404, an archive that cannot be asked 502, and nothing comes
+from the cache. Search answers are cached per token digest (`search_scope`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from . import metrics
 from .context import Context
+from .placement import SHARED
 from .responses import Problem
 from .upstream import CALLER_AUTHORIZATION, Archive, UpstreamError
 
@@ -32,31 +36,33 @@ CHALLENGE = 'Bearer realm="dicomweb-edge", error="invalid_token", error_descript
 
 
 class AccessMemo:
-    """(token digest, study) → confirmed until; least recently confirmed pairs go first."""
+    """(archive, token digest, study) → confirmed until; least recently confirmed go first."""
 
     def __init__(self, ttl: float = 60.0, max_entries: int = 50_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = clock
-        self._until: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._until: OrderedDict[tuple[str, str, str], float] = OrderedDict()
 
-    def confirm(self, caller: str, study: str) -> None:
-        """The archive showed `caller` content of `study` just now."""
+    def confirm(self, archive: str, caller: str, study: str) -> None:
+        """`archive` showed `caller` content of `study` just now."""
         if self.ttl <= 0:
             return
-        self._until[(caller, study)] = self.clock() + self.ttl
-        self._until.move_to_end((caller, study))
+        key = (archive, caller, study)
+        self._until[key] = self.clock() + self.ttl
+        self._until.move_to_end(key)
         while len(self._until) > self.max_entries:
             self._until.popitem(last=False)
 
-    def confirmed(self, caller: str, study: str) -> bool:
-        """True while a confirmation of (caller, study) is fresh."""
-        until = self._until.get((caller, study))
+    def confirmed(self, archive: str, caller: str, study: str) -> bool:
+        """True while `archive`'s confirmation of (caller, study) is fresh."""
+        key = (archive, caller, study)
+        until = self._until.get(key)
         if until is None:
             return False
         if until <= self.clock():
-            del self._until[(caller, study)]
+            del self._until[key]
             return False
         return True
 
@@ -75,6 +81,12 @@ def gated(ctx: Context) -> bool:
     return any(a.config.forward_authorization for a in ctx.archives)
 
 
+def audiences(ctx: Context) -> tuple[str, ...]:
+    """Whose cached answers a lookup in this context may find, in lookup order: the proxy's own (served
+    without asking anyone) first, then each pass-through archive's (served after `admit`)."""
+    return (SHARED, *(a.audience for a in ctx.archives if a.audience))
+
+
 def search_scope(ctx: Context) -> tuple[str, ...]:
     """What to add to a search-cache key: the caller's digest in pass-through mode, else nothing (shared)."""
     return ("caller", caller()) if gated(ctx) else ()
@@ -83,12 +95,12 @@ def search_scope(ctx: Context) -> tuple[str, ...]:
 def confirm(archive: Archive, study: str | None, path: str = "") -> None:
     """Remember that `archive` just answered the current caller with content of `study` (or of the study
     that the upstream `path` names)."""
-    if not archive.config.forward_authorization:
+    if not archive.audience:
         return
     if not study and (m := _STUDY_PATH.match(path)):
         study = m.group(1)
     if study:
-        MEMO.confirm(caller(), study)
+        MEMO.confirm(archive.audience, caller(), study)
 
 
 def refused(status: int) -> Problem:
@@ -123,26 +135,22 @@ async def _check(archive: Archive, study: str) -> int:
     return 404
 
 
-async def admit(ctx: Context, study: str) -> None:
-    """Before anything cached about `study` is served: in pass-through mode, make sure an archive that
-    receives the caller's token lets it see the study (remembered for access_ttl). Problem otherwise."""
-    if not gated(ctx):
-        return
+async def admit(ctx: Context, study: str, heard_by: Iterable[str]) -> None:
+    """Before anything the cache learned about `study` for the audiences `heard_by` is served: for each
+    pass-through archive among them, make sure that it lets the caller see the study (remembered for
+    access_ttl). What the proxy learned with its own credentials needs nothing more. Problem otherwise."""
     who = caller()
-    if MEMO.confirmed(who, study):
-        return
-    holders = await ctx.archives_for(study)
-    if holders and all(not a.config.forward_authorization for a in holders):
-        return  # only archives the proxy reads with its own credentials hold it: shared by every reader
-    asked = [a for a in holders if a.config.forward_authorization] or [
-        a for a in ctx.archives if a.config.forward_authorization]
-    statuses = await asyncio.gather(*(_check(a, study) for a in asked))
-    if 200 in statuses:
-        MEMO.confirm(who, study)
-        return
-    if 401 in statuses or 403 in statuses:
-        raise refused(401 if 401 in statuses else 403)
-    if all(s == 404 for s in statuses):
-        metrics.child(metrics.AUTH_FAILURES, "access").inc()
-        raise Problem(404, "no such study")
-    raise Problem(502, "could not confirm with the archive that this caller may see the study")
+    for audience in sorted(set(heard_by) - {SHARED}):
+        if MEMO.confirmed(audience, who, study):
+            continue
+        archive = ctx.archive(audience)
+        status = 404 if archive is None else await _check(archive, study)
+        if status == 200:
+            MEMO.confirm(audience, who, study)
+            continue
+        if status in (401, 403):
+            raise refused(status)
+        if status == 404:
+            metrics.child(metrics.AUTH_FAILURES, "access").inc()
+            raise Problem(404, "no such study")
+        raise Problem(502, "could not confirm with the archive that this caller may see the study")

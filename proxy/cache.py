@@ -1,7 +1,9 @@
 """The DICOM-aware frame cache: keys that name the bytes, a memory tier and a shared disk tier.
 
-A key is (SOP Instance UID, frame number, media type, actual transfer syntax), never a URL, so
-`/frames/1,2,3` and `/frames/2` share entries and Accept variants never collide (W-10, C-02).
+A key is (placed instance, frame number, media type, actual transfer syntax), never a URL, so
+`/frames/1,2,3` and `/frames/2` share entries and Accept variants never collide. The placed instance
+(placement.py) is the SOP Instance UID with the study and series the archive placed it in and whose
+answer it was: the same instance named under another study is another key.
 `transfer-syntax=*` is answered from whatever encoding is cached (an index entry remembers which),
 an explicit transfer syntax only from an exact match.
 
@@ -30,6 +32,7 @@ from . import metrics
 from .diskwriter import DiskWriter, FrameToWrite, Item, Paths
 from .entries import HEADER, FlatDisk, Pieces, checksum_of, head, mapped, unpack
 from .memtier import MemoryTier
+from .placement import SHARED
 from .sendfile import FileRef, OpenPayload
 
 log = logging.getLogger("dicomweb_edge.cache")
@@ -48,6 +51,7 @@ class Frame:
     media_type: str
     transfer_syntax: str
     checksum: int = -1  # checksum of the payload when known (every cache hit knows it)
+    audience: str = SHARED  # whose answer it was (placement.py): '' the proxy's own, else a pass-through archive
 
     @property
     def content_type(self) -> str:
@@ -61,14 +65,14 @@ class Frame:
         return f'"{checksum:016x}-{len(self.payload):x}"'
 
 
-def frame_key(sop: str, frame: int, media_type: str, transfer_syntax: str) -> str:
-    """The key of one encoding of one frame."""
-    return f"frame/{sop}/{frame}/{media_type}/{transfer_syntax}"
+def frame_key(item: str, frame: int, media_type: str, transfer_syntax: str) -> str:
+    """The key of one encoding of one frame of the placed instance `item` (`Placement.key`)."""
+    return f"frame/{item}/{frame}/{media_type}/{transfer_syntax}"
 
 
-def index_key(sop: str, frame: int) -> str:
+def index_key(item: str, frame: int) -> str:
     """Which encoding of the frame is cached (for `transfer-syntax=*`)."""
-    return f"frame-any/{sop}/{frame}"
+    return f"frame-any/{item}/{frame}"
 
 
 class FrameCache:
@@ -184,18 +188,18 @@ class FrameCache:
         """Run a blocking disk-tier write in the writer thread (writes never contend with each other)."""
         return self.writer.submit(fn, *args)
 
-    def get(self, sop: str, frame: int, media_type: str, transfer_syntax: str,
+    def get(self, item: str, frame: int, media_type: str, transfer_syntax: str,
             open_file: bool = False, count: bool = True, memory_only: bool = False) -> Frame | None:
         """A cached frame in exactly this encoding, or (for `*`) in the encoding that is cached. With
         `open_file`, a frame kept in a disk-tier file comes as an OpenPayload (for sendfile); with
         `memory_only`, nothing is looked up (or counted) beyond this worker's memory tier."""
         if transfer_syntax == "*":
             # Which encoding is cached; not counted: one lookup per frame, the frame's own.
-            idx = self._get(index_key(sop, frame), counted=False, memory_only=memory_only)
+            idx = self._get(index_key(item, frame), counted=False, memory_only=memory_only)
             if idx is None:
                 return None
             media_type, _, transfer_syntax = bytes(idx[0]).decode().partition(";")  # type: ignore[arg-type]
-        key = frame_key(sop, frame, media_type, transfer_syntax)
+        key = frame_key(item, frame, media_type, transfer_syntax)
         for _ in range(2):
             found = self._get(key, counted=count, ref=self.sendfile, memory_only=memory_only)
             if found is None:
@@ -213,11 +217,11 @@ class FrameCache:
             self.memory.drop(key)  # the file went (evicted, purged): ask the disk tier once more
         return None
 
-    def on_disk(self, sop: str, frame: int, media_type: str, transfer_syntax: str) -> bool:
+    def on_disk(self, item: str, frame: int, media_type: str, transfer_syntax: str) -> bool:
         """Whether the disk tier holds this frame in this encoding (an index lookup, no file read; blocking).
         False when the disk tier cannot be asked."""
         try:
-            return frame_key(sop, frame, media_type, transfer_syntax) in self.reader
+            return frame_key(item, frame, media_type, transfer_syntax) in self.reader
         except DISK_ERRORS:
             return False
 
@@ -228,32 +232,32 @@ class FrameCache:
         self._sync_purges()
         return self.memory.hits(entries)
 
-    def adopt(self, sop: str, frame: int, media_type: str, transfer_syntax: str, path: str | None) -> None:
+    def adopt(self, item: str, frame: int, media_type: str, transfer_syntax: str, path: str | None) -> None:
         """The frame is now on disk at `path`: remember the file instead of the bytes (sendfile)."""
         if path is not None:
-            self.memory.refer(frame_key(sop, frame, media_type, transfer_syntax), path, HEADER.size)
+            self.memory.refer(frame_key(item, frame, media_type, transfer_syntax), path, HEADER.size)
 
-    def put(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
+    def put(self, item: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
             checksum: int | None = None) -> bool:
         """Make a frame visible in this process at once; True if it should also go to disk."""
         if len(payload) > self.max_entry:
             return False
-        self.memory.remember(frame_key(sop, frame, media_type, transfer_syntax), payload, checksum)
-        self.memory.remember(index_key(sop, frame), f"{media_type};{transfer_syntax}".encode())
+        self.memory.remember(frame_key(item, frame, media_type, transfer_syntax), payload, checksum)
+        self.memory.remember(index_key(item, frame), f"{media_type};{transfer_syntax}".encode())
         return self.writable
 
-    def write(self, sop: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
+    def write(self, item: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
               study: str | None = None, checksum: int | None = None, cull: bool = True) -> str | None:
         """Store a frame in the shared disk tier, tagged with its study (blocking: call it off the loop).
         The path of the file it went to, when it has one of its own and sendfile is on (for `adopt`)."""
         if not self.writable:  # (frames queued before a disk failure)
             return None
-        key = frame_key(sop, frame, media_type, transfer_syntax)
+        key = frame_key(item, frame, media_type, transfer_syntax)
         path = None
         try:
             self.set_value(key, head(payload, checksum), payload, tag=study)
             index = f"{media_type};{transfer_syntax}".encode()
-            self.set_value(index_key(sop, frame), head(index), index, tag=study)
+            self.set_value(index_key(item, frame), head(index), index, tag=study)
             if self.sendfile and len(payload) >= self.disk.disk_min_file_size:
                 handle = self.disk.get(key, read=True)
                 if handle is not None and not isinstance(handle, bytes):
@@ -315,8 +319,8 @@ class FrameCache:
                 for i, (frames, study) in enumerate(items):
                     if i and interrupted():
                         break
-                    results.append([self.write(sop, n, mtype, ts, data, study, checksum, cull=False)
-                                    for sop, n, mtype, ts, data, checksum in frames])
+                    results.append([self.write(item, n, mtype, ts, data, study, checksum, cull=False)
+                                    for item, n, mtype, ts, data, checksum in frames])
         except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
             self.disk_failed()
             results = [[None] * len(frames) for frames, _ in items]

@@ -18,6 +18,7 @@ from .context import Context
 from .media import Resource
 from .multipart import MultipartError, MultipartWriter, PartEnd, PartHeaders
 from .parts import Kept, PartEvents
+from .placement import SHARED, Placement
 from .responses import Problem, StreamAborted, StreamResponse
 from .upstream import Archive, UpstreamError
 from .urls import dicomweb_base
@@ -110,7 +111,7 @@ def _element_key(path: str) -> objects.Key | None:
     if m is None or not m.group(4).startswith("bulk/"):
         return None
     return objects.Key("bulkdata", f"{m.group(3)}/{m.group(4)[5:].lower()}", "application/octet-stream", "*",
-                       m.group(1))
+                       Placement(m.group(1), m.group(2)))
 
 
 async def _body(request: Request, ctx: Context, archive: Archive, items: list[tuple[str, list[str]]],
@@ -118,12 +119,15 @@ async def _body(request: Request, ctx: Context, archive: Archive, items: list[tu
     for path, locations in items:
         key = _element_key(path) if ctx.cache is not None else None
         if key is not None and ctx.cache is not None:
-            hit = objects.lookup(ctx.cache, key)
+            # What this archive answered, for every reader or for this caller: the archive has just answered
+            # the caller's metadata request about the study, with the caller's token where it takes one.
+            hit = objects.lookup(ctx.cache, key, (SHARED, archive.audience) if archive.audience else (SHARED,))
             if hit is not None:  # an element already fetched (here or through its own URL): no archive I/O
                 yield writer.part(hit.content_type, locations[0], len(hit.payload))
                 yield hit.payload
                 continue
-        kept = Kept(objects.keeper(ctx.cache, key) if key is not None and ctx.cache is not None else None, "")
+        kept = Kept(objects.keeper(ctx.cache, key) if key is not None and ctx.cache is not None else None, "",
+                    archive.audience)
         try:
             resp, stack = await open_upstream(ctx, None, path, BULK_ACCEPT, request, "bulkdata", archives=[archive])
         except Problem as exc:

@@ -35,7 +35,8 @@ from typing import Any, TypeVar
 from . import busy, metrics
 
 T = TypeVar("T")
-FrameToWrite = tuple[str, int, str, str, bytes, int]  # SOP, frame, media type, transfer syntax, payload, checksum
+# the placed instance (Placement.key), frame, media type, transfer syntax, payload, checksum
+FrameToWrite = tuple[str, int, str, str, bytes, int]
 Paths = list[str | None]
 Item = tuple[list[FrameToWrite], str | None]  # frames, the study to tag them with
 # Writes items in one transaction, stopping early (after the first) once `interrupted()`; gives the

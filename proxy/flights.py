@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import siblings
 from .cache import FrameCache, checksum_of, frame_key
-from .part10 import frames_and_study
+from .part10 import frames_and_place
 from .parts import whole
+from .placement import Placement
 
 _learning: set[asyncio.Task[None]] = set()
 # Instances are split in a thread of their own: a prefetch queues a split per instance, and in the
@@ -75,7 +76,6 @@ class Fetching:
 
     def __init__(self, study: str, series: str | None, instance: str | None, cache: FrameCache | None = None) -> None:
         self.key = _scope(study, series, instance)
-        self.study = study
         self.cache = cache
         self.tasks: list[asyncio.Task[None]] = []  # instances being split into this worker's memory tier
         self.writes: list[asyncio.Task[None]] = []  # their frames on the way to the disk tier
@@ -113,15 +113,20 @@ class Fetching:
 Split = tuple[list[tuple[str, int, str, str, bytes, int]], list[bool], str | None]
 
 
-def _frames_with_checksums(cache: FrameCache, pieces: list[bytes | memoryview], study: str | None) -> Split:
-    """The frames of the instance in `pieces`, each frame with its checksum; for each, whether the disk
-    tier holds it already (or this worker is writing it); and the study to tag them with (blocking: in a
-    thread). An instance received whole into one buffer is not copied (parts.whole)."""
-    frames, found = frames_and_study(whole(pieces))  # type: ignore[arg-type]
+def _frames_with_checksums(cache: FrameCache, pieces: list[bytes | memoryview], audience: str) -> Split:
+    """The frames of the instance in `pieces`, each keyed by its placed instance (placement.py: the study
+    and series the instance itself names, and `audience`) and with its checksum; for each, whether the disk
+    tier holds it already (or this worker is writing it); and its study, to tag them with (blocking: in a
+    thread). An instance received whole into one buffer is not copied (parts.whole). An instance that
+    does not name its study and series teaches nothing: it could not be placed truthfully."""
+    frames, study, series = frames_and_place(whole(pieces))  # type: ignore[arg-type]
+    if not study or not series:
+        return [], [], None
+    place = Placement(study, series, audience)
+    placed = [(place.key(sop), n, mtype, ts, data, checksum_of(data)) for sop, n, mtype, ts, data in frames]
     # Queued here, or on disk: a key leaves _queued only once its write is committed, so looking at
     # _queued first never misses a frame whose write completes meanwhile (a set read under the GIL).
-    return ([(*f, checksum_of(f[4])) for f in frames],
-            [frame_key(*f[:4]) in _queued or cache.on_disk(*f[:4]) for f in frames], study or found)
+    return placed, [frame_key(*f[:4]) in _queued or cache.on_disk(*f[:4]) for f in placed], study
 
 
 async def _to_disk(cache: FrameCache, sop: str, new: list[tuple[tuple[str, int, str, str, bytes, int], str]],
@@ -131,33 +136,33 @@ async def _to_disk(cache: FrameCache, sop: str, new: list[tuple[tuple[str, int, 
     try:
         if cache.writable and new:
             paths = await cache.write_soon([f for f, _ in new], tag, siblings.digest("learned/" + sop), defer=True)
-            for ((sop_, n, mtype, ts, _, _), _), path in zip(new, paths, strict=True):
-                cache.adopt(sop_, n, mtype, ts, path)
+            for ((item, n, mtype, ts, _, _), _), path in zip(new, paths, strict=True):
+                cache.adopt(item, n, mtype, ts, path)
     finally:
         _queued.difference_update(k for _, k in new)  # (claimed by the split: learn_instance)
     siblings.settle("learned/" + sop)
 
 
-def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview],
-                   fetching: Fetching | None = None, study: str | None = None) -> None:
-    """Tee for instance retrieves: split a Part 10 instance that passed through into frame entries
-    (`study`, or the fetching retrieve's: the study the request named, saving a parse)."""
+def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | memoryview], audience: str,
+                   fetching: Fetching | None = None) -> None:
+    """Tee for instance retrieves: split a Part 10 instance that passed through, answered for `audience`
+    (placement.py), into frame entries."""
     if not content_type.startswith("application/dicom"):
         return
-    study = study or (fetching.study if fetching is not None else None)
 
     async def split() -> None:
         try:
             loop = asyncio.get_running_loop()
             frames, stored, tag = await loop.run_in_executor(_SPLITTER, _frames_with_checksums, cache, pieces,
-                                                             study)
+                                                             audience)
         except Exception:  # a part we cannot parse teaches us nothing; the client already has it
             return
         if not frames:
             return
-        for sop, n, mtype, ts, data, checksum in frames:
-            cache.put(sop, n, mtype, ts, data, checksum)
-        fut = _learned.pop(frames[0][0], None)
+        for item, n, mtype, ts, data, checksum in frames:
+            cache.put(item, n, mtype, ts, data, checksum)
+        sop = frames[0][0].rpartition("/")[2]
+        fut = _learned.pop(sop, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
         # A SOP Instance's frames never change: what the disk tier holds already (a series retrieved
@@ -167,7 +172,7 @@ def learn_instance(cache: FrameCache, content_type: str, pieces: list[bytes | me
         # Claimed at once: the split of the same instance retrieved again may end in this very turn of the
         # loop, before the write below has started.
         _queued.update(k for _, k in new)
-        writing = asyncio.ensure_future(_to_disk(cache, frames[0][0], new, tag))
+        writing = asyncio.ensure_future(_to_disk(cache, sop, new, tag))
         _learning.add(writing)
         writing.add_done_callback(_learning.discard)
         if fetching is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,6 +23,7 @@ from .flights import arrivals, here, learned, scope_keys
 from .media import Resource, Selection, parse_content_type
 from .multipart import MultipartError, PartHeaders
 from .parts import Held, PartEvents, part_payload, whole
+from .placement import SHARED, Placement
 from .reframe import Reframer, label
 from .responses import BuffersResponse, Problem, StreamAborted, StreamResponse
 from .sendfile import OpenPayload
@@ -54,15 +56,22 @@ def _land(key: tuple[str, int, str, str]) -> None:
         fut.set_result(None)
 
 
-def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: list[bytes | memoryview],
-           study: str | None = None) -> None:
+def placed(target: Target, audience: str = SHARED) -> str:
+    """The cache's name of the instance a frames URL names, placed where the URL says (placement.py)."""
+    assert target.instance is not None
+    return Placement(target.study, target.series or "", audience).key(target.instance)
+
+
+def _store(cache: FrameCache, place: Placement, sop: str, frame: int, content_type: str,
+           pieces: list[bytes | memoryview]) -> None:
     mtype, params = parse_content_type(content_type)
     ts = params.get("transfer-syntax")
     if not mtype or not ts:
         return  # an unlabelled frame cannot be keyed truthfully
     payload = whole(pieces)  # (no copy when the frame was received whole into a buffer of its own)
     checksum = checksum_of(payload)  # once, for the memory tier and the disk tier's entry
-    stored = cache.put(sop, frame, mtype, ts, payload, checksum)
+    item = place.key(sop)
+    stored = cache.put(item, frame, mtype, ts, payload, checksum)
     for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
         _land(key)
     if stored:  # visible to this worker now, to all once on disk
@@ -73,8 +82,8 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
         # hand-over, a sibling would wait for the disk: then written at once (held back, the second viewer
         # took 0.32 s against 0.22 s).
         sibling = _sibling_key(sop, frame)
-        task = cache.write_soon([(sop, frame, mtype, ts, payload, checksum)], study, siblings.digest(sibling),
-                                defer=siblings.alone() or handover.taker() is not None)
+        task = cache.write_soon([(item, frame, mtype, ts, payload, checksum)], place.study,
+                                siblings.digest(sibling), defer=siblings.alone() or handover.taker() is not None)
         _pending.add(task)
         _writing.add(sibling)
 
@@ -83,21 +92,26 @@ def _store(cache: FrameCache, sop: str, frame: int, content_type: str, pieces: l
             _writing.discard(sibling)
             siblings.settle(sibling)  # a sibling waiting for this frame reads it from disk now
             if not t.cancelled() and t.exception() is None:
-                cache.adopt(sop, frame, mtype, ts, t.result()[0])  # later hits are sent from the file
+                cache.adopt(item, frame, mtype, ts, t.result()[0])  # later hits are sent from the file
 
         task.add_done_callback(written)
 
 
-def lookup(cache: FrameCache, target: Target, sel: Selection, memory_only: bool = False) -> dict[int, Frame]:
-    """The requested frames the cache holds, by frame number (`memory_only`: this worker's memory tier,
-    and not counted in the lookup metrics)."""
+def lookup(cache: FrameCache, target: Target, sel: Selection, heard_by: tuple[str, ...] = (SHARED,),
+           memory_only: bool = False) -> dict[int, Frame]:
+    """The requested frames the cache holds under the URL's study and series, answered for one of the
+    audiences `heard_by` (placement.py; serve them once `access.admit` let the caller have them), by frame
+    number (`memory_only`: this worker's memory tier, and not counted in the lookup metrics)."""
     assert target.instance is not None and target.frames is not None
     found: dict[int, Frame] = {}
+    items = [(audience, placed(target, audience)) for audience in heard_by]
     for n in target.frames:
-        hit = cache.get(target.instance, n, sel.media_type, sel.transfer_syntax or "*", open_file=True,
-                        count=not memory_only, memory_only=memory_only)
-        if hit is not None:
-            found[n] = hit
+        for audience, item in items:
+            hit = cache.get(item, n, sel.media_type, sel.transfer_syntax or "*", open_file=True,
+                            count=not memory_only, memory_only=memory_only)
+            if hit is not None:
+                found[n] = hit if audience == SHARED else replace(hit, audience=audience)
+                break
     return found
 
 
@@ -169,7 +183,7 @@ async def _take(taker: handover.Taker, cache: FrameCache, target: Target, sel: S
         given = await taker.ask(handover.giver_of(sibling), target.study, target.series or "", target.instance,
                                 n, sel.media_type, sel.transfer_syntax or "*", wait)
         if given is not None:
-            cache.put(target.instance, n, given.media_type, given.transfer_syntax,
+            cache.put(placed(target), n, given.media_type, given.transfer_syntax,
                       given.payload, given.checksum)  # type: ignore[arg-type]  # (a memoryview, as a split's)
             metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("given"))
             return
@@ -180,11 +194,13 @@ async def _take(taker: handover.Taker, cache: FrameCache, target: Target, sel: S
 async def give(study: str, series: str, sop: str, frame: int, media_type: str, transfer_syntax: str,
                wait: float, cache: FrameCache) -> tuple[bytes | memoryview, int, str, str] | None:
     """What this worker hands a sibling (handover.py): the frame from its memory tier, waiting up to
-    `wait` seconds while a fetch or retrieve here is bringing it; None when it does not hold it."""
+    `wait` seconds while a fetch or retrieve here is bringing it; None when it does not hold it. Only what
+    the proxy learned with its own credentials, placed where the sibling's URL says (placement.py)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
+    item = Placement(study, series).key(sop)
     while True:
-        hit = cache.get(sop, frame, media_type, transfer_syntax, count=False, memory_only=True)
+        hit = cache.get(item, frame, media_type, transfer_syntax, count=False, memory_only=True)
         if hit is not None:
             if isinstance(hit.payload, bytes | memoryview) and hit.checksum >= 0:
                 return hit.payload, hit.checksum, hit.media_type, hit.transfer_syntax
@@ -206,6 +222,7 @@ async def _await_or_claim(ctx: Context, cache: FrameCache, target: Target, sel: 
     loop = asyncio.get_running_loop()
     deadline = None
     taker = handover.taker()
+    heard_by = access.audiences(ctx)
     asks: list[asyncio.Future[None]] = []
     try:
         for _ in range(CLAIM_TRIES):
@@ -219,7 +236,7 @@ async def _await_or_claim(ctx: Context, cache: FrameCache, target: Target, sel: 
             while flying and deadline is not None and (left := deadline - loop.time()) > 0:
                 await asyncio.wait([asyncio.shield(f) for f in flying + [a for a in asks if not a.done()]],
                                    timeout=left, return_when=asyncio.FIRST_COMPLETED)
-                hits = lookup(cache, target, sel)
+                hits = lookup(cache, target, sel, heard_by)
                 # Still missing: what was bringing them may have handed over to another fetch (a prefetch
                 # that stopped for a client's retrieve of the same series): wait for that one too.
                 flying = [f for f in _carriers(target, sel, set(target.frames) - set(hits), want=taker is None)[0]
@@ -229,7 +246,7 @@ async def _await_or_claim(ctx: Context, cache: FrameCache, target: Target, sel: 
             # the same instant holds it now (its announcement still on its way), and the next look waits.
             if not missing or siblings.claim([_sibling_key(target.instance, n) for n in missing]):
                 return hits, missing
-            hits = lookup(cache, target, sel)  # (what the sibling claimed may have landed on disk since)
+            hits = lookup(cache, target, sel, heard_by)  # (what the sibling claimed may have landed on disk since)
         return hits, tuple(n for n in dict.fromkeys(target.frames) if n not in hits)  # fetched unclaimed
     finally:
         for a in asks:
@@ -245,10 +262,11 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
     sel = select(request, Resource.FRAMES, len(target.frames) == 1)
     base = dicomweb_base(request, ctx.settings, ctx.root)
     handed = request.scope.pop(LOOKED_UP, None)  # what the cache phase found (and counted) already
-    hits = handed[2] if handed is not None and handed[:2] == (target, sel) else lookup(cache, target, sel)
+    hits = handed[2] if handed is not None and handed[:2] == (target, sel) else \
+        lookup(cache, target, sel, access.audiences(ctx))
     hits, missing = await _await_or_claim(ctx, cache, target, sel, hits)
     if not missing:
-        await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
+        await access.admit(ctx, target.study, {f.audience for f in hits.values()})
         return from_cache(request.headers.get("if-none-match", ""), target, sel, hits, base)
     keys = [_flight(target.instance, n, sel) for n in missing]
     loop = asyncio.get_running_loop()
@@ -266,7 +284,7 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
 
     try:
         if hits:  # (registered in flight first: a request arriving meanwhile waits for this one)
-            await access.admit(ctx, target.study)
+            await access.admit(ctx, target.study, {f.audience for f in hits.values()})
         return await _fetch(request, ctx, target, sel, base, cache, hits, missing, land_all)
     except BaseException:
         land_all()
@@ -301,15 +319,17 @@ async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection,
         await stack.aclose()
         raise
     headers = [("Vary", "Accept"), ("X-Cache", "PARTIAL" if hits else "MISS"), CACHE_CONTROL]
+    # Kept where the archive answered it: the study and series of the URL it answered 200, for its audience.
+    place = Placement(target.study, target.series or "", resp.archive.audience)
     if not sel.multipart:
         headers.append(("Content-Type", part.content_type))
         if part.length is not None and not part.held:
             headers.append(("Content-Length", str(part.length)))
-        body = _single(cache, target, events, part)
+        body = _single(cache, target, place, events, part)
     else:
         ctype = rf.writer.content_type(parse_content_type(part.content_type)[0])
         headers.append(("Content-Type", ctype))
-        body = _interleaved(cache, target, hits, events, part, rf, base)
+        body = _interleaved(cache, target, place, hits, events, part, rf, base)
     async def close() -> None:
         land_all()  # whatever happened to the stream, nobody waits for it any more
         await stack.aclose()
@@ -317,7 +337,8 @@ async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection,
     return StreamResponse(200, headers, body, close)
 
 
-async def _single(cache: FrameCache, target: Target, events: PartEvents, part: object) -> AsyncIterator[bytes]:
+async def _single(cache: FrameCache, target: Target, place: Placement, events: PartEvents,
+                  part: object) -> AsyncIterator[bytes]:
     assert target.frames is not None and target.instance is not None
     held = Held(cache.max_entry)
     try:
@@ -326,13 +347,14 @@ async def _single(cache: FrameCache, target: Target, events: PartEvents, part: o
     except (UpstreamError, MultipartError) as exc:
         raise StreamAborted(str(exc)) from None
     if held.pieces is not None:
-        _store(cache, target.instance, target.frames[0], part.content_type,  # type: ignore[attr-defined]
-               held.pieces, target.study)
+        _store(cache, place, target.instance, target.frames[0], part.content_type,  # type: ignore[attr-defined]
+               held.pieces)
     await events.finish()
 
 
-async def _interleaved(cache: FrameCache, target: Target, hits: dict[int, Frame], events: PartEvents,
-                       part: object, rf: Reframer, base: str) -> AsyncIterator[bytes | memoryview]:
+async def _interleaved(cache: FrameCache, target: Target, place: Placement, hits: dict[int, Frame],
+                       events: PartEvents, part: object, rf: Reframer,
+                       base: str) -> AsyncIterator[bytes | memoryview]:
     assert target.frames is not None and target.instance is not None
     fetched: dict[int, Frame] = {}
     try:
@@ -356,7 +378,7 @@ async def _interleaved(cache: FrameCache, target: Target, hits: dict[int, Frame]
             pieces = held.pieces or []
             mtype, params = parse_content_type(part.content_type)  # type: ignore[attr-defined]
             if held.pieces is not None:
-                _store(cache, target.instance, n, part.content_type, pieces, target.study)  # type: ignore
+                _store(cache, place, target.instance, n, part.content_type, pieces)  # type: ignore
             if repeated:
                 fetched[n] = Frame(whole(pieces), mtype, params.get("transfer-syntax", ""))
             part = None

@@ -143,7 +143,8 @@ class Lane:
             scope[frames.LOOKED_UP] = (target, sel, hits)  # a miss, a partial hit, a file to send: routing answers
             return None
         etag, headers, chunks = frames.cached_answer(target, sel, hits, base)
-        owner = {id(f.payload): (frame_key(target.instance, n, f.media_type, f.transfer_syntax), f.checksum, f.payload)
+        item = frames.placed(target)
+        owner = {id(f.payload): (frame_key(item, n, f.media_type, f.transfer_syntax), f.checksum, f.payload)
                  for n, f in hits.items()}
         entries = tuple(owner[id(c)][:2] for c in chunks if id(c) in owner)
         payloads = [owner[id(c)][2] for c in chunks if id(c) in owner]

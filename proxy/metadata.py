@@ -17,6 +17,7 @@ from starlette.responses import Response
 from . import access, documents, jsonbody, merge, prefetch, singleflight
 from .context import Context
 from .media import Resource
+from .placement import SHARED
 from .responses import Problem
 from .upstream import Archive, UpstreamError
 from .urls import dicomweb_base
@@ -25,13 +26,18 @@ from .wado import VARY, Target, locate, open_upstream, select, upstream_problem
 STALE_IF = (502, 503, 504)  # archive failures a cached metadata document may stand in for
 
 
-async def _metadata_body(request: Request, ctx: Context, archives: list[Archive], path: str) -> bytes | None:
-    """The first of `archives` that has the metadata, URLs rewritten; None when none has it."""
+Heard = frozenset[str]  # the audiences of the archives an answer was made of (placement.py)
+
+
+async def _metadata_body(request: Request, ctx: Context, archives: list[Archive],
+                         path: str) -> tuple[bytes | None, Archive]:
+    """The first of `archives` that has the metadata, URLs rewritten (None when none has it), and the
+    archive that answered."""
     resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "metadata",
                                       archives=archives)
     async with stack:
         if resp.status == 404:
-            return None
+            return None, resp.archive
         if resp.status >= 300:
             raise upstream_problem(resp, None)
         try:
@@ -40,7 +46,21 @@ async def _metadata_body(request: Request, ctx: Context, archives: list[Archive]
             raise Problem(exc.status, exc.reason) from None
     if body.strip() not in (b"", b"[]"):
         access.confirm(resp.archive, None, path)
-    return resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root))
+    return resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root)), resp.archive
+
+
+def _one_audience(heard: Heard) -> str | None:
+    """The audience a document made of answers for `heard` is kept for: the pass-through archive's when one
+    answered (strictest), the proxy's own when none did; None (not kept) when several did."""
+    per_caller = heard - {SHARED}
+    return SHARED if not per_caller else next(iter(per_caller)) if len(per_caller) == 1 else None
+
+
+def _document(body: bytes, headers: list[tuple[str, str]]) -> Response:
+    response = Response(body, 200, media_type="application/dicom+json", headers={"Vary": "Accept"})
+    for name, value in headers:
+        response.headers.append(name, value)
+    return response
 
 
 async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> Response:
@@ -54,67 +74,68 @@ async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> R
         prefetch.schedule(ctx, target.study, target.series)  # the viewer asks for its frames next
     cache, ttl = ctx.cache, ctx.settings.metadata_cache_ttl
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
-    key = dicomweb_base(request, ctx.settings, ctx.root) + path
+    url = dicomweb_base(request, ctx.settings, ctx.root) + path
+    heard_by = access.audiences(ctx)
     if cache is not None and ttl > 0 and not fresh:
-        cached = await asyncio.to_thread(documents.get_json, cache, key)
+        cached = await asyncio.to_thread(documents.get_json, cache, url, heard_by)
         if cached is not None:
-            await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
-            return Response(cached, 200, media_type="application/dicom+json",
-                            headers={"Vary": "Accept", "X-Cache": "HIT"})
+            await access.admit(ctx, target.study, (cached[1],))  # token pass-through: the archive said yes
+            return _document(cached[0], [("X-Cache", "HIT")])
     storing = cache is not None and ttl > 0
 
-    async def fetch() -> Response:
-        answer = await _metadata(request, ctx, target, archives, path)
-        if storing and answer.status_code == 200 and "warning" not in answer.headers:
+    async def fetch() -> tuple[Response, Heard]:
+        answer, heard = await _metadata(request, ctx, target, archives, path)
+        audience = _one_audience(heard)
+        if storing and audience is not None and answer.status_code == 200 and "warning" not in answer.headers:
             # Stored before answering, so that the next request (from any worker) is a hit; by the writer
             # thread, ahead of the frames a prefetch queues there (cache.write_first).
             assert cache is not None
-            await cache.write_first(documents.put_json, cache, key, bytes(answer.body), target.study, ttl,
+            await cache.write_first(documents.put_json, cache, url, audience, bytes(answer.body), target.study, ttl,
                                     ctx.settings.stale_if_error)
             answer.headers["X-Cache"] = "MISS"
-        return answer
+        return answer, heard
 
-    async def look() -> Response | None:  # what a sibling worker fetched meanwhile, from the disk tier
-        found = await asyncio.to_thread(documents.get_json, cache, key) if storing else None
-        return None if found is None else Response(found, 200, media_type="application/dicom+json")
+    async def look() -> tuple[Response, Heard] | None:  # what a sibling worker fetched meanwhile, from the disk tier
+        found = await asyncio.to_thread(documents.get_json, cache, url, heard_by) if storing else None
+        return None if found is None else (_document(found[0], []), frozenset((found[1],)))
 
     try:
         # Concurrent identical misses (a study opened on several workstations at once) ask the archive once.
-        got = await singleflight.shared("metadata/" + key, fetch, ctx.patience(), look)
+        got = await singleflight.shared("metadata/" + url, fetch, ctx.patience(), look)
     except Problem as exc:
         if cache is None or ttl <= 0 or fresh or exc.status not in STALE_IF or not ctx.settings.stale_if_error:
             raise
-        stale = await asyncio.to_thread(documents.get_json, cache, key, True)
+        stale = await asyncio.to_thread(documents.get_json, cache, url, heard_by, True)
         if stale is None:
             raise
-        await access.admit(ctx, target.study)
+        await access.admit(ctx, target.study, (stale[1],))
         # RFC 7234 §5.5.1 (stale-if-error, RFC 5861): the last good answer, marked, instead of the failure.
-        return Response(stale, 200, media_type="application/dicom+json",
-                        headers={"Vary": "Accept", "X-Cache": "STALE", "Warning": '110 - "Response is Stale"'})
+        return _document(stale[0], [("X-Cache", "STALE"), ("Warning", '110 - "Response is Stale"')])
+    answer, heard = got.value
     if got.led:
-        return got.value
-    # What another request fetched meanwhile: the same bytes, in a response of this request's own.
-    await access.admit(ctx, target.study)  # token pass-through: the archive said yes to this caller
-    response = Response(got.value.body, got.value.status_code, media_type="application/dicom+json",
-                        headers={"Vary": "Accept", "X-Cache": "HIT"})
-    for warning in got.value.headers.getlist("warning"):  # (a merge missing an archive's part)
-        response.headers.append("Warning", warning)
-    return response
+        return answer
+    # What another request fetched meanwhile: the same bytes, in a response of this request's own, once
+    # this caller is admitted to what the archives answered the other one.
+    await access.admit(ctx, target.study, heard)
+    return _document(answer.body, [("X-Cache", "HIT"), *(("Warning", w) for w in answer.headers.getlist("warning"))])
 
 
-async def _metadata(request: Request, ctx: Context, target: Target, archives: list[Archive], path: str) -> Response:
+async def _metadata(request: Request, ctx: Context, target: Target, archives: list[Archive],
+                    path: str) -> tuple[Response, Heard]:
     if target.instance or len(archives) == 1:
-        body = await _metadata_body(request, ctx, archives, path)
+        body, archive = await _metadata_body(request, ctx, archives, path)
         if body is None:
             raise Problem(404, "no such resource in the archive")
-        return Response(body, 200, media_type="application/dicom+json", headers=dict([VARY]))
+        return Response(body, 200, media_type="application/dicom+json", headers=dict([VARY])), \
+            frozenset((archive.audience,))
     # A study or series held by several archives: every instance once, first archive's copy wins.
     merged: dict[str, merge.Record] = {}
     warnings: list[str] = []
     failure: Problem | None = None
+    heard: set[str] = set()
     for archive in archives:
         try:
-            body = await _metadata_body(request, ctx, [archive], path)
+            body, _ = await _metadata_body(request, ctx, [archive], path)
         except Problem as exc:
             failure = failure or exc
             warnings.append(f"299 dicomweb-edge: archive '{archive.name}' is unavailable; "
@@ -126,6 +147,7 @@ async def _metadata(request: Request, ctx: Context, target: Target, archives: li
             records = merge.loads(body)
         except ValueError:
             raise Problem(502, f"archive '{archive.name}' sent metadata that is not a JSON array") from None
+        heard.add(archive.audience)
         for rec in records:
             merged.setdefault(str(merge.value(rec, merge.SOP_UID)), rec)
     if not merged:
@@ -134,4 +156,4 @@ async def _metadata(request: Request, ctx: Context, target: Target, archives: li
                         headers=dict([VARY]))
     for w in warnings:
         response.headers.append("Warning", w)
-    return response
+    return response, frozenset(heard)

@@ -49,7 +49,7 @@ def file_meta(head: bytes | bytearray) -> dict[str, str] | str | None:
 
 
 _US = {(0x0028, 0x0002): "spp", (0x0028, 0x0010): "rows", (0x0028, 0x0011): "cols", (0x0028, 0x0100): "bits"}
-_TEXT = {(0x0008, 0x0018): "sop", (0x0020, 0x000D): "study", (0x0028, 0x0008): "frames"}
+_TEXT = {(0x0008, 0x0018): "sop", (0x0020, 0x000D): "study", (0x0020, 0x000E): "series", (0x0028, 0x0008): "frames"}
 _ITEM, _ITEM_END, _SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
 UNDEFINED = 0xFFFFFFFF
 
@@ -98,7 +98,7 @@ def _skip_undefined(buf: memoryview, pos: int, explicit: bool, end: tuple[int, i
 def pixel_layout(part10: bytes | memoryview) -> dict[str, object] | None:
     """Where the pixel data of a little-endian Part 10 instance lies, without building a dataset.
 
-    {"ts", "sop", "study", "rows", "cols", "bits", "spp", "frames", "pixels": (offset, length),
+    {"ts", "sop", "study", "series", "rows", "cols", "bits", "spp", "frames", "pixels": (offset, length),
     "encapsulated" (when it is)}; the pixel data of an encapsulated instance ends before its delimiter. Read
     from the top-level elements only. None when the instance has no pixel data. Raises Unusual for what
     this walker does not read (big endian, deflate, a malformed or truncated element): the caller then
@@ -159,9 +159,12 @@ _MEDIA_BY_TS = {
 }
 
 
-def frames_and_study(part10: bytes) -> tuple[list[tuple[str, int, str, str, bytes]], str | None]:
-    """Split a Part 10 instance into (SOP UID, frame number, media type, transfer syntax, bytes), and
-    give its StudyInstanceUID.
+Frames = list[tuple[str, int, str, str, bytes]]  # (SOP UID, frame number, media type, transfer syntax, bytes)
+
+
+def frames_and_place(part10: bytes) -> tuple[Frames, str | None, str | None]:
+    """Split a Part 10 instance into (SOP UID, frame number, media type, transfer syntax, bytes), and give
+    its own StudyInstanceUID and SeriesInstanceUID (None where absent).
 
     Native little-endian pixel data is cut by frame size and labelled Explicit VR Little Endian (what
     a frames request with no transfer syntax returns); encapsulated pixel data is cut by fragments and
@@ -170,36 +173,42 @@ def frames_and_study(part10: bytes) -> tuple[list[tuple[str, int, str, str, byte
     by pixel_layout (about a tenth of a pydicom parse), pydicom reads what that walker leaves to it.
     The frame of a single-frame native instance is a memoryview of `part10` (no copy).
     """
-    from pydicom.encaps import generate_frames
-
     try:
         layout = pixel_layout(part10)
     except Unusual:
         ds = _dataset(part10)
-        return _frames_by_pydicom(part10, ds), str(ds.get("StudyInstanceUID", "")) or None
+        return (_frames_by_pydicom(part10, ds), str(ds.get("StudyInstanceUID", "")) or None,
+                str(ds.get("SeriesInstanceUID", "")) or None)
     if layout is None or not {"rows", "cols", "bits", "sop"} <= layout.keys():
-        return [], None
+        return [], None, None
+    study, series = (str(layout[k]) if layout.get(k) else None for k in ("study", "series"))
+    return _cut(part10, layout), study, series
+
+
+def _cut(part10: bytes, layout: dict[str, object]) -> Frames:
+    """The frames of an instance whose pixel data pixel_layout found."""
+    from pydicom.encaps import generate_frames
+
     ts, sop, count = str(layout["ts"]), str(layout["sop"]), int(layout["frames"])  # type: ignore[call-overload]
-    study = layout.get("study")
     at, length = layout["pixels"]  # type: ignore[misc]
     data = memoryview(part10)[at : at + length]
     if not layout.get("encapsulated"):
         if ts not in (EXPLICIT_LE, IMPLICIT_LE):
-            return [], None
+            return []
         rows, cols, spp, bits = (int(layout[k]) for k in ("rows", "cols", "spp", "bits"))  # type: ignore[call-overload]
         size = rows * cols * spp * bits // 8
         if size == 0 or bits % 8 or len(data) < size * count:
-            return [], None
+            return []
         if count == 1:  # a view: the instance's buffer is (nearly) the frame, no copy
-            return [(sop, 1, "application/octet-stream", EXPLICIT_LE, data[:size])], str(study) if study else None  # type: ignore[list-item]
+            return [(sop, 1, "application/octet-stream", EXPLICIT_LE, data[:size])]  # type: ignore[list-item]
         # Copies: a view would keep the whole instance alive while the memory tier counts one frame.
         return [(sop, n + 1, "application/octet-stream", EXPLICIT_LE, bytes(data[n * size : (n + 1) * size]))
-                for n in range(count)], str(study) if study else None
+                for n in range(count)]
     media = _MEDIA_BY_TS.get(ts)
     if media is None:
-        return [], None
+        return []
     frames = list(generate_frames(bytes(data), number_of_frames=count))
-    return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)], str(study) if study else None
+    return [(sop, n + 1, media, ts, f) for n, f in enumerate(frames)]
 
 
 def _dataset(part10: bytes) -> Any:

@@ -198,16 +198,18 @@ async def part_payload(events: PartEvents, held: list[Event], kept: Held | None 
         yield ev
 
 
-Keep = Callable[[str, list[bytes | memoryview]], None]
+# A cache's tee: (content type, payload pieces, audience: whose answer it was, as `Archive.audience` says).
+Keep = Callable[[str, list[bytes | memoryview], str], None]
 KEEP_LIMIT = 64 * 1024 * 1024  # larger payloads are passed on, not collected for a cache
 
 
 class Kept:
     """Collects a payload passing through, for a cache: given to `keep` only if it completed."""
 
-    def __init__(self, keep: Keep | None, content_type: str) -> None:
+    def __init__(self, keep: Keep | None, content_type: str, audience: str) -> None:
         self.keep = keep
         self.content_type = content_type
+        self.audience = audience
         self.pieces: list[bytes | memoryview] | None = [] if keep is not None else None
         self.size = 0
 
@@ -223,5 +225,5 @@ class Kept:
     def done(self) -> None:
         """The payload is complete: hand it over (once)."""
         if self.keep is not None and self.pieces is not None:
-            self.keep(self.content_type, self.pieces)
+            self.keep(self.content_type, self.pieces, self.audience)
         self.pieces = None

@@ -110,7 +110,7 @@ async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaph
                     part = await label(events, head, sel)
                     payload = await _payload(events, part)
                     if payload is not None:
-                        learn_instance(cache, part.content_type, payload, fetching=fetching)
+                        learn_instance(cache, part.content_type, payload, resp.archive.audience, fetching=fetching)
                     head = await events.next_headers()
         except (Problem, UpstreamError, MultipartError, Exception) as exc:  # a prefetch never hurts anyone
             outcome = "failed"

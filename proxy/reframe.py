@@ -112,7 +112,7 @@ class Reframer:
         # Called with (content type, payload pieces) for every complete part that was sent, when set
         # (the frame cache learns frames from instances passing through); parts larger than
         # `tee_limit` are not collected.
-        self.tee: Callable[[str, list[bytes | memoryview]], None] | None = None
+        self.tee: Keep | None = None
         self.tee_limit = TEE_LIMIT
         # Payloads nothing collects may be relayed past Python (splice.py) when the server offers it.
         self.relay = False
@@ -153,7 +153,7 @@ class Reframer:
                     if not part.skip:
                         yield piece
                 if kept is not None and kept.pieces is not None and self.tee is not None:
-                    self.tee(part.content_type, kept.pieces)
+                    self.tee(part.content_type, kept.pieces, archive.audience)
                 part = await self._next_part(events, sent, max_parts)
         except (MultipartError, UpstreamError) as exc:
             raise StreamAborted(f"archive '{archive.name}': {exc}") from None
@@ -249,7 +249,7 @@ async def payload(events: PartEvents, first: PartOut, keep: Keep | None = None,
                   relay: bool = False) -> AsyncIterator[bytes | memoryview | Relay]:
     """The payload of one part, as a single-part body; `keep` gets the whole payload once the part
     ended cleanly (never a truncated one). `relay`: what nothing keeps may be relayed (splice.py)."""
-    kept = Kept(keep, first.content_type)
+    kept = Kept(keep, first.content_type, events.archive.audience)
     try:
         for ev in first.held:
             if isinstance(ev, PartEnd | PartHeaders):

@@ -183,6 +183,9 @@ class Archive:
     def __init__(self, config: ArchiveConfig, queue_timeout: float | None = None) -> None:
         self.config = config
         self.name = config.name
+        # Whose answers this archive gives: '' when it is read with the proxy's own credentials (every caller
+        # would get the same answer), else its name (token pass-through: each answer is the caller's own).
+        self.audience = config.name if config.forward_authorization else ""
         self.base_url = config.url
         self.profile: Profile = PROFILES[config.profile]
         self.rewriter = UrlRewriter(config.name, config.url, config.url_aliases)

@@ -234,9 +234,9 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
 
 
 def _both(first: Keep, second: Keep) -> Keep:
-    def tee(content_type: str, pieces: list[bytes | memoryview]) -> None:
-        first(content_type, pieces)
-        second(content_type, pieces)
+    def tee(content_type: str, pieces: list[bytes | memoryview], audience: str) -> None:
+        first(content_type, pieces, audience)
+        second(content_type, pieces, audience)
     return tee
 
 
@@ -331,7 +331,7 @@ async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, ar
 
 async def _passthrough(resp: UpstreamResponse, keep: Keep | None = None,
                        relay: bool = False) -> AsyncIterator[bytes | memoryview | Relay]:
-    kept = Kept(keep, resp.content_type or "")
+    kept = Kept(keep, resp.content_type or "", resp.archive.audience)
     length = resp.headers.get("Content-Length")
     if relay and keep is None and length and length.isdigit() and int(length) >= splice.MIN_RELAY:
         moving = resp.relay(int(length))  # the whole body, past Python (splice.py); else read as usual

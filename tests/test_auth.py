@@ -207,10 +207,12 @@ def test_auth_settings_are_validated(tmp_path, jwks_file):
 def test_access_memo_expires_and_is_bounded():
     clock = [0.0]
     memo = AccessMemo(ttl=60, max_entries=2, clock=lambda: clock[0])
-    memo.confirm("a", "1.2")
-    assert memo.confirmed("a", "1.2") and not memo.confirmed("b", "1.2") and not memo.confirmed("a", "1.3")
+    memo.confirm("acl", "a", "1.2")
+    assert memo.confirmed("acl", "a", "1.2") and not memo.confirmed("acl", "b", "1.2")
+    assert not memo.confirmed("acl", "a", "1.3")
+    assert not memo.confirmed("other", "a", "1.2")  # one archive's confirmation is not another's
     clock[0] = 60.5
-    assert not memo.confirmed("a", "1.2")
+    assert not memo.confirmed("acl", "a", "1.2")
     for study in ("1", "2", "3"):
-        memo.confirm("a", study)
-    assert not memo.confirmed("a", "1") and memo.confirmed("a", "3")
+        memo.confirm("acl", "a", study)
+    assert not memo.confirmed("acl", "a", "1") and memo.confirmed("acl", "a", "3")

@@ -15,13 +15,13 @@ def test_frames_metadata_and_objects_of_every_size_come_back_from_disk_as_writte
     for n, payload in frames.items():
         cache.write("1.2.3", n, "application/octet-stream", EXPLICIT_LE, payload, "1.2")
     body = b"[" + b",".join(b'{"00080018":{"vr":"UI","Value":["1.2.%d"]}}' % i for i in range(20000)) + b"]"
-    documents.put_json(cache, "meta", body, "1.2", ttl=60)
+    documents.put_json(cache, "meta", "", body, "1.2", ttl=60)
     cache.write_entries([("obj/a", frames[5]), ("obj/b", b"tiny")], "instance", "1.2")
     fresh = FrameCache(str(tmp_path))  # another worker: nothing in memory, everything from disk
     for n, payload in frames.items():
         hit = fresh.get("1.2.3", n, "application/octet-stream", "*")
         assert hit is not None and hit.payload == payload and hit.transfer_syntax == EXPLICIT_LE, n
-    assert documents.get_json(fresh, "meta") == body
+    assert documents.get_json(fresh, "meta", ("",)) == (body, "")
     assert fresh.get_entry("obj/a", "instance")[0] == frames[5]
     assert fresh.get_entry("obj/b", "instance")[0] == b"tiny"
 
@@ -54,10 +54,12 @@ def test_cached_objects_come_back_from_another_workers_disk_tier(tmp_path):
     nothing in memory (the soak test caught the index read from disk failing)."""
     from proxy import objects
 
-    key = objects.Key("instance", "1.2.3.4", "application/dicom", "*", "1.2.3")
+    from proxy.placement import Placement
+
+    key = objects.Key("instance", "1.2.3.4", "application/dicom", "*", Placement("1.2.3", "1.2.3.1"))
     payload = os.urandom(40 * 1024)
     value = objects._encode(f"application/dicom; transfer-syntax={EXPLICIT_LE}", payload)
-    entries = [(key.entry(EXPLICIT_LE), value), (key.index, EXPLICIT_LE.encode("latin-1"))]
+    entries = [(key.entry(EXPLICIT_LE), value), (key.index(), EXPLICIT_LE.encode("latin-1"))]
     FrameCache(str(tmp_path)).write_entries(entries, "instance", "1.2.3")
     hit = objects.lookup(FrameCache(str(tmp_path)), key)
     assert hit is not None and bytes(hit.payload) == payload
@@ -87,7 +89,7 @@ async def test_a_metadata_document_is_written_ahead_of_the_queued_frames(tmp_pat
     frames = [cache.write_soon([("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, checksum_of(p))], "1.2")
               for n, p in enumerate(payloads, start=1)]
     frames[-1].add_done_callback(lambda _: order.append("frames"))
-    meta = cache.write_first(documents.put_json, cache, "meta", b'[{"x": 1}]', "1.2", 60.0)
+    meta = cache.write_first(documents.put_json, cache, "meta", "", b'[{"x": 1}]', "1.2", 60.0)
     meta.add_done_callback(lambda _: order.append("metadata"))
 
     def fails() -> None:
@@ -97,7 +99,7 @@ async def test_a_metadata_document_is_written_ahead_of_the_queued_frames(tmp_pat
     release.set()
     await asyncio.gather(held, meta, *frames)
     assert order == ["metadata", "frames"]
-    assert documents.get_json(FrameCache(str(tmp_path)), "meta") == b'[{"x": 1}]'
+    assert documents.get_json(FrameCache(str(tmp_path)), "meta", ("",)) == (b'[{"x": 1}]', "")
     try:
         await failing
     except OSError as exc:
@@ -145,7 +147,7 @@ async def test_a_metadata_document_waits_for_one_instance_not_the_whole_batch(tm
 
     def put_metadata() -> None:  # (recorded in the writer thread: a done callback would run later)
         order.append("metadata")
-        documents.put_json(cache, "meta", b'[{"x": 1}]', "1.2", 60.0)
+        documents.put_json(cache, "meta", "", b'[{"x": 1}]', "1.2", 60.0)
 
     meta = cache.write_first(put_metadata)
     go_on.set()
@@ -153,7 +155,7 @@ async def test_a_metadata_document_waits_for_one_instance_not_the_whole_batch(tm
     assert order == ["frame 1", "metadata"] + [f"frame {n}" for n in range(2, 9)], order
     assert [len(p) for p in paths[1:]] == [1] * 8
     other = FrameCache(str(tmp_path))  # everything is on disk, once
-    assert documents.get_json(other, "meta") == b'[{"x": 1}]'
+    assert documents.get_json(other, "meta", ("",)) == (b'[{"x": 1}]', "")
     for n, p in payloads.items():
         hit = other.get("1.2.3", n, "application/octet-stream", "*")
         assert hit is not None and bytes(hit.payload) == p
@@ -223,10 +225,10 @@ async def test_a_purge_and_a_store_change_this_workers_state_on_its_event_loop_o
     payload = os.urandom(64 * 1024)
     cache.write_entries([("obj/r", b"rendered")], "rendered", "1.2")
     cache.put_entry("obj/r", b"rendered")
-    documents.put_json(cache, "meta", b"[]", "1.2", ttl=60)
+    documents.put_json(cache, "meta", "", b"[]", "1.2", ttl=60)
 
     await purges.forget_study(cache, "1.2")  # a store to the study: its objects and metadata go, frames stay
-    assert cache.get_entry("obj/r", "rendered") is None and documents.get_json(cache, "meta") is None
+    assert cache.get_entry("obj/r", "rendered") is None and documents.get_json(cache, "meta", ("",)) is None
     assert FrameCache(str(tmp_path)).get_entry("obj/r", "rendered") is None
 
     cache.write("1.2.3", 1, "application/octet-stream", EXPLICIT_LE, payload, "1.2")

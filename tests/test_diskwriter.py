@@ -14,6 +14,7 @@ import pytest
 from proxy import busy, diskwriter, frames, handover, metrics, purges, siblings
 from proxy.cache import FrameCache, checksum_of
 from proxy.part10 import EXPLICIT_LE
+from proxy.placement import Placement
 from proxy.siblings import Siblings
 
 MEDIA = "application/octet-stream"
@@ -33,9 +34,9 @@ def frame(n: int, size: int = 64 * 1024) -> tuple[str, int, str, str, bytes, int
     return ("1.2.3", n, MEDIA, EXPLICIT_LE, payload, checksum_of(payload))
 
 
-def on_disk(directory, n: int) -> bool:
+def on_disk(directory, n: int, item: str = "1.2.3") -> bool:
     """What another worker finds (nothing in its memory tier)."""
-    return FrameCache(str(directory)).get("1.2.3", n, MEDIA, "*", memory_only=False) is not None
+    return FrameCache(str(directory)).get(item, n, MEDIA, "*", memory_only=False) is not None
 
 
 def count(why: str) -> float:
@@ -205,16 +206,18 @@ async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_b
     other = Siblings(str(tmp_path), ident="sibling")
     ctype = f"{MEDIA}; transfer-syntax={EXPLICIT_LE}"
 
+    PLACED = Placement("1.2", "1.2.9").key("1.2.3")  # the instance as _store keys it (placement.py)
+
     def store(n: int, study: str = "1.2") -> asyncio.Future:
         before = set(frames._pending)
-        frames._store(cache, "1.2.3", n, ctype, [os.urandom(64 * 1024)], study)
+        frames._store(cache, Placement(study, "1.2.9"), "1.2.3", n, ctype, [os.urandom(64 * 1024)])
         (task,) = set(frames._pending) - before
         return task
 
     try:
         alone = store(1)  # no sibling: held back while clients keep coming
         await looks(cache.writer, monkeypatch, 3)
-        assert not alone.done() and not on_disk(tmp_path, 1)
+        assert not alone.done() and not on_disk(tmp_path, 1, PLACED)
         assert cache.stats()["held_back_bytes"] == 64 * 1024
 
         assert other.start()
@@ -223,13 +226,13 @@ async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_b
                 await asyncio.sleep(0.01)
         async with asyncio.timeout(10):
             await store(2)  # a sibling may serve the next viewer: written at once, busy or not
-        assert on_disk(tmp_path, 2) and not on_disk(tmp_path, 1)
+        assert on_disk(tmp_path, 2, PLACED) and not on_disk(tmp_path, 1, PLACED)
 
         landed = other.landing(frames._sibling_key("1.2.3", 1))  # the sibling waits for frame 1: says so
         async with asyncio.timeout(10):
             await asyncio.shield(landed)  # ... and it is written and settled, still busy
             await alone
-        assert on_disk(tmp_path, 1)
+        assert on_disk(tmp_path, 1, PLACED)
 
         async def nothing(*ask):
             return None
@@ -240,7 +243,7 @@ async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_b
                 await asyncio.sleep(0.01)
         held = store(3, "1.9")  # (of another study: 1.2 is being written for the sibling that wanted it)
         await looks(cache.writer, monkeypatch, 3)
-        assert not held.done() and not on_disk(tmp_path, 3)
+        assert not held.done() and not on_disk(tmp_path, 3, Placement("1.9", "1.2.9").key("1.2.3"))
     finally:
         await handover.stop()
         other.close()

@@ -52,12 +52,12 @@ def test_the_fast_walk_cuts_the_frames_pydicom_cuts(case):
     ds = CASES[case]()
     blob = to_part10(ds)
     part10.pixel_layout(blob)  # read by the walker, not handed back to pydicom
-    frames, study = part10.frames_and_study(blob)
+    frames, study, series = part10.frames_and_place(blob)
     expected = part10._frames_by_pydicom(blob)
     assert len(frames) == len(expected) == int(getattr(ds, "NumberOfFrames", 1) or 1)
     as_bytes = lambda fs: [(s, n, m, t, bytes(b)) for s, n, m, t, b in fs]  # noqa: E731
     assert as_bytes(frames) == as_bytes(expected)
-    assert study == ds.StudyInstanceUID
+    assert (study, series) == (ds.StudyInstanceUID, ds.SeriesInstanceUID)  # where the frames belong
 
 
 def test_what_the_walk_does_not_read_goes_to_pydicom():
@@ -66,11 +66,13 @@ def test_what_the_walk_does_not_read_goes_to_pydicom():
     big.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
     with pytest.raises(part10.Unusual):
         part10.pixel_layout(to_part10(big))
-    assert part10.frames_and_study(to_part10(big))[0] == part10._frames_by_pydicom(to_part10(big))  # both: nothing cut
+    frames, study, series = part10.frames_and_place(to_part10(big))
+    assert frames == part10._frames_by_pydicom(to_part10(big))  # both: nothing cut
+    assert (study, series) == (ds.StudyInstanceUID, ds.SeriesInstanceUID)
     blob = to_part10(ds)
     for cut in (200, len(blob) // 2, len(blob) - 10):  # truncated anywhere: never a short frame
         try:
-            frames, _ = part10.frames_and_study(blob[:cut])
+            frames = part10.frames_and_place(blob[:cut])[0]
         except Exception:  # pydicom's own error: learn_instance treats the part as unparseable
             continue
         assert all(len(f[4]) == 16 * 16 * 2 for f in frames)
@@ -80,4 +82,4 @@ def test_an_instance_without_pixel_data_has_no_frames():
     ds = multiframe_native(STUDY, n_frames=2, rows=16, cols=16)
     del ds.PixelData
     assert part10.pixel_layout(to_part10(ds)) is None
-    assert part10.frames_and_study(to_part10(ds)) == ([], None)
+    assert part10.frames_and_place(to_part10(ds)) == ([], None, None)

@@ -74,6 +74,7 @@ class Faults:
     max_limit: int | None = None  # like Azure (cap 200): a search with a larger `limit` gets 400
     bulk_uri_base: str | None = None  # BulkDataURIs and frame Content-Locations point under this base (elsewhere)
     redirect_to: str | None = None  # answer every request with 302 and Location: this URL + the request path
+    ignore_uid_filters: bool = False  # searches ignore Study/Series/SOP Instance UID matching keys
 
     def clear(self) -> None:
         """Switch every fault off again."""
@@ -137,6 +138,9 @@ def _base(request: Request) -> str:
         fwd[key.lower()] = value.strip('"')
     host = fwd.get("host") or request.headers.get("host", "localhost")
     return f"{fwd.get('proto') or request.url.scheme}://{host}/dicom-web"
+
+
+_UID_KEYS = {0x0020000D, 0x0020000E, 0x00080018}  # Study, Series, SOP Instance UID
 
 
 def _tag(key: str) -> int | None:
@@ -390,6 +394,8 @@ class SampleArchive:
                 key = {"study": (e.study,), "series": (e.study, e.series)}.get(level, (e.sop,))
                 groups.setdefault(key, []).append(e)
         filters = [(t, v) for k, v in q.multi_items() if k.lower() not in RESERVED and (t := _tag(k))]
+        if self.faults.ignore_uid_filters:
+            filters = [(t, v) for t, v in filters if t not in _UID_KEYS]
         names = [n for value in q.getlist("includefield") for n in value.split(",")]
         include = set(DEFAULT_FIELDS[level]) | {t for t, _ in filters} | {t for n in names if (t := _tag(n))}
         everything, base, out = any(n.strip().lower() == "all" for n in names), _base(request), []
