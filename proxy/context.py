@@ -95,21 +95,26 @@ class Context:
         names = await self.locator.locate(study_uid, self._probe)
         return [a for a in self.archives if a.name in names]
 
-    async def _probe(self, study_uid: str) -> tuple[str, ...]:
-        async def holds(archive: Archive) -> bool:
+    async def _probe(self, study_uid: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(archives that hold the study, archives that could not say): a down, slow, failing or
+        open-circuited archive may hold it, so its study is not answered 404 (locator.Probe)."""
+        async def holds(archive: Archive) -> bool | None:
             if not archive.breaker.allow():
-                return False
+                return None
             try:
                 async with asyncio.timeout(archive.config.search_deadline):
                     async with archive.open("GET", "/studies", f"StudyInstanceUID={study_uid}&limit=1",
                                             {"Accept": "application/dicom+json"}, service="locate") as resp:
                         body = await resp.read(1 << 20)
+                        if resp.status >= 500:
+                            return None
                         return resp.status in (200, 206) and body.strip() not in (b"", b"[]")
             except (TimeoutError, UpstreamError):
-                return False
+                return None
 
         found = await asyncio.gather(*(holds(a) for a in self.archives))
-        return tuple(a.name for a, ok in zip(self.archives, found, strict=True) if ok)
+        pairs = list(zip(self.archives, found, strict=True))
+        return tuple(a.name for a, ok in pairs if ok), tuple(a.name for a, ok in pairs if ok is None)
 
     def store_target(self) -> Archive | None:
         """The archive that takes stores: the highest-priority one configured to."""

@@ -15,6 +15,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from .shared import SharedStore, digest
 
+# What asking the archives about a study found: (the archives that hold it, those that could not say:
+# unreachable, too slow, failing or open-circuited).
+Probe = Callable[[str], Awaitable[tuple[tuple[str, ...], tuple[str, ...]]]]
+
 
 class Locator:
     """StudyInstanceUID → archive names, in memory, with a TTL and an LRU bound."""
@@ -72,8 +76,10 @@ class Locator:
             return None
         return entry[1]
 
-    async def locate(self, study: str, probe: Callable[[str], Awaitable[tuple[str, ...]]]) -> tuple[str, ...]:
-        """Known archives, or ask the shared tier, or ask the archives (one lookup per study at a time)."""
+    async def locate(self, study: str, probe: Probe) -> tuple[str, ...]:
+        """Known archives, or ask the shared tier, or ask the archives (one lookup per study at a time).
+        When no archive that answered holds the study, the ones that could not answer are all there is to
+        try (not remembered): empty only when every archive said it does not hold the study."""
         found = self.known(study)
         if found is not None:
             return found
@@ -84,7 +90,7 @@ class Locator:
             pending.add_done_callback(lambda _: self._probes.pop(study, None))
         return await asyncio.shield(pending)
 
-    async def _find(self, study: str, probe: Callable[[str], Awaitable[tuple[str, ...]]]) -> tuple[str, ...]:
+    async def _find(self, study: str, probe: Probe) -> tuple[str, ...]:
         if self.shared is not None:
             shared = await self.shared.locations(study)
             if shared is not None:
@@ -92,7 +98,8 @@ class Locator:
                 self._set(self._key(study), names, min(left, self.ttl), replace=True)
                 return names
         self.probes += 1
-        names = await probe(study)
-        if names:
-            await self.share({study: names}, replace=True)
-        return names
+        holders, unanswered = await probe(study)
+        if not holders:
+            return unanswered
+        await self.share({study: holders}, replace=True)
+        return holders

@@ -102,6 +102,7 @@ async def open_upstream(ctx: Context, study: str | None, path: str, accept: str,
     `relay`: the body is to be relayed past Python (Archive.open)."""
     candidates = archives if archives is not None else await locate(ctx, study or "")
     last: Problem | None = None
+    failed: Problem | None = None  # an archive that could not be asked (and so may hold the resource)
     headers = {"Accept": accept}
     rid = request.scope.get("state", {}).get("request_id")
     if rid:
@@ -113,11 +114,12 @@ async def open_upstream(ctx: Context, study: str | None, path: str, accept: str,
                                                                     relay=relay))
         except UpstreamError as exc:
             await stack.aclose()
-            last = Problem(exc.status, exc.reason)
+            last = failed = failed or Problem(exc.status, exc.reason, {
+                "Warning": f"299 dicomweb-edge: archive '{archive.name}' is unavailable", **_retry_after(exc.status)})
             continue
-        if resp.status == 404 and i + 1 < len(candidates):
-            await stack.aclose()
-            last = Problem(404, "not found in any archive")
+        if resp.status == 404 and (i + 1 < len(candidates) or failed is not None):
+            await stack.aclose()  # a 404 moves on; after an archive that could not be asked, its failure answers
+            last = failed or Problem(404, "not found in any archive")
             continue
         if resp.status == 404 and study and len(candidates) > 1:
             await ctx.locator.forget(study)  # what we learned is stale: probe again next time
@@ -125,6 +127,10 @@ async def open_upstream(ctx: Context, study: str | None, path: str, accept: str,
             access.confirm(archive, study, path)  # token pass-through: this caller may see the study
         return resp, stack
     raise last or Problem(502, "no archive is configured")
+
+
+def _retry_after(status: int) -> dict[str, str]:
+    return {"Retry-After": "5"} if status == 503 else {}
 
 
 def upstream_problem(resp: UpstreamResponse, sel: Selection | None) -> Problem:
