@@ -30,10 +30,10 @@ import diskcache
 
 from . import metrics
 from .diskwriter import DiskWriter, FrameToWrite, Item, Paths
-from .entries import HEADER, FlatDisk, Pieces, checksum_of, head, mapped, unpack
+from .entries import HEADER, FlatDisk, Pieces, checksum_of, head, unpack
 from .memtier import MemoryTier
 from .placement import SHARED
-from .sendfile import FileRef, OpenPayload
+from .sendfile import FileRef, OpenPayload, identity
 
 log = logging.getLogger("dicomweb_edge.cache")
 GENERATION = "purge-generation"
@@ -135,14 +135,14 @@ class FrameCache:
             return found
         if memory_only:
             return None
-        path = None
+        path = stat = None
         try:
             blob = self.reader.get(key, read=True)
             if blob is not None and not isinstance(blob, bytes):
-                with blob as handle:  # a value in a file of its own comes back open: map it (or, to send it
-                    path = handle.name  # from the file later, read it) and remember where it is
-                    view = None if ref else mapped(handle)
-                    blob = view if view is not None else handle.read()
+                with blob as handle:  # a value in a file of its own comes back open: read it into this
+                    path = handle.name  # worker's memory, where nothing can change it once checked; a
+                    stat = os.fstat(handle.fileno()) if ref else None  # FileRef knows the file it checked
+                    blob = handle.read()
         except Exception:  # an unreadable cache must not take the proxy down
             log.warning("cache read failed", exc_info=True)
             return None
@@ -159,9 +159,10 @@ class FrameCache:
             metrics.count_hit("disk", kind, len(payload))
         checksum = HEADER.unpack_from(blob)[2]
         self._read_back(key)
-        # Verified once; later hits in this worker are sent from the file (checked for length when opened).
-        self.memory.remember(key, FileRef(path, HEADER.size, len(payload)) if ref and isinstance(path, str)
-                             else payload, checksum)
+        # Checked once: later hits in this worker are its private copy, or (sendfile) the file, as long as
+        # it is still the very file that was checked (FileRef.open compares device, inode, size and mtime).
+        self.memory.remember(key, FileRef(path, HEADER.size, len(payload), identity(stat))
+                             if ref and isinstance(path, str) and stat is not None else payload, checksum)
         return payload, checksum
 
     def _read_back(self, key: str) -> None:

@@ -9,12 +9,13 @@ worker's memory starts warm (heap.py), so the bytes of a first series do not wai
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from . import metrics
 from .entries import checksum_of
-from .sendfile import REF_COST, FileRef
+from .sendfile import REF_COST, FileRef, identity
 
 Entry = tuple[bytes | FileRef, int]  # (payload or where it lies, checksum)
 
@@ -70,7 +71,11 @@ class MemoryTier:
         held = self._entries.get(key)
         if held is None or isinstance(held[0], FileRef):
             return
-        self._entries[key] = (FileRef(path, offset, len(held[0])), held[1])
+        try:  # (the file the writer has just written and committed: what it holds is what was checked)
+            checked = identity(os.stat(path))
+        except OSError:
+            return
+        self._entries[key] = (FileRef(path, offset, len(held[0]), checked), held[1])
         self.bytes += REF_COST - len(held[0])
         self._gauge()
 

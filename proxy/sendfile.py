@@ -29,26 +29,38 @@ MESSAGE = "dicomweb_edge.sendfile"
 REF_COST = 256  # what a FileRef counts for in the memory tier's byte bound
 
 
+Identity = tuple[int, int, int, int]  # device, inode, size, mtime (ns) of a file
+
+
+def identity(st: os.stat_result) -> Identity:
+    """What tells a file from any other, and from itself once written to: diskcache never writes a value's
+    file again (a new value is a new file), so a file whose identity changed was damaged or replaced."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(frozen=True, slots=True)
 class FileRef:
-    """Where a verified payload lies in a disk-tier file: `length` bytes from `offset`."""
+    """Where a verified payload lies in a disk-tier file: `length` bytes from `offset`, in the file that had
+    `checked` as its identity when its bytes were checked."""
 
     path: str
     offset: int
     length: int
+    checked: Identity
 
     def __len__(self) -> int:
         return self.length
 
     def open(self) -> OpenPayload | None:
-        """The payload, open; None when the file is gone or shorter than it was (evicted, purged, cut)."""
+        """The payload, open; None when the file is gone or is not the file that was checked (evicted,
+        purged, truncated, written to, replaced): the entry is then read and checked again."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
         opened = OpenPayload(fd, self.offset, self.length)  # closes the fd when dropped, sent or not
         try:
-            if os.fstat(fd).st_size != self.offset + self.length:
+            if identity(os.fstat(fd)) != self.checked:
                 return None
         except OSError:
             return None

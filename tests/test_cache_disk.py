@@ -161,12 +161,11 @@ async def test_a_metadata_document_waits_for_one_instance_not_the_whole_batch(tm
         assert hit is not None and bytes(hit.payload) == p
 
 
-def test_disk_tier_hits_are_mapped_and_checked(tmp_path):
-    """A frame another worker wrote comes back as a read-only mapping of its file (no copy), checked
-    for length and checksum like a read: a truncated or altered file is refused and evicted, and a
-    mapping already handed out keeps its bytes when the file is evicted (unlinked) under it."""
-    import mmap
-
+def test_disk_tier_hits_are_private_copies_checked_once(tmp_path):
+    """A frame another worker wrote is read into this worker's memory and checked there, for length and
+    checksum: a truncated or altered file is refused and evicted; bytes flipped in the file, or the file
+    cut, after the check change nothing this worker serves; and a payload handed out keeps its bytes when
+    the file is evicted (unlinked) under it."""
     from proxy.cache import checksum_of, frame_key
 
     payloads = {n: os.urandom(200 * 1024 + n) for n in range(1, 5)}
@@ -175,8 +174,16 @@ def test_disk_tier_hits_are_mapped_and_checked(tmp_path):
         writer.write("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, "1.2", checksum_of(p))
     reader = FrameCache(str(tmp_path))
     hit = reader.get("1.2.3", 1, "application/octet-stream", "*")
-    assert hit is not None and isinstance(hit.payload, memoryview) and isinstance(hit.payload.obj, mmap.mmap)
-    assert bytes(hit.payload) == payloads[1] and hit.checksum == checksum_of(payloads[1])
+    assert hit is not None and bytes(hit.payload) == payloads[1] and hit.checksum == checksum_of(payloads[1])
+    with writer.disk.get(frame_key("1.2.3", 1, "application/octet-stream", EXPLICIT_LE), read=True) as f:
+        first = f.name
+    with open(first, "r+b") as f:  # damaged after the check: this worker's copy is what was checked
+        f.seek(-10, os.SEEK_END)
+        f.write(b"\xff" * 10)
+    again = reader.get("1.2.3", 1, "application/octet-stream", "*")
+    assert again is not None and bytes(again.payload) == payloads[1]
+    os.truncate(first, 100)
+    assert bytes(reader.get("1.2.3", 1, "application/octet-stream", "*").payload) == payloads[1]
 
     files = {}
     for n in (2, 3):
@@ -196,7 +203,7 @@ def test_disk_tier_hits_are_mapped_and_checked(tmp_path):
 
     kept = fresh.get("1.2.3", 4, "application/octet-stream", "*")
     assert kept is not None
-    assert purges.purge(writer, "1.2") > 0  # the files are unlinked; the mapping handed out stays whole
+    assert purges.purge(writer, "1.2") > 0  # the files are unlinked; the payload handed out stays whole
     assert bytes(kept.payload) == payloads[4]
 
 

@@ -40,7 +40,7 @@ def test_a_replaced_key_counts_once():
     assert tier.bytes == 0 and len(tier) == 0
 
 
-def test_prepared_hits_only_while_the_entries_hold_the_same_bytes():
+def test_prepared_hits_only_while_the_entries_hold_the_same_bytes(tmp_path):
     tier = MemoryTier(1000)
     tier.remember("a", b"a" * 100)
     tier.remember("b", b"b" * 100)
@@ -49,7 +49,8 @@ def test_prepared_hits_only_while_the_entries_hold_the_same_bytes():
     tier.remember("b", b"B" * 100)  # replaced: another encoding, another bytes
     assert tier.hits(prepared) is None
     tier.remember("b", b"b" * 100)
-    tier.refer("a", "/cache/00/a.val", 16)  # on disk now, held as where it lies: sent another way
+    (tmp_path / "a.val").write_bytes(b"h" * 16 + b"a" * 100)
+    tier.refer("a", str(tmp_path / "a.val"), 16)  # on disk now, held as where it lies: sent another way
     assert tier.hits(prepared) is None
     assert tier.bytes == REF_COST + 100
 
