@@ -17,6 +17,7 @@ from starlette.routing import Mount, Route
 from . import access, cors, metrics, purges
 from .auth import AuthMiddleware
 from .auth import parse as parse_auth
+from .cache import OFF_STATS
 from .config import Settings
 from .context import Context
 from .edge import EdgeMiddleware
@@ -84,8 +85,10 @@ def create_app(settings: Settings) -> Starlette:
         states = await probe_all(ctx)
         archives = {a.name: {"up": ok, "breaker": a.breaker.state} for a, ok in zip(ctx.archives, states, strict=True)}
         ready = any(states)
-        return JSONResponse({"status": "ready" if ready else "no archive reachable", "archives": archives},
-                            200 if ready else 503)
+        body: dict[str, object] = {"status": "ready" if ready else "no archive reachable", "archives": archives}
+        if settings.cache_dir:
+            body["cache"] = "on" if ctx.cache is not None else f"off: {ctx.cache_off}"
+        return JSONResponse(body, 200 if ready else 503)
 
     trusted = frozenset(settings.trusted_proxies)
 
@@ -95,6 +98,8 @@ def create_app(settings: Settings) -> Starlette:
         if settings.auth.get("mode", "none") == "none" and (  # (a request a trusted front relayed is not)
                 client_key(request.scope, trusted) not in trusted):
             raise Problem(403, "admin endpoints are only served to trusted addresses")
+        if ctx.cache is None and ctx.cache_off is not None:
+            raise Problem(503, "the cache is off: its directory cannot be opened now", {"Retry-After": "5"})
         if ctx.cache is None:
             raise Problem(404, "the frame cache is not configured (cache_dir)")
 
@@ -114,6 +119,8 @@ def create_app(settings: Settings) -> Starlette:
 
     async def metrics_endpoint(request: Request) -> Response:
         stats = None if ctx.cache is None else await asyncio.to_thread(ctx.cache.stats)
+        if stats is None and settings.cache_dir:
+            stats = OFF_STATS  # configured, but its directory cannot be opened now
         body, ctype = metrics.render(stats)
         return Response(body, media_type=ctype)
 

@@ -10,17 +10,20 @@ an explicit transfer syntax only from an exact match.
 Tiers: a bounded in-process LRU (memtier.py), and `diskcache` in the configured directory, size-bounded with
 eviction, persistent across restarts and shared by every worker process. Every entry carries its
 length and checksum; an entry that does not verify is deleted and treated as a miss. A full or failing
-disk turns the disk tier off for writes for a minute at a time (a purge turns them on at once), never
-the proxy off. What a store invalidates and what an operator purges: purges.py; the metadata documents
+disk turns the disk tier off for writes for WRITE_RETRY seconds at a time (a purge turns them on at
+once), never the proxy off; a directory that cannot be opened at all leaves the cache off until it can
+be (context.py). What a store invalidates and what an operator purges: purges.py; the metadata documents
 and prefetch claims kept in the same disk tier: documents.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,8 +42,13 @@ log = logging.getLogger("dicomweb_edge.cache")
 GENERATION = "purge-generation"
 TOUCH_EVERY = 5.0  # seconds: disk-tier reads are written back to the LRU order at most this often
 T = TypeVar("T")
-DISK_ERRORS = (OSError, sqlite3.Error)  # ENOSPC arrives as either, depending on where it hits
-WRITE_RETRY = 60.0  # seconds without disk-tier writes after a disk failure (a purge ends them sooner)
+# ENOSPC arrives as OSError or sqlite3.Error, depending on where it hits; diskcache.Timeout is SQLite's
+# lock held by another process (a `cache check`, a purge, a stuck worker) for more than LOCK_TIMEOUT.
+DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+LOCK_TIMEOUT = 5.0  # seconds a disk-tier write waits for SQLite's lock before it is dropped (counted)
+WRITE_RETRY = 10.0  # seconds without disk-tier writes after a disk failure (a purge ends them sooner)
+# What the metrics show for a configured cache whose directory cannot be opened now (context.py)
+OFF_STATS: dict[str, int | bool] = {"disk_entries": 0, "disk_bytes": 0, "disk_limit_bytes": 0, "writable": False}
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ class FrameCache:
                  max_entry: int = 64 * 1024**2, sendfile: bool = False) -> None:
         # cull_limit=0: no culling inside set(); write() culls itself, so that evictions can be counted.
         settings: dict[str, Any] = {"size_limit": size_limit, "eviction_policy": "least-recently-used",
-                                    "tag_index": True, "cull_limit": 0, "disk": FlatDisk}
+                                    "tag_index": True, "cull_limit": 0, "disk": FlatDisk, "timeout": LOCK_TIMEOUT}
         for n in range(256):
             os.makedirs(os.path.join(directory, f"{n:02x}"), exist_ok=True)
         self.disk = diskcache.Cache(directory, **settings)
@@ -103,6 +111,7 @@ class FrameCache:
         self.sendfile = sendfile  # large frames on disk are remembered as FileRefs and sent with sendfile
         self.max_entry = max_entry
         self._writes_off_until = 0.0  # monotonic: a disk failure stops writes until then
+        self._reconnect = False  # a disk failure happened: the next write opens its connection anew
         self.failing = False  # the last disk-tier write failed, none succeeded since (the writable gauge)
         metrics.child(metrics.CACHE_EVICTIONS, "disk")  # exported from the start, so that rate() sees the first
 
@@ -277,11 +286,16 @@ class FrameCache:
         return time.monotonic() >= self._writes_off_until
 
     def disk_failed(self, kind: str | None = None) -> None:
-        """Disk full or gone: keep serving, stop writing for a while (counted as a failed write of `kind`)."""
-        self._writes_off_until = time.monotonic() + WRITE_RETRY
+        """Disk full or gone: keep serving, stop writing for a while (counted as a failed write of `kind`).
+        Called in the `except` of the failure; a lock another process held too long loses this write only."""
         if kind is not None:
             metrics.child(metrics.CACHE_RESULTS, "disk", kind, "write-failed").inc()
+        if isinstance(sys.exc_info()[1], diskcache.Timeout):
+            log.warning("cache disk locked by another process for %g s: a write was dropped", LOCK_TIMEOUT)
+            return
+        self._writes_off_until = time.monotonic() + WRITE_RETRY
         self.failing = True
+        self._reconnect = True
         log.error("cache disk failed; no cache writes for %g s", WRITE_RETRY, exc_info=True)
 
     def wrote(self, nbytes: int, cull: bool = True) -> None:
@@ -311,9 +325,20 @@ class FrameCache:
         the batch in progress is committed as far as it got and the rest queued again behind it."""
         return self.writer.write_first(fn, *args)
 
+    def reconnect_after_failure(self) -> None:
+        """Before a write (outside a transaction): after a disk failure, this thread's SQLite connection is
+        closed and the write opens a new one. SQLite opens a database it cannot write (a filesystem
+        remounted read-only) read-only and keeps it so: without this, writes kept failing once the disk
+        was writable again, until a restart."""
+        if self._reconnect:
+            self._reconnect = False
+            with contextlib.suppress(*DISK_ERRORS):
+                self.disk.close()
+
     def _commit(self, items: list[Item], interrupted: Callable[[], bool]) -> list[Paths]:
         """Writer thread: write items of frames in one transaction, stopping after any item once
         `interrupted()` (a write a client waits for came in); the paths of each item written."""
+        self.reconnect_after_failure()
         results: list[Paths] = []
         try:  # a commit that fails leaves no file of the batch behind (entries.py)
             with self.disk.disk.undone_on_failure(), self.disk.transact():
@@ -323,7 +348,7 @@ class FrameCache:
                     results.append([self.write(item, n, mtype, ts, data, study, checksum, cull=False)
                                     for item, n, mtype, ts, data, checksum in frames])
         except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
-            self.disk_failed()
+            self.disk_failed("frame")
             results = [[None] * len(frames) for frames, _ in items]
         self.cull()
         return results
@@ -354,6 +379,7 @@ class FrameCache:
 
     def write_entries(self, entries: list[tuple[str, bytes]], kind: str, study: str) -> None:
         """Store entries in the shared disk tier, tagged `obj:{study}` (blocking: call it off the loop)."""
+        self.reconnect_after_failure()
         try:
             for key, payload in entries:
                 self.set_value(key, head(payload), payload, tag=f"obj:{study}")
@@ -381,17 +407,25 @@ class FrameCache:
         self._writes_off_until = 0.0
 
     def stats(self) -> dict[str, int | bool]:
-        """Sizes and counts, for `dicomweb-edge cache stats`, the admin endpoint and the metrics."""
-        entries = len(self.disk) - (1 if GENERATION in self.disk else 0)
+        """Sizes and counts, for `dicomweb-edge cache stats`, the admin endpoint and the metrics (an index
+        that cannot be read counts as empty and not writable: a scrape never fails for it)."""
+        try:
+            entries = len(self.disk) - (1 if GENERATION in self.disk else 0)
+            volume, readable = int(self.disk.volume()), True
+        except DISK_ERRORS:
+            log.warning("the cache index cannot be read", exc_info=True)
+            entries = volume = 0
+            readable = False
         try:
             fs = os.statvfs(self.disk.directory)
             free, size = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
         except OSError:
             free = size = 0
-        return {"disk_entries": entries, "disk_bytes": int(self.disk.volume()),
+        return {"disk_entries": entries, "disk_bytes": volume,
                 "disk_limit_bytes": int(self.disk.size_limit), "memory_entries": len(self.memory),
                 "memory_bytes": self.memory.bytes, "held_back_bytes": self.writer.held_back_bytes,
-                "writable": not self.failing, "filesystem_free_bytes": free, "filesystem_size_bytes": size}
+                "writable": readable and not self.failing, "filesystem_free_bytes": free,
+                "filesystem_size_bytes": size}
 
     def close(self) -> None:
         """Finish the writes under way and close the disk tier."""

@@ -7,12 +7,14 @@ import inspect
 import logging
 import logging.config
 import os
+import resource
 import socket
 import sys
 import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .cache import DISK_ERRORS, FrameCache
 from .config import ConfigError, Settings, describe, load, load_file, parse_upstream_flag
 
 if TYPE_CHECKING:
@@ -45,6 +47,8 @@ def _supervisor(config: uvicorn.Config, sock: socket.socket) -> Multiprocess:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    logging.getLogger("uvicorn.error").addFilter(_worker_deaths_are_warnings)
+
     class Supervisor(Multiprocess):
         def terminate_all(self) -> None:
             for s in self.sockets:
@@ -54,6 +58,28 @@ def _supervisor(config: uvicorn.Config, sock: socket.socket) -> Multiprocess:
     if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.52
         return Supervisor(config, target=uvicorn.Server(config).run, sockets=[sock])
     return Supervisor(config, sockets=[sock])
+
+
+def _worker_deaths_are_warnings(record: logging.LogRecord) -> bool:
+    """uvicorn's supervisor says "Child process [pid] died" (then starts another) at INFO: an operator's
+    WARNING (the message text is uvicorn's; tests/test_ops_e2e.py kills a worker and reads the log)."""
+    if record.levelno == logging.INFO and str(record.msg).startswith("Child process [") and \
+            str(record.msg).endswith("] died"):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """The soft limit on open files raised to the hard one (1024 is a common soft limit in containers:
+    past it new connections are refused); (soft before, soft now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, hard
+    return soft, soft
 
 
 def serve(settings: Settings) -> None:
@@ -68,9 +94,11 @@ def serve(settings: Settings) -> None:
     from .logs import log_config
 
     os.environ[SETTINGS_ENV] = settings.to_json()
+    before, now = raise_descriptor_limit()  # (inherited by the workers)
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dicomweb-edge-metrics-")
     logging.config.dictConfig(log_config(settings))
+    logging.getLogger("dicomweb_edge").info("open-file limit %d (soft limit was %d)", now, before)
     config = uvicorn.Config("proxy.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                             workers=settings.workers, access_log=False, log_level=settings.log_level.lower(),
                             log_config=log_config(settings),
@@ -94,10 +122,7 @@ def serve(settings: Settings) -> None:
 def cache_command(args: argparse.Namespace) -> int:
     """`dicomweb-edge cache stats|purge|check`: works on the cache directory; stats and purge with or without
     a running proxy, `check --fix` only without one."""
-    import json
-
-    from . import purges, siblings
-    from .cache import FrameCache
+    from . import siblings
 
     directory = args.cache_dir
     if directory is None and args.config:
@@ -106,7 +131,19 @@ def cache_command(args: argparse.Namespace) -> int:
         raise ConfigError("no cache directory: pass --cache-dir or a --config with [cache] dir")
     if args.action == "check" and args.fix and (running := siblings.workers_on(directory)):
         raise ConfigError(f"{running} proxy worker(s) serve this cache directory: stop them before check --fix")
-    cache = FrameCache(directory)
+    try:
+        return _cache_action(args, FrameCache(directory))
+    except DISK_ERRORS as exc:  # a full disk, a directory that cannot be written, an index that does not read
+        print(f"dicomweb-edge cache {args.action}: the cache directory cannot be used: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+
+
+def _cache_action(args: argparse.Namespace, cache: FrameCache) -> int:
+    import json
+
+    from . import purges
+
     try:
         if args.action == "check":
             # diskcache's own check: SQLite's integrity, rows whose file is gone, files no row names (what a

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 from . import handover, heap, siblings
-from .cache import FrameCache
+from .cache import DISK_ERRORS, FrameCache
 from .config import Settings
 from .locator import Locator
 from .searchcache import SearchCache
 from .shared import SharedStore
 from .upstream import Archive, UpstreamError
 from .urls import DICOMWEB_ROOT
+
+log = logging.getLogger("dicomweb_edge.cache")
+REOPEN_EVERY = 5.0  # seconds between tries to open a cache directory that could not be opened
 
 
 @dataclass
@@ -27,22 +31,22 @@ class Context:
     single: dict[str, Context] = field(default_factory=dict)
     cache: FrameCache | None = None
     shared: SharedStore | None = None  # the Redis tier, when configured
+    cache_off: str | None = None  # why a configured cache is off for now (its directory cannot be opened)
     _listener: asyncio.Task[None] | None = None
+    _reopen: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
         """Archives in priority order (highest first, then configuration order)."""
         ordered = sorted(settings.archives, key=lambda a: -a.priority)
-        cache = None
-        if settings.cache_dir:
-            cache = FrameCache(settings.cache_dir, settings.cache_size_bytes, settings.memory_cache_bytes,
-                               sendfile=settings.cache_sendfile)
+        cache, off = _open_cache(settings) if settings.cache_dir else (None, None)
         shared = None
         if settings.redis_url:
             shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)
         archives = [Archive(a, settings.queue_timeout) for a in ordered]
         ctx = cls(settings, archives, locator=Locator(settings.locator_ttl, shared=shared),
-                  searches=SearchCache(settings.search_cache_ttl, shared=shared), cache=cache, shared=shared)
+                  searches=SearchCache(settings.search_cache_ttl, shared=shared), cache=cache, shared=shared,
+                  cache_off=off)
         for a in ctx.archives:
             # /upstreams/{name}/dicomweb: the same machinery, one archive, its own URL space.
             ctx.single[a.name] = cls(settings, [a], root=f"/upstreams/{a.name}{DICOMWEB_ROOT}",
@@ -53,7 +57,30 @@ class Context:
 
     def start(self) -> None:
         """Warm the heap for the memory tier, open the channel to the sibling workers on the same cache
-        directory, and follow the other processes' stores through the shared tier (from the app's lifespan)."""
+        directory (or keep trying to open a cache directory that could not be), and follow the other
+        processes' stores through the shared tier (from the app's lifespan)."""
+        if self.cache_off is not None and self._reopen is None:
+            self._reopen = asyncio.ensure_future(self._open_when_possible())
+        self._start_cache()
+        if self.shared is not None and self._listener is None:
+            self._listener = asyncio.ensure_future(self.shared.listen(self._stored_elsewhere, self.clear_searches))
+
+    async def _open_when_possible(self) -> None:
+        """The cache is off until its directory can be opened (room on a full disk, a writable directory,
+        an index that reads): tried every REOPEN_EVERY seconds, without a restart."""
+        while self.cache is None:
+            await asyncio.sleep(REOPEN_EVERY)
+            cache, off = await asyncio.to_thread(_open_cache, self.settings, False)
+            if cache is None:
+                self.cache_off = off
+                continue
+            log.warning("cache directory opened: the cache is on again")
+            self.cache, self.cache_off = cache, None
+            for single in self.single.values():
+                single.cache = cache
+            self._start_cache()
+
+    def _start_cache(self) -> None:
         if self.cache is not None and self.settings.cache_dir and self.root == DICOMWEB_ROOT:
             heap.warm(min(self.settings.memory_warm_bytes, self.settings.memory_cache_bytes))
             bus = siblings.start(self.settings.cache_dir)
@@ -66,8 +93,6 @@ class Context:
 
                 cache = self.cache
                 handover.start(bus.name, lambda *ask: give(*ask, cache=cache))  # frames straight from memory
-        if self.shared is not None and self._listener is None:
-            self._listener = asyncio.ensure_future(self.shared.listen(self._stored_elsewhere, self.clear_searches))
 
     def _stored_elsewhere(self, studies: dict[str, str]) -> None:
         self.locator.stored_elsewhere(studies)
@@ -122,9 +147,10 @@ class Context:
 
     async def close(self) -> None:
         """Release every archive's connections (and the shared tier's)."""
-        if self._listener is not None:
-            self._listener.cancel()
-            self._listener = None
+        for task in (self._listener, self._reopen):
+            if task is not None:
+                task.cancel()
+        self._listener = self._reopen = None
         if self.shared is not None and self.root == DICOMWEB_ROOT:
             await self.shared.close()
         for a in self.archives:
@@ -133,3 +159,17 @@ class Context:
             await handover.stop()
             siblings.stop()
             self.cache.close()
+
+
+def _open_cache(settings: Settings, loud: bool = True) -> tuple[FrameCache | None, str | None]:
+    """The configured cache, or (None, why) when its directory cannot be opened now: a cache is never the
+    reason the edge is down (Context keeps trying)."""
+    assert settings.cache_dir is not None
+    try:
+        return FrameCache(settings.cache_dir, settings.cache_size_bytes, settings.memory_cache_bytes,
+                          sendfile=settings.cache_sendfile), None
+    except (*DISK_ERRORS, ValueError) as exc:  # (ValueError: diskcache reading a damaged settings table)
+        why = f"the cache directory cannot be opened ({type(exc).__name__}: {exc})"
+        if loud:
+            log.error("%s: the cache is off until it can be, tried every %g s", why, REOPEN_EVERY)
+        return None, why

@@ -24,6 +24,7 @@ waiting for that series (benchmarks/RESULTS.md, "Disk writes wait for a quiet mo
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import busy, metrics
+
+log = logging.getLogger("dicomweb_edge.cache")
 
 T = TypeVar("T")
 # the placed instance (Placement.key), frame, media type, transfer syntax, payload, checksum
@@ -312,7 +315,13 @@ class DiskWriter:
                 _tell(loop, waiter, *outcome)
             if not batch:
                 continue
-            results = self._commit([(frames, study) for frames, study, _, _ in batch], lambda: bool(self._first))
+            try:
+                results = self._commit([(frames, study) for frames, study, _, _ in batch], lambda: bool(self._first))
+            except Exception as exc:  # whatever the disk tier raised, the writer goes on with the next batch
+                log.exception("cache writer: a batch of frames was not written")
+                for _, _, done, _ in batch:
+                    _tell(loop, done, None, exc)
+                continue
             if len(results) < len(batch):  # a write a client waits for came in: it goes next
                 with self._lock:
                     self._now[:0] = batch[len(results):]

@@ -51,6 +51,7 @@ def put_json(cache: FrameCache, url: str, audience: str, body: bytes, study: str
     Blocking (the writer thread's `write_first`)."""
     if ttl <= 0 or not cache.writable:
         return
+    cache.reconnect_after_failure()
     try:
         cache.set_value(_json_key(url, audience), _FRESH.pack(time.time() + ttl), head(body), body,
                         expire=ttl + stale_if_error, tag=f"json:{study}")

@@ -53,7 +53,6 @@ def test_cached_objects_come_back_from_another_workers_disk_tier(tmp_path):
     """An instance cached with `transfer-syntax=*` is found through its index entry by a worker that has
     nothing in memory (the soak test caught the index read from disk failing)."""
     from proxy import objects
-
     from proxy.placement import Placement
 
     key = objects.Key("instance", "1.2.3.4", "application/dicom", "*", Placement("1.2.3", "1.2.3.1"))

@@ -274,6 +274,7 @@ def test_compose_proxy_config_matches_the_stack():
     assert stop > config["server"]["shutdown_grace"]
     published = services["proxy"]["ports"][0].rsplit(":", 1)[1]
     assert int(published) == config["server"]["port"]
+    assert services["proxy"]["ulimits"]["nofile"]["soft"] >= 65536  # open files (the proxy raises soft to hard)
 
 
 def test_compose_monitoring_is_wired():
