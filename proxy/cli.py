@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import logging.config
 import os
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .cache import DISK_ERRORS, FrameCache
 from .config import ConfigError, Settings, describe, load, load_file, parse_upstream_flag
+from .entries import check_live
 
 if TYPE_CHECKING:
     import uvicorn
@@ -132,6 +134,8 @@ def cache_command(args: argparse.Namespace) -> int:
     if args.action == "check" and args.fix and (running := siblings.workers_on(directory)):
         raise ConfigError(f"{running} proxy worker(s) serve this cache directory: stop them before check --fix")
     try:
+        if args.action == "check" and not args.fix:  # workers may be writing: no write lock held (entries.py)
+            return _report(check_live(directory), fixed=False)
         return _cache_action(args, FrameCache(directory))
     except DISK_ERRORS as exc:  # a full disk, a directory that cannot be written, an index that does not read
         print(f"dicomweb-edge cache {args.action}: the cache directory cannot be used: {type(exc).__name__}: {exc}",
@@ -139,19 +143,21 @@ def cache_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def _cache_action(args: argparse.Namespace, cache: FrameCache) -> int:
-    import json
+def _report(found: list[str], fixed: bool) -> int:
+    print(json.dumps({"problems": len(found), "fixed": fixed, "details": found[:100]}, indent=2))
+    return 1 if found and not fixed else 0
 
+
+def _cache_action(args: argparse.Namespace, cache: FrameCache) -> int:
     from . import purges
 
     try:
         if args.action == "check":
-            # diskcache's own check: SQLite's integrity, rows whose file is gone, files no row names (what a
-            # crash in the middle of a write leaves), sizes; with --fix, corrected (and the database vacuumed).
-            # Empty directories are the 256 the layout makes up front (entries.FlatDisk), not a problem.
-            found = [m for w in cache.disk.check(fix=args.fix) if not (m := str(w.message)).startswith("empty dir")]
-            print(json.dumps({"problems": len(found), "fixed": args.fix, "details": found[:100]}, indent=2))
-            return 1 if found and not args.fix else 0
+            # With no worker running: diskcache's own check, which corrects what it finds (SQLite's integrity,
+            # rows whose file is gone, files no row names, sizes) and vacuums the database. Empty directories
+            # are the 256 the layout makes up front (entries.FlatDisk), not a problem.
+            found = [m for w in cache.disk.check(fix=True) if not (m := str(w.message)).startswith("empty dir")]
+            return _report(found, fixed=True)
         if args.action == "stats":
             stats = cache.stats()
             del stats["memory_entries"], stats["memory_bytes"], stats["held_back_bytes"]  # a running worker's own

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,3 +106,47 @@ def unpack(blob: bytes, view: bool = False) -> bytes | None:
     if magic != MAGIC or len(payload) != length or checksum_of(payload) != checksum:
         return None
     return payload  # type: ignore[return-value]  # a memoryview sends, joins and measures as bytes do
+
+
+def check_live(directory: str, young: float = 60.0) -> list[str]:
+    """What is wrong in a disk tier that workers may be writing to, found without SQLite's write lock:
+    the database's own check (read-only, `PRAGMA quick_check`), rows whose value file is gone or has
+    another size, and value files no row names (what a worker killed in the middle of a write leaves).
+    diskcache's check() holds the write lock through its whole scan (17.5 s for a million entries, no
+    worker writing meanwhile), so it is kept for `cache check --fix`, which runs with no worker.
+
+    A live tier moves while it is read: a row whose file is missing is reported only if the row is
+    still there when looked at again (an eviction removes both), and a file is "unknown" only when it
+    is older than `young` seconds (a write creates its file before its row is committed)."""
+    db = os.path.join(directory, diskcache.core.DBNAME)
+    problems: list[str] = []
+    started = time.time()
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+        verdict = [m for (m,) in con.execute("PRAGMA quick_check")]
+        if verdict != ["ok"]:
+            problems += [f"database: {m}" for m in verdict]
+        named = {os.path.join(directory, name): (rowid, size) for rowid, size, name in
+                 con.execute("SELECT rowid, size, filename FROM Cache WHERE filename IS NOT NULL")}
+        gone: dict[int, str] = {}
+        for path, (rowid, size) in named.items():
+            try:
+                real = os.path.getsize(path)
+            except FileNotFoundError:
+                gone[rowid] = path
+                continue
+            if real != size:
+                problems.append(f"wrong file size: {path}, {real} != {size}")
+        rowids = list(gone)
+        for at in range(0, len(rowids), 500):
+            batch = rowids[at : at + 500]
+            still = con.execute(f"SELECT rowid FROM Cache WHERE rowid IN ({','.join('?' * len(batch))})", batch)
+            problems += [f"file not found: {gone[rowid]}" for (rowid,) in still]
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if name.startswith(diskcache.core.DBNAME) or path in named:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.getmtime(path) < started - young:
+                    problems.append(f"unknown file: {path}")
+    return problems

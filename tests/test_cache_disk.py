@@ -2,6 +2,8 @@
 writes reach other workers, and reads keep the LRU order without taking the write lock."""
 
 import os
+import sqlite3
+import time
 
 from proxy import documents, purges
 from proxy.cache import FrameCache
@@ -265,11 +267,21 @@ def test_cache_check_finds_what_a_crash_left_and_fixes_it_only_with_the_proxy_st
     cache.close()
     leftover = tmp_path / "ab" / "0123456789abcdef0123456789abcd.val"
     leftover.write_bytes(b"half a frame")
+    young = tmp_path / "cd" / "0123456789abcdef0123456789abcd.val"  # a write in progress: not a leftover
+    young.write_bytes(b"a frame being written")
+    an_hour_ago = time.time() - 3600
+    os.utime(leftover, (an_hour_ago, an_hour_ago))
     args = ["cache", "check", "--cache-dir", str(tmp_path)]
-
-    assert cli.main(args) == 1
+    holder = sqlite3.connect(tmp_path / "cache.db", timeout=1)
+    holder.execute("BEGIN IMMEDIATE")  # a worker writing: the check needs no write lock (it would wait 60 s)
+    try:
+        assert cli.main(args) == 1
+    finally:
+        holder.rollback()
+        holder.close()
     report = json.loads(capsys.readouterr().out)
     assert report["problems"] == 1 and "unknown file" in report["details"][0]
+    young.unlink()
     if sys.platform == "linux":  # (the workers' channels are abstract Unix sockets)
         import asyncio
 
@@ -290,3 +302,20 @@ def test_cache_check_finds_what_a_crash_left_and_fixes_it_only_with_the_proxy_st
     assert cli.main(args) == 0 and json.loads(capsys.readouterr().out)["problems"] == 0
     hit = FrameCache(str(tmp_path)).get("1.2.3", 1, "application/octet-stream", "*")
     assert hit is not None and bytes(hit.payload) == payload
+
+
+def test_a_full_purge_removes_every_entry_and_file_a_batch_at_a_time(tmp_path, monkeypatch):
+    """`purge` of everything deletes PURGE_BATCH rows a transaction (the lock let go between them) and
+    unlinks each batch's files; diskcache's count and volume follow."""
+    monkeypatch.setattr(purges, "PURGE_BATCH", 7)
+    cache = FrameCache(str(tmp_path))
+    big = [os.urandom(40 * 1024 + n) for n in range(5)]  # files of their own
+    for n, p in enumerate(big):
+        cache.write("1.2.3", n + 1, "application/octet-stream", EXPLICIT_LE, p, "1.2")
+    for n in range(20):
+        documents.put_json(cache, f"meta{n}", "", b"[]", "1.2", ttl=60)
+    files = list(tmp_path.glob("*/*.val"))
+    assert len(files) == 5 and len(cache.disk) == 30
+    assert purges.purge(cache) == 30
+    assert not list(tmp_path.glob("*/*.val")) and cache.disk.volume() < 100_000
+    assert list(FrameCache(str(tmp_path)).disk) == ["purge-generation"]  # (which tells the other workers)
