@@ -9,6 +9,7 @@
   resume once the directory is writable again (they never did without a fresh connection);
 - SQLite's lock held by another process longer than a write waits: the write is dropped and counted,
   the writer goes on with the next;
+- an index that is not a database at start-up: served from the archive until it is moved away;
 - an index deleted under a running proxy: /metrics still answers;
 - a soft open-file limit of 256: raised to the hard limit at start-up.
 """
@@ -137,6 +138,24 @@ def test_a_full_cache_disk_at_start_up_leaves_the_cache_off_until_there_is_room(
             assert (r.status_code, r.headers.get("x-cache"), body(r)) == (200, "MISS", pixels(ds, 2))
             assert client.get(frame(proxy, ds, 2), headers=FRAMES).headers.get("x-cache") == "HIT"
             until(lambda: metric(proxy, "dicomweb_edge_cache_disk_entries") >= 2, "nothing reached the disk tier")
+
+
+def test_a_damaged_index_at_start_up_leaves_the_cache_off_and_the_proxy_serving(orthanc, ds, tmp_path):
+    """An index that is not a database (a disk error, a copy gone wrong): the proxy serves from the archive,
+    says why the cache is off, and turns it on once the operator has moved the index away."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "cache.db").write_bytes(b"this is not an SQLite database" * 100)
+    with ProxyProcess({}, tmp_path, config(tmp_path, orthanc, cache)) as proxy, \
+            httpx.Client(timeout=30, trust_env=False) as client:
+        assert "DatabaseError" in client.get(f"{proxy.url}/readyz").json()["cache"]
+        r = client.get(frame(proxy, ds, 1), headers=FRAMES)
+        assert (r.status_code, body(r)) == (200, pixels(ds, 1))
+        assert "cache directory cannot be opened" in proxy.log_path.read_text()
+        (cache / "cache.db").rename(tmp_path / "damaged-cache.db")
+        until(lambda: client.get(f"{proxy.url}/readyz").json()["cache"] == "on", "the cache stayed off")
+        client.get(frame(proxy, ds, 1), headers=FRAMES)
+        assert client.get(frame(proxy, ds, 1), headers=FRAMES).headers.get("x-cache") == "HIT"
 
 
 def test_a_cache_directory_that_stops_being_writable_recovers_without_a_restart(orthanc, ds):
