@@ -127,7 +127,10 @@ def test_prometheus_sees_what_the_proxy_did(stack, demo_data):
             assert c.get(frame, headers=ANY).headers["x-cache"] == "HIT"  # whichever worker answers
             sent["frames"] += 1
         assert c.get(f"{proxy.url}/upstreams/gone/dicomweb/studies").status_code == 502
-        assert c.get(f"{proxy.dicomweb_url}/studies/1.2.3.999/metadata").status_code == 404
+        # A study the live archive does not hold may be on the one that is down: unavailable, not missing.
+        r = c.get(f"{proxy.dicomweb_url}/studies/1.2.3.999/metadata")
+        assert r.status_code == 502 and "archive 'gone'" in r.headers["warning"]
+        assert c.get(f"{proxy.dicomweb_url}/studies/not-a-uid/metadata").status_code == 400  # a client error
         text = c.get(f"{proxy.url}/metrics").text
 
     r = subprocess.run([binary("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
@@ -143,7 +146,7 @@ def test_prometheus_sees_what_the_proxy_did(stack, demo_data):
     # Requests from both workers, added up, by service and status
     for service, n in sent.items():
         assert prom.value(f'sum(dicomweb_edge_requests_total{{service="{service}",status="200"}})') == n
-    assert prom.value('sum(dicomweb_edge_requests_total{status="502"})') == 1
+    assert prom.value('sum(dicomweb_edge_requests_total{status="502"})') == 2  # /upstreams/gone, the unknown study
     assert prom.value('sum(dicomweb_edge_request_duration_seconds_count{service="frames",code="2xx"})') == 4
     p99 = prom.value('histogram_quantile(0.99, sum by (le) (dicomweb_edge_request_duration_seconds_bucket))')
     assert 0 < p99 < 30
