@@ -70,12 +70,12 @@ def test_what_the_walk_does_not_read_goes_to_pydicom():
     assert frames == part10._frames_by_pydicom(to_part10(big))  # both: nothing cut
     assert (study, series) == (ds.StudyInstanceUID, ds.SeriesInstanceUID)
     blob = to_part10(ds)
-    for cut in (200, len(blob) // 2, len(blob) - 10):  # truncated anywhere: never a short frame
+    for cut in (200, len(blob) // 2, len(blob) - 10):  # truncated anywhere: no frame at all, short or whole
         try:
             frames = part10.frames_and_place(blob[:cut])[0]
         except Exception:  # pydicom's own error: learn_instance treats the part as unparseable
             continue
-        assert all(len(f[4]) == 16 * 16 * 2 for f in frames)
+        assert frames == [], cut
 
 
 def test_an_instance_without_pixel_data_has_no_frames():
