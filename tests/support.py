@@ -18,8 +18,8 @@ import pytest
 
 from proxy.demo.orthanc import free_port
 
-__all__ = ["ProxyProcess", "free_port", "instance_path", "missing", "orthanc_file", "require_binary", "running_in_ci",
-           "split_multipart"]
+__all__ = ["ProxyProcess", "first_payload", "free_port", "instance_path", "missing", "native_frame", "orthanc_file",
+           "require_binary", "running_in_ci", "split_multipart"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,6 +168,17 @@ class ProxyProcess:
 def instance_path(ds: Any) -> str:
     """`/studies/{study}/series/{series}/instances/{sop}` of a dataset, relative to a DICOMweb root."""
     return f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+
+
+def native_frame(ds: Any, n: int) -> bytes:
+    """Frame `n` (from 1) of a dataset with native pixel data (Rows x Columns x BitsAllocated/8 bytes each)."""
+    size = ds.Rows * ds.Columns * int(getattr(ds, "SamplesPerPixel", 1)) * ds.BitsAllocated // 8
+    return bytes(ds.PixelData[(n - 1) * size : n * size])
+
+
+def first_payload(response: httpx.Response) -> bytes:
+    """The content of the first part of a multipart/related response."""
+    return split_multipart(response.content, response.headers["content-type"])[1][0][1]
 
 
 def orthanc_file(orthanc: Any, sop_uid: str) -> bytes:

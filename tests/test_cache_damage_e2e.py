@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ProxyProcess, orthanc_holding, split_multipart
+from support import ProxyProcess, first_payload, instance_path, native_frame, orthanc_holding
 
 from proxy.demo.synth import Patient, Study, multiframe_native
 
@@ -33,17 +33,11 @@ def orthanc(tmp_path_factory, ds):
 
 
 def frame_url(base, ds, n):
-    return (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
-            f"/frames/{n}")
+    return f"{base}{instance_path(ds)}/frames/{n}"
 
 
-def pixels(ds, n):
-    size = ds.Rows * ds.Columns * 2
-    return ds.PixelData[(n - 1) * size : n * size]
 
 
-def body(r):
-    return split_multipart(r.content, r.headers["content-type"])[1][0][1]
 
 
 def corrupt_count(proxy):
@@ -74,12 +68,12 @@ def test_a_damaged_file_is_never_served(orthanc, ds, tmp_path, sendfile):
 
     with ProxyProcess({}, tmp_path, args, port=port) as proxy, httpx.Client(timeout=30, trust_env=False) as client:
         r = client.get(url(proxy), headers=FRAMES)
-        assert (r.headers["x-cache"], body(r)) == ("HIT", pixels(ds, 1))  # read from disk, checked
+        assert (r.headers["x-cache"], first_payload(r)) == ("HIT", native_frame(ds, 1))  # read from disk, checked
         with open(entry, "r+b") as f:  # bytes flipped under the running worker
             f.seek(-64, 2)
             f.write(b"\xa5" * 64)
         served = [client.get(url(proxy), headers=FRAMES) for _ in range(3)]
-        assert all(r.status_code == 200 and body(r) == pixels(ds, 1) for r in served)
+        assert all(r.status_code == 200 and first_payload(r) == native_frame(ds, 1) for r in served)
         if sendfile:  # the file is not the one checked: read again, refused, evicted, fetched again
             assert [r.headers["x-cache"] for r in served] == ["MISS", "HIT", "HIT"]
             assert corrupt_count(proxy) == 1 and not entry.exists()
@@ -87,12 +81,12 @@ def test_a_damaged_file_is_never_served(orthanc, ds, tmp_path, sendfile):
         assert [r.headers["x-cache"] for r in served] == ["HIT"] * 3  # the worker's own checked copy
         entry.write_bytes(entry.read_bytes()[:1000])  # the file cut under the running worker
         served = [client.get(url(proxy), headers=FRAMES) for _ in range(3)]
-        assert all(r.status_code == 200 and body(r) == pixels(ds, 1) for r in served)
+        assert all(r.status_code == 200 and first_payload(r) == native_frame(ds, 1) for r in served)
         assert corrupt_count(proxy) == 0
 
     with ProxyProcess({}, tmp_path, args, port=port) as proxy, httpx.Client(timeout=30, trust_env=False) as client:
         r = client.get(url(proxy), headers=FRAMES)  # a worker meeting the damaged file
-        assert (r.status_code, r.headers["x-cache"], body(r)) == (200, "MISS", pixels(ds, 1))
+        assert (r.status_code, r.headers["x-cache"], first_payload(r)) == (200, "MISS", native_frame(ds, 1))
         assert corrupt_count(proxy) == 1 and not entry.exists()
         r = client.get(url(proxy), headers=FRAMES)
-        assert (r.headers["x-cache"], body(r)) == ("HIT", pixels(ds, 1))
+        assert (r.headers["x-cache"], first_payload(r)) == ("HIT", native_frame(ds, 1))

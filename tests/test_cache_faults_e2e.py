@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ProxyProcess, missing, orthanc_holding, split_multipart
+from support import ProxyProcess, first_payload, instance_path, missing, native_frame, orthanc_holding
 
 from proxy.demo.synth import Patient, Study, multiframe_native
 
@@ -47,17 +47,11 @@ def orthanc(tmp_path_factory, ds):
 
 
 def frame(proxy, ds, n):
-    return (f"{proxy.dicomweb_url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-            f"/instances/{ds.SOPInstanceUID}/frames/{n}")
+    return f"{proxy.dicomweb_url}{instance_path(ds)}/frames/{n}"
 
 
-def pixels(ds, n):
-    size = ds.Rows * ds.Columns * 2
-    return ds.PixelData[(n - 1) * size : n * size]
 
 
-def body(r):
-    return split_multipart(r.content, r.headers["content-type"])[1][0][1]
 
 
 def metric(proxy, name, **labels):
@@ -122,7 +116,8 @@ def test_a_full_cache_disk_at_start_up_leaves_the_cache_off_until_there_is_room(
             assert metric(proxy, "dicomweb_edge_cache_writable") == 0
             for _ in range(2):  # served from the archive, every time: the cache is off
                 r = client.get(frame(proxy, ds, 1), headers=FRAMES)
-                assert (r.status_code, body(r)) == (200, pixels(ds, 1)) and r.headers.get("x-cache") != "HIT"
+                assert (r.status_code, first_payload(r)) == (200, native_frame(ds, 1))
+                assert r.headers.get("x-cache") != "HIT"
 
             workers = until(lambda: children(proxy.pid) if len(children(proxy.pid)) == 2 else None, "2 workers")
             os.kill(min(workers), signal.SIGKILL)  # a worker dies while the disk is full: another one starts
@@ -135,7 +130,7 @@ def test_a_full_cache_disk_at_start_up_leaves_the_cache_off_until_there_is_room(
             until(lambda: all(httpx.get(f"{proxy.url}/readyz", trust_env=False).json()["cache"] == "on"
                               for _ in range(10)), "the cache did not turn on again in every worker")
             r = client.get(frame(proxy, ds, 2), headers=FRAMES)
-            assert (r.status_code, r.headers.get("x-cache"), body(r)) == (200, "MISS", pixels(ds, 2))
+            assert (r.status_code, r.headers.get("x-cache"), first_payload(r)) == (200, "MISS", native_frame(ds, 2))
             assert client.get(frame(proxy, ds, 2), headers=FRAMES).headers.get("x-cache") == "HIT"
             until(lambda: metric(proxy, "dicomweb_edge_cache_disk_entries") >= 2, "nothing reached the disk tier")
 
@@ -150,7 +145,7 @@ def test_a_damaged_index_at_start_up_leaves_the_cache_off_and_the_proxy_serving(
             httpx.Client(timeout=30, trust_env=False) as client:
         assert "DatabaseError" in client.get(f"{proxy.url}/readyz").json()["cache"]
         r = client.get(frame(proxy, ds, 1), headers=FRAMES)
-        assert (r.status_code, body(r)) == (200, pixels(ds, 1))
+        assert (r.status_code, first_payload(r)) == (200, native_frame(ds, 1))
         assert "cache directory cannot be opened" in proxy.log_path.read_text()
         (cache / "cache.db").rename(tmp_path / "damaged-cache.db")
         until(lambda: client.get(f"{proxy.url}/readyz").json()["cache"] == "on", "the cache stayed off")
@@ -179,7 +174,7 @@ def test_a_cache_directory_that_stops_being_writable_recovers_without_a_restart(
             def write_fails():
                 nonlocal n
                 r = client.get(frame(proxy, ds, n), headers=FRAMES)
-                assert r.status_code == 200 and body(r) == pixels(ds, n), (r.status_code, r.text[:300])
+                assert r.status_code == 200 and first_payload(r) == native_frame(ds, n), (r.status_code, r.text[:300])
                 n += 1
                 time.sleep(0.5)  # (a worker alone writes what it fetched in a quiet moment)
                 return metric(proxy, "dicomweb_edge_cache_lookups_total", result="write-failed") >= 1
@@ -210,7 +205,7 @@ def test_a_write_waiting_on_another_processs_lock_is_dropped_and_the_writer_goes
         holder.execute("BEGIN IMMEDIATE")  # another process holds SQLite's write lock (a `cache check`, say)
         try:
             r = client.get(frame(proxy, ds, 2), headers=FRAMES)
-            assert (r.status_code, body(r)) == (200, pixels(ds, 2))
+            assert (r.status_code, first_payload(r)) == (200, native_frame(ds, 2))
             until(lambda: metric(proxy, "dicomweb_edge_cache_lookups_total", result="write-failed") >= 1,
                   "the write waiting on the lock was not given up", seconds=30)
         finally:
@@ -232,7 +227,7 @@ def test_metrics_answer_with_the_cache_index_deleted(orthanc, ds, tmp_path):
             r = httpx.get(f"{proxy.url}/metrics", trust_env=False)
             assert r.status_code == 200 and "dicomweb_edge_cache_writable" in r.text
         r = client.get(frame(proxy, ds, 5), headers=FRAMES)
-        assert (r.status_code, body(r)) == (200, pixels(ds, 5))
+        assert (r.status_code, first_payload(r)) == (200, native_frame(ds, 5))
 
 
 def test_a_low_soft_open_file_limit_is_raised_at_start_up(orthanc, tmp_path):
