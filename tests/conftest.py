@@ -5,6 +5,7 @@ Orthanc tests skip when Orthanc is not installed, except under CI=true, where th
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import pytest
@@ -17,10 +18,27 @@ from proxy.demo.synth import DemoSet, demo_set
 ORTHANC_FIXTURES = {"orthanc_a", "orthanc_b", "proxy_a"}
 
 
+STARTS_ORTHANC = ("orthanc_holding(", "OrthancServer(")  # what a module's own fixture or test calls to start one
+
+
+def _starts_orthanc(module: object, name: str) -> bool:
+    """Whether the function `name` of `module` (a fixture or the test itself) starts an Orthanc."""
+    fn = getattr(module, name, None)
+    fn = getattr(fn, "_get_wrapped_function", lambda: fn)()  # (pytest 8.4+: a fixture definition object)
+    try:
+        source = inspect.getsource(fn)  # type: ignore[arg-type]
+    except (TypeError, OSError):
+        return False
+    return any(call in source for call in STARTS_ORTHANC)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tag every test that needs a real Orthanc, so `-m "not orthanc"` deselects them."""
+    """Tag every test that needs a real Orthanc, so `-m "not orthanc"` deselects them: through the session
+    fixtures, or through a fixture (or a test body) of its own module that starts one."""
     for item in items:
-        if ORTHANC_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        module = getattr(item, "module", None)
+        if ORTHANC_FIXTURES & names or any(_starts_orthanc(module, n) for n in names | {item.name.split("[")[0]}):
             item.add_marker(pytest.mark.orthanc)
 
 
