@@ -18,8 +18,8 @@ import pytest
 
 from proxy.demo.orthanc import free_port
 
-__all__ = ["ProxyProcess", "first_payload", "free_port", "instance_path", "missing", "native_frame", "orthanc_file",
-           "require_binary", "running_in_ci", "split_multipart"]
+__all__ = ["ProxyProcess", "dicomweb_client", "first_payload", "free_port", "instance_path", "missing", "native_frame",
+           "orthanc_file", "require_binary", "running_in_ci", "split_multipart"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,6 +168,20 @@ class ProxyProcess:
 def instance_path(ds: Any) -> str:
     """`/studies/{study}/series/{series}/instances/{sop}` of a dataset, relative to a DICOMweb root."""
     return f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+
+
+def dicomweb_client(url: str) -> Any:
+    """dicomweb-client's DICOMwebClient for `url`, as a user's script makes it, less two things that would
+    hide the proxy's faults from a test: its retries (on 408, 429, 503 and 504, five times with back-off:
+    a failure answered once would pass unseen) and the environment's HTTP proxy settings."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    session.trust_env = False  # loopback only, never through a proxy from the environment
+    client = DICOMwebClient(url, session=session)
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def native_frame(ds: Any, n: int) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.encaps import generate_frames
-from support import orthanc_file
+from support import dicomweb_client, orthanc_file
 
 from proxy.demo.synth import VL_WSM, Patient, Study, ct_series, to_part10
 
@@ -24,9 +24,7 @@ OCTET_ANY = (("application/octet-stream", "*"),)
 
 
 def _client(url: str) -> DICOMwebClient:
-    session = requests.Session()
-    session.trust_env = False  # loopback only, never through a proxy from the environment
-    return DICOMwebClient(url, session=session)
+    return dicomweb_client(url)  # (no retries: a 503 answered once fails the test)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import time
 
 import httpx
 import pytest
-from dicomweb_client.api import DICOMwebClient
-from support import REPO_ROOT, free_port, missing
+from support import REPO_ROOT, dicomweb_client, free_port, missing
 
 from proxy.demo.orthanc import find_orthanc
 
@@ -57,7 +56,7 @@ def test_demo_serves_what_it_prints(mode, stop):
                       headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})
         assert r.status_code == 200 and len(r.content) > 512 * 512 * 2
         study, series = re.search(r"retrieve_series\('([0-9.]+)', '([0-9.]+)'\)", out).groups()
-        assert len(DICOMwebClient(base).retrieve_series(study, series)) == 5
+        assert len(dicomweb_client(base).retrieve_series(study, series)) == 5
     finally:
         proc.send_signal(stop)
         try:

@@ -13,7 +13,6 @@ import io
 
 import httpx
 import pytest
-from dicomweb_client.api import DICOMwebClient
 from federation_support import (
     MODALITIES,
     N_SERIES,
@@ -34,7 +33,7 @@ from federation_support import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
-from support import ProxyProcess, missing, split_multipart
+from support import ProxyProcess, dicomweb_client, missing, split_multipart
 
 from proxy.demo.orthanc import OrthancServer, find_orthanc
 from proxy.demo.synth import Patient, Study, ct_series, multiframe_native, to_part10
@@ -166,7 +165,7 @@ def test_order_is_deterministic_and_pages_cover_the_set_once(fed, client, orthan
         assert offset <= len(expected), "paging does not end"
     assert walked == expected
 
-    dw = DICOMwebClient(fed.dicomweb_url)
+    dw = dicomweb_client(fed.dicomweb_url)
     found = dw.search_for_studies(limit=2, get_remaining=True)
     assert [s[STUDY]["Value"][0] for s in found] == expected
 
@@ -236,7 +235,7 @@ def test_study_only_on_b_is_located_and_retrieved(config, tmp_path, demo_data):
     """A fresh proxy knows nothing yet: the study is found by probing, though B is searched last."""
     mf = next(ds for ds in demo_data.archive_b if ds.StudyInstanceUID == demo_data.uids["multiframe_study"])
     with ProxyProcess({}, tmp_path, extra_args=["--config", str(config)]) as proxy:
-        got = DICOMwebClient(proxy.dicomweb_url).retrieve_study(mf.StudyInstanceUID)
+        got = dicomweb_client(proxy.dicomweb_url).retrieve_study(mf.StudyInstanceUID)
         metrics = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
     assert [ds.SOPInstanceUID for ds in got] == [mf.SOPInstanceUID]
     probed = {s.labels["archive"] for f in text_string_to_metric_families(metrics) for s in f.samples
@@ -249,7 +248,7 @@ def test_split_study_retrieve_and_metadata_have_every_instance_once(fed, archive
     split = demo_data.uids["split_study"]
     source = {ds.SOPInstanceUID: ds for ds in everything(archives) if ds.StudyInstanceUID == split}
     assert len(source) == 8  # 4 + 3 from A and B (one instance on both) and C's OT instance
-    dw = DICOMwebClient(fed.dicomweb_url)
+    dw = dicomweb_client(fed.dicomweb_url)
     got = dw.retrieve_study(split)
     assert sorted(ds.SOPInstanceUID for ds in got) == sorted(source)
     assert all(ds.PixelData == source[ds.SOPInstanceUID].PixelData for ds in got)
@@ -266,7 +265,7 @@ def test_instance_only_on_b_by_instance_and_frames(fed, demo_data):
     split = demo_data.uids["split_study"]
     on_a = {ds.SOPInstanceUID for ds in demo_data.archive_a}
     only_b = next(ds for ds in demo_data.archive_b if ds.StudyInstanceUID == split and ds.SOPInstanceUID not in on_a)
-    dw = DICOMwebClient(fed.dicomweb_url)
+    dw = dicomweb_client(fed.dicomweb_url)
     got = dw.retrieve_instance(split, only_b.SeriesInstanceUID, only_b.SOPInstanceUID)
     assert got.SOPInstanceUID == only_b.SOPInstanceUID and got.PixelData == only_b.PixelData
     frames = dw.retrieve_instance_frames(split, only_b.SeriesInstanceUID, only_b.SOPInstanceUID, [1])
@@ -288,7 +287,7 @@ def test_store_goes_to_the_highest_priority_store_archive(fed, client, orthancs)
         Study(Patient("NEW^STORED", "PID899"), study_date="20250102", accession="ACC899"), 2, rows=16, cols=16,
         seed=21)]
     uid = new[0].StudyInstanceUID
-    dw = DICOMwebClient(fed.dicomweb_url)
+    dw = dicomweb_client(fed.dicomweb_url)
     result = dw.store_instances(new)
     assert result.RetrieveURL == f"{fed.dicomweb_url}/studies/{uid}"
     refs = result.ReferencedSOPSequence
