@@ -43,6 +43,71 @@ def test_accept_parser_never_raises_anything_but_bad_accept(header):
             pass
 
 
+TS = st.sampled_from(["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90", "*"])
+INNER = st.sampled_from(["application/dicom", "application/octet-stream", "image/jpeg", "image/jp2", "image/jls",
+                         "application/*", "*/*", "text/plain"])
+OUTER = st.sampled_from(["application/dicom", "application/octet-stream", "image/jpeg", "image/png",
+                         "application/dicom+json", "application/json", "image/*", "*/*", "text/html"])
+
+
+@st.composite
+def accept_range(draw: st.DrawFn) -> tuple[str, str, str | None, str | None, float]:
+    """One range as a DICOMweb client writes it: (text, type, inner type, transfer syntax, q)."""
+    multipart = draw(st.booleans())
+    kind = "multipart/related" if multipart else draw(OUTER)
+    inner = draw(INNER) if multipart and draw(st.booleans()) else None
+    ts = draw(TS) if draw(st.booleans()) else None
+    q = draw(st.sampled_from([None, 1.0, 0.9, 0.5, 0.001, 0.0]))
+    text = kind + (f'; type="{inner}"' if inner else "") + (f"; transfer-syntax={ts}" if ts else "")
+    text += "" if q is None else f"; q={q:g}"
+    return text, kind, inner, ts, 1.0 if q is None else q
+
+
+def _admits(r: tuple[str, str, str | None, str | None, float], sel: object) -> bool:
+    """Whether range `r` (q > 0) allows the answer `sel`: its media type (the part's, for multipart) and,
+    where it names one, its transfer syntax."""
+    _, kind, inner, ts, q = r
+    if q <= 0:
+        return False
+    def matches(pattern: str, concrete: str) -> bool:
+        return pattern in ("*/*", concrete) or (pattern.endswith("/*") and concrete.startswith(pattern[:-1]))
+    if sel.multipart:  # type: ignore[attr-defined]
+        if kind not in ("multipart/related", "*/*"):
+            return False
+        if inner is not None and not matches(inner, sel.media_type):  # type: ignore[attr-defined]
+            return False
+    elif not (matches(kind, sel.media_type) or (kind == "application/json" and  # type: ignore[attr-defined]
+                                                  sel.media_type == "application/dicom+json")):  # type: ignore
+        return False
+    return ts is None or sel.transfer_syntax in (None, ts)  # type: ignore[attr-defined]
+
+
+@FAST
+@given(st.lists(accept_range(), min_size=1, max_size=4), st.sampled_from(list(Resource)), st.booleans())
+def test_negotiation_answers_only_what_a_range_accepts(ranges, resource, single_item):
+    """Built from the media types, parameters and q-values clients send (not random text, which the parser
+    refuses almost always): the answer is refused (406, or 400 for what cannot be combined), or it is
+    one that a range with q > 0 accepts, transfer syntax included, and no range the client prefers
+    strictly more would have given an answer of its own."""
+    header = ", ".join(r[0] for r in ranges)
+    try:
+        sel = negotiate(header, resource, single_item)
+    except (NotAcceptable, BadAccept):
+        # refused although the client takes anything: never (a transfer syntax named beside it aside)
+        assert not any(r[4] > 0 and r[1] == "*/*" and r[3] is None for r in ranges), (header, resource)
+        return
+    chosen = [r for r in ranges if _admits(r, sel)]
+    assert chosen, (header, resource, sel)
+    best_q = max(r[4] for r in chosen)
+    for r in ranges:
+        if r[4] > best_q:
+            try:
+                alone = negotiate(r[0], resource, single_item)
+            except (NotAcceptable, BadAccept):
+                continue
+            assert not _admits(r, alone), (header, resource, sel, r[0])
+
+
 @FAST
 @given(MEDIA, TOKEN, st.sampled_from(["type", "transfer-syntax", "charset"]))
 def test_quoted_and_unquoted_parameters_are_the_same(media, value, name):
