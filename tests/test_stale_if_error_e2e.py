@@ -88,6 +88,17 @@ def test_stale_metadata_and_cached_frames_while_the_archive_fails(client, proxy,
     finally:
         archive.archive.faults.clear()
 
+    # 1b. The archive answers 502 or 504 itself, or not within first_byte (the proxy's own 504): the same.
+    for fault in ({"status": 502}, {"status": 504}, {"first_byte_delay": 1.5}):
+        for name, value in fault.items():
+            setattr(archive.archive.faults, name, value)
+        try:
+            r = client.get(url, headers={"Accept": "application/dicom+json"})
+            assert (r.status_code, r.headers.get("x-cache")) == (200, "STALE"), (fault, r.status_code, r.text)
+            assert r.content == warm.content and r.headers["warning"] == STALE_WARNING
+        finally:
+            archive.archive.faults.clear()
+
     # 2. The archive is down (connection refused): the same, and the cached frame is a plain hit.
     archive.stop()
     try:
