@@ -108,6 +108,32 @@ def test_unreachable_archive_is_502(client, dead_proxy, demo_data):
         assert study not in response.text and "DOE" not in response.text
 
 
+ORIGIN = "http://viewer.example"
+
+
+@pytest.fixture(scope="module")
+def dead_cors_proxy(tmp_path_factory):
+    """A proxy serving a viewer on another origin, its archive a free port with nothing listening."""
+    workdir = tmp_path_factory.mktemp("proxy_dead_cors")
+    (workdir / "edge.toml").write_text(
+        f'[server]\ncors_origins = ["{ORIGIN}"]\n'
+        f'[[archives]]\nname = "dead"\nurl = "http://127.0.0.1:{free_port()}/dicom-web"\n')
+    with ProxyProcess({}, workdir, extra_args=["--config", str(workdir / "edge.toml")]) as proxy:
+        yield proxy
+
+
+def test_a_viewer_on_another_origin_can_read_a_5xx(client, dead_cors_proxy, demo_data):
+    """A browser hides a response without Access-Control-Allow-Origin from the page: a viewer would show a
+    network error where the proxy said 502 and why. The real app's 5xx carry the CORS headers."""
+    study = demo_data.uids["ct_study"]
+    for path in (f"/studies/{study}/metadata", "/studies?PatientName=DOE*"):
+        r = client.get(dead_cors_proxy.dicomweb_url + path, headers={"Origin": ORIGIN})
+        assert r.status_code == 502, r.text
+        assert r.headers.get("access-control-allow-origin") == ORIGIN, r.headers
+    r = client.get(dead_cors_proxy.dicomweb_url + f"/studies/{study}/metadata", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 502 and "access-control-allow-origin" not in r.headers
+
+
 def test_archive_too_slow_to_answer_is_504(client, faulty_proxy, faults, slice0):
     """A first byte later than the archive's `first_byte` timeout (but within connect + first_byte) is a
     504 naming the archive; once the archive is quick again, the same request succeeds."""
