@@ -153,6 +153,15 @@ class ProxyProcess:
         """Peak resident set size of the main process (VmHWM)."""
         return _read_kib(self.pid, "VmHWM")
 
+    def log_after(self, request_id: str, timeout: float = 10.0) -> str:
+        """The whole log once the record of the request sent with `X-Request-ID: request_id` is in it (access
+        records are written in batches): an assertion that something is *not* in the log needs that much."""
+        deadline = time.monotonic() + timeout
+        while request_id not in (text := self.log_path.read_text()):
+            assert time.monotonic() < deadline, f"no record of request {request_id} in the log"
+            time.sleep(0.02)
+        return text
+
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_path.exists():
             return "(no proxy log)"
