@@ -1,6 +1,7 @@
 """Inbound authentication and a cache that cannot leak, through a real proxy process (issue 7 points 1-2).
 
-API keys with the proxy's own archive credentials: scopes for read / write (STOW) / admin, open probes,
+API keys with the proxy's own archive credentials, in front of a real Orthanc: scopes for read / write
+(STOW) / admin, open probes,
 viewer and CORS preflights, /metrics for a local scraper only, and every reader sharing the cache.
 JWT with token pass-through to an archive that decides per token (the sample archive's access rule,
 since Orthanc has no per-token study ACL): token B never gets from the cache what only token A may see
@@ -15,7 +16,8 @@ import json
 import httpx
 import pytest
 from authkeys import AUDIENCE, ISSUER, SigningKey, jwks
-from support import ProxyProcess, split_multipart
+from prometheus_client.parser import text_string_to_metric_families
+from support import ProxyProcess, orthanc_holding, split_multipart
 
 from proxy.auth import key_digest
 from proxy.demo.archive import ArchiveServer, SampleArchive
@@ -62,11 +64,14 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def shared_archive():
-    archive = SampleArchive("OWN")
-    archive.add(multiframe_native(Study(Patient("KEY^SHARED", "PIDK1")), n_frames=3, rows=32, cols=32))
-    with ArchiveServer(archive) as server:
-        yield server
+def shared_dataset():
+    return multiframe_native(Study(Patient("KEY^SHARED", "PIDK1")), n_frames=3, rows=32, cols=32)
+
+
+@pytest.fixture(scope="module")
+def shared_archive(tmp_path_factory, shared_dataset):
+    """A real Orthanc, read with the proxy's own credentials (none here)."""
+    yield from orthanc_holding(tmp_path_factory, "KEYS", [shared_dataset])
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def key_proxy(shared_archive, tmp_path_factory):
         yield proxy
 
 
-def test_api_keys_and_scopes(key_proxy, shared_archive, client):
+def test_api_keys_and_scopes(key_proxy, client):
     base = key_proxy.dicomweb_url
     r = client.get(f"{base}/studies")
     assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="dicomweb-edge"'
@@ -130,18 +135,25 @@ def test_probes_viewer_preflight_and_metrics_stay_reachable(key_proxy, client):
     assert "key-reader1" not in key_proxy.log_after("keys-in-log")  # keys never reach the log, good or bad
 
 
-def test_with_the_proxys_own_credentials_every_reader_shares_the_cache(key_proxy, shared_archive, client):
-    ds = next(e.ds for e in shared_archive.archive._snapshot() if e.ds.PatientID == "PIDK1")
+def test_with_the_proxys_own_credentials_every_reader_shares_the_cache(key_proxy, shared_dataset, client):
+    ds = shared_dataset
     url = frame_url(key_proxy.dicomweb_url, ds, 2)
     r = client.get(url, headers={**FRAMES, **key("reader1")})
     assert r.headers["x-cache"] == "MISS"
-    frames_before = shared_archive.archive.requests["frames"]
+    frames_before = upstream_requests(key_proxy, "frames")
     r = client.get(url, headers={**FRAMES, **key("reader2")})
-    assert r.status_code == 200 and r.headers["x-cache"] == "HIT"
-    assert shared_archive.archive.requests["frames"] == frames_before
+    assert r.status_code == 200 and r.headers["x-cache"] == "HIT" and payload(r) == frame_bytes(ds, 2)
+    assert upstream_requests(key_proxy, "frames") == frames_before  # the archive was not asked
     meta = f"{key_proxy.dicomweb_url}/studies/{ds.StudyInstanceUID}/metadata"
     assert client.get(meta, headers=key("reader1")).headers["x-cache"] == "MISS"
     assert client.get(meta, headers=key("reader2")).headers["x-cache"] == "HIT"
+
+
+def upstream_requests(proxy, service):
+    """The proxy's own count of requests it sent its archives for `service` (its /metrics)."""
+    text = httpx.get(f"{proxy.url}/metrics", headers=key("admin"), trust_env=False).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "dicomweb_edge_upstream_requests_total" and s.labels.get("service") == service)
 
 
 # -- token pass-through ---------------------------------------------------------------------------------------
