@@ -1,8 +1,8 @@
 """Inbound authentication and a cache that cannot leak, through a real proxy process (issue 7 points 1-2).
 
 API keys with the proxy's own archive credentials, in front of a real Orthanc: scopes for read / write
-(STOW) / admin, open probes,
-viewer and CORS preflights, /metrics for a local scraper only, and every reader sharing the cache.
+(STOW) / admin, open probes, viewer and CORS preflights, /metrics for a local scraper only, and every
+reader sharing the cache.
 JWT with token pass-through to an archive that decides per token (the sample archive's access rule,
 since Orthanc has no per-token study ACL): token B never gets from the cache what only token A may see
 (frames, metadata, instances, bulk data, renderings, searches), while A keeps its hits and B gets hits
