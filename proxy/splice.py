@@ -239,7 +239,7 @@ async def serve(cycle: Any, transport: Any, plain: Send, message: Message, send_
     finally:
         mover.close()
     message["count"] = sent
-    if crlf:
+    if crlf and not transport.is_closing():  # (a client gone meanwhile: nothing to end, and no transport)
         transport.write(crlf)
     if not more_body:
         await plain({"type": "http.response.body", "body": b"", "more_body": False})
