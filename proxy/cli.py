@@ -104,7 +104,9 @@ def serve(settings: Settings) -> None:
     config = uvicorn.Config("proxy.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                             workers=settings.workers, access_log=False, log_level=settings.log_level.lower(),
                             log_config=log_config(settings),
-                            loop="uvloop", http="proxy.protocol:EdgeHttpProtocol",
+                            loop="uvloop",
+                            http=("httptools" if "server_protocol" in settings.disable
+                                  else "proxy.protocol:EdgeHttpProtocol"),
                             # Forwarding headers are judged by the proxy itself against trusted_proxies
                             # (urls.base_of, limits.client_key): uvicorn's own handling would replace the
                             # peer's address with a forwarded one before any of that runs.

@@ -37,6 +37,10 @@ ENV_PREFIX = "DICOMWEB_EDGE_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
+# Optimisations an operator may switch off (`[server] disable = [...]`, `DICOMWEB_EDGE_DISABLE=a,b`); each
+# is kept only while a benchmark a user would notice shows it pays (benchmarks/RESULTS.md, "Mechanisms").
+OPTIONAL = ("hit_lane", "splice", "handover", "claims", "unjoined_chunks", "server_protocol")
+
 LIMIT_KEYS = ("client_request_rate", "client_byte_rate", "client_request_burst", "client_byte_burst",
               "max_header_bytes", "max_header_count", "header_timeout", "keepalive_timeout", "send_timeout",
               "queue_timeout")
@@ -121,6 +125,7 @@ class Settings:
     redis_key_prefix: str = "dicomweb-edge:"  # every Redis key and channel starts with this
     redis_timeout: float = 0.25  # seconds a Redis call may take before the proxy goes on without it
     viewer_dir: str | None = None  # a built OHIF dist/ served at / (the viewer is off when unset)
+    disable: list[str] = field(default_factory=list)  # optimisations switched off (OPTIONAL)
     auth: dict[str, Any] = field(default_factory=dict)  # the [auth] table: inbound authentication (auth.py)
     archives: list[ArchiveConfig] = field(default_factory=list)
 
@@ -228,7 +233,7 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
                 out[f.name] = float(value)
             except ValueError:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a number: {value!r}") from None
-        elif f.name in ("trusted_proxies", "cors_origins"):
+        elif f.name in ("trusted_proxies", "cors_origins", "disable"):
             out[f.name] = [v.strip() for v in value.split(",") if v.strip()]
         else:
             out[f.name] = value
@@ -277,6 +282,8 @@ def validate(s: Settings) -> None:
         if origin != "*" and (u.scheme not in ("http", "https") or not u.netloc or u.path or u.query or u.fragment):
             raise ConfigError(f"cors_origins: {origin!r} must be '*' or an origin like https://viewer.example.org")
     _validate_limits(s)
+    if unknown := sorted(set(s.disable) - set(OPTIONAL)):
+        raise ConfigError(f"disable: {unknown} not among {', '.join(OPTIONAL)}")
     if not 0 <= s.memory_warm_bytes <= 1024**3:
         raise ConfigError(f"[cache] warm_bytes {s.memory_warm_bytes} must be 0 (off) to 1073741824 (1 GiB)")
     if not 0 <= s.stale_if_error <= 30 * 86400:

@@ -83,7 +83,7 @@ class Context:
     def _start_cache(self) -> None:
         if self.cache is not None and self.settings.cache_dir and self.root == DICOMWEB_ROOT:
             heap.warm(min(self.settings.memory_warm_bytes, self.settings.memory_cache_bytes))
-            bus = siblings.start(self.settings.cache_dir)
+            bus = siblings.start(self.settings.cache_dir, claims="claims" not in self.settings.disable)
             if bus is not None:
                 bus.on_want = self.cache.writer.want  # a sibling waits for frames this worker holds back
                 from .prefetch import sibling_yield  # (late: prefetch.py builds on this module)
@@ -92,7 +92,8 @@ class Context:
                 from .frames import give  # (late, as above)
 
                 cache = self.cache
-                handover.start(bus.name, lambda *ask: give(*ask, cache=cache))  # frames straight from memory
+                if "handover" not in self.settings.disable:
+                    handover.start(bus.name, lambda *ask: give(*ask, cache=cache))  # frames straight from memory
 
     def _stored_elsewhere(self, studies: dict[str, str]) -> None:
         self.locator.stored_elsewhere(studies)

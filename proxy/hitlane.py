@@ -53,6 +53,7 @@ Headers = list[tuple[bytes, bytes]]
 def applies(settings: Settings, auth_mode: str, forwarding: bool) -> bool:
     """Whether the cache phase may answer before the policies: only when there are none to apply."""
     return (settings.cache_dir is not None and auth_mode == "none" and not forwarding
+            and "hit_lane" not in settings.disable
             and settings.client_request_rate <= 0 and settings.client_byte_rate <= 0)
 
 

@@ -80,14 +80,16 @@ def _chunks_unjoined(cycle: Any, transport: asyncio.Transport) -> None:
 
 
 @functools.cache
-def _protocol_limits() -> tuple[int, int, float, float]:
-    """(max header bytes, max header count, header timeout, send timeout) of the settings the server runs with."""
+def _protocol_limits() -> tuple[int, int, float, float, frozenset[str]]:
+    """(max header bytes, max header count, header timeout, send timeout, optimisations switched off) of the
+    settings the server runs with."""
     from .app import SETTINGS_ENV
 
     raw: dict[str, Any] = json.loads(os.environ.get(SETTINGS_ENV, "{}"))
     d = Settings()
     return (int(raw.get("max_header_bytes", d.max_header_bytes)), int(raw.get("max_header_count", d.max_header_count)),
-            float(raw.get("header_timeout", d.header_timeout)), float(raw.get("send_timeout", d.send_timeout)))
+            float(raw.get("header_timeout", d.header_timeout)), float(raw.get("send_timeout", d.send_timeout)),
+            frozenset(raw.get("disable", ())))
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
@@ -103,7 +105,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._max_bytes, self._max_count, self._header_timeout, self._send_timeout = _protocol_limits()
+        self._max_bytes, self._max_count, self._header_timeout, self._send_timeout, self._off = _protocol_limits()
         self._send_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._refused: tuple[int, str] | None = None
@@ -191,10 +193,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None or cycle.scope is not self.scope:
             return
-        _chunks_unjoined(cycle, self.transport)
+        if "unjoined_chunks" not in self._off:
+            _chunks_unjoined(cycle, self.transport)
         if self.transport.get_extra_info("sslcontext") is None:  # (TLS: the bytes pass through the encryption)
             sendfile.install(cycle, self.transport, self.scope)
-            splice.install(cycle, self.transport, self.scope, self._send_timeout)
+            if "splice" not in self._off:
+                splice.install(cycle, self.transport, self.scope, self._send_timeout)
 
     def on_body(self, body: bytes) -> None:
         if not self._answered:

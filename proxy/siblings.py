@@ -305,11 +305,13 @@ class Siblings:
 _bus: Siblings | None = None
 
 
-def start(cache_dir: str) -> Siblings | None:
-    """Open this worker's end (once per process)."""
+def start(cache_dir: str, claims: bool = True) -> Siblings | None:
+    """Open this worker's end (once per process); `claims` False: fetches are announced, never claimed."""
     global _bus
     if _bus is None:
         bus = Siblings(cache_dir)
+        if not claims:
+            bus.max_claims = 0
         if bus.start():
             _bus = bus
     return _bus

@@ -84,3 +84,14 @@ def test_the_documented_example_config_is_valid():
     documented |= {f.name for f in dataclasses.fields(ArchiveConfig)}
     missing = [name for name in documented if f"{name} =" not in text]
     assert not missing, f"settings missing from the example config: {missing}"
+
+
+def test_optimisations_are_switched_off_by_name(tmp_path):
+    """`[server] disable` and DICOMWEB_EDGE_DISABLE name optimisations to switch off; a misspelt name is
+    refused at start-up rather than silently leaving the optimisation on."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\ndisable = ["splice"]\n[[archives]]\nname = "a"\nurl = "http://127.0.0.1:1/x"\n')
+    assert load(cfg, environ={}).disable == ["splice"]
+    assert load(cfg, environ={"DICOMWEB_EDGE_DISABLE": "hit_lane, claims"}).disable == ["hit_lane", "claims"]
+    with pytest.raises(ConfigError, match="splise"):
+        load(cfg, environ={"DICOMWEB_EDGE_DISABLE": "splise"})
