@@ -36,9 +36,9 @@ import diskcache
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy import purges  # noqa: E402
-from proxy.cache import FrameCache  # noqa: E402
-from proxy.entries import check_live, head  # noqa: E402
+from proxy.cache import purges  # noqa: E402
+from proxy.cache.entries import check_live, head  # noqa: E402
+from proxy.cache.store import FrameCache  # noqa: E402
 
 VALUE = os.urandom(2048)
 FILL_BATCH = 2000

@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.cache import FrameCache, checksum_of, frame_key  # noqa: E402
-from proxy.entries import unpack  # noqa: E402
-from proxy.part10 import EXPLICIT_LE  # noqa: E402
+from proxy.cache.entries import unpack  # noqa: E402
+from proxy.cache.store import FrameCache, checksum_of, frame_key  # noqa: E402
+from proxy.formats.part10 import EXPLICIT_LE  # noqa: E402
 
 MEDIA = "application/octet-stream"
 

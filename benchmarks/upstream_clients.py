@@ -6,7 +6,7 @@ Starts a fresh Orthanc with a few 512x512 CT slices (stack.py) and reads one fra
 `transfer-syntax=*`) over and over with `--inflight` requests in flight for `--seconds`, on uvloop
 (as the proxy runs), with each client in turn, interleaved, `--repeat` times: httpx's default
 transport, httpx with the httpx-aiohttp transport, aiohttp, and the proxy's own upstream layer
-(`proxy.upstream.Archive`, whatever transport it uses today). Clients whose package is not installed
+(`proxy.upstream.archive.Archive`, whatever transport it uses today). Clients whose package is not installed
 are skipped. wrk on the same frame and concurrency is the C reference. The medians go into the
 "## Upstream client choice" section of RESULTS.md: the figures behind the choice of transport.
 """
@@ -33,7 +33,7 @@ from run import wrk
 from stack import ACCEPT_FRAME, REPO, WORK, ForeignCpu, Stack, code_state, on_sigterm, replace_section, versions
 
 from proxy.config import ArchiveConfig
-from proxy.upstream import Archive
+from proxy.upstream.archive import Archive
 
 SECTION = "## Upstream client choice"
 HEADERS = {"Accept": ACCEPT_FRAME}
@@ -96,7 +96,7 @@ CLIENTS = {
     "httpx 0.28 default transport (httpcore), `r.content`": httpx_default,
     "httpx + httpx-aiohttp transport, `r.content`": httpx_aiohttp_transport,
     "aiohttp `ClientSession`, `await r.read()`": aiohttp_plain,
-    "proxy.upstream.Archive (the proxy's own upstream path)": proxy_archive,
+    "proxy.upstream.archive.Archive (the proxy's own upstream path)": proxy_archive,
 }
 
 
@@ -150,7 +150,7 @@ def render(args: argparse.Namespace, results: dict[str, list[dict]], ref: list[d
         f"Date: {info['date']}  ",
         f"Machine: {v['nproc']} cores ({v['cpu']}), Python {v['python']}, uvloop {v['uvloop']}, "
         f"httpx {v['httpx']}, aiohttp {v['aiohttp']}  ",
-        f"Code: `proxy.upstream` from the {info['code']}  ",
+        f"Code: `proxy.upstream.archive` from the {info['code']}  ",
         f"Load average (1 min): {info['load_start']:.2f} before, {info['load_end']:.2f} after. Other sessions "
         "may share this machine: 'other load' is the median number of cores that processes other than this "
         "client, wrk and Orthanc kept busy during the runs.",
@@ -169,7 +169,7 @@ def render(args: argparse.Namespace, results: dict[str, list[dict]], ref: list[d
         f"{statistics.median(r['other_cores'] for r in ref):.2f} |",
         "",
         f"Fastest Python client here: {best[0]} ({best[1] / base:.2f}× httpx's default transport). "
-        "The `proxy.upstream.Archive` row is the proxy's own upstream path (`Archive.open()` + "
+        "The `proxy.upstream.archive.Archive` row is the proxy's own upstream path (`Archive.open()` + "
         "`iter_chunks()`, with its metrics), whatever transport it uses at the code state above.",
     ]
     return "\n".join(out)

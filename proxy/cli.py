@@ -15,9 +15,9 @@ import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .cache import DISK_ERRORS, FrameCache
-from .config import ConfigError, Settings, describe, load, load_file, parse_upstream_flag
-from .entries import check_live
+from proxy.cache.entries import check_live
+from proxy.cache.store import DISK_ERRORS, FrameCache
+from proxy.config import ConfigError, Settings, describe, load, load_file, parse_upstream_flag
 
 if TYPE_CHECKING:
     import uvicorn
@@ -92,8 +92,8 @@ def serve(settings: Settings) -> None:
     """
     import uvicorn
 
-    from .app import SETTINGS_ENV
-    from .logs import log_config
+    from proxy.http.app import SETTINGS_ENV
+    from proxy.observability.logs import log_config
 
     os.environ[SETTINGS_ENV] = settings.to_json()
     before, now = raise_descriptor_limit()  # (inherited by the workers)
@@ -101,12 +101,12 @@ def serve(settings: Settings) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dicomweb-edge-metrics-")
     logging.config.dictConfig(log_config(settings))
     logging.getLogger("dicomweb_edge").info("open-file limit %d (soft limit was %d)", now, before)
-    config = uvicorn.Config("proxy.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+    config = uvicorn.Config("proxy.http.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                             workers=settings.workers, access_log=False, log_level=settings.log_level.lower(),
                             log_config=log_config(settings),
                             loop="uvloop",
                             http=("httptools" if "server_protocol" in settings.disable
-                                  else "proxy.protocol:EdgeHttpProtocol"),
+                                  else "proxy.http.protocol:EdgeHttpProtocol"),
                             # Forwarding headers are judged by the proxy itself against trusted_proxies
                             # (urls.base_of, limits.client_key): uvicorn's own handling would replace the
                             # peer's address with a forwarded one before any of that runs.
@@ -126,7 +126,7 @@ def serve(settings: Settings) -> None:
 def cache_command(args: argparse.Namespace) -> int:
     """`dicomweb-edge cache stats|purge|check`: works on the cache directory; stats and purge with or without
     a running proxy, `check --fix` only without one."""
-    from . import siblings
+    from proxy.coordination import siblings
 
     directory = args.cache_dir
     if directory is None and args.config:
@@ -151,7 +151,7 @@ def _report(found: list[str], fixed: bool) -> int:
 
 
 def _cache_action(args: argparse.Namespace, cache: FrameCache) -> int:
-    from . import purges
+    from proxy.cache import purges
 
     try:
         if args.action == "check":
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "cache":
             return cache_command(args)
         elif args.command == "demo":
-            from .demo.run import run_demo
+            from proxy.demo.run import run_demo
 
             return run_demo(port=args.port, force_sample=args.sample_archives, ct_slices=args.ct_slices,
                             viewer=args.viewer)

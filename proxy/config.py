@@ -323,7 +323,7 @@ def validate(s: Settings) -> None:
 
 
 def _validate_outbound(a: ArchiveConfig, scheme: str) -> None:
-    from .outbound import check_auth, check_tls
+    from proxy.upstream.credentials import check_auth, check_tls
 
     try:
         if "@" in urlsplit(a.url).netloc:
@@ -362,7 +362,7 @@ def _validate_limits(s: Settings) -> None:
 
 
 def _validate_auth(s: Settings) -> None:
-    from .auth import parse
+    from proxy.auth.inbound import parse
 
     for a in s.archives:
         if a.forward_authorization and getattr(a, "auth", None):
@@ -421,7 +421,7 @@ def describe(s: Settings) -> str:
         for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",
                   "search_deadline", "breaker_threshold", "breaker_cooldown", "forward_authorization"):
             lines.append(f"{k} = {json.dumps(getattr(a, k))}")
-        from .outbound import redacted
+        from proxy.upstream.credentials import redacted
 
         if a.auth is not None:
             lines.append(f"auth = {json.dumps(redacted(a.auth))}")  # secrets as ***, never printed

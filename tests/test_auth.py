@@ -10,10 +10,10 @@ import time
 import pytest
 from authkeys import AUDIENCE, ISSUER, JwksServer, SigningKey, forged, jwks
 
-from proxy import auth
-from proxy.access import AccessMemo
+from proxy.auth import inbound
+from proxy.auth.access import AccessMemo
+from proxy.auth.bearer import JwksCache, JwtVerifier, TokenError, scopes_of
 from proxy.config import ConfigError, load
-from proxy.jwtauth import JwksCache, JwtVerifier, TokenError, scopes_of
 
 
 @pytest.fixture(scope="module")
@@ -124,36 +124,36 @@ def test_scopes_come_from_a_space_separated_string_or_a_list():
 
 async def test_api_keys_are_matched_by_digest_with_their_scopes(tmp_path):
     keys_file = tmp_path / "keys.txt"
-    keys_file.write_text(f"# operators\n{auth.key_digest('s3cret-admin')} admin,read  ops team\n")
-    config = auth.parse({"mode": "api_key", "api_keys_file": str(keys_file), "api_keys": [
-        {"name": "viewer", "sha256": auth.key_digest("s3cret-read"), "scopes": ["read"]}]}, "127.0.0.1")
-    a = auth.Authenticator(config)
+    keys_file.write_text(f"# operators\n{inbound.key_digest('s3cret-admin')} admin,read  ops team\n")
+    config = inbound.parse({"mode": "api_key", "api_keys_file": str(keys_file), "api_keys": [
+        {"name": "viewer", "sha256": inbound.key_digest("s3cret-read"), "scopes": ["read"]}]}, "127.0.0.1")
+    a = inbound.Authenticator(config)
     assert await a.scopes("Bearer s3cret-read", None) == {"read"}
     assert await a.scopes(None, "s3cret-admin") == {"admin", "read"}
     for header, key, status in (("Bearer nope", None, 401), (None, None, 401), ("Basic s3cret-read", None, 401)):
-        with pytest.raises(auth.Denied) as info:
+        with pytest.raises(inbound.Denied) as info:
             await a.scopes(header, key)
         assert info.value.status == status
-    assert config.api_keys[auth.key_digest("s3cret-admin")][0] == "ops team"
+    assert config.api_keys[inbound.key_digest("s3cret-admin")][0] == "ops team"
 
 
 async def test_jwt_scopes_map_to_read_write_admin(jwks_file, rsa_key):
-    config = auth.parse({"mode": "jwt", "issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks_file),
+    config = inbound.parse({"mode": "jwt", "issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks_file),
                          "scope_claim": "scp", "write_scope": "pacs:store"}, "127.0.0.1")
-    a = auth.Authenticator(config)
+    a = inbound.Authenticator(config)
     token = rsa_key.token(scope=None, scp=["dicomweb.read", "pacs:store", "dicomweb.write"])
     assert await a.scopes(f"Bearer {token}", None) == {"read", "write"}
-    with pytest.raises(auth.Denied) as info:
+    with pytest.raises(inbound.Denied) as info:
         await a.scopes(f"Bearer {rsa_key.token(lifetime=-100)}", None)
     assert (info.value.status, info.value.error, info.value.metric) == (401, "invalid_token", "expired")
 
 
 def test_required_scopes_by_path():
-    c = auth.AuthConfig(mode="jwt")
+    c = inbound.AuthConfig(mode="jwt")
     trusted = ["127.0.0.1"]
 
     def need(method, path, client="10.0.0.5", viewer=True, relayed=False):
-        return auth.required_scope(method, path, client, c, trusted, viewer, relayed)
+        return inbound.required_scope(method, path, client, c, trusted, viewer, relayed)
 
     assert need("GET", "/healthz") is None and need("GET", "/readyz") is None
     assert need("GET", "/dicomweb/studies") == "read" and need("POST", "/dicomweb/studies") == "write"

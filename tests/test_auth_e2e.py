@@ -19,7 +19,7 @@ from authkeys import AUDIENCE, ISSUER, SigningKey, jwks
 from prometheus_client.parser import text_string_to_metric_families
 from support import ProxyProcess, orthanc_holding, split_multipart
 
-from proxy.auth import key_digest
+from proxy.auth.inbound import key_digest
 from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, multiframe_native, to_part10
 

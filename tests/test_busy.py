@@ -3,8 +3,8 @@ the edge layer and at its end, also a hit the protocol answers; operations reque
 
 import time
 
-from proxy import busy
-from proxy.edge import account
+from proxy.cache import busy
+from proxy.http.edge import account
 
 
 def test_dicomweb_requests_mark_the_worker_busy_and_operations_requests_do_not(monkeypatch):
@@ -16,7 +16,7 @@ def test_dicomweb_requests_mark_the_worker_busy_and_operations_requests_do_not(m
 
 
 async def test_a_routed_request_marks_the_worker_busy_when_it_starts(monkeypatch):
-    from proxy.edge import EdgeMiddleware
+    from proxy.http.edge import EdgeMiddleware
 
     seen = []
 

@@ -5,9 +5,9 @@ import os
 import sqlite3
 import time
 
-from proxy import documents, purges
-from proxy.cache import FrameCache
-from proxy.part10 import EXPLICIT_LE
+from proxy.cache import documents, purges
+from proxy.cache.store import FrameCache
+from proxy.formats.part10 import EXPLICIT_LE
 
 
 def test_frames_metadata_and_objects_of_every_size_come_back_from_disk_as_written(tmp_path):
@@ -33,7 +33,7 @@ async def test_batched_writes_reach_another_worker_and_reads_keep_the_lru_order(
     lock, yet what was read is written back to the LRU order: the bound drops unread frames first."""
     import asyncio
 
-    from proxy.cache import checksum_of
+    from proxy.cache.store import checksum_of
 
     payloads = {n: os.urandom(64 * 1024) for n in range(1, 61)}
     cache = FrameCache(str(tmp_path))
@@ -54,8 +54,8 @@ async def test_batched_writes_reach_another_worker_and_reads_keep_the_lru_order(
 def test_cached_objects_come_back_from_another_workers_disk_tier(tmp_path):
     """An instance cached with `transfer-syntax=*` is found through its index entry by a worker that has
     nothing in memory (the soak test caught the index read from disk failing)."""
-    from proxy import objects
-    from proxy.placement import Placement
+    from proxy.cache.placement import Placement
+    from proxy.dicomweb import objects
 
     key = objects.Key("instance", "1.2.3.4", "application/dicom", "*", Placement("1.2.3", "1.2.3.1"))
     payload = os.urandom(40 * 1024)
@@ -74,7 +74,7 @@ async def test_a_metadata_document_is_written_ahead_of_the_queued_frames(tmp_pat
     import asyncio
     import threading
 
-    from proxy.cache import checksum_of
+    from proxy.cache.store import checksum_of
 
     cache = FrameCache(str(tmp_path))
     busy, release = threading.Event(), threading.Event()
@@ -116,7 +116,7 @@ async def test_a_metadata_document_waits_for_one_instance_not_the_whole_batch(tm
     import asyncio
     import threading
 
-    from proxy.cache import checksum_of
+    from proxy.cache.store import checksum_of
 
     cache = FrameCache(str(tmp_path))
     in_batch, go_on = threading.Event(), threading.Event()
@@ -167,7 +167,7 @@ def test_disk_tier_hits_are_private_copies_checked_once(tmp_path):
     checksum: a truncated or altered file is refused and evicted; bytes flipped in the file, or the file
     cut, after the check change nothing this worker serves; and a payload handed out keeps its bytes when
     the file is evicted (unlinked) under it."""
-    from proxy.cache import checksum_of, frame_key
+    from proxy.cache.store import checksum_of, frame_key
 
     payloads = {n: os.urandom(200 * 1024 + n) for n in range(1, 5)}
     writer = FrameCache(str(tmp_path))
@@ -215,7 +215,7 @@ async def test_a_purge_and_a_store_change_this_workers_state_on_its_event_loop_o
     import asyncio
     import threading
 
-    from proxy.cache import checksum_of
+    from proxy.cache.store import checksum_of
 
     cache = FrameCache(str(tmp_path))
     touched: list[threading.Thread] = []
@@ -259,7 +259,7 @@ def test_cache_check_finds_what_a_crash_left_and_fixes_it_only_with_the_proxy_st
     import sys
 
     from proxy import cli
-    from proxy.siblings import Siblings
+    from proxy.coordination.siblings import Siblings
 
     payload = os.urandom(200 * 1024)
     cache = FrameCache(str(tmp_path))

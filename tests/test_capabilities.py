@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 import httpx
 import pytest
 
-from proxy.app import create_app
 from proxy.config import load
+from proxy.http.app import create_app
 
 NS = {"w": "http://wadl.dev.java.net/2009/02"}
 

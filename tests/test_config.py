@@ -76,7 +76,7 @@ def test_the_documented_example_config_is_valid():
                "memory_warm_bytes": "warm_bytes", "cache_sendfile": "sendfile"}
     documented = {renamed.get(f.name, f.name) for f in dataclasses.fields(Settings)}
     documented -= {"archives", "cache_dir", "public_url", "viewer_dir"}  # commented out: off by default
-    from proxy.auth import KEYS as AUTH_KEYS
+    from proxy.auth.inbound import KEYS as AUTH_KEYS
 
     documented = (documented - {"auth"}) | AUTH_KEYS  # the [auth] table: each of its keys is documented
     assert "\n[auth]\n" in text

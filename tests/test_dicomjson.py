@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.dicomjson import BadToken, UrlRewriter, decode_token, encode_token
+from proxy.formats.dicomjson import BadToken, UrlRewriter, decode_token, encode_token
 
 ARCHIVE = "http://127.0.0.1:8042/dicom-web"
 PROXY = "https://edge.example:8443/dicomweb"

@@ -11,11 +11,15 @@ import sys
 
 import pytest
 
-from proxy import busy, diskwriter, frames, handover, metrics, purges, siblings
-from proxy.cache import FrameCache, checksum_of
-from proxy.part10 import EXPLICIT_LE
-from proxy.placement import Placement
-from proxy.siblings import Siblings
+from proxy.cache import busy, purges
+from proxy.cache import writer as diskwriter
+from proxy.cache.placement import Placement
+from proxy.cache.store import FrameCache, checksum_of
+from proxy.coordination import handover, siblings
+from proxy.coordination.siblings import Siblings
+from proxy.dicomweb import frames
+from proxy.formats.part10 import EXPLICIT_LE
+from proxy.observability import metrics
 
 MEDIA = "application/octet-stream"
 

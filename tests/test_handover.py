@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy import frames, handover
-from proxy.entries import checksum_of
-from proxy.handover import Giver, Taker
+from proxy.cache.entries import checksum_of
+from proxy.coordination import handover
+from proxy.coordination.handover import Giver, Taker
+from proxy.dicomweb import frames
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux-only")
 TS = "1.2.840.10008.1.2.1"

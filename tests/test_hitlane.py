@@ -3,7 +3,7 @@
 import dataclasses
 
 from proxy.config import Settings
-from proxy.hitlane import applies
+from proxy.http.hitlane import applies
 
 
 def test_the_cache_phase_is_on_only_without_per_request_policies():

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.config import Settings
-from proxy.limits import Buckets, LimitsMiddleware, client_key
+from proxy.http.limits import Buckets, LimitsMiddleware, client_key
 
 TRUSTED = frozenset({"127.0.0.1"})
 

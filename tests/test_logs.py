@@ -4,7 +4,7 @@ import asyncio
 import io
 import logging
 
-from proxy.logs import BatchedStreamHandler
+from proxy.observability.logs import BatchedStreamHandler
 
 
 class CountingStream(io.StringIO):
@@ -97,7 +97,7 @@ def test_json_records_are_one_line_of_json_with_every_field():
     import json
     from pathlib import PurePosixPath
 
-    from proxy.logs import JsonFormatter
+    from proxy.observability.logs import JsonFormatter
 
     formatter = JsonFormatter()
     record = logging.LogRecord("dicomweb_edge.access", logging.INFO, "", 0, "request %s", ("done",), None)
@@ -126,8 +126,8 @@ def test_access_records_skip_the_logging_machinery_only_where_that_changes_nothi
     import logging.config
 
     from proxy.config import Settings
-    from proxy.edge import account
-    from proxy.logs import access, log_config, write_access
+    from proxy.http.edge import account
+    from proxy.observability.logs import access, log_config, write_access
 
     parent = logging.getLogger("dicomweb_edge")
     saved = (parent.handlers[:], parent.level, parent.propagate, access.handlers[:], access.level)

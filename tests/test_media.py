@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.media import (
+from proxy.formats.media import (
     EXPLICIT_VR_LE,
     BadAccept,
     NotAcceptable,

@@ -1,10 +1,10 @@
 """The memory tier (memtier.py): an LRU bounded in bytes, whose hits the cache phase trusts only while
 each entry still holds the bytes it was prepared with."""
 
-from proxy import metrics
-from proxy.entries import checksum_of
-from proxy.memtier import MemoryTier
-from proxy.sendfile import REF_COST
+from proxy.cache.entries import checksum_of
+from proxy.cache.memory import MemoryTier
+from proxy.cache.sendfile import REF_COST
+from proxy.observability import metrics
 
 
 def evictions() -> float:

@@ -1,6 +1,6 @@
 """Merging search results from several archives (F-01..F-03, J-04)."""
 
-from proxy.merge import dumps, loads, merge, order, page
+from proxy.federation.merge import dumps, loads, merge, order, page
 
 
 def study(uid, date="", time="", mods=(), n_series=None, n_inst=None, desc=None):

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ProxyProcess, free_port
 
-from proxy.multipart import MultipartReader, PartEnd, PartHeaders
+from proxy.formats.multipart import MultipartReader, PartEnd, PartHeaders
 
 
 def _parts(resp):

@@ -26,7 +26,7 @@ from support import REPO_ROOT, ProxyProcess
 
 from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series
-from proxy.outbound import CredentialError, OAuth2ClientCredentials
+from proxy.upstream.credentials import CredentialError, OAuth2ClientCredentials
 
 LIFETIME = 2.0  # seconds an issued token is valid: the proxy must renew it before that
 GRACE = 0.5  # the archive's allowance for a request in transit on a busy machine (far below LIFETIME)

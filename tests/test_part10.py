@@ -9,8 +9,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from proxy import part10
 from proxy.demo.synth import Patient, Study, ct_series, multiframe_jpeg, multiframe_native, to_part10
+from proxy.formats import part10
 
 STUDY = Study(Patient("PART^TEN", "P10"))
 

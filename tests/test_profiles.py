@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy.profiles import PROFILES
-from proxy.qido import FUZZY_WARNING, is_empty, parse_query, translate, warnings_for
+from proxy.dicomweb.search import FUZZY_WARNING, is_empty, parse_query, translate, warnings_for
+from proxy.upstream.profiles import PROFILES
 
 RECORDED = Path(__file__).parent / "data" / "recorded"
 

@@ -18,8 +18,8 @@ import pytest
 from prometheus_support import Prometheus, binary
 from support import ProxyProcess, free_port
 
-from proxy.app import create_app
 from proxy.config import load
+from proxy.http.app import create_app
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "deploy" / "prometheus" / "alerts.yml"

@@ -13,9 +13,9 @@ import re
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.dicomjson import UrlRewriter
-from proxy.media import BadAccept, NotAcceptable, Resource, negotiate, parse_accept
-from proxy.multipart import MultipartReader, MultipartWriter, PartEnd, PartHeaders
+from proxy.formats.dicomjson import UrlRewriter
+from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate, parse_accept
+from proxy.formats.multipart import MultipartReader, MultipartWriter, PartEnd, PartHeaders
 
 FAST = settings(max_examples=120, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

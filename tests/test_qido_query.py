@@ -2,9 +2,9 @@
 
 import pytest
 
-from proxy.profiles import PROFILES
-from proxy.qido import parse_query, translate
-from proxy.responses import Problem
+from proxy.dicomweb.search import parse_query, translate
+from proxy.http.responses import Problem
+from proxy.upstream.profiles import PROFILES
 
 ORTHANC, GENERIC, AZURE = PROFILES["orthanc"], PROFILES["generic"], PROFILES["azure"]
 

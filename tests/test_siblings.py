@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.siblings import Siblings
+from proxy.coordination.siblings import Siblings
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux-only")
 
@@ -84,7 +84,7 @@ async def test_a_vanished_siblings_announcements_do_not_hold_anyone(tmp_path):
 async def test_a_waiter_says_once_what_it_wants_and_the_holder_hears_it(tmp_path):
     """A worker that starts waiting for a key tells its siblings (by digest): one that holds the key's
     frames back for a quiet moment writes them next (diskwriter.py)."""
-    from proxy.siblings import digest
+    from proxy.coordination.siblings import digest
 
     async with pair(tmp_path) as (a, b):
         heard: list[bytes] = []
@@ -100,7 +100,7 @@ async def test_a_waiter_says_once_what_it_wants_and_the_holder_hears_it(tmp_path
 async def test_a_client_retrieve_in_one_worker_stops_the_same_prefetch_in_the_other(tmp_path):
     """A series (or its study) that one worker prefetches and a client of the other retrieves is streamed by
     the archive once: the retrieving worker says so, and the prefetching one stops (prefetch.py)."""
-    from proxy import prefetch
+    from proxy.dicomweb import prefetch
 
     async def streaming() -> None:
         await asyncio.sleep(3600)
@@ -203,7 +203,7 @@ async def test_a_dead_workers_claims_end_with_it(tmp_path):
 async def test_a_waiter_that_asks_for_a_hand_over_wants_nothing_written_until_it_fails(tmp_path):
     """A worker that asks its sibling for a frame's bytes (handover.py) waits without a want, so the
     sibling's writes keep waiting for a quiet moment; the want goes out only when no hand-over came."""
-    from proxy.siblings import digest
+    from proxy.coordination.siblings import digest
 
     async with pair(tmp_path) as (a, b):
         heard: list[bytes] = []
@@ -223,7 +223,7 @@ def test_claims_leave_most_descriptors_to_connections(monkeypatch):
     """A worker under a low descriptor limit (1,024 is a common default) claims at most an eighth of it."""
     import resource
 
-    from proxy import siblings
+    from proxy.coordination import siblings
 
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
     assert siblings._claims_allowed() == 128

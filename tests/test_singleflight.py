@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from proxy.responses import Problem
-from proxy.singleflight import shared
+from proxy.coordination.singleflight import shared
+from proxy.http.responses import Problem
 
 
 class Archive:
@@ -52,7 +52,7 @@ async def test_the_leaders_error_is_every_followers():
     follower = asyncio.ensure_future(shared("k", archive.fetch, 5))
     await asyncio.sleep(0)
     archive.release.set()
-    from proxy import metrics
+    from proxy.observability import metrics
 
     before = metrics.child(metrics.SHARED_FAILURES, "404")._value.get()
     for task in (leader, follower):
@@ -87,7 +87,7 @@ async def test_a_follower_past_its_patience_fetches_for_itself():
 
 
 async def test_a_streamed_miss_leads_and_the_others_look_again_once_it_ends():
-    from proxy.singleflight import wait_or_lead
+    from proxy.coordination.singleflight import wait_or_lead
 
     lead = await wait_or_lead("object/k", 5)
     assert lead is not None

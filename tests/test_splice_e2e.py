@@ -21,7 +21,7 @@ from support import ProxyProcess, instance_path, orthanc_holding, sample_holding
 
 from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series
-from proxy.transport import RELAY_WINDOW
+from proxy.upstream.transport import RELAY_WINDOW
 
 STUDY = Study(Patient("DOE^RELAY", "PID610"), accession="ACC610", description="RELAY")
 SLICES = 24  # 512x512: ~12 MB a series, more than the socket buffers and the pipe hold together

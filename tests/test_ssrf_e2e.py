@@ -18,8 +18,8 @@ from support import ProxyProcess, instance_path, sample_holding, split_multipart
 
 from proxy.config import ArchiveConfig
 from proxy.demo.synth import Patient, Study, ct_series
-from proxy.dicomjson import encode_token
-from proxy.upstream import Archive, UnsafeTarget
+from proxy.formats.dicomjson import encode_token
+from proxy.upstream.archive import Archive, UnsafeTarget
 
 STUDY = Study(Patient("DOE^SSRF", "PID-SSRF"), accession="ACC-SSRF", description="SSRF")
 

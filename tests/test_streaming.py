@@ -10,7 +10,7 @@ from support import ProxyProcess, missing
 
 from proxy.demo.orthanc import OrthancServer, find_orthanc
 from proxy.demo.synth import Patient, Study, ct_series, to_part10
-from proxy.multipart import MultipartReader, PartHeaders
+from proxy.formats.multipart import MultipartReader, PartHeaders
 
 SLICES = 600
 MB = 1024 * 1024

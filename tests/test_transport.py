@@ -10,11 +10,11 @@ import contextlib
 import pytest
 
 from proxy.config import ArchiveConfig
-from proxy.multipart import PartEnd, PartHeaders
-from proxy.parts import PartEvents
-from proxy.pool import Pool
-from proxy.transport import RELAY_WINDOW, FirstByteTimeout, TransportError
-from proxy.upstream import Archive
+from proxy.formats.multipart import PartEnd, PartHeaders
+from proxy.formats.parts import PartEvents
+from proxy.upstream.archive import Archive
+from proxy.upstream.pool import Pool
+from proxy.upstream.transport import RELAY_WINDOW, FirstByteTimeout, TransportError
 
 
 async def serve(handler):
@@ -272,7 +272,7 @@ async def test_first_byte_timeout():
 
 def test_receive_buffers_are_reused_only_when_no_slice_is_alive():
     """Reusing a buffer a slice still points at would corrupt that slice: never; else reuse it."""
-    from proxy.transport import BUFFER_SIZE, _Protocol
+    from proxy.upstream.transport import BUFFER_SIZE, _Protocol
 
     proto = _Protocol()
     kept = []

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from support import ProxyProcess
 
-from proxy.app import create_app
 from proxy.config import ArchiveConfig, ConfigError, Settings, load
+from proxy.http.app import create_app
 
 INDEX = "<!doctype html><html><head><script src=\"/app-config.js\"></script></head><body>viewer</body></html>"
 
@@ -209,7 +209,7 @@ def test_fetch_script_pins_the_viewer_that_is_served():
     prints the directory `demo --viewer` picks."""
     from support import REPO_ROOT, missing
 
-    from proxy.viewer import ViewerError, fetched_viewer_dir
+    from proxy.http.viewer import ViewerError, fetched_viewer_dir
 
     script = REPO_ROOT / "scripts" / "fetch-ohif.sh"
     text = script.read_text()
@@ -231,7 +231,7 @@ def test_fetch_script_pins_the_viewer_that_is_served():
 def test_frames_negotiation_prefers_no_transcoding_among_equals():
     """dicom-microscopy-viewer (OHIF's slide viewport) lists JPEG-LS, JPEG 2000, then `*`, all at q=1:
     the stored transfer syntax (`*`) is chosen, so the archive sends the tiles as stored."""
-    from proxy.media import ANY_TS, NotAcceptable, Resource, negotiate
+    from proxy.formats.media import ANY_TS, NotAcceptable, Resource, negotiate
 
     dmv = ('multipart/related; type="image/jls"; transfer-syntax=1.2.840.10008.1.2.4.80, '
            'multipart/related; type="image/jp2"; transfer-syntax=1.2.840.10008.1.2.4.90, '

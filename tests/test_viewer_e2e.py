@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import REPO_ROOT, ProxyProcess, free_port, missing, split_multipart
 
 from proxy.demo.synth import SLIDE_KEYWORDS, Patient, Study, multiframe_jpeg
-from proxy.viewer import ViewerError, fetched_viewer_dir
+from proxy.http.viewer import ViewerError, fetched_viewer_dir
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -1,0 +1,1 @@
+"""Inbound authentication and scopes, and the token pass-through admission rule."""

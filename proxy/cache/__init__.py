@@ -1,0 +1,1 @@
+"""The DICOM-aware cache: keys, the memory tier, the shared disk tier, its writer and purges."""

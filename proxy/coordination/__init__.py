@@ -1,0 +1,1 @@
+"""Collapsing identical fetches across tasks and worker processes; the optional Redis tier."""

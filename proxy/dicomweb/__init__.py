@@ -1,0 +1,1 @@
+"""The DICOMweb services: routes and the search, retrieve, metadata, frames, objects and store handlers."""

@@ -1,0 +1,390 @@
+"""Frames retrieve through the cache: hits from the cache, only the missing frames from the archive.
+
+Phases: negotiate → look every requested frame up (cache.py) → all hit: answer from the cache with a
+Content-Length, a strong ETag (304 on If-None-Match) and `X-Cache: HIT`, no archive I/O → otherwise
+one upstream request for the missing frames only, streamed to the client in the requested order,
+interleaved with the cached ones, each upstream frame stored as it completes (a broken stream never
+stores a partial frame).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.auth import access
+from proxy.cache.flights import arrivals, here, learned, scope_keys
+from proxy.cache.placement import SHARED, Placement
+from proxy.cache.sendfile import OpenPayload
+from proxy.cache.store import Frame, FrameCache, checksum_of
+from proxy.coordination import handover, siblings
+from proxy.dicomweb.retrieve import Target, open_upstream, retrieve, select, upstream_accept, upstream_problem
+from proxy.formats.media import Resource, Selection, parse_content_type
+from proxy.formats.multipart import MultipartError, PartHeaders
+from proxy.formats.parts import Held, PartEvents, part_payload, whole
+from proxy.formats.reframe import Reframer, label
+from proxy.http.responses import BuffersResponse, Problem, StreamAborted, StreamResponse
+from proxy.http.urls import dicomweb_base
+from proxy.observability import metrics
+from proxy.runtime import Context
+from proxy.upstream.archive import UpstreamError
+
+CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")
+LOOKED_UP = "dicomweb_edge.looked_up"  # scope key: (Target, Selection, hits) of the cache phase's lookup
+_pending: set[asyncio.Future[list[str | None]]] = set()
+# Single-flight: (SOP UID, frame, media type, transfer syntax) → done when the fetch in flight ends.
+_inflight: dict[tuple[str, int, str, str], asyncio.Future[None]] = {}
+_writing: set[str] = set()  # sibling keys of frames fetched here whose disk write is under way
+CLAIM_TRIES = 3  # looks for what brings the missing frames, each ending in a claim; then fetched unclaimed
+
+
+def _sibling_key(sop: str, frame: int) -> str:
+    """What the sibling workers know a frame fetch by (any encoding: a waiter looks its own up after)."""
+    return f"frame/{sop}/{frame}"
+
+
+def _flight(sop: str, frame: int, sel: Selection) -> tuple[str, int, str, str]:
+    return (sop, frame, sel.media_type, sel.transfer_syntax or "*")
+
+
+def _land(key: tuple[str, int, str, str]) -> None:
+    """The frame is stored (or its fetch failed): wake whoever waits for it."""
+    fut = _inflight.pop(key, None)
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+def placed(target: Target, audience: str = SHARED) -> str:
+    """The cache's name of the instance a frames URL names, placed where the URL says (placement.py)."""
+    assert target.instance is not None
+    return Placement(target.study, target.series or "", audience).key(target.instance)
+
+
+def _store(cache: FrameCache, place: Placement, sop: str, frame: int, content_type: str,
+           pieces: list[bytes | memoryview]) -> None:
+    mtype, params = parse_content_type(content_type)
+    ts = params.get("transfer-syntax")
+    if not mtype or not ts:
+        return  # an unlabelled frame cannot be keyed truthfully
+    payload = whole(pieces)  # (no copy when the frame was received whole into a buffer of its own)
+    checksum = checksum_of(payload)  # once, for the memory tier and the disk tier's entry
+    item = place.key(sop)
+    stored = cache.put(item, frame, mtype, ts, payload, checksum)
+    for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
+        _land(key)
+    if stored:  # visible to this worker now, to all once on disk
+        # Held back for a quiet moment like what a retrieve or prefetch brings (flights.py): the writes no
+        # longer share the cores with the viewers (1 worker, no prefetch: the proxy's CPU 670 -> 410 ms over
+        # a cold viewer, 160 -> 80 ms over the next one), and a sibling serving the same viewer asks for it
+        # from memory (handover.py; 2 workers, no prefetch: the first viewer 0.380 -> 0.300 s). Without the
+        # hand-over, a sibling would wait for the disk: then written at once (held back, the second viewer
+        # took 0.32 s against 0.22 s).
+        sibling = _sibling_key(sop, frame)
+        task = cache.write_soon([(item, frame, mtype, ts, payload, checksum)], place.study,
+                                siblings.digest(sibling), defer=siblings.alone() or handover.taker() is not None)
+        _pending.add(task)
+        _writing.add(sibling)
+
+        def written(t: asyncio.Future[list[str | None]]) -> None:
+            _pending.discard(t)
+            _writing.discard(sibling)
+            siblings.settle(sibling)  # a sibling waiting for this frame reads it from disk now
+            if not t.cancelled() and t.exception() is None:
+                cache.adopt(item, frame, mtype, ts, t.result()[0])  # later hits are sent from the file
+
+        task.add_done_callback(written)
+
+
+def lookup(cache: FrameCache, target: Target, sel: Selection, heard_by: tuple[str, ...] = (SHARED,),
+           memory_only: bool = False) -> dict[int, Frame]:
+    """The requested frames the cache holds under the URL's study and series, answered for one of the
+    audiences `heard_by` (placement.py; serve them once `access.admit` let the caller have them), by frame
+    number (`memory_only`: this worker's memory tier, and not counted in the lookup metrics)."""
+    assert target.instance is not None and target.frames is not None
+    found: dict[int, Frame] = {}
+    items = [(audience, placed(target, audience)) for audience in heard_by]
+    for n in target.frames:
+        for audience, item in items:
+            hit = cache.get(item, n, sel.media_type, sel.transfer_syntax or "*", open_file=True,
+                            count=not memory_only, memory_only=memory_only)
+            if hit is not None:
+                found[n] = hit if audience == SHARED else replace(hit, audience=audience)
+                break
+    return found
+
+
+def from_cache(if_none_match: str, target: Target, sel: Selection, hits: dict[int, Frame],
+               base: str) -> Response | BuffersResponse:
+    """Answer from the cache: no archive I/O, no parsing, the cached bytes handed to the server as they are."""
+    etag, headers, chunks = cached_answer(target, sel, hits, base)
+    if etag in if_none_match:
+        return Response(None, 304, headers=dict(headers[:4]))
+    return BuffersResponse(200, headers, chunks)  # each piece written as is: no join, no copy
+
+
+def cached_answer(target: Target, sel: Selection, hits: dict[int, Frame],
+                  base: str) -> tuple[str, list[tuple[str, str]], list[bytes | memoryview | OpenPayload]]:
+    """(ETag, headers, body pieces) of the 200 answer made of `hits`: the headers start with the four a
+    304 carries too (ETag, Vary, X-Cache, Cache-Control); the pieces are the frames' payloads themselves
+    (the very objects) between the multipart framing."""
+    assert target.frames is not None
+    frames = [hits[n] for n in target.frames]
+    etag = frames[0].etag if len(frames) == 1 else (
+        '"' + format(checksum_of("".join(f.etag for f in frames).encode()), "016x") + f'-{len(frames)}"')
+    headers = [("ETag", etag), ("Vary", "Accept"), ("X-Cache", "HIT"), CACHE_CONTROL]
+    chunks: list[bytes | memoryview | OpenPayload]
+    if not sel.multipart:
+        chunks = [frames[0].payload]
+        ctype = frames[0].content_type
+    else:
+        rf = Reframer(sel, base)
+        chunks = []
+        for n, f in zip(target.frames, frames, strict=True):
+            loc = base + Target(target.study, target.series, target.instance, (n,)).path()
+            chunks += [rf.writer.part(f.content_type, loc, len(f.payload)), f.payload]
+        chunks.append(rf.close())
+        ctype = rf.writer.content_type(parse_content_type(frames[0].content_type)[0])
+    headers += [("Content-Type", ctype), ("Content-Length", str(sum(len(c) for c in chunks)))]
+    return etag, headers, chunks
+
+
+def _carriers(target: Target, sel: Selection, absent: set[int],
+              want: bool = True) -> tuple[list[asyncio.Future[None]], bool]:
+    """What is bringing these absent frames: a fetch of them here or in a sibling, or a study, series or
+    instance retrieve (a prefetch included) whose answer carries their instance; and whether only
+    siblings are bringing them (then they can be asked for them: handover.py). `want`: ask the siblings
+    to write them to disk next (`siblings.want`)."""
+    if not absent:
+        return [], False
+    assert target.instance is not None
+    flying = [_inflight[k] for n in absent if (k := _flight(target.instance, n, sel)) in _inflight]
+    theirs = [f for n in absent if (f := siblings.flying(_sibling_key(target.instance, n), want)) is not None]
+    local = here(target.study, target.series, target.instance)
+    arriving = arrivals(target.study, target.series, target.instance, want)
+    return flying + theirs + arriving, not flying and not local and bool(theirs or arriving)
+
+
+def _sibling_keys(target: Target, n: int) -> list[str]:
+    """Every key a sibling bringing frame `n` may hold it back under (diskwriter.py's tokens)."""
+    assert target.instance is not None
+    return [_sibling_key(target.instance, n), "learned/" + target.instance,
+            *scope_keys(target.study, target.series, target.instance)]
+
+
+async def _take(taker: handover.Taker, cache: FrameCache, target: Target, sel: Selection, n: int,
+                wait: float) -> None:
+    """Ask the siblings bringing frame `n` for its bytes (into this worker's memory tier); when none
+    hands it over, ask them to write it to disk instead (the waiter then reads it there)."""
+    assert target.instance is not None
+    keys = _sibling_keys(target, n)
+    for sibling in siblings.holders(keys):
+        given = await taker.ask(handover.giver_of(sibling), target.study, target.series or "", target.instance,
+                                n, sel.media_type, sel.transfer_syntax or "*", wait)
+        if given is not None:
+            cache.put(placed(target), n, given.media_type, given.transfer_syntax,
+                      given.payload, given.checksum)  # type: ignore[arg-type]  # (a memoryview, as a split's)
+            metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("given"))
+            return
+    metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("none"))
+    siblings.want(keys)
+
+
+async def give(study: str, series: str, sop: str, frame: int, media_type: str, transfer_syntax: str,
+               wait: float, cache: FrameCache) -> tuple[bytes | memoryview, int, str, str] | None:
+    """What this worker hands a sibling (handover.py): the frame from its memory tier, waiting up to
+    `wait` seconds while a fetch or retrieve here is bringing it; None when it does not hold it. Only what
+    the proxy learned with its own credentials, placed where the sibling's URL says (placement.py)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    item = Placement(study, series).key(sop)
+    while True:
+        hit = cache.get(item, frame, media_type, transfer_syntax, count=False, memory_only=True)
+        if hit is not None:
+            if isinstance(hit.payload, bytes | memoryview) and hit.checksum >= 0:
+                return hit.payload, hit.checksum, hit.media_type, hit.transfer_syntax
+            return None  # a file on disk: the sibling reads it there
+        bringing = [f for k, f in _inflight.items() if k[0] == sop and k[1] == frame]
+        if scopes := here(study, series or None, sop):
+            bringing += [learned(sop), *scopes]
+        if not bringing or (left := deadline - loop.time()) <= 0:
+            return None
+        await asyncio.wait([asyncio.shield(f) for f in bringing], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+
+
+async def _await_or_claim(ctx: Context, cache: FrameCache, target: Target, sel: Selection,
+                          hits: dict[int, Frame]) -> tuple[dict[int, Frame], tuple[int, ...]]:
+    """(hits, frames this request fetches): what another request, retrieve or sibling is bringing is
+    waited for (up to the archives' idle_read), or asked of the sibling bringing it, and what is left is
+    claimed among the workers."""
+    assert target.instance is not None and target.frames is not None
+    loop = asyncio.get_running_loop()
+    deadline = None
+    taker = handover.taker()
+    heard_by = access.audiences(ctx)
+    asks: list[asyncio.Future[None]] = []
+    try:
+        for _ in range(CLAIM_TRIES):
+            flying, theirs = _carriers(target, sel, set(target.frames) - set(hits), want=taker is None)
+            if flying and deadline is None:  # another request is fetching these frames: wait, not ask again
+                metrics.CACHE_WAITERS.inc()
+                deadline = loop.time() + ctx.patience()
+            if theirs and taker is not None and not asks and deadline is not None:
+                asks = [asyncio.ensure_future(_take(taker, cache, target, sel, n, deadline - loop.time()))
+                        for n in dict.fromkeys(target.frames) if n not in hits]
+            while flying and deadline is not None and (left := deadline - loop.time()) > 0:
+                await asyncio.wait([asyncio.shield(f) for f in flying + [a for a in asks if not a.done()]],
+                                   timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                hits = lookup(cache, target, sel, heard_by)
+                # Still missing: what was bringing them may have handed over to another fetch (a prefetch
+                # that stopped for a client's retrieve of the same series): wait for that one too.
+                flying = [f for f in _carriers(target, sel, set(target.frames) - set(hits), want=taker is None)[0]
+                          if not f.done()]
+            missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
+            # Claimed among the workers before the archive is asked: a sibling that missed the same frame in
+            # the same instant holds it now (its announcement still on its way), and the next look waits.
+            if not missing or siblings.claim([_sibling_key(target.instance, n) for n in missing]):
+                return hits, missing
+            hits = lookup(cache, target, sel, heard_by)  # (what the sibling claimed may have landed on disk since)
+        return hits, tuple(n for n in dict.fromkeys(target.frames) if n not in hits)  # fetched unclaimed
+    finally:
+        for a in asks:
+            a.cancel()
+
+
+async def frames(request: Request, ctx: Context, target: Target) -> Response:
+    """`.../instances/{sop}/frames/{list}`, through the frame cache when one is configured."""
+    cache = ctx.cache
+    if cache is None:
+        return await retrieve(request, ctx, target, Resource.FRAMES, "frames")
+    assert target.frames is not None and target.instance is not None
+    sel = select(request, Resource.FRAMES, len(target.frames) == 1)
+    base = dicomweb_base(request, ctx.settings, ctx.root)
+    handed = request.scope.pop(LOOKED_UP, None)  # what the cache phase found (and counted) already
+    hits = handed[2] if handed is not None and handed[:2] == (target, sel) else \
+        lookup(cache, target, sel, access.audiences(ctx))
+    hits, missing = await _await_or_claim(ctx, cache, target, sel, hits)
+    if not missing:
+        await access.admit(ctx, target.study, {f.audience for f in hits.values()})
+        return from_cache(request.headers.get("if-none-match", ""), target, sel, hits, base)
+    keys = [_flight(target.instance, n, sel) for n in missing]
+    loop = asyncio.get_running_loop()
+    for k in keys:
+        _inflight.setdefault(k, loop.create_future())
+    for n in missing:
+        siblings.announce(_sibling_key(target.instance, n))
+
+    def land_all() -> None:
+        for k in keys:
+            _land(k)
+        for n in missing:  # what is being written settles once on disk (_store)
+            if (sibling := _sibling_key(target.instance, n)) not in _writing:
+                siblings.settle(sibling)
+
+    try:
+        if hits:  # (registered in flight first: a request arriving meanwhile waits for this one)
+            await access.admit(ctx, target.study, {f.audience for f in hits.values()})
+        return await _fetch(request, ctx, target, sel, base, cache, hits, missing, land_all)
+    except BaseException:
+        land_all()
+        raise
+
+
+async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection, base: str, cache: FrameCache,
+                 hits: dict[int, Frame], missing: tuple[int, ...], land_all: Callable[[], None]) -> Response:
+    """One upstream request for the missing frames, streamed and teed."""
+    assert target.instance is not None
+    fetch = Target(target.study, target.series, target.instance, missing)
+    candidates = await ctx.archives_for(target.study)
+    if not candidates:
+        raise Problem(404, "no archive holds this study")
+    accept, _ = upstream_accept(Selection(True, sel.media_type, sel.transfer_syntax), Resource.FRAMES,
+                                candidates[0])
+    resp, stack = await open_upstream(ctx, target.study, fetch.path(), accept, request, "frames",
+                                      archives=candidates)
+    try:
+        if resp.status >= 300:
+            raise upstream_problem(resp, sel)
+        events = PartEvents(resp)
+        rf = Reframer(sel, base)
+        first = await events.first()
+        if first is None:
+            raise Problem(502, f"archive '{resp.archive.name}' returned no frames")
+        part = await label(events, first, sel)
+    except (UpstreamError, MultipartError) as exc:
+        await stack.aclose()
+        raise Problem(502, f"archive '{resp.archive.name}': {exc}") from None
+    except BaseException:
+        await stack.aclose()
+        raise
+    headers = [("Vary", "Accept"), ("X-Cache", "PARTIAL" if hits else "MISS"), CACHE_CONTROL]
+    # Kept where the archive answered it: the study and series of the URL it answered 200, for its audience.
+    place = Placement(target.study, target.series or "", resp.archive.audience)
+    if not sel.multipart:
+        headers.append(("Content-Type", part.content_type))
+        if part.length is not None and not part.held:
+            headers.append(("Content-Length", str(part.length)))
+        body = _single(cache, target, place, events, part)
+    else:
+        ctype = rf.writer.content_type(parse_content_type(part.content_type)[0])
+        headers.append(("Content-Type", ctype))
+        body = _interleaved(cache, target, place, hits, events, part, rf, base)
+    async def close() -> None:
+        land_all()  # whatever happened to the stream, nobody waits for it any more
+        await stack.aclose()
+
+    return StreamResponse(200, headers, body, close)
+
+
+async def _single(cache: FrameCache, target: Target, place: Placement, events: PartEvents,
+                  part: object) -> AsyncIterator[bytes]:
+    assert target.frames is not None and target.instance is not None
+    held = Held(cache.max_entry)
+    try:
+        async for piece in part_payload(events, part.held, held):  # type: ignore[attr-defined]
+            yield piece  # type: ignore[misc]
+    except (UpstreamError, MultipartError) as exc:
+        raise StreamAborted(str(exc)) from None
+    if held.pieces is not None:
+        _store(cache, place, target.instance, target.frames[0], part.content_type,  # type: ignore[attr-defined]
+               held.pieces)
+    await events.finish()
+
+
+async def _interleaved(cache: FrameCache, target: Target, place: Placement, hits: dict[int, Frame],
+                       events: PartEvents, part: object, rf: Reframer,
+                       base: str) -> AsyncIterator[bytes | memoryview]:
+    assert target.frames is not None and target.instance is not None
+    fetched: dict[int, Frame] = {}
+    try:
+        for n in target.frames:
+            loc = base + Target(target.study, target.series, target.instance, (n,)).path()
+            cached = hits.get(n) or fetched.get(n)
+            if cached is not None:
+                yield rf.writer.part(cached.content_type, loc, len(cached.payload))
+                yield cached.payload
+                continue
+            if part is None:
+                nxt = await events.next()
+                if not isinstance(nxt, PartHeaders):
+                    raise MultipartError("the archive sent fewer frames than asked for")
+                part = await label(events, nxt, rf.sel)
+            yield rf.writer.part(part.content_type, loc, part.length)  # type: ignore[attr-defined]
+            repeated = target.frames.count(n) > 1  # asked again later in the list: hold it whatever its size
+            held = Held(1 << 62 if repeated else cache.max_entry)
+            async for piece in part_payload(events, part.held, held):  # type: ignore[attr-defined]
+                yield piece
+            pieces = held.pieces or []
+            mtype, params = parse_content_type(part.content_type)  # type: ignore[attr-defined]
+            if held.pieces is not None:
+                _store(cache, place, target.instance, n, part.content_type, pieces)  # type: ignore
+            if repeated:
+                fetched[n] = Frame(whole(pieces), mtype, params.get("transfer-syntax", ""))
+            part = None
+        yield rf.close()
+        await events.finish()
+    except (UpstreamError, MultipartError) as exc:
+        raise StreamAborted(str(exc)) from None

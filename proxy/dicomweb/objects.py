@@ -1,0 +1,263 @@
+"""Whole objects through the cache: single instances, bulk data, rendered images and thumbnails.
+
+They share the frame cache's tiers, size bound and checks (checksum, length), tagged `obj:{study}` so that a
+purge of the study or a store into it drops them. Keys name the bytes, never a URL; {placed X} is X with
+the study and series the archive answered it under and whose answer it was (placement.py):
+
+    instance/{placed SOP}/{media type}/{transfer syntax}   (+ instance-any/{placed SOP}/{media type} → the
+                                                             cached syntax, so `transfer-syntax=*` reuses it)
+    bulkdata/{placed SOP/attribute path}/{media type}/{transfer syntax asked}
+    rendered|thumbnail/{placed UID/frames/rendering parameters, sorted}/{media type}/-
+
+A value is the part's Content-Type, a NUL, then the payload. A hit is answered from the cache with no
+archive I/O, a Content-Length, a strong ETag (304 on If-None-Match) and `X-Cache: HIT`; a miss streams
+from the archive (`X-Cache: MISS`) and is stored only once the whole payload passed through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.auth import access
+from proxy.cache.placement import SHARED, Placement
+from proxy.cache.store import FrameCache
+from proxy.coordination import singleflight
+from proxy.dicomweb import retrieve
+from proxy.dicomweb.retrieve import Target, select
+from proxy.formats.media import Resource, Selection, parse_content_type
+from proxy.formats.multipart import MultipartWriter
+from proxy.formats.parts import Keep
+from proxy.http.responses import BuffersResponse, StreamResponse
+from proxy.http.urls import dicomweb_base
+from proxy.runtime import Context
+from proxy.upstream.archive import Archive
+
+IMMUTABLE = "private, max-age=86400"  # an instance's bytes never change under its SOP Instance UID
+REVALIDATE = "private, no-cache"  # a study or series rendering changes as instances arrive
+_pending: set[asyncio.Future[None]] = set()
+HIERARCHY = re.compile(r"/studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)/(.+)$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A cached object: its Content-Type and payload, and the checksum of the stored value."""
+
+    content_type: str
+    payload: memoryview
+    checksum: int
+    size: int  # of the stored value
+    audience: str = SHARED  # whose answer it was (placement.py)
+
+    def etag(self, multipart: bool) -> str:
+        """A strong validator of the representation (single-part and multipart differ)."""
+        return f'"{self.checksum:016x}-{self.size:x}{"-m" if multipart else ""}"'
+
+
+def _encode(content_type: str, payload: bytes) -> bytes:
+    return content_type.encode("latin-1") + b"\0" + payload
+
+
+def _decode(value: bytes | memoryview, checksum: int, audience: str) -> Entry | None:
+    cut = bytes(value[:1024]).find(b"\0")
+    if cut < 0:
+        return None
+    return Entry(bytes(value[:cut]).decode("latin-1"), memoryview(value)[cut + 1 :], checksum, len(value), audience)
+
+
+@dataclass(frozen=True)
+class Key:
+    """Where one object lives in the cache: its kind, what names it, and the representation asked."""
+
+    kind: str  # a metrics.CACHE_KINDS value
+    name: str  # SOP UID, plus attribute path or frames and rendering parameters
+    media_type: str
+    transfer_syntax: str  # as asked ("*" reuses what is cached); "-" where none applies
+    place: Placement  # the study and series of the URL the archive answers (its audience: the answer's)
+
+    def entry(self, transfer_syntax: str, audience: str = SHARED) -> str:
+        return f"{self.kind}/{self.place.to(audience).key(self.name)}/{self.media_type}/{transfer_syntax}"
+
+    def index(self, audience: str = SHARED) -> str:
+        return f"{self.kind}-any/{self.place.to(audience).key(self.name)}/{self.media_type}"
+
+
+def lookup(cache: FrameCache, key: Key, heard_by: tuple[str, ...] = (SHARED,)) -> Entry | None:
+    """The cached object answered for one of the audiences `heard_by` (the first found), or None (a value
+    that fails its checks is never returned). Serve it only once `access.admit` let the caller have it."""
+    for audience in heard_by:
+        ts = key.transfer_syntax
+        if ts == "*":
+            idx = cache.get_entry(key.index(audience), key.kind)
+            if idx is None:
+                continue
+            ts = bytes(idx[0]).decode("latin-1")  # a memoryview when it came from disk
+        found = cache.get_entry(key.entry(ts, audience), key.kind)
+        if found is not None:
+            return _decode(found[0], found[1], audience)
+    return None
+
+
+def keeper(cache: FrameCache, key: Key, lead: singleflight.Lead | None = None) -> Keep:
+    """The tee for a miss: stores the object once it passed through whole (once per response); `lead`
+    learns of its disk write (a sibling waiting for it reads it from there)."""
+    done = False
+
+    def keep(content_type: str, pieces: list[bytes | memoryview], audience: str) -> None:
+        nonlocal done
+        if done or not content_type:
+            return
+        done = True
+        ts = parse_content_type(content_type)[1].get("transfer-syntax") or key.transfer_syntax
+        if key.transfer_syntax not in ("*", "-") and ts != key.transfer_syntax:
+            return  # not what was asked for: it would answer the wrong request
+        value = _encode(content_type, b"".join(pieces))
+        entries = [(key.entry(ts, audience), value)]
+        if key.transfer_syntax == "*":
+            entries.append((key.index(audience), ts.encode("latin-1")))
+        if not all([cache.put_entry(k, v) for k, v in entries]):
+            return
+        task = cache.submit(cache.write_entries, entries, key.kind, key.place.study)
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+        if lead is not None:
+            lead.writing = task
+
+    return keep
+
+
+def _answer(request: Request, entry: Entry, multipart: bool, location: str | None, cache_control: str) -> Response:
+    etag = entry.etag(multipart)
+    headers = [("ETag", etag), ("Vary", "Accept"), ("X-Cache", "HIT"), ("Cache-Control", cache_control)]
+    if etag in [t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(None, 304, headers=dict(headers))
+    if multipart:
+        writer = MultipartWriter()
+        head = writer.part(entry.content_type, location, len(entry.payload))
+        chunks: list[bytes | memoryview] = [head, entry.payload, writer.close()]
+        ctype = writer.content_type(parse_content_type(entry.content_type)[0])
+    else:
+        chunks, ctype = [entry.payload], entry.content_type
+        if location:
+            headers.append(("Content-Location", location))
+    headers += [("Content-Type", ctype), ("Content-Length", str(sum(len(c) for c in chunks)))]
+    return BuffersResponse(200, headers, chunks)  # each piece written as is: no join, no copy
+
+
+
+async def _cached(ctx: Context, key: Key, fetch: Callable[[Keep], Awaitable[StreamResponse]],
+                  respond: Callable[[Entry], Response], cache_control: str) -> Response:
+    """The cache phase of an object: a hit, once the caller is admitted to it (`access.admit`), is answered
+    by `respond`; a miss is the archive's answer (`fetch(tee)`), asked once for concurrent identical misses,
+    streamed with `X-Cache: MISS` and kept by the tee once it passed through whole."""
+    assert ctx.cache is not None
+    heard_by = access.audiences(ctx)
+    got: Entry | StreamResponse | None = lookup(ctx.cache, key, heard_by)
+    if got is None:
+        got = await _once(ctx, ctx.cache, key, heard_by, fetch)
+    if isinstance(got, Entry):
+        await access.admit(ctx, key.place.study, (got.audience,))
+        return respond(got)
+    got.raw_headers += [(b"x-cache", b"MISS"), (b"cache-control", cache_control.encode())]
+    return got
+
+
+async def _once(ctx: Context, cache: FrameCache, key: Key, heard_by: tuple[str, ...],
+                fetch: Callable[[Keep], Awaitable[StreamResponse]]) -> StreamResponse | Entry:
+    """The archive's answer for this miss (`fetch(tee)`), or, when another request (of any worker) was
+    fetching the same object, what that one left in the cache: concurrent identical misses ask once."""
+    lead = await singleflight.wait_or_lead("object/" + key.entry(key.transfer_syntax), ctx.patience())
+    if lead is None and (hit := lookup(cache, key, heard_by)) is not None:
+        return hit
+    try:
+        resp = await fetch(keeper(cache, key, lead))
+    except BaseException:
+        if lead is not None:
+            lead.end()
+        raise
+    if lead is not None:  # ended with the stream, once the tee has kept the object (or could not)
+        closing = resp.on_close
+
+        async def close() -> None:
+            try:
+                if closing is not None:
+                    await closing()
+            finally:
+                lead.end()
+
+        resp.on_close = close
+    return resp
+
+
+async def instance(request: Request, ctx: Context, target: Target) -> Response:
+    """One instance (application/dicom), answered from the cache when its Part 10 bytes are there."""
+    if ctx.cache is None or target.instance is None:
+        return await retrieve.retrieve(request, ctx, target, Resource.INSTANCE, "instance")
+    sel = select(request, Resource.INSTANCE, True)
+    key = Key("instance", target.instance, sel.media_type, sel.transfer_syntax or "*",
+              Placement(target.study, target.series or ""))
+    location = dicomweb_base(request, ctx.settings, ctx.root) + target.path()
+    return await _cached(ctx, key, lambda tee: retrieve.retrieve(request, ctx, target, Resource.INSTANCE, "instance",
+                                                             keep=tee),
+                         lambda hit: _answer(request, hit, sel.multipart, location, IMMUTABLE), IMMUTABLE)
+
+
+async def bulk(request: Request, ctx: Context, target: Target, tags: str, location: str) -> Response:
+    """A bulk data element named by its instance and attribute path (`.../instances/{sop}/bulk/{tags}`)."""
+    path = f"{target.path()}/bulk/{tags}"
+    if ctx.cache is None or target.instance is None:
+        return await retrieve.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata", upstream_path=path,
+                                   location=location)
+    sel = select(request, Resource.BULKDATA, True)
+    key = Key("bulkdata", f"{target.instance}/{tags.lower()}", sel.media_type, sel.transfer_syntax or "*",
+              Placement(target.study, target.series or ""))
+    return await _bulk(request, ctx, target, sel, key, path, location, None)
+
+
+async def opaque_bulk(request: Request, ctx: Context, archive_name: str, remainder: str, location: str) -> Response:
+    """A bulk data URI minted as /bulk/{archive}/{token}: cached when the archive path names its study,
+    series and instance (placed there, and found there by a purge of the study), passed through otherwise."""
+    archive = ctx.archive(archive_name)
+    assert archive is not None
+    m = HIERARCHY.search(remainder.split("?", 1)[0])
+    if ctx.cache is None or m is None:
+        return await retrieve.retrieve(request, ctx, Target(""), Resource.BULKDATA, "bulkdata",
+                                   upstream_path=remainder, archives=[archive])
+    sel = select(request, Resource.BULKDATA, True)
+    key = Key("bulkdata", f"{m.group(3)}/{archive_name}:{remainder}", sel.media_type, sel.transfer_syntax or "*",
+              Placement(m.group(1), m.group(2)))
+    return await _bulk(request, ctx, Target(""), sel, key, remainder, location, [archive])
+
+
+async def _bulk(request: Request, ctx: Context, target: Target, sel: Selection, key: Key, path: str,
+                location: str, archives: list[Archive] | None) -> Response:
+    return await _cached(ctx, key, lambda tee: retrieve.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata",
+                                                             upstream_path=path, archives=archives,
+                                                             location=location, keep=tee),
+                         lambda hit: _answer(request, hit, sel.multipart, location, IMMUTABLE), IMMUTABLE)
+
+
+def rendering_key(target: Target, query: str) -> str:
+    """The name of a rendering: the deepest UID, the frames, and the parameters in a canonical order."""
+    uid = target.instance or target.series or target.study
+    frames = ",".join(map(str, target.frames)) if target.frames else "-"
+    params = "&".join(sorted(query.split("&"))) if query else "-"
+    return f"{uid}/{frames}/{params}"
+
+
+async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bool) -> Response:
+    """A rendered image or thumbnail, per media type and rendering parameters."""
+    if ctx.cache is None:
+        return await retrieve.rendered(request, ctx, target, thumbnail)
+    sel = select(request, Resource.RENDERED, True)
+    kind = "thumbnail" if thumbnail else "rendered"
+    key = Key(kind, rendering_key(target, retrieve.rendered_query(request, thumbnail)), sel.media_type, "-",
+              Placement(target.study, target.series or ""))
+    control = IMMUTABLE if target.instance else REVALIDATE
+    return await _cached(ctx, key, lambda tee: retrieve.rendered(request, ctx, target, thumbnail, keep=tee),
+                         lambda hit: _answer(request, hit, False, None, control), control)

@@ -1,0 +1,405 @@
+"""WADO-RS retrieve: negotiate, find the archives that hold the study, stream the answer back.
+
+Phases of a retrieve: negotiate (media.py) → locate (context: which archives hold the study) →
+upstream request with one media range the archive is known to accept → re-frame under our own
+boundary (reframe.py) → client. A study or series held by several archives comes back as one
+response, each instance once; an instance or frame comes from the first archive that has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from functools import partial
+
+from starlette.requests import Request
+
+from proxy.auth import access
+from proxy.cache.flights import Fetching, learn_instance
+from proxy.dicomweb import prefetch
+from proxy.formats.media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
+from proxy.formats.multipart import MultipartError
+from proxy.formats.parts import Keep, Kept, PartEvents, sent_whole
+from proxy.formats.reframe import Reframer, label, payload
+from proxy.http.responses import Problem, StreamAborted, StreamResponse
+from proxy.http.urls import dicomweb_base
+from proxy.runtime import Context
+from proxy.upstream import splice
+from proxy.upstream.archive import Archive, UpstreamError, UpstreamResponse
+from proxy.upstream.splice import Relay
+
+VARY = ("Vary", "Accept")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The UIDs (and frame numbers) a WADO-RS URL names."""
+
+    study: str
+    series: str | None = None
+    instance: str | None = None
+    frames: tuple[int, ...] | None = None
+
+    def path(self) -> str:
+        """The DICOMweb path of the resource, relative to a service base URL."""
+        p = f"/studies/{self.study}"
+        if self.series:
+            p += f"/series/{self.series}"
+        if self.instance:
+            p += f"/instances/{self.instance}"
+        if self.frames:
+            p += "/frames/" + ",".join(map(str, self.frames))
+        return p
+
+
+def client_accept(request: Request) -> str | None:
+    """The `accept` query parameter wins over the Accept header (W-06, PS3.18 §8.7.8.1)."""
+    if b"accept" in request.scope["query_string"]:  # parse the query only when it may hold `accept`
+        value = request.query_params.get("accept")
+        if value:
+            return value
+    return request.headers.get("accept")
+
+
+def select(request: Request, resource: Resource, single_item: bool) -> Selection:
+    """Negotiate, turning failures into 400/406 Problems."""
+    try:
+        return negotiate(client_accept(request), resource, single_item)
+    except BadAccept as exc:
+        raise Problem(400, f"malformed Accept: {exc}") from None
+    except NotAcceptable as exc:
+        raise Problem(406, str(exc)) from None
+
+
+def upstream_accept(sel: Selection, resource: Resource, archive: Archive) -> tuple[str, bool]:
+    """The one media range to send the archive, and whether to unwrap a single part from it."""
+    if not sel.multipart and sel.media_type in ("application/dicom+json", "image/jpeg", "image/png", "image/gif"):
+        return sel.media_type, False
+    prof = archive.profile
+    single_native = (resource is Resource.INSTANCE and prof.single_part_instance) or (
+        resource is Resource.FRAMES and prof.single_part_frame)
+    if not sel.multipart and single_native:
+        return f"{sel.media_type}; transfer-syntax={sel.transfer_syntax}", False
+    q = '"' if prof.quote_type else ""
+    ts = f"; transfer-syntax={sel.transfer_syntax}" if sel.transfer_syntax else ""
+    return f"multipart/related; type={q}{sel.media_type}{q}{ts}", not sel.multipart
+
+
+async def locate(ctx: Context, study: str) -> list[Archive]:
+    """The archives holding `study`, or 404."""
+    if not ctx.archives:
+        raise Problem(502, "no archive is configured")
+    found = await ctx.archives_for(study)
+    if not found:
+        raise Problem(404, "no archive holds this study")
+    return found
+
+
+async def open_upstream(ctx: Context, study: str | None, path: str, accept: str, request: Request,
+                        service: str, query: str = "", archives: list[Archive] | None = None,
+                        relay: bool = False) -> tuple[UpstreamResponse, AsyncExitStack]:
+    """Open the first archive that has the resource (a 404 or an unreachable archive moves on).
+    `relay`: the body is to be relayed past Python (Archive.open)."""
+    candidates = archives if archives is not None else await locate(ctx, study or "")
+    last: Problem | None = None
+    failed: Problem | None = None  # an archive that could not be asked (and so may hold the resource)
+    headers = {"Accept": accept}
+    rid = request.scope.get("state", {}).get("request_id")
+    if rid:
+        headers["X-Request-ID"] = rid
+    for i, archive in enumerate(candidates):
+        stack = AsyncExitStack()
+        try:
+            resp = await stack.enter_async_context(archive.open("GET", path, query, headers, service=service,
+                                                                    relay=relay))
+        except UpstreamError as exc:
+            await stack.aclose()
+            last = failed = failed or Problem(exc.status, exc.reason, {
+                "Warning": f"299 dicomweb-edge: archive '{archive.name}' is unavailable", **_retry_after(exc.status)})
+            continue
+        if resp.status == 404 and (i + 1 < len(candidates) or failed is not None):
+            await stack.aclose()  # a 404 moves on; after an archive that could not be asked, its failure answers
+            last = failed or Problem(404, "not found in any archive")
+            continue
+        if resp.status == 404 and study and len(candidates) > 1:
+            await ctx.locator.forget(study)  # what we learned is stale: probe again next time
+        if resp.status == 200 and service in access.CONFIRMING:
+            access.confirm(archive, study, path)  # token pass-through: this caller may see the study
+        return resp, stack
+    raise last or Problem(502, "no archive is configured")
+
+
+def _retry_after(status: int) -> dict[str, str]:
+    return {"Retry-After": "5"} if status == 503 else {}
+
+
+def upstream_problem(resp: UpstreamResponse, sel: Selection | None) -> Problem:
+    """What the client hears when the archive answered an error status."""
+    s, name = resp.status, resp.archive.name
+    if s == 404:
+        return Problem(404, "no such resource in the archive")
+    if s in (400, 406, 415, 409, 410, 413):
+        return Problem(s, f"archive '{name}' refused the request (HTTP {s})")
+    if s == 500 and sel is not None and sel.transfer_syntax not in (None, ANY_TS):
+        # Orthanc answers 500 when it cannot transcode (real-stack.md §0.4): nothing acceptable.
+        return Problem(406, f"archive '{name}' cannot provide transfer syntax {sel.transfer_syntax}")
+    if s in (401, 403) and resp.archive.config.forward_authorization:
+        return access.refused(s)  # the caller's own token was refused: say so, not 502
+    if s in (401, 403):
+        return Problem(502, f"archive '{name}' refused the proxy's credentials (HTTP {s})")
+    if s == 503:
+        return Problem(503, f"archive '{name}' is unavailable", {"Retry-After": resp.headers.get("Retry-After", "5")})
+    return Problem(502, f"archive '{name}' failed (HTTP {s})")
+
+
+async def retrieve(request: Request, ctx: Context, target: Target, resource: Resource, service: str,
+                   upstream_path: str | None = None, archives: list[Archive] | None = None,
+                   location: str | None = None, keep: Keep | None = None) -> StreamResponse:
+    """Study, series, instance, frames and bulk data retrieve, streamed. `keep` (one instance or bulk
+    data element) is given the content type and payload of the part once it passed through whole."""
+    one_frame = resource is Resource.FRAMES and target.frames is not None and len(target.frames) == 1
+    single_item = resource in (Resource.INSTANCE, Resource.BULKDATA) or one_frame
+    sel = select(request, resource, single_item)
+    candidates = archives if archives is not None else await locate(ctx, target.study)
+    accept, unwrap = upstream_accept(sel, resource, candidates[0])
+    path = upstream_path or target.path()
+    if resource is Resource.INSTANCES and len(candidates) > 1:
+        return await _retrieve_federated(request, ctx, sel, candidates, path, accept, service)
+    fetching = None
+    if ctx.cache is not None and resource in (Resource.INSTANCE, Resource.INSTANCES):
+        fetching = Fetching(target.study, target.series, target.instance, ctx.cache)  # frame requests wait for us
+        if target.instance is None:
+            prefetch.yield_to(target.study, target.series)  # this retrieve teaches the cache the same instances
+    # Nothing keeps the body (no cache tee): it will be relayed past Python, so read only its start.
+    relay = splice.offered(request.scope) and keep is None and fetching is None
+    try:
+        resp, stack = await open_upstream(ctx, target.study, path, accept, request, service, archives=candidates,
+                                          relay=relay)
+    except BaseException:
+        if fetching is not None:
+            await fetching.done()
+        raise
+    if fetching is not None:
+        stack.push_async_callback(fetching.done)
+    try:
+        if resp.status >= 300:
+            raise upstream_problem(resp, sel)
+        base = dicomweb_base(request, ctx.settings, ctx.root)
+        if not sel.multipart and not unwrap:
+            # The archive answered single-part itself: pass the body through.
+            headers = [("Content-Type", resp.content_type or sel.media_type), VARY]
+            if "Content-Length" in resp.headers:
+                headers.append(("Content-Length", resp.headers["Content-Length"]))
+            return StreamResponse(200, headers, _passthrough(resp, keep, splice.offered(request.scope)),
+                                  stack.aclose)
+        locations = None
+        if target.frames:
+            locations = [f"{base}{Target(target.study, target.series, target.instance, (n,)).path()}"
+                         for n in target.frames]
+        elif location:
+            locations = [location]
+        reframer = Reframer(sel, base, locations)
+        learn = partial(learn_instance, ctx.cache, fetching=fetching) \
+            if ctx.cache is not None and fetching is not None else None
+        reframer.tee = _both(learn, keep) if learn and keep else learn or keep
+        reframer.relay = splice.offered(request.scope)
+        events = PartEvents(resp) if resp.status < 300 else None
+        first_headers = await events.first() if events else None
+        try:
+            first = await label(events, first_headers, sel, reframer.seen) if events and first_headers else None
+        except UpstreamError as exc:
+            raise Problem(exc.status, exc.reason) from None
+        except MultipartError as exc:
+            raise Problem(502, f"archive '{resp.archive.name}' sent a broken multipart body ({exc})") from None
+        if unwrap:
+            if first is None or events is None:
+                raise Problem(404, "the archive returned no content")
+            headers = [("Content-Type", first.content_type), VARY]
+            if location:
+                headers.append(("Content-Location", location))
+            if not first.held and first.length is not None:
+                headers.append(("Content-Length", str(first.length)))
+            return StreamResponse(200, headers, payload(events, first, keep, splice.offered(request.scope)),
+                                  stack.aclose)
+        part_type = parse_content_type(first.content_type)[0] if first else sel.media_type
+        headers = [("Content-Type", reframer.writer.content_type(part_type)), VARY]
+        if (resource is Resource.INSTANCE or one_frame) and first is not None and first.length is not None \
+                and events is not None:
+            # Exactly one part is coming and its size is known: send a Content-Length, no chunking.
+            head = reframer.header(first, resp.archive)
+            tail = reframer.close()
+            headers.append(("Content-Length", str(len(head) + first.length + len(tail))))
+            body = _one_part(reframer, events, first, head, tail)
+        else:
+            body = _single_archive(reframer, events, first)
+        return StreamResponse(200, headers, body, stack.aclose,
+                              watch_disconnect=resource in (Resource.INSTANCES, Resource.BULKDATA))
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+def _both(first: Keep, second: Keep) -> Keep:
+    def tee(content_type: str, pieces: list[bytes | memoryview], audience: str) -> None:
+        first(content_type, pieces, audience)
+        second(content_type, pieces, audience)
+    return tee
+
+
+async def _one_part(reframer: Reframer, events: PartEvents, first: object, head: bytes,
+                    tail: bytes) -> AsyncIterator[bytes | memoryview]:
+    async for chunk in reframer.parts(events, first, max_parts=1, first_header=head):  # type: ignore[arg-type]
+        yield chunk
+    yield tail
+    await events.finish()
+
+
+async def _single_archive(reframer: Reframer, events: PartEvents | None,
+                          first: object) -> AsyncIterator[bytes | memoryview]:
+    if events is not None:
+        async for chunk in reframer.parts(events, first):  # type: ignore[arg-type]
+            yield chunk
+    yield reframer.close()
+
+
+async def _open_each(request: Request, ctx: Context, archives: list[Archive], path: str, accept: str,
+                    service: str) -> tuple[list[tuple[UpstreamResponse, AsyncExitStack]], list[str], Problem | None]:
+    """Open the resource at every archive at once: (answers with content, Warnings, first failure)."""
+    async def one(archive: Archive) -> tuple[UpstreamResponse, AsyncExitStack] | Problem:
+        try:
+            return await open_upstream(ctx, None, path, accept, request, service, archives=[archive])
+        except Problem as exc:
+            return exc
+
+    opened = await asyncio.gather(*(one(a) for a in archives))
+    found, warnings, failure = [], [], None
+    for archive, result in zip(archives, opened, strict=True):
+        if isinstance(result, Problem):
+            failure = failure or result
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' is unavailable; "
+                            "instances it holds are missing")
+            continue
+        resp, stack = result
+        if resp.status == 404:
+            await stack.aclose()
+        elif resp.status >= 300:
+            failure = failure or upstream_problem(resp, None)
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' answered HTTP {resp.status}; "
+                            "instances it holds are missing")
+            await stack.aclose()
+        else:
+            found.append(result)
+    return found, warnings, failure
+
+
+async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, archives: list[Archive], path: str,
+                              accept: str, service: str) -> StreamResponse:
+    """A study or series held by several archives: every archive's parts under one boundary, each
+    instance once. An archive that fails is left out and named in a Warning."""
+    found, warnings, failure = await _open_each(request, ctx, archives, path, accept, service)
+    stacks = [stack for _, stack in found]
+
+    async def close_all() -> None:
+        for stack in stacks:
+            await stack.aclose()
+
+    if not found:
+        raise failure or Problem(404, "no archive holds this resource")
+    try:
+        reframer = Reframer(sel, dicomweb_base(request, ctx.settings, ctx.root), dedupe=True)
+        if ctx.cache is not None:
+            reframer.tee = partial(learn_instance, ctx.cache)
+        reframer.relay = splice.offered(request.scope)
+        streams = [PartEvents(resp) for resp, _ in found]
+        heads = [await events.first() for events in streams]
+        first_type = next((h.headers.get("content-type") for h in heads if h is not None), None)
+        part_type = parse_content_type(first_type)[0] if first_type else sel.media_type
+    except BaseException:
+        await close_all()
+        raise
+    headers = [("Content-Type", reframer.writer.content_type(part_type or sel.media_type)), VARY]
+    headers += [("Warning", w) for w in warnings]
+
+    async def body() -> AsyncIterator[bytes | memoryview]:
+        for events, head in zip(streams, heads, strict=True):
+            if head is None:
+                continue
+            try:
+                part = await label(events, head, sel, reframer.seen)
+            except (UpstreamError, MultipartError) as exc:
+                raise StreamAborted(f"archive '{events.archive.name}': {exc}") from None
+            async for chunk in reframer.parts(events, part):
+                yield chunk
+        yield reframer.close()
+
+    return StreamResponse(200, headers, body(), close_all, watch_disconnect=True)
+
+
+async def _passthrough(resp: UpstreamResponse, keep: Keep | None = None,
+                       relay: bool = False) -> AsyncIterator[bytes | memoryview | Relay]:
+    kept = Kept(keep, resp.content_type or "", resp.archive.audience)
+    length = resp.headers.get("Content-Length")
+    if relay and keep is None and length and length.isdigit() and int(length) >= splice.MIN_RELAY:
+        moving = resp.relay(int(length))  # the whole body, past Python (splice.py); else read as usual
+        if moving is not None:
+            yield moving
+            sent_whole(moving, resp)
+    else:
+        resp.unwindow()  # not relayed: read the body as usual
+    try:
+        async for chunk in resp.iter_chunks():  # (after a relay: nothing is left, the body is complete)
+            kept.add(chunk)
+            yield chunk
+    except UpstreamError as exc:
+        raise StreamAborted(str(exc)) from None
+    length = resp.headers.get("Content-Length")
+    if kept.content_type and (length is None or not length.isdigit() or int(length) == kept.size):
+        kept.done()
+
+
+async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bool,
+                   keep: Keep | None = None) -> StreamResponse:
+    """Rendered images and thumbnails (made from /rendered where the archive has no thumbnails);
+    `keep` is given the content type and image once it passed through whole."""
+    sel = select(request, Resource.RENDERED, True)
+    query = rendered_query(request, thumbnail)
+    candidates = await locate(ctx, target.study)
+    use_rendered = not thumbnail or not candidates[0].profile.thumbnail
+    suffix = "/rendered" if use_rendered else "/thumbnail"
+    if thumbnail and use_rendered and "viewport=" not in query:
+        query = "&".join(filter(None, [query, "viewport=128,128"]))
+    resp, stack = await open_upstream(ctx, target.study, target.path() + suffix, sel.media_type, request,
+                                      "thumbnail" if thumbnail else "rendered", query=query, archives=candidates)
+    try:
+        if resp.status >= 300:
+            raise upstream_problem(resp, None)
+        ctype = parse_content_type(resp.content_type)[0]
+        if not ctype.startswith("image/") and not ctype.startswith("video/"):
+            raise Problem(502, f"archive '{resp.archive.name}' sent {ctype or 'no content type'} for a "
+                               "rendered image")
+        headers = [("Content-Type", resp.content_type), VARY]
+        if "Content-Length" in resp.headers:
+            headers.append(("Content-Length", resp.headers["Content-Length"]))
+        return StreamResponse(200, headers, _passthrough(resp, keep), stack.aclose)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+_RENDER_PARAMS = {"annotation", "quality", "viewport", "window", "iccprofile"}
+
+
+def rendered_query(request: Request, thumbnail: bool) -> str:
+    """Validated rendering parameters (W-19), re-encoded for any archive."""
+    out = []
+    for key, value in request.query_params.multi_items():
+        if key == "accept":
+            continue
+        if key not in _RENDER_PARAMS:
+            raise Problem(400, f"unknown rendering parameter {key!r}")
+        if not value or any(not (c.isalnum() or c in ",.-") for c in value):
+            raise Problem(400, f"malformed value for {key!r}")
+        out.append(f"{key}={value}")
+    return "&".join(out)

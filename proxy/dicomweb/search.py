@@ -1,0 +1,393 @@
+"""QIDO-RS search: validate the query, translate it for the archive, answer consistently.
+
+The proxy decodes the query string itself and re-sends it in the form each archive understands
+(Orthanc 1.x does not percent-decode: `PatientName=DOE%2A` matches nothing there, real-stack.md §0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote_plus
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.auth import access
+from proxy.coordination import singleflight
+from proxy.dicomweb.retrieve import client_accept, open_upstream, upstream_problem
+from proxy.federation import merge
+from proxy.federation.searchcache import Codec
+from proxy.formats import jsonbody
+from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate
+from proxy.http.responses import Problem
+from proxy.http.urls import dicomweb_base
+from proxy.observability import metrics
+from proxy.runtime import Context
+from proxy.upstream.archive import Archive, UpstreamError
+from proxy.upstream.profiles import PROFILES, Profile
+
+PARAMS = {"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching", "multiplevaluematching"}
+UID_LIST = re.compile(r"^[0-9]+(\.[0-9]+)*([,\\][0-9]+(\.[0-9]+)*)*$")
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_DATE = r"[0-9]{8}"
+_TIME = r"[0-9]{2}(?:[0-9]{2}(?:[0-9]{2}(?:\.[0-9]{1,6})?)?)?"
+_RANGES = {
+    "DA": re.compile(rf"^(?:{_DATE}|{_DATE}-|-{_DATE}|{_DATE}-{_DATE})$"),
+    "TM": re.compile(rf"^(?:{_TIME}|{_TIME}-|-{_TIME}|{_TIME}-{_TIME})$"),
+}
+WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
+FUZZY_WARNING = ("299 dicomweb-edge: The fuzzymatching parameter is not supported. "
+                 "Only literal matching has been performed.")
+
+
+@dataclass
+class Query:
+    """A validated QIDO query: attribute filters plus the standard parameters."""
+
+    filters: list[tuple[str, str, str]] = field(default_factory=list)  # (key as sent, value, VR)
+    includefield: list[str] = field(default_factory=list)
+    limit: int | None = None
+    offset: int = 0
+    fuzzy: bool | None = None
+    vendor: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _attribute_vr(key: str) -> str:
+    """VR of an attribute path's last element; Problem(400) for names that are not attributes."""
+    vr = ""
+    for part in key.split("."):
+        if _TAG.match(part):
+            tag = int(part, 16)
+        else:
+            found = tag_for_keyword(part)
+            if found is None:
+                raise Problem(400, f"unknown attribute {part!r} in query")
+            tag = found
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            vr = "UN"  # private or unknown tag: the archive decides
+    return vr
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def parse_query(raw: str) -> Query:
+    """Decode and validate a QIDO query string (Q-01..Q-06)."""
+    q = Query()
+    for pair in filter(None, raw.split("&")):
+        key, _, value = pair.partition("=")
+        key, value = unquote_plus(key), unquote_plus(value)
+        if _CONTROL.search(key) or _CONTROL.search(value):  # a line break could split an upstream request
+            raise Problem(400, "control characters (line breaks) are not allowed in a query")
+        if key in PARAMS:
+            _param(q, key, value)
+        elif key[:1].isupper() or _TAG.match(key.split(".")[0]):
+            vr = _attribute_vr(key)
+            if vr == "UI" and value and value != "*":
+                if not UID_LIST.match(value):
+                    raise Problem(400, f"{key}: not a UID or a comma-separated UID list")
+                value = value.replace("\\", ",")  # OHIF joins UIDs with a backslash (Q-01)
+            elif vr in _RANGES and value and not _RANGES[vr].match(value):
+                raise Problem(400, f"{key}: not a valid {vr} value or range")
+            q.filters.append((key, value, vr))
+        elif key == "accept" or not key:
+            continue
+        elif re.match(r"^[a-z][A-Za-z0-9_-]*$", key):
+            q.vendor.append((key, value))  # lower-case names are parameters, not attributes (G-03)
+        else:
+            raise Problem(400, f"malformed query parameter {key!r}")
+    return q
+
+
+def _param(q: Query, key: str, value: str) -> None:
+    if key in ("limit", "offset"):
+        if not value.isdigit() or len(value) > 9:
+            raise Problem(400, f"{key} must be a non-negative whole number")
+        setattr(q, key, int(value))
+    elif key == "fuzzymatching":
+        if value not in ("true", "false"):
+            raise Problem(400, "fuzzymatching must be 'true' or 'false'")
+        q.fuzzy = value == "true"
+    elif key == "includefield":
+        for name in filter(None, value.split(",")):
+            if name != "all" and not _TAG.match(name) and tag_for_keyword(name) is None:
+                raise Problem(400, f"includefield: unknown attribute {name!r}")
+            q.includefield.append(name)
+    else:  # emptyvaluematching, multiplevaluematching: passed on as given
+        if value not in ("true", "false"):
+            raise Problem(400, f"{key} must be 'true' or 'false'")
+        q.vendor.append((key, value))
+
+
+def _encode(value: str, vr: str, profile: Profile) -> str:
+    if profile.decodes_query:
+        return quote(value, safe="*?^,-.:_~=")
+    # The archive takes the query string literally: send wildcard-safe characters raw, and turn
+    # characters it cannot receive (space, '&', '#', '%', non-ASCII) into the one-character wildcard.
+    out = []
+    for ch in value:
+        if ch.isascii() and (ch.isalnum() or ch in "*?^,-._~:/=@!$'()+;"):
+            out.append(ch)
+        elif vr in WILDCARD_VRS:
+            out.append("?")
+        else:
+            out.append(quote(ch, safe=""))
+    return "".join(out)
+
+
+def translate(q: Query, profile: Profile, limit: int | None = None, offset: int | None = None) -> str:
+    """The query string to send one archive."""
+    parts = []
+    for key, value, vr in q.filters:
+        if vr == "UI":
+            value = value.replace(",", profile.uid_list_separator)
+        parts.append(f"{key}={_encode(value, vr, profile)}")
+    if q.includefield:
+        parts.append("includefield=" + ",".join(q.includefield))
+    if q.fuzzy is not None and (profile.fuzzy_matching or not q.fuzzy):
+        parts.append(f"fuzzymatching={'true' if q.fuzzy else 'false'}")
+    limit = q.limit if limit is None else limit
+    offset = q.offset if offset is None else offset
+    if limit is not None:
+        if profile.max_limit is not None:
+            limit = min(limit, profile.max_limit)
+        if limit > 0 or profile.zero_limit_means_all:
+            parts.append(f"limit={limit}")
+    if offset:
+        parts.append(f"offset={offset}")
+    parts.extend(f"{k}={_encode(v, 'CS', profile)}" for k, v in q.vendor)
+    return "&".join(parts)
+
+
+def warnings_for(q: Query, archive: Archive) -> list[str]:
+    """Warnings the proxy adds because the archive ignores a parameter (Q-04)."""
+    if q.fuzzy and not archive.profile.fuzzy_matching:
+        return [FUZZY_WARNING]
+    return []
+
+
+def is_empty(body: bytes) -> bool:
+    """204, `200 []` and an empty body all mean "no matches" (conformance §0 item 5)."""
+    stripped = body.strip()
+    return not stripped or (stripped[:1] == b"[" and stripped[1:].strip() == b"]")  # also "[ ]", "[\n]"
+
+
+def _accept_json(request: Request) -> None:
+    try:
+        negotiate(client_accept(request), Resource.JSON)
+    except BadAccept as exc:
+        raise Problem(400, f"malformed Accept: {exc}") from None
+    except NotAcceptable:
+        raise Problem(406, "search results are available as application/dicom+json only") from None
+
+
+def _answer(body: bytes | None, warnings: list[str]) -> Response:
+    response = Response(body, 200, media_type="application/dicom+json") if body else Response(None, 204)
+    for w in dict.fromkeys(warnings):
+        response.headers.append("Warning", w)
+    return response
+
+
+async def search(request: Request, ctx: Context, path: str) -> Response:
+    """A QIDO-RS search: 200 with results, 204 with none; federated when there are several archives."""
+    _accept_json(request)
+    try:
+        q = parse_query(request.scope["query_string"].decode())  # as sent: parse_query percent-decodes
+    except UnicodeDecodeError:
+        raise Problem(400, "the query string is not UTF-8") from None
+    if len(ctx.archives) > 1:
+        return await federated_search(request, ctx, path, q)
+    archive = ctx.archives[0]
+    query = translate(q, archive.profile)
+    base = dicomweb_base(request, ctx.settings, ctx.root)
+    # With the cache on, a single archive's answers are reused briefly too (cleared by any store).
+    key = (base, path, query, *access.search_scope(ctx)) if ctx.cache is not None else None
+    no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
+    cached, mark = await ctx.searches.get(key, SINGLE, fresh=no_cache) if key is not None else (None, None)
+    if key is not None and not no_cache:
+        metrics.child(metrics.CACHE_RESULTS, mark.tier, "search", "miss" if cached is None else "hit").inc()
+    if cached is not None:
+        response = _answer(*cached)
+        response.headers["X-Cache"] = "HIT"
+        return response
+    if key is None:
+        return _answer(*await _search_one(request, ctx, archive, path, q, query, base, key, mark))
+    got = await singleflight.shared(f"search/{key!r}", lambda: _search_one(request, ctx, archive, path, q, query,
+                                                                           base, key, mark), _patience(ctx),
+                                    across=False)
+    response = _answer(*got.value)
+    if not got.led:
+        response.headers["X-Cache"] = "HIT"
+    return response
+
+
+async def _search_one(request: Request, ctx: Context, archive: Archive, path: str, q: Query, query: str, base: str,
+                      key: tuple | None, mark: object) -> tuple[bytes | None, list[str]]:
+    """The one archive's answer, its URLs pointed at the proxy (kept briefly, with the cache on)."""
+    resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "qido",
+                                      query=query, archives=[archive])
+    async with stack:
+        if resp.status not in (200, 204, 206):
+            raise upstream_problem(resp, None)
+        try:
+            body = await jsonbody.checked(resp, await resp.read(ctx.settings.max_json_bytes))
+        except UpstreamError as exc:
+            raise Problem(exc.status, exc.reason) from None
+        warnings = [*resp.headers.getall("Warning", []), *warnings_for(q, archive)]
+    if is_empty(body):
+        answer: bytes | None = None
+    elif not body.lstrip().startswith(b"["):
+        raise Problem(502, f"archive '{archive.name}' sent a search result that is not a JSON array")
+    else:
+        answer = archive.rewriter.rewrite_json(body, base)
+    if key is not None and mark is not None:
+        await ctx.searches.put(key, (answer, warnings), mark, SINGLE)
+    return answer, warnings
+
+
+LEVELS = {"studies": "study", "series": "series", "instances": "instance"}
+
+
+async def _fetch_all(request: Request, ctx: Context, archive: Archive, path: str, q: Query,
+                     base: str) -> tuple[list[merge.Record], list[str], bool]:
+    """Every match from one archive, paged within its cap: (records, its Warnings, truncated)."""
+    maximum = ctx.settings.max_search_results
+    cap = archive.profile.max_limit
+    records: list[merge.Record] = []
+    warnings: list[str] = warnings_for(q, archive)
+    offset = 0
+    async with asyncio.timeout(archive.config.search_deadline):
+        while True:
+            size = min(cap or maximum + 1, maximum + 1 - len(records))
+            query = translate(q, archive.profile, limit=size, offset=offset)
+            resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "qido",
+                                              query=query, archives=[archive])
+            async with stack:
+                if resp.status not in (200, 204, 206):
+                    raise UpstreamError(502, f"answered HTTP {resp.status}")
+                body = await resp.read(ctx.settings.max_json_bytes)
+                # The archive's own cap cut the page short (206, or dcm4chee's "There are N additional
+                # results" Warning, §0 item 6): page on from here instead of passing its count on.
+                capped = resp.status == 206
+                for w in resp.headers.getall("Warning", []):
+                    capped |= "additional results" in w
+                    warnings += [] if "additional results" in w else [w]
+            page = [] if is_empty(body) else merge.loads(archive.rewriter.rewrite_json(body, base))
+            records += page
+            if len(records) > maximum:
+                return records[:maximum], warnings, True
+            if len(page) < size and not (capped and page):
+                if capped:
+                    warnings.append(f"299 dicomweb-edge: archive '{archive.name}' reported more matches than it "
+                                    "returned; results may be incomplete")
+                return records, warnings, False
+            offset += len(page)
+
+
+def _failure(exc: BaseException) -> tuple[str, int]:
+    """A short, URL-free reason and the status it would justify on its own."""
+    if isinstance(exc, TimeoutError):
+        return "did not answer in time", 504
+    if isinstance(exc, UpstreamError | Problem):
+        return ("timed out" if exc.status == 504 else "is unavailable"), exc.status
+    if isinstance(exc, ValueError):
+        return "sent a malformed search result", 502
+    return "failed", 502
+
+
+async def federated_search(request: Request, ctx: Context, path: str, q: Query) -> Response:
+    """Fan out to every healthy archive, merge, de-duplicate, order and page (F-01..F-04)."""
+    level = LEVELS[path.rsplit("/", 1)[-1]]
+    base = dicomweb_base(request, ctx.settings, ctx.root)
+    key = (base, path, translate(q, PROFILES["generic"], limit=0, offset=0), *access.search_scope(ctx))
+    no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
+    cached, mark = await ctx.searches.get(key, FEDERATED, fresh=no_cache)
+    hit = cached is not None
+    if not no_cache:
+        metrics.child(metrics.CACHE_RESULTS, mark.tier, "search", "miss" if cached is None else "hit").inc()
+    if cached is None:
+        # Concurrent identical searches (a worklist refreshed on many workstations) fan out once.
+        got = await singleflight.shared(f"search/{key!r}", lambda: _fan_out(request, ctx, path, q, level, base, key,
+                                                                               mark), _patience(ctx), across=False)
+        cached, hit = got.value, not got.led
+    ordered, warnings = cached
+    chunk, remaining = merge.page(ordered, q.offset, q.limit)
+    if remaining:
+        warnings = [*warnings, f"299 dicomweb-edge: There are {remaining} additional results that can be requested"]
+    response = _answer(merge.dumps(chunk) if chunk else None, warnings)
+    if hit:
+        response.headers["X-Cache"] = "HIT"
+    return response
+
+
+def _patience(ctx: Context) -> float:
+    """How long a search waits for the same search in flight: as long as the archives may take."""
+    return max((a.config.search_deadline for a in ctx.archives), default=30.0)
+
+
+async def _fan_out(request: Request, ctx: Context, path: str, q: Query, level: str, base: str, key: tuple,
+                   mark: object) -> tuple[list[merge.Record], list[str]]:
+    """Every healthy archive searched, the answers merged, de-duplicated and ordered (kept when whole)."""
+    asked = [a for a in ctx.archives if a.breaker.allow()]
+    skipped = [a for a in ctx.archives if a not in asked]
+    warnings = [f"299 dicomweb-edge: archive '{a.name}' was skipped (circuit open); "
+                "results may be incomplete" for a in skipped]
+    for a in skipped:
+        metrics.child(metrics.SEARCH_PARTIAL, a.name, "circuit_open").inc()
+    metrics.SEARCH_FANOUT.observe(len(asked))
+    results = await asyncio.gather(*(_fetch_all(request, ctx, a, path, q, base) for a in asked),
+                                   return_exceptions=True)
+    found: list[tuple[str, list[merge.Record]]] = []
+    statuses = []
+    for archive, result in zip(asked, results, strict=True):
+        if isinstance(result, BaseException):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            reason, status = _failure(result)
+            statuses.append(status)
+            if isinstance(result, TimeoutError):
+                archive._health(False)
+            metrics.child(metrics.SEARCH_PARTIAL, archive.name, "timeout" if status == 504 else "error").inc()
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' {reason}; results may be incomplete")
+            continue
+        records, archive_warnings, truncated = result
+        found.append((archive.name, records))
+        warnings += archive_warnings
+        if truncated:
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' has more than "
+                            f"{ctx.settings.max_search_results} matches; narrow the search")
+    if not found:
+        status = 503 if not asked else 504 if all(s == 504 for s in statuses) else 502
+        raise Problem(status, "no archive could be searched: " + "; ".join(w.split(": ", 1)[1] for w in warnings))
+    merged, where = merge.merge(found, level)
+    await ctx.locator.share(where)
+    cached = (merge.order(merged, level), warnings)
+    if len(found) == len(ctx.archives):  # never reuse a partial answer
+        await ctx.searches.put(key, cached, mark, FEDERATED)
+    return cached
+
+
+def _pack(value: tuple[bytes | None, list[str]]) -> bytes:
+    return json.dumps(value[1]).encode() + b"\n" + (value[0] or b"")
+
+
+def _unpack(blob: bytes) -> tuple[bytes | None, list[str]]:
+    head, _, body = blob.partition(b"\n")
+    return body or None, [str(w) for w in json.loads(head)]
+
+
+# Cached answers as bytes for the shared tier: the Warnings as a JSON line, then the answer as sent
+# (one archive) or the merged, ordered records (federated; numbers keep their text).
+def _unpack_records(blob: bytes) -> tuple[list[merge.Record], list[str]]:
+    body, warnings = _unpack(blob)
+    return merge.loads(body or b"[]"), warnings
+
+
+SINGLE = Codec("single", _pack, _unpack)
+FEDERATED = Codec("federated", lambda v: _pack((merge.dumps(v[0]), v[1])), _unpack_records)

@@ -1,0 +1,1 @@
+"""Several archives as one: where a study is, merging searches, the search cache."""

@@ -1,0 +1,1 @@
+"""The server side: protocol, application assembly, edge layer, limits, CORS, responses."""

@@ -1,0 +1,171 @@
+"""The application: the layers a request passes (edge.py, the cache phase, limits, auth), routes, errors,
+and the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from proxy.auth import access
+from proxy.auth.inbound import AuthMiddleware
+from proxy.auth.inbound import parse as parse_auth
+from proxy.cache import purges
+from proxy.cache.store import OFF_STATS
+from proxy.config import Settings
+from proxy.dicomweb.routes import dicomweb_routes
+from proxy.http import cors
+from proxy.http.edge import EdgeMiddleware
+from proxy.http.limits import client_key
+from proxy.http.responses import Problem, error_response
+from proxy.http.urls import DICOMWEB_ROOT
+from proxy.observability import metrics
+from proxy.runtime import Context
+from proxy.upstream.archive import Archive
+from proxy.upstream.health import STATE_VALUE
+
+SETTINGS_ENV = "DICOMWEB_EDGE__SETTINGS_JSON"
+
+
+async def _problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return error_response(exc.status, exc.reason, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    reason = {404: "no such DICOMweb resource", 405: "method not allowed"}.get(status, "request failed")
+    return error_response(status, reason)
+
+
+async def _health_loop(ctx: Context) -> None:
+    """Probe every archive periodically; the probes feed the circuit breakers and the up gauge."""
+    while True:
+        await probe_all(ctx)
+        await asyncio.sleep(ctx.settings.health_interval)
+
+
+async def probe_all(ctx: Context) -> list[bool]:
+    """Probe the archives whose breaker lets a request through (an open one is not asked until its
+    cool-down is over); refresh the health gauges."""
+    async def one(archive: Archive) -> bool:
+        return await archive.probe() if archive.breaker.allow() else False
+
+    results = await asyncio.gather(*(one(a) for a in ctx.archives))
+    for archive, ok in zip(ctx.archives, results, strict=True):
+        metrics.child(metrics.ARCHIVE_UP, archive.name).set(1 if ok else 0)
+        metrics.child(metrics.ARCHIVE_BREAKER, archive.name).set(STATE_VALUE[archive.breaker.state])
+    return results
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the ASGI application for `settings`."""
+    ctx = Context.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(_health_loop(ctx)) if settings.health_interval > 0 else None
+        ctx.start()  # follows the other replicas' stores when a shared tier is configured
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            await ctx.close()
+            metrics.TALLY.flush()  # this worker's last requests
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        states = await probe_all(ctx)
+        archives = {a.name: {"up": ok, "breaker": a.breaker.state} for a, ok in zip(ctx.archives, states, strict=True)}
+        ready = any(states)
+        body: dict[str, object] = {"status": "ready" if ready else "no archive reachable", "archives": archives}
+        if settings.cache_dir:
+            body["cache"] = "on" if ctx.cache is not None else f"off: {ctx.cache_off}"
+        return JSONResponse(body, 200 if ready else 503)
+
+    trusted = frozenset(settings.trusted_proxies)
+
+    def admin(request: Request) -> None:
+        # With inbound authentication on, AuthMiddleware required the admin scope; without it, admin
+        # actions come only from trusted hops.
+        if settings.auth.get("mode", "none") == "none" and (  # (a request a trusted front relayed is not)
+                client_key(request.scope, trusted) not in trusted):
+            raise Problem(403, "admin endpoints are only served to trusted addresses")
+        if ctx.cache is None and ctx.cache_off is not None:
+            raise Problem(503, "the cache is off: its directory cannot be opened now", {"Retry-After": "5"})
+        if ctx.cache is None:
+            raise Problem(404, "the frame cache is not configured (cache_dir)")
+
+    async def cache_stats(request: Request) -> Response:
+        admin(request)
+        assert ctx.cache is not None
+        return JSONResponse(ctx.cache.stats())
+
+    async def cache_purge(request: Request) -> Response:
+        admin(request)
+        assert ctx.cache is not None
+        study = request.query_params.get("study")
+        if study is not None and not re.match(r"^[0-9]+(\.[0-9]+)*$", study):
+            raise Problem(400, "malformed study UID")
+        removed = await purges.purge_soon(ctx.cache, study)
+        return JSONResponse({"removed": removed})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        stats = None if ctx.cache is None else await asyncio.to_thread(ctx.cache.stats)
+        if stats is None and settings.cache_dir:
+            stats = OFF_STATS  # configured, but its directory cannot be opened now
+        body, ctype = metrics.render(stats)
+        return Response(body, media_type=ctype)
+
+    routes = [
+        Mount(DICOMWEB_ROOT, routes=dicomweb_routes()),  # first: it carries nearly all the traffic
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        Route("/admin/cache", cache_stats, methods=["GET"]),
+        Route("/admin/cache/purge", cache_purge, methods=["POST"]),
+        Mount("/upstreams/{upstream}" + DICOMWEB_ROOT, routes=dicomweb_routes()),
+    ]
+    if settings.viewer_dir:
+        from proxy.http.viewer import viewer_routes
+
+        routes += viewer_routes(settings.viewer_dir, settings)  # last: its fallback never shadows the proxy
+    from starlette.exceptions import HTTPException
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={Problem: _problem, HTTPException: _http_error})
+    app.state.ctx = ctx
+    forwarding = any(a.forward_authorization for a in settings.archives)
+    auth_config = parse_auth(settings.auth, settings.host, forwarding)
+    access.MEMO.ttl = auth_config.access_ttl
+    if auth_config.mode != "none" or forwarding:  # inside CORS: preflights are answered before it, 401s get CORS
+        app.add_middleware(AuthMiddleware, config=auth_config, trusted=settings.trusted_proxies,
+                           viewer=bool(settings.viewer_dir), forwarding=forwarding)
+    from proxy.http.limits import LimitsMiddleware
+
+    app.add_middleware(LimitsMiddleware, settings=settings)  # inside CORS: a 429 carries the CORS headers too
+    from proxy.http import hitlane
+
+    if hitlane.applies(settings, auth_config.mode, forwarding):
+        lane = hitlane.Lane(ctx)
+        app.add_middleware(hitlane.HitLane, lane=lane)  # the cache phase: inside CORS and the edge layer
+        app.state.lane = lane  # the server protocol asks it first (protocol.py)
+    if settings.cors_origins:  # a viewer served from another origin (viewer.py serves one same-origin)
+        cors.install(app, settings.cors_origins)
+    app.add_middleware(EdgeMiddleware, log_patient_data=settings.log_patient_data)
+    return app
+
+
+def app_from_env() -> Starlette:
+    """Factory for uvicorn workers: settings arrive serialised in the environment."""
+    return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))

@@ -1,0 +1,129 @@
+"""Responses the proxy sends: short DICOMweb-style errors and bounded-memory streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from proxy.cache.sendfile import OpenPayload, send_payload
+from proxy.upstream.splice import Relay
+
+log = logging.getLogger("dicomweb_edge")
+
+
+class Problem(Exception):
+    """Raised anywhere in a handler to answer `status` with a short reason (never patient data)."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
+    """`{"status": 404, "reason": "..."}` as application/json."""
+    body = json.dumps({"status": status, "reason": reason}).encode()
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+def encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Response headers as ASGI (and the server protocol) carry them: lower-case names, latin-1 bytes."""
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+class StreamAborted(Exception):
+    """The body could not be completed after the response started; the connection is cut."""
+
+
+class ClientGone(Exception):
+    """The client went away (or was cut for not reading) in the middle of the body: stop producing."""
+
+
+class StreamResponse:
+    """An ASGI response fed by an async iterator, with backpressure and clean-up on every exit.
+
+    Unlike Starlette's StreamingResponse it starts no extra task unless asked to watch for a client
+    disconnect (`watch_disconnect`, for long multi-part bodies), and it always runs `on_close`, so an
+    upstream response is released whether the body ends, fails or the client goes away. A failure
+    after the headers went out cuts the connection without the closing chunk, which every HTTP
+    client reports as a truncated body.
+    """
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: AsyncIterator[bytes],
+                 on_close: Callable[[], Awaitable[None]] | None = None, watch_disconnect: bool = False) -> None:
+        self.status = status
+        self.raw_headers = encode_headers(headers)
+        self.body = body
+        self.on_close = on_close
+        self.watch_disconnect = watch_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+        watcher = None
+        if self.watch_disconnect:
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+            watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+            try:
+                async for chunk in self.body:
+                    if gone.is_set():
+                        if isinstance(chunk, Relay):
+                            chunk.drop()
+                        return
+                    await send_payload(scope, send, chunk, True)
+            except StreamAborted as exc:
+                log.warning("response cut mid-stream: %s", exc)
+                return  # the server closes the connection: the client sees a truncated body
+            except ClientGone:
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            aclose = getattr(self.body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if self.on_close is not None:
+                await self.on_close()
+
+
+class BuffersResponse:
+    """A body already at hand as a few buffers (a cache hit), with Content-Length in `headers`.
+
+    Each buffer is handed to the server as it is (no join, no copy; an open disk-tier file is sent with
+    sendfile, sendfile.py) and the last one ends the response, so there is no empty closing write: one
+    write less per hit than a StreamResponse. Open files are closed when the response ends.
+    """
+
+    def __init__(self, status: int, headers: list[tuple[str, str]],
+                 buffers: list[bytes | memoryview | OpenPayload]) -> None:
+        self.status = status
+        self.raw_headers = encode_headers(headers)
+        self.buffers = buffers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        files = any(isinstance(buf, OpenPayload) for buf in self.buffers)
+        try:
+            await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+            last = len(self.buffers) - 1
+            if last < 0:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            for i, buf in enumerate(self.buffers):
+                await send_payload(scope, send, buf, i < last)
+        finally:
+            if files:
+                for buf in self.buffers:
+                    if isinstance(buf, OpenPayload):
+                        buf.close()
+
+

@@ -1,0 +1,1 @@
+"""The archives behind the proxy: the Archive, its HTTP client, credentials, health and relays."""
