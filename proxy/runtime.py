@@ -11,9 +11,9 @@ from proxy.cache.store import DISK_ERRORS, FrameCache
 from proxy.config import Settings
 from proxy.coordination import handover, siblings
 from proxy.coordination.redis_tier import SharedStore
+from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.federation.locator import Locator
 from proxy.federation.searchcache import SearchCache
-from proxy.http.urls import DICOMWEB_ROOT
 from proxy.upstream.archive import Archive, UpstreamError
 
 log = logging.getLogger("dicomweb_edge.cache")

@@ -3,7 +3,7 @@
 import pytest
 
 from proxy.dicomweb.search import parse_query, translate
-from proxy.http.responses import Problem
+from proxy.errors import Problem
 from proxy.upstream.profiles import PROFILES
 
 ORTHANC, GENERIC, AZURE = PROFILES["orthanc"], PROFILES["generic"], PROFILES["azure"]

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from proxy.coordination.singleflight import shared
-from proxy.http.responses import Problem
+from proxy.errors import Problem
 
 
 class Archive:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from proxy.cache.placement import SHARED
-from proxy.http.responses import Problem
+from proxy.errors import Problem
 from proxy.observability import metrics
 from proxy.runtime import Context
 from proxy.upstream.archive import CALLER_AUTHORIZATION, Archive, UpstreamError

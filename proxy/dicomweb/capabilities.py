@@ -15,7 +15,7 @@ from xml.sax.saxutils import quoteattr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.http.responses import Problem
+from proxy.errors import Problem
 
 WADL = "application/vnd.sun.wadl+xml"
 _SEARCH = ("application/dicom+json", "application/json")

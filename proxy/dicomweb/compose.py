@@ -15,12 +15,13 @@ from starlette.requests import Request
 
 from proxy.cache.placement import SHARED, Placement
 from proxy.dicomweb import objects
+from proxy.dicomweb.responses import StreamResponse
 from proxy.dicomweb.retrieve import VARY, Target, open_upstream, select, upstream_problem
+from proxy.dicomweb.urls import dicomweb_base
+from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource
 from proxy.formats.multipart import MultipartError, MultipartWriter, PartEnd, PartHeaders
 from proxy.formats.parts import Kept, PartEvents
-from proxy.http.responses import Problem, StreamAborted, StreamResponse
-from proxy.http.urls import dicomweb_base
 from proxy.runtime import Context
 from proxy.upstream.archive import Archive, UpstreamError
 

@@ -22,13 +22,14 @@ from proxy.cache.placement import SHARED, Placement
 from proxy.cache.sendfile import OpenPayload
 from proxy.cache.store import Frame, FrameCache, checksum_of
 from proxy.coordination import handover, siblings
+from proxy.dicomweb.responses import BuffersResponse, StreamResponse
 from proxy.dicomweb.retrieve import Target, open_upstream, retrieve, select, upstream_accept, upstream_problem
+from proxy.dicomweb.urls import dicomweb_base
+from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource, Selection, parse_content_type
 from proxy.formats.multipart import MultipartError, PartHeaders
 from proxy.formats.parts import Held, PartEvents, part_payload, whole
 from proxy.formats.reframe import Reframer, label
-from proxy.http.responses import BuffersResponse, Problem, StreamAborted, StreamResponse
-from proxy.http.urls import dicomweb_base
 from proxy.observability import metrics
 from proxy.runtime import Context
 from proxy.upstream.archive import UpstreamError

@@ -20,11 +20,11 @@ from proxy.cache.placement import SHARED
 from proxy.coordination import singleflight
 from proxy.dicomweb import prefetch
 from proxy.dicomweb.retrieve import VARY, Target, locate, open_upstream, select, upstream_problem
+from proxy.dicomweb.urls import dicomweb_base
+from proxy.errors import Problem
 from proxy.federation import merge
 from proxy.formats import jsonbody
 from proxy.formats.media import Resource
-from proxy.http.responses import Problem
-from proxy.http.urls import dicomweb_base
 from proxy.runtime import Context
 from proxy.upstream.archive import Archive, UpstreamError
 

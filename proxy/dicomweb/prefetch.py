@@ -19,11 +19,11 @@ from typing import Any
 from proxy.cache import documents
 from proxy.cache.flights import Fetching, covering, learn_instance
 from proxy.coordination import siblings
+from proxy.errors import Problem
 from proxy.formats.media import Selection
 from proxy.formats.multipart import MultipartError
 from proxy.formats.parts import TEE_LIMIT, Held, PartEvents, part_payload
 from proxy.formats.reframe import PartOut, label
-from proxy.http.responses import Problem
 from proxy.observability import metrics
 from proxy.runtime import Context
 from proxy.upstream.archive import UpstreamError

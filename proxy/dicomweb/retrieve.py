@@ -19,12 +19,13 @@ from starlette.requests import Request
 from proxy.auth import access
 from proxy.cache.flights import Fetching, learn_instance
 from proxy.dicomweb import prefetch
+from proxy.dicomweb.responses import StreamResponse
+from proxy.dicomweb.urls import dicomweb_base
+from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
 from proxy.formats.multipart import MultipartError
 from proxy.formats.parts import Keep, Kept, PartEvents, sent_whole
 from proxy.formats.reframe import Reframer, label, payload
-from proxy.http.responses import Problem, StreamAborted, StreamResponse
-from proxy.http.urls import dicomweb_base
 from proxy.runtime import Context
 from proxy.upstream import splice
 from proxy.upstream.archive import Archive, UpstreamError, UpstreamResponse

@@ -19,12 +19,12 @@ from starlette.responses import Response
 from proxy.auth import access
 from proxy.coordination import singleflight
 from proxy.dicomweb.retrieve import client_accept, open_upstream, upstream_problem
+from proxy.dicomweb.urls import dicomweb_base
+from proxy.errors import Problem
 from proxy.federation import merge
 from proxy.federation.searchcache import Codec
 from proxy.formats import jsonbody
 from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate
-from proxy.http.responses import Problem
-from proxy.http.urls import dicomweb_base
 from proxy.observability import metrics
 from proxy.runtime import Context
 from proxy.upstream.archive import Archive, UpstreamError

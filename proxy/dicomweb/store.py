@@ -14,9 +14,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from proxy.cache import purges
+from proxy.dicomweb.urls import dicomweb_base
+from proxy.errors import Problem
 from proxy.formats.media import parse_content_type
-from proxy.http.responses import Problem
-from proxy.http.urls import dicomweb_base
 from proxy.runtime import Context
 from proxy.upstream.archive import UpstreamError
 

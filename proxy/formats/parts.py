@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+from proxy.errors import ClientGone, Problem, StreamAborted
 from proxy.formats.media import parse_content_type
 from proxy.formats.multipart import Event, MultipartError, MultipartReader, PartEnd, PartHeaders
-from proxy.http.responses import ClientGone, Problem, StreamAborted
 from proxy.upstream.archive import UpstreamError, UpstreamResponse
 from proxy.upstream.splice import MIN_RELAY, Relay
 

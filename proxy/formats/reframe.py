@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from itertools import islice
 
+from proxy.errors import StreamAborted
 from proxy.formats import part10
 from proxy.formats.media import ANY_TS, Selection, parse_content_type
 from proxy.formats.multipart import Event, MultipartError, MultipartWriter, PartEnd, PartHeaders
 from proxy.formats.parts import TEE_LIMIT, Held, Keep, Kept, PartEvents, part_payload
-from proxy.http.responses import StreamAborted
 from proxy.upstream.archive import Archive, UpstreamError
 from proxy.upstream.splice import MIN_RELAY, Relay
 

@@ -20,12 +20,13 @@ from proxy.auth.inbound import parse as parse_auth
 from proxy.cache import purges
 from proxy.cache.store import OFF_STATS
 from proxy.config import Settings
+from proxy.dicomweb.responses import error_response
 from proxy.dicomweb.routes import dicomweb_routes
+from proxy.dicomweb.urls import DICOMWEB_ROOT
+from proxy.errors import Problem
 from proxy.http import cors
 from proxy.http.edge import EdgeMiddleware
 from proxy.http.limits import client_key
-from proxy.http.responses import Problem, error_response
-from proxy.http.urls import DICOMWEB_ROOT
 from proxy.observability import metrics
 from proxy.runtime import Context
 from proxy.upstream.archive import Archive

@@ -18,8 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.cache import busy
 from proxy.cache.sendfile import body_size
+from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.http.limits import BODILESS
-from proxy.http.urls import DICOMWEB_ROOT
 from proxy.observability import logs, metrics
 
 log = logs.access

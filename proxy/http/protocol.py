@@ -31,10 +31,10 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from proxy.cache import sendfile
 from proxy.config import Settings
+from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.http.edge import account, request_id
 from proxy.http.hitlane import Lane
 from proxy.http.limits import STALLED
-from proxy.http.urls import DICOMWEB_ROOT
 from proxy.upstream import splice
 
 log = logging.getLogger("dicomweb_edge")

@@ -18,8 +18,8 @@ from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from proxy.config import Settings
-from proxy.http.responses import Problem
-from proxy.http.urls import DICOMWEB_ROOT, external_base
+from proxy.dicomweb.urls import DICOMWEB_ROOT, external_base
+from proxy.errors import Problem
 
 # Paths the viewer never answers, even with the SPA fallback: they belong to the proxy.
 RESERVED = (DICOMWEB_ROOT, "/upstreams", "/healthz", "/readyz", "/metrics", "/admin")

@@ -11,19 +11,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from proxy.cache.sendfile import OpenPayload, send_payload
+from proxy.errors import ClientGone, StreamAborted
 from proxy.upstream.splice import Relay
 
 log = logging.getLogger("dicomweb_edge")
-
-
-class Problem(Exception):
-    """Raised anywhere in a handler to answer `status` with a short reason (never patient data)."""
-
-    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers or {}
 
 
 def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
@@ -35,14 +26,6 @@ def error_response(status: int, reason: str, headers: dict[str, str] | None = No
 def encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """Response headers as ASGI (and the server protocol) carry them: lower-case names, latin-1 bytes."""
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-
-
-class StreamAborted(Exception):
-    """The body could not be completed after the response started; the connection is cut."""
-
-
-class ClientGone(Exception):
-    """The client went away (or was cut for not reading) in the middle of the body: stop producing."""
 
 
 class StreamResponse:
