@@ -15,9 +15,15 @@ import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from proxy.cache import purges
 from proxy.cache.entries import check_live
 from proxy.cache.store import DISK_ERRORS, FrameCache
-from proxy.config import ConfigError, Settings, describe, load, load_file, parse_upstream_flag
+from proxy.config import LIMIT_KEYS, SETTINGS_ENV, ConfigError, Settings, load, load_file, parse_upstream_flag, redact
+from proxy.coordination import siblings
+from proxy.demo.run import run_demo
+from proxy.observability.logs import log_config
+from proxy.runtime import check_settings
+from proxy.upstream.credentials import redacted
 
 if TYPE_CHECKING:
     import uvicorn
@@ -37,7 +43,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     }
     if args.upstream:
         overrides["archives"] = [parse_upstream_flag(u) for u in args.upstream]
-    return load(args.config, overrides)
+    settings = load(args.config, overrides)
+    check_settings(settings)
+    return settings
 
 
 def _supervisor(config: uvicorn.Config, sock: socket.socket) -> Multiprocess:
@@ -92,8 +100,6 @@ def serve(settings: Settings) -> None:
     """
     import uvicorn
 
-    from proxy.http.app import SETTINGS_ENV
-    from proxy.observability.logs import log_config
 
     os.environ[SETTINGS_ENV] = settings.to_json()
     before, now = raise_descriptor_limit()  # (inherited by the workers)
@@ -101,7 +107,7 @@ def serve(settings: Settings) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dicomweb-edge-metrics-")
     logging.config.dictConfig(log_config(settings))
     logging.getLogger("dicomweb_edge").info("open-file limit %d (soft limit was %d)", now, before)
-    config = uvicorn.Config("proxy.http.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+    config = uvicorn.Config("proxy.runtime:app_from_env", factory=True, host=settings.host, port=settings.port,
                             workers=settings.workers, access_log=False, log_level=settings.log_level.lower(),
                             log_config=log_config(settings),
                             loop="uvloop",
@@ -126,7 +132,6 @@ def serve(settings: Settings) -> None:
 def cache_command(args: argparse.Namespace) -> int:
     """`dicomweb-edge cache stats|purge|check`: works on the cache directory; stats and purge with or without
     a running proxy, `check --fix` only without one."""
-    from proxy.coordination import siblings
 
     directory = args.cache_dir
     if directory is None and args.config:
@@ -151,7 +156,6 @@ def _report(found: list[str], fixed: bool) -> int:
 
 
 def _cache_action(args: argparse.Namespace, cache: FrameCache) -> int:
-    from proxy.cache import purges
 
     try:
         if args.action == "check":
@@ -169,6 +173,42 @@ def _cache_action(args: argparse.Namespace, cache: FrameCache) -> int:
     finally:
         cache.close()
     return 0
+
+
+def describe(s: Settings) -> str:
+    """The effective configuration as TOML-like text, for `check-config`."""
+    lines = ["[server]"]
+    for k in ("host", "port", "workers", "shutdown_grace", "public_url", "trusted_proxies", "log_level", "log_format",
+              "log_patient_data", "health_interval",
+              "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins", "tls_cert_file", "tls_key_file"):
+        lines.append(f"{k} = {json.dumps(getattr(s, k))}")
+    lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
+              f"memory_bytes = {s.memory_cache_bytes}",
+              f"warm_bytes = {s.memory_warm_bytes}", f"sendfile = {json.dumps(s.cache_sendfile)}",
+              f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"stale_if_error = {s.stale_if_error}",
+              f"prefetch = {json.dumps(s.prefetch)}",
+              f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",
+              f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}",
+              *(f"{k} = {getattr(s, k)}" for k in LIMIT_KEYS),
+              "", "[viewer]", f"dir = {json.dumps(s.viewer_dir)}"]
+    lines += ["", "[shared]", f"redis_url = {json.dumps(s.redis_url and redact(s.redis_url))}",
+              f"redis_key_prefix = {json.dumps(s.redis_key_prefix)}", f"redis_timeout = {s.redis_timeout}"]
+    lines += ["", "[auth]"] + [f"{k} = {json.dumps(v)}" for k, v in s.auth.items() if k != "api_keys"]
+    if "api_keys" in s.auth:
+        lines.append(f"# api_keys: {len(s.auth['api_keys'])} key digest(s)")
+    for a in s.archives:
+        lines += ["", "[[archives]]"]
+        for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",
+                  "search_deadline", "breaker_threshold", "breaker_cooldown", "forward_authorization"):
+            lines.append(f"{k} = {json.dumps(getattr(a, k))}")
+        if a.auth is not None:
+            lines.append(f"auth = {json.dumps(redacted(a.auth))}")  # secrets as ***, never printed
+        if a.tls is not None:
+            lines.append(f"tls = {json.dumps(a.tls)}")
+        t = a.timeouts
+        lines.append(f"timeouts = {{ connect = {t.connect}, first_byte = {t.first_byte}, "
+                     f"idle_read = {t.idle_read} }}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,11 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             serve(_settings(args))
         elif args.command == "check-config":
-            print(describe(load(args.file)), end="")
+            settings = load(args.file)
+            check_settings(settings)
+            print(describe(settings), end="")
         elif args.command == "cache":
             return cache_command(args)
         elif args.command == "demo":
-            from proxy.demo.run import run_demo
 
             return run_demo(port=args.port, force_sample=args.sample_archives, ct_slices=args.ct_slices,
                             viewer=args.viewer)

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 PROFILES = ("orthanc", "dcm4chee", "google", "azure", "generic")
 ENV_PREFIX = "DICOMWEB_EDGE_"
+SETTINGS_ENV = "DICOMWEB_EDGE__SETTINGS_JSON"  # how the CLI hands the settings to worker processes
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -295,7 +296,6 @@ def validate(s: Settings) -> None:
         s.redis_url = None  # DICOMWEB_EDGE_REDIS_URL= (empty) means no shared tier, as unset does
     if s.redis_url is not None:
         _validate_redis(s)
-    _validate_auth(s)
     if not s.archives:
         raise ConfigError("no archives configured: add [[archives]] to the config or pass --upstream NAME=URL")
     seen: set[str] = set()
@@ -319,28 +319,6 @@ def validate(s: Settings) -> None:
         if a.search_deadline <= 0 or a.breaker_cooldown <= 0 or a.breaker_threshold < 1:
             raise ConfigError(f"archive {a.name!r}: search_deadline, breaker_cooldown and breaker_threshold "
                               "must be positive")
-        _validate_outbound(a, u.scheme)
-
-
-def _validate_outbound(a: ArchiveConfig, scheme: str) -> None:
-    from proxy.upstream.credentials import check_auth, check_tls
-
-    try:
-        if "@" in urlsplit(a.url).netloc:
-            raise ValueError(f"archive {a.name!r}: no credentials in the url; use auth = {{ ... }} (they would "
-                             "show in logs and rewritten URLs)")
-        if a.auth is not None:
-            if not isinstance(a.auth, Mapping):
-                raise ValueError(f"archive {a.name!r}: auth must be a table")
-            check_auth(a.auth, f"archive {a.name!r}")
-        if a.tls is not None:
-            if not isinstance(a.tls, Mapping):
-                raise ValueError(f"archive {a.name!r}: tls must be a table")
-            if scheme != "https":
-                raise ValueError(f"archive {a.name!r}: tls settings need an https:// url")
-            check_tls(a.tls, f"archive {a.name!r}")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def _validate_limits(s: Settings) -> None:
@@ -359,19 +337,6 @@ def _validate_limits(s: Settings) -> None:
     for key in ("header_timeout", "keepalive_timeout", "send_timeout", "queue_timeout"):
         if not 0 < getattr(s, key) <= 3600:
             raise ConfigError(f"{key} must be more than 0 and at most 3600 seconds")
-
-
-def _validate_auth(s: Settings) -> None:
-    from proxy.auth.inbound import parse
-
-    for a in s.archives:
-        if a.forward_authorization and getattr(a, "auth", None):
-            raise ConfigError(f"archive {a.name!r}: forward_authorization and auth exclude each other (the caller's "
-                              "token or the proxy's own credential, not both)")
-    try:
-        parse(s.auth, s.host, forwarding=any(a.forward_authorization for a in s.archives))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def _validate_redis(s: Settings) -> None:
@@ -393,41 +358,3 @@ def redact(url: str) -> str:
         return url
     user = u.username or ""
     return urlunsplit((u.scheme, f"{user}:***@{u.netloc.rsplit('@', 1)[1]}", u.path, u.query, u.fragment))
-
-
-def describe(s: Settings) -> str:
-    """The effective configuration as TOML-like text, for `check-config`."""
-    lines = ["[server]"]
-    for k in ("host", "port", "workers", "shutdown_grace", "public_url", "trusted_proxies", "log_level", "log_format",
-              "log_patient_data", "health_interval",
-              "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins", "tls_cert_file", "tls_key_file"):
-        lines.append(f"{k} = {json.dumps(getattr(s, k))}")
-    lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
-              f"memory_bytes = {s.memory_cache_bytes}",
-              f"warm_bytes = {s.memory_warm_bytes}", f"sendfile = {json.dumps(s.cache_sendfile)}",
-              f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"stale_if_error = {s.stale_if_error}",
-              f"prefetch = {json.dumps(s.prefetch)}",
-              f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",
-              f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}",
-              *(f"{k} = {getattr(s, k)}" for k in LIMIT_KEYS),
-              "", "[viewer]", f"dir = {json.dumps(s.viewer_dir)}"]
-    lines += ["", "[shared]", f"redis_url = {json.dumps(s.redis_url and redact(s.redis_url))}",
-              f"redis_key_prefix = {json.dumps(s.redis_key_prefix)}", f"redis_timeout = {s.redis_timeout}"]
-    lines += ["", "[auth]"] + [f"{k} = {json.dumps(v)}" for k, v in s.auth.items() if k != "api_keys"]
-    if "api_keys" in s.auth:
-        lines.append(f"# api_keys: {len(s.auth['api_keys'])} key digest(s)")
-    for a in s.archives:
-        lines += ["", "[[archives]]"]
-        for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",
-                  "search_deadline", "breaker_threshold", "breaker_cooldown", "forward_authorization"):
-            lines.append(f"{k} = {json.dumps(getattr(a, k))}")
-        from proxy.upstream.credentials import redacted
-
-        if a.auth is not None:
-            lines.append(f"auth = {json.dumps(redacted(a.auth))}")  # secrets as ***, never printed
-        if a.tls is not None:
-            lines.append(f"tls = {json.dumps(a.tls)}")
-        t = a.timeouts
-        lines.append(f"timeouts = {{ connect = {t.connect}, first_byte = {t.first_byte}, "
-                     f"idle_read = {t.idle_read} }}")
-    return "\n".join(lines) + "\n"

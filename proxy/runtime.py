@@ -1,166 +1,191 @@
-"""What every handler needs: the settings, the archives, and which of them to ask for a study."""
+"""The composition root: builds and owns every long-lived object of a worker process (archives, cache,
+locator, search cache, shared tier, the sibling channel), starts and stops them with the application, and
+builds the application. Only cli.py (and uvicorn, through `app_from_env`) import this module.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
+from starlette.applications import Starlette
+
+from proxy.auth.inbound import parse as parse_auth
 from proxy.cache import heap
 from proxy.cache.store import DISK_ERRORS, FrameCache
-from proxy.config import Settings
+from proxy.config import SETTINGS_ENV, ArchiveConfig, ConfigError, Settings
 from proxy.coordination import handover, siblings
 from proxy.coordination.redis_tier import SharedStore
+from proxy.dicomweb.context import Context
+from proxy.dicomweb.frames import give
+from proxy.dicomweb.prefetch import sibling_yield
 from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.federation.locator import Locator
 from proxy.federation.searchcache import SearchCache
-from proxy.upstream.archive import Archive, UpstreamError
+from proxy.http.app import build_app
+from proxy.observability import metrics
+from proxy.upstream.archive import Archive, probe_all
+from proxy.upstream.credentials import check_auth, check_tls
 
 log = logging.getLogger("dicomweb_edge.cache")
 REOPEN_EVERY = 5.0  # seconds between tries to open a cache directory that could not be opened
 
 
-@dataclass
-class Context:
-    """Per-process state shared by all requests (or, for /upstreams/{name}, by one archive's)."""
+def check_settings(s: Settings) -> None:
+    """What config.validate cannot judge without the code that uses it: the [auth] table (auth.inbound) and
+    each archive's own credential and TLS tables (upstream.credentials). ConfigError for the first problem."""
+    _validate_auth(s)
+    for a in s.archives:
+        _validate_outbound(a, urlsplit(a.url).scheme)
 
-    settings: Settings
-    archives: list[Archive] = field(default_factory=list)
-    root: str = DICOMWEB_ROOT
-    locator: Locator = field(default_factory=Locator)
-    searches: SearchCache = field(default_factory=SearchCache)
-    single: dict[str, Context] = field(default_factory=dict)
-    cache: FrameCache | None = None
-    shared: SharedStore | None = None  # the Redis tier, when configured
-    cache_off: str | None = None  # why a configured cache is off for now (its directory cannot be opened)
-    _listener: asyncio.Task[None] | None = None
-    _reopen: asyncio.Task[None] | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Context:
-        """Archives in priority order (highest first, then configuration order)."""
-        ordered = sorted(settings.archives, key=lambda a: -a.priority)
-        cache, off = _open_cache(settings) if settings.cache_dir else (None, None)
-        shared = None
-        if settings.redis_url:
-            shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)
-        archives = [Archive(a, settings.queue_timeout) for a in ordered]
-        ctx = cls(settings, archives, locator=Locator(settings.locator_ttl, shared=shared),
+def _validate_outbound(a: ArchiveConfig, scheme: str) -> None:
+    try:
+        if "@" in urlsplit(a.url).netloc:
+            raise ValueError(f"archive {a.name!r}: no credentials in the url; use auth = {{ ... }} (they would "
+                             "show in logs and rewritten URLs)")
+        if a.auth is not None:
+            if not isinstance(a.auth, Mapping):
+                raise ValueError(f"archive {a.name!r}: auth must be a table")
+            check_auth(a.auth, f"archive {a.name!r}")
+        if a.tls is not None:
+            if not isinstance(a.tls, Mapping):
+                raise ValueError(f"archive {a.name!r}: tls must be a table")
+            if scheme != "https":
+                raise ValueError(f"archive {a.name!r}: tls settings need an https:// url")
+            check_tls(a.tls, f"archive {a.name!r}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _validate_auth(s: Settings) -> None:
+    for a in s.archives:
+        if a.forward_authorization and getattr(a, "auth", None):
+            raise ConfigError(f"archive {a.name!r}: forward_authorization and auth exclude each other (the caller's "
+                              "token or the proxy's own credential, not both)")
+    try:
+        parse_auth(s.auth, s.host, forwarding=any(a.forward_authorization for a in s.archives))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_context(settings: Settings) -> Context:
+    """Archives in priority order (highest first, then configuration order), the cache (or why it is off),
+    the shared tier, and one Context per archive for `/upstreams/{name}/dicomweb`."""
+    ordered = sorted(settings.archives, key=lambda a: -a.priority)
+    cache, off = _open_cache(settings) if settings.cache_dir else (None, None)
+    shared = None
+    if settings.redis_url:
+        shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)
+    archives = [Archive(a, settings.queue_timeout) for a in ordered]
+    ctx = Context(settings, archives, locator=Locator(settings.locator_ttl, shared=shared),
                   searches=SearchCache(settings.search_cache_ttl, shared=shared), cache=cache, shared=shared,
                   cache_off=off)
-        for a in ctx.archives:
-            # /upstreams/{name}/dicomweb: the same machinery, one archive, its own URL space.
-            ctx.single[a.name] = cls(settings, [a], root=f"/upstreams/{a.name}{DICOMWEB_ROOT}",
+    for a in ctx.archives:
+        # /upstreams/{name}/dicomweb: the same machinery, one archive, its own URL space.
+        ctx.single[a.name] = Context(settings, [a], root=f"/upstreams/{a.name}{DICOMWEB_ROOT}",
                                      locator=ctx.locator, searches=SearchCache(settings.search_cache_ttl,
                                                                                shared=shared),
                                      cache=cache, shared=shared)
-        return ctx
+    return ctx
+
+
+class Runtime:
+    """What runs beside the requests of one worker: the archive health loop, the cache's reopening, the
+    sibling channel and hand-over, the shared tier's listener. `start` and `close` bracket the app's life."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        """Warm the heap for the memory tier, open the channel to the sibling workers on the same cache
-        directory (or keep trying to open a cache directory that could not be), and follow the other
-        processes' stores through the shared tier (from the app's lifespan)."""
-        if self.cache_off is not None and self._reopen is None:
-            self._reopen = asyncio.ensure_future(self._open_when_possible())
+        """Probe the archives periodically, warm the heap for the memory tier, open the channel to the
+        sibling workers on the same cache directory (or keep trying to open a cache directory that could
+        not be), and follow the other processes' stores through the shared tier."""
+        ctx = self.ctx
+        if ctx.settings.health_interval > 0:
+            self._tasks.append(asyncio.ensure_future(self._health_loop()))
+        if ctx.cache_off is not None:
+            self._tasks.append(asyncio.ensure_future(self._open_when_possible()))
         self._start_cache()
-        if self.shared is not None and self._listener is None:
-            self._listener = asyncio.ensure_future(self.shared.listen(self._stored_elsewhere, self.clear_searches))
+        if ctx.shared is not None:
+            self._tasks.append(asyncio.ensure_future(ctx.shared.listen(ctx.stored_elsewhere, ctx.clear_searches)))
+
+    async def _health_loop(self) -> None:
+        """Probe every archive periodically; the probes feed the circuit breakers and the up gauge."""
+        while True:
+            await probe_all(self.ctx.archives)
+            await asyncio.sleep(self.ctx.settings.health_interval)
 
     async def _open_when_possible(self) -> None:
         """The cache is off until its directory can be opened (room on a full disk, a writable directory,
         an index that reads): tried every REOPEN_EVERY seconds, without a restart."""
-        while self.cache is None:
+        ctx = self.ctx
+        while ctx.cache is None:
             await asyncio.sleep(REOPEN_EVERY)
-            cache, off = await asyncio.to_thread(_open_cache, self.settings, False)
+            cache, off = await asyncio.to_thread(_open_cache, ctx.settings, False)
             if cache is None:
-                self.cache_off = off
+                ctx.cache_off = off
                 continue
             log.warning("cache directory opened: the cache is on again")
-            self.cache, self.cache_off = cache, None
-            for single in self.single.values():
+            ctx.cache, ctx.cache_off = cache, None
+            for single in ctx.single.values():
                 single.cache = cache
             self._start_cache()
 
     def _start_cache(self) -> None:
-        if self.cache is not None and self.settings.cache_dir and self.root == DICOMWEB_ROOT:
-            heap.warm(min(self.settings.memory_warm_bytes, self.settings.memory_cache_bytes))
-            bus = siblings.start(self.settings.cache_dir, claims="claims" not in self.settings.disable)
-            if bus is not None:
-                bus.on_want = self.cache.writer.want  # a sibling waits for frames this worker holds back
-                from proxy.dicomweb.prefetch import sibling_yield
-
-                bus.on_yield = sibling_yield  # a sibling's client retrieves what is prefetched here
-                from proxy.dicomweb.frames import give
-
-                cache = self.cache
-                if "handover" not in self.settings.disable:
-                    handover.start(bus.name, lambda *ask: give(*ask, cache=cache))  # frames straight from memory
-
-    def _stored_elsewhere(self, studies: dict[str, str]) -> None:
-        self.locator.stored_elsewhere(studies)
-        self.clear_searches()
-
-    def clear_searches(self) -> None:
-        """Drop every cached search answer of this process (a store may have changed any of them)."""
-        self.searches.clear()
-        for single in self.single.values():
-            single.searches.clear()
-
-    def patience(self) -> float:
-        """How long a request waits for what another request is fetching: the archives' idle_read (past
-        it, the fetch it waits for would have failed)."""
-        return max((a.config.timeouts.idle_read for a in self.archives), default=30.0)
-
-    def archive(self, name: str) -> Archive | None:
-        """The archive with this configured name."""
-        return next((a for a in self.archives if a.name == name), None)
-
-    async def archives_for(self, study_uid: str) -> list[Archive]:
-        """Archives that hold `study_uid`, in priority order (learned, or probed on a miss)."""
-        if len(self.archives) == 1:
-            return list(self.archives)
-        names = await self.locator.locate(study_uid, self._probe)
-        return [a for a in self.archives if a.name in names]
-
-    async def _probe(self, study_uid: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(archives that hold the study, archives that could not say): a down, slow, failing or
-        open-circuited archive may hold it, so its study is not answered 404 (locator.Probe)."""
-        async def holds(archive: Archive) -> bool | None:
-            if not archive.breaker.allow():
-                return None
-            try:
-                async with asyncio.timeout(archive.config.search_deadline):
-                    async with archive.open("GET", "/studies", f"StudyInstanceUID={study_uid}&limit=1",
-                                            {"Accept": "application/dicom+json"}, service="locate") as resp:
-                        body = await resp.read(1 << 20)
-                        if resp.status >= 500:
-                            return None
-                        return resp.status in (200, 206) and body.strip() not in (b"", b"[]")
-            except (TimeoutError, UpstreamError):
-                return None
-
-        found = await asyncio.gather(*(holds(a) for a in self.archives))
-        pairs = list(zip(self.archives, found, strict=True))
-        return tuple(a.name for a, ok in pairs if ok), tuple(a.name for a, ok in pairs if ok is None)
-
-    def store_target(self) -> Archive | None:
-        """The archive that takes stores: the highest-priority one configured to."""
-        return next((a for a in self.archives if a.config.stores), None)
+        ctx, settings = self.ctx, self.ctx.settings
+        if ctx.cache is None or not settings.cache_dir:
+            return
+        heap.warm(min(settings.memory_warm_bytes, settings.memory_cache_bytes))
+        bus = siblings.start(settings.cache_dir, claims="claims" not in settings.disable)
+        if bus is not None:
+            bus.on_want = ctx.cache.writer.want  # a sibling waits for frames this worker holds back
+            bus.on_yield = sibling_yield  # a sibling's client retrieves what is prefetched here
+            cache = ctx.cache
+            if "handover" not in settings.disable:
+                handover.start(bus.name, lambda *ask: give(*ask, cache=cache))  # frames straight from memory
 
     async def close(self) -> None:
-        """Release every archive's connections (and the shared tier's)."""
-        for task in (self._listener, self._reopen):
-            if task is not None:
-                task.cancel()
-        self._listener = self._reopen = None
-        if self.shared is not None and self.root == DICOMWEB_ROOT:
-            await self.shared.close()
-        for a in self.archives:
+        """Stop what `start` started; release every archive's connections, the shared tier and the cache."""
+        ctx = self.ctx
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        if ctx.shared is not None:
+            await ctx.shared.close()
+        for a in ctx.archives:
             await a.close()
-        if self.cache is not None and self.root == DICOMWEB_ROOT:
+        if ctx.cache is not None:
             await handover.stop()
             siblings.stop()
-            self.cache.close()
+            ctx.cache.close()
+        metrics.TALLY.flush()  # this worker's last requests
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the ASGI application for `settings`, with its runtime started and stopped by the lifespan."""
+    ctx = build_context(settings)
+    runtime = Runtime(ctx)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    return build_app(ctx, lifespan)
+
+
+def app_from_env() -> Starlette:
+    """Factory for uvicorn workers: settings arrive serialised in the environment."""
+    return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))
 
 
 def _open_cache(settings: Settings, loud: bool = True) -> tuple[FrameCache | None, str | None]:

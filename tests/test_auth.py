@@ -14,6 +14,7 @@ from proxy.auth import inbound
 from proxy.auth.access import AccessMemo
 from proxy.auth.bearer import JwksCache, JwtVerifier, TokenError, scopes_of
 from proxy.config import ConfigError, load
+from proxy.runtime import check_settings
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,9 @@ def test_auth_settings_are_validated(tmp_path, jwks_file):
     def conf(text, host="127.0.0.1"):
         f = tmp_path / "edge.toml"
         f.write_text(f'[server]\nhost = "{host}"\n{text}\n[[archives]]\nname = "a"\nurl = "http://127.0.0.1:1/dw"\n')
-        return load(f, environ={})
+        settings = load(f, environ={})
+        check_settings(settings)
+        return settings
 
     assert conf("").auth == {}
     with pytest.raises(ConfigError, match="mode 'none' while listening on 0.0.0.0"):

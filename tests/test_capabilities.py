@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from proxy.config import load
-from proxy.http.app import create_app
+from proxy.runtime import create_app
 
 NS = {"w": "http://wadl.dev.java.net/2009/02"}
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from proxy.config import ConfigError, load
+from proxy.runtime import check_settings
 
 TOML = """
 [server]
@@ -49,7 +50,7 @@ def test_errors_are_clear(tmp_path, text, needle):
     f = tmp_path / "c.toml"
     f.write_text(text)
     with pytest.raises(ConfigError, match=needle):
-        load(f, environ={})
+        check_settings(load(f, environ={}))
 
 
 def test_check_config_command(tmp_path):

@@ -19,7 +19,7 @@ from prometheus_support import Prometheus, binary
 from support import ProxyProcess, free_port
 
 from proxy.config import load
-from proxy.http.app import create_app
+from proxy.runtime import create_app
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "deploy" / "prometheus" / "alerts.yml"

@@ -20,7 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ProxyProcess, free_port, missing, require_binary
 
-from proxy.config import ConfigError, describe, load
+from proxy.cli import describe
+from proxy.config import ConfigError, load
 from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series, to_part10
 

@@ -15,7 +15,7 @@ import pytest
 from support import ProxyProcess
 
 from proxy.config import ArchiveConfig, ConfigError, Settings, load
-from proxy.http.app import create_app
+from proxy.runtime import create_app
 
 INDEX = "<!doctype html><html><head><script src=\"/app-config.js\"></script></head><body>viewer</body></html>"
 

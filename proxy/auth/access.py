@@ -23,9 +23,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from proxy.cache.placement import SHARED
+from proxy.dicomweb.context import Context
 from proxy.errors import Problem
 from proxy.observability import metrics
-from proxy.runtime import Context
 from proxy.upstream.archive import CALLER_AUTHORIZATION, Archive, UpstreamError
 
 # Upstream services whose 200 about a study shows the caller may see it (searches can answer 200 with

@@ -14,18 +14,20 @@ import tempfile
 from pathlib import Path
 
 from proxy.config import ArchiveConfig, Settings, validate
+from proxy.demo.archive import ArchiveServer, SampleArchive
+from proxy.demo.orthanc import OrthancServer, find_orthanc
 from proxy.demo.synth import demo_set
+from proxy.http.viewer import ViewerError, check_viewer_dir, fetched_viewer_dir
+from proxy.runtime import check_settings, create_app
 
 log = logging.getLogger("dicomweb_edge.demo")
 
 
 def _start_archives(workdir: Path, force_sample: bool, stack: contextlib.ExitStack) -> tuple[str, list]:
-    from proxy.demo.orthanc import OrthancServer, find_orthanc
 
     if find_orthanc() is not None and not force_sample:
         servers = [stack.enter_context(OrthancServer(workdir / n, f"DEMO_{n.upper()}")) for n in ("a", "b")]
         return "Orthanc " + "with the DICOMweb plugin", servers
-    from proxy.demo.archive import ArchiveServer, SampleArchive
 
     servers = [stack.enter_context(ArchiveServer(SampleArchive(f"DEMO_{n.upper()}"))) for n in ("a", "b")]
     return "the built-in sample archive (Orthanc is not installed)", servers
@@ -46,8 +48,6 @@ def run_demo(port: int = 8080, force_sample: bool = False, ct_slices: int = 40, 
     """
     import uvicorn
 
-    from proxy.http.app import create_app
-    from proxy.http.viewer import ViewerError, check_viewer_dir, fetched_viewer_dir
 
     try:
         viewer_dir = None if viewer is None else str(check_viewer_dir(viewer or fetched_viewer_dir()))
@@ -66,6 +66,7 @@ def run_demo(port: int = 8080, force_sample: bool = False, ct_slices: int = 40, 
         settings = Settings(host=host, port=port, viewer_dir=viewer_dir, archives=[
             ArchiveConfig("a", servers[0].dicomweb_url), ArchiveConfig("b", servers[1].dicomweb_url)])
         validate(settings)
+        check_settings(settings)
         base = f"http://{host}:{port}/dicomweb"
         u = data.uids
         viewer_line = f"\n  viewer (OHIF): http://{host}:{port}/" if viewer_dir else ""

@@ -15,14 +15,15 @@ from starlette.requests import Request
 
 from proxy.cache.placement import SHARED, Placement
 from proxy.dicomweb import objects
+from proxy.dicomweb.context import Context
+from proxy.dicomweb.fetch import open_upstream, upstream_problem
 from proxy.dicomweb.responses import StreamResponse
-from proxy.dicomweb.retrieve import VARY, Target, open_upstream, select, upstream_problem
+from proxy.dicomweb.target import VARY, Target, select
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource
 from proxy.formats.multipart import MultipartError, MultipartWriter, PartEnd, PartHeaders
 from proxy.formats.parts import Kept, PartEvents
-from proxy.runtime import Context
 from proxy.upstream.archive import Archive, UpstreamError
 
 PIXEL_DATA = "7FE00010"

@@ -22,8 +22,11 @@ from proxy.cache.placement import SHARED, Placement
 from proxy.cache.sendfile import OpenPayload
 from proxy.cache.store import Frame, FrameCache, checksum_of
 from proxy.coordination import handover, siblings
+from proxy.dicomweb.context import Context
+from proxy.dicomweb.fetch import open_upstream, upstream_problem
 from proxy.dicomweb.responses import BuffersResponse, StreamResponse
-from proxy.dicomweb.retrieve import Target, open_upstream, retrieve, select, upstream_accept, upstream_problem
+from proxy.dicomweb.retrieve import retrieve
+from proxy.dicomweb.target import Target, select, upstream_accept
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource, Selection, parse_content_type
@@ -31,7 +34,6 @@ from proxy.formats.multipart import MultipartError, PartHeaders
 from proxy.formats.parts import Held, PartEvents, part_payload, whole
 from proxy.formats.reframe import Reframer, label
 from proxy.observability import metrics
-from proxy.runtime import Context
 from proxy.upstream.archive import UpstreamError
 
 CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")

@@ -19,13 +19,14 @@ from proxy.cache import documents
 from proxy.cache.placement import SHARED
 from proxy.coordination import singleflight
 from proxy.dicomweb import prefetch
-from proxy.dicomweb.retrieve import VARY, Target, locate, open_upstream, select, upstream_problem
+from proxy.dicomweb.context import Context
+from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
+from proxy.dicomweb.target import VARY, Target, select
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem
 from proxy.federation import merge
 from proxy.formats import jsonbody
 from proxy.formats.media import Resource
-from proxy.runtime import Context
 from proxy.upstream.archive import Archive, UpstreamError
 
 STALE_IF = (502, 503, 504)  # archive failures a cached metadata document may stand in for

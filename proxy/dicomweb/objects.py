@@ -29,13 +29,13 @@ from proxy.cache.placement import SHARED, Placement
 from proxy.cache.store import FrameCache
 from proxy.coordination import singleflight
 from proxy.dicomweb import retrieve
+from proxy.dicomweb.context import Context
 from proxy.dicomweb.responses import BuffersResponse, StreamResponse
-from proxy.dicomweb.retrieve import Target, select
+from proxy.dicomweb.target import Target, select
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.formats.media import Resource, Selection, parse_content_type
 from proxy.formats.multipart import MultipartWriter
 from proxy.formats.parts import Keep
-from proxy.runtime import Context
 from proxy.upstream.archive import Archive
 
 IMMUTABLE = "private, max-age=86400"  # an instance's bytes never change under its SOP Instance UID

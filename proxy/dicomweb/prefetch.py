@@ -19,13 +19,14 @@ from typing import Any
 from proxy.cache import documents
 from proxy.cache.flights import Fetching, covering, learn_instance
 from proxy.coordination import siblings
+from proxy.dicomweb.context import Context
+from proxy.dicomweb.fetch import open_upstream
 from proxy.errors import Problem
 from proxy.formats.media import Selection
 from proxy.formats.multipart import MultipartError
 from proxy.formats.parts import TEE_LIMIT, Held, PartEvents, part_payload
 from proxy.formats.reframe import PartOut, label
 from proxy.observability import metrics
-from proxy.runtime import Context
 from proxy.upstream.archive import UpstreamError
 
 log = logging.getLogger("dicomweb_edge.prefetch")
@@ -82,8 +83,6 @@ def _stop(matches: Callable[[str, str], bool]) -> None:
 
 
 async def _prefetch(ctx: Context, study: str, series: str, slots: asyncio.Semaphore) -> None:
-    from proxy.dicomweb.retrieve import open_upstream
-
     cache = ctx.cache
     assert cache is not None
     async with slots:

@@ -1,6 +1,6 @@
 """WADO-RS retrieve: negotiate, find the archives that hold the study, stream the answer back.
 
-Phases of a retrieve: negotiate (media.py) → locate (context: which archives hold the study) →
+Phases of a retrieve: negotiate (target.py, media.py) → locate (fetch.py: which archives hold the study) →
 upstream request with one media range the archive is known to accept → re-frame under our own
 boundary (reframe.py) → client. A study or series held by several archives comes back as one
 response, each instance once; an instance or frame comes from the first archive that has it.
@@ -11,148 +11,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from functools import partial
 
 from starlette.requests import Request
 
-from proxy.auth import access
 from proxy.cache.flights import Fetching, learn_instance
 from proxy.dicomweb import prefetch
+from proxy.dicomweb.context import Context
+from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
 from proxy.dicomweb.responses import StreamResponse
+from proxy.dicomweb.target import VARY, Target, select, upstream_accept
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem, StreamAborted
-from proxy.formats.media import ANY_TS, BadAccept, NotAcceptable, Resource, Selection, negotiate, parse_content_type
+from proxy.formats.media import Resource, Selection, parse_content_type
 from proxy.formats.multipart import MultipartError
 from proxy.formats.parts import Keep, Kept, PartEvents, sent_whole
 from proxy.formats.reframe import Reframer, label, payload
-from proxy.runtime import Context
 from proxy.upstream import splice
 from proxy.upstream.archive import Archive, UpstreamError, UpstreamResponse
 from proxy.upstream.splice import Relay
-
-VARY = ("Vary", "Accept")
-
-
-@dataclass(frozen=True)
-class Target:
-    """The UIDs (and frame numbers) a WADO-RS URL names."""
-
-    study: str
-    series: str | None = None
-    instance: str | None = None
-    frames: tuple[int, ...] | None = None
-
-    def path(self) -> str:
-        """The DICOMweb path of the resource, relative to a service base URL."""
-        p = f"/studies/{self.study}"
-        if self.series:
-            p += f"/series/{self.series}"
-        if self.instance:
-            p += f"/instances/{self.instance}"
-        if self.frames:
-            p += "/frames/" + ",".join(map(str, self.frames))
-        return p
-
-
-def client_accept(request: Request) -> str | None:
-    """The `accept` query parameter wins over the Accept header (W-06, PS3.18 §8.7.8.1)."""
-    if b"accept" in request.scope["query_string"]:  # parse the query only when it may hold `accept`
-        value = request.query_params.get("accept")
-        if value:
-            return value
-    return request.headers.get("accept")
-
-
-def select(request: Request, resource: Resource, single_item: bool) -> Selection:
-    """Negotiate, turning failures into 400/406 Problems."""
-    try:
-        return negotiate(client_accept(request), resource, single_item)
-    except BadAccept as exc:
-        raise Problem(400, f"malformed Accept: {exc}") from None
-    except NotAcceptable as exc:
-        raise Problem(406, str(exc)) from None
-
-
-def upstream_accept(sel: Selection, resource: Resource, archive: Archive) -> tuple[str, bool]:
-    """The one media range to send the archive, and whether to unwrap a single part from it."""
-    if not sel.multipart and sel.media_type in ("application/dicom+json", "image/jpeg", "image/png", "image/gif"):
-        return sel.media_type, False
-    prof = archive.profile
-    single_native = (resource is Resource.INSTANCE and prof.single_part_instance) or (
-        resource is Resource.FRAMES and prof.single_part_frame)
-    if not sel.multipart and single_native:
-        return f"{sel.media_type}; transfer-syntax={sel.transfer_syntax}", False
-    q = '"' if prof.quote_type else ""
-    ts = f"; transfer-syntax={sel.transfer_syntax}" if sel.transfer_syntax else ""
-    return f"multipart/related; type={q}{sel.media_type}{q}{ts}", not sel.multipart
-
-
-async def locate(ctx: Context, study: str) -> list[Archive]:
-    """The archives holding `study`, or 404."""
-    if not ctx.archives:
-        raise Problem(502, "no archive is configured")
-    found = await ctx.archives_for(study)
-    if not found:
-        raise Problem(404, "no archive holds this study")
-    return found
-
-
-async def open_upstream(ctx: Context, study: str | None, path: str, accept: str, request: Request,
-                        service: str, query: str = "", archives: list[Archive] | None = None,
-                        relay: bool = False) -> tuple[UpstreamResponse, AsyncExitStack]:
-    """Open the first archive that has the resource (a 404 or an unreachable archive moves on).
-    `relay`: the body is to be relayed past Python (Archive.open)."""
-    candidates = archives if archives is not None else await locate(ctx, study or "")
-    last: Problem | None = None
-    failed: Problem | None = None  # an archive that could not be asked (and so may hold the resource)
-    headers = {"Accept": accept}
-    rid = request.scope.get("state", {}).get("request_id")
-    if rid:
-        headers["X-Request-ID"] = rid
-    for i, archive in enumerate(candidates):
-        stack = AsyncExitStack()
-        try:
-            resp = await stack.enter_async_context(archive.open("GET", path, query, headers, service=service,
-                                                                    relay=relay))
-        except UpstreamError as exc:
-            await stack.aclose()
-            last = failed = failed or Problem(exc.status, exc.reason, {
-                "Warning": f"299 dicomweb-edge: archive '{archive.name}' is unavailable", **_retry_after(exc.status)})
-            continue
-        if resp.status == 404 and (i + 1 < len(candidates) or failed is not None):
-            await stack.aclose()  # a 404 moves on; after an archive that could not be asked, its failure answers
-            last = failed or Problem(404, "not found in any archive")
-            continue
-        if resp.status == 404 and study and len(candidates) > 1:
-            await ctx.locator.forget(study)  # what we learned is stale: probe again next time
-        if resp.status == 200 and service in access.CONFIRMING:
-            access.confirm(archive, study, path)  # token pass-through: this caller may see the study
-        return resp, stack
-    raise last or Problem(502, "no archive is configured")
-
-
-def _retry_after(status: int) -> dict[str, str]:
-    return {"Retry-After": "5"} if status == 503 else {}
-
-
-def upstream_problem(resp: UpstreamResponse, sel: Selection | None) -> Problem:
-    """What the client hears when the archive answered an error status."""
-    s, name = resp.status, resp.archive.name
-    if s == 404:
-        return Problem(404, "no such resource in the archive")
-    if s in (400, 406, 415, 409, 410, 413):
-        return Problem(s, f"archive '{name}' refused the request (HTTP {s})")
-    if s == 500 and sel is not None and sel.transfer_syntax not in (None, ANY_TS):
-        # Orthanc answers 500 when it cannot transcode (real-stack.md §0.4): nothing acceptable.
-        return Problem(406, f"archive '{name}' cannot provide transfer syntax {sel.transfer_syntax}")
-    if s in (401, 403) and resp.archive.config.forward_authorization:
-        return access.refused(s)  # the caller's own token was refused: say so, not 502
-    if s in (401, 403):
-        return Problem(502, f"archive '{name}' refused the proxy's credentials (HTTP {s})")
-    if s == 503:
-        return Problem(503, f"archive '{name}' is unavailable", {"Retry-After": resp.headers.get("Retry-After", "5")})
-    return Problem(502, f"archive '{name}' failed (HTTP {s})")
 
 
 async def retrieve(request: Request, ctx: Context, target: Target, resource: Resource, service: str,

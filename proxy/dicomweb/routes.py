@@ -16,13 +16,13 @@ from proxy.dicomweb import retrieve as wado
 from proxy.dicomweb import search as qido
 from proxy.dicomweb import store as stow
 from proxy.dicomweb.capabilities import capabilities_response
+from proxy.dicomweb.context import Context
 from proxy.dicomweb.metadata import retrieve_metadata
-from proxy.dicomweb.retrieve import Target
+from proxy.dicomweb.target import Target
 from proxy.dicomweb.urls import dicomweb_base, external_base
 from proxy.errors import Problem
 from proxy.formats.dicomjson import BadToken, decode_token
 from proxy.formats.media import Resource
-from proxy.runtime import Context
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 FRAMES = re.compile(r"^[0-9]+(,[0-9]+)*$")

@@ -18,7 +18,9 @@ from starlette.responses import Response
 
 from proxy.auth import access
 from proxy.coordination import singleflight
-from proxy.dicomweb.retrieve import client_accept, open_upstream, upstream_problem
+from proxy.dicomweb.context import Context
+from proxy.dicomweb.fetch import open_upstream, upstream_problem
+from proxy.dicomweb.target import client_accept
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem
 from proxy.federation import merge
@@ -26,7 +28,6 @@ from proxy.federation.searchcache import Codec
 from proxy.formats import jsonbody
 from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate
 from proxy.observability import metrics
-from proxy.runtime import Context
 from proxy.upstream.archive import Archive, UpstreamError
 from proxy.upstream.profiles import PROFILES, Profile
 

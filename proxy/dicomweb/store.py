@@ -14,10 +14,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from proxy.cache import purges
+from proxy.dicomweb.context import Context
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem
 from proxy.formats.media import parse_content_type
-from proxy.runtime import Context
 from proxy.upstream.archive import UpstreamError
 
 ACCEPTED_TYPES = ("application/dicom", "application/dicom+json", "application/dicom+xml")

@@ -4,35 +4,31 @@ and the lifespan."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import Lifespan
 
 from proxy.auth import access
 from proxy.auth.inbound import AuthMiddleware
 from proxy.auth.inbound import parse as parse_auth
 from proxy.cache import purges
 from proxy.cache.store import OFF_STATS
-from proxy.config import Settings
+from proxy.dicomweb.context import Context
 from proxy.dicomweb.responses import error_response
 from proxy.dicomweb.routes import dicomweb_routes
 from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.errors import Problem
-from proxy.http import cors
+from proxy.http import cors, hitlane
 from proxy.http.edge import EdgeMiddleware
-from proxy.http.limits import client_key
+from proxy.http.limits import LimitsMiddleware, client_key
+from proxy.http.viewer import viewer_routes
 from proxy.observability import metrics
-from proxy.runtime import Context
-from proxy.upstream.archive import Archive
-from proxy.upstream.health import STATE_VALUE
-
-SETTINGS_ENV = "DICOMWEB_EDGE__SETTINGS_JSON"
+from proxy.upstream.archive import probe_all
 
 
 async def _problem(request: Request, exc: Exception) -> Response:
@@ -46,47 +42,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(status, reason)
 
 
-async def _health_loop(ctx: Context) -> None:
-    """Probe every archive periodically; the probes feed the circuit breakers and the up gauge."""
-    while True:
-        await probe_all(ctx)
-        await asyncio.sleep(ctx.settings.health_interval)
-
-
-async def probe_all(ctx: Context) -> list[bool]:
-    """Probe the archives whose breaker lets a request through (an open one is not asked until its
-    cool-down is over); refresh the health gauges."""
-    async def one(archive: Archive) -> bool:
-        return await archive.probe() if archive.breaker.allow() else False
-
-    results = await asyncio.gather(*(one(a) for a in ctx.archives))
-    for archive, ok in zip(ctx.archives, results, strict=True):
-        metrics.child(metrics.ARCHIVE_UP, archive.name).set(1 if ok else 0)
-        metrics.child(metrics.ARCHIVE_BREAKER, archive.name).set(STATE_VALUE[archive.breaker.state])
-    return results
-
-
-def create_app(settings: Settings) -> Starlette:
-    """Build the ASGI application for `settings`."""
-    ctx = Context.from_settings(settings)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        task = asyncio.ensure_future(_health_loop(ctx)) if settings.health_interval > 0 else None
-        ctx.start()  # follows the other replicas' stores when a shared tier is configured
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-            await ctx.close()
-            metrics.TALLY.flush()  # this worker's last requests
+def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
+    """The ASGI application serving `ctx`: routes, error handlers and the layers a request passes."""
+    settings = ctx.settings
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        states = await probe_all(ctx)
+        states = await probe_all(ctx.archives)
         archives = {a.name: {"up": ok, "breaker": a.breaker.state} for a, ok in zip(ctx.archives, states, strict=True)}
         ready = any(states)
         body: dict[str, object] = {"status": "ready" if ready else "no archive reachable", "archives": archives}
@@ -138,11 +102,7 @@ def create_app(settings: Settings) -> Starlette:
         Mount("/upstreams/{upstream}" + DICOMWEB_ROOT, routes=dicomweb_routes()),
     ]
     if settings.viewer_dir:
-        from proxy.http.viewer import viewer_routes
-
         routes += viewer_routes(settings.viewer_dir, settings)  # last: its fallback never shadows the proxy
-    from starlette.exceptions import HTTPException
-
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={Problem: _problem, HTTPException: _http_error})
     app.state.ctx = ctx
@@ -152,11 +112,7 @@ def create_app(settings: Settings) -> Starlette:
     if auth_config.mode != "none" or forwarding:  # inside CORS: preflights are answered before it, 401s get CORS
         app.add_middleware(AuthMiddleware, config=auth_config, trusted=settings.trusted_proxies,
                            viewer=bool(settings.viewer_dir), forwarding=forwarding)
-    from proxy.http.limits import LimitsMiddleware
-
     app.add_middleware(LimitsMiddleware, settings=settings)  # inside CORS: a 429 carries the CORS headers too
-    from proxy.http import hitlane
-
     if hitlane.applies(settings, auth_config.mode, forwarding):
         lane = hitlane.Lane(ctx)
         app.add_middleware(hitlane.HitLane, lane=lane)  # the cache phase: inside CORS and the edge layer
@@ -166,7 +122,3 @@ def create_app(settings: Settings) -> Starlette:
     app.add_middleware(EdgeMiddleware, log_patient_data=settings.log_patient_data)
     return app
 
-
-def app_from_env() -> Starlette:
-    """Factory for uvicorn workers: settings arrive serialised in the environment."""
-    return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))

@@ -36,13 +36,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxy.cache.store import frame_key
 from proxy.config import Settings
 from proxy.dicomweb import frames
+from proxy.dicomweb.context import Context
 from proxy.dicomweb.responses import encode_headers
 from proxy.dicomweb.routes import target_of
 from proxy.dicomweb.urls import DICOMWEB_ROOT, base_of
 from proxy.errors import Problem
 from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate
 from proxy.http.cors import LaneCors
-from proxy.runtime import Context
 
 _FRAMES = re.compile("^" + re.escape(DICOMWEB_ROOT) +
                      r"/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)/instances/(?P<instance>[^/]+)"

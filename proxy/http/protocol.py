@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from proxy.cache import sendfile
-from proxy.config import Settings
+from proxy.config import SETTINGS_ENV, Settings
 from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.http.edge import account, request_id
 from proxy.http.hitlane import Lane
@@ -84,8 +84,6 @@ def _chunks_unjoined(cycle: Any, transport: asyncio.Transport) -> None:
 def _protocol_limits() -> tuple[int, int, float, float, frozenset[str]]:
     """(max header bytes, max header count, header timeout, send timeout, optimisations switched off) of the
     settings the server runs with."""
-    from proxy.http.app import SETTINGS_ENV
-
     raw: dict[str, Any] = json.loads(os.environ.get(SETTINGS_ENV, "{}"))
     d = Settings()
     return (int(raw.get("max_header_bytes", d.max_header_bytes)), int(raw.get("max_header_count", d.max_header_count)),

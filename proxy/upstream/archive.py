@@ -334,3 +334,16 @@ class Archive:
             tally.inc(in_flight, -1)
             tally.inc(metrics.child(metrics.UPSTREAM_REQUESTS, self.name, service, status))
             tally.observe(metrics.child(metrics.UPSTREAM_DURATION, self.name, service), time.perf_counter() - started)
+
+
+async def probe_all(archives: list[Archive]) -> list[bool]:
+    """Probe the archives whose breaker lets a request through (an open one is not asked until its
+    cool-down is over); refresh the health gauges."""
+    async def one(archive: Archive) -> bool:
+        return await archive.probe() if archive.breaker.allow() else False
+
+    results = await asyncio.gather(*(one(a) for a in archives))
+    for archive, ok in zip(archives, results, strict=True):
+        metrics.child(metrics.ARCHIVE_UP, archive.name).set(1 if ok else 0)
+        metrics.child(metrics.ARCHIVE_BREAKER, archive.name).set(STATE_VALUE[archive.breaker.state])
+    return results

@@ -20,10 +20,16 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from proxy.upstream.pool import Pool
+
+class ConnectionHome(Protocol):
+    """Where a response returns its connection when the body is done (pool.py's Pool)."""
+
+    def put(self, conn: Connection) -> None: ...
+
+    def discard(self) -> None: ...
+
 
 BUFFER_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -242,7 +248,7 @@ class Connection:
 class Response:
     """Status and headers; the body is read with `iter_body()` exactly once."""
 
-    def __init__(self, pool: Pool, conn: Connection, status: int, headers: Headers, method: str) -> None:
+    def __init__(self, pool: ConnectionHome, conn: Connection, status: int, headers: Headers, method: str) -> None:
         self._pool = pool
         self._conn = conn
         self.status = status

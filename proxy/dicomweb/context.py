@@ -1,0 +1,83 @@
+"""What every handler needs: the settings, the archives, the cache, and which archives to ask for a study.
+
+Built and kept up to date by the composition root (runtime.py); handlers only read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from proxy.cache.store import FrameCache
+from proxy.config import Settings
+from proxy.coordination.redis_tier import SharedStore
+from proxy.dicomweb.urls import DICOMWEB_ROOT
+from proxy.federation.locator import Locator
+from proxy.federation.searchcache import SearchCache
+from proxy.upstream.archive import Archive, UpstreamError
+
+
+@dataclass
+class Context:
+    """Per-process state shared by all requests (or, for /upstreams/{name}, by one archive's)."""
+
+    settings: Settings
+    archives: list[Archive] = field(default_factory=list)
+    root: str = DICOMWEB_ROOT
+    locator: Locator = field(default_factory=Locator)
+    searches: SearchCache = field(default_factory=SearchCache)
+    single: dict[str, Context] = field(default_factory=dict)
+    cache: FrameCache | None = None
+    shared: SharedStore | None = None  # the Redis tier, when configured
+    cache_off: str | None = None  # why a configured cache is off for now (its directory cannot be opened)
+
+    def stored_elsewhere(self, studies: dict[str, str]) -> None:
+        self.locator.stored_elsewhere(studies)
+        self.clear_searches()
+
+    def clear_searches(self) -> None:
+        """Drop every cached search answer of this process (a store may have changed any of them)."""
+        self.searches.clear()
+        for single in self.single.values():
+            single.searches.clear()
+
+    def patience(self) -> float:
+        """How long a request waits for what another request is fetching: the archives' idle_read (past
+        it, the fetch it waits for would have failed)."""
+        return max((a.config.timeouts.idle_read for a in self.archives), default=30.0)
+
+    def archive(self, name: str) -> Archive | None:
+        """The archive with this configured name."""
+        return next((a for a in self.archives if a.name == name), None)
+
+    async def archives_for(self, study_uid: str) -> list[Archive]:
+        """Archives that hold `study_uid`, in priority order (learned, or probed on a miss)."""
+        if len(self.archives) == 1:
+            return list(self.archives)
+        names = await self.locator.locate(study_uid, self._probe)
+        return [a for a in self.archives if a.name in names]
+
+    async def _probe(self, study_uid: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(archives that hold the study, archives that could not say): a down, slow, failing or
+        open-circuited archive may hold it, so its study is not answered 404 (locator.Probe)."""
+        async def holds(archive: Archive) -> bool | None:
+            if not archive.breaker.allow():
+                return None
+            try:
+                async with asyncio.timeout(archive.config.search_deadline):
+                    async with archive.open("GET", "/studies", f"StudyInstanceUID={study_uid}&limit=1",
+                                            {"Accept": "application/dicom+json"}, service="locate") as resp:
+                        body = await resp.read(1 << 20)
+                        if resp.status >= 500:
+                            return None
+                        return resp.status in (200, 206) and body.strip() not in (b"", b"[]")
+            except (TimeoutError, UpstreamError):
+                return None
+
+        found = await asyncio.gather(*(holds(a) for a in self.archives))
+        pairs = list(zip(self.archives, found, strict=True))
+        return tuple(a.name for a, ok in pairs if ok), tuple(a.name for a, ok in pairs if ok is None)
+
+    def store_target(self) -> Archive | None:
+        """The archive that takes stores: the highest-priority one configured to."""
+        return next((a for a in self.archives if a.config.stores), None)
