@@ -3,6 +3,10 @@ http layer (`Problem`: a short DICOMweb-style error, never patient data)."""
 
 from __future__ import annotations
 
+import json
+
+from starlette.responses import Response
+
 
 class Problem(Exception):
     """Raised anywhere in a handler to answer `status` with a short reason (never patient data)."""
@@ -20,3 +24,9 @@ class StreamAborted(Exception):
 
 class ClientGone(Exception):
     """The client went away (or was cut for not reading) in the middle of the body: stop producing."""
+
+
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
+    """`{"status": 404, "reason": "..."}` as application/json."""
+    body = json.dumps({"status": status, "reason": reason}).encode()
+    return Response(body, status, headers=headers, media_type="application/json")

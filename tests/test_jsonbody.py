@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.formats.jsonbody import parses
+from proxy.upstream.jsonbody import parses
 
 
 def _json_loads_accepts(body: bytes) -> bool:

@@ -150,7 +150,7 @@ def test_part_headers_longer_than_the_first_look_are_found_in_memoryview_chunks(
 def test_whole_keeps_a_part_received_into_its_own_buffer_and_copies_anything_else():
     """parts.whole: the buffer part_payload received a part into is the payload itself (no copy); a
     slice of a larger receive buffer is copied (kept, it would hold all of that buffer), pieces joined."""
-    from proxy.formats.parts import whole
+    from proxy.formats.multipart import whole
 
     own = memoryview(bytearray(b"abcdef")).toreadonly()
     assert whole([own]) is own

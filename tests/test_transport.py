@@ -11,8 +11,8 @@ import pytest
 
 from proxy.config import ArchiveConfig
 from proxy.formats.multipart import PartEnd, PartHeaders
-from proxy.formats.parts import PartEvents
 from proxy.upstream.archive import Archive
+from proxy.upstream.parts import PartEvents
 from proxy.upstream.pool import Pool
 from proxy.upstream.transport import RELAY_WINDOW, FirstByteTimeout, TransportError
 

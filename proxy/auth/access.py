@@ -21,12 +21,20 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from proxy.cache.placement import SHARED
-from proxy.dicomweb.context import Context
 from proxy.errors import Problem
 from proxy.observability import metrics
 from proxy.upstream.archive import CALLER_AUTHORIZATION, Archive, UpstreamError
+
+
+class Archives(Protocol):
+    """What admission needs of the handlers' context: the archives, and one of them by name."""
+
+    archives: list[Archive]
+
+    def archive(self, name: str) -> Archive | None: ...
 
 # Upstream services whose 200 about a study shows the caller may see it (searches can answer 200 with
 # nothing, or filter, so they never count; metadata counts when it is not empty, see metadata.py).
@@ -76,18 +84,18 @@ def caller() -> str:
     return "" if value is None else hashlib.sha256(value.encode("latin-1")).hexdigest()
 
 
-def gated(ctx: Context) -> bool:
+def gated(ctx: Archives) -> bool:
     """True when some archive of this context decides per caller (token pass-through)."""
     return any(a.config.forward_authorization for a in ctx.archives)
 
 
-def audiences(ctx: Context) -> tuple[str, ...]:
+def audiences(ctx: Archives) -> tuple[str, ...]:
     """Whose cached answers a lookup in this context may find, in lookup order: the proxy's own (served
     without asking anyone) first, then each pass-through archive's (served after `admit`)."""
     return (SHARED, *(a.audience for a in ctx.archives if a.audience))
 
 
-def search_scope(ctx: Context) -> tuple[str, ...]:
+def search_scope(ctx: Archives) -> tuple[str, ...]:
     """What to add to a search-cache key: the caller's digest in pass-through mode, else nothing (shared)."""
     return ("caller", caller()) if gated(ctx) else ()
 
@@ -135,7 +143,7 @@ async def _check(archive: Archive, study: str) -> int:
     return 404
 
 
-async def admit(ctx: Context, study: str, heard_by: Iterable[str]) -> None:
+async def admit(ctx: Archives, study: str, heard_by: Iterable[str]) -> None:
     """Before anything the cache learned about `study` for the audiences `heard_by` is served: for each
     pass-through archive among them, make sure that it lets the caller see the study (remembered for
     access_ttl). What the proxy learned with its own credentials needs nothing more. Problem otherwise."""

@@ -20,7 +20,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.auth.bearer import ALGORITHMS, JwksCache, JwtVerifier, TokenError, scopes_of
-from proxy.dicomweb.responses import error_response
+from proxy.errors import error_response
 from proxy.observability import logs, metrics
 from proxy.upstream.archive import CALLER_AUTHORIZATION
 from proxy.upstream.credentials import is_loopback

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from proxy.cache.placement import Placement
 from proxy.cache.store import FrameCache, checksum_of, frame_key
 from proxy.coordination import siblings
+from proxy.formats.multipart import whole
 from proxy.formats.part10 import frames_and_place
-from proxy.formats.parts import whole
 
 _learning: set[asyncio.Task[None]] = set()
 # Instances are split in a thread of their own: a prefetch queues a split per instance, and in the

@@ -23,8 +23,8 @@ from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource
 from proxy.formats.multipart import MultipartError, MultipartWriter, PartEnd, PartHeaders
-from proxy.formats.parts import Kept, PartEvents
 from proxy.upstream.archive import Archive, UpstreamError
+from proxy.upstream.parts import Kept, PartEvents
 
 PIXEL_DATA = "7FE00010"
 BULK_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'

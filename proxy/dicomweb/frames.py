@@ -24,17 +24,17 @@ from proxy.cache.store import Frame, FrameCache, checksum_of
 from proxy.coordination import handover, siblings
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
+from proxy.dicomweb.reframe import Reframer, label
 from proxy.dicomweb.responses import BuffersResponse, StreamResponse
 from proxy.dicomweb.retrieve import retrieve
 from proxy.dicomweb.target import Target, select, upstream_accept
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource, Selection, parse_content_type
-from proxy.formats.multipart import MultipartError, PartHeaders
-from proxy.formats.parts import Held, PartEvents, part_payload, whole
-from proxy.formats.reframe import Reframer, label
+from proxy.formats.multipart import MultipartError, PartHeaders, whole
 from proxy.observability import metrics
 from proxy.upstream.archive import UpstreamError
+from proxy.upstream.parts import Held, PartEvents, part_payload
 
 CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")
 LOOKED_UP = "dicomweb_edge.looked_up"  # scope key: (Target, Selection, hits) of the cache phase's lookup

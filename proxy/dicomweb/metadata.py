@@ -25,8 +25,8 @@ from proxy.dicomweb.target import VARY, Target, select
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem
 from proxy.federation import merge
-from proxy.formats import jsonbody
 from proxy.formats.media import Resource
+from proxy.upstream import jsonbody
 from proxy.upstream.archive import Archive, UpstreamError
 
 STALE_IF = (502, 503, 504)  # archive failures a cached metadata document may stand in for

@@ -35,8 +35,8 @@ from proxy.dicomweb.target import Target, select
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.formats.media import Resource, Selection, parse_content_type
 from proxy.formats.multipart import MultipartWriter
-from proxy.formats.parts import Keep
 from proxy.upstream.archive import Archive
+from proxy.upstream.parts import Keep
 
 IMMUTABLE = "private, max-age=86400"  # an instance's bytes never change under its SOP Instance UID
 REVALIDATE = "private, no-cache"  # a study or series rendering changes as instances arrive

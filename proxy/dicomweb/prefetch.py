@@ -21,13 +21,13 @@ from proxy.cache.flights import Fetching, covering, learn_instance
 from proxy.coordination import siblings
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream
+from proxy.dicomweb.reframe import PartOut, label
 from proxy.errors import Problem
 from proxy.formats.media import Selection
 from proxy.formats.multipart import MultipartError
-from proxy.formats.parts import TEE_LIMIT, Held, PartEvents, part_payload
-from proxy.formats.reframe import PartOut, label
 from proxy.observability import metrics
 from proxy.upstream.archive import UpstreamError
+from proxy.upstream.parts import TEE_LIMIT, Held, PartEvents, part_payload
 
 log = logging.getLogger("dicomweb_edge.prefetch")
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from proxy.cache.sendfile import OpenPayload, send_payload
@@ -15,12 +13,6 @@ from proxy.errors import ClientGone, StreamAborted
 from proxy.upstream.splice import Relay
 
 log = logging.getLogger("dicomweb_edge")
-
-
-def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
-    """`{"status": 404, "reason": "..."}` as application/json."""
-    body = json.dumps({"status": status, "reason": reason}).encode()
-    return Response(body, status, headers=headers, media_type="application/json")
 
 
 def encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

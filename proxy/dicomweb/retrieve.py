@@ -19,16 +19,16 @@ from proxy.cache.flights import Fetching, learn_instance
 from proxy.dicomweb import prefetch
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
+from proxy.dicomweb.reframe import Reframer, label, payload
 from proxy.dicomweb.responses import StreamResponse
 from proxy.dicomweb.target import VARY, Target, select, upstream_accept
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource, Selection, parse_content_type
 from proxy.formats.multipart import MultipartError
-from proxy.formats.parts import Keep, Kept, PartEvents, sent_whole
-from proxy.formats.reframe import Reframer, label, payload
 from proxy.upstream import splice
 from proxy.upstream.archive import Archive, UpstreamError, UpstreamResponse
+from proxy.upstream.parts import Keep, Kept, PartEvents, sent_whole
 from proxy.upstream.splice import Relay
 
 

@@ -25,9 +25,9 @@ from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem
 from proxy.federation import merge
 from proxy.federation.searchcache import Codec
-from proxy.formats import jsonbody
 from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate
 from proxy.observability import metrics
+from proxy.upstream import jsonbody
 from proxy.upstream.archive import Archive, UpstreamError
 from proxy.upstream.profiles import PROFILES, Profile
 

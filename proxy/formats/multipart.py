@@ -253,3 +253,15 @@ class MultipartWriter:
         if self._first:  # an empty multipart still needs an opening delimiter to be parseable
             return f"--{self.boundary}--\r\n".encode("latin-1")
         return f"\r\n--{self.boundary}--\r\n".encode("latin-1")
+
+
+def whole(pieces: list[bytes | memoryview]) -> bytes | memoryview:
+    """The payload `pieces` make: the buffer itself when `part_payload` received the part whole into one
+    (a read-only view of a bytearray of its own), else the pieces joined (a copy: a slice of a receive
+    buffer would keep all of that buffer alive)."""
+    if len(pieces) == 1:
+        only = pieces[0]
+        if isinstance(only, memoryview) and only.readonly and isinstance(only.obj, bytearray) \
+                and len(only) == len(only.obj):
+            return only
+    return b"".join(pieces)

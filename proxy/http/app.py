@@ -19,10 +19,9 @@ from proxy.auth.inbound import parse as parse_auth
 from proxy.cache import purges
 from proxy.cache.store import OFF_STATS
 from proxy.dicomweb.context import Context
-from proxy.dicomweb.responses import error_response
 from proxy.dicomweb.routes import dicomweb_routes
 from proxy.dicomweb.urls import DICOMWEB_ROOT
-from proxy.errors import Problem
+from proxy.errors import Problem, error_response
 from proxy.http import cors, hitlane
 from proxy.http.edge import EdgeMiddleware
 from proxy.http.limits import LimitsMiddleware, client_key

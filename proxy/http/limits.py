@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.cache import sendfile
 from proxy.config import Settings
-from proxy.dicomweb.responses import error_response
+from proxy.errors import error_response
 
 log = logging.getLogger("dicomweb_edge")
 MAX_CLIENTS = 50_000  # buckets kept; beyond it, full (idle) buckets are forgotten

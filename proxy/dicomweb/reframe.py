@@ -17,8 +17,8 @@ from proxy.errors import StreamAborted
 from proxy.formats import part10
 from proxy.formats.media import ANY_TS, Selection, parse_content_type
 from proxy.formats.multipart import Event, MultipartError, MultipartWriter, PartEnd, PartHeaders
-from proxy.formats.parts import TEE_LIMIT, Held, Keep, Kept, PartEvents, part_payload
 from proxy.upstream.archive import Archive, UpstreamError
+from proxy.upstream.parts import TEE_LIMIT, Held, Keep, Kept, PartEvents, part_payload
 from proxy.upstream.splice import MIN_RELAY, Relay
 
 

@@ -137,18 +137,6 @@ class Held:
                 self.pieces.append(piece)
 
 
-def whole(pieces: list[bytes | memoryview]) -> bytes | memoryview:
-    """The payload `pieces` make: the buffer itself when `part_payload` received the part whole into one
-    (a read-only view of a bytearray of its own), else the pieces joined (a copy: a slice of a receive
-    buffer would keep all of that buffer alive)."""
-    if len(pieces) == 1:
-        only = pieces[0]
-        if isinstance(only, memoryview) and only.readonly and isinstance(only.obj, bytearray) \
-                and len(only) == len(only.obj):
-            return only
-    return b"".join(pieces)
-
-
 async def part_payload(events: PartEvents, held: list[Event], kept: Held | None = None
                        ) -> AsyncIterator[bytes | memoryview]:
     """The rest of the current part's payload (after what `label` read ahead), as it arrives.
