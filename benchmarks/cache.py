@@ -37,14 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--concurrency", default="1,32")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--sendfile", action="store_true",
-                    help="the proxy sends hits from the disk tier's files with sendfile ([cache] sendfile = true)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args(argv)
     on_sigterm()
-    os.environ["DICOMWEB_EDGE_CACHE_SENDFILE"] = "true" if args.sendfile else "false"  # the proxy inherits it
     os.environ["DICOMWEB_EDGE_CORS_ORIGINS"] = ORIGIN
-    mode = "sendfile from the disk tier's file" if args.sendfile else "writes from the memory tier"
+    mode = "writes from the memory tier"
     work = WORK / "cache"
     concs = [int(c) for c in args.concurrency.split(",")]
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{rps('nginx', c) / rps('orthanc', c):.2f} | | — |")
         lines.append(f"| cached with Origin / nginx, c={c} | {rps('proxy, Origin', c) / rps('nginx', c):.2f} | | — |")
     body = "\n".join(lines) + "\n"
-    heading = "## Cached single frame, sendfile (issue 4)" if args.sendfile else "## Cached single frame (issue 4)"
+    heading = "## Cached single frame (issue 4)"
     replace_section(args.out, heading, body)
     print(body)
     return 0

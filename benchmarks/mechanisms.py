@@ -12,11 +12,11 @@ start, with what a user notices:
 - `series MB/s`, `series c=4 MB/s`: the 105 MB series retrieve with 1 and 4 connections through a second
   proxy without a cache (the relay path: with a cache a retrieve tees into it and is never spliced).
 
-Variants: `defaults`, then each entry of `[server] disable` on its own (`DICOMWEB_EDGE_DISABLE`), heap
-warming off (`warm_bytes = 0`) and the sendfile lane on (`cache.sendfile = true`, off by default). Within a
-round the variants run in order, reversed every other round. The report gives per figure the median over
-the rounds, the variant against `defaults` (> 1: the variant is better), and each round's own ratio: the
-spread. A mechanism pays when switching it off makes a figure worse by at least 10 % beyond that spread.
+Variants: `defaults`, then each entry of `[server] disable` on its own (`DICOMWEB_EDGE_DISABLE`), and heap
+warming off (`warm_bytes = 0`). Within a round the variants run in order, reversed every other round. The
+report gives per figure the median over the rounds, the variant against `defaults` (> 1: the variant is
+better), and each round's own ratio: the spread. A mechanism pays when switching it off makes a figure
+worse by at least 10 % beyond that spread.
 """
 
 from __future__ import annotations
@@ -43,12 +43,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "defaults": {},
     "hit_lane off": {"DICOMWEB_EDGE_DISABLE": "hit_lane"},
     "server_protocol off": {"DICOMWEB_EDGE_DISABLE": "server_protocol"},
-    "unjoined_chunks off": {"DICOMWEB_EDGE_DISABLE": "unjoined_chunks"},
     "splice off": {"DICOMWEB_EDGE_DISABLE": "splice"},
-    "handover off": {"DICOMWEB_EDGE_DISABLE": "handover"},
     "claims off": {"DICOMWEB_EDGE_DISABLE": "claims"},
     "heap warming off": {"DICOMWEB_EDGE_MEMORY_WARM_BYTES": "0"},
-    "sendfile on": {"DICOMWEB_EDGE_CACHE_SENDFILE": "true"},
 }
 FIGURES = ("viewer 1 s", "viewer 2 s", "hit c=1 req/s", "hit c=32 req/s", "series MB/s", "series c=4 MB/s")
 LOWER_IS_BETTER = {"viewer 1 s", "viewer 2 s"}

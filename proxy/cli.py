@@ -184,7 +184,7 @@ def describe(s: Settings) -> str:
         lines.append(f"{k} = {json.dumps(getattr(s, k))}")
     lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
               f"memory_bytes = {s.memory_cache_bytes}",
-              f"warm_bytes = {s.memory_warm_bytes}", f"sendfile = {json.dumps(s.cache_sendfile)}",
+              f"warm_bytes = {s.memory_warm_bytes}",
               f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"stale_if_error = {s.stale_if_error}",
               f"prefetch = {json.dumps(s.prefetch)}",
               f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",

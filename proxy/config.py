@@ -40,7 +40,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 # Optimisations an operator may switch off (`[server] disable = [...]`, `DICOMWEB_EDGE_DISABLE=a,b`); each
 # is kept only while a benchmark a user would notice shows it pays (benchmarks/RESULTS.md, "Mechanisms").
-OPTIONAL = ("hit_lane", "splice", "handover", "claims", "unjoined_chunks", "server_protocol")
+OPTIONAL = ("hit_lane", "splice", "claims", "server_protocol")
 
 LIMIT_KEYS = ("client_request_rate", "client_byte_rate", "client_request_burst", "client_byte_burst",
               "max_header_bytes", "max_header_count", "header_timeout", "keepalive_timeout", "send_timeout",
@@ -97,7 +97,6 @@ class Settings:
     cache_size_bytes: int = 10 * 1024**3  # disk tier bound (least recently used entries go first)
     memory_cache_bytes: int = 256 * 1024**2  # in-process tier bound, per worker
     memory_warm_bytes: int = 128 * 1024**2  # heap touched at worker start for the memory tier (heap.py; 0: off)
-    cache_sendfile: bool = False  # large frames sent from the disk tier's files with sendfile (slower here)
     metadata_cache_ttl: float = 30.0  # cached study/series/instance metadata lives this long (0: never cached)
     stale_if_error: float = 86400.0  # expired metadata is kept this long, served (stale) while the archive fails
     prefetch: bool = True  # series metadata requests fetch the series into the cache in the background
@@ -180,8 +179,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, keys in (("server", None), ("cache", {"dir": "cache_dir", "size_bytes": "cache_size_bytes",
                                                          "memory_bytes": "memory_cache_bytes",
-                                                         "warm_bytes": "memory_warm_bytes",
-                                                         "sendfile": "cache_sendfile"}), ("limits", None),
+                                                         "warm_bytes": "memory_warm_bytes"}), ("limits", None),
                           ("federation", None), ("shared", None), ("viewer", {"dir": "viewer_dir"})):
         table = doc.pop(section, {})
         if not isinstance(table, dict):
@@ -227,7 +225,7 @@ def _env(environ: Mapping[str, str]) -> dict[str, Any]:
                 out[f.name] = float(value)
             except ValueError:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: not a number: {value!r}") from None
-        elif f.name in ("prefetch", "log_patient_data", "cache_sendfile"):
+        elif f.name in ("prefetch", "log_patient_data"):
             out[f.name] = value.strip().lower() in ("1", "true", "yes", "on")
         elif f.name == "redis_timeout":
             try:

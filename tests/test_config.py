@@ -74,7 +74,7 @@ def test_the_documented_example_config_is_valid():
     assert s.archives[0].name == "pacs"
     text = path.read_text()
     renamed = {"cache_size_bytes": "size_bytes", "memory_cache_bytes": "memory_bytes",
-               "memory_warm_bytes": "warm_bytes", "cache_sendfile": "sendfile"}
+               "memory_warm_bytes": "warm_bytes"}
     documented = {renamed.get(f.name, f.name) for f in dataclasses.fields(Settings)}
     documented -= {"archives", "cache_dir", "public_url", "viewer_dir"}  # commented out: off by default
     from proxy.auth.inbound import KEYS as AUTH_KEYS

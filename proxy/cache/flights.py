@@ -135,9 +135,7 @@ async def _to_disk(cache: FrameCache, sop: str, new: list[tuple[tuple[str, int, 
     for them (diskwriter.py); then the siblings waiting for the instance read it there."""
     try:
         if cache.writable and new:
-            paths = await cache.write_soon([f for f, _ in new], tag, siblings.digest("learned/" + sop), defer=True)
-            for ((item, n, mtype, ts, _, _), _), path in zip(new, paths, strict=True):
-                cache.adopt(item, n, mtype, ts, path)
+            await cache.write_soon([f for f, _ in new], tag, siblings.digest("learned/" + sop), defer=True)
     finally:
         _queued.difference_update(k for _, k in new)  # (claimed by the split: learn_instance)
     siblings.settle("learned/" + sop)

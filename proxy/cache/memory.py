@@ -2,27 +2,24 @@
 
 An entry is a key of cache.py (a frame in one encoding, the index of which encoding is cached, a small
 object) mapped to its payload and checksum. The payload is the bytes themselves (or a read-only view
-of the buffer they were received into), or, with sendfile on, where they lie in a disk-tier file
-(`FileRef`, which counts REF_COST bytes). An entry larger than a quarter of the bound is not kept. The
+of the buffer they were received into). An entry larger than a quarter of the bound is not kept. The
 worker's memory starts warm (heap.py), so the bytes of a first series do not wait on page faults.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from proxy.cache.entries import checksum_of
-from proxy.cache.sendfile import REF_COST, FileRef, identity
 from proxy.observability import metrics
 
-Entry = tuple[bytes | FileRef, int]  # (payload or where it lies, checksum)
+Entry = tuple[bytes, int]  # (payload, checksum)
 
 
-def _cost(payload: bytes | FileRef) -> int:
+def _cost(payload: bytes) -> int:
     """What an entry counts for in the bound."""
-    return REF_COST if isinstance(payload, FileRef) else len(payload)
+    return len(payload)
 
 
 class MemoryTier:
@@ -44,7 +41,7 @@ class MemoryTier:
             self._entries.move_to_end(key)
         return found
 
-    def remember(self, key: str, payload: bytes | FileRef, checksum: int | None = None) -> None:
+    def remember(self, key: str, payload: bytes, checksum: int | None = None) -> None:
         """Hold an entry (replacing the key's old one), evicting the least recently used beyond the bound."""
         cost = _cost(payload)
         if cost > self.limit // 4:
@@ -66,28 +63,15 @@ class MemoryTier:
             metrics.child(metrics.CACHE_EVICTIONS, "memory").inc(evicted)
         self._gauge()
 
-    def refer(self, key: str, path: str, offset: int) -> None:
-        """The entry's bytes now lie in the file at `path` from `offset`: hold that instead of the bytes."""
-        held = self._entries.get(key)
-        if held is None or isinstance(held[0], FileRef):
-            return
-        try:  # (the file the writer has just written and committed: what it holds is what was checked)
-            checked = identity(os.stat(path))
-        except OSError:
-            return
-        self._entries[key] = (FileRef(path, offset, len(held[0]), checked), held[1])
-        self.bytes += REF_COST - len(held[0])
-        self._gauge()
-
     def hits(self, entries: Sequence[tuple[str, int]]) -> list[bytes | memoryview] | None:
         """The payloads of these entries (key, checksum) if every one still holds the bytes it held when
         its checksum was taken; then they count as hits and become the most recent. None if any is gone,
-        replaced, or only a file reference now."""
+        or replaced."""
         held = self._entries
         payloads = []
         for key, checksum in entries:
             found = held.get(key)
-            if found is None or found[1] != checksum or isinstance(found[0], FileRef):
+            if found is None or found[1] != checksum:
                 return None
             payloads.append(found[0])
         for (key, _), payload in zip(entries, payloads, strict=True):

@@ -34,8 +34,7 @@ import diskcache
 from proxy.cache.entries import HEADER, FlatDisk, Pieces, checksum_of, head, unpack
 from proxy.cache.memory import MemoryTier
 from proxy.cache.placement import SHARED
-from proxy.cache.sendfile import FileRef, OpenPayload, identity
-from proxy.cache.writer import DiskWriter, FrameToWrite, Item, Paths
+from proxy.cache.writer import DiskWriter, FrameToWrite, Item, Written
 from proxy.observability import metrics
 
 log = logging.getLogger("dicomweb_edge.cache")
@@ -55,7 +54,7 @@ OFF_STATS: dict[str, int | bool] = {"disk_entries": 0, "disk_bytes": 0, "disk_li
 class Frame:
     """A cached frame: its bytes and what they are."""
 
-    payload: bytes | OpenPayload  # OpenPayload: a disk-tier file, open, for sendfile (sendfile.py)
+    payload: bytes | memoryview
     media_type: str
     transfer_syntax: str
     checksum: int = -1  # checksum of the payload when known (every cache hit knows it)
@@ -87,7 +86,7 @@ class FrameCache:
     """Memory LRU in front of a diskcache directory."""
 
     def __init__(self, directory: str, size_limit: int = 10 * 1024**3, memory_limit: int = 256 * 1024**2,
-                 max_entry: int = 64 * 1024**2, sendfile: bool = False) -> None:
+                 max_entry: int = 64 * 1024**2) -> None:
         # cull_limit=0: no culling inside set(); write() culls itself, so that evictions can be counted.
         settings: dict[str, Any] = {"size_limit": size_limit, "eviction_policy": "least-recently-used",
                                     "tag_index": True, "cull_limit": 0, "disk": FlatDisk, "timeout": LOCK_TIMEOUT}
@@ -108,7 +107,6 @@ class FrameCache:
         self._generation = self._read_generation()
         self._checked = time.monotonic()
         self.memory = MemoryTier(memory_limit)  # (memtier.py)
-        self.sendfile = sendfile  # large frames on disk are remembered as FileRefs and sent with sendfile
         self.max_entry = max_entry
         self._writes_off_until = 0.0  # monotonic: a disk failure stops writes until then
         self._reconnect = False  # a disk failure happened: the next write opens its connection anew
@@ -134,8 +132,8 @@ class FrameCache:
             self.memory.clear()
             self._writes_off_until = 0.0  # and it freed space: writes are tried again
 
-    def _get(self, key: str, kind: str = "frame", counted: bool = True, ref: bool = False,
-             memory_only: bool = False) -> tuple[bytes | FileRef, int] | None:
+    def _get(self, key: str, kind: str = "frame", counted: bool = True,
+             memory_only: bool = False) -> tuple[bytes, int] | None:
         self._sync_purges()
         found = self.memory.get(key)
         if found is not None:
@@ -144,14 +142,11 @@ class FrameCache:
             return found
         if memory_only:
             return None
-        path = stat = None
         try:
             blob = self.reader.get(key, read=True)
             if blob is not None and not isinstance(blob, bytes):
                 with blob as handle:  # a value in a file of its own comes back open: read it into this
-                    path = handle.name  # worker's memory, where nothing can change it once checked; a
-                    stat = os.fstat(handle.fileno()) if ref else None  # FileRef knows the file it checked
-                    blob = handle.read()
+                    blob = handle.read()  # worker's memory, where nothing can change it once checked
         except Exception:  # an unreadable cache must not take the proxy down
             log.warning("cache read failed", exc_info=True)
             return None
@@ -168,10 +163,8 @@ class FrameCache:
             metrics.count_hit("disk", kind, len(payload))
         checksum = HEADER.unpack_from(blob)[2]
         self._read_back(key)
-        # Checked once: later hits in this worker are its private copy, or (sendfile) the file, as long as
-        # it is still the very file that was checked (FileRef.open compares device, inode, size and mtime).
-        self.memory.remember(key, FileRef(path, HEADER.size, len(payload), identity(stat))
-                             if ref and isinstance(path, str) and stat is not None else payload, checksum)
+        # Checked once: later hits in this worker are its private copy.
+        self.memory.remember(key, payload, checksum)
         return payload, checksum
 
     def _read_back(self, key: str) -> None:
@@ -199,9 +192,8 @@ class FrameCache:
         return self.writer.submit(fn, *args)
 
     def get(self, item: str, frame: int, media_type: str, transfer_syntax: str,
-            open_file: bool = False, count: bool = True, memory_only: bool = False) -> Frame | None:
+            count: bool = True, memory_only: bool = False) -> Frame | None:
         """A cached frame in exactly this encoding, or (for `*`) in the encoding that is cached. With
-        `open_file`, a frame kept in a disk-tier file comes as an OpenPayload (for sendfile); with
         `memory_only`, nothing is looked up (or counted) beyond this worker's memory tier."""
         if transfer_syntax == "*":
             # Which encoding is cached; not counted: one lookup per frame, the frame's own.
@@ -209,23 +201,10 @@ class FrameCache:
             if idx is None:
                 return None
             media_type, _, transfer_syntax = bytes(idx[0]).decode().partition(";")  # type: ignore[arg-type]
-        key = frame_key(item, frame, media_type, transfer_syntax)
-        for _ in range(2):
-            found = self._get(key, counted=count, ref=self.sendfile, memory_only=memory_only)
-            if found is None:
-                return None
-            payload, checksum = found
-            if not isinstance(payload, FileRef):
-                return Frame(payload, media_type, transfer_syntax, checksum)
-            opened = payload.open()
-            if opened is not None:
-                if open_file:
-                    return Frame(opened, media_type, transfer_syntax, checksum)
-                data = opened.read()
-                opened.close()
-                return Frame(data, media_type, transfer_syntax, checksum)
-            self.memory.drop(key)  # the file went (evicted, purged): ask the disk tier once more
-        return None
+        found = self._get(frame_key(item, frame, media_type, transfer_syntax), counted=count, memory_only=memory_only)
+        if found is None:
+            return None
+        return Frame(found[0], media_type, transfer_syntax, found[1])
 
     def on_disk(self, item: str, frame: int, media_type: str, transfer_syntax: str) -> bool:
         """Whether the disk tier holds this frame in this encoding (an index lookup, no file read; blocking).
@@ -238,14 +217,9 @@ class FrameCache:
     def memory_hits(self, entries: Sequence[tuple[str, int]]) -> list[bytes | memoryview] | None:
         """The payloads of these memory-tier entries (key, checksum) if every one still holds the bytes
         it held when the cache phase prepared its answer; then they count as hits and become the most
-        recent. None if any is gone, replaced, or only a file reference now."""
+        recent. None if any is gone or replaced."""
         self._sync_purges()
         return self.memory.hits(entries)
-
-    def adopt(self, item: str, frame: int, media_type: str, transfer_syntax: str, path: str | None) -> None:
-        """The frame is now on disk at `path`: remember the file instead of the bytes (sendfile)."""
-        if path is not None:
-            self.memory.refer(frame_key(item, frame, media_type, transfer_syntax), path, HEADER.size)
 
     def put(self, item: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
             checksum: int | None = None) -> bool:
@@ -257,27 +231,21 @@ class FrameCache:
         return self.writable
 
     def write(self, item: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
-              study: str | None = None, checksum: int | None = None, cull: bool = True) -> str | None:
+              study: str | None = None, checksum: int | None = None, cull: bool = True) -> bool:
         """Store a frame in the shared disk tier, tagged with its study (blocking: call it off the loop).
-        The path of the file it went to, when it has one of its own and sendfile is on (for `adopt`)."""
+        Whether it is there now."""
         if not self.writable:  # (frames queued before a disk failure)
-            return None
+            return False
         key = frame_key(item, frame, media_type, transfer_syntax)
-        path = None
         try:
             self.set_value(key, head(payload, checksum), payload, tag=study)
             index = f"{media_type};{transfer_syntax}".encode()
             self.set_value(index_key(item, frame), head(index), index, tag=study)
-            if self.sendfile and len(payload) >= self.disk.disk_min_file_size:
-                handle = self.disk.get(key, read=True)
-                if handle is not None and not isinstance(handle, bytes):
-                    handle.close()
-                    path = handle.name
         except DISK_ERRORS:
             self.disk_failed("frame")
-            return None
+            return False
         self.wrote(len(payload), cull)
-        return path if isinstance(path, str) else None
+        return True
 
     @property
     def writable(self) -> bool:
@@ -306,7 +274,7 @@ class FrameCache:
             self.cull()
 
     def write_soon(self, frames: list[FrameToWrite], study: str | None, token: bytes | None = None,
-                   defer: bool = False) -> asyncio.Future[Paths]:
+                   defer: bool = False) -> asyncio.Future[Written]:
         """Queue frames for the disk tier; done, with `write`'s paths, once they are on disk. `defer`: this
         worker serves them from memory already, so they wait for a quiet moment unless a sibling worker
         wants `token` (diskwriter.py).
@@ -335,11 +303,11 @@ class FrameCache:
             with contextlib.suppress(*DISK_ERRORS):
                 self.disk.close()
 
-    def _commit(self, items: list[Item], interrupted: Callable[[], bool]) -> list[Paths]:
+    def _commit(self, items: list[Item], interrupted: Callable[[], bool]) -> list[Written]:
         """Writer thread: write items of frames in one transaction, stopping after any item once
-        `interrupted()` (a write a client waits for came in); the paths of each item written."""
+        `interrupted()` (a write a client waits for came in); which frames of each item were written."""
         self.reconnect_after_failure()
-        results: list[Paths] = []
+        results: list[Written] = []
         try:  # a commit that fails leaves no file of the batch behind (entries.py)
             with self.disk.disk.undone_on_failure(), self.disk.transact():
                 for i, (frames, study) in enumerate(items):
@@ -349,7 +317,7 @@ class FrameCache:
                                     for item, n, mtype, ts, data, checksum in frames])
         except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
             self.disk_failed("frame")
-            results = [[None] * len(frames) for frames, _ in items]
+            results = [[False] * len(frames) for frames, _ in items]
         self.cull()
         return results
 
@@ -368,7 +336,7 @@ class FrameCache:
 
     def get_entry(self, key: str, kind: str) -> tuple[bytes, int] | None:
         """Any other cached entry (objects.py builds the keys): (payload, checksum), or None."""
-        return self._get(key, kind)  # type: ignore[return-value]  # only frames are kept as FileRefs
+        return self._get(key, kind)
 
     def put_entry(self, key: str, payload: bytes) -> bool:
         """Make an entry visible in this process at once; True if it should also go to disk."""

@@ -41,25 +41,25 @@ log = logging.getLogger("dicomweb_edge.cache")
 T = TypeVar("T")
 # the placed instance (Placement.key), frame, media type, transfer syntax, payload, checksum
 FrameToWrite = tuple[str, int, str, str, bytes, int]
-Paths = list[str | None]
+Written = list[bool]  # for each frame of an item: whether it is on disk now
 Item = tuple[list[FrameToWrite], str | None]  # frames, the study to tag them with
-# Writes items in one transaction, stopping early (after the first) once `interrupted()`; gives the
-# paths of each item it wrote, in order.
-Commit = Callable[[list[Item], Callable[[], bool]], list[Paths]]
+# Writes items in one transaction, stopping early (after the first) once `interrupted()`; tells, for each
+# item it got to, in order, which of its frames are on disk.
+Commit = Callable[[list[Item], Callable[[], bool]], list[Written]]
 BATCH = 8  # frames written in one transaction at most (siblings see them a batch at a time)
 QUIET = 0.2  # seconds without a client request before deferred frames are written
 MAX_WAIT = 10.0  # seconds a deferred frame waits for a quiet moment at most
 WANT_FOR = 30.0  # seconds a sibling's want is remembered for frames not queued yet
 
 
-_Queued = tuple[list[FrameToWrite], str | None, asyncio.Future[Paths], bytes | None]  # frames, study, done, token
+_Queued = tuple[list[FrameToWrite], str | None, asyncio.Future[Written], bytes | None]  # frames, study, done, token
 
 
 @dataclass(slots=True)
 class _Deferred:
     frames: list[FrameToWrite]
     study: str | None
-    done: asyncio.Future[Paths]
+    done: asyncio.Future[Written]
     token: bytes | None
     until: float  # monotonic deadline
     size: int
@@ -110,11 +110,11 @@ class DiskWriter:
         return done
 
     def write_soon(self, frames: list[FrameToWrite], study: str | None, token: bytes | None = None,
-                   defer: bool = False) -> asyncio.Future[Paths]:
-        """Queue frames for the disk tier; done, with their paths, once they are on disk. With `defer`,
+                   defer: bool = False) -> asyncio.Future[Written]:
+        """Queue frames for the disk tier; done once they are on disk (or failed to go there). With `defer`,
         they wait for a quiet moment unless a sibling wants `token` (or did before)."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[Paths] = loop.create_future()
+        done: asyncio.Future[Written] = loop.create_future()
         if defer:
             now = time.monotonic()
             asked = token is not None and self._wanted.pop(token, 0.0) >= now  # before they came
@@ -235,7 +235,7 @@ class DiskWriter:
                 self._tokens.pop(item.token, None)
         return item
 
-    def _promote(self, seq: int, why: str, front: bool = False) -> asyncio.Future[Paths] | None:
+    def _promote(self, seq: int, why: str, front: bool = False) -> asyncio.Future[Written] | None:
         item = self._forget(seq)
         if item is None:
             return None
@@ -275,7 +275,7 @@ class DiskWriter:
         self._gauge()
         self._arm(asyncio.get_running_loop())
 
-    def _paced(self, _: asyncio.Future[Paths]) -> None:
+    def _paced(self, _: asyncio.Future[Written]) -> None:
         self._pacing = False
         if self._later:
             if self._timer is not None:
@@ -327,8 +327,8 @@ class DiskWriter:
                 with self._lock:
                     self._now[:0] = batch[len(results):]
                 batch = batch[:len(results)]
-            for (_, _, done, _), paths in zip(batch, results, strict=True):
-                _tell(loop, done, paths, None)
+            for (_, _, done, _), written in zip(batch, results, strict=True):
+                _tell(loop, done, written, None)
 
 
 def _tell(loop: asyncio.AbstractEventLoop, done: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.types import Receive, Scope, Send
 
-from proxy.cache.sendfile import OpenPayload, send_payload
 from proxy.errors import ClientGone, StreamAborted
-from proxy.upstream.splice import Relay
+from proxy.upstream.splice import Relay, send_relay
 
 log = logging.getLogger("dicomweb_edge")
 
@@ -55,7 +54,7 @@ class StreamResponse:
                         if isinstance(chunk, Relay):
                             chunk.drop()
                         return
-                    await send_payload(scope, send, chunk, True)
+                    await _send(send, chunk, True)
             except StreamAborted as exc:
                 log.warning("response cut mid-stream: %s", exc)
                 return  # the server closes the connection: the client sees a truncated body
@@ -75,30 +74,28 @@ class StreamResponse:
 class BuffersResponse:
     """A body already at hand as a few buffers (a cache hit), with Content-Length in `headers`.
 
-    Each buffer is handed to the server as it is (no join, no copy; an open disk-tier file is sent with
-    sendfile, sendfile.py) and the last one ends the response, so there is no empty closing write: one
-    write less per hit than a StreamResponse. Open files are closed when the response ends.
+    Each buffer is handed to the server as it is (no join, no copy) and the last one ends the response,
+    so there is no empty closing write: one write less per hit than a StreamResponse.
     """
 
     def __init__(self, status: int, headers: list[tuple[str, str]],
-                 buffers: list[bytes | memoryview | OpenPayload]) -> None:
+                 buffers: list[bytes | memoryview]) -> None:
         self.status = status
         self.raw_headers = encode_headers(headers)
         self.buffers = buffers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        files = any(isinstance(buf, OpenPayload) for buf in self.buffers)
-        try:
-            await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
-            last = len(self.buffers) - 1
-            if last < 0:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            for i, buf in enumerate(self.buffers):
-                await send_payload(scope, send, buf, i < last)
-        finally:
-            if files:
-                for buf in self.buffers:
-                    if isinstance(buf, OpenPayload):
-                        buf.close()
+        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+        last = len(self.buffers) - 1
+        if last < 0:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        for i, buf in enumerate(self.buffers):
+            await send({"type": "http.response.body", "body": buf, "more_body": i < last})
 
 
+async def _send(send: Send, payload: bytes | memoryview | Relay, more_body: bool) -> None:
+    """One piece of a streamed body: bytes as they are, a Relay as the server's relay message (splice.py)."""
+    if isinstance(payload, Relay):
+        await send_relay(send, payload, more_body)
+    else:
+        await send({"type": "http.response.body", "body": payload, "more_body": more_body})

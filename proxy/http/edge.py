@@ -17,10 +17,10 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.cache import busy
-from proxy.cache.sendfile import body_size
 from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.http.limits import BODILESS
 from proxy.observability import logs, metrics
+from proxy.upstream.splice import body_size
 
 log = logs.access
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

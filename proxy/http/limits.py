@@ -18,9 +18,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.cache import sendfile
 from proxy.config import Settings
 from proxy.errors import error_response
+from proxy.upstream import splice
 
 log = logging.getLogger("dicomweb_edge")
 MAX_CLIENTS = 50_000  # buckets kept; beyond it, full (idle) buckets are forgotten
@@ -159,7 +159,7 @@ class LimitsMiddleware:
                 return
             await send(message)
             if byte_bucket is not None:
-                byte_bucket.tokens -= sendfile.body_size(message)  # after: a relay message counts what it moved
+                byte_bucket.tokens -= splice.body_size(message)  # after: a relay message counts what it moved
             if STALLED in scope:  # the protocol cut the client: stop producing (and release the archive)
                 raise ClientStalled()
 

@@ -1,12 +1,8 @@
 """The HTTP/1.1 server protocol: uvicorn's httptools protocol with the limits only a protocol can
-enforce, the cache phase run before there is an ASGI request at all, and streamed bodies written
-without a copy.
+enforce, and the cache phase run before there is an ASGI request at all.
 
 Limits: a bound on request header size and count (431) and on the time the headers may take to arrive
 (408), and a send timeout that cuts a client that stopped reading its response.
-
-Streamed (chunked) bodies: each chunk goes out as size line, body and CRLF in one writelines, not
-joined into a new bytes object first (`_chunks_unjoined`).
 
 The cache phase: a GET that the frame cache answers whole (hitlane.py) is written to the
 socket from `on_headers_complete`, in one writev, with the request id, access record and metrics of
@@ -29,7 +25,6 @@ from typing import Any
 from starlette.applications import Starlette
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from proxy.cache import sendfile
 from proxy.config import SETTINGS_ENV, Settings
 from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.http.edge import account, request_id
@@ -51,33 +46,6 @@ def lane_of(app: Any) -> Lane | None:
         if app is None:
             return None
     return None
-
-
-def _chunks_unjoined(cycle: Any, transport: asyncio.Transport) -> None:
-    """Write each chunk of a chunked body as its three pieces (size line, body, CRLF) in one writelines.
-
-    uvicorn joins them into one new bytes object first: a copy of every byte of a streamed series or
-    study on its way out. The transport keeps references to the pieces it could not send yet (the
-    receive buffers they point into are reused only once nothing refers to them, transport.py).
-    Everything else, and the closing chunk, is left to uvicorn's own send.
-    """
-    plain = cycle.send
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and cycle.chunked_encoding and not cycle.response_complete:
-            body = message.get("body", b"")
-            if body and cycle.scope["method"] != "HEAD":
-                if cycle.flow.write_paused and not cycle.disconnected:
-                    await cycle.flow.drain()
-                if cycle.disconnected:
-                    return
-                transport.writelines([b"%x\r\n" % len(body), body, b"\r\n"])
-                if message.get("more_body", False):
-                    return
-                message = {"type": "http.response.body", "body": b"", "more_body": False}
-        await plain(message)
-
-    cycle.send = send
 
 
 @functools.cache
@@ -192,10 +160,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None or cycle.scope is not self.scope:
             return
-        if "unjoined_chunks" not in self._off:
-            _chunks_unjoined(cycle, self.transport)
         if self.transport.get_extra_info("sslcontext") is None:  # (TLS: the bytes pass through the encryption)
-            sendfile.install(cycle, self.transport, self.scope)
             if "splice" not in self._off:
                 splice.install(cycle, self.transport, self.scope, self._send_timeout)
 

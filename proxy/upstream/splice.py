@@ -394,3 +394,10 @@ class _Watched:
         for fd in self.dups.values():
             os.close(fd)
         self.dups.clear()
+
+
+def body_size(message: Message) -> int:
+    """Bytes a body message carries (a relay message names them)."""
+    if message["type"] != "http.response.body":
+        return int(message.get("count", 0))
+    return len(message.get("body", b""))
