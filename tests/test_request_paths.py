@@ -1,0 +1,117 @@
+"""How many modules of `proxy/` a request passes through, counted, not guessed (ARCHITECTURE.md).
+
+The proxy runs in a thread of this process (uvicorn with the proxy's own server protocol, as `serve` runs
+it) in front of two real Orthanc archives; a profile hook on that thread records every module of
+`proxy/` whose code runs between sending a request and reading its answer. Three requests a user makes
+all day: a frame the cache does not hold (then fetched from the archive), the same frame again (a hit),
+and a federated search. The bounds are the architecture's targets; the lists are the ones ARCHITECTURE.md
+prints, so that the document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from support import native_frame
+
+from proxy.config import load
+from proxy.demo.orthanc import free_port
+from proxy.http.protocol import EdgeHttpProtocol
+from proxy.runtime import create_app
+
+ARCHITECTURE = Path(__file__).resolve().parent.parent / "ARCHITECTURE.md"
+BOUNDS = {"frame miss": 12, "frame hit": 6, "federated search": 10}
+FRAMES = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+
+
+class Recorder:
+    """A profile hook: the `proxy.*` modules whose functions are called while `on`."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.modules: set[str] = set()
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
+        if self.on and event == "call":
+            name = frame.f_globals.get("__name__", "")
+            if name.startswith("proxy."):
+                self.modules.add(name)
+
+
+@pytest.fixture(scope="module")
+def proxy(orthanc_a, orthanc_b, tmp_path_factory) -> Iterator[tuple[str, Recorder]]:
+    settings = load(None, {"archives": [{"name": "a", "url": orthanc_a.dicomweb_url},
+                                        {"name": "b", "url": orthanc_b.dicomweb_url}],
+                           "cache_dir": str(tmp_path_factory.mktemp("cache")), "prefetch": False,
+                           "health_interval": 0.0, "memory_warm_bytes": 0}, environ={})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, loop="uvloop",
+                                           http=EdgeHttpProtocol, access_log=False, log_level="warning"))
+    recorder = Recorder()
+
+    def serve() -> None:
+        sys.setprofile(recorder)
+        asyncio.run(server.serve())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the proxy did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/dicomweb", recorder
+    server.should_exit = True
+    thread.join(10)
+
+
+def traced(recorder: Recorder, client: httpx.Client, url: str, headers: dict[str, str]) -> tuple[httpx.Response,
+                                                                                                   set[str]]:
+    recorder.modules = set()
+    recorder.on = True
+    try:
+        r = client.get(url, headers=headers)
+    finally:
+        recorder.on = False
+    return r, recorder.modules
+
+
+def documented(path: str, report: str) -> set[str]:
+    """The modules ARCHITECTURE.md lists for a request path: the line `- <path> (N): a, b, c`."""
+    m = re.search(rf"^- {re.escape(path)} \((\d+)\): (.+)$", ARCHITECTURE.read_text(), re.M)
+    assert m, f"ARCHITECTURE.md lists no modules for {path!r}; the traced lists:\n{report}"
+    names = {n.strip().strip("`") for n in m.group(2).split(",")}
+    assert int(m.group(1)) == len(names)
+    return names
+
+
+def test_a_frame_miss_a_hit_and_a_federated_search_pass_few_modules(proxy, demo_data):
+    base, recorder = proxy
+    ct = demo_data.archive_a[0]
+    url = (f"{base}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}"
+           "/frames/1")
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        miss, miss_modules = traced(recorder, client, url, FRAMES)
+        hit, hit_modules = traced(recorder, client, url, FRAMES)
+        search, search_modules = traced(recorder, client, f"{base}/studies?PatientName=*&includefield=all",
+                                        {"Accept": "application/dicom+json"})
+    assert (miss.status_code, miss.headers["x-cache"]) == (200, "MISS")
+    assert (hit.status_code, hit.headers["x-cache"]) == (200, "HIT")
+    assert native_frame(ct, 1) in miss.content and native_frame(ct, 1) in hit.content
+    assert search.status_code == 200 and len(search.json()) >= 4  # studies of both archives
+    seen = {"frame miss": miss_modules, "frame hit": hit_modules, "federated search": search_modules}
+    report = "\n".join(f"- {k} ({len(v)}): " + ", ".join(f"`{m}`" for m in sorted(v)) for k, v in seen.items())
+    for path, modules in seen.items():
+        assert documented(path, report) == modules, f"ARCHITECTURE.md is out of date; the traced lists:\n{report}"
+    for path, modules in seen.items():
+        assert len(modules) <= BOUNDS[path], f"{path} passes {len(modules)} modules (at most {BOUNDS[path]})"
