@@ -43,7 +43,7 @@ fi
 mkdir -p "$work/unpacked"
 tar -xzf "$work/app.tgz" -C "$work/unpacked" package/dist package/package.json
 [ -f "$work/unpacked/package/dist/index.html" ] || { echo "[fetch-ohif] no dist/index.html in the tarball" >&2; exit 1; }
-# gzip siblings, served to browsers that take gzip (proxy/viewer.py, like nginx's gzip_static).
+# gzip siblings, served to browsers that take gzip (proxy/http/viewer.py, like nginx's gzip_static).
 find "$work/unpacked/package/dist" -type f -size +1k \( -name '*.js' -o -name '*.css' -o -name '*.html' \
     -o -name '*.json' -o -name '*.map' -o -name '*.wasm' -o -name '*.svg' \) -exec gzip -k -6 -n {} +
 rm -rf "$dest"

@@ -1,4 +1,4 @@
-"""When the worker last served a client (proxy/busy.py): every DICOMweb request marks it, at its start in
+"""When the worker last served a client (proxy/cache/busy.py): every DICOMweb request marks it, at its start in
 the edge layer and at its end, also a hit the protocol answers; operations requests do not."""
 
 import time

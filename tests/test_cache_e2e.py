@@ -326,7 +326,7 @@ async def test_a_frame_request_during_a_series_retrieve_waits_for_it(data, tmp_p
 
 async def test_a_retrieve_in_one_worker_serves_frame_requests_in_the_other(data, tmp_path):
     """Two worker processes: while one streams a study retrieve (or a prefetch), frame requests that
-    reach the other wait for it instead of asking the archive (proxy/siblings.py), and are answered
+    reach the other wait for it instead of asking the archive (proxy/coordination/siblings.py), and are answered
     from the shared disk tier. Fresh connections, so that both workers take some of them."""
     import asyncio
 

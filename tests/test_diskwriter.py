@@ -1,4 +1,4 @@
-"""The disk writer (proxy/diskwriter.py): frames a worker already serves from memory wait for a quiet
+"""The disk writer (proxy/cache/writer.py): frames a worker already serves from memory wait for a quiet
 moment before they are written to the shared disk tier, unless a sibling worker wants them, they waited
 their longest, too many bytes wait, or the worker stops; a purge drops what has not been written yet.
 

@@ -1,4 +1,4 @@
-"""The cache phase (proxy/hitlane.py) runs only where no per-request policy has to come first."""
+"""The cache phase (proxy/http/hitlane.py) runs only where no per-request policy has to come first."""
 
 import dataclasses
 

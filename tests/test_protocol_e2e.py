@@ -1,4 +1,4 @@
-"""The server protocol's cache phase (proxy/protocol.py): hits answered before any ASGI request exists must
+"""The server protocol's cache phase (proxy/http/protocol.py): hits answered before any ASGI request exists must
 behave on the wire like every other answer: in order on a pipelined connection, honouring
 `Connection: close`, following forwarding headers, logged and counted, and never stale after a purge."""
 

@@ -1,4 +1,4 @@
-"""The channel between worker processes on one cache directory (proxy/siblings.py)."""
+"""The channel between worker processes on one cache directory (proxy/coordination/siblings.py)."""
 
 import asyncio
 import contextlib

@@ -1,4 +1,4 @@
-"""One upstream request for concurrent identical misses (proxy/singleflight.py), within a worker."""
+"""One upstream request for concurrent identical misses (proxy/coordination/singleflight.py), within a worker."""
 
 import asyncio
 

@@ -1,4 +1,4 @@
-"""Payloads relayed archive → client with splice(2) (proxy/splice.py), without a frame cache.
+"""Payloads relayed archive → client with splice(2) (proxy/upstream/splice.py), without a frame cache.
 
 Against a real Orthanc (its parts carry a Content-Length, so the proxy relays them): what the client
 gets is the archive's payloads, under our framing (M-01..M-05), and the relayed-bytes counter shows they

@@ -1,4 +1,4 @@
-"""The upstream HTTP/1.1 client (proxy/transport.py) against raw loopback servers with exact bytes.
+"""The upstream HTTP/1.1 client (proxy/upstream/transport.py) against raw loopback servers with exact bytes.
 
 A real archive cannot be made to send chunked bodies, stale keep-alive connections or oversized
 headers on demand, so these tests script the bytes on a socket.

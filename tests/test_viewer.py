@@ -1,4 +1,4 @@
-"""Serving a built viewer at / (proxy/viewer.py): files, the SPA fallback, app-config.js, and the proxy's
+"""Serving a built viewer at / (proxy/http/viewer.py): files, the SPA fallback, app-config.js, and the proxy's
 own paths, which the viewer never shadows. A small dist/ of our own here; the real OHIF build is
 exercised in Chromium by test_viewer_e2e.py."""
 
