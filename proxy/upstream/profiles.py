@@ -1,4 +1,4 @@
-"""Quirks profiles: what each kind of archive accepts and how it answers (conformance §8)."""
+"""Quirks profiles: what each kind of archive accepts and how it answers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class Profile:
     uid_list_separator: str = ","
     max_limit: int | None = None  # largest `limit` the archive accepts
     zero_limit_means_all: bool = False
-    fuzzy_matching: bool = True  # False: drop fuzzymatching=true and add the standard Warning (Q-04)
+    fuzzy_matching: bool = True  # False: drop fuzzymatching=true and add the Warning 299 of PS3.18 §8.3.4.2
     thumbnail: bool = True  # False: thumbnails are made from /rendered
     single_part_instance: bool = True  # accepts Accept: application/dicom on an instance
     single_part_frame: bool = False  # accepts Accept: application/octet-stream on one frame
@@ -24,8 +24,9 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # Orthanc 1.10 + DICOMweb 1.7 [LIVE]: no percent-decoding, 200 [] for no match, no thumbnail,
-    # 400 for single-part application/dicom, fuzzymatching=true silently ignored, limit=0 = all.
+    # Orthanc 1.10 + DICOMweb 1.7 (measured, docs/archive-behaviour.md): no percent-decoding, 200 [] for
+    # no match, no thumbnail, 400 for single-part application/dicom, fuzzymatching=true silently ignored,
+    # limit=0 = all.
     "orthanc": Profile("orthanc", decodes_query=False, zero_limit_means_all=True, fuzzy_matching=False,
                        thumbnail=False, single_part_instance=False),
     # dcm4chee-arc-light: limit 1..99999, 204 for no match, Warning on server caps [CODE].
