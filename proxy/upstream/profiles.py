@@ -29,11 +29,11 @@ PROFILES: dict[str, Profile] = {
     # limit=0 = all.
     "orthanc": Profile("orthanc", decodes_query=False, zero_limit_means_all=True, fuzzy_matching=False,
                        thumbnail=False, single_part_instance=False),
-    # dcm4chee-arc-light: limit 1..99999, 204 for no match, Warning on server caps [CODE].
+    # dcm4chee-arc-light: limit 1..99999, 204 for no match, Warning on server caps (from its source).
     "dcm4chee": Profile("dcm4chee", max_limit=99999, thumbnail=True, pixeldata=False),
-    # Google Cloud Healthcare: no thumbnail, single-part instance accepted [docs].
+    # Google Cloud Healthcare: no thumbnail, single-part instance accepted (its docs).
     "google": Profile("google", thumbnail=False, max_limit=5000),
-    # Azure / Microsoft DICOM service: limit 1..200, single-part frame accepted [docs].
+    # Azure / Microsoft DICOM service: limit 1..200, single-part frame accepted (its docs).
     "azure": Profile("azure", max_limit=200, thumbnail=False, single_part_frame=True),
     # Anything else that follows PS3.18: assume the standard and nothing more.
     "generic": Profile("generic", thumbnail=False),
