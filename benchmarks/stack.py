@@ -231,7 +231,7 @@ class Stack:
         wait_http(f"http://127.0.0.1:{self.proxy_port}/healthz", self.proxy, "proxy", self.proxy_log)
 
     def start_nginx(self) -> None:
-        """nginx (Appendix C config) serving the bodies Orthanc sent for each target."""
+        """nginx (NGINX_CONF) serving the bodies Orthanc sent for each target."""
         assert self.orthanc is not None
         ngx = self.workdir / "nginx"
         static = self.workdir / "static"

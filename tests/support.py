@@ -219,7 +219,7 @@ def split_multipart(body: bytes, content_type: str) -> tuple[str, list[tuple[lis
     """A strict multipart/related parser, independent of the proxy's: (boundary, [(headers, content)]).
 
     Header names are kept exactly as spelled. The body must start with the first delimiter (no
-    preamble, M-05) and end with the close delimiter (M-03).
+    preamble: client parsers find the boundary in the body) and end with the close delimiter.
     """
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     assert match, f"no boundary in {content_type!r}"

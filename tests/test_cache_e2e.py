@@ -1,4 +1,4 @@
-"""The frame cache against a real Orthanc (issue 4: tiers, keys, tee, safety; conformance W-10, C-02)."""
+"""The frame cache against a real Orthanc (issue 4: tiers, keys, tee, safety)."""
 
 import contextlib
 
@@ -76,7 +76,7 @@ def test_hits_need_no_archive_and_only_missing_frames_go_upstream(archive, data,
 
 
 def test_keys_name_the_transfer_syntax(archive, data, tmp_path):
-    """W-10: `*` is answered from the cached encoding, labelled truthfully; an explicit syntax only
+    """`*` is answered from the cached encoding, labelled truthfully; an explicit syntax only
     from an exact match (here the archive decodes JPEG to Explicit VR Little Endian)."""
     _, jpeg = data
     stored = list(generate_frames(jpeg.PixelData, number_of_frames=jpeg.NumberOfFrames))
@@ -463,7 +463,7 @@ def test_purge_a_study_through_the_admin_endpoint_and_the_command(archive, data,
 
 
 def test_metadata_is_cached_briefly_and_a_store_invalidates_it(archive, data, tmp_path):
-    """W-18: metadata changes as instances arrive; it is reused for a short TTL, bypassed by
+    """Metadata changes as instances arrive; it is reused for a short TTL, bypassed by
     `Cache-Control: no-cache`, and dropped by a store through the proxy."""
     from proxy.demo.synth import Study, ct_series
 

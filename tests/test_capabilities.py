@@ -1,4 +1,4 @@
-"""Retrieve Capabilities (C-01): OPTIONS on the service base URL describes what the proxy serves."""
+"""Retrieve Capabilities (PS3.18 §8.9): OPTIONS on the service base URL describes what the proxy serves."""
 
 import json
 import xml.etree.ElementTree as ET

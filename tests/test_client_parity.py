@@ -2,8 +2,8 @@
 
 Two clients, one on Orthanc A directly and one on the proxy in front of it. Every payload is compared with
 the direct one (URLs aside) or with the generated datasets. Where the direct call fails because of an
-Orthanc 1.7 quirk (real-stack.md §0.3, §6), the test asserts that failure too: it is what the proxy fixes.
-References: conformance J-07 (URL rewriting), W-09 (frames), W-05 (Accept), S-13 (STOW response).
+Orthanc 1.7 quirk (docs/archive-behaviour.md), the test asserts that failure too: it is what the proxy
+fixes.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _retrieve_urls(results):
     ("search_for_instances", ("ct_study", "ct_series")),
 ])
 def test_search_at_every_level_matches_direct(direct, via, proxy_a, demo_data, call, args):
-    """QIDO at all levels: the same results as Orthanc, RetrieveURLs (J-07) pointing at the proxy."""
+    """QIDO at all levels: the same results as Orthanc, RetrieveURLs pointing at the proxy."""
     uids = [demo_data.uids[a] for a in args]
     expected = getattr(direct, call)(*uids)
     got = getattr(via, call)(*uids)
@@ -97,8 +97,8 @@ def test_search_at_every_level_matches_direct(direct, via, proxy_a, demo_data, c
 
 
 def test_search_paging_and_fields_match_direct(direct, via):
-    """limit, offset and includefield reach the archive unchanged (Q-03, Q-06); paging to the end with
-    `get_remaining` stops on the proxy's 204 as it does on Orthanc's `200 []` (Q-08)."""
+    """limit, offset and includefield reach the archive unchanged; paging to the end with
+    `get_remaining` stops on the proxy's 204 as it does on Orthanc's `200 []`."""
     for kwargs in ({"limit": 1, "offset": 1}, {"fields": ["StudyDescription"]},
                    {"search_filters": {"StudyDate": "20230101-20241231"}}, {"limit": 1, "get_remaining": True}):
         expected = direct.search_for_studies(**kwargs)
@@ -108,7 +108,7 @@ def test_search_paging_and_fields_match_direct(direct, via):
 
 def test_wildcard_search_works_through_the_proxy_only(direct, via, demo_data):
     """dicomweb-client sends `PatientName=DOE%2A`; Orthanc does not percent-decode and finds nothing
-    (real-stack.md §0.3). The proxy decodes and re-sends the wildcard raw, so the study is found."""
+    (docs/archive-behaviour.md). The proxy decodes and re-sends the wildcard raw, so the study is found."""
     filters = {"PatientName": "DOE*"}
     assert direct.search_for_studies(search_filters=filters) == []
     found = via.search_for_studies(search_filters=filters)
@@ -159,7 +159,7 @@ def test_metadata_matches_direct_with_bulkdata_uris_at_the_proxy(direct, via, pr
 
 
 def test_frames_with_any_transfer_syntax_match_direct(direct, via, ct0):
-    """Frames with `transfer-syntax=*`: native frame bytes, the same as Orthanc's (W-09)."""
+    """Frames with `transfer-syntax=*`: native frame bytes, the same as Orthanc's."""
     got = via.retrieve_instance_frames(*_ids(ct0), frame_numbers=[1], media_types=OCTET_ANY)
     assert got == direct.retrieve_instance_frames(*_ids(ct0), frame_numbers=[1], media_types=OCTET_ANY)
     assert got == [ct0.PixelData]
@@ -167,7 +167,7 @@ def test_frames_with_any_transfer_syntax_match_direct(direct, via, ct0):
 
 def test_frames_with_default_media_types_work_through_the_proxy(direct, via, ct0):
     """dicomweb-client's default frames Accept is `multipart/related; type="*/*"`: Orthanc answers 400
-    (real-stack.md §6); the proxy negotiates it (W-05) and returns the native frame."""
+    (docs/archive-behaviour.md); the proxy negotiates it and returns the native frame."""
     with pytest.raises(requests.HTTPError) as failed:
         direct.retrieve_instance_frames(*_ids(ct0), frame_numbers=[1])
     assert failed.value.response.status_code == 400
@@ -186,7 +186,7 @@ def test_jpeg_frames_are_the_stored_fragments(direct, via, slide):
 
 def test_bulkdata_through_the_rewritten_uri(direct, via, proxy_a, ct0):
     """`retrieve_bulkdata(BulkDataURI)`: direct, Orthanc's URI has no port because dicomweb-client sends
-    `Host: 127.0.0.1` (real-stack.md §6) and the call fails; the proxy's URI works and gives PixelData."""
+    `Host: 127.0.0.1` (docs/archive-behaviour.md) and the call fails; the proxy's URI works and gives PixelData."""
     direct_uri = direct.retrieve_instance_metadata(*_ids(ct0))["7FE00010"]["BulkDataURI"]
     assert urlsplit(direct_uri).port is None
     direct.set_http_retry_params(retry=False)  # the failure is certain: do not back off five times
@@ -209,7 +209,7 @@ def test_rendered_instance_is_the_same_jpeg(direct, via, ct0):
 
 def test_store_through_the_proxy(direct, via, proxy_a, orthanc_a):
     """store_instances via the proxy: the archive has the instance byte for byte, it can be found and
-    retrieved directly, and the response's RetrieveURLs point at the proxy (S-11, S-13)."""
+    retrieved directly, and the response's RetrieveURLs point at the proxy."""
     study = Study(Patient("PARITY^STORE", "PID901"), accession="ACC901", description="STORED VIA PROXY")
     # Read back from Part 10 so that dcmwrite keeps the preamble (a fresh Dataset has none).
     ds = pydicom.dcmread(io.BytesIO(to_part10(next(ct_series(study, 1, rows=64, cols=64, seed=9)))))

@@ -1,4 +1,4 @@
-"""URL rewriting inside DICOM JSON (J-04, J-06, J-07)."""
+"""URL rewriting inside DICOM JSON: only the URLs change, at any depth; number text is kept."""
 
 import pytest
 
@@ -9,7 +9,7 @@ PROXY = "https://edge.example:8443/dicomweb"
 
 
 def test_only_urls_change_number_text_survives():
-    """J-04: `1.50` and `1E2` keep their text; J-07: nested BulkDataURIs are rewritten."""
+    """`1.50` and `1E2` keep their text; nested BulkDataURIs are rewritten."""
     body = (b'[{"00281053":{"vr":"DS","Value":[1.50, 1E2]},'
             b'"00400275":{"vr":"SQ","Value":[{"7FE00010":{"vr":"OW","BulkDataURI":'
             b'"http://127.0.0.1:8042/dicom-web/studies/1.2/series/3.4/instances/5.6/bulk/7fe00010"}}]},'

@@ -3,7 +3,9 @@
 Request errors go through `proxy_a` (the real Orthanc A). Archive failures use a proxy in front of a port
 with nothing listening, and one in front of the in-process sample archive with fault injection
 (`proxy.demo.archive`), configured with short per-archive timeouts from a TOML file.
-References: conformance §7 (error semantics), S-04/S-05 (STOW 415), M-07 (streaming).
+Expected: 404 for an unknown resource, 502/503/504 when an archive fails, 415 for a STOW body that is
+not multipart/related with a DICOM `type` (PS3.18 §10.5); a streamed body that breaks is cut, never
+ended cleanly.
 """
 
 from __future__ import annotations
@@ -87,19 +89,19 @@ def _problem(response, status):
     "/studies/1.2.3/series/1.2.3/instances/1.2.3/frames/2,0",
 ])
 def test_malformed_wado_path_is_400(client, proxy_a, path):
-    """W-01, §2.1: malformed UIDs and frame lists are refused at the door with a short reason."""
+    """Malformed UIDs and frame lists (PS3.18 §10.1.1) are refused at the door with a short reason."""
     _problem(client.get(proxy_a.dicomweb_url + path), 400)
 
 
 def test_unknown_study_is_404(client, proxy_a, demo_data):
-    """§7: an unknown (well-formed) study is 404 for retrieve and metadata."""
+    """An unknown (well-formed) study is 404 for retrieve and metadata."""
     unknown = "1.2.826.0.1.3680043.8.498.999999"
     for path in (f"/studies/{unknown}", f"/studies/{unknown}/metadata"):
         _problem(client.get(proxy_a.dicomweb_url + path), 404)
 
 
 def test_unreachable_archive_is_502(client, dead_proxy, demo_data):
-    """§7: an archive that refuses connections gives 502, naming the archive and echoing no UID."""
+    """An archive that refuses connections gives 502, naming the archive and echoing no UID."""
     study = demo_data.uids["ct_study"]
     for path in (f"/studies/{study}", f"/studies/{study}/metadata", "/studies?PatientName=DOE*"):
         response = client.get(dead_proxy.dicomweb_url + path)
@@ -154,7 +156,7 @@ def _read_all(client, url, accept):
 
 @pytest.mark.parametrize("fault", ["stall", "reset"])
 def test_broken_body_is_truncated_not_ended(client, faulty_proxy, faults, slice0, fault):
-    """M-07: a stall longer than `idle_read` or a reset of the archive's connection is never a clean but
+    """A stall longer than `idle_read` or a reset of the archive's connection is never a clean but
     short body: before the headers are out it is a 502/504, after that the client's body is cut."""
     ds = slice0
     for path, accept in ((f"/studies/{ds.StudyInstanceUID}", 'multipart/related; type="application/dicom"'),
@@ -181,7 +183,7 @@ def test_broken_body_is_truncated_not_ended(client, faulty_proxy, faults, slice0
 
 
 def test_archive_503_is_503(client, faulty_proxy, faults, slice0):
-    """§7: an unavailable archive is passed on as 503 with Retry-After (not cached, not a 502)."""
+    """An unavailable archive is passed on as 503 with Retry-After (not cached, not a 502)."""
     ds = slice0
     faults.status = 503
     for path in (instance_path(ds), f"/studies/{ds.StudyInstanceUID}/metadata", "/studies"):
@@ -196,7 +198,7 @@ def test_archive_503_is_503(client, faulty_proxy, faults, slice0):
     'multipart/related; type="application/json"; boundary=xyz',
 ])
 def test_stow_unsupported_media_type_is_415(client, proxy_a, orthanc_a, slice0, content_type):
-    """S-04, S-05: single-part application/dicom and multipart without (or with a wrong) `type` are 415;
+    """Single-part application/dicom and multipart without (or with a wrong) `type` are 415;
     nothing reaches the archive."""
     before = orthanc_a.count_instances()
     body = to_part10(slice0)

@@ -3,10 +3,10 @@
 One proxy (`--workers 2`, a cache directory, short timeouts) in front of the in-process sample archive
 (`proxy.demo.archive`); each case switches one fault on, makes one request, switches it off. For every
 case: the answer is a 502/503/504 with a short reason, or a 200 whose body is cut so that the client sees
-an error (M-07: never a complete-looking wrong body), within a deadline computed from the configured
+an error (never a complete-looking wrong body), within a deadline computed from the configured
 timeouts; the worker PIDs are the same afterwards (uvicorn's supervisor would have replaced a dead
 one); nothing the fault produced is served from the cache afterwards; and the proxy's open fds and its
-connections to the archive return to their baseline (polled). Conformance: §7 (errors), M-03/M-07.
+connections to the archive return to their baseline (polled).
 
 What "within its deadline" means for an endless body: a JSON body (metadata, search) is refused past
 `max_json_bytes` (502); a multipart body that never shows its boundary is refused after the preamble
@@ -72,7 +72,7 @@ FAULTS = [
     Fault("reset_mid_stream", _reset_half, (502,), True),
     Fault("truncated_multipart", _set(truncate_multipart=True), (502,), True, BINARY_KINDS),
     Fault("wrong_boundary", _set(wrong_boundary=True), (502,), False, BINARY_KINDS),
-    Fault("status_500", _set(status=500), (502,), False, JSON_KINDS),  # binary: Orthanc's 500 means 406, §0.4
+    Fault("status_500", _set(status=500), (502,), False, JSON_KINDS),  # binary: Orthanc's 500 can mean 406
     Fault("status_502", _set(status=502), (502,), False),
     Fault("status_503", _set(status=503), (503,), False),
     Fault("invalid_json", _set(invalid_json=True), (502,), False, JSON_KINDS),

@@ -1,4 +1,4 @@
-"""Federation against three real Orthanc archives behind one endpoint (conformance §3.4 F-01..F-06, Q-06).
+"""Federation against three real Orthanc archives behind one endpoint: merged, de-duplicated, paged search.
 
 A and B are the session archives (`demo_data`); C, started here, holds a copy of A's CT study, two
 studies of its own and one more series (OT) of the study split between A and B. Priorities: A 30

@@ -1,4 +1,4 @@
-"""Federation when archives misbehave: slow, garbage, failing, capped (conformance F-03, F-04, Q-06, §8).
+"""Federation when archives misbehave: slow, garbage, failing, capped (partial answers carry a Warning).
 
 Orthanc A is the healthy archive; the others are in-process sample archives (`proxy.demo.archive`)
 whose faults the tests switch on and off, each configured through a TOML file. The proxies probe
@@ -284,7 +284,7 @@ def test_recorded_archive_answers_merge(tmp_path, orthanc_a, client):
 
 
 class CappedDcm4chee:
-    """dcm4chee with qidoMaxNumberOfResults = 2: a longer page is cut, and only a Warning says so (§0 item 6)."""
+    """dcm4chee with qidoMaxNumberOfResults = 2: a longer page is cut, and only a Warning says so."""
 
     name, cap = "CAPPED", 2
 

@@ -1,4 +1,4 @@
-"""Limits (issue 7 point 6) and browser-facing behaviour (point 5: CORS on errors, preflight vs C-01).
+"""Limits (issue 7 point 6) and browser-facing behaviour (point 5: CORS on errors, preflight vs capabilities).
 
 One proxy with small limits in front of two sample archives; the test client comes from 127.0.0.1, a
 trusted hop, so each test names its own client with X-Forwarded-For and gets its own buckets.
@@ -164,7 +164,7 @@ def test_cors_on_error_responses(proxy):
 
 
 def test_preflight_is_told_apart_from_the_capabilities_request(proxy):
-    """C-01: OPTIONS on the service is the Retrieve Capabilities transaction; only an OPTIONS with
+    """OPTIONS on the service is the Retrieve Capabilities transaction (PS3.18 §8.9); only an OPTIONS with
     Access-Control-Request-Method is a CORS preflight."""
     pre = httpx.options(f"{proxy.dicomweb_url}/studies", trust_env=False,
                         headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})

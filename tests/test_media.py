@@ -1,4 +1,4 @@
-"""Accept parsing and negotiation (conformance W-04..W-08, G-02)."""
+"""Accept parsing and negotiation (RFC 7231 §5.3, PS3.18 §8.7)."""
 
 import pytest
 
@@ -14,20 +14,20 @@ from proxy.formats.media import (
 
 
 def test_quoted_and_unquoted_type_are_the_same():
-    """G-02: type="application/dicom" and type=application/dicom are equivalent."""
+    """type="application/dicom" and type=application/dicom are equivalent (PS3.18 §8.7)."""
     a = negotiate('multipart/related; type="application/dicom"; transfer-syntax=*', Resource.INSTANCES)
     b = negotiate("multipart/related; type=application/dicom; transfer-syntax=*", Resource.INSTANCES)
     assert a == b and a.multipart and a.transfer_syntax == "*"
 
 
 def test_cornerstone_unquoted_frames_accept():
-    """W-05: cornerstone's unquoted string."""
+    """cornerstone's unquoted string."""
     sel = negotiate("multipart/related; type=application/octet-stream; transfer-syntax=*", Resource.FRAMES)
     assert (sel.multipart, sel.media_type, sel.transfer_syntax) == (True, "application/octet-stream", "*")
 
 
 def test_ohif_combined_metadata_accept():
-    """W-05: OHIF's combined Accept on metadata picks JSON."""
+    """OHIF's combined Accept on metadata picks JSON."""
     sel = negotiate("application/dicom+json, multipart/related; type=application/octet-stream; transfer-syntax=*",
                     Resource.JSON)
     assert sel.media_type == "application/dicom+json"
@@ -42,11 +42,11 @@ def test_q_values_order_and_q_zero_excludes():
 def test_quoted_comma_does_not_split_ranges():
     ranges = parse_accept('multipart/related; type="image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.70", */*;q=0.1')
     assert len(ranges) == 2
-    assert ranges[0].transfer_syntax == "1.2.840.10008.1.2.4.70"  # Orthanc-style ts inside type (M-01)
+    assert ranges[0].transfer_syntax == "1.2.840.10008.1.2.4.70"  # Orthanc-style ts inside type
 
 
 def test_wildcards_give_the_resource_default():
-    """W-09: no Accept or */* means Explicit VR Little Endian."""
+    """No Accept or */* means uncompressed frames, Explicit VR Little Endian (PS3.18 §8.7.3)."""
     for accept in (None, "", "*/*", "multipart/related", 'multipart/related; type="*/*"'):
         sel = negotiate(accept, Resource.FRAMES)
         assert (sel.media_type, sel.transfer_syntax) == ("application/octet-stream", EXPLICIT_VR_LE)
@@ -58,7 +58,7 @@ def test_image_type_wildcard_and_default_ts():
 
 
 def test_single_part_only_for_single_items():
-    """W-04: single-part media types only where one item is returned."""
+    """Single-part media types only where one item is returned (PS3.18 §10.4.4)."""
     assert not negotiate("application/dicom", Resource.INSTANCE, single_item=True).multipart
     with pytest.raises(NotAcceptable):
         negotiate("application/dicom", Resource.INSTANCES)
@@ -67,7 +67,7 @@ def test_single_part_only_for_single_items():
 
 
 def test_nothing_acceptable_is_406():
-    """W-07."""
+    """Nothing acceptable is the proxy's own 406, never a 400."""
     with pytest.raises(NotAcceptable):
         negotiate("text/html", Resource.FRAMES)
     with pytest.raises(NotAcceptable):

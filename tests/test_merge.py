@@ -1,4 +1,4 @@
-"""Merging search results from several archives (F-01..F-03, J-04)."""
+"""Merging search results from several archives: de-duplication, order, paging; number text is kept."""
 
 from proxy.federation.merge import dumps, loads, merge, order, page
 

@@ -1,4 +1,4 @@
-"""The streaming multipart reader and writer (M-02, M-03, M-05)."""
+"""The streaming multipart reader and writer (RFC 2046 §5.1: boundary, delimiters, preamble)."""
 
 import random
 
@@ -47,7 +47,7 @@ def test_any_chunking_gives_the_same_parts(seed):
 
 
 def test_preamble_crlf_and_padding_tolerated():
-    """M-03: dicomweb-client starts STOW bodies with CRLF; transport padding after a delimiter."""
+    """dicomweb-client starts STOW bodies with CRLF; transport padding may follow a delimiter."""
     body = b"\r\n--B  \r\nContent-Type: a/b\r\n\r\nhello\r\n--B--\r\n"
     assert _parse(body, "B", [len(body)])[0] == [b"hello"]
 
@@ -75,7 +75,7 @@ def test_large_chunks_pass_through_without_copy():
 
 
 def test_writer_spelling_and_boundary():
-    """M-02/M-05: random boundary, exact 'Content-Type:' spelling, no preamble."""
+    """Random boundary, exact 'Content-Type:' spelling (cornerstone matches it case-sensitively), no preamble."""
     w1, w2 = MultipartWriter(), MultipartWriter()
     assert w1.boundary != w2.boundary and len(w1.boundary) >= 32 and w1.boundary.isalnum()
     first = w1.part("application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1", "http://x/frames/1", 4)

@@ -1,6 +1,6 @@
-"""Accept negotiation and multipart framing through the proxy, against the real Orthanc (W-04..W-14, M-01..M-07).
+"""Accept negotiation and multipart framing through the proxy, against the real Orthanc.
 
-The proxy negotiates itself and sends Orthanc one media range it is known to accept (W-08), then re-frames
+The proxy negotiates itself and sends Orthanc one media range it is known to accept, then re-frames
 the answer under its own boundary with truthful part headers. Expectations come from Orthanc directly
 (its stored files) or from the generated datasets.
 """
@@ -53,7 +53,7 @@ def _proxy_problem(response, status):
 
 
 def _header(headers, name):
-    values = [v for k, v in headers if k == name]  # exact spelling, as cornerstone matches it (M-05)
+    values = [v for k, v in headers if k == name]  # exact spelling, as cornerstone matches it
     assert len(values) == 1, f"{name!r} in {headers}"
     return values[0]
 
@@ -61,12 +61,12 @@ def _header(headers, name):
 @pytest.mark.parametrize("what, accept", [
     ("frames", "text/html"),
     ("series", "image/png"),
-    ("study", "application/dicom"),  # single-part type on a multi-instance resource (W-04)
+    ("study", "application/dicom"),  # single-part type on a multi-instance resource: 406 (PS3.18 §10.4.4)
     ("frames", 'multipart/related; type="application/dicom"'),
     ("frames", 'multipart/related; type="image/jpeg"; transfer-syntax=*'),
 ])
 def test_nothing_acceptable_is_406_from_the_proxy(client, proxy_a, ct0, what, accept):
-    """W-04, W-07: the proxy answers 406 itself, where Orthanc would say 400 or transcode."""
+    """Nothing acceptable: the proxy answers 406 itself, where Orthanc would say 400 or transcode."""
     url = proxy_a.dicomweb_url + {
         "frames": instance_path(ct0) + "/frames/1",
         "series": f"/studies/{ct0.StudyInstanceUID}/series/{ct0.SeriesInstanceUID}",
@@ -77,7 +77,7 @@ def test_nothing_acceptable_is_406_from_the_proxy(client, proxy_a, ct0, what, ac
 
 
 def test_accept_query_parameter_overrides_the_header(client, proxy_a, ct0):
-    """W-06: `accept=` wins over the Accept header, in both directions."""
+    """`accept=` wins over the Accept header (PS3.18 §8.7.8.1), in both directions."""
     url = proxy_a.dicomweb_url + instance_path(ct0) + "/frames/1"
     ok = client.get(url, params={"accept": "application/octet-stream"}, headers={"Accept": "text/html"})
     assert ok.status_code == 200
@@ -87,8 +87,8 @@ def test_accept_query_parameter_overrides_the_header(client, proxy_a, ct0):
 
 
 def test_single_part_dicom_instance_is_the_stored_file(client, proxy_a, orthanc_a, ct0, slide):
-    """W-04: single-part `application/dicom` on an instance. Orthanc 400s on it; the proxy answers with
-    exactly the Part-10 bytes Orthanc holds, labelled with their transfer syntax."""
+    """Single-part `application/dicom` on an instance (PS3.18 allows it there). Orthanc 400s on it; the
+    proxy answers with exactly the Part-10 bytes Orthanc holds, labelled with their transfer syntax."""
     direct = client.get(orthanc_a.dicomweb_url + instance_path(ct0), headers={"Accept": "application/dicom"})
     assert direct.status_code == 400
     response = client.get(proxy_a.dicomweb_url + instance_path(ct0), headers={"Accept": "application/dicom"})
@@ -103,18 +103,18 @@ def test_single_part_dicom_instance_is_the_stored_file(client, proxy_a, orthanc_
 
 
 def test_single_part_octet_stream_for_one_frame(client, proxy_a, orthanc_a, ct0):
-    """W-09, §2.2: single-part `application/octet-stream` for one frame (Orthanc insists on multipart)."""
+    """Single-part `application/octet-stream` for one frame, EVLE by default (Orthanc insists on multipart)."""
     path = instance_path(ct0) + "/frames/1"
     assert client.get(orthanc_a.dicomweb_url + path, headers={"Accept": "application/octet-stream"}).status_code == 400
     response = client.get(proxy_a.dicomweb_url + path, headers={"Accept": "application/octet-stream"})
     assert response.status_code == 200
     assert response.headers["content-type"] == f"application/octet-stream; transfer-syntax={EVLE}"
-    assert "Accept" in response.headers["vary"]  # W-08
+    assert "Accept" in response.headers["vary"]  # the answer depends on Accept
     assert response.content == ct0.PixelData
 
 
 def test_cornerstone_unquoted_accept(client, proxy_a, ct0, slide, fragments):
-    """W-05, M-05: cornerstone's unquoted Accept. It reads the first part only, finds `Content-Type:` by a
+    """cornerstone's unquoted Accept. It reads the first part only, finds `Content-Type:` by a
     case-sensitive prefix and takes the transfer syntax from it; without one it assumes raw bytes."""
     for ds, ts, payload in ((ct0, EVLE, ct0.PixelData), (slide, JPEG_BASELINE, fragments[0])):
         response = client.get(proxy_a.dicomweb_url + instance_path(ds) + "/frames/1", headers={"Accept": CORNERSTONE})
@@ -132,7 +132,7 @@ def test_cornerstone_unquoted_accept(client, proxy_a, ct0, slide, fragments):
 
 
 def test_frame_list_keeps_order_with_proxy_content_locations(client, proxy_a, slide, fragments):
-    """W-01, W-11, M-04, J-07: `frames/3,1` gives frame 3 then frame 1, each with its own Content-Location
+    """`frames/3,1` gives frame 3 then frame 1, each with its own Content-Location
     under the proxy's URL; `%2C` is the same list."""
     base = proxy_a.dicomweb_url + instance_path(slide) + "/frames/"
     for frames in ("3,1", "3%2C1"):
@@ -144,7 +144,7 @@ def test_frame_list_keeps_order_with_proxy_content_locations(client, proxy_a, sl
 
 
 def test_reframed_under_the_proxys_own_boundary(client, proxy_a, orthanc_a, slide):
-    """M-01, M-02, M-05, M-06: the proxy writes new framing: its own boundary (Orthanc's are two UUIDs), a
+    """The proxy writes new framing: its own boundary (Orthanc's are two UUIDs), a
     well-formed outer type (Orthanc hides the transfer syntax inside `type`), and part headers spelled
     exactly `Content-Type:` with `transfer-syntax=`."""
     path = instance_path(slide) + "/frames/1,2"
@@ -167,7 +167,7 @@ def test_reframed_under_the_proxys_own_boundary(client, proxy_a, orthanc_a, slid
 
 
 def test_instance_parts_are_labelled_with_the_stored_transfer_syntax(client, proxy_a, orthanc_a, slide):
-    """M-04, §8.7.9: Orthanc labels instance parts plain `application/dicom`; the proxy labels each part
+    """PS3.18 §8.7.9: Orthanc labels instance parts plain `application/dicom`; the proxy labels each part
     with the File Meta transfer syntax: the stored one for `transfer-syntax=*`, EVLE by default."""
     url = instance_path(slide)
     direct = client.get(orthanc_a.dicomweb_url + url, headers={"Accept": DICOM_ANY})
@@ -187,7 +187,7 @@ def test_instance_parts_are_labelled_with_the_stored_transfer_syntax(client, pro
 
 
 def test_q_values_are_honoured(client, proxy_a, orthanc_a, slide):
-    """W-05: the higher q wins even when listed first (Orthanc ignores q and takes the last range)."""
+    """The higher q wins even when listed first (Orthanc ignores q and takes the last range)."""
     accept = (f'multipart/related; type="application/octet-stream"; q=0.9, '
               f'multipart/related; type="image/jpeg"; transfer-syntax={JPEG_BASELINE}; q=0.5')
     response = client.get(proxy_a.dicomweb_url + instance_path(slide) + "/frames/1", headers={"Accept": accept})
@@ -199,7 +199,7 @@ def test_q_values_are_honoured(client, proxy_a, orthanc_a, slide):
 
 
 def test_bulkdata_part_location_is_the_metadata_uri(client, proxy_a, ct0):
-    """W-03, W-12, M-04: the BulkDataURI from the proxy's metadata serves PixelData, and the part's
+    """The BulkDataURI from the proxy's metadata serves PixelData, and the part's
     Content-Location is that URI."""
     metadata = client.get(proxy_a.dicomweb_url + instance_path(ct0) + "/metadata").json()
     uri = metadata[0]["7FE00010"]["BulkDataURI"]

@@ -48,7 +48,7 @@ def test_readyz_fails_when_no_archive_answers(tmp_path):
 
 
 def test_series_pixeldata_is_every_slice(proxy_a, demo_data):
-    """Annex H pixeldata, composed: one part per instance, Content-Location at the proxy (W-12)."""
+    """Annex H pixeldata, composed: one part per instance, each Content-Location at the proxy."""
     ct = [ds for ds in demo_data.archive_a if ds.StudyInstanceUID == demo_data.uids["ct_study"]]
     url = f"{proxy_a.dicomweb_url}/studies/{ct[0].StudyInstanceUID}/series/{ct[0].SeriesInstanceUID}/pixeldata"
     r = httpx.get(url, trust_env=False, timeout=30)

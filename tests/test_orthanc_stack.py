@@ -1,8 +1,8 @@
 """Facts about the real upstream (Orthanc 1.10.1 + DICOMweb plugin 1.7) that the proxy design relies on.
 
 These talk to Orthanc directly, without the proxy. If one starts failing after an Orthanc upgrade, the
-proxy's quirks profile for Orthanc must change with it. References: docs/real-stack.md (§0, §5) and
-docs/dicomweb-conformance.md (§0, §8.1, IDs such as Q-08, M-07, W-20, J-07).
+proxy's quirks profile for Orthanc must change with it. docs/archive-behaviour.md writes each fact up,
+with the proxy code that relies on it.
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ def _studies(client: httpx.Client, orthanc, query: str) -> httpx.Response:
 
 
 def test_query_string_is_not_percent_decoded(client, orthanc_a, demo_data):
-    """real-stack.md §0.3, conformance §8.1 (Orthanc) and F-05: Orthanc 1.10.1 matches the raw query
-    bytes. `DOE*` is a wildcard, `DOE%2A` is taken literally and matches nothing, so the proxy must
-    forward query strings byte-for-byte (or re-emit `*` unencoded), never re-encode them."""
+    """Orthanc 1.10.1 does not percent-decode query values: it matches the raw query bytes. `DOE*` is a
+    wildcard, `DOE%2A` is taken literally and matches nothing, so the proxy must forward query strings
+    byte-for-byte (or re-emit `*` unencoded), never re-encode them."""
     raw = _studies(client, orthanc_a, "PatientName=DOE*").json()
     assert [s["0020000D"]["Value"][0] for s in raw] == [demo_data.uids["ct_study"]]
     assert _studies(client, orthanc_a, "PatientName=DOE%2A").json() == []
 
 
 def test_multipart_series_retrieve_ends_at_eof(client, orthanc_a, demo_data):
-    """real-stack.md §0.5 and §5 (Response framing), conformance M-03/M-07: a retrieve with more than one
-    part is sent with `Connection: close`, no Content-Length and no chunked encoding; the body ends at
-    EOF. The proxy's upstream reader must accept EOF as the end of the body."""
+    """A retrieve with more than one part is sent with `Connection: close`, no Content-Length and no
+    chunked encoding; the body ends at EOF. The proxy's upstream reader must accept EOF as the end of
+    the body."""
     study, series = demo_data.uids["ct_study"], demo_data.uids["ct_series"]
     expected = sum(1 for ds in demo_data.archive_a if ds.SeriesInstanceUID == series)
     response = client.get(f"{orthanc_a.dicomweb_url}/studies/{study}/series/{series}",
@@ -61,8 +61,8 @@ def test_multipart_series_retrieve_ends_at_eof(client, orthanc_a, demo_data):
 
 
 def test_single_part_retrieve_has_content_length(client, orthanc_a, demo_data):
-    """real-stack.md §0.5: the counterpart of the test above. One part is buffered and sent with
-    Content-Length and keep-alive (`Keep-Alive: timeout=1`)."""
+    """The counterpart of the test above: one part is buffered and sent with Content-Length and
+    keep-alive (`Keep-Alive: timeout=1`)."""
     ds = demo_data.archive_a[0]
     url = (f"{orthanc_a.dicomweb_url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
            f"/instances/{ds.SOPInstanceUID}")
@@ -73,8 +73,7 @@ def test_single_part_retrieve_has_content_length(client, orthanc_a, demo_data):
 
 
 def test_empty_qido_is_200_with_empty_array(client, orthanc_a):
-    """real-stack.md §5 (QIDO-RS), conformance §0.5 and Q-08: no matches is `200 []`, never 204,
-    and there is no Warning header."""
+    """No matches is `200 []`, never the 204 of PS3.18 §8.3.4.4.1, and there is no Warning header."""
     response = _studies(client, orthanc_a, "PatientName=NOBODY*")
     assert response.headers["content-type"].startswith("application/dicom+json")
     assert response.json() == []
@@ -83,8 +82,8 @@ def test_empty_qido_is_200_with_empty_array(client, orthanc_a):
 
 @pytest.mark.parametrize("level", ["study", "instance"])
 def test_no_thumbnail(client, orthanc_a, demo_data, level):
-    """real-stack.md §0.7 and §5 (Rendered, thumbnail, bulkdata), conformance W-20 and §8.1: Orthanc 1.7
-    has no `/thumbnail` route (404); a proxy has to synthesise it from `/rendered`."""
+    """The DICOMweb plugin 1.7 has no `/thumbnail` route (404); a proxy has to synthesise it from
+    `/rendered`."""
     ds = demo_data.archive_a[0]
     url = f"{orthanc_a.dicomweb_url}/studies/{ds.StudyInstanceUID}"
     if level == "instance":
@@ -99,9 +98,9 @@ def test_no_thumbnail(client, orthanc_a, demo_data, level):
     ({"Forwarded": "host=proxy.example:9000;proto=https"}, "https://proxy.example:9000"),
 ], ids=["no-header", "host", "x-forwarded-ignored", "forwarded"])
 def test_bulkdata_uri_is_absolute_and_built_from_host(client, orthanc_a, demo_data, headers, origin):
-    """real-stack.md §0.6 and §5 (Metadata), conformance J-07 and §8.1: BulkDataURI is an absolute URL
-    built from the request's Host header (or RFC 7239 `Forwarded`; `X-Forwarded-*` is ignored), always
-    under Orthanc's own `/dicom-web` root. The proxy must rewrite it (or send a Host it can rewrite)."""
+    """BulkDataURI is an absolute URL built from the request's Host header (or RFC 7239 `Forwarded`;
+    `X-Forwarded-*` is ignored), always under Orthanc's own `/dicom-web` root. The proxy must rewrite it
+    (or send a Host it can rewrite)."""
     ds = demo_data.archive_a[0]
     path = (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
             f"/instances/{ds.SOPInstanceUID}")

@@ -1,5 +1,5 @@
-"""Quirks profiles: what one representative query becomes for each kind of archive (conformance §8,
-F-05), and which recorded search answers mean "no matches" (§0 item 5, Q-07)."""
+"""Quirks profiles: what one representative query becomes for each kind of archive, and which recorded
+search answers mean "no matches" (204, `200 []` and an empty body all do)."""
 
 import json
 from pathlib import Path

@@ -1,8 +1,8 @@
 """Property tests (hypothesis, issue 7 point 9): the Accept parser, the multipart reader and writer, and
 the DICOM JSON URL rewriter, over generated input. Deterministic (`derandomize`), a few seconds in all.
 
-References: §2.3 (Accept, RFC 7231 §5.3), M-01..M-05 (multipart framing), F-06 and Annex F.2 (URLs in
-DICOM JSON; numbers such as 1.50 must pass through as written).
+References: RFC 7231 §5.3 and PS3.18 §8.7 (Accept), RFC 2046 §5.1 (multipart framing), PS3.18 Annex F.2
+(DICOM JSON: every URL points at the proxy; numbers such as 1.50 must pass through as written).
 """
 
 from __future__ import annotations

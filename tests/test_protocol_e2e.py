@@ -102,7 +102,7 @@ def test_connection_close_is_honoured(proxy, native):
 
 
 def test_forwarded_base_url_is_followed(proxy, native):
-    """A trusted hop's X-Forwarded-Host/Proto name the base URL of the parts' Content-Location (J-07), in
+    """A trusted hop's X-Forwarded-Host/Proto name the base URL of the parts' Content-Location, in
     the cache phase and on the routed path alike, also when the hop relays a client from elsewhere
     (X-Forwarded-For): the proxy judges forwarding headers by `trusted_proxies`, not uvicorn."""
     warm(proxy, native, "1")

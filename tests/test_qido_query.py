@@ -1,4 +1,4 @@
-"""QIDO query validation and translation per archive profile (Q-01..Q-06, real-stack §0.3)."""
+"""QIDO query validation and translation per archive profile (Orthanc takes values raw, no percent-decoding)."""
 
 import pytest
 
@@ -22,7 +22,7 @@ def test_characters_orthanc_cannot_receive_become_single_wildcards():
 
 
 def test_backslash_uid_list_becomes_commas():
-    """Q-01: OHIF joins UIDs with a backslash."""
+    """OHIF joins UIDs with a backslash; PS3.18 uses commas."""
     q = parse_query("StudyInstanceUID=1.2.3%5C4.5.6")
     assert translate(q, ORTHANC) == "StudyInstanceUID=1.2.3,4.5.6"
 

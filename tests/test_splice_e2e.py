@@ -1,10 +1,10 @@
 """Payloads relayed archive → client with splice(2) (proxy/upstream/splice.py), without a frame cache.
 
 Against a real Orthanc (its parts carry a Content-Length, so the proxy relays them): what the client
-gets is the archive's payloads, under our framing (M-01..M-05), and the relayed-bytes counter shows they
-did not pass through Python. Against the sample archive, for the faults a real one cannot make on demand:
-an archive that resets or stalls inside a relayed part cuts the response (M-07) and is counted, a client
-that goes away or stops reading mid-relay frees everything, and none of it leaks descriptors.
+gets is the archive's payloads, under our framing, and the relayed-bytes counter shows they did not
+pass through Python. Against the sample archive, for the faults a real one cannot make on demand: an
+archive that resets or stalls inside a relayed part cuts the response and is counted, a client that
+goes away or stops reading mid-relay frees everything, and none of it leaks descriptors.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _read_cut(url: str, accept: str) -> tuple[int, bool, int]:
 
 
 def test_series_is_relayed_whole_with_truthful_part_headers(proxy, orthanc, slices):
-    """M-01..M-05 with the payloads spliced: the same instances as Orthanc's own answer, each part labelled
+    """Our framing with the payloads spliced: the same instances as Orthanc's own answer, each part labelled
     with its transfer syntax, and nearly all bytes counted as relayed (only each part's first read window,
     which holds its headers and File Meta, passes through Python)."""
     before = _relayed(proxy, "orthanc")
@@ -185,7 +185,7 @@ def test_single_frame_is_relayed_under_its_content_length(proxy, orthanc, sample
 
 
 def test_single_part_answers_are_relayed_too(proxy, orthanc, sample, single, slices, faults):
-    """W-08: an instance asked single-part comes whole, both when the proxy unwraps it from a multipart
+    """An instance asked single-part comes whole, both when the proxy unwraps it from a multipart
     answer (Orthanc, the sample archive) and when the archive answers single-part itself (passed through
     with its Content-Length); all of it but the first read window is relayed."""
     ds = slices[5]
@@ -211,7 +211,7 @@ def test_single_part_answers_are_relayed_too(proxy, orthanc, sample, single, sli
 
 
 def test_parts_without_a_length_come_whole_and_are_not_relayed(proxy, sample, slices, faults):
-    """An archive whose parts declare no Content-Length (their ends found by the boundary, M-03): the
+    """An archive whose parts declare no Content-Length (their ends found by the boundary): the
     series comes whole under our framing, nothing is relayed, and the window the connection started with
     (a retrieve nothing caches) does not hold the reads to 8 KB at a time (test_transport checks that)."""
     url = _base(proxy, "sample") + _series_path(slices)
@@ -244,7 +244,7 @@ def test_client_that_goes_away_mid_relay_leaks_nothing(proxy, orthanc, slices):
 
 
 def test_archive_reset_inside_a_relayed_part_cuts_the_response(proxy, sample, slices, faults):
-    """M-07: the archive drops the connection in the middle of a spliced part: the client's body is cut
+    """The archive drops the connection in the middle of a spliced part: the client's body is cut
     (never complete-looking), the failure is logged and counted, and the next request is whole."""
     url = _base(proxy, "sample") + _series_path(slices)
     ok = httpx.get(url, headers={"Accept": SERIES_ACCEPT}, trust_env=False, timeout=60)
@@ -286,7 +286,7 @@ def test_archive_stall_inside_a_relayed_part_is_cut_after_idle_read(proxy, sampl
 
 
 def test_archive_part_longer_than_declared_cuts_the_response(proxy, sample, slices, faults):
-    """M-07: a part with more bytes than its Content-Length said, found while the server chains relays:
+    """A part with more bytes than its Content-Length said, found while the server chains relays:
     the response is cut (never complete-looking), as the ordinary path does, not a server error."""
     url = _base(proxy, "sample") + _series_path(slices)
     faults.short_part_length = True

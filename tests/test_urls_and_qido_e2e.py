@@ -1,4 +1,4 @@
-"""URLs in payloads (J-07), number text (J-04) and QIDO query handling (Q-01..Q-08), through the proxy.
+"""URLs in payloads, number text and QIDO query handling (PS3.18 §8.3.4), through the proxy.
 
 Upstream is the real Orthanc A. Expected results come from Orthanc directly or from the generated data.
 """
@@ -81,7 +81,7 @@ def _urls(client, base, headers, ct0, nested):
 
 @pytest.mark.parametrize("scenario", ["plain", "public-url", "forwarded", "host-without-port"])
 def test_every_url_points_at_the_proxy(request, client, proxy_a, demo_data, nested, scenario):
-    """J-07: RetrieveURL, BulkDataURI at any depth and Content-Location use the proxy's external base:
+    """RetrieveURL, BulkDataURI at any depth and Content-Location use the proxy's external base:
     the request's own host and port; `--public-url` when configured (it wins over headers); a trusted
     (loopback) `Forwarded: host=...;proto=...`; and the real port when `Host` has none (dicomweb-client)."""
     proxy, headers = proxy_a, {}
@@ -100,7 +100,7 @@ def test_every_url_points_at_the_proxy(request, client, proxy_a, demo_data, nest
 
 
 def test_nested_bulkdata_uri_serves_the_item_value(client, proxy_a, nested):
-    """W-03, J-06: the rewritten BulkDataURI of the sequence item's PixelData serves that value."""
+    """The rewritten BulkDataURI of the sequence item's PixelData serves that value."""
     metadata = client.get(proxy_a.dicomweb_url + instance_path(nested) + "/metadata").json()
     uri = metadata[0]["00880200"]["Value"][0]["7FE00010"]["BulkDataURI"]
     response = client.get(uri, headers={"Accept": "application/octet-stream"})
@@ -109,7 +109,7 @@ def test_nested_bulkdata_uri_serves_the_item_value(client, proxy_a, nested):
 
 
 def test_metadata_number_text_is_untouched(client, proxy_a, orthanc_a, demo_data):
-    """J-04: the proxy never re-serialises JSON. Slice 0's RescaleSlope is DS "1.50"; whatever number text
+    """The proxy never re-serialises JSON. Slice 0's RescaleSlope is DS "1.50"; whatever number text
     Orthanc sends for it, the proxy sends the same, and the bodies are equal once the base URLs are."""
     ct0 = demo_data.archive_a[0]
     assert ct0.RescaleSlope.original_string == "1.50"
@@ -128,8 +128,8 @@ def _study_uids(response):
 
 
 def test_backslash_uid_list(client, proxy_a, orthanc_a, demo_data):
-    """Q-01: OHIF joins StudyInstanceUIDs with a backslash; Orthanc finds nothing for that, the proxy
-    sends a comma list and both studies come back."""
+    """OHIF joins StudyInstanceUIDs with a backslash (PS3.18 wants commas); Orthanc finds nothing for
+    that, the proxy sends a comma list and both studies come back."""
     wanted = {demo_data.uids["ct_study"], demo_data.uids["slide_study"]}
     params = {"StudyInstanceUID": "\\".join(sorted(wanted))}
     assert client.get(orthanc_a.dicomweb_url + "/studies", params=params).json() == []
@@ -143,14 +143,14 @@ def test_backslash_uid_list(client, proxy_a, orthanc_a, demo_data):
     ("StudyDescription=SHARED+STUDY", "split_study"),
 ])
 def test_percent_encoded_values_match(client, proxy_a, orthanc_a, demo_data, query, study):
-    """real-stack.md §0.3, Q-02: Orthanc does not percent-decode (0 matches direct); the proxy decodes and
-    re-sends the value in a form Orthanc matches."""
+    """Orthanc does not percent-decode (0 matches direct); the proxy decodes and re-sends the value in a
+    form Orthanc matches."""
     assert client.get(f"{orthanc_a.dicomweb_url}/studies?{query}").json() == []
     assert _study_uids(client.get(f"{proxy_a.dicomweb_url}/studies?{query}")) == [demo_data.uids[study]]
 
 
 def test_no_match_is_204(client, proxy_a):
-    """Q-08, conformance §0.5: no matches is 204 with an empty body (Orthanc says `200 []`)."""
+    """No matches is 204 with an empty body (PS3.18 §8.3.4.4.1; Orthanc says `200 []`)."""
     response = client.get(proxy_a.dicomweb_url + "/studies", params={"PatientName": "NOBODY*"})
     assert response.status_code == 204
     assert response.content == b""
@@ -163,7 +163,7 @@ def test_no_match_is_204(client, proxy_a):
     ("/instances", "limit=3&offset=2"),
 ])
 def test_limit_and_offset_are_passed_on(client, proxy_a, orthanc_a, path, query):
-    """Q-06: the page is the archive's page for the same limit and offset."""
+    """The page is the archive's page for the same limit and offset."""
     direct = client.get(f"{orthanc_a.dicomweb_url}{path}?{query}").json()
     assert direct
     via = client.get(f"{proxy_a.dicomweb_url}{path}?{query}")
@@ -173,7 +173,7 @@ def test_limit_and_offset_are_passed_on(client, proxy_a, orthanc_a, path, query)
 
 
 def test_fuzzymatching_true_gives_the_standard_warning(client, proxy_a, demo_data):
-    """Q-04: Orthanc ignores fuzzymatching=true silently; the proxy says so with the standard Warning."""
+    """Orthanc ignores fuzzymatching=true silently; the proxy says so with the Warning of PS3.18 §8.3.4.2."""
     url = proxy_a.dicomweb_url + "/studies"
     fuzzy = client.get(url, params={"PatientName": "DOE*", "fuzzymatching": "true"})
     assert _study_uids(fuzzy) == [demo_data.uids["ct_study"]]
@@ -187,7 +187,7 @@ def test_fuzzymatching_true_gives_the_standard_warning(client, proxy_a, demo_dat
 @pytest.mark.parametrize("query", ["limit=abc", "offset=-1", "StudyInstanceUID=1.2.x", "StudyDate=2024",
                                    "Bogus=1", "fuzzymatching=maybe", "includefield=NotAnAttribute"])
 def test_malformed_query_is_400_with_a_short_reason(client, proxy_a, query):
-    """Q-01..Q-06: the proxy validates the query; Orthanc would ignore some of these and answer 200."""
+    """The proxy validates the query; Orthanc would ignore some of these and answer 200."""
     response = client.get(f"{proxy_a.dicomweb_url}/studies?{query}")
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/json"
@@ -196,14 +196,14 @@ def test_malformed_query_is_400_with_a_short_reason(client, proxy_a, query):
 
 
 def test_qido_xml_is_406(client, proxy_a):
-    """Q-07: the proxy offers search results as JSON only; `application/dicom+xml` alone is 406."""
+    """The proxy offers search results as JSON only; `application/dicom+xml` alone is 406."""
     response = client.get(proxy_a.dicomweb_url + "/studies", headers={"Accept": "application/dicom+xml"})
     assert response.status_code == 406
     assert response.json()["status"] == 406
 
 
 def test_search_levels_for_the_slide(client, proxy_a, demo_data):
-    """Q-10: series and instance searches under a study give that study's UIDs."""
+    """Series and instance searches under a study give that study's UIDs."""
     slide = next(ds for ds in demo_data.archive_a if ds.SOPClassUID == VL_WSM)
     base = f"{proxy_a.dicomweb_url}/studies/{slide.StudyInstanceUID}"
     series = client.get(base + "/series").json()

@@ -127,7 +127,7 @@ def ct_series(study: Study, n_slices: int = 20, rows: int = 512, cols: int = 512
         ds.PixelSpacing = [0.9765625, 0.9765625]
         _grayscale16(ds, rows, cols)
         ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1.50" if i == 0 else "1"  # a DS whose text must survive a proxy (J-04)
+        ds.RescaleSlope = "1.50" if i == 0 else "1"  # a DS whose text must survive a proxy unchanged
         ds.WindowCenter = "40"
         ds.WindowWidth = "400"
         pixels = phantom(rows, cols, i, rng)

@@ -1,4 +1,4 @@
-"""Retrieve Capabilities (PS3.18 §8.9, conformance C-01): `OPTIONS` on the service base URL.
+"""Retrieve Capabilities (PS3.18 §8.9, Annex H): `OPTIONS` on the service base URL.
 
 The answer describes what this proxy serves (every route of routes.py, with its methods and media types),
 at the proxy's external base URL, as WADL (`application/vnd.sun.wadl+xml`, the default) or as JSON for

@@ -2,7 +2,8 @@
 
 Both are built from the resource's metadata: the bulk data URIs it lists (or, for compressed pixel
 data that Orthanc leaves out of metadata, the instance's frames), fetched one after another and
-streamed as parts under one boundary, each with a `Content-Location` that points at the proxy (W-12).
+streamed as parts under one boundary, each with a `Content-Location` that points at the proxy (as
+PS3.18 §10.4.3.3.6 asks: the URI the metadata gives).
 """
 
 from __future__ import annotations

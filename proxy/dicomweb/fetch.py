@@ -71,7 +71,7 @@ def upstream_problem(resp: UpstreamResponse, sel: Selection | None) -> Problem:
     if s in (400, 406, 415, 409, 410, 413):
         return Problem(s, f"archive '{name}' refused the request (HTTP {s})")
     if s == 500 and sel is not None and sel.transfer_syntax not in (None, ANY_TS):
-        # Orthanc answers 500 when it cannot transcode (real-stack.md §0.4): nothing acceptable.
+        # Orthanc answers 500 when it cannot transcode (docs/archive-behaviour.md): nothing acceptable.
         return Problem(406, f"archive '{name}' cannot provide transfer syntax {sel.transfer_syntax}")
     if s in (401, 403) and resp.archive.config.forward_authorization:
         return access.refused(s)  # the caller's own token was refused: say so, not 502

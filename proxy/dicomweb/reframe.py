@@ -1,4 +1,4 @@
-"""Re-framing an archive's multipart answer as ours (M-01..M-07).
+"""Re-framing an archive's multipart answer as ours: the proxy's boundary, part headers and URLs.
 
 Each archive part becomes a part under the proxy's boundary with a truthful `Content-Type`
 (a DICOM part without `transfer-syntax=` is labelled from its File Meta), a `Content-Location` that

@@ -270,7 +270,7 @@ _RENDER_PARAMS = {"annotation", "quality", "viewport", "window", "iccprofile"}
 
 
 def rendered_query(request: Request, thumbnail: bool) -> str:
-    """Validated rendering parameters (W-19), re-encoded for any archive."""
+    """Validated rendering parameters (PS3.18 §8.3.5: annotation, quality, viewport, window), re-encoded."""
     out = []
     for key, value in request.query_params.multi_items():
         if key == "accept":

@@ -160,7 +160,7 @@ FR = IN + "/frames/{frames}"
 
 
 async def options(request: Request) -> Response:
-    """`OPTIONS` on the service base URL: the Retrieve Capabilities transaction (C-01)."""
+    """`OPTIONS` on the service base URL: the Retrieve Capabilities transaction (PS3.18 §8.9)."""
     ctx = _ctx(request)
     return capabilities_response(request, dicomweb_base(request, ctx.settings, ctx.root), _route_table())
 
@@ -192,7 +192,7 @@ def dicomweb_routes() -> list[Route]:
         Route(FR + "/thumbnail", thumbnail, methods=get),
         Route(IN + "/bulk/{tags:path}", bulk, methods=get),
         Route("/bulk/{archive}/{token}", opaque_bulk, methods=get),
-        Route("/", options, methods=["OPTIONS"]),  # Retrieve Capabilities (C-01) on the service base URL
+        Route("/", options, methods=["OPTIONS"]),  # Retrieve Capabilities (PS3.18 §8.9) on the service base URL
     ]
     for level in (S, SE, IN):
         routes += [

@@ -1,7 +1,8 @@
 """QIDO-RS search: validate the query, translate it for the archive, answer consistently.
 
 The proxy decodes the query string itself and re-sends it in the form each archive understands
-(Orthanc 1.x does not percent-decode: `PatientName=DOE%2A` matches nothing there, real-stack.md §0).
+(Orthanc 1.x does not percent-decode: `PatientName=DOE%2A` matches nothing there; see
+docs/archive-behaviour.md).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_query(raw: str) -> Query:
-    """Decode and validate a QIDO query string (Q-01..Q-06)."""
+    """Decode and validate a QIDO query string (PS3.18 §8.3.4)."""
     q = Query()
     for pair in filter(None, raw.split("&")):
         key, _, value = pair.partition("=")
@@ -93,14 +94,14 @@ def parse_query(raw: str) -> Query:
             if vr == "UI" and value and value != "*":
                 if not UID_LIST.match(value):
                     raise Problem(400, f"{key}: not a UID or a comma-separated UID list")
-                value = value.replace("\\", ",")  # OHIF joins UIDs with a backslash (Q-01)
+                value = value.replace("\\", ",")  # OHIF joins UIDs with a backslash; the standard uses commas
             elif vr in _RANGES and value and not _RANGES[vr].match(value):
                 raise Problem(400, f"{key}: not a valid {vr} value or range")
             q.filters.append((key, value, vr))
         elif key == "accept" or not key:
             continue
         elif re.match(r"^[a-z][A-Za-z0-9_-]*$", key):
-            q.vendor.append((key, value))  # lower-case names are parameters, not attributes (G-03)
+            q.vendor.append((key, value))  # lower-case names are vendor parameters, not attributes
         else:
             raise Problem(400, f"malformed query parameter {key!r}")
     return q
@@ -167,14 +168,14 @@ def translate(q: Query, profile: Profile, limit: int | None = None, offset: int 
 
 
 def warnings_for(q: Query, archive: Archive) -> list[str]:
-    """Warnings the proxy adds because the archive ignores a parameter (Q-04)."""
+    """Warnings the proxy adds because the archive ignores a parameter (PS3.18 §8.3.4.2)."""
     if q.fuzzy and not archive.profile.fuzzy_matching:
         return [FUZZY_WARNING]
     return []
 
 
 def is_empty(body: bytes) -> bool:
-    """204, `200 []` and an empty body all mean "no matches" (conformance §0 item 5)."""
+    """204 (standard, dcm4chee), `200 []` (Orthanc) and an empty body (old dcm4chee) all mean "no matches"."""
     stripped = body.strip()
     return not stripped or (stripped[:1] == b"[" and stripped[1:].strip() == b"]")  # also "[ ]", "[\n]"
 
@@ -274,7 +275,7 @@ async def _fetch_all(request: Request, ctx: Context, archive: Archive, path: str
                     raise UpstreamError(502, f"answered HTTP {resp.status}")
                 body = await resp.read(ctx.settings.max_json_bytes)
                 # The archive's own cap cut the page short (206, or dcm4chee's "There are N additional
-                # results" Warning, §0 item 6): page on from here instead of passing its count on.
+                # results" Warning, which it sends only then): page on from here instead of passing its count on.
                 capped = resp.status == 206
                 for w in resp.headers.getall("Warning", []):
                     capped |= "additional results" in w
@@ -303,7 +304,7 @@ def _failure(exc: BaseException) -> tuple[str, int]:
 
 
 async def federated_search(request: Request, ctx: Context, path: str, q: Query) -> Response:
-    """Fan out to every healthy archive, merge, de-duplicate, order and page (F-01..F-04)."""
+    """Fan out to every healthy archive, merge, de-duplicate, order and page (federation/merge.py)."""
     level = LEVELS[path.rsplit("/", 1)[-1]]
     base = dicomweb_base(request, ctx.settings, ctx.root)
     key = (base, path, translate(q, PROFILES["generic"], limit=0, offset=0), *access.search_scope(ctx))

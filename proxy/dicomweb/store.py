@@ -2,7 +2,8 @@
 
 The body is never buffered: chunks go to the archive as they arrive, counted against the size
 limit. The Store Instances Response Module comes back with every RetrieveURL pointed at the proxy
-and exactly `Content-Type: application/dicom+json` (S-11, S-13).
+and exactly `Content-Type: application/dicom+json` (with a `charset` parameter, the Python
+dicomweb-client silently ignores the body).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class BodyTooLarge(Exception):
 
 
 def check_content_type(value: str) -> None:
-    """415 unless the body is multipart/related with a DICOM `type`; 400 without a boundary (S-02..S-04)."""
+    """415 unless the body is multipart/related with a DICOM `type`; 400 without a boundary (PS3.18 §10.5)."""
     mtype, params = parse_content_type(value)
     if mtype != "multipart/related":
         raise Problem(415, "STOW-RS takes multipart/related; type=\"application/dicom\"")
@@ -55,8 +56,8 @@ _STUDY_IN_URL = re.compile(rb"/studies/([0-9][0-9.]*)")
 
 
 async def _learn(ctx: Context, archive: str, study: str | None, body: bytes) -> None:
-    """Remember where the stored studies now live, and drop cached search results (S-11), here and,
-    with a shared tier, in every other process."""
+    """Remember where the stored studies now live, and drop cached search results (now stale), here
+    and, with a shared tier, in every other process."""
     studies = {m.decode() for m in _STUDY_IN_URL.findall(body)}
     if study:
         studies.add(study)
@@ -122,5 +123,5 @@ async def store(request: Request, ctx: Context, study: str | None) -> Response:
             raise Problem(502, f"archive '{archive.name}' sent a malformed store response")
         raise Problem(status, f"archive '{archive.name}' refused the store (HTTP {status})")
     response = Response(body, status)
-    response.headers["Content-Type"] = media  # exactly this, no charset (S-13)
+    response.headers["Content-Type"] = media  # exactly this, no charset (see the module docstring)
     return response

@@ -36,7 +36,7 @@ class Target:
 
 
 def client_accept(request: Request) -> str | None:
-    """The `accept` query parameter wins over the Accept header (W-06, PS3.18 §8.7.8.1)."""
+    """The `accept` query parameter wins over the Accept header (PS3.18 §8.7.8.1)."""
     if b"accept" in request.scope["query_string"]:  # parse the query only when it may hold `accept`
         value = request.query_params.get("accept")
         if value:

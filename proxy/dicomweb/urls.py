@@ -1,4 +1,4 @@
-"""The proxy's own base URL as the client sees it: what every rewritten URL starts with (J-07)."""
+"""The proxy's own base URL as the client sees it: what every rewritten URL starts with."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def external_base(request: Request, settings: Settings) -> str:
 
     Order: the configured public URL; `Forwarded` / `X-Forwarded-*` from a trusted hop; the Host
     header. A Host without a port on a non-default port (dicomweb-client sends `Host: 127.0.0.1`,
-    real-stack.md §6) gets the port the request actually arrived on.
+    docs/archive-behaviour.md) gets the port the request actually arrived on.
     """
     return base_of(request.scope, settings)
 

@@ -1,7 +1,7 @@
-"""Merging DICOM JSON from several archives: de-duplication, attribute policy, order, paging (F-01..F-03).
+"""Merging DICOM JSON from several archives: de-duplication, attribute policy, order, paging.
 
 Records are parsed with numbers kept as their original text (`RawNumber`) and written back by
-`dumps`, so a merged answer still says `1.50` where the archive said `1.50` (J-04).
+`dumps`, so a merged answer still says `1.50` where the archive said `1.50` (DS/IS number text is kept).
 
 Policy for a record held by several archives (the first archive in priority order is "primary"):
 - identity: one record per UID (study: StudyInstanceUID; series: SeriesInstanceUID; instance:

@@ -1,5 +1,6 @@
 """A short-lived cache of merged search results, so paging through a federated result is consistent
-and cheap (F-03). Bypassed by `Cache-Control: no-cache`; cleared by every store through the proxy.
+and cheap (each page is sliced from one merged list). Bypassed by `Cache-Control: no-cache`; cleared
+by every store through the proxy.
 
 With a shared tier (Redis, `shared.py`) answers are shared between processes: the local table is asked
 first, Redis on a local miss. A store through any process stales every shared answer (a generation

@@ -1,4 +1,4 @@
-"""DICOM JSON helpers: point every URL at the proxy without touching anything else (J-04, J-07).
+"""DICOM JSON helpers: point every URL at the proxy without touching anything else.
 
 Archive JSON is never parsed and re-serialised on the pass-through path: the rewriter finds string
 literals that start with one of the archive's URL prefixes and replaces just those, so number text

@@ -1,8 +1,9 @@
 """Media types: parsing Accept (RFC 7231 §5.3) and choosing what to answer (PS3.18 §8.7.8).
 
-The proxy negotiates itself (conformance W-04..W-08): it parses the client's Accept (quoted and
-unquoted parameters, q-values, wildcards, the `accept` query parameter), picks one `Selection`,
-answers 406 when nothing fits, and sends the archive one explicit media range.
+The proxy negotiates itself, because archives get it wrong (Orthanc 1.7 ignores q-values and answers
+400 where PS3.18 wants 406): it parses the client's Accept (quoted and unquoted parameters, q-values,
+wildcards, the `accept` query parameter), picks one `Selection`, answers 406 when nothing fits, and
+sends the archive one explicit media range.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Streaming multipart/related: a push parser and a writer (RFC 2046 §5.1, conformance M-01..M-07).
+"""Streaming multipart/related: a push parser and a writer (RFC 2046 §5.1, RFC 2387).
 
 The reader is a small state machine fed with chunks of any size; it emits part headers, body
 pieces and part ends. Body pieces are slices of the chunks fed in, so a large part passes through
 without being re-assembled. The writer frames parts under the proxy's own random boundary with the
-exact `Content-Type:` spelling that cornerstone needs (M-05).
+exact `Content-Type:` spelling that cornerstone needs (it looks for that prefix case-sensitively).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class MultipartReader:
                 off = 0 if isinstance(data, bytes) else pos  # win[i] is data[i + off]
                 at = pos - off
                 if self._state == "preamble":
-                    # The first delimiter may open the body without a leading CRLF (M-03).
+                    # The first delimiter may open the body without a leading CRLF (RFC 2046 §5.1.1).
                     if win.startswith(self._dash, at):
                         idx = at
                     else:
@@ -221,7 +221,7 @@ async def read_parts(chunks: AsyncIterator[bytes], boundary: str) -> AsyncIterat
 
 
 def new_boundary() -> str:
-    """A random boundary: 32 hex characters, safe unquoted for every parser seen (M-02)."""
+    """A random boundary: 32 hex characters, safe unquoted for every client parser we know of."""
     return secrets.token_hex(16)
 
 

@@ -1,4 +1,4 @@
-"""Quirks profiles: what each kind of archive accepts and how it answers (conformance §8)."""
+"""Quirks profiles: what each kind of archive accepts and how it answers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class Profile:
     uid_list_separator: str = ","
     max_limit: int | None = None  # largest `limit` the archive accepts
     zero_limit_means_all: bool = False
-    fuzzy_matching: bool = True  # False: drop fuzzymatching=true and add the standard Warning (Q-04)
+    fuzzy_matching: bool = True  # False: drop fuzzymatching=true and add the Warning 299 of PS3.18 §8.3.4.2
     thumbnail: bool = True  # False: thumbnails are made from /rendered
     single_part_instance: bool = True  # accepts Accept: application/dicom on an instance
     single_part_frame: bool = False  # accepts Accept: application/octet-stream on one frame
@@ -24,15 +24,16 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # Orthanc 1.10 + DICOMweb 1.7 [LIVE]: no percent-decoding, 200 [] for no match, no thumbnail,
-    # 400 for single-part application/dicom, fuzzymatching=true silently ignored, limit=0 = all.
+    # Orthanc 1.10 + DICOMweb 1.7 (measured, docs/archive-behaviour.md): no percent-decoding, 200 [] for
+    # no match, no thumbnail, 400 for single-part application/dicom, fuzzymatching=true silently ignored,
+    # limit=0 = all.
     "orthanc": Profile("orthanc", decodes_query=False, zero_limit_means_all=True, fuzzy_matching=False,
                        thumbnail=False, single_part_instance=False),
-    # dcm4chee-arc-light: limit 1..99999, 204 for no match, Warning on server caps [CODE].
+    # dcm4chee-arc-light: limit 1..99999, 204 for no match, Warning on server caps (from its source).
     "dcm4chee": Profile("dcm4chee", max_limit=99999, thumbnail=True, pixeldata=False),
-    # Google Cloud Healthcare: no thumbnail, single-part instance accepted [docs].
+    # Google Cloud Healthcare: no thumbnail, single-part instance accepted (its docs).
     "google": Profile("google", thumbnail=False, max_limit=5000),
-    # Azure / Microsoft DICOM service: limit 1..200, single-part frame accepted [docs].
+    # Azure / Microsoft DICOM service: limit 1..200, single-part frame accepted (its docs).
     "azure": Profile("azure", max_limit=200, thumbnail=False, single_part_frame=True),
     # Anything else that follows PS3.18: assume the standard and nothing more.
     "generic": Profile("generic", thumbnail=False),
