@@ -190,7 +190,7 @@ def viewer_routes(directory: str | os.PathLike[str], settings: Settings) -> list
 
 def fetched_viewer_dir() -> Path:
     """The newest viewer `scripts/fetch-ohif.sh` unpacked into this checkout's .ohif/ (it may not exist)."""
-    root = Path(__file__).resolve().parent.parent / ".ohif"
+    root = Path(__file__).resolve().parents[2] / ".ohif"  # (the repository root: proxy/http/viewer.py)
     found = sorted((p.parent for p in root.glob("*/dist/index.html")),
                    key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parent.name.split(".")])
     if not found:
