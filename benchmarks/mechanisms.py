@@ -1,6 +1,6 @@
 """Does each optimisation pay? The proxy with everything on, and with one mechanism changed, in one run.
 
-    python benchmarks/mechanisms.py [--rounds 3] [--duration 3] [--workers 1,2] [--only NAME,...]
+    python benchmarks/mechanisms.py [--rounds 3] [--duration 3] [--workers 1,2] [--only NAME,...] [--against REV]
 
 Every variant runs the work-tree proxy in front of the same fresh Orthanc (a 200-slice CT), from a cold
 start, with what a user notices:
@@ -10,10 +10,12 @@ start, with what a user notices:
   the default), the second right after it (every frame a hit);
 - `hit c=1` / `hit c=32`: req/s of one cached 512 KB frame (`wrk`), after those viewers;
 - `series MB/s`, `series c=4 MB/s`: the 105 MB series retrieve with 1 and 4 connections through a second
-  proxy without a cache (the relay path: with a cache a retrieve tees into it and is never spliced).
+  proxy without a cache (the relay path: with a cache a retrieve tees into it and is never spliced);
+- `search req/s`: a study search with one match at c=1 through that proxy.
 
 Variants: `defaults`, then each entry of `[server] disable` on its own (`DICOMWEB_EDGE_DISABLE`), and heap
-warming off (`warm_bytes = 0`). Within a round the variants run in order, reversed every other round. The
+warming off (`warm_bytes = 0`); with `--against REV`, that revision's proxy (a clean export of its
+`proxy/`) with its defaults: a before/after. Within a round the variants run in order, reversed every other round. The
 report gives per figure the median over the rounds, the variant against `defaults` (> 1: the variant is
 better), and each round's own ratio: the spread. A mechanism pays when switching it off makes a figure
 worse by at least 10 % beyond that spread.
@@ -36,7 +38,18 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from replay import viewer  # noqa: E402
 from run import wrk  # noqa: E402
-from stack import ACCEPT_FRAME, ACCEPT_SERIES, WORK, Stack, code_state, on_sigterm, replace_section, versions  # noqa: E402
+from stack import (  # noqa: E402
+    ACCEPT_FRAME,
+    ACCEPT_SERIES,
+    PATIENT,
+    WORK,
+    Stack,
+    code_state,
+    export,
+    on_sigterm,
+    replace_section,
+    versions,
+)
 from support import ProxyProcess  # noqa: E402
 
 VARIANTS: dict[str, dict[str, str]] = {
@@ -47,7 +60,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     "claims off": {"DICOMWEB_EDGE_DISABLE": "claims"},
     "heap warming off": {"DICOMWEB_EDGE_MEMORY_WARM_BYTES": "0"},
 }
-FIGURES = ("viewer 1 s", "viewer 2 s", "hit c=1 req/s", "hit c=32 req/s", "series MB/s", "series c=4 MB/s")
+FIGURES = ("viewer 1 s", "viewer 2 s", "hit c=1 req/s", "hit c=32 req/s", "series MB/s", "series c=4 MB/s",
+           "search req/s")
 LOWER_IS_BETTER = {"viewer 1 s", "viewer 2 s"}
 SECTION = "## Mechanisms: each optimisation on and off in one run (issue 23)"
 
@@ -61,8 +75,13 @@ def one(st: Stack, work: Path, env: dict[str, str], workers: int, duration: int,
     assert st.orthanc is not None
     up = {"bench": st.orthanc.dicomweb_url}
     out: dict[str, float] = {}
-    with ProxyProcess(up, work / "cached", ["--cache-dir", str(work / "cache"), "--workers", str(workers)],
-                      env=env) as proxy:
+    cached = ProxyProcess(up, work / "cached", ["--cache-dir", str(work / "cache"), "--workers", str(workers)],
+                          env=env)
+    relay = ProxyProcess(up, work / "relay", ["--workers", str(workers)], env=env)
+    for process in (cached, relay):
+        if "PYTHONPATH" in env:
+            process.env["PYTHONPATH"] = env["PYTHONPATH"]  # that revision's package, not the work tree's
+    with cached as proxy:
         out["viewer 1 s"] = viewer(proxy.dicomweb_url, study, series, sops)
         out["viewer 2 s"] = viewer(proxy.dicomweb_url, study, series, sops)
         frame = f"{proxy.dicomweb_url}/studies/{study}/series/{series}/instances/{sops[0]}/frames/1"
@@ -71,13 +90,16 @@ def one(st: Stack, work: Path, env: dict[str, str], workers: int, duration: int,
         for conc in (1, 32):
             res = wrk(frame, ACCEPT_FRAME, conc, duration, pg)
             out[f"hit c={conc} req/s"] = res["requests"] / res["duration_us"] * 1e6
-    with ProxyProcess(up, work / "relay", ["--workers", str(workers)], env=env) as proxy:
+    with relay as proxy:
         url = f"{proxy.dicomweb_url}/studies/{study}/series/{series}"
         wrk(url, ACCEPT_SERIES, 1, 1, pg)  # warm-up, not recorded
         res = wrk(url, ACCEPT_SERIES, 1, duration, pg)
         out["series MB/s"] = res["bytes"] / res["duration_us"]
         res = wrk(url, ACCEPT_SERIES, 4, duration, pg)
         out["series c=4 MB/s"] = res["bytes"] / res["duration_us"]
+        search = f"{proxy.dicomweb_url}/studies?PatientName={PATIENT.split('^')[0]}*"
+        res = wrk(search, None, 1, duration, pg)
+        out["search req/s"] = res["requests"] / res["duration_us"] * 1e6
     return out
 
 
@@ -86,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--only", help="variants to run besides defaults, comma-separated")
+    ap.add_argument("--only", help="variants to run besides defaults, comma-separated ('none': defaults alone)")
+    ap.add_argument("--against", metavar="REV", help="also run another revision's proxy with its defaults: a "
+                    "before/after in the same run")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args(argv)
     on_sigterm()
@@ -94,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                             and (not args.only or n in args.only.split(","))]
     counts = [int(w) for w in args.workers.split(",")]
     work = WORK / "mechanisms"
+    if args.against:
+        rev, path = export(args.against)
+        VARIANTS[f"at {rev}"] = {"PYTHONPATH": str(path)}
+        names.append(f"at {rev}")
     rounds: list[dict[tuple[str, int], dict[str, float]]] = []
     with Stack(work, slices=200, workers=2, proxy=False, nginx=False) as st:
         assert st.orthanc is not None

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import shutil
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ from stack import (  # noqa: E402
     WORK,
     Stack,
     code_state,
+    export,
     free_port,
     on_sigterm,
     replace_section,
@@ -150,17 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                for w in counts for p in ("off", "on")]
     against = None
     if args.against:
-        rev = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        against = WORK / f"replay-at-{rev}"  # (not under `work`: the stack starts by clearing it)
-        shutil.rmtree(against, ignore_errors=True)
-        against.mkdir(parents=True)
-        tar = subprocess.run(["git", "archive", args.against, "proxy"], cwd=REPO, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(against)], input=tar.stdout, check=True)
-        found = subprocess.run([sys.executable, "-c", "import proxy; print(proxy.__file__)"], cwd=against.parent,
-                               env={**os.environ, "PYTHONPATH": str(against)}, capture_output=True, text=True,
-                               check=True).stdout.strip()
-        assert found.startswith(str(against)), f"{args.against}'s export is not what imports: {found}"
+        rev, against = export(args.against)
         proxied += [(f"proxy at {rev}, {w} worker{'s' if w > 1 else ''}, prefetch on", w, "true") for w in counts]
     static_mode = "nginx static (reference)"
     modes = [direct_mode, static_mode] + [label for label, _, _ in proxied]

@@ -404,3 +404,20 @@ def replace_section(path: Path, heading: str, body: str) -> None:
         rest = "".join(lines[end:])
         text = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
     path.write_text(text)
+
+
+def export(rev: str) -> tuple[str, Path]:
+    """A clean `git archive REV proxy` export under the work dir, for running another revision's proxy
+    (PYTHONPATH=<path>): (short revision, path). Checked to be what `import proxy` finds there."""
+    short = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    path = WORK / f"proxy-at-{short}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    tar = subprocess.run(["git", "archive", rev, "proxy"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(path)], input=tar.stdout, check=True)
+    found = subprocess.run([sys.executable, "-c", "import proxy; print(proxy.__file__)"], cwd=path.parent,
+                           env={**os.environ, "PYTHONPATH": str(path)}, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert found.startswith(str(path)), f"{rev}'s export is not what imports: {found}"
+    return short, path
