@@ -2,7 +2,7 @@
 
 import time
 
-from proxy.upstream.health import CLOSED, HALF_OPEN, OPEN, Breaker
+from proxy.upstream.archive import CLOSED, HALF_OPEN, OPEN, Breaker
 
 
 def test_opens_after_consecutive_failures_and_half_opens_after_cooldown(monkeypatch):

@@ -1,5 +1,10 @@
 """An archive behind the proxy: its connection pool, timeouts, quirks profile, URL rewriter and breaker.
 
+Health: a consecutive-failure circuit breaker per archive, fed by real traffic and a periodic cheap probe
+(`probe_all`): closed → (N consecutive failures) → open → (cool-down) → half-open → success: closed /
+failure: open. While open, the archive costs a federated search nothing: it is skipped and named in a
+Warning.
+
 Everything above this module sees only `Archive.open()` and `UpstreamResponse`; the HTTP client is
 `transport.py` (why our own: see there, and the figures in benchmarks/RESULTS.md).
 """
@@ -20,7 +25,6 @@ from proxy.formats.dicomjson import UrlRewriter
 from proxy.observability import logs, metrics
 from proxy.upstream import credentials as outbound
 from proxy.upstream import splice
-from proxy.upstream.health import STATE_VALUE, Breaker
 from proxy.upstream.pool import Pool
 from proxy.upstream.profiles import PROFILES, Profile
 from proxy.upstream.transport import (
@@ -40,6 +44,44 @@ _HEADER_VALUE = re.compile(r"^[\t -~]*$")
 # The inbound Authorization header of the request being served (set by auth.AuthMiddleware). Only an
 # archive configured with forward_authorization ever receives it (token pass-through).
 CALLER_AUTHORIZATION: ContextVar[str | None] = ContextVar("dicomweb_edge_caller_authorization", default=None)
+
+
+CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker."""
+
+    def __init__(self, threshold: int = 3, cooldown: float = 10.0) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at = 0.0
+        self._state = CLOSED
+
+    @property
+    def state(self) -> str:
+        """closed, half_open or open (open turns half-open once the cool-down has passed)."""
+        if self._state == OPEN and time.monotonic() - self.opened_at >= self.cooldown:
+            self._state = HALF_OPEN
+        return self._state
+
+    def allow(self) -> bool:
+        """Whether to send this archive a request now."""
+        return self.state != OPEN
+
+    def success(self) -> None:
+        """The archive answered."""
+        self.failures = 0
+        self._state = CLOSED
+
+    def failure(self) -> None:
+        """The archive was unreachable, timed out or answered 502/503/504."""
+        self.failures += 1
+        if self._state == HALF_OPEN or self.failures >= self.threshold:
+            self._state = OPEN
+            self.opened_at = time.monotonic()
 
 
 class UpstreamError(Exception):
