@@ -64,7 +64,6 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
     try:
         if resp.status >= 300:
             raise upstream_problem(resp, sel)
-        base = dicomweb_base(request, ctx.settings, ctx.root)
         if not sel.multipart and not unwrap:
             # The archive answered single-part itself: pass the body through.
             headers = [("Content-Type", resp.content_type or sel.media_type), VARY]
@@ -72,51 +71,68 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
                 headers.append(("Content-Length", resp.headers["Content-Length"]))
             return StreamResponse(200, headers, _passthrough(resp, keep, splice.offered(request.scope)),
                                   stack.aclose)
-        locations = None
-        if target.frames:
-            locations = [f"{base}{Target(target.study, target.series, target.instance, (n,)).path()}"
-                         for n in target.frames]
-        elif location:
-            locations = [location]
-        reframer = Reframer(sel, base, locations)
-        learn = partial(learn_instance, ctx.cache, fetching=fetching) \
-            if ctx.cache is not None and fetching is not None else None
-        reframer.tee = _both(learn, keep) if learn and keep else learn or keep
-        reframer.relay = splice.offered(request.scope)
-        events = PartEvents(resp) if resp.status < 300 else None
-        first_headers = await events.first() if events else None
-        try:
-            first = await label(events, first_headers, sel, reframer.seen) if events and first_headers else None
-        except UpstreamError as exc:
-            raise Problem(exc.status, exc.reason) from None
-        except MultipartError as exc:
-            raise Problem(502, f"archive '{resp.archive.name}' sent a broken multipart body ({exc})") from None
-        if unwrap:
-            if first is None or events is None:
-                raise Problem(404, "the archive returned no content")
-            headers = [("Content-Type", first.content_type), VARY]
-            if location:
-                headers.append(("Content-Location", location))
-            if not first.held and first.length is not None:
-                headers.append(("Content-Length", str(first.length)))
-            return StreamResponse(200, headers, payload(events, first, keep, splice.offered(request.scope)),
-                                  stack.aclose)
-        part_type = parse_content_type(first.content_type)[0] if first else sel.media_type
-        headers = [("Content-Type", reframer.writer.content_type(part_type)), VARY]
-        if (resource is Resource.INSTANCE or one_frame) and first is not None and first.length is not None \
-                and events is not None:
-            # Exactly one part is coming and its size is known: send a Content-Length, no chunking.
-            head = reframer.header(first, resp.archive)
-            tail = reframer.close()
-            headers.append(("Content-Length", str(len(head) + first.length + len(tail))))
-            body = _one_part(reframer, events, first, head, tail)
-        else:
-            body = _single_archive(reframer, events, first)
-        return StreamResponse(200, headers, body, stack.aclose,
-                              watch_disconnect=resource in (Resource.INSTANCES, Resource.BULKDATA))
+        reframer = _reframer(request, ctx, target, sel, location, fetching, keep)
+        return await _reframed(request, reframer, resp, stack, sel, resource, unwrap, keep, location)
     except BaseException:
         await stack.aclose()
         raise
+
+
+def _reframer(request: Request, ctx: Context, target: Target, sel: Selection, location: str | None,
+              fetching: Fetching | None, keep: Keep | None) -> Reframer:
+    """Our framing of the archive's parts: their Content-Locations, and what tees each whole part (the
+    frame cache learning instances, a cache keeping this one object)."""
+    base = dicomweb_base(request, ctx.settings, ctx.root)
+    locations = None
+    if target.frames:
+        locations = [f"{base}{Target(target.study, target.series, target.instance, (n,)).path()}"
+                     for n in target.frames]
+    elif location:
+        locations = [location]
+    reframer = Reframer(sel, base, locations)
+    learn = partial(learn_instance, ctx.cache, fetching=fetching) \
+        if ctx.cache is not None and fetching is not None else None
+    reframer.tee = _both(learn, keep) if learn and keep else learn or keep
+    reframer.relay = splice.offered(request.scope)
+    return reframer
+
+
+async def _reframed(request: Request, reframer: Reframer, resp: UpstreamResponse, stack: AsyncExitStack,
+                    sel: Selection, resource: Resource, unwrap: bool, keep: Keep | None,
+                    location: str | None) -> StreamResponse:
+    """The archive's multipart answer as ours: one part unwrapped (a single-part answer the archive could
+    only send as multipart), exactly one part of known size with a Content-Length, or chunked."""
+    events = PartEvents(resp)
+    first_headers = await events.first()
+    try:
+        first = await label(events, first_headers, sel, reframer.seen) if first_headers else None
+    except UpstreamError as exc:
+        raise Problem(exc.status, exc.reason) from None
+    except MultipartError as exc:
+        raise Problem(502, f"archive '{resp.archive.name}' sent a broken multipart body ({exc})") from None
+    if unwrap:
+        if first is None:
+            raise Problem(404, "the archive returned no content")
+        headers = [("Content-Type", first.content_type), VARY]
+        if location:
+            headers.append(("Content-Location", location))
+        if not first.held and first.length is not None:
+            headers.append(("Content-Length", str(first.length)))
+        return StreamResponse(200, headers, payload(events, first, keep, splice.offered(request.scope)),
+                              stack.aclose)
+    part_type = parse_content_type(first.content_type)[0] if first else sel.media_type
+    headers = [("Content-Type", reframer.writer.content_type(part_type)), VARY]
+    one_frame = resource is Resource.FRAMES and len(reframer.locations or ()) == 1
+    if (resource is Resource.INSTANCE or one_frame) and first is not None and first.length is not None:
+        # Exactly one part is coming and its size is known: send a Content-Length, no chunking.
+        head = reframer.header(first, resp.archive)
+        tail = reframer.close()
+        headers.append(("Content-Length", str(len(head) + first.length + len(tail))))
+        body = _one_part(reframer, events, first, head, tail)
+    else:
+        body = _single_archive(reframer, events, first)
+    return StreamResponse(200, headers, body, stack.aclose,
+                          watch_disconnect=resource in (Resource.INSTANCES, Resource.BULKDATA))
 
 
 def _both(first: Keep, second: Keep) -> Keep:

@@ -142,61 +142,71 @@ class MultipartReader:
                     yield PartEnd()
                     self._state = "after_delim"
                     continue
-                # Delimiters and headers: look at a bounded window (a copy of at most ~16 KB).
-                win = data if isinstance(data, bytes) else bytes(data[pos : pos + _WINDOW])
-                off = 0 if isinstance(data, bytes) else pos  # win[i] is data[i + off]
-                at = pos - off
-                if self._state == "preamble":
-                    # The first delimiter may open the body without a leading CRLF (RFC 2046 §5.1.1).
-                    if win.startswith(self._dash, at):
-                        idx = at
-                    else:
-                        idx = win.find(self._delim, at)
-                        if idx < 0:
-                            if len(data) - pos > MAX_HEADER_BYTES:
-                                raise MultipartError("no boundary found where the body should start")
-                            return
-                        idx += 2
-                    if len(win) < idx + len(self._dash) + 2:
-                        return
-                    pos = off + idx + len(self._dash)
-                    self._state = "after_delim"
-                elif self._state == "after_delim":
-                    if len(win) - at < 2:
-                        return
-                    if win[at : at + 2] == b"--":
-                        self.done = True
-                        pos = len(data)
-                        return
-                    eol = win.find(b"\r\n", at)  # transport padding may follow a delimiter
-                    if eol < 0:
-                        if len(data) - pos > 256:
-                            raise MultipartError("garbage after boundary")
-                        return
-                    if win[at:eol].strip(b" \t"):
-                        raise MultipartError("garbage after boundary")
-                    pos = off + eol + 2
-                    self._state = "headers"
-                else:  # headers
-                    if win.startswith(b"\r\n", at):
-                        raw, pos = b"", pos + 2
-                    else:
-                        end = win.find(b"\r\n\r\n", at)
-                        if end < 0:
-                            if len(data) - pos > MAX_HEADER_BYTES:
-                                raise MultipartError("part headers too long")
-                            return
-                        raw, pos = win[at:end], off + end + 4
-                    headers = _parse_headers(raw)
-                    yield PartHeaders(headers)
-                    self.parts += 1
-                    length = headers.get("content-length", "")
-                    if length.isdigit():
-                        self._state, self._left = "counted", int(length)
-                    else:
-                        self._state = "body"
+                framed = self._frame(data, pos)
+                if framed is None:
+                    return
+                pos, headers = framed
+                if self.done:
+                    return
+                if headers is not None:
+                    yield headers
         finally:
             self._data, self._pos = data, pos
+
+
+    def _frame(self, data: bytes | memoryview, pos: int) -> tuple[int, PartHeaders | None] | None:
+        """One step over a delimiter, the padding after it or a part's headers, in a bounded window (a copy
+        of at most ~16 KB): (new position, the part's headers once read), or None until more data comes."""
+        win = data if isinstance(data, bytes) else bytes(data[pos : pos + _WINDOW])
+        off = 0 if isinstance(data, bytes) else pos  # win[i] is data[i + off]
+        at = pos - off
+        if self._state == "preamble":
+            # The first delimiter may open the body without a leading CRLF (RFC 2046 §5.1.1).
+            if win.startswith(self._dash, at):
+                idx = at
+            else:
+                idx = win.find(self._delim, at)
+                if idx < 0:
+                    if len(data) - pos > MAX_HEADER_BYTES:
+                        raise MultipartError("no boundary found where the body should start")
+                    return None
+                idx += 2
+            if len(win) < idx + len(self._dash) + 2:
+                return None
+            self._state = "after_delim"
+            return off + idx + len(self._dash), None
+        if self._state == "after_delim":
+            if len(win) - at < 2:
+                return None
+            if win[at : at + 2] == b"--":
+                self.done = True
+                return len(data), None
+            eol = win.find(b"\r\n", at)  # transport padding may follow a delimiter
+            if eol < 0:
+                if len(data) - pos > 256:
+                    raise MultipartError("garbage after boundary")
+                return None
+            if win[at:eol].strip(b" \t"):
+                raise MultipartError("garbage after boundary")
+            self._state = "headers"
+            return off + eol + 2, None
+        if win.startswith(b"\r\n", at):  # headers
+            raw, pos = b"", pos + 2
+        else:
+            end = win.find(b"\r\n\r\n", at)
+            if end < 0:
+                if len(data) - pos > MAX_HEADER_BYTES:
+                    raise MultipartError("part headers too long")
+                return None
+            raw, pos = win[at:end], off + end + 4
+        headers = _parse_headers(raw)
+        self.parts += 1
+        length = headers.get("content-length", "")
+        if length.isdigit():
+            self._state, self._left = "counted", int(length)
+        else:
+            self._state = "body"
+        return pos, PartHeaders(headers)
 
 
 def _parse_headers(raw: bytes) -> dict[str, str]:
