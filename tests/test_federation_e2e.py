@@ -301,3 +301,27 @@ def test_store_goes_to_the_highest_priority_store_archive(fed, client, orthancs)
     assert column(r, STUDY) == newest_first(union(orthancs)) and uid in column(r, STUDY)
     got = dw.retrieve_study(uid)
     assert sorted(ds.SOPInstanceUID for ds in got) == sorted(ds.SOPInstanceUID for ds in new)
+
+
+def test_paging_is_consistent_while_an_archive_gains_a_study(fed, client, orthancs):
+    """A viewer pages through the federated study list two at a time while a new study arrives in one
+    archive directly (not through the proxy, which would drop its cached searches): the pages still walk
+    the list the first page came from, each study once and none skipped, though the newcomer sorts first.
+    A search asking for fresh results (Cache-Control: no-cache) finds it, first. Kept last in this module:
+    the archive keeps the study."""
+    url = f"{fed.dicomweb_url}/studies"
+    snapshot = newest_first(union(orthancs))
+    first = client.get(url, params={"limit": 2, "offset": 0}, headers=NO_CACHE)
+    assert column(first, STUDY) == snapshot[:2]
+    newcomer = Study(Patient("NEW^ARRIVAL", "PID901"), study_date="20991231", accession="ACC901",
+                     description="ARRIVED WHILE PAGING")
+    orthancs["c"].store(ct_series(newcomer, 1, rows=16, cols=16, seed=21))
+    assert newest_first(union(orthancs)) == [newcomer.study_uid, *snapshot]  # the archives have it now
+    walked, offset = column(first, STUDY), 2
+    while offset < len(snapshot):
+        page = column(client.get(url, params={"limit": 2, "offset": offset}), STUDY)
+        assert page, f"page at offset {offset} is empty"
+        walked += page
+        offset += len(page)
+    assert walked == snapshot
+    assert column(client.get(url, headers=NO_CACHE), STUDY) == [newcomer.study_uid, *snapshot]
