@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "hit_lane off": {"DICOMWEB_EDGE_DISABLE": "hit_lane"},
     "server_protocol off": {"DICOMWEB_EDGE_DISABLE": "server_protocol"},
     "splice off": {"DICOMWEB_EDGE_DISABLE": "splice"},
+    "handover off": {"DICOMWEB_EDGE_DISABLE": "handover"},
     "claims off": {"DICOMWEB_EDGE_DISABLE": "claims"},
     "heap warming off": {"DICOMWEB_EDGE_MEMORY_WARM_BYTES": "0"},
 }

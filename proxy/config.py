@@ -40,7 +40,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 # Optimisations an operator may switch off (`[server] disable = [...]`, `DICOMWEB_EDGE_DISABLE=a,b`); each
 # is kept only while a benchmark a user would notice shows it pays (benchmarks/RESULTS.md, "Mechanisms").
-OPTIONAL = ("hit_lane", "splice", "claims", "server_protocol")
+OPTIONAL = ("hit_lane", "splice", "handover", "claims", "server_protocol")
 
 LIMIT_KEYS = ("client_request_rate", "client_byte_rate", "client_request_burst", "client_byte_burst",
               "max_header_bytes", "max_header_count", "header_timeout", "keepalive_timeout", "send_timeout",

@@ -15,12 +15,13 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 
 from proxy.auth.inbound import parse as parse_auth
-from proxy.cache import heap
+from proxy.cache import handover, heap
 from proxy.cache.store import DISK_ERRORS, FrameCache
 from proxy.config import SETTINGS_ENV, ArchiveConfig, ConfigError, Settings
 from proxy.coordination import siblings
 from proxy.coordination.redis_tier import SharedStore
 from proxy.dicomweb.context import Context
+from proxy.dicomweb.frames import give
 from proxy.dicomweb.prefetch import sibling_yield
 from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.federation.locator import Locator
@@ -145,6 +146,9 @@ class Runtime:
         if bus is not None:
             bus.on_want = ctx.cache.writer.want  # a sibling waits for frames this worker holds back
             bus.on_yield = sibling_yield  # a sibling's client retrieves what is prefetched here
+            cache = ctx.cache
+            if "handover" not in settings.disable:
+                handover.start(bus.name, lambda *ask: give(*ask, cache=cache))  # frames straight from memory
 
     async def close(self) -> None:
         """Stop what `start` started; release every archive's connections, the shared tier and the cache."""
@@ -157,6 +161,7 @@ class Runtime:
         for a in ctx.archives:
             await a.close()
         if ctx.cache is not None:
+            await handover.stop()
             siblings.stop()
             ctx.cache.close()
         metrics.TALLY.flush()  # this worker's last requests

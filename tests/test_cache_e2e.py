@@ -350,10 +350,12 @@ async def test_a_retrieve_in_one_worker_serves_frame_requests_in_the_other(data,
     assert archive.requests["frames"] == 0
 
 
-async def test_a_frame_a_sibling_is_bringing_is_not_fetched_again(data, tmp_path):
-    """A sibling that misses a frame while the other worker is retrieving its study waits for it and reads
-    it from the shared disk tier once written: not from the archive. Two proxies on one cache directory
-    (siblings, as two workers are), so that each request goes to the one the test means."""
+async def test_a_frame_a_sibling_is_bringing_is_handed_over_from_its_memory(data, tmp_path):
+    """Frames a worker serves from memory wait for a quiet moment before they go to the shared disk tier
+    (proxy/cache/writer.py). A sibling that misses one of them while it is being retrieved asks for it
+    (proxy/cache/handover.py) and gets it from the first worker's memory, not from the disk and not from the
+    archive; the first worker's writes keep waiting. Two proxies on one cache directory (siblings, as
+    two workers are), so that each request goes to the one the test means."""
 
     from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
 
@@ -368,10 +370,18 @@ async def test_a_frame_a_sibling_is_bringing_is_not_fetched_again(data, tmp_path
             study = await study_retrieve_in_flight(c, first.dicomweb_url, native, archive)
             frame = await c.get(url(second.dicomweb_url, native, "4"), headers=ANY)
             assert (await study).status_code == 200
+            texts = [(await c.get(f"{p.url}/metrics")).text for p in (first, second)]
             again = await c.get(url(second.dicomweb_url, native, "4"), headers=ANY)
     assert again.headers["x-cache"] == "HIT" and payloads(again) == [native_frame(native, 4)]
+
+    def total(text: str, name: str, **labels: str) -> float:
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
     assert frame.status_code == 200 and payloads(frame) == [native_frame(native, 4)]
     assert archive.requests["frames"] == 0
+    assert total(texts[1], "dicomweb_edge_cache_handovers_total", outcome="given") == 1
+    assert total(texts[0], "dicomweb_edge_cache_deferred_writes_total", why="wanted") == 0
 
 
 def test_series_metadata_prefetches_the_series(archive, data, tmp_path):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from proxy.cache import busy, purges
+from proxy.cache import busy, handover, purges
 from proxy.cache import writer as diskwriter
 from proxy.cache.placement import Placement
 from proxy.cache.store import FrameCache, checksum_of
@@ -202,8 +202,7 @@ async def test_frames_a_stopping_worker_deferred_survive_the_restart(tmp_path, q
 @pytest.mark.skipif(sys.platform != "linux", reason="the siblings channel uses abstract Unix sockets")
 async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_beside_a_sibling(
         tmp_path, quiet, monkeypatch):
-    """A frame fetched by a worker alone waits for a quiet moment before it goes to disk; beside a sibling
-    (which reads it there) it is written at once, and a frame a sibling waits for is written next."""
+    """... unless the sibling can ask for it from this worker's memory (handover.py): then it waits too."""
     cache = FrameCache(str(tmp_path))
     bus = siblings.start(str(tmp_path))
     assert bus is not None
@@ -238,7 +237,19 @@ async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_b
             await asyncio.shield(landed)  # ... and it is written and settled, still busy
             await alone
         assert on_disk(tmp_path, 1, PLACED)
+
+        async def nothing(*ask):
+            return None
+
+        handover.start(bus.name, nothing)  # the sibling can ask for it from memory: held back again
+        async with asyncio.timeout(5):
+            while handover.taker() is None:
+                await asyncio.sleep(0.01)
+        held = store(3, "1.9")  # (of another study: 1.2 is being written for the sibling that wanted it)
+        await looks(cache.writer, monkeypatch, 3)
+        assert not held.done() and not on_disk(tmp_path, 3, Placement("1.9", "1.2.9").key("1.2.3"))
     finally:
+        await handover.stop()
         other.close()
         siblings.stop()
         cache.close()

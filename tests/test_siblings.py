@@ -200,6 +200,24 @@ async def test_a_dead_workers_claims_end_with_it(tmp_path):
         assert b.claim(["frame/9/1"])
 
 
+async def test_a_waiter_that_asks_for_a_hand_over_wants_nothing_written_until_it_fails(tmp_path):
+    """A worker that asks its sibling for a frame's bytes (handover.py) waits without a want, so the
+    sibling's writes keep waiting for a quiet moment; the want goes out only when no hand-over came."""
+    from proxy.coordination.siblings import digest
+
+    async with pair(tmp_path) as (a, b):
+        heard: list[bytes] = []
+        a.on_want = heard.append
+        a.announce("scope/1.2/1.2.5/*")
+        await until(lambda: b.flying("scope/1.2/1.2.5/*", want=False) is not None)
+        b.landing("learned/1.2.6", want=False)
+        assert b.holders(["learned/1.2.6", "scope/1.2/1.2.5/*"]) == [a.name]
+        assert b.holders(["scope/9/9/*"]) == [a.name]  # announced by nobody: every sibling
+        b.want(["learned/1.2.6"])
+        b.want(["end"])  # (datagrams arrive in order: a want sent by the waiters would be heard first)
+        await until(lambda: len(heard) >= 2)
+        assert heard == [digest("learned/1.2.6"), digest("end")]
+
 
 def test_claims_leave_most_descriptors_to_connections(monkeypatch):
     """A worker under a low descriptor limit (1,024 is a common default) claims at most an eighth of it."""

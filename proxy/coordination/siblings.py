@@ -206,6 +206,14 @@ class Siblings:
         for key in keys:
             self._send(_WANT + digest(key))
 
+    def holders(self, keys: list[str]) -> list[str]:
+        """The siblings that announced any of `keys`; all of them when none did (a claim seen before its
+        announcement names nobody)."""
+        now = time.monotonic()
+        named = {found[0] for key in keys if (found := self._announced.get(digest(key))) and found[1] >= now}
+        peers = self._peers()
+        return [p for p in peers if p in named] or list(peers)
+
     def _waiter(self, d: bytes, want: bool = True) -> asyncio.Future[None]:
         fut = self._waiters.get(d)
         if fut is None or fut.done():
@@ -344,6 +352,11 @@ def want(keys: list[str]) -> None:
     """This worker waits for `keys` to be on disk (no-op without siblings)."""
     if _bus is not None:
         _bus.want(keys)
+
+
+def holders(keys: list[str]) -> list[str]:
+    """The siblings (their channel names) to ask for what `keys` name."""
+    return [] if _bus is None else _bus.holders(keys)
 
 
 def workers_on(cache_dir: str) -> int:

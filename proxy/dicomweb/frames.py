@@ -17,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.auth import access
-from proxy.cache.flights import arrivals
+from proxy.cache import handover
+from proxy.cache.flights import arrivals, here, learned, scope_keys
 from proxy.cache.placement import SHARED, Placement
 from proxy.cache.store import Frame, FrameCache, checksum_of
 from proxy.coordination import siblings
@@ -79,14 +80,15 @@ def _store(cache: FrameCache, place: Placement, sop: str, frame: int, content_ty
     for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
         _land(key)
     if stored:  # visible to this worker now, to all once on disk
-        # Held back for a quiet moment like what a retrieve or prefetch brings (flights.py) while this
-        # worker is alone: the writes no longer share the cores with the viewers (1 worker, no prefetch:
-        # the proxy's CPU 670 -> 410 ms over a cold viewer, 160 -> 80 ms over the next one). Beside a
-        # sibling, which reads it from the shared disk tier, written at once (held back, the second viewer
+        # Held back for a quiet moment like what a retrieve or prefetch brings (flights.py): the writes no
+        # longer share the cores with the viewers (1 worker, no prefetch: the proxy's CPU 670 -> 410 ms over
+        # a cold viewer, 160 -> 80 ms over the next one), and a sibling serving the same viewer asks for it
+        # from memory (handover.py; 2 workers, no prefetch: the first viewer 0.380 -> 0.300 s). Without the
+        # hand-over, a sibling would wait for the disk: then written at once (held back, the second viewer
         # took 0.32 s against 0.22 s).
         sibling = _sibling_key(sop, frame)
         task = cache.write_soon([(item, frame, mtype, ts, payload, checksum)], place.study,
-                                siblings.digest(sibling), defer=siblings.alone())
+                                siblings.digest(sibling), defer=siblings.alone() or handover.taker() is not None)
         _pending.add(task)
         _writing.add(sibling)
 
@@ -152,45 +154,104 @@ def cached_answer(target: Target, sel: Selection, hits: dict[int, Frame],
 
 
 def _carriers(target: Target, sel: Selection, absent: set[int],
-              want: bool = True) -> list[asyncio.Future[None]]:
+              want: bool = True) -> tuple[list[asyncio.Future[None]], bool]:
     """What is bringing these absent frames: a fetch of them here or in a sibling, or a study, series or
-    instance retrieve (a prefetch included) whose answer carries their instance. `want`: ask the siblings
+    instance retrieve (a prefetch included) whose answer carries their instance; and whether only
+    siblings are bringing them (then they can be asked for them: handover.py). `want`: ask the siblings
     to write them to disk next (`siblings.want`)."""
     if not absent:
-        return []
+        return [], False
     assert target.instance is not None
     flying = [_inflight[k] for n in absent if (k := _flight(target.instance, n, sel)) in _inflight]
     theirs = [f for n in absent if (f := siblings.flying(_sibling_key(target.instance, n), want)) is not None]
+    local = here(target.study, target.series, target.instance)
     arriving = arrivals(target.study, target.series, target.instance, want)
-    return flying + theirs + arriving
+    return flying + theirs + arriving, not flying and not local and bool(theirs or arriving)
+
+
+def _sibling_keys(target: Target, n: int) -> list[str]:
+    """Every key a sibling bringing frame `n` may hold it back under (diskwriter.py's tokens)."""
+    assert target.instance is not None
+    return [_sibling_key(target.instance, n), "learned/" + target.instance,
+            *scope_keys(target.study, target.series, target.instance)]
+
+
+async def _take(taker: handover.Taker, cache: FrameCache, target: Target, sel: Selection, n: int,
+                wait: float) -> None:
+    """Ask the siblings bringing frame `n` for its bytes (into this worker's memory tier); when none
+    hands it over, ask them to write it to disk instead (the waiter then reads it there)."""
+    assert target.instance is not None
+    keys = _sibling_keys(target, n)
+    for sibling in siblings.holders(keys):
+        given = await taker.ask(handover.giver_of(sibling), target.study, target.series or "", target.instance,
+                                n, sel.media_type, sel.transfer_syntax or "*", wait)
+        if given is not None:
+            cache.put(placed(target), n, given.media_type, given.transfer_syntax,
+                      given.payload, given.checksum)  # type: ignore[arg-type]  # (a memoryview, as a split's)
+            metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("given"))
+            return
+    metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("none"))
+    siblings.want(keys)
+
+
+async def give(study: str, series: str, sop: str, frame: int, media_type: str, transfer_syntax: str,
+               wait: float, cache: FrameCache) -> tuple[bytes | memoryview, int, str, str] | None:
+    """What this worker hands a sibling (handover.py): the frame from its memory tier, waiting up to
+    `wait` seconds while a fetch or retrieve here is bringing it; None when it does not hold it. Only what
+    the proxy learned with its own credentials, placed where the sibling's URL says (placement.py)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    item = Placement(study, series).key(sop)
+    while True:
+        hit = cache.get(item, frame, media_type, transfer_syntax, count=False, memory_only=True)
+        if hit is not None:
+            return hit.payload, hit.checksum, hit.media_type, hit.transfer_syntax
+        bringing = [f for k, f in _inflight.items() if k[0] == sop and k[1] == frame]
+        if scopes := here(study, series or None, sop):
+            bringing += [learned(sop), *scopes]
+        if not bringing or (left := deadline - loop.time()) <= 0:
+            return None
+        await asyncio.wait([asyncio.shield(f) for f in bringing], timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
 
 async def _await_or_claim(ctx: Context, cache: FrameCache, target: Target, sel: Selection,
                           hits: dict[int, Frame]) -> tuple[dict[int, Frame], tuple[int, ...]]:
     """(hits, frames this request fetches): what another request, retrieve or sibling is bringing is
-    waited for (up to the archives' idle_read), and what is left is claimed among the workers."""
+    waited for (up to the archives' idle_read), or asked of the sibling bringing it, and what is left is
+    claimed among the workers."""
     assert target.instance is not None and target.frames is not None
     loop = asyncio.get_running_loop()
     deadline = None
+    taker = handover.taker()
     heard_by = access.audiences(ctx)
-    for _ in range(CLAIM_TRIES):
-        flying = _carriers(target, sel, set(target.frames) - set(hits))
-        if flying and deadline is None:  # another request is fetching these frames: wait, not ask again
-            metrics.CACHE_WAITERS.inc()
-            deadline = loop.time() + ctx.patience()
-        while flying and deadline is not None and (left := deadline - loop.time()) > 0:
-            await asyncio.wait([asyncio.shield(f) for f in flying], timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            hits = lookup(cache, target, sel, heard_by)
-            # Still missing: what was bringing them may have handed over to another fetch (a prefetch
-            # that stopped for a client's retrieve of the same series): wait for that one too.
-            flying = [f for f in _carriers(target, sel, set(target.frames) - set(hits)) if not f.done()]
-        missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
-        # Claimed among the workers before the archive is asked: a sibling that missed the same frame in
-        # the same instant holds it now (its announcement still on its way), and the next look waits.
-        if not missing or siblings.claim([_sibling_key(target.instance, n) for n in missing]):
-            return hits, missing
-        hits = lookup(cache, target, sel, heard_by)  # (what the sibling claimed may have landed on disk since)
-    return hits, tuple(n for n in dict.fromkeys(target.frames) if n not in hits)  # fetched unclaimed
+    asks: list[asyncio.Future[None]] = []
+    try:
+        for _ in range(CLAIM_TRIES):
+            flying, theirs = _carriers(target, sel, set(target.frames) - set(hits), want=taker is None)
+            if flying and deadline is None:  # another request is fetching these frames: wait, not ask again
+                metrics.CACHE_WAITERS.inc()
+                deadline = loop.time() + ctx.patience()
+            if theirs and taker is not None and not asks and deadline is not None:
+                asks = [asyncio.ensure_future(_take(taker, cache, target, sel, n, deadline - loop.time()))
+                        for n in dict.fromkeys(target.frames) if n not in hits]
+            while flying and deadline is not None and (left := deadline - loop.time()) > 0:
+                await asyncio.wait([asyncio.shield(f) for f in flying + [a for a in asks if not a.done()]],
+                                   timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                hits = lookup(cache, target, sel, heard_by)
+                # Still missing: what was bringing them may have handed over to another fetch (a prefetch
+                # that stopped for a client's retrieve of the same series): wait for that one too.
+                flying = [f for f in _carriers(target, sel, set(target.frames) - set(hits), want=taker is None)[0]
+                          if not f.done()]
+            missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
+            # Claimed among the workers before the archive is asked: a sibling that missed the same frame in
+            # the same instant holds it now (its announcement still on its way), and the next look waits.
+            if not missing or siblings.claim([_sibling_key(target.instance, n) for n in missing]):
+                return hits, missing
+            hits = lookup(cache, target, sel, heard_by)  # (what the sibling claimed may have landed on disk since)
+        return hits, tuple(n for n in dict.fromkeys(target.frames) if n not in hits)  # fetched unclaimed
+    finally:
+        for a in asks:
+            a.cancel()
 
 
 async def frames(request: Request, ctx: Context, target: Target) -> Response:

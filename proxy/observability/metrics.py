@@ -109,7 +109,10 @@ SHARED_FAILURES = Counter("dicomweb_edge_shared_failures_total",
                           "Requests answered with the failure of an identical request's archive fetch they "
                           "waited for (single-flight), by the failure's status: archive failures answered more "
                           "than once.", ["status"])
-
+CACHE_HANDOVERS = Counter("dicomweb_edge_cache_handovers_total",
+                          "Frames a worker asked a sibling worker for and received from its memory tier "
+                          "(instead of waiting for them on the shared disk tier), by outcome: given, none "
+                          "(the sibling did not hold them: the disk tier then).", ["outcome"])
 
 PREFETCH_QUEUE = Gauge("dicomweb_edge_prefetch_queued", "Series prefetches waiting for a slot.",
                        multiprocess_mode="livesum")
