@@ -66,7 +66,9 @@ def _supervisor(config: uvicorn.Config, sock: socket.socket) -> Multiprocess:
             super().terminate_all()
 
     if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.52
-        return Supervisor(config, target=uvicorn.Server(config).run, sockets=[sock])
+        run = uvicorn.Server(config).run
+        # Only uvicorn < 0.52 takes `target=`: the error (and so the ignore) depends on the installed uvicorn.
+        return Supervisor(config, target=run, sockets=[sock])  # type: ignore[call-arg, unused-ignore]  # old uvicorn
     return Supervisor(config, sockets=[sock])
 
 
@@ -117,7 +119,8 @@ def serve(settings: Settings) -> None:
                             # (urls.base_of, limits.client_key): uvicorn's own handling would replace the
                             # peer's address with a forwarded one before any of that runs.
                             proxy_headers=False,
-                            timeout_graceful_shutdown=settings.shutdown_grace,
+                            # uvicorn's hint says int, but it is asyncio.timeout's seconds: a float works
+                            timeout_graceful_shutdown=settings.shutdown_grace,  # type: ignore[arg-type]  # (see above)
                             timeout_keep_alive=max(1, round(settings.keepalive_timeout)),
                             ssl_certfile=settings.tls_cert_file, ssl_keyfile=settings.tls_key_file)
     if settings.workers > 1:

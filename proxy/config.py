@@ -184,7 +184,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
         table = doc.pop(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
-        for k, v in table.items():
+        entries: dict[str, Any] = table  # a TOML table: its keys are strings
+        for k, v in entries.items():
             flat[(keys or {}).get(k, k)] = v
     flat["archives"] = doc.pop("archives", [])
     if "auth" in doc:

@@ -1,4 +1,5 @@
-"""proxy/observability/logs.py: the batched stderr handler keeps every record, in order, and never holds one long."""
+"""proxy/observability/logs.py: the batched stderr handler keeps every record, in order, and never holds one
+for long."""
 
 import asyncio
 import io

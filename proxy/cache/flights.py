@@ -119,7 +119,7 @@ def _frames_with_checksums(cache: FrameCache, pieces: list[bytes | memoryview], 
     tier holds it already (or this worker is writing it); and its study, to tag them with (blocking: in a
     thread). An instance received whole into one buffer is not copied (parts.whole). An instance that
     does not name its study and series teaches nothing: it could not be placed truthfully."""
-    frames, study, series = frames_and_place(whole(pieces))  # type: ignore[arg-type]
+    frames, study, series = frames_and_place(whole(pieces))
     if not study or not series:
         return [], [], None
     place = Placement(study, series, audience)

@@ -68,7 +68,7 @@ class Frame:
     @property
     def etag(self) -> str:
         """A strong validator: the bytes' checksum and length."""
-        checksum = self.checksum if self.checksum >= 0 else checksum_of(self.payload)  # type: ignore[arg-type]
+        checksum = self.checksum if self.checksum >= 0 else checksum_of(self.payload)
         return f'"{checksum:016x}-{len(self.payload):x}"'
 
 
@@ -200,7 +200,7 @@ class FrameCache:
             idx = self._get(index_key(item, frame), counted=False, memory_only=memory_only)
             if idx is None:
                 return None
-            media_type, _, transfer_syntax = bytes(idx[0]).decode().partition(";")  # type: ignore[arg-type]
+            media_type, _, transfer_syntax = bytes(idx[0]).decode().partition(";")
         found = self._get(frame_key(item, frame, media_type, transfer_syntax), counted=count, memory_only=memory_only)
         if found is None:
             return None

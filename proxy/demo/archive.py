@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from email.message import Message
 from http import HTTPStatus
@@ -173,7 +173,8 @@ def _matches(elem: DataElement | None, query: str) -> bool:
 
 def _split_multipart(body: bytes, boundary: str) -> list[bytes]:
     """The content of each part (a preamble, e.g. a leading CRLF, is skipped)."""
-    delim, parts = b"--" + boundary.encode("latin-1"), []
+    delim = b"--" + boundary.encode("latin-1")
+    parts: list[bytes] = []
     pos = body.find(delim)
     while pos >= 0:
         pos += len(delim)
@@ -194,7 +195,7 @@ def _needs_multipart(request: Request) -> None:
 
 async def _body(pieces: list[bytes], f: Faults) -> AsyncIterator[bytes]:
     """Yield the body in chunks (each piece, and every 64 KB), applying the body-level faults."""
-    chunks = (p[i : i + CHUNK] for p in pieces for i in range(0, len(p), CHUNK))
+    chunks: Iterator[bytes] = (p[i : i + CHUNK] for p in pieces for i in range(0, len(p), CHUNK))
     sent, limit, endless = 0, f.reset_after_bytes, f.endless_body
     if f.endless_part:  # after the pieces (the first part's head), its payload goes on and on, at full speed,
         # until the fault is cleared (a client that went away is not always seen here: without this the
@@ -204,6 +205,7 @@ async def _body(pieces: list[bytes], f: Faults) -> AsyncIterator[bytes]:
         if endless and not f.endless_body:
             return  # the fault was cleared (as above)
         chunk = bytes(CHUNK) if endless else chunk
+        assert chunk is not None  # not endless: the loop's condition took a chunk
         if limit is not None and sent + len(chunk) > limit:
             yield chunk[: limit - sent]
             raise ArchiveReset(f"fault injection: connection reset after {limit} bytes")
@@ -324,10 +326,10 @@ class SampleArchive:
         if p.parts is not None:
             boundary = f"{uuid.uuid4()}-{uuid.uuid4()}"[:70]
             pieces: list[bytes] = []
-            for i, (headers, content) in enumerate(p.parts):
+            for i, (part_headers, content) in enumerate(p.parts):
                 declared = len(content) - (1000 if f.short_part_length and i and len(content) > 1000 else 0)
                 length = [] if f.uncounted_parts else [("Content-Length", str(declared))]
-                lines = [*headers, *length, ("MIME-Version", "1.0")]
+                lines = [*part_headers, *length, ("MIME-Version", "1.0")]
                 head = "".join(f"{k}: {v}\r\n" for k, v in lines)
                 pieces += [(("\r\n" if i else "") + f"--{boundary}\r\n{head}\r\n").encode("latin-1"), content]
             if f.endless_part:
@@ -427,7 +429,11 @@ class SampleArchive:
         base, out = _base(request), []
         for e in self._select(request.path_params):
             url = (self.faults.bulk_uri_base or base) + e.path
-            item = e.ds.to_json_dict(bulk_data_element_handler=lambda el, u=url: f"{u}/bulk/{el.tag:08x}")
+
+            def bulk_uri(el: DataElement, u: str = url) -> str:  # a def: mypy infers no lambda with a default
+                return f"{u}/bulk/{el.tag:08x}"
+
+            item = e.ds.to_json_dict(bulk_data_element_handler=bulk_uri)
             item = {k: v for k, v in item.items() if not k.startswith("0002")}
             if e.pixel_vr:
                 item["7FE00010"] = {"vr": e.pixel_vr, "BulkDataURI": f"{url}/bulk/7fe00010"}

@@ -23,8 +23,11 @@ from proxy.runtime import check_settings, create_app
 log = logging.getLogger("dicomweb_edge.demo")
 
 
-def _start_archives(workdir: Path, force_sample: bool, stack: contextlib.ExitStack) -> tuple[str, list]:
+Server = OrthancServer | ArchiveServer  # a demo archive: a real Orthanc, or the built-in sample archive
 
+
+def _start_archives(workdir: Path, force_sample: bool, stack: contextlib.ExitStack) -> tuple[str, list[Server]]:
+    servers: list[Server]
     if find_orthanc() is not None and not force_sample:
         servers = [stack.enter_context(OrthancServer(workdir / n, f"DEMO_{n.upper()}")) for n in ("a", "b")]
         return "Orthanc " + "with the DICOMweb plugin", servers
@@ -33,7 +36,7 @@ def _start_archives(workdir: Path, force_sample: bool, stack: contextlib.ExitSta
     return "the built-in sample archive (Orthanc is not installed)", servers
 
 
-def _load(server: object, datasets: list) -> None:
+def _load(server: Server, datasets: list) -> None:
     if hasattr(server, "store"):
         server.store(datasets)
     else:

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     RLELossless,
@@ -26,7 +27,7 @@ MF_GRAY_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
 VL_WSM = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
-def new_uid() -> str:
+def new_uid() -> UID:
     """A fresh random UID."""
     return generate_uid(prefix=None)
 
@@ -58,9 +59,9 @@ def _base(study: Study, sop_class: str, series_uid: str, modality: str, series_n
           instance_number: int, series_desc: str, transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
     sop_uid = new_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = transfer_syntax
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
@@ -89,7 +90,8 @@ def _base(study: Study, sop_class: str, series_uid: str, modality: str, series_n
 
 def phantom(rows: int, cols: int, z: int, rng: np.random.Generator) -> np.ndarray:
     """A CT-like slice: body ellipse, two lungs, a spine whose size varies with z, and noise."""
-    y, x = np.ogrid[-1 : 1 : rows * 1j, -1 : 1 : cols * 1j]
+    # slice(): mypy takes only integers in the `a:b:c` syntax, and a complex step is ogrid's point count
+    y, x = np.ogrid[slice(-1, 1, rows * 1j), slice(-1, 1, cols * 1j)]
     img = np.full((rows, cols), -1000, dtype=np.float32)
     img[(x / 0.85) ** 2 + (y / 0.65) ** 2 <= 1] = 40
     img[((x + 0.35) / 0.18) ** 2 + (y / 0.3) ** 2 <= 1] = -800

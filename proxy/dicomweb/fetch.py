@@ -4,15 +4,23 @@ archive answered an error (`upstream_problem`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
-
-from starlette.requests import Request
+from typing import Any, Protocol
 
 from proxy.auth import access
 from proxy.dicomweb.context import Context
 from proxy.errors import Problem
 from proxy.formats.media import ANY_TS, Selection
 from proxy.upstream.archive import Archive, UpstreamError, UpstreamResponse
+
+
+class Caller(Protocol):
+    """What `open_upstream` reads of the client's request: its ASGI scope (a Starlette Request, or the
+    stand-in of a prefetch, which has no client request)."""
+
+    @property
+    def scope(self) -> Mapping[str, Any]: ...
 
 
 async def locate(ctx: Context, study: str) -> list[Archive]:
@@ -25,7 +33,7 @@ async def locate(ctx: Context, study: str) -> list[Archive]:
     return found
 
 
-async def open_upstream(ctx: Context, study: str | None, path: str, accept: str, request: Request,
+async def open_upstream(ctx: Context, study: str | None, path: str, accept: str, request: Caller,
                         service: str, query: str = "", archives: list[Archive] | None = None,
                         relay: bool = False) -> tuple[UpstreamResponse, AsyncExitStack]:
     """Open the first archive that has the resource (a 404 or an unreachable archive moves on).

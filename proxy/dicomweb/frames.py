@@ -24,8 +24,8 @@ from proxy.cache.store import Frame, FrameCache, checksum_of
 from proxy.coordination import siblings
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
-from proxy.dicomweb.reframe import Reframer, label
-from proxy.dicomweb.responses import BuffersResponse, StreamResponse
+from proxy.dicomweb.reframe import PartOut, Reframer, label
+from proxy.dicomweb.responses import AnyResponse, BuffersResponse, StreamResponse
 from proxy.dicomweb.retrieve import retrieve
 from proxy.dicomweb.target import Target, select, upstream_accept
 from proxy.dicomweb.urls import dicomweb_base
@@ -254,12 +254,13 @@ async def _await_or_claim(ctx: Context, cache: FrameCache, target: Target, sel: 
             a.cancel()
 
 
-async def frames(request: Request, ctx: Context, target: Target) -> Response:
+async def frames(request: Request, ctx: Context, target: Target) -> AnyResponse:
     """`.../instances/{sop}/frames/{list}`, through the frame cache when one is configured."""
     cache = ctx.cache
     if cache is None:
         return await retrieve(request, ctx, target, Resource.FRAMES, "frames")
     assert target.frames is not None and target.instance is not None
+    instance = target.instance  # a str: land_all, a closure, would not see the narrowing of target.instance
     sel = select(request, Resource.FRAMES, len(target.frames) == 1)
     base = dicomweb_base(request, ctx.settings, ctx.root)
     handed = request.scope.pop(LOOKED_UP, None)  # what the cache phase found (and counted) already
@@ -280,7 +281,7 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
         for k in keys:
             _land(k)
         for n in missing:  # what is being written settles once on disk (_store)
-            if (sibling := _sibling_key(target.instance, n)) not in _writing:
+            if (sibling := _sibling_key(instance, n)) not in _writing:
                 siblings.settle(sibling)
 
     try:
@@ -293,7 +294,7 @@ async def frames(request: Request, ctx: Context, target: Target) -> Response:
 
 
 async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection, base: str, cache: FrameCache,
-                 hits: dict[int, Frame], missing: tuple[int, ...], land_all: Callable[[], None]) -> Response:
+                 hits: dict[int, Frame], missing: tuple[int, ...], land_all: Callable[[], None]) -> StreamResponse:
     """One upstream request for the missing frames, streamed and teed."""
     assert target.instance is not None
     fetch = Target(target.study, target.series, target.instance, missing)
@@ -339,22 +340,21 @@ async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection,
 
 
 async def _single(cache: FrameCache, target: Target, place: Placement, events: PartEvents,
-                  part: object) -> AsyncIterator[bytes]:
+                  part: PartOut) -> AsyncIterator[bytes | memoryview]:
     assert target.frames is not None and target.instance is not None
     held = Held(cache.max_entry)
     try:
-        async for piece in part_payload(events, part.held, held):  # type: ignore[attr-defined]
-            yield piece  # type: ignore[misc]
+        async for piece in part_payload(events, part.held, held):
+            yield piece
     except (UpstreamError, MultipartError) as exc:
         raise StreamAborted(str(exc)) from None
     if held.pieces is not None:
-        _store(cache, place, target.instance, target.frames[0], part.content_type,  # type: ignore[attr-defined]
-               held.pieces)
+        _store(cache, place, target.instance, target.frames[0], part.content_type, held.pieces)
     await events.finish()
 
 
 async def _interleaved(cache: FrameCache, target: Target, place: Placement, hits: dict[int, Frame],
-                       events: PartEvents, part: object, rf: Reframer,
+                       events: PartEvents, part: PartOut | None, rf: Reframer,
                        base: str) -> AsyncIterator[bytes | memoryview]:
     assert target.frames is not None and target.instance is not None
     fetched: dict[int, Frame] = {}
@@ -371,15 +371,15 @@ async def _interleaved(cache: FrameCache, target: Target, place: Placement, hits
                 if not isinstance(nxt, PartHeaders):
                     raise MultipartError("the archive sent fewer frames than asked for")
                 part = await label(events, nxt, rf.sel)
-            yield rf.writer.part(part.content_type, loc, part.length)  # type: ignore[attr-defined]
+            yield rf.writer.part(part.content_type, loc, part.length)
             repeated = target.frames.count(n) > 1  # asked again later in the list: hold it whatever its size
             held = Held(1 << 62 if repeated else cache.max_entry)
-            async for piece in part_payload(events, part.held, held):  # type: ignore[attr-defined]
+            async for piece in part_payload(events, part.held, held):
                 yield piece
             pieces = held.pieces or []
-            mtype, params = parse_content_type(part.content_type)  # type: ignore[attr-defined]
+            mtype, params = parse_content_type(part.content_type)
             if held.pieces is not None:
-                _store(cache, place, target.instance, n, part.content_type, pieces)  # type: ignore
+                _store(cache, place, target.instance, n, part.content_type, pieces)
             if repeated:
                 fetched[n] = Frame(whole(pieces), mtype, params.get("transfer-syntax", ""))
             part = None

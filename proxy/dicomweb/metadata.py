@@ -102,7 +102,10 @@ async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> R
         return answer, heard
 
     async def look() -> tuple[Response, Heard] | None:  # what a sibling worker fetched meanwhile, from the disk tier
-        found = await asyncio.to_thread(documents.get_json, cache, url, heard_by) if storing else None
+        if not storing:
+            return None
+        assert cache is not None  # storing: the cache is on
+        found = await asyncio.to_thread(documents.get_json, cache, url, heard_by)
         return None if found is None else (_document(found[0], []), frozenset((found[1],)))
 
     try:

@@ -30,7 +30,7 @@ from proxy.cache.store import FrameCache
 from proxy.coordination import singleflight
 from proxy.dicomweb import retrieve
 from proxy.dicomweb.context import Context
-from proxy.dicomweb.responses import BuffersResponse, StreamResponse
+from proxy.dicomweb.responses import AnyResponse, BuffersResponse, StreamResponse
 from proxy.dicomweb.target import Target, select
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.formats.media import Resource, Selection, parse_content_type
@@ -131,7 +131,7 @@ def keeper(cache: FrameCache, key: Key, lead: singleflight.Lead | None = None) -
     return keep
 
 
-def _answer(request: Request, entry: Entry, multipart: bool, location: str | None, cache_control: str) -> Response:
+def _answer(request: Request, entry: Entry, multipart: bool, location: str | None, cache_control: str) -> AnyResponse:
     etag = entry.etag(multipart)
     headers = [("ETag", etag), ("Vary", "Accept"), ("X-Cache", "HIT"), ("Cache-Control", cache_control)]
     if etag in [t.strip().removeprefix("W/") for t in request.headers.get("if-none-match", "").split(",")]:
@@ -151,7 +151,7 @@ def _answer(request: Request, entry: Entry, multipart: bool, location: str | Non
 
 
 async def _cached(ctx: Context, key: Key, fetch: Callable[[Keep], Awaitable[StreamResponse]],
-                  respond: Callable[[Entry], Response], cache_control: str) -> Response:
+                  respond: Callable[[Entry], AnyResponse], cache_control: str) -> AnyResponse:
     """The cache phase of an object: a hit, once the caller is admitted to it (`access.admit`), is answered
     by `respond`; a miss is the archive's answer (`fetch(tee)`), asked once for concurrent identical misses,
     streamed with `X-Cache: MISS` and kept by the tee once it passed through whole."""
@@ -194,7 +194,7 @@ async def _once(ctx: Context, cache: FrameCache, key: Key, heard_by: tuple[str, 
     return resp
 
 
-async def instance(request: Request, ctx: Context, target: Target) -> Response:
+async def instance(request: Request, ctx: Context, target: Target) -> AnyResponse:
     """One instance (application/dicom), answered from the cache when its Part 10 bytes are there."""
     if ctx.cache is None or target.instance is None:
         return await retrieve.retrieve(request, ctx, target, Resource.INSTANCE, "instance")
@@ -207,7 +207,7 @@ async def instance(request: Request, ctx: Context, target: Target) -> Response:
                          lambda hit: _answer(request, hit, sel.multipart, location, IMMUTABLE), IMMUTABLE)
 
 
-async def bulk(request: Request, ctx: Context, target: Target, tags: str, location: str) -> Response:
+async def bulk(request: Request, ctx: Context, target: Target, tags: str, location: str) -> AnyResponse:
     """A bulk data element named by its instance and attribute path (`.../instances/{sop}/bulk/{tags}`)."""
     path = f"{target.path()}/bulk/{tags}"
     if ctx.cache is None or target.instance is None:
@@ -219,7 +219,7 @@ async def bulk(request: Request, ctx: Context, target: Target, tags: str, locati
     return await _bulk(request, ctx, target, sel, key, path, location, None)
 
 
-async def opaque_bulk(request: Request, ctx: Context, archive_name: str, remainder: str, location: str) -> Response:
+async def opaque_bulk(request: Request, ctx: Context, archive_name: str, remainder: str, location: str) -> AnyResponse:
     """A bulk data URI minted as /bulk/{archive}/{token}: cached when the archive path names its study,
     series and instance (placed there, and found there by a purge of the study), passed through otherwise."""
     archive = ctx.archive(archive_name)
@@ -235,7 +235,7 @@ async def opaque_bulk(request: Request, ctx: Context, archive_name: str, remaind
 
 
 async def _bulk(request: Request, ctx: Context, target: Target, sel: Selection, key: Key, path: str,
-                location: str, archives: list[Archive] | None) -> Response:
+                location: str, archives: list[Archive] | None) -> AnyResponse:
     return await _cached(ctx, key, lambda tee: retrieve.retrieve(request, ctx, target, Resource.BULKDATA, "bulkdata",
                                                              upstream_path=path, archives=archives,
                                                              location=location, keep=tee),
@@ -250,7 +250,7 @@ def rendering_key(target: Target, query: str) -> str:
     return f"{uid}/{frames}/{params}"
 
 
-async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bool) -> Response:
+async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bool) -> AnyResponse:
     """A rendered image or thumbnail, per media type and rendering parameters."""
     if ctx.cache is None:
         return await retrieve.rendered(request, ctx, target, thumbnail)

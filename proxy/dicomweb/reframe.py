@@ -129,7 +129,7 @@ class Reframer:
         return self.writer.part(part.content_type, loc, part.length)
 
     async def parts(self, events: PartEvents, first: PartOut | None, max_parts: int | None = None,
-                    first_header: bytes | None = None) -> AsyncIterator[bytes | memoryview]:
+                    first_header: bytes | None = None) -> AsyncIterator[bytes | memoryview | Relay]:
         """Every part of one archive response, re-framed; StreamAborted if the body breaks."""
         archive = events.archive
         part = first
@@ -214,13 +214,14 @@ async def _relayed(events: PartEvents, part: PartOut, head: bytes,
     (our part header, the payload the parser has seen) goes out with the relay, in one message."""
     prefix: list[bytes | memoryview] = [head]
     size = len(head)
+    ev: Event | None
     for ev in part.held:
         if isinstance(ev, PartEnd | PartHeaders):
             for piece in prefix:
                 yield piece
             return
-        prefix.append(ev)  # type: ignore[arg-type]
-        size += len(ev)  # type: ignore[arg-type]
+        prefix.append(ev)
+        size += len(ev)
     while True:
         relay = events.relay()
         if relay is not None:
@@ -250,13 +251,14 @@ async def payload(events: PartEvents, first: PartOut, keep: Keep | None = None,
     """The payload of one part, as a single-part body; `keep` gets the whole payload once the part
     ended cleanly (never a truncated one). `relay`: what nothing keeps may be relayed (splice.py)."""
     kept = Kept(keep, first.content_type, events.archive.audience)
+    ev: Event | None
     try:
         for ev in first.held:
             if isinstance(ev, PartEnd | PartHeaders):
                 if isinstance(ev, PartEnd):
                     kept.done()
                 return
-            kept.add(ev)  # type: ignore[arg-type]
+            kept.add(ev)
             yield ev
         while True:
             if relay and keep is None and (moving := events.relay()) is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeAlias
 
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import ClientGone, StreamAborted
@@ -29,7 +31,7 @@ class StreamResponse:
     client reports as a truncated body.
     """
 
-    def __init__(self, status: int, headers: list[tuple[str, str]], body: AsyncIterator[bytes],
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: AsyncIterator[bytes | memoryview | Relay],
                  on_close: Callable[[], Awaitable[None]] | None = None, watch_disconnect: bool = False) -> None:
         self.status = status
         self.raw_headers = encode_headers(headers)
@@ -91,6 +93,10 @@ class BuffersResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         for i, buf in enumerate(self.buffers):
             await send({"type": "http.response.body", "body": buf, "more_body": i < last})
+
+
+# What a handler answers: a Starlette Response, or one of the ASGI responses above (not Response subclasses).
+AnyResponse: TypeAlias = Response | StreamResponse | BuffersResponse
 
 
 async def _send(send: Send, payload: bytes | memoryview | Relay, more_body: bool) -> None:

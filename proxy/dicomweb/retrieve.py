@@ -19,7 +19,7 @@ from proxy.cache.flights import Fetching, learn_instance
 from proxy.dicomweb import prefetch
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
-from proxy.dicomweb.reframe import Reframer, label, payload
+from proxy.dicomweb.reframe import PartOut, Reframer, label, payload
 from proxy.dicomweb.responses import StreamResponse
 from proxy.dicomweb.target import VARY, Target, select, upstream_accept
 from proxy.dicomweb.urls import dicomweb_base
@@ -142,18 +142,18 @@ def _both(first: Keep, second: Keep) -> Keep:
     return tee
 
 
-async def _one_part(reframer: Reframer, events: PartEvents, first: object, head: bytes,
-                    tail: bytes) -> AsyncIterator[bytes | memoryview]:
-    async for chunk in reframer.parts(events, first, max_parts=1, first_header=head):  # type: ignore[arg-type]
+async def _one_part(reframer: Reframer, events: PartEvents, first: PartOut, head: bytes,
+                    tail: bytes) -> AsyncIterator[bytes | memoryview | Relay]:
+    async for chunk in reframer.parts(events, first, max_parts=1, first_header=head):
         yield chunk
     yield tail
     await events.finish()
 
 
 async def _single_archive(reframer: Reframer, events: PartEvents | None,
-                          first: object) -> AsyncIterator[bytes | memoryview]:
+                          first: PartOut | None) -> AsyncIterator[bytes | memoryview | Relay]:
     if events is not None:
-        async for chunk in reframer.parts(events, first):  # type: ignore[arg-type]
+        async for chunk in reframer.parts(events, first):
             yield chunk
     yield reframer.close()
 
@@ -216,7 +216,7 @@ async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, ar
     headers = [("Content-Type", reframer.writer.content_type(part_type or sel.media_type)), VARY]
     headers += [("Warning", w) for w in warnings]
 
-    async def body() -> AsyncIterator[bytes | memoryview]:
+    async def body() -> AsyncIterator[bytes | memoryview | Relay]:
         for events, head in zip(streams, heads, strict=True):
             if head is None:
                 continue

@@ -18,6 +18,7 @@ from proxy.dicomweb import store as stow
 from proxy.dicomweb.capabilities import capabilities_response
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.metadata import retrieve_metadata
+from proxy.dicomweb.responses import AnyResponse
 from proxy.dicomweb.target import Target
 from proxy.dicomweb.urls import dicomweb_base, external_base
 from proxy.errors import Problem
@@ -85,7 +86,7 @@ async def search(request: Request) -> Response:
     return await qido.search(request, _ctx(request), path)
 
 
-async def retrieve(request: Request) -> Response:
+async def retrieve(request: Request) -> AnyResponse:
     """Study, series or instance retrieve."""
     t = target(request)
     if t.instance:
@@ -98,22 +99,22 @@ async def metadata(request: Request) -> Response:
     return await retrieve_metadata(request, _ctx(request), target(request))
 
 
-async def frames(request: Request) -> Response:
+async def frames(request: Request) -> AnyResponse:
     """Frames of an instance."""
     return await frame_cache.frames(request, _ctx(request), target(request))
 
 
-async def rendered(request: Request) -> Response:
+async def rendered(request: Request) -> AnyResponse:
     """Rendered study, series, instance or frames."""
     return await objects.rendered(request, _ctx(request), target(request), thumbnail=False)
 
 
-async def thumbnail(request: Request) -> Response:
+async def thumbnail(request: Request) -> AnyResponse:
     """Thumbnail of a study, series, instance or frames."""
     return await objects.rendered(request, _ctx(request), target(request), thumbnail=True)
 
 
-async def bulk(request: Request) -> Response:
+async def bulk(request: Request) -> AnyResponse:
     """A bulk data element named by the path the proxy minted in metadata (archive-shaped)."""
     t = target(request)
     tags = request.path_params["tags"]
@@ -123,7 +124,7 @@ async def bulk(request: Request) -> Response:
     return await objects.bulk(request, _ctx(request), t, tags, location)
 
 
-async def opaque_bulk(request: Request) -> Response:
+async def opaque_bulk(request: Request) -> AnyResponse:
     """A bulk data URI outside the study hierarchy, minted as /bulk/{archive}/{token}."""
     ctx = _ctx(request)
     archive = ctx.archive(request.path_params["archive"])
@@ -137,12 +138,12 @@ async def opaque_bulk(request: Request) -> Response:
     return await objects.opaque_bulk(request, ctx, archive.name, remainder, location)
 
 
-async def pixeldata(request: Request) -> Response:
+async def pixeldata(request: Request) -> AnyResponse:
     """Pixel Data of a study, series or instance (PS3.18 Annex H), composed from metadata."""
     return await compose.composed(request, _ctx(request), target(request), pixeldata=True)
 
 
-async def bulkdata(request: Request) -> Response:
+async def bulkdata(request: Request) -> AnyResponse:
     """Every bulk data element of a study, series or instance, composed from metadata."""
     return await compose.composed(request, _ctx(request), target(request), pixeldata=False)
 

@@ -25,7 +25,7 @@ from proxy.dicomweb.target import client_accept
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem
 from proxy.federation import merge
-from proxy.federation.searchcache import Codec
+from proxy.federation.searchcache import Codec, Mark
 from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate
 from proxy.observability import metrics
 from proxy.upstream import jsonbody
@@ -213,6 +213,7 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
     no_cache = "no-cache" in (request.headers.get("cache-control", "") + request.headers.get("pragma", "")).lower()
     cached, mark = await ctx.searches.get(key, SINGLE, fresh=no_cache) if key is not None else (None, None)
     if key is not None and not no_cache:
+        assert mark is not None  # a key was looked up: `get` gave its mark
         metrics.child(metrics.CACHE_RESULTS, mark.tier, "search", "miss" if cached is None else "hit").inc()
     if cached is not None:
         response = _answer(*cached)
@@ -230,7 +231,7 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
 
 
 async def _search_one(request: Request, ctx: Context, archive: Archive, path: str, q: Query, query: str, base: str,
-                      key: tuple | None, mark: object) -> tuple[bytes | None, list[str]]:
+                      key: tuple | None, mark: Mark | None) -> tuple[bytes | None, list[str]]:
     """The one archive's answer, its URLs pointed at the proxy (kept briefly, with the cache on)."""
     resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "qido",
                                       query=query, archives=[archive])
@@ -334,7 +335,7 @@ def _patience(ctx: Context) -> float:
 
 
 async def _fan_out(request: Request, ctx: Context, path: str, q: Query, level: str, base: str, key: tuple,
-                   mark: object) -> tuple[list[merge.Record], list[str]]:
+                   mark: Mark) -> tuple[list[merge.Record], list[str]]:
     """Every healthy archive searched, the answers merged, de-duplicated and ordered (kept when whole)."""
     asked = [a for a in ctx.archives if a.breaker.allow()]
     skipped = [a for a in ctx.archives if a not in asked]

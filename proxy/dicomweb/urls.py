@@ -39,7 +39,7 @@ def base_of(scope: Scope, settings: Settings) -> str:
     """`external_base` from the ASGI scope itself (for the cache phase, which builds no Request)."""
     if settings.public_url:
         return settings.public_url
-    wanted = {}
+    wanted: dict[bytes, str] = {}
     for k, v in scope["headers"]:  # one pass over the raw headers: this runs on every cache hit
         if k in _WANTED:
             wanted.setdefault(k, v.decode("latin-1"))

@@ -28,7 +28,9 @@ class Locator:
         self.max_entries = max_entries
         self.shared = shared
         # With a shared tier, keys are digests: the other processes' events name studies that way.
-        self._key: Callable[[str], str] = digest if shared is not None else str
+        self._key: Callable[[str], str] = str
+        if shared is not None:  # (a statement: mypy < 1.13 types `digest if ... else str` as object)
+            self._key = digest
         self._table: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
         self._probes: dict[str, asyncio.Future[tuple[str, ...]]] = {}
         self.probes = 0  # how many times a miss had to ask the archives

@@ -4,7 +4,7 @@ an instance into its frames for the frame cache (the header walked here, pydicom
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, cast
 
 NEED_MORE = "need-more"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
@@ -190,7 +190,7 @@ def _cut(part10: bytes, layout: dict[str, object]) -> Frames:
     from pydicom.encaps import generate_frames
 
     ts, sop, count = str(layout["ts"]), str(layout["sop"]), int(layout["frames"])  # type: ignore[call-overload]
-    at, length = layout["pixels"]  # type: ignore[misc]
+    at, length = cast(tuple[int, int], layout["pixels"])  # pixel_layout stores (offset, length) there
     data = memoryview(part10)[at : at + length]
     if not layout.get("encapsulated"):
         if ts not in (EXPLICIT_LE, IMPLICIT_LE):
@@ -200,7 +200,7 @@ def _cut(part10: bytes, layout: dict[str, object]) -> Frames:
         if size == 0 or bits % 8 or len(data) < size * count:
             return []
         if count == 1:  # a view: the instance's buffer is (nearly) the frame, no copy
-            return [(sop, 1, "application/octet-stream", EXPLICIT_LE, data[:size])]  # type: ignore[list-item]
+            return [(sop, 1, "application/octet-stream", EXPLICIT_LE, data[:size])]
         # Copies: a view would keep the whole instance alive while the memory tier counts one frame.
         return [(sop, n + 1, "application/octet-stream", EXPLICIT_LE, bytes(data[n * size : (n + 1) * size]))
                 for n in range(count)]

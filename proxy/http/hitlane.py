@@ -150,12 +150,12 @@ class Lane:
                  for n, f in hits.items()}
         entries = tuple(owner[id(c)][:2] for c in chunks if id(c) in owner)
         payloads = [owner[id(c)][2] for c in chunks if id(c) in owner]
-        pieces = tuple(None if id(c) in owner else bytes(c) for c in chunks)  # type: ignore[arg-type]
+        pieces = tuple(None if id(c) in owner else bytes(c) for c in chunks)
         prepared = _Prepared(entries, etag, encode_headers(headers), pieces, sum(len(c) for c in chunks))
         self.prepared[(path, accept, base)] = prepared
         if len(self.prepared) > PREPARED:
             self.prepared.popitem(last=False)
-        return prepared, payloads  # type: ignore[return-value]
+        return prepared, payloads
 
 
 class HitLane:

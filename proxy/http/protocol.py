@@ -20,9 +20,10 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
+from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from proxy.config import SETTINGS_ENV, Settings
@@ -198,7 +199,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         scope["raw_path"] = url
         scope["query_string"] = b""
         try:
-            answer = lane.answer(scope)
+            # cast: uvicorn's HTTPScope TypedDict describes a plain dict, which the ASGI layers use as Starlette's Scope
+            answer = lane.answer(cast(Scope, scope))
         except Exception:  # a fault here must not become the parser's 400: the routed path answers
             log.exception("cache phase failed; the request is routed")
             return False

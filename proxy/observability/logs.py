@@ -42,7 +42,7 @@ def _lean_records() -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging._srcfile = None  # type: ignore[attr-defined]  # no stack walk for the caller's file and line
+    logging._srcfile = None  # no stack walk for the caller's file and line
 
 
 class JsonFormatter(logging.Formatter):
@@ -102,7 +102,7 @@ class TextFormatter(logging.Formatter):
         return f"{line} {extra}" if extra else line
 
 
-class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class BatchedStreamHandler(logging.StreamHandler):
     """A StreamHandler that writes in batches, like nginx's `access_log ... buffer= flush=`.
 
     The access log writes a record per request, and a write plus a flush per record cost about a third

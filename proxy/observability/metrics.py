@@ -202,9 +202,9 @@ class Tally:
                 metric_child.inc(amount)
         for metric_child, (total, buckets) in histograms.items():
             metric_child._sum.inc(total)
-            for value, n in zip(metric_child._buckets, buckets, strict=True):
+            for bucket, n in zip(metric_child._buckets, buckets, strict=True):
                 if n:
-                    value.inc(n)
+                    bucket.inc(n)
 
 
 TALLY = Tally()

@@ -24,7 +24,7 @@ from proxy.upstream.archive import UpstreamError, UpstreamResponse
 
 JSON_TYPES = ("application/dicom+json", "application/json")
 _IN_THREAD = 4 * 1024 * 1024  # larger bodies are checked off the event loop (~5 ms per 4 MB)
-_SKIP = msgspec.json.Decoder(msgspec.Raw)
+_SKIP: msgspec.json.Decoder[msgspec.Raw] = msgspec.json.Decoder(msgspec.Raw)
 
 
 def parses(body: bytes) -> bool:

@@ -145,12 +145,13 @@ async def part_payload(events: PartEvents, held: list[Event], kept: Held | None 
     straight into one buffer of that size (transport.Response.read_into), passed on in RECEIVE_STEP
     slices as they fill: no receive buffer stays held for the cache and nothing is joined afterwards
     (`whole`). Measured on a prefetch: ~15-20 % less CPU per series."""
+    ev: Event | None
     for ev in held:
         if isinstance(ev, PartEnd | PartHeaders):
             return
         if kept is not None:
-            kept.add(ev)  # type: ignore[arg-type]
-        yield ev  # type: ignore[misc]
+            kept.add(ev)
+        yield ev
     pending = events.pending
     while pending and not isinstance(pending[0], PartEnd | PartHeaders):  # parsed with the part's headers
         ev = pending.popleft()

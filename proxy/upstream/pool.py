@@ -82,7 +82,7 @@ class Pool:
         except TimeoutError:
             raise ConnectTimeout(f"no connection within {timeout:g}s") from None
         self.opened += 1
-        return Connection(transport, protocol)  # type: ignore[arg-type]
+        return Connection(transport, protocol)
 
     async def request(self, method: str, target: str, headers: dict[str, str], body: Any = None,
                       connect_timeout: float = 5.0, first_byte_timeout: float = 30.0, window: int = 0) -> Response:

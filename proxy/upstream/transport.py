@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, overload
 
 
 class ConnectionHome(Protocol):
@@ -64,6 +64,12 @@ class Headers:
     def __init__(self, items: list[tuple[str, str]]) -> None:
         self.items = items
         self._map = {k.lower(): v for k, v in items}
+
+    @overload
+    def get(self, name: str, default: None = None) -> str | None: ...
+
+    @overload
+    def get(self, name: str, default: str) -> str: ...
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The last value of `name`."""
