@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -148,7 +149,7 @@ class Runtime:
             bus.on_yield = sibling_yield  # a sibling's client retrieves what is prefetched here
             cache = ctx.cache
             if "handover" not in settings.disable:
-                handover.start(bus.name, lambda *ask: give(*ask, cache=cache))  # frames straight from memory
+                handover.start(bus.name, partial(give, cache=cache))  # frames straight from memory
 
     async def close(self) -> None:
         """Stop what `start` started; release every archive's connections, the shared tier and the cache."""

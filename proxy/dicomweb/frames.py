@@ -187,7 +187,7 @@ async def _take(taker: handover.Taker, cache: FrameCache, target: Target, sel: S
                                 n, sel.media_type, sel.transfer_syntax or "*", wait)
         if given is not None:
             cache.put(placed(target), n, given.media_type, given.transfer_syntax,
-                      given.payload, given.checksum)  # type: ignore[arg-type]  # (a memoryview, as a split's)
+                      given.payload, given.checksum)  # (a memoryview of a buffer of its own, as a split's)
             metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("given"))
             return
     metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("none"))
