@@ -6,9 +6,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.encaps import generate_frames
-from support import ProxyProcess, missing, orthanc_holding, split_multipart
+from support import ProxyProcess, missing, orthanc_file, orthanc_holding, split_multipart
 
-from proxy.demo.synth import Patient, Study, multiframe_jpeg, multiframe_native
+from proxy.demo.synth import Patient, Study, multiframe_jpeg, multiframe_native, to_part10
 
 ANY = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
 FRAME = 256 * 256 * 2
@@ -41,8 +41,6 @@ def payloads(r):
 
 def stow(client, proxy, ds):
     """Store one dataset through the proxy (STOW-RS); returns the response."""
-    from proxy.demo.synth import to_part10
-
     boundary = "cacheTestBoundary"
     body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_part10(ds)
             + f"\r\n--{boundary}--\r\n".encode())
@@ -92,6 +90,9 @@ def test_keys_name_the_transfer_syntax(archive, data, tmp_path):
         assert decoded.headers["x-cache"] == "MISS"
         body = payloads(decoded)[0]
         assert len(body) == jpeg.Rows * jpeg.Columns * 3 and body != stored[1]
+        direct = c.get(url(archive.dicomweb_url, jpeg, "2"), headers={
+            "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'})
+        assert body == payloads(direct)[0]  # the archive's decoding of frame 2, not just its size
 
 
 def test_shared_by_workers_survives_restart_and_archive_outage(archive, data, tmp_path):
@@ -245,7 +246,7 @@ def test_instances_passing_through_become_frame_entries(archive, data, tmp_path)
         for ds in (native, jpeg):
             r = c.get(f"{proxy.dicomweb_url}/studies/{ds.StudyInstanceUID}",
                       headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
-            assert r.status_code == 200
+            assert payloads(r) == [orthanc_file(archive, ds.SOPInstanceUID)]  # the retrieve itself is whole
         expected = len(native.PixelData) + sum(len(f) for f in stored)
         deadline = time.monotonic() + 20
         while True:  # the split happens off the event loop: wait for it, bounded
@@ -319,7 +320,7 @@ async def test_a_frame_request_during_a_series_retrieve_waits_for_it(data, tmp_p
         async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
             task = await study_retrieve_in_flight(c, proxy.dicomweb_url, native, archive)
             frame = await c.get(url(proxy.dicomweb_url, native, "4"), headers=ANY)
-            assert (await task).status_code == 200
+            assert payloads(await task) == [to_part10(native)]  # the retrieve the frame waited on, whole
     assert frame.status_code == 200 and payloads(frame) == [native_frame(native, 4)]
     assert archive.requests["frames"] == 0
 
@@ -345,7 +346,7 @@ async def test_a_retrieve_in_one_worker_serves_frame_requests_in_the_other(data,
                     return await one.get(url(proxy.dicomweb_url, native, str(n)), headers=ANY)
 
             frames = await asyncio.gather(*(fresh(1 + i % 6) for i in range(12)))
-            assert (await study).status_code == 200
+            assert payloads(await study) == [to_part10(native)]
     assert [payloads(r) for r in frames] == [[native_frame(native, 1 + i % 6)] for i in range(12)]
     assert archive.requests["frames"] == 0
 
@@ -369,7 +370,7 @@ async def test_a_frame_a_sibling_is_bringing_is_handed_over_from_its_memory(data
         async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
             study = await study_retrieve_in_flight(c, first.dicomweb_url, native, archive)
             frame = await c.get(url(second.dicomweb_url, native, "4"), headers=ANY)
-            assert (await study).status_code == 200
+            assert payloads(await study) == [to_part10(native)]
             texts = [(await c.get(f"{p.url}/metrics")).text for p in (first, second)]
             again = await c.get(url(second.dicomweb_url, native, "4"), headers=ANY)
     assert again.headers["x-cache"] == "HIT" and payloads(again) == [native_frame(native, 4)]

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ProxyProcess, orthanc_holding, split_multipart
+from support import ProxyProcess, orthanc_file, orthanc_holding, split_multipart
 
 from proxy.demo.synth import Patient, Study, ct_series, multiframe_native, to_part10
 
@@ -70,6 +70,8 @@ def test_rendered_and_thumbnails_are_hits_keyed_by_parameters_and_media_type(arc
         first = c.get(rendered + "?quality=80&viewport=64,64", headers=JPEG)
         assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
         assert first.content[:2] == b"\xff\xd8" and first.headers["content-type"].startswith("image/jpeg")
+        direct = inst(archive.dicomweb_url, data) + "/frames/2/rendered?quality=80&viewport=64,64"
+        assert first.content == c.get(direct, headers=JPEG).content  # the archive's rendering, then cached
         before = settled_upstream(proxy, "rendered", at_least=1)
         again = c.get(rendered + "?viewport=64,64&quality=80", headers=JPEG)  # same parameters, other order
         assert again.headers["x-cache"] == "HIT" and again.content == first.content
@@ -84,6 +86,7 @@ def test_rendered_and_thumbnails_are_hits_keyed_by_parameters_and_media_type(arc
         assert other_quality.headers["x-cache"] == "MISS" and other_quality.content != first.content
         png = c.get(rendered + "?viewport=64,64&quality=80", headers={"Accept": "image/png"})
         assert png.headers["x-cache"] == "MISS" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.content == c.get(direct, headers={"Accept": "image/png"}).content
         png2 = c.get(rendered + "?viewport=64,64&quality=80&accept=image/png")  # the accept parameter
         assert png2.headers["x-cache"] == "HIT" and png2.content == png.content
         assert upstream(proxy, "rendered") == before + 2
@@ -103,6 +106,7 @@ def test_instances_and_bulk_data_are_hits_in_every_representation(archive, data,
         first = c.get(url, headers=ANY_DICOM)
         assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
         (headers, part10), = split_multipart(first.content, first.headers["content-type"])[1]
+        assert part10 == orthanc_file(archive, data.SOPInstanceUID)  # the stored file, then the same from the cache
         before = settled_upstream(proxy, "instance", at_least=1)
         again = c.get(url, headers=ANY_DICOM)
         assert again.headers["x-cache"] == "HIT" and upstream(proxy, "instance") == before
@@ -119,6 +123,9 @@ def test_instances_and_bulk_data_are_hits_in_every_representation(archive, data,
         one, two = c.get(url, headers=implicit), c.get(url, headers=implicit)
         assert (one.headers["x-cache"], two.headers["x-cache"]) == ("MISS", "HIT")
         assert one.content == two.content != part10
+        implicit_parts = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'
+        direct = c.get(inst(archive.dicomweb_url, data), headers={"Accept": implicit_parts})  # the archive's own
+        assert two.content == split_multipart(direct.content, direct.headers["content-type"])[1][0][1]
         assert two.headers["content-type"] == "application/dicom; transfer-syntax=1.2.840.10008.1.2"
         assert upstream(proxy, "instance") == before + 1
 
@@ -167,7 +174,7 @@ def test_a_truncated_entry_is_never_served(archive, data, tmp_path):
     with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / "one", ["--cache-dir", str(cache_dir)]) as proxy, \
             httpx.Client(trust_env=False, timeout=30) as c:
         good = c.get(url.format(base=proxy.dicomweb_url), headers={"Accept": "application/dicom"})
-        assert good.headers["x-cache"] == "MISS"
+        assert good.headers["x-cache"] == "MISS" and good.content == orthanc_file(archive, data.SOPInstanceUID)
         wait_disk_entries(c, proxy, 1)
     blobs = list(cache_dir.rglob("*.val"))
     assert blobs, "a 790 KB instance is stored as a file"
@@ -227,9 +234,16 @@ async def test_concurrent_identical_object_misses_ask_the_archive_once(data, tmp
             rs = await asyncio.gather(*(c.get(inst(fronts[i % proxies].dicomweb_url, data) + path, headers=accept)
                                         for i in range(30)))
         waiters = sum(metric(p, "dicomweb_edge_cache_singleflight_waiters_total") for p in fronts)
+        asked = archive.requests[kind]
+        if kind == "rendered":  # what the archive renders (asked once more, directly, after the count)
+            expected = httpx.get(inst(server.dicomweb_url, data) + path, headers=accept, trust_env=False).content
     assert {r.status_code for r in rs} == {200}
     bodies = {r.content if kind != "retrieve" else split_multipart(r.content, r.headers["content-type"])[1][0][1]
               for r in rs}
-    assert len(bodies) == 1 and len(bodies.pop()) > 1000
-    assert archive.requests[kind] == 1 and waiters == 29
+    if kind == "retrieve":
+        expected = to_part10(data)  # the Part 10 bytes the archive holds
+    elif kind == "bulk":
+        expected = data.PixelData
+    assert bodies == {expected}  # every client got the archive's bytes, not just the same bytes
+    assert asked == 1 and waiters == 29
     assert sorted(r.headers["x-cache"] for r in rs).count("MISS") == 1

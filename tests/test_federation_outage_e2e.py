@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from support import ProxyProcess, orthanc_holding
+from support import ProxyProcess, first_payload, native_frame, orthanc_file, orthanc_holding
 
 from proxy.demo.synth import Patient, Study, multiframe_native
 
@@ -65,9 +65,13 @@ def test_a_study_held_only_by_a_down_archive_is_unavailable_not_missing(first, s
         finally:
             second.start()
         # Back: served at once, although b's breaker is still open for its cool-down.
+        expected = {"metadata": lambda r: [m["00080018"]["Value"][0] for m in r.json()] == [held.SOPInstanceUID],
+                    "frames": lambda r: first_payload(r) == native_frame(held, 2),
+                    "series": lambda r: first_payload(r) == orthanc_file(second, held.SOPInstanceUID)}
         for kind, (url, headers) in urls(proxy.dicomweb_url, held).items():
             r = client.get(url, headers=headers)
             assert r.status_code == 200, (kind, r.status_code, r.text[:200])
+            assert expected[kind](r), kind  # the held study itself, not just a 200
         r = client.get(f"{proxy.dicomweb_url}/studies/1.2.3.999.31/metadata")  # nobody holds it, all answered
         assert r.status_code == 404
 
@@ -84,6 +88,7 @@ def test_stale_metadata_stands_in_while_the_only_holder_is_down(first, second, h
         url = urls(proxy.dicomweb_url, held)["metadata"][0]
         fresh = client.get(url)
         assert fresh.status_code == 200 and fresh.headers["x-cache"] == "MISS"
+        assert [m["00080018"]["Value"][0] for m in fresh.json()] == [held.SOPInstanceUID]
         port = proxy.port  # (the same address again: metadata documents are kept per base URL)
     second.stop()
     try:

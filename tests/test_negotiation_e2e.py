@@ -196,6 +196,9 @@ def test_q_values_are_honoured(client, proxy_a, orthanc_a, slide):
     headers, content = split_multipart(response.content, response.headers["content-type"])[1][0]
     assert _header(headers, "Content-Type") == f"application/octet-stream; transfer-syntax={EVLE}"
     assert len(content) == slide.Rows * slide.Columns * slide.SamplesPerPixel  # decoded to 8-bit RGB
+    evle_parts = f'multipart/related; type="application/octet-stream"; transfer-syntax={EVLE}'
+    direct = client.get(orthanc_a.dicomweb_url + instance_path(slide) + "/frames/1", headers={"Accept": evle_parts})
+    assert content == split_multipart(direct.content, direct.headers["content-type"])[1][0][1]  # as decoded there
 
 
 def test_bulkdata_part_location_is_the_metadata_uri(client, proxy_a, ct0):
