@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeAlias
 
 from starlette.responses import Response
@@ -87,12 +87,7 @@ class BuffersResponse:
         self.buffers = buffers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
-        last = len(self.buffers) - 1
-        if last < 0:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        for i, buf in enumerate(self.buffers):
-            await send({"type": "http.response.body", "body": buf, "more_body": i < last})
+        await send_buffers(send, self.status, self.raw_headers, self.buffers)
 
 
 # What a handler answers: a Starlette Response, or one of the ASGI responses above (not Response subclasses).
@@ -105,3 +100,15 @@ async def _send(send: Send, payload: bytes | memoryview | Relay, more_body: bool
         await send_relay(send, payload, more_body)
     else:
         await send({"type": "http.response.body", "body": payload, "more_body": more_body})
+
+
+async def send_buffers(send: Send, status: int, raw_headers: list[tuple[bytes, bytes]],
+                       buffers: Sequence[bytes | memoryview]) -> None:
+    """A response whose body is already at hand as buffers: each handed to the server as it is, the last
+    one ending the response (no empty closing write)."""
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    last = len(buffers) - 1
+    if last < 0:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    for i, buf in enumerate(buffers):
+        await send({"type": "http.response.body", "body": buf, "more_body": i < last})

@@ -37,7 +37,7 @@ from proxy.cache.store import frame_key
 from proxy.config import Settings
 from proxy.dicomweb import frames
 from proxy.dicomweb.context import Context
-from proxy.dicomweb.responses import encode_headers
+from proxy.dicomweb.responses import encode_headers, send_buffers
 from proxy.dicomweb.routes import target_of
 from proxy.dicomweb.urls import DICOMWEB_ROOT, base_of
 from proxy.errors import Problem
@@ -170,11 +170,6 @@ class HitLane:
                 and frames.LOOKED_UP not in scope):  # (the protocol's cache phase looked it up already)
             answer = self.lane.answer(scope)
             if answer is not None:
-                await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
-                last = len(answer.body) - 1
-                if last < 0:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                for i, piece in enumerate(answer.body):
-                    await send({"type": "http.response.body", "body": piece, "more_body": i < last})
+                await send_buffers(send, answer.status, answer.headers, answer.body)
                 return
         await self.app(scope, receive, send)
