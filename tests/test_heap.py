@@ -76,7 +76,7 @@ def test_instance_sized_buffers_come_from_the_warmed_heap():
     from the warmed heap, not from fresh mmaps, however many there are (the memory tier keeps them)."""
     code = (
         "import resource, sys\n"
-        "from proxy import heap\n"
+        "from proxy.cache import heap\n"
         "warmed = heap.warm(int(sys.argv[1]))\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "kept = [bytearray(524_782) for _ in range(64)]\n"
