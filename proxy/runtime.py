@@ -16,14 +16,17 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 
 from proxy.auth.inbound import parse as parse_auth
-from proxy.cache import handover, heap
+from proxy.cache import heap
+from proxy.cache.entries import checksum_of
+from proxy.cache.learning import Learner
 from proxy.cache.store import DISK_ERRORS, FrameCache
 from proxy.config import SETTINGS_ENV, ArchiveConfig, ConfigError, Settings
-from proxy.coordination import siblings
+from proxy.coordination.flights import Flights
 from proxy.coordination.redis_tier import SharedStore
+from proxy.coordination.siblings import Siblings
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.frames import give
-from proxy.dicomweb.prefetch import sibling_yield
+from proxy.dicomweb.prefetch import Prefetcher
 from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.federation.locator import Locator
 from proxy.federation.searchcache import SearchCache
@@ -83,15 +86,19 @@ def build_context(settings: Settings) -> Context:
     if settings.redis_url:
         shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)
     archives = [Archive(a, settings.queue_timeout) for a in ordered]
+    flights = Flights()
+    learner = Learner(flights)
+    prefetch = Prefetcher(flights, learner, settings.prefetch_concurrency)
     ctx = Context(settings, archives, locator=Locator(settings.locator_ttl, shared=shared),
                   searches=SearchCache(settings.search_cache_ttl, shared=shared), cache=cache, shared=shared,
-                  cache_off=off)
+                  cache_off=off, flights=flights, learner=learner, prefetch=prefetch)
     for a in ctx.archives:
         # /upstreams/{name}/dicomweb: the same machinery, one archive, its own URL space.
         ctx.single[a.name] = Context(settings, [a], root=f"/upstreams/{a.name}{DICOMWEB_ROOT}",
                                      locator=ctx.locator, searches=SearchCache(settings.search_cache_ttl,
                                                                                shared=shared),
-                                     cache=cache, shared=shared)
+                                     cache=cache, shared=shared, flights=flights, learner=learner,
+                                     prefetch=prefetch)
     return ctx
 
 
@@ -143,13 +150,17 @@ class Runtime:
         if ctx.cache is None or not settings.cache_dir:
             return
         heap.warm(min(settings.memory_warm_bytes, settings.memory_cache_bytes))
-        bus = siblings.start(settings.cache_dir, claims="claims" not in settings.disable)
-        if bus is not None:
-            bus.on_want = ctx.cache.writer.want  # a sibling waits for frames this worker holds back
-            bus.on_yield = sibling_yield  # a sibling's client retrieves what is prefetched here
-            cache = ctx.cache
-            if "handover" not in settings.disable:
-                handover.start(bus.name, partial(give, cache=cache))  # frames straight from memory
+        if ctx.flights.channel is not None:
+            return
+        channel = Siblings(settings.cache_dir)
+        if "claims" in settings.disable:
+            channel.max_claims = 0  # fetches announced, never claimed
+        if not channel.start():
+            return
+        channel.on_want = ctx.cache.writer.want  # a sibling waits for frames this worker holds back
+        channel.on_yield = ctx.prefetch.sibling_yield  # a sibling's client retrieves what is prefetched here
+        find = None if "handover" in settings.disable else partial(give, ctx)  # frames straight from memory
+        ctx.flights.connect(channel, find, checksum_of)
 
     async def close(self) -> None:
         """Stop what `start` started; release every archive's connections, the shared tier and the cache."""
@@ -161,9 +172,10 @@ class Runtime:
             await ctx.shared.close()
         for a in ctx.archives:
             await a.close()
+        await ctx.prefetch.close()
+        await ctx.flights.close()
+        ctx.learner.close()
         if ctx.cache is not None:
-            await handover.stop()
-            siblings.stop()
             ctx.cache.close()
         metrics.TALLY.flush()  # this worker's last requests
 

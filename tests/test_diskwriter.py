@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from proxy.cache import busy, handover, purges
+from proxy.cache import busy, purges
 from proxy.cache import writer as diskwriter
 from proxy.cache.placement import Placement
 from proxy.cache.store import FrameCache, checksum_of
-from proxy.coordination import siblings
+from proxy.coordination.flights import Flights
 from proxy.coordination.siblings import Siblings
 from proxy.dicomweb import frames
 from proxy.formats.part10 import EXPLICIT_LE
@@ -202,21 +202,33 @@ async def test_frames_a_stopping_worker_deferred_survive_the_restart(tmp_path, q
 @pytest.mark.skipif(sys.platform != "linux", reason="the siblings channel uses abstract Unix sockets")
 async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_beside_a_sibling(
         tmp_path, quiet, monkeypatch):
-    """... unless the sibling can ask for it from this worker's memory (handover.py): then it waits too."""
+    """... unless the sibling can ask for it from this worker's memory (the hand-over): then it waits too."""
     cache = FrameCache(str(tmp_path))
-    bus = siblings.start(str(tmp_path))
-    assert bus is not None
-    bus.on_want = cache.writer.want  # (as context.start wires it)
+    flights = Flights()
+    bus = Siblings(str(tmp_path))
+    assert bus.start()
+    bus.on_want = cache.writer.want  # (as runtime.py wires it)
+    flights.connect(bus, None, checksum_of)
     other = Siblings(str(tmp_path), ident="sibling")
     ctype = f"{MEDIA}; transfer-syntax={EXPLICIT_LE}"
 
     PLACED = Placement("1.2", "1.2.9").key("1.2.3")  # the instance as _store keys it (placement.py)
 
+    class Ctx:
+        pass
+
+    ctx = Ctx()
+    ctx.flights = flights  # type: ignore[attr-defined]
+
     def store(n: int, study: str = "1.2") -> asyncio.Future:
-        before = set(frames._pending)
-        frames._store(cache, Placement(study, "1.2.9"), "1.2.3", n, ctype, [os.urandom(64 * 1024)])
-        (task,) = set(frames._pending) - before
-        return task
+        """Frame `n` fetched and stored by the flight that leads it; its disk write."""
+        flight = flights.lead([frames.frame_key("1.2.3", n)])
+        assert flight is not None
+        writes: list[asyncio.Future] = []
+        land = flight.land
+        flight.land = lambda key, written=None, value=None: (writes.append(written), land(key, written, value))
+        frames._store(ctx, cache, Placement(study, "1.2.9"), "1.2.3", n, ctype, [os.urandom(64 * 1024)], flight)
+        return writes[0]
 
     try:
         alone = store(1)  # no sibling: held back while clients keep coming
@@ -226,13 +238,13 @@ async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_b
 
         assert other.start()
         async with asyncio.timeout(5):
-            while siblings.alone():
+            while flights.alone():
                 await asyncio.sleep(0.01)
         async with asyncio.timeout(10):
             await store(2)  # a sibling may serve the next viewer: written at once, busy or not
         assert on_disk(tmp_path, 2, PLACED) and not on_disk(tmp_path, 1, PLACED)
 
-        landed = other.landing(frames._sibling_key("1.2.3", 1))  # the sibling waits for frame 1: says so
+        landed = other.landing(frames.frame_key("1.2.3", 1))  # the sibling waits for frame 1: says so
         async with asyncio.timeout(10):
             await asyncio.shield(landed)  # ... and it is written and settled, still busy
             await alone
@@ -241,15 +253,14 @@ async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_b
         async def nothing(*ask):
             return None
 
-        handover.start(bus.name, nothing)  # the sibling can ask for it from memory: held back again
+        flights.connect(bus, nothing, checksum_of)  # the sibling can ask for it from memory: held back again
         async with asyncio.timeout(5):
-            while handover.taker() is None:
+            while not flights.can_take:
                 await asyncio.sleep(0.01)
         held = store(3, "1.9")  # (of another study: 1.2 is being written for the sibling that wanted it)
         await looks(cache.writer, monkeypatch, 3)
         assert not held.done() and not on_disk(tmp_path, 3, Placement("1.9", "1.2.9").key("1.2.3"))
     finally:
-        await handover.stop()
+        await flights.close()
         other.close()
-        siblings.stop()
         cache.close()

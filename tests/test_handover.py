@@ -1,4 +1,5 @@
-"""Frames handed from one worker's memory tier to a sibling's (proxy/handover.py), over real sockets."""
+"""Frames handed from one worker's memory tier to a sibling's (proxy/coordination/handover.py), over real
+sockets."""
 
 import asyncio
 import contextlib
@@ -8,9 +9,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.cache import handover
 from proxy.cache.entries import checksum_of
-from proxy.cache.handover import Giver, Taker
+from proxy.coordination import handover
+from proxy.coordination.flights import Flights
+from proxy.coordination.handover import Giver, Taker
 from proxy.dicomweb import frames
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="abstract Unix sockets are Linux-only")
@@ -26,8 +28,9 @@ class Holder:
         self.lie = False
         self.asked: list[tuple] = []
 
-    async def find(self, study, series, sop, frame, mtype, ts, wait):
-        self.asked.append((study, series, sop, frame, mtype, ts))
+    async def find(self, fields, wait):
+        study, series, sop, frame, mtype, ts = fields
+        self.asked.append((study, series, sop, int(frame), mtype, ts))
         if sop in self.later:
             try:
                 await asyncio.wait_for(self.later[sop].wait(), wait)
@@ -42,7 +45,7 @@ class Holder:
 @contextlib.asynccontextmanager
 async def handing(holder: Holder) -> AsyncIterator[tuple[Giver, Taker]]:
     """A giver answering from `holder`, and a taker to ask it; both closed afterwards."""
-    g, taker = Giver(f"dicomweb-edge-give/test-{os.getpid()}-{id(holder)}/1", holder.find), Taker()
+    g, taker = Giver(f"dicomweb-edge-give/test-{os.getpid()}-{id(holder)}/1", holder.find), Taker(checksum_of)
     assert await g.start()
     try:
         yield g, taker
@@ -52,7 +55,7 @@ async def handing(holder: Holder) -> AsyncIterator[tuple[Giver, Taker]]:
 
 
 def ask(taker: Taker, g: Giver, sop: str, wait: float = 1.0, name: str | None = None):
-    return taker.ask(name or g.name, "9", "8", sop, 1, "application/octet-stream", "*", wait)
+    return taker.ask(name or g.name, ("9", "8", sop, "1", "application/octet-stream", "*"), wait)
 
 
 async def asked(holder: Holder) -> None:
@@ -67,7 +70,7 @@ async def test_a_frame_crosses_whole_and_the_connection_is_kept(tmp_path):
     big = os.urandom(4 * 1024 * 1024 + 7)  # larger than any socket buffer: many reads into one buffer
     holder.frames = {"1.2.3": big, "1.2.4": b"x" * 100}
     async with handing(holder) as (g, taker):
-        got = await taker.ask(g.name, "9", "8", "1.2.3", 2, "application/octet-stream", "*", 1.0)
+        got = await taker.ask(g.name, ("9", "8", "1.2.3", "2", "application/octet-stream", "*"), 1.0)
         assert got is not None and bytes(got.payload) == big and got.checksum == checksum_of(big)
         assert isinstance(got.payload, memoryview) and got.payload.readonly  # what the cache phase sends as is
         assert (got.media_type, got.transfer_syntax) == ("application/octet-stream", TS)
@@ -121,16 +124,22 @@ async def test_a_frame_none_hands_over_is_wanted_on_disk(monkeypatch):
     """The fallback: no sibling hands the frame over, so the siblings are asked to write it to disk next
     (the waiter then reads it there), under every key it may be held back by."""
 
-    class Nobody:
-        async def ask(self, *args):
-            return None
+    class Ctx:
+        flights = Flights()
 
+    asked: list[list[str]] = []
     wanted: list[list[str]] = []
-    monkeypatch.setattr(frames.siblings, "holders", lambda keys: ["dicomweb-edge/x/1"])
-    monkeypatch.setattr(frames.siblings, "want", wanted.append)
+
+    async def nobody(keys, fields, wait):
+        asked.append(keys)
+        return None
+
+    monkeypatch.setattr(Ctx.flights, "take", nobody)
+    monkeypatch.setattr(Ctx.flights, "want", wanted.append)
     target = frames.Target("1.1", "1.2", "1.3", (4,))
     sel = frames.Selection(True, "application/octet-stream", None)
-    await frames._take(Nobody(), None, target, sel, 4, 1.0)  # type: ignore[arg-type]
+    await frames._take(Ctx(), None, target, sel, 4, 1.0)  # type: ignore[arg-type]
+    assert asked == wanted
     assert wanted == [["frame/1.3/4", "learned/1.3", "scope/1.1/*/*", "scope/1.1/1.2/*", "scope/1.1/1.2/1.3"]]
     assert handover.giver_of("dicomweb-edge/abc/12") == "dicomweb-edge-give/abc/12"
 

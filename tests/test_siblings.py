@@ -100,16 +100,20 @@ async def test_a_waiter_says_once_what_it_wants_and_the_holder_hears_it(tmp_path
 async def test_a_client_retrieve_in_one_worker_stops_the_same_prefetch_in_the_other(tmp_path):
     """A series (or its study) that one worker prefetches and a client of the other retrieves is streamed by
     the archive once: the retrieving worker says so, and the prefetching one stops (prefetch.py)."""
+    from proxy.cache.learning import Learner
+    from proxy.coordination.flights import Flights
     from proxy.dicomweb import prefetch
 
     async def streaming() -> None:
         await asyncio.sleep(3600)
 
+    flights = Flights()
+    prefetcher = prefetch.Prefetcher(flights, Learner(flights), 2)
     async with pair(tmp_path) as (a, b):
-        a.on_yield = prefetch.sibling_yield
+        a.on_yield = prefetcher.sibling_yield
         tasks = {series: asyncio.ensure_future(streaming()) for series in ("1.2.3.1", "1.2.3.2", "1.2.3.3")}
         for series, task in tasks.items():  # what _prefetch registers while it streams
-            prefetch._running[series] = ("1.2.3" if series != "1.2.3.3" else "1.2.9", task)
+            prefetcher.running[series] = ("1.2.3" if series != "1.2.3.3" else "1.2.9", task)
         try:
             b.ask_to_yield(prefetch._scope_key("1.2.3", "1.2.3.1"))  # a series retrieve
             await until(lambda: tasks["1.2.3.1"].cancelled())
@@ -118,9 +122,7 @@ async def test_a_client_retrieve_in_one_worker_stops_the_same_prefetch_in_the_ot
             await until(lambda: tasks["1.2.3.2"].cancelled())
             assert not tasks["1.2.3.3"].done()  # a series of another study (the same message left it)
         finally:
-            for series, task in tasks.items():
-                prefetch._running.pop(series, None)
-                prefetch._yielding.discard(task)
+            for task in tasks.values():
                 task.cancel()
 
 

@@ -1,6 +1,7 @@
 """Short-lived documents every worker shares through the frame cache's disk tier: WADO-RS metadata
-answers (fresh for a TTL, then kept for stale-if-error), and prefetch claims (one worker prefetches a
-series). Both are tagged `json:{study}`, so a store to the study or a purge drops them (purges.py).
+answers (fresh for a TTL, then kept for stale-if-error), and the record of which series were prefetched
+recently (by any worker: not again within the TTL). Both are tagged `json:{study}`, so a store to the
+study or a purge drops them (purges.py).
 """
 
 from __future__ import annotations
@@ -61,16 +62,17 @@ def put_json(cache: FrameCache, url: str, audience: str, body: bytes, study: str
     cache.wrote(len(body))
 
 
-def claim_prefetch(cache: FrameCache, study: str, series: str, ttl: float) -> bool:
-    """Claim the prefetch of a series for this worker: False when some worker prefetched it within `ttl`
-    or is prefetching it now (an atomic insert). Blocking."""
+def mark_prefetched(cache: FrameCache, study: str, series: str, ttl: float) -> bool:
+    """Record that this worker prefetches a series now: False when some worker prefetched it within `ttl`
+    (an atomic insert; who prefetches it *now* is the flight's business, coordination/flights.py).
+    Blocking."""
     try:
         return bool(cache.disk.add("prefetched/" + series, 1, expire=ttl, tag=f"json:{study}"))
     except DISK_ERRORS:
         return True  # no shared record: prefetch, as a single worker would
 
 
-def release_prefetch(cache: FrameCache, series: str) -> None:
+def forget_prefetched(cache: FrameCache, series: str) -> None:
     """The prefetch failed: let the next series metadata request try again. Blocking."""
     try:
         cache.disk.delete("prefetched/" + series)

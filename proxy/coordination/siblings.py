@@ -1,11 +1,12 @@
 """Sibling workers: the processes that share one cache directory tell each other what is in flight.
 
-Each worker's single-flight tables (frames.py, cache.py) only know that worker's fetches. With
+This is the cross-process half of flights.py (the one way fetches are collapsed), which alone uses it:
+a worker's own table of flights only knows that worker's fetches. With
 `--workers 2`, a prefetch running in one worker would not stop the other from asking the archive for
 every frame of the same series. So a worker that starts fetching something *announces* it, and *settles*
 it once the bytes are on the shared disk tier (or the fetch gave up); a sibling that misses waits for
 the settle instead of going upstream, then reads the disk tier. A worker writes what it serves from
-memory to disk when it is quiet (diskwriter.py), so a sibling that starts waiting says it *wants* the
+memory to disk when it is quiet (cache/writer.py), so a sibling that starts waiting says it *wants* the
 key: whoever holds it writes it next.
 
 A fetch is also *claimed* (`claim`): this worker binds an abstract socket named after the key, which
@@ -206,6 +207,10 @@ class Siblings:
         for key in keys:
             self._send(_WANT + digest(key))
 
+    def peers_now(self) -> list[str]:
+        """The other workers on this cache directory, as last looked up (at most once a second)."""
+        return self._peers()
+
     def holders(self, keys: list[str]) -> list[str]:
         """The siblings that announced any of `keys`; all of them when none did (a claim seen before its
         announcement names nobody)."""
@@ -302,81 +307,7 @@ class Siblings:
                 self._looked = -REFRESH
 
 
-_bus: Siblings | None = None
-
-
-def start(cache_dir: str, claims: bool = True) -> Siblings | None:
-    """Open this worker's end (once per process); `claims` False: fetches are announced, never claimed."""
-    global _bus
-    if _bus is None:
-        bus = Siblings(cache_dir)
-        if not claims:
-            bus.max_claims = 0
-        if bus.start():
-            _bus = bus
-    return _bus
-
-
-def stop() -> None:
-    """Close this worker's end."""
-    global _bus
-    if _bus is not None:
-        _bus.close()
-        _bus = None
-
-
-def announce(key: str) -> None:
-    """This worker starts fetching `key` (no-op without siblings)."""
-    if _bus is not None:
-        _bus.announce(key)
-
-
-def settle(key: str) -> None:
-    """`key` is on the disk tier now, or will not be (no-op without siblings)."""
-    if _bus is not None:
-        _bus.settle(key)
-
-
-def claim(keys: list[str]) -> bool:
-    """Claim the fetch of `keys` among the workers: False (none claimed) when a sibling holds one; True
-    without siblings."""
-    return True if _bus is None else _bus.claim(keys)
-
-
-def flying(key: str, want: bool = True) -> asyncio.Future[None] | None:
-    """A sibling is fetching `key`: done when it settles."""
-    return None if _bus is None else _bus.flying(key, want)
-
-
-def want(keys: list[str]) -> None:
-    """This worker waits for `keys` to be on disk (no-op without siblings)."""
-    if _bus is not None:
-        _bus.want(keys)
-
-
-def holders(keys: list[str]) -> list[str]:
-    """The siblings (their channel names) to ask for what `keys` name."""
-    return [] if _bus is None else _bus.holders(keys)
-
-
 def workers_on(cache_dir: str) -> int:
     """How many worker processes serve `cache_dir` now (their channels in /proc/net/unix; 0 where there
     is no such table)."""
     return len(Siblings(cache_dir, ident="probe")._peers())
-
-
-def ask_to_yield(key: str) -> None:
-    """Tell the siblings that a client of this worker fetches what `key` names (no-op without siblings)."""
-    if _bus is not None:
-        _bus.ask_to_yield(key)
-
-
-def alone() -> bool:
-    """Whether this worker knows it has no sibling on its cache directory (False without a channel:
-    then it cannot know)."""
-    return _bus is not None and not _bus._peers()
-
-
-def landing(key: str, want: bool = True) -> asyncio.Future[None] | None:
-    """Done when a sibling settles `key`."""
-    return None if _bus is None else _bus.landing(key, want)

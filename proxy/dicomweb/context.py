@@ -7,14 +7,29 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from proxy.cache.learning import Learner
 from proxy.cache.store import FrameCache
 from proxy.config import Settings
+from proxy.coordination.flights import Flights
 from proxy.coordination.redis_tier import SharedStore
 from proxy.dicomweb.urls import DICOMWEB_ROOT
 from proxy.federation.locator import Locator
 from proxy.federation.searchcache import SearchCache
 from proxy.upstream.archive import Archive, UpstreamError
+
+
+class Prefetches(Protocol):
+    """The worker's prefetches (dicomweb/prefetch.py), as the handlers that start and stop them see them."""
+
+    def schedule(self, ctx: Context, study: str, series: str) -> None: ...
+
+    def yield_to(self, study: str, series: str | None) -> None: ...
+
+    def sibling_yield(self, d: bytes) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -30,6 +45,10 @@ class Context:
     cache: FrameCache | None = None
     shared: SharedStore | None = None  # the Redis tier, when configured
     cache_off: str | None = None  # why a configured cache is off for now (its directory cannot be opened)
+    # The worker's, shared by the /upstreams/{name} contexts:
+    flights: Flights = field(kw_only=True)  # the fetches in flight (the one way to collapse them)
+    learner: Learner = field(kw_only=True)  # what retrieves teach the frame cache
+    prefetch: Prefetches = field(kw_only=True)
 
     def stored_elsewhere(self, studies: dict[str, str]) -> None:
         self.locator.stored_elsewhere(studies)

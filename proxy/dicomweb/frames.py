@@ -10,18 +10,18 @@ stores a partial frame).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.auth import access
-from proxy.cache import handover
-from proxy.cache.flights import arrivals, here, learned, scope_keys
+from proxy.cache.learning import learned_key, scope_keys
 from proxy.cache.placement import SHARED, Placement
 from proxy.cache.store import Frame, FrameCache, checksum_of
-from proxy.coordination import siblings
+from proxy.coordination.flights import Flight
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
 from proxy.dicomweb.reframe import PartOut, Reframer, label
@@ -38,27 +38,18 @@ from proxy.upstream.parts import Held, PartEvents, part_payload
 
 CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")
 LOOKED_UP = "dicomweb_edge.looked_up"  # scope key: (Target, Selection, hits) of the cache phase's lookup
-_pending: set[asyncio.Future[list[bool]]] = set()
-# Single-flight: (SOP UID, frame, media type, transfer syntax) → done when the fetch in flight ends.
-_inflight: dict[tuple[str, int, str, str], asyncio.Future[None]] = {}
-_writing: set[str] = set()  # sibling keys of frames fetched here whose disk write is under way
-CLAIM_TRIES = 3  # looks for what brings the missing frames, each ending in a claim; then fetched unclaimed
+CLAIM_TRIES = 3  # looks for what brings the missing frames, each ending in a try to lead; then fetched unled
 
 
-def _sibling_key(sop: str, frame: int) -> str:
-    """What the sibling workers know a frame fetch by (any encoding: a waiter looks its own up after)."""
+def frame_key(sop: str, frame: int) -> str:
+    """The flight key of a frame (any encoding: a follower looks its own up once the flight lands)."""
     return f"frame/{sop}/{frame}"
 
 
-def _flight(sop: str, frame: int, sel: Selection) -> tuple[str, int, str, str]:
-    return (sop, frame, sel.media_type, sel.transfer_syntax or "*")
-
-
-def _land(key: tuple[str, int, str, str]) -> None:
-    """The frame is stored (or its fetch failed): wake whoever waits for it."""
-    fut = _inflight.pop(key, None)
-    if fut is not None and not fut.done():
-        fut.set_result(None)
+def handed_failure(exc: Problem) -> bool:
+    """Whether an archive's refusal of a frame fetch is its followers' answer too: only what does not depend
+    on the encoding asked (the instance is not there, the archive fails), since they may ask for another."""
+    return exc.status in (404, 410) or exc.status >= 500
 
 
 def placed(target: Target, audience: str = SHARED) -> str:
@@ -67,8 +58,8 @@ def placed(target: Target, audience: str = SHARED) -> str:
     return Placement(target.study, target.series or "", audience).key(target.instance)
 
 
-def _store(cache: FrameCache, place: Placement, sop: str, frame: int, content_type: str,
-           pieces: list[bytes | memoryview]) -> None:
+def _store(ctx: Context, cache: FrameCache, place: Placement, sop: str, frame: int, content_type: str,
+           pieces: list[bytes | memoryview], flight: Flight | None) -> None:
     mtype, params = parse_content_type(content_type)
     ts = params.get("transfer-syntax")
     if not mtype or not ts:
@@ -76,28 +67,22 @@ def _store(cache: FrameCache, place: Placement, sop: str, frame: int, content_ty
     payload = whole(pieces)  # (no copy when the frame was received whole into a buffer of its own)
     checksum = checksum_of(payload)  # once, for the memory tier and the disk tier's entry
     item = place.key(sop)
-    stored = cache.put(item, frame, mtype, ts, payload, checksum)
-    for key in [k for k in _inflight if k[0] == sop and k[1] == frame]:
-        _land(key)
-    if stored:  # visible to this worker now, to all once on disk
-        # Held back for a quiet moment like what a retrieve or prefetch brings (flights.py): the writes no
-        # longer share the cores with the viewers (1 worker, no prefetch: the proxy's CPU 670 -> 410 ms over
-        # a cold viewer, 160 -> 80 ms over the next one), and a sibling serving the same viewer asks for it
-        # from memory (handover.py; 2 workers, no prefetch: the first viewer 0.380 -> 0.300 s). Without the
-        # hand-over, a sibling would wait for the disk: then written at once (held back, the second viewer
-        # took 0.32 s against 0.22 s).
-        sibling = _sibling_key(sop, frame)
-        task = cache.write_soon([(item, frame, mtype, ts, payload, checksum)], place.study,
-                                siblings.digest(sibling), defer=siblings.alone() or handover.taker() is not None)
-        _pending.add(task)
-        _writing.add(sibling)
-
-        def written(t: asyncio.Future[list[bool]]) -> None:
-            _pending.discard(t)
-            _writing.discard(sibling)
-            siblings.settle(sibling)  # a sibling waiting for this frame reads it from disk now
-
-        task.add_done_callback(written)
+    key = frame_key(sop, frame)
+    if not cache.put(item, frame, mtype, ts, payload, checksum):
+        if flight is not None:
+            flight.land(key)
+        return
+    # Visible to this worker now, to all once on disk. Held back for a quiet moment like what a retrieve or
+    # prefetch brings (cache/learning.py): the writes no longer share the cores with the viewers (1 worker, no
+    # prefetch: the proxy's CPU 670 -> 410 ms over a cold viewer, 160 -> 80 ms over the next one), and a
+    # sibling serving the same viewer asks for it from memory (the hand-over; 2 workers, no prefetch: the
+    # first viewer 0.380 -> 0.300 s). Without the hand-over, a sibling would wait for the disk: then written
+    # at once (held back, the second viewer took 0.32 s against 0.22 s).
+    flights = ctx.flights
+    written = cache.write_soon([(item, frame, mtype, ts, payload, checksum)], place.study, flights.token(key),
+                               defer=flights.alone() or flights.can_take)
+    if flight is not None:
+        flight.land(key, written)  # followers here look it up now; siblings read it from disk once written
 
 
 def lookup(cache: FrameCache, target: Target, sel: Selection, heard_by: tuple[str, ...] = (SHARED,),
@@ -153,102 +138,112 @@ def cached_answer(target: Target, sel: Selection, hits: dict[int, Frame],
     return etag, headers, chunks
 
 
-def _carriers(target: Target, sel: Selection, absent: set[int],
-              want: bool = True) -> tuple[list[asyncio.Future[None]], bool]:
+def _carriers(ctx: Context, target: Target, absent: set[int],
+              want: bool = True) -> tuple[list[asyncio.Future[Any]], bool]:
     """What is bringing these absent frames: a fetch of them here or in a sibling, or a study, series or
     instance retrieve (a prefetch included) whose answer carries their instance; and whether only
-    siblings are bringing them (then they can be asked for them: handover.py). `want`: ask the siblings
-    to write them to disk next (`siblings.want`)."""
+    siblings are bringing them (then they can be asked for them: `_take`). `want`: ask the siblings to
+    write them to disk next."""
     if not absent:
         return [], False
     assert target.instance is not None
-    flying = [_inflight[k] for n in absent if (k := _flight(target.instance, n, sel)) in _inflight]
-    theirs = [f for n in absent if (f := siblings.flying(_sibling_key(target.instance, n), want)) is not None]
-    local = here(target.study, target.series, target.instance)
-    arriving = arrivals(target.study, target.series, target.instance, want)
-    return flying + theirs + arriving, not flying and not local and bool(theirs or arriving)
+    flights = ctx.flights
+    keys = [frame_key(target.instance, n) for n in absent]
+    mine = flights.carriers(keys, here=True, siblings=False)
+    theirs = flights.carriers(keys, want, here=False, siblings=True)
+    retrieving = flights.here(scope_keys(target.study, target.series, target.instance))
+    arriving = ctx.learner.arrivals(target.study, target.series, target.instance, want)
+    return mine + theirs + arriving, not mine and not retrieving and bool(theirs or arriving)
 
 
 def _sibling_keys(target: Target, n: int) -> list[str]:
-    """Every key a sibling bringing frame `n` may hold it back under (diskwriter.py's tokens)."""
+    """Every key a sibling bringing frame `n` may lead it under."""
     assert target.instance is not None
-    return [_sibling_key(target.instance, n), "learned/" + target.instance,
+    return [frame_key(target.instance, n), learned_key(target.instance),
             *scope_keys(target.study, target.series, target.instance)]
 
 
-async def _take(taker: handover.Taker, cache: FrameCache, target: Target, sel: Selection, n: int,
-                wait: float) -> None:
+async def _take(ctx: Context, cache: FrameCache, target: Target, sel: Selection, n: int, wait: float) -> None:
     """Ask the siblings bringing frame `n` for its bytes (into this worker's memory tier); when none
     hands it over, ask them to write it to disk instead (the waiter then reads it there)."""
     assert target.instance is not None
     keys = _sibling_keys(target, n)
-    for sibling in siblings.holders(keys):
-        given = await taker.ask(handover.giver_of(sibling), target.study, target.series or "", target.instance,
-                                n, sel.media_type, sel.transfer_syntax or "*", wait)
-        if given is not None:
-            cache.put(placed(target), n, given.media_type, given.transfer_syntax,
-                      given.payload, given.checksum)  # (a memoryview of a buffer of its own, as a split's)
-            metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("given"))
-            return
+    fields = (target.study, target.series or "", target.instance, str(n), sel.media_type, sel.transfer_syntax or "*")
+    given = await ctx.flights.take(keys, fields, wait)
+    if given is not None:
+        cache.put(placed(target), n, given.media_type, given.transfer_syntax,
+                  given.payload, given.checksum)  # (a memoryview of a buffer of its own, as a split's)
+        metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("given"))
+        return
     metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("none"))
-    siblings.want(keys)
+    ctx.flights.want(keys)
 
 
-async def give(study: str, series: str, sop: str, frame: int, media_type: str, transfer_syntax: str,
-               wait: float, cache: FrameCache) -> tuple[bytes | memoryview, int, str, str] | None:
-    """What this worker hands a sibling (handover.py): the frame from its memory tier, waiting up to
-    `wait` seconds while a fetch or retrieve here is bringing it; None when it does not hold it. Only what
-    the proxy learned with its own credentials, placed where the sibling's URL says (placement.py)."""
+async def give(ctx: Context, fields: tuple[str, ...], wait: float) -> tuple[bytes | memoryview, int, str, str] | None:
+    """What this worker hands a sibling (the hand-over): the frame `fields` name (study, series, SOP
+    Instance UID, number, media type, transfer syntax) from its memory tier, waiting up to `wait` seconds
+    while a fetch or retrieve here is bringing it; None when it does not hold it. Only what the proxy
+    learned with its own credentials, placed where the sibling's URL says (placement.py)."""
+    study, series, sop, number, media_type, transfer_syntax = fields
+    frame, cache = int(number), ctx.cache
+    if cache is None:
+        return None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     item = Placement(study, series).key(sop)
+    flights = ctx.flights
     while True:
         hit = cache.get(item, frame, media_type, transfer_syntax, count=False, memory_only=True)
         if hit is not None:
             return hit.payload, hit.checksum, hit.media_type, hit.transfer_syntax
-        bringing = [f for k, f in _inflight.items() if k[0] == sop and k[1] == frame]
-        if scopes := here(study, series or None, sop):
-            bringing += [learned(sop), *scopes]
+        bringing = flights.carriers([frame_key(sop, frame)], siblings=False)
+        if scopes := flights.carriers(scope_keys(study, series or None, sop), siblings=False):
+            bringing += [*flights.landing(learned_key(sop), siblings=False), *scopes]
         if not bringing or (left := deadline - loop.time()) <= 0:
             return None
         await asyncio.wait([asyncio.shield(f) for f in bringing], timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
 
-async def _await_or_claim(ctx: Context, cache: FrameCache, target: Target, sel: Selection,
-                          hits: dict[int, Frame]) -> tuple[dict[int, Frame], tuple[int, ...]]:
-    """(hits, frames this request fetches): what another request, retrieve or sibling is bringing is
-    waited for (up to the archives' idle_read), or asked of the sibling bringing it, and what is left is
-    claimed among the workers."""
+async def _await_or_lead(ctx: Context, cache: FrameCache, target: Target, sel: Selection,
+                         hits: dict[int, Frame]) -> tuple[dict[int, Frame], tuple[int, ...], Flight | None]:
+    """(hits, frames this request fetches, its flight): what another request, retrieve or sibling is
+    bringing is followed (up to the archives' idle_read), or asked of the sibling bringing it, and what is
+    left is led (claimed among the workers too)."""
     assert target.instance is not None and target.frames is not None
+    if all(n in hits for n in target.frames):
+        return hits, (), None
     loop = asyncio.get_running_loop()
     deadline = None
-    taker = handover.taker()
+    takes = ctx.flights.can_take
     heard_by = access.audiences(ctx)
     asks: list[asyncio.Future[None]] = []
     try:
         for _ in range(CLAIM_TRIES):
-            flying, theirs = _carriers(target, sel, set(target.frames) - set(hits), want=taker is None)
+            flying, theirs = _carriers(ctx, target, set(target.frames) - set(hits), want=not takes)
             if flying and deadline is None:  # another request is fetching these frames: wait, not ask again
                 metrics.CACHE_WAITERS.inc()
                 deadline = loop.time() + ctx.patience()
-            if theirs and taker is not None and not asks and deadline is not None:
-                asks = [asyncio.ensure_future(_take(taker, cache, target, sel, n, deadline - loop.time()))
+            if theirs and takes and not asks and deadline is not None:
+                asks = [asyncio.ensure_future(_take(ctx, cache, target, sel, n, deadline - loop.time()))
                         for n in dict.fromkeys(target.frames) if n not in hits]
             while flying and deadline is not None and (left := deadline - loop.time()) > 0:
-                await asyncio.wait([asyncio.shield(f) for f in flying + [a for a in asks if not a.done()]],
-                                   timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                await ctx.flights.follow(flying + [a for a in asks if not a.done()], left)
                 hits = lookup(cache, target, sel, heard_by)
                 # Still missing: what was bringing them may have handed over to another fetch (a prefetch
                 # that stopped for a client's retrieve of the same series): wait for that one too.
-                flying = [f for f in _carriers(target, sel, set(target.frames) - set(hits), want=taker is None)[0]
+                flying = [f for f in _carriers(ctx, target, set(target.frames) - set(hits), want=not takes)[0]
                           if not f.done()]
             missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
-            # Claimed among the workers before the archive is asked: a sibling that missed the same frame in
-            # the same instant holds it now (its announcement still on its way), and the next look waits.
-            if not missing or siblings.claim([_sibling_key(target.instance, n) for n in missing]):
-                return hits, missing
+            if not missing:
+                return hits, missing, None
+            # Led here and claimed among the workers before the archive is asked: a sibling that missed the
+            # same frame in the same instant holds its claim now (its announcement still on its way), and the
+            # next look waits.
+            flight = ctx.flights.lead([frame_key(target.instance, n) for n in missing])
+            if flight is not None:
+                return hits, missing, flight
             hits = lookup(cache, target, sel, heard_by)  # (what the sibling claimed may have landed on disk since)
-        return hits, tuple(n for n in dict.fromkeys(target.frames) if n not in hits)  # fetched unclaimed
+        return hits, tuple(n for n in dict.fromkeys(target.frames) if n not in hits), None  # fetched unled
     finally:
         for a in asks:
             a.cancel()
@@ -260,41 +255,31 @@ async def frames(request: Request, ctx: Context, target: Target) -> AnyResponse:
     if cache is None:
         return await retrieve(request, ctx, target, Resource.FRAMES, "frames")
     assert target.frames is not None and target.instance is not None
-    instance = target.instance  # a str: land_all, a closure, would not see the narrowing of target.instance
     sel = select(request, Resource.FRAMES, len(target.frames) == 1)
     base = dicomweb_base(request, ctx.settings, ctx.root)
     handed = request.scope.pop(LOOKED_UP, None)  # what the cache phase found (and counted) already
     hits = handed[2] if handed is not None and handed[:2] == (target, sel) else \
         lookup(cache, target, sel, access.audiences(ctx))
-    hits, missing = await _await_or_claim(ctx, cache, target, sel, hits)
+    hits, missing, flight = await _await_or_lead(ctx, cache, target, sel, hits)
     if not missing:
         await access.admit(ctx, target.study, {f.audience for f in hits.values()})
         return from_cache(request.headers.get("if-none-match", ""), target, sel, hits, base)
-    keys = [_flight(target.instance, n, sel) for n in missing]
-    loop = asyncio.get_running_loop()
-    for k in keys:
-        _inflight.setdefault(k, loop.create_future())
-    for n in missing:
-        siblings.announce(_sibling_key(target.instance, n))
-
-    def land_all() -> None:
-        for k in keys:
-            _land(k)
-        for n in missing:  # what is being written settles once on disk (_store)
-            if (sibling := _sibling_key(instance, n)) not in _writing:
-                siblings.settle(sibling)
-
     try:
-        if hits:  # (registered in flight first: a request arriving meanwhile waits for this one)
+        if hits:  # (led first: a request arriving meanwhile follows this one)
             await access.admit(ctx, target.study, {f.audience for f in hits.values()})
-        return await _fetch(request, ctx, target, sel, base, cache, hits, missing, land_all)
+        return await _fetch(request, ctx, target, sel, base, cache, hits, missing, flight)
+    except Problem as exc:
+        if flight is not None:
+            flight.end(exc if handed_failure(exc) else None)
+        raise
     except BaseException:
-        land_all()
+        if flight is not None:
+            flight.end()
         raise
 
 
 async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection, base: str, cache: FrameCache,
-                 hits: dict[int, Frame], missing: tuple[int, ...], land_all: Callable[[], None]) -> StreamResponse:
+                 hits: dict[int, Frame], missing: tuple[int, ...], flight: Flight | None) -> StreamResponse:
     """One upstream request for the missing frames, streamed and teed."""
     assert target.instance is not None
     fetch = Target(target.study, target.series, target.instance, missing)
@@ -327,20 +312,22 @@ async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection,
         headers.append(("Content-Type", part.content_type))
         if part.length is not None and not part.held:
             headers.append(("Content-Length", str(part.length)))
-        body = _single(cache, target, place, events, part)
+        body = _single(ctx, cache, target, place, events, part, flight)
     else:
         ctype = rf.writer.content_type(parse_content_type(part.content_type)[0])
         headers.append(("Content-Type", ctype))
-        body = _interleaved(cache, target, place, hits, events, part, rf, base)
+        body = _interleaved(ctx, cache, target, place, hits, events, part, rf, base, flight)
+
     async def close() -> None:
-        land_all()  # whatever happened to the stream, nobody waits for it any more
+        if flight is not None:
+            flight.end()  # whatever happened to the stream, nobody waits for it any more
         await stack.aclose()
 
     return StreamResponse(200, headers, body, close)
 
 
-async def _single(cache: FrameCache, target: Target, place: Placement, events: PartEvents,
-                  part: PartOut) -> AsyncIterator[bytes | memoryview]:
+async def _single(ctx: Context, cache: FrameCache, target: Target, place: Placement, events: PartEvents,
+                  part: PartOut, flight: Flight | None) -> AsyncIterator[bytes | memoryview]:
     assert target.frames is not None and target.instance is not None
     held = Held(cache.max_entry)
     try:
@@ -349,13 +336,13 @@ async def _single(cache: FrameCache, target: Target, place: Placement, events: P
     except (UpstreamError, MultipartError) as exc:
         raise StreamAborted(str(exc)) from None
     if held.pieces is not None:
-        _store(cache, place, target.instance, target.frames[0], part.content_type, held.pieces)
+        _store(ctx, cache, place, target.instance, target.frames[0], part.content_type, held.pieces, flight)
     await events.finish()
 
 
-async def _interleaved(cache: FrameCache, target: Target, place: Placement, hits: dict[int, Frame],
-                       events: PartEvents, part: PartOut | None, rf: Reframer,
-                       base: str) -> AsyncIterator[bytes | memoryview]:
+async def _interleaved(ctx: Context, cache: FrameCache, target: Target, place: Placement, hits: dict[int, Frame],
+                       events: PartEvents, part: PartOut | None, rf: Reframer, base: str,
+                       flight: Flight | None) -> AsyncIterator[bytes | memoryview]:
     assert target.frames is not None and target.instance is not None
     fetched: dict[int, Frame] = {}
     try:
@@ -379,7 +366,7 @@ async def _interleaved(cache: FrameCache, target: Target, place: Placement, hits
             pieces = held.pieces or []
             mtype, params = parse_content_type(part.content_type)
             if held.pieces is not None:
-                _store(cache, place, target.instance, n, part.content_type, pieces)
+                _store(ctx, cache, place, target.instance, n, part.content_type, pieces, flight)
             if repeated:
                 fetched[n] = Frame(whole(pieces), mtype, params.get("transfer-syntax", ""))
             part = None

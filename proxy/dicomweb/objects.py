@@ -16,7 +16,6 @@ from the archive (`X-Cache: MISS`) and is stored only once the whole payload pas
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,12 +26,13 @@ from starlette.responses import Response
 from proxy.auth import access
 from proxy.cache.placement import SHARED, Placement
 from proxy.cache.store import FrameCache
-from proxy.coordination import singleflight
+from proxy.coordination.flights import Flight
 from proxy.dicomweb import retrieve
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.responses import AnyResponse, BuffersResponse, StreamResponse
 from proxy.dicomweb.target import Target, select
 from proxy.dicomweb.urls import dicomweb_base
+from proxy.errors import Problem
 from proxy.formats.media import Resource, Selection, parse_content_type
 from proxy.formats.multipart import MultipartWriter
 from proxy.upstream.archive import Archive
@@ -40,7 +40,6 @@ from proxy.upstream.parts import Keep
 
 IMMUTABLE = "private, max-age=86400"  # an instance's bytes never change under its SOP Instance UID
 REVALIDATE = "private, no-cache"  # a study or series rendering changes as instances arrive
-_pending: set[asyncio.Future[None]] = set()
 HIERARCHY = re.compile(r"/studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)/(.+)$")
 
 
@@ -103,9 +102,14 @@ def lookup(cache: FrameCache, key: Key, heard_by: tuple[str, ...] = (SHARED,)) -
     return None
 
 
-def keeper(cache: FrameCache, key: Key, lead: singleflight.Lead | None = None) -> Keep:
-    """The tee for a miss: stores the object once it passed through whole (once per response); `lead`
-    learns of its disk write (a sibling waiting for it reads it from there)."""
+def flight_key(key: Key) -> str:
+    """The flight key of a cached object's fetch."""
+    return "object/" + key.entry(key.transfer_syntax)
+
+
+def keeper(cache: FrameCache, key: Key, flight: Flight | None = None) -> Keep:
+    """The tee for a miss: stores the object once it passed through whole (once per response); `flight`
+    lands once it is kept (a follower here looks it up, one in a sibling once it is on disk)."""
     done = False
 
     def keep(content_type: str, pieces: list[bytes | memoryview], audience: str) -> None:
@@ -122,11 +126,9 @@ def keeper(cache: FrameCache, key: Key, lead: singleflight.Lead | None = None) -
             entries.append((key.index(audience), ts.encode("latin-1")))
         if not all([cache.put_entry(k, v) for k, v in entries]):
             return
-        task = cache.submit(cache.write_entries, entries, key.kind, key.place.study)
-        _pending.add(task)
-        task.add_done_callback(_pending.discard)
-        if lead is not None:
-            lead.writing = task
+        written = cache.submit(cache.write_entries, entries, key.kind, key.place.study)
+        if flight is not None:
+            flight.land(flight_key(key), written)
 
     return keep
 
@@ -171,16 +173,20 @@ async def _once(ctx: Context, cache: FrameCache, key: Key, heard_by: tuple[str, 
                 fetch: Callable[[Keep], Awaitable[StreamResponse]]) -> StreamResponse | Entry:
     """The archive's answer for this miss (`fetch(tee)`), or, when another request (of any worker) was
     fetching the same object, what that one left in the cache: concurrent identical misses ask once."""
-    lead = await singleflight.wait_or_lead("object/" + key.entry(key.transfer_syntax), ctx.patience())
-    if lead is None and (hit := lookup(cache, key, heard_by)) is not None:
+    flight = await ctx.flights.lead_or_wait(flight_key(key), ctx.patience())
+    if flight is None and (hit := lookup(cache, key, heard_by)) is not None:
         return hit
     try:
-        resp = await fetch(keeper(cache, key, lead))
-    except BaseException:
-        if lead is not None:
-            lead.end()
+        resp = await fetch(keeper(cache, key, flight))
+    except Problem as exc:  # the archive's refusal of this representation: its followers' answer too
+        if flight is not None:
+            flight.end(exc)
         raise
-    if lead is not None:  # ended with the stream, once the tee has kept the object (or could not)
+    except BaseException:
+        if flight is not None:
+            flight.end()
+        raise
+    if flight is not None:  # ended with the stream, once the tee has kept the object (or could not)
         closing = resp.on_close
 
         async def close() -> None:
@@ -188,7 +194,7 @@ async def _once(ctx: Context, cache: FrameCache, key: Key, heard_by: tuple[str, 
                 if closing is not None:
                     await closing()
             finally:
-                lead.end()
+                flight.end()
 
         resp.on_close = close
     return resp

@@ -15,8 +15,7 @@ from functools import partial
 
 from starlette.requests import Request
 
-from proxy.cache.flights import Fetching, learn_instance
-from proxy.dicomweb import prefetch
+from proxy.cache.learning import Retrieving
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
 from proxy.dicomweb.reframe import PartOut, Reframer, label, payload
@@ -47,9 +46,10 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
         return await _retrieve_federated(request, ctx, sel, candidates, path, accept, service)
     fetching = None
     if ctx.cache is not None and resource in (Resource.INSTANCE, Resource.INSTANCES):
-        fetching = Fetching(target.study, target.series, target.instance, ctx.cache)  # frame requests wait for us
+        fetching = ctx.learner.retrieving(ctx.cache, target.study, target.series, target.instance)  # frame
+        # requests follow this retrieve
         if target.instance is None:
-            prefetch.yield_to(target.study, target.series)  # this retrieve teaches the cache the same instances
+            ctx.prefetch.yield_to(target.study, target.series)  # this retrieve teaches the cache the same instances
     # Nothing keeps the body (no cache tee): it will be relayed past Python, so read only its start.
     relay = splice.offered(request.scope) and keep is None and fetching is None
     try:
@@ -79,7 +79,7 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
 
 
 def _reframer(request: Request, ctx: Context, target: Target, sel: Selection, location: str | None,
-              fetching: Fetching | None, keep: Keep | None) -> Reframer:
+              fetching: Retrieving | None, keep: Keep | None) -> Reframer:
     """Our framing of the archive's parts: their Content-Locations, and what tees each whole part (the
     frame cache learning instances, a cache keeping this one object)."""
     base = dicomweb_base(request, ctx.settings, ctx.root)
@@ -90,7 +90,7 @@ def _reframer(request: Request, ctx: Context, target: Target, sel: Selection, lo
     elif location:
         locations = [location]
     reframer = Reframer(sel, base, locations)
-    learn = partial(learn_instance, ctx.cache, fetching=fetching) \
+    learn = partial(ctx.learner.learn_instance, ctx.cache, retrieving=fetching) \
         if ctx.cache is not None and fetching is not None else None
     reframer.tee = _both(learn, keep) if learn and keep else learn or keep
     reframer.relay = splice.offered(request.scope)
@@ -204,7 +204,7 @@ async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, ar
     try:
         reframer = Reframer(sel, dicomweb_base(request, ctx.settings, ctx.root), dedupe=True)
         if ctx.cache is not None:
-            reframer.tee = partial(learn_instance, ctx.cache)
+            reframer.tee = partial(ctx.learner.learn_instance, ctx.cache)
         reframer.relay = splice.offered(request.scope)
         streams = [PartEvents(resp) for resp, _ in found]
         heads = [await events.first() for events in streams]

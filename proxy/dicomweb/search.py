@@ -18,7 +18,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.auth import access
-from proxy.coordination import singleflight
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
 from proxy.dicomweb.target import client_accept
@@ -221,9 +220,9 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
         return response
     if key is None:
         return _answer(*await _search_one(request, ctx, archive, path, q, query, base, key, mark))
-    got = await singleflight.shared(f"search/{key!r}", lambda: _search_one(request, ctx, archive, path, q, query,
-                                                                           base, key, mark), _patience(ctx),
-                                    across=False)
+    got = await ctx.flights.share(f"search/{key!r}", lambda: _search_one(request, ctx, archive, path, q, query,
+                                                                         base, key, mark), _patience(ctx),
+                                  siblings=False)
     response = _answer(*got.value)
     if not got.led:
         response.headers["X-Cache"] = "HIT"
@@ -316,8 +315,8 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
         metrics.child(metrics.CACHE_RESULTS, mark.tier, "search", "miss" if cached is None else "hit").inc()
     if cached is None:
         # Concurrent identical searches (a worklist refreshed on many workstations) fan out once.
-        got = await singleflight.shared(f"search/{key!r}", lambda: _fan_out(request, ctx, path, q, level, base, key,
-                                                                               mark), _patience(ctx), across=False)
+        got = await ctx.flights.share(f"search/{key!r}", lambda: _fan_out(request, ctx, path, q, level, base, key,
+                                                                             mark), _patience(ctx), siblings=False)
         cached, hit = got.value, not got.led
     ordered, warnings = cached
     chunk, remaining = merge.page(ordered, q.offset, q.limit)

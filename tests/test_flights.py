@@ -1,10 +1,10 @@
-"""One upstream request for concurrent identical misses (proxy/coordination/singleflight.py), within a worker."""
+"""One upstream request for concurrent identical misses (proxy/coordination/flights.py), within a worker."""
 
 import asyncio
 
 import pytest
 
-from proxy.coordination.singleflight import shared
+from proxy.coordination.flights import Flights
 from proxy.errors import Problem
 
 
@@ -23,6 +23,21 @@ class Archive:
         if self.fail is not None:
             raise self.fail
         return f"answer {mine}"
+
+
+FLIGHTS: list[Flights] = []
+
+
+async def shared(key, fetch, patience):
+    """`Flights.share` on one table of flights per test."""
+    return await FLIGHTS[-1].share(key, fetch, patience)
+
+
+@pytest.fixture(autouse=True)
+def flights():
+    FLIGHTS.append(Flights())
+    yield FLIGHTS[-1]
+    FLIGHTS.clear()
 
 
 async def started(archive: Archive, calls: int = 1) -> None:
@@ -86,9 +101,8 @@ async def test_a_follower_past_its_patience_fetches_for_itself():
     assert (await shared("k", archive.fetch, 5)).led  # nothing left in flight: a new miss leads
 
 
-async def test_a_streamed_miss_leads_and_the_others_look_again_once_it_ends():
-    from proxy.coordination.singleflight import wait_or_lead
-
+async def test_a_streamed_miss_leads_and_the_others_look_again_once_it_ends(flights):
+    wait_or_lead = flights.lead_or_wait
     lead = await wait_or_lead("object/k", 5)
     assert lead is not None
     followers = [asyncio.ensure_future(wait_or_lead("object/k", 5)) for _ in range(3)]
@@ -101,3 +115,43 @@ async def test_a_streamed_miss_leads_and_the_others_look_again_once_it_ends():
     again = await wait_or_lead("object/k", 5)
     assert again is not None  # nothing in flight: the next miss leads
     again.end()
+
+
+async def test_a_streamed_leaders_failure_is_its_followers_answer(flights):
+    """An archive's refusal (a 404) met by the leader of a streamed miss is what its followers answer too,
+    counted; they do not ask the archive again."""
+    from proxy.observability import metrics
+
+    lead = await flights.lead_or_wait("object/k", 5)
+    assert lead is not None
+    followers = [asyncio.ensure_future(flights.lead_or_wait("object/k", 5)) for _ in range(2)]
+    await asyncio.sleep(0)
+    before = metrics.child(metrics.SHARED_FAILURES, "404")._value.get()
+    lead.end(Problem(404, "no such resource in the archive"))
+    for f in followers:
+        with pytest.raises(Problem):
+            await f
+    assert metrics.child(metrics.SHARED_FAILURES, "404")._value.get() == before + 2
+
+
+async def test_a_flight_lands_key_by_key(flights):
+    """A fetch of several frames wakes the followers of each frame as that frame lands, not at its end."""
+    flight = flights.lead(["frame/1/1", "frame/1/2"])
+    assert flight is not None and flights.lead(["frame/1/2", "frame/1/3"]) is None  # one of them is in flight
+    first, second = flights.carriers(["frame/1/1"]), flights.carriers(["frame/1/2"])
+    flight.land("frame/1/1")
+    await asyncio.sleep(0)
+    assert all(f.done() for f in first) and not any(f.done() for f in second)
+    flight.end()
+    assert all(f.done() for f in second) and not flights.here(["frame/1/1", "frame/1/2"])
+
+
+async def test_retrieves_of_one_scope_may_overlap(flights):
+    """Two clients streaming the same series both lead it (not exclusive); a follower wakes at the first end."""
+    a = flights.lead(["scope/1/2/*"], exclusive=False)
+    b = flights.lead(["scope/1/2/*"], exclusive=False)
+    assert a is not None and b is not None and len(flights.carriers(["scope/1/2/*"])) == 2
+    a.end()
+    assert len(flights.carriers(["scope/1/2/*"])) == 1
+    b.end()
+    assert flights.carriers(["scope/1/2/*"]) == []

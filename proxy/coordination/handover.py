@@ -1,19 +1,22 @@
-"""Frames handed from one worker's memory tier to a sibling's, over a Unix stream socket.
+"""The hand-over: a flight's result sent from the leading worker's memory to a sibling that follows it,
+over a Unix stream socket (the cross-process half of flights.py hands over what is kept in memory).
 
-Without it, a worker that misses a frame a sibling is bringing (a prefetch, a retrieve, a frame fetch)
-waits until the sibling has written it to the shared disk tier, then reads it there: ~0.45 ms of the
-sibling's CPU to write a 512 KB frame (a file created, the bytes copied into the page cache) and
-~0.26 ms of its own to look it up, map it and check it. Asked here instead, the sibling sends the
-bytes it holds in memory (one kernel copy each side), its disk writes keep waiting for a quiet moment
-(writer.py), and the asker keeps the frame in its own memory tier.
+Used for frames. Without it, a worker that misses a frame a sibling is bringing (a prefetch, a retrieve,
+a frame fetch) waits until the sibling has written it to the shared disk tier, then reads it there:
+~0.45 ms of the sibling's CPU to write a 512 KB frame (a file created, the bytes copied into the page
+cache) and ~0.26 ms of its own to look it up, map it and check it. Asked here instead, the sibling sends
+the bytes it holds in memory (one kernel copy each side), its disk writes keep waiting for a quiet
+moment (cache/writer.py), and the asker keeps the frame in its own memory tier. Measured on and off
+(benchmarks/RESULTS.md, "Mechanisms"): with 2 workers, the first viewer took 1/0.64 as long without it.
 
 Each worker listens on an abstract Unix stream socket named after the cache directory and its pid
-(`dicomweb-edge-give/...`, beside the datagram channel of siblings.py). A request is one line, the
-frame's study, series, SOP Instance UID, number, media type and transfer syntax (`*`: any) and how long
-the giver may wait for a frame still on its way to it; the answer is `NO`, or a line with length,
-checksum and encoding followed by the payload. The asker receives the payload straight into a buffer of
-its own (`_Taker`, no intermediate copies) and checks it against the checksum. Best effort: any failure
-is a `None`, and the asker falls back to the disk tier.
+(`dicomweb-edge-give/...`, beside the datagram channel of siblings.py). A request is one line of
+tab-separated fields, what names the result for the giver's `find` (for a frame: its study, series, SOP
+Instance UID, number, media type and transfer syntax, `*`: any), then how long the giver may wait for a
+result still on its way to it; the answer is `NO`, or a line with length, checksum and encoding followed
+by the payload. The asker receives the payload straight into a buffer of its own (`_Taker`, no
+intermediate copies) and checks it against the checksum. Best effort: any failure is a `None`, and the
+asker falls back to the disk tier.
 
 Abstract sockets have no file permissions: a giver answers only processes of its own user (SO_PEERCRED),
 who could read the disk tier's files anyway.
@@ -29,17 +32,16 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from proxy.cache.entries import checksum_of
-
 log = logging.getLogger("dicomweb_edge.handover")
 _MAX_LINE = 4096
 IDLE_CONNECTIONS = 8  # kept per sibling for the next ask
 ASKING = 32  # asks in flight per worker at most (a long frame list asks for each of its frames)
+TIMEOUT_SLACK = 5.0  # seconds an answer may take beyond the wait it was given
 
 
 @dataclass(frozen=True, slots=True)
 class Given:
-    """A frame as the sibling sent it."""
+    """A result as the sibling sent it."""
 
     payload: memoryview  # (read-only, over a buffer of its own: kept as is by the memory tier)
     checksum: int
@@ -47,10 +49,9 @@ class Given:
     transfer_syntax: str
 
 
-# What a giver looks a frame up with: (study, series, sop, frame, media type, transfer syntax, wait) →
-# (payload, checksum, media type, transfer syntax) from this worker's memory tier, or None.
-Find = Callable[[str, str, str, int, str, str, float],
-                Awaitable[tuple[bytes | memoryview, int, str, str] | None]]
+# What a giver looks a result up with: (the ask's fields, how long it may wait) → (payload, checksum,
+# media type, transfer syntax) from this worker's memory, or None.
+Find = Callable[[tuple[str, ...], float], Awaitable[tuple[bytes | memoryview, int, str, str] | None]]
 
 
 class Giver:
@@ -100,8 +101,8 @@ class Giver:
             while line := await reader.readline():
                 found = None
                 try:
-                    study, series, sop, frame, mtype, ts, wait = line.decode().rstrip("\n").split("\t")
-                    found = await self.find(study, series, sop, int(frame), mtype, ts, float(wait))
+                    *fields, wait = line.decode().rstrip("\n").split("\t")
+                    found = await self.find(tuple(fields), float(wait))
                 except (ValueError, UnicodeDecodeError):
                     return  # not our protocol: hang up
                 if found is None:
@@ -194,19 +195,18 @@ class _Taker(asyncio.BufferedProtocol):
 class Taker:
     """This worker's side that asks its siblings, over connections kept per sibling."""
 
-    def __init__(self) -> None:
+    def __init__(self, check: Callable[[bytes | bytearray], int]) -> None:
         self.idle: dict[str, list[_Taker]] = {}
         self.asking = asyncio.Semaphore(ASKING)
+        self.check = check  # a payload's checksum, as the giver computed it
 
-    async def ask(self, sibling: str, study: str, series: str, sop: str, frame: int, media_type: str,
-                  transfer_syntax: str, wait: float) -> Given | None:
-        """The frame from the sibling `sibling` (its giver name), waiting up to `wait` seconds for it to
-        reach that sibling; None when it does not hold it, or on any failure."""
+    async def ask(self, sibling: str, fields: tuple[str, ...], wait: float) -> Given | None:
+        """The result `fields` name from the sibling `sibling` (its giver name), waiting up to `wait`
+        seconds for it to reach that sibling; None when it does not hold it, or on any failure."""
         async with self.asking:
-            return await self._ask(sibling, study, series, sop, frame, media_type, transfer_syntax, wait)
+            return await self._ask(sibling, fields, wait)
 
-    async def _ask(self, sibling: str, study: str, series: str, sop: str, frame: int, media_type: str,
-                   transfer_syntax: str, wait: float) -> Given | None:
+    async def _ask(self, sibling: str, fields: tuple[str, ...], wait: float) -> Given | None:
         proto = None
         pool = self.idle.setdefault(sibling, [])
         while pool and proto is None:
@@ -228,9 +228,8 @@ class Taker:
             assert proto.transport is not None
             proto.done = asyncio.get_running_loop().create_future()
             proto.payload, proto.head = None, None
-            proto.transport.write(f"{study}\t{series}\t{sop}\t{frame}\t{media_type}\t{transfer_syntax}\t"
-                                  f"{wait:.3f}\n".encode())
-            async with asyncio.timeout(wait + 5):
+            proto.transport.write("\t".join((*fields, f"{wait:.3f}")).encode() + b"\n")
+            async with asyncio.timeout(wait + TIMEOUT_SLACK):
                 head = await proto.done
         except (OSError, TimeoutError):
             if proto is not None and proto.transport is not None:
@@ -249,8 +248,8 @@ class Taker:
         else:
             proto.transport.close()
         checksum = int(head[2])
-        if checksum_of(payload) != checksum:
-            log.warning("a frame a sibling handed over does not match its checksum: dropped")
+        if self.check(payload) != checksum:
+            log.warning("a result a sibling handed over does not match its checksum: dropped")
             return None
         return Given(memoryview(payload).toreadonly(), checksum, head[3], head[4])
 
@@ -260,37 +259,6 @@ class Taker:
                 if proto.transport is not None:
                     proto.transport.close()
         self.idle.clear()
-
-
-_giver: Giver | None = None
-_taker: Taker | None = None
-_opening: asyncio.Task[bool] | None = None
-
-
-def start(channel: str, find: Find) -> None:
-    """Listen for this worker's siblings and ask them (`channel`: this worker's name on siblings.py's
-    channel; from the app's lifespan, once the channel is open)."""
-    global _giver, _taker, _opening
-    if _giver is not None:
-        return
-    _giver, _taker = Giver(giver_of(channel), find), Taker()
-    _opening = asyncio.ensure_future(_giver.start())
-
-
-def taker() -> Taker | None:
-    """This worker's asking side, None when the hand-over is not running."""
-    if _opening is None or not _opening.done() or _opening.cancelled() or not _opening.result():
-        return None
-    return _taker
-
-
-async def stop() -> None:
-    global _giver, _taker, _opening
-    if _giver is not None:
-        await _giver.close()
-    if _taker is not None:
-        _taker.close()
-    _giver = _taker = _opening = None
 
 
 def giver_of(channel: str) -> str:
