@@ -172,17 +172,22 @@ class Flights:
             return [fut]
         return [fut, self._channel.landing(key, want)]
 
-    async def follow(self, carriers: Sequence[asyncio.Future[Any]], patience: float) -> None:
-        """Wait for the first of `carriers` to end, up to `patience` seconds; a leader's failure is raised
-        (and counted)."""
-        if not carriers or patience <= 0:
-            return
-        await asyncio.wait([asyncio.shield(f) for f in carriers], timeout=patience,
-                           return_when=asyncio.FIRST_COMPLETED)
+    async def follow(self, carriers: Sequence[asyncio.Future[Any]], patience: float) -> list[Any]:
+        """Wait for the first of `carriers` to end, up to `patience` seconds: the values their leaders
+        handed over (`Flight.end(value=...)`); a leader's failure is raised (and counted)."""
+        if carriers and patience > 0:
+            await asyncio.wait([asyncio.shield(f) for f in carriers], timeout=patience,
+                               return_when=asyncio.FIRST_COMPLETED)
+        values = []
         for f in carriers:
-            if f.done() and not f.cancelled() and (exc := f.exception()) is not None:
+            if not f.done() or f.cancelled():
+                continue
+            if (exc := f.exception()) is not None:
                 metrics.SHARED_FAILURES.labels(str(getattr(exc, "status", 500))).inc()
                 raise exc
+            if f.result() is not None and f.result() is not _LET_GO:
+                values.append(f.result())
+        return values
 
     async def lead_or_wait(self, key: str, patience: float) -> Flight | None:
         """For answers that stream to their client while the cache keeps them (no value to share): the first

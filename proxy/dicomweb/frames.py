@@ -17,11 +17,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.auth import access
 from proxy.cache.learning import learned_key, scope_keys
 from proxy.cache.placement import SHARED, Placement
 from proxy.cache.store import Frame, FrameCache, checksum_of
 from proxy.coordination.flights import Flight
+from proxy.dicomweb import cache_phase
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
 from proxy.dicomweb.reframe import PartOut, Reframer, label
@@ -38,7 +38,6 @@ from proxy.upstream.parts import Held, PartEvents, part_payload
 
 CACHE_CONTROL = ("Cache-Control", "private, max-age=86400")
 LOOKED_UP = "dicomweb_edge.looked_up"  # scope key: (Target, Selection, hits) of the cache phase's lookup
-CLAIM_TRIES = 3  # looks for what brings the missing frames, each ending in a try to lead; then fetched unled
 
 
 def frame_key(sop: str, frame: int) -> str:
@@ -138,24 +137,6 @@ def cached_answer(target: Target, sel: Selection, hits: dict[int, Frame],
     return etag, headers, chunks
 
 
-def _carriers(ctx: Context, target: Target, absent: set[int],
-              want: bool = True) -> tuple[list[asyncio.Future[Any]], bool]:
-    """What is bringing these absent frames: a fetch of them here or in a sibling, or a study, series or
-    instance retrieve (a prefetch included) whose answer carries their instance; and whether only
-    siblings are bringing them (then they can be asked for them: `_take`). `want`: ask the siblings to
-    write them to disk next."""
-    if not absent:
-        return [], False
-    assert target.instance is not None
-    flights = ctx.flights
-    keys = [frame_key(target.instance, n) for n in absent]
-    mine = flights.carriers(keys, here=True, siblings=False)
-    theirs = flights.carriers(keys, want, here=False, siblings=True)
-    retrieving = flights.here(scope_keys(target.study, target.series, target.instance))
-    arriving = ctx.learner.arrivals(target.study, target.series, target.instance, want)
-    return mine + theirs + arriving, not mine and not retrieving and bool(theirs or arriving)
-
-
 def _sibling_keys(target: Target, n: int) -> list[str]:
     """Every key a sibling bringing frame `n` may lead it under."""
     assert target.instance is not None
@@ -204,48 +185,66 @@ async def give(ctx: Context, fields: tuple[str, ...], wait: float) -> tuple[byte
         await asyncio.wait([asyncio.shield(f) for f in bringing], timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
 
-async def _await_or_lead(ctx: Context, cache: FrameCache, target: Target, sel: Selection,
-                         hits: dict[int, Frame]) -> tuple[dict[int, Frame], tuple[int, ...], Flight | None]:
-    """(hits, frames this request fetches, its flight): what another request, retrieve or sibling is
-    bringing is followed (up to the archives' idle_read), or asked of the sibling bringing it, and what is
-    left is led (claimed among the workers too)."""
-    assert target.instance is not None and target.frames is not None
-    if all(n in hits for n in target.frames):
-        return hits, (), None
-    loop = asyncio.get_running_loop()
-    deadline = None
-    takes = ctx.flights.can_take
-    heard_by = access.audiences(ctx)
-    asks: list[asyncio.Future[None]] = []
-    try:
-        for _ in range(CLAIM_TRIES):
-            flying, theirs = _carriers(ctx, target, set(target.frames) - set(hits), want=not takes)
-            if flying and deadline is None:  # another request is fetching these frames: wait, not ask again
-                metrics.CACHE_WAITERS.inc()
-                deadline = loop.time() + ctx.patience()
-            if theirs and takes and not asks and deadline is not None:
-                asks = [asyncio.ensure_future(_take(ctx, cache, target, sel, n, deadline - loop.time()))
-                        for n in dict.fromkeys(target.frames) if n not in hits]
-            while flying and deadline is not None and (left := deadline - loop.time()) > 0:
-                await ctx.flights.follow(flying + [a for a in asks if not a.done()], left)
-                hits = lookup(cache, target, sel, heard_by)
-                # Still missing: what was bringing them may have handed over to another fetch (a prefetch
-                # that stopped for a client's retrieve of the same series): wait for that one too.
-                flying = [f for f in _carriers(ctx, target, set(target.frames) - set(hits), want=not takes)[0]
-                          if not f.done()]
-            missing = tuple(n for n in dict.fromkeys(target.frames) if n not in hits)
-            if not missing:
-                return hits, missing, None
-            # Led here and claimed among the workers before the archive is asked: a sibling that missed the
-            # same frame in the same instant holds its claim now (its announcement still on its way), and the
-            # next look waits.
-            flight = ctx.flights.lead([frame_key(target.instance, n) for n in missing])
-            if flight is not None:
-                return hits, missing, flight
-            hits = lookup(cache, target, sel, heard_by)  # (what the sibling claimed may have landed on disk since)
-        return hits, tuple(n for n in dict.fromkeys(target.frames) if n not in hits), None  # fetched unled
-    finally:
-        for a in asks:
+class _Frames:
+    """A frames request as the cache phase (cache_phase.py) serves it: the frames the cache holds, and the
+    missing ones fetched in one upstream request, streamed in the requested order between the cached ones."""
+
+    def __init__(self, request: Request, ctx: Context, cache: FrameCache, target: Target, sel: Selection,
+                 handed: dict[int, Frame] | None) -> None:
+        assert target.instance is not None and target.frames is not None
+        self.request, self.ctx, self.cache, self.target, self.sel = request, ctx, cache, target, sel
+        self.instance, self.frames = target.instance, target.frames
+        self.study = target.study
+        self.base = dicomweb_base(request, ctx.settings, ctx.root)
+        self.hits: dict[int, Frame] = {}
+        self.handed = handed  # what the hit lane found (and counted) already
+        self.want = not ctx.flights.can_take  # (asked over the hand-over instead: no disk write needed)
+        self.asks: list[asyncio.Future[None]] = []
+
+    def missing(self) -> tuple[int, ...]:
+        return tuple(n for n in dict.fromkeys(self.frames) if n not in self.hits)
+
+    async def look(self, heard_by: tuple[str, ...]) -> bool:
+        if self.handed is not None:
+            self.hits, self.handed = self.handed, None
+        else:
+            self.hits = lookup(self.cache, self.target, self.sel, heard_by)
+        return not self.missing()
+
+    def adopt(self, values: list[Any]) -> bool:
+        return False
+
+    def audiences(self) -> set[str]:
+        return {f.audience for f in self.hits.values()}
+
+    def keys(self) -> list[str]:
+        return [frame_key(self.instance, n) for n in self.missing()]
+
+    def carriers(self, ctx: Context) -> list[asyncio.Future[Any]]:
+        """The retrieves (a prefetch included) whose answer carries the instance, here or in a sibling; and
+        when only siblings bring the missing frames, asks for them (the hand-over), made once."""
+        t, flights = self.target, ctx.flights
+        arriving = ctx.learner.arrivals(t.study, t.series, self.instance, self.want)
+        keys = self.keys()
+        if not self.asks and not self.want and keys and not flights.carriers(keys, siblings=False) \
+                and not flights.here(scope_keys(t.study, t.series, self.instance)) \
+                and (arriving or flights.carriers(keys, False, here=False)):
+            self.asks = [asyncio.ensure_future(_take(ctx, self.cache, t, self.sel, n, ctx.patience()))
+                         for n in self.missing()]
+        return arriving + [a for a in self.asks if not a.done()]
+
+    def answer(self) -> AnyResponse:
+        return from_cache(self.request.headers.get("if-none-match", ""), self.target, self.sel, self.hits, self.base)
+
+    async def fetch(self, flight: Flight | None) -> AnyResponse:
+        return await _fetch(self.request, self.ctx, self.target, self.sel, self.base, self.cache, self.hits,
+                            self.missing(), flight)
+
+    def hands(self, failure: Problem) -> bool:
+        return handed_failure(failure)
+
+    def stop(self) -> None:
+        for a in self.asks:
             a.cancel()
 
 
@@ -256,26 +255,9 @@ async def frames(request: Request, ctx: Context, target: Target) -> AnyResponse:
         return await retrieve(request, ctx, target, Resource.FRAMES, "frames")
     assert target.frames is not None and target.instance is not None
     sel = select(request, Resource.FRAMES, len(target.frames) == 1)
-    base = dicomweb_base(request, ctx.settings, ctx.root)
-    handed = request.scope.pop(LOOKED_UP, None)  # what the cache phase found (and counted) already
-    hits = handed[2] if handed is not None and handed[:2] == (target, sel) else \
-        lookup(cache, target, sel, access.audiences(ctx))
-    hits, missing, flight = await _await_or_lead(ctx, cache, target, sel, hits)
-    if not missing:
-        await access.admit(ctx, target.study, {f.audience for f in hits.values()})
-        return from_cache(request.headers.get("if-none-match", ""), target, sel, hits, base)
-    try:
-        if hits:  # (led first: a request arriving meanwhile follows this one)
-            await access.admit(ctx, target.study, {f.audience for f in hits.values()})
-        return await _fetch(request, ctx, target, sel, base, cache, hits, missing, flight)
-    except Problem as exc:
-        if flight is not None:
-            flight.end(exc if handed_failure(exc) else None)
-        raise
-    except BaseException:
-        if flight is not None:
-            flight.end()
-        raise
+    handed = request.scope.pop(LOOKED_UP, None)  # what the hit lane found (and counted) already
+    hits = handed[2] if handed is not None and handed[:2] == (target, sel) else None
+    return await cache_phase.serve(ctx, _Frames(request, ctx, cache, target, sel, hits))
 
 
 async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection, base: str, cache: FrameCache,

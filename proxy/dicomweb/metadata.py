@@ -10,6 +10,7 @@ document, marked stale (`stale_if_error`), where there is one.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,8 +18,11 @@ from starlette.responses import Response
 from proxy.auth import access
 from proxy.cache import documents
 from proxy.cache.placement import SHARED
+from proxy.coordination.flights import Flight
+from proxy.dicomweb import cache_phase
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
+from proxy.dicomweb.responses import AnyResponse
 from proxy.dicomweb.target import VARY, Target, select
 from proxy.dicomweb.urls import dicomweb_base
 from proxy.errors import Problem
@@ -67,7 +71,7 @@ def _document(body: bytes, headers: list[tuple[str, str]]) -> Response:
     return response
 
 
-async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> Response:
+async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> AnyResponse:
     """Study, series or instance metadata, BulkDataURIs pointed at the proxy; merged when split."""
     select(request, Resource.JSON, True)
     archives = await locate(ctx, target.study)
@@ -76,55 +80,90 @@ async def retrieve_metadata(request: Request, ctx: Context, target: Target) -> R
         # At once: measured, the series streaming in while the metadata is made beat starting it after
         # the answer (cold viewer 0.65 vs 0.85 s, benchmarks/replay.py's viewer, 5 interleaved rounds).
         ctx.prefetch.schedule(ctx, target.study, target.series)  # the viewer asks for its frames next
-    cache, ttl = ctx.cache, ctx.settings.metadata_cache_ttl
-    fresh = "no-cache" in request.headers.get("cache-control", "").lower()
     url = dicomweb_base(request, ctx.settings, ctx.root) + path
-    heard_by = access.audiences(ctx)
-    if cache is not None and ttl > 0 and not fresh:
-        cached = await asyncio.to_thread(documents.get_json, cache, url, heard_by)
-        if cached is not None:
-            await access.admit(ctx, target.study, (cached[1],))  # token pass-through: the archive said yes
-            return _document(cached[0], [("X-Cache", "HIT")])
-    storing = cache is not None and ttl > 0
-
-    async def fetch() -> tuple[Response, Heard]:
-        answer, heard = await _metadata(request, ctx, target, archives, path)
-        audience = _one_audience(heard)
-        if storing and audience is not None and answer.status_code == 200 and "warning" not in answer.headers:
-            # Stored before answering, so that the next request (from any worker) is a hit; by the writer
-            # thread, ahead of the frames a prefetch queues there (cache.write_first).
-            assert cache is not None
-            await cache.write_first(documents.put_json, cache, url, audience, bytes(answer.body), target.study, ttl,
-                                    ctx.settings.stale_if_error)
-            answer.headers["X-Cache"] = "MISS"
-        return answer, heard
-
-    async def look() -> tuple[Response, Heard] | None:  # what a sibling worker fetched meanwhile, from the disk tier
-        if not storing:
-            return None
-        assert cache is not None  # storing: the cache is on
-        found = await asyncio.to_thread(documents.get_json, cache, url, heard_by)
-        return None if found is None else (_document(found[0], []), frozenset((found[1],)))
-
+    document = _Document(request, ctx, target, archives, path, url)
     try:
         # Concurrent identical misses (a study opened on several workstations at once) ask the archive once.
-        got = await ctx.flights.share("metadata/" + url, fetch, ctx.patience(), look)
+        return await cache_phase.serve(ctx, document)
     except Problem as exc:
-        if cache is None or ttl <= 0 or fresh or exc.status not in STALE_IF or not ctx.settings.stale_if_error:
+        cache = ctx.cache
+        if not document.storing or document.fresh or exc.status not in STALE_IF or not ctx.settings.stale_if_error:
             raise
-        stale = await asyncio.to_thread(documents.get_json, cache, url, heard_by, True)
+        assert cache is not None  # (storing)
+        stale = await asyncio.to_thread(documents.get_json, cache, url, access.audiences(ctx), True)
         if stale is None:
             raise
         await access.admit(ctx, target.study, (stale[1],))
         # RFC 7234 §5.5.1 (stale-if-error, RFC 5861): the last good answer, marked, instead of the failure.
         return _document(stale[0], [("X-Cache", "STALE"), ("Warning", '110 - "Response is Stale"')])
-    answer, heard = got.value
-    if got.led:
+
+
+class _Document:
+    """A metadata document as the cache phase (cache_phase.py) serves it: from the metadata cache (the disk
+    tier, `metadata_cache_ttl`; not on `Cache-Control: no-cache`), or from the archives, stored before
+    answering; a request that follows another gets the document that one fetched."""
+
+    want = False
+
+    def __init__(self, request: Request, ctx: Context, target: Target, archives: list[Archive], path: str,
+                 url: str) -> None:
+        self.request, self.ctx, self.target, self.archives, self.path, self.url = \
+            request, ctx, target, archives, path, url
+        self.study = target.study
+        self.fresh = "no-cache" in request.headers.get("cache-control", "").lower()
+        self.storing = ctx.cache is not None and ctx.settings.metadata_cache_ttl > 0
+        self.found: tuple[bytes, Heard, list[tuple[str, str]]] | None = None  # body, audiences, headers
+
+    async def look(self, heard_by: tuple[str, ...]) -> bool:
+        if not self.storing or self.fresh:
+            return False
+        assert self.ctx.cache is not None
+        found = await asyncio.to_thread(documents.get_json, self.ctx.cache, self.url, heard_by)
+        if found is not None:
+            self.found = (found[0], frozenset((found[1],)), [("X-Cache", "HIT")])
+        return found is not None
+
+    def adopt(self, values: list[Any]) -> bool:
+        """What another request fetched meanwhile: the same bytes, in a response of this request's own."""
+        for answer, heard in values:
+            warnings = [("Warning", w) for w in answer.headers.getlist("warning")]
+            self.found = (bytes(answer.body), heard, [("X-Cache", "HIT"), *warnings])
+            return True
+        return False
+
+    def audiences(self) -> set[str]:
+        return set() if self.found is None else set(self.found[1])
+
+    def keys(self) -> list[str]:
+        return ["metadata/" + self.url]
+
+    def carriers(self, ctx: Context) -> list[asyncio.Future[Any]]:
+        return []
+
+    def answer(self) -> AnyResponse:
+        assert self.found is not None
+        return _document(self.found[0], self.found[2])
+
+    async def fetch(self, flight: Flight | None) -> AnyResponse:
+        ctx, cache = self.ctx, self.ctx.cache
+        answer, heard = await _metadata(self.request, ctx, self.target, self.archives, self.path)
+        audience = _one_audience(heard)
+        if self.storing and audience is not None and answer.status_code == 200 and "warning" not in answer.headers:
+            # Stored before answering, so that the next request (from any worker) is a hit; by the writer
+            # thread, ahead of the frames a prefetch queues there (cache.write_first).
+            assert cache is not None
+            await cache.write_first(documents.put_json, cache, self.url, audience, bytes(answer.body),
+                                    self.study, ctx.settings.metadata_cache_ttl, ctx.settings.stale_if_error)
+            answer.headers["X-Cache"] = "MISS"
+        if flight is not None:
+            flight.end(value=(answer, heard))  # its followers here answer with it
         return answer
-    # What another request fetched meanwhile: the same bytes, in a response of this request's own, once
-    # this caller is admitted to what the archives answered the other one.
-    await access.admit(ctx, target.study, heard)
-    return _document(answer.body, [("X-Cache", "HIT"), *(("Warning", w) for w in answer.headers.getlist("warning"))])
+
+    def hands(self, failure: Problem) -> bool:
+        return True
+
+    def stop(self) -> None:
+        return None
 
 
 async def _metadata(request: Request, ctx: Context, target: Target, archives: list[Archive],

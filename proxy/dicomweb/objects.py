@@ -16,18 +16,19 @@ from the archive (`X-Cache: MISS`) and is stored only once the whole payload pas
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.auth import access
 from proxy.cache.placement import SHARED, Placement
 from proxy.cache.store import FrameCache
 from proxy.coordination.flights import Flight
-from proxy.dicomweb import retrieve
+from proxy.dicomweb import cache_phase, retrieve
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.responses import AnyResponse, BuffersResponse, StreamResponse
 from proxy.dicomweb.target import Target, select
@@ -152,52 +153,58 @@ def _answer(request: Request, entry: Entry, multipart: bool, location: str | Non
 
 
 
+class _Object:
+    """An instance, bulk data element, rendering or thumbnail, as the cache phase (cache_phase.py) serves it."""
+
+    want = False  # (objects are written to disk at once: nothing to ask a sibling to write)
+
+    def __init__(self, cache: FrameCache, key: Key, fetch: Callable[[Keep], Awaitable[StreamResponse]],
+                 respond: Callable[[Entry], AnyResponse], cache_control: str) -> None:
+        self.cache = cache
+        self.key = key
+        self.study = key.place.study
+        self._fetch = fetch
+        self._respond = respond
+        self.cache_control = cache_control
+        self.found: Entry | None = None
+
+    async def look(self, heard_by: tuple[str, ...]) -> bool:
+        self.found = lookup(self.cache, self.key, heard_by)
+        return self.found is not None
+
+    def adopt(self, values: list[Any]) -> bool:
+        return False
+
+    def audiences(self) -> set[str]:
+        return set() if self.found is None else {self.found.audience}
+
+    def keys(self) -> list[str]:
+        return [flight_key(self.key)]
+
+    def carriers(self, ctx: Context) -> list[asyncio.Future[Any]]:
+        return []
+
+    def answer(self) -> AnyResponse:
+        assert self.found is not None
+        return self._respond(self.found)
+
+    async def fetch(self, flight: Flight | None) -> AnyResponse:
+        """The archive's answer, streamed with `X-Cache: MISS` and kept by the tee once it passed whole."""
+        got = await self._fetch(keeper(self.cache, self.key, flight))
+        got.raw_headers += [(b"x-cache", b"MISS"), (b"cache-control", self.cache_control.encode())]
+        return got
+
+    def hands(self, failure: Problem) -> bool:
+        return True  # (the key names the representation: the same request would get the same refusal)
+
+    def stop(self) -> None:
+        return None
+
+
 async def _cached(ctx: Context, key: Key, fetch: Callable[[Keep], Awaitable[StreamResponse]],
                   respond: Callable[[Entry], AnyResponse], cache_control: str) -> AnyResponse:
-    """The cache phase of an object: a hit, once the caller is admitted to it (`access.admit`), is answered
-    by `respond`; a miss is the archive's answer (`fetch(tee)`), asked once for concurrent identical misses,
-    streamed with `X-Cache: MISS` and kept by the tee once it passed through whole."""
     assert ctx.cache is not None
-    heard_by = access.audiences(ctx)
-    got: Entry | StreamResponse | None = lookup(ctx.cache, key, heard_by)
-    if got is None:
-        got = await _once(ctx, ctx.cache, key, heard_by, fetch)
-    if isinstance(got, Entry):
-        await access.admit(ctx, key.place.study, (got.audience,))
-        return respond(got)
-    got.raw_headers += [(b"x-cache", b"MISS"), (b"cache-control", cache_control.encode())]
-    return got
-
-
-async def _once(ctx: Context, cache: FrameCache, key: Key, heard_by: tuple[str, ...],
-                fetch: Callable[[Keep], Awaitable[StreamResponse]]) -> StreamResponse | Entry:
-    """The archive's answer for this miss (`fetch(tee)`), or, when another request (of any worker) was
-    fetching the same object, what that one left in the cache: concurrent identical misses ask once."""
-    flight = await ctx.flights.lead_or_wait(flight_key(key), ctx.patience())
-    if flight is None and (hit := lookup(cache, key, heard_by)) is not None:
-        return hit
-    try:
-        resp = await fetch(keeper(cache, key, flight))
-    except Problem as exc:  # the archive's refusal of this representation: its followers' answer too
-        if flight is not None:
-            flight.end(exc)
-        raise
-    except BaseException:
-        if flight is not None:
-            flight.end()
-        raise
-    if flight is not None:  # ended with the stream, once the tee has kept the object (or could not)
-        closing = resp.on_close
-
-        async def close() -> None:
-            try:
-                if closing is not None:
-                    await closing()
-            finally:
-                flight.end()
-
-        resp.on_close = close
-    return resp
+    return await cache_phase.serve(ctx, _Object(ctx.cache, key, fetch, respond, cache_control))
 
 
 async def instance(request: Request, ctx: Context, target: Target) -> AnyResponse:

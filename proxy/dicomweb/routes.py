@@ -94,7 +94,7 @@ async def retrieve(request: Request) -> AnyResponse:
     return await wado.retrieve(request, _ctx(request), t, Resource.INSTANCES, "instance")
 
 
-async def metadata(request: Request) -> Response:
+async def metadata(request: Request) -> AnyResponse:
     """Study, series or instance metadata."""
     return await retrieve_metadata(request, _ctx(request), target(request))
 
