@@ -116,7 +116,7 @@ def serve(settings: Settings) -> None:
                             http=("httptools" if "server_protocol" in settings.disable
                                   else "proxy.http.protocol:EdgeHttpProtocol"),
                             # Forwarding headers are judged by the proxy itself against trusted_proxies
-                            # (urls.base_of, limits.client_key): uvicorn's own handling would replace the
+                            # (target.base_of, limits.client_key): uvicorn's own handling would replace the
                             # peer's address with a forwarded one before any of that runs.
                             proxy_headers=False,
                             # uvicorn's hint says int, but it is asyncio.timeout's seconds: a float works

@@ -27,7 +27,7 @@ from proxy.coordination.siblings import Siblings
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.frames import give
 from proxy.dicomweb.prefetch import Prefetcher
-from proxy.dicomweb.urls import DICOMWEB_ROOT
+from proxy.dicomweb.target import DICOMWEB_ROOT
 from proxy.federation.locator import Locator
 from proxy.federation.searchcache import SearchCache
 from proxy.http.app import build_app

@@ -19,8 +19,7 @@ from proxy.dicomweb import objects
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
 from proxy.dicomweb.responses import StreamResponse
-from proxy.dicomweb.target import VARY, Target, select
-from proxy.dicomweb.urls import dicomweb_base
+from proxy.dicomweb.target import VARY, Target, dicomweb_base, select
 from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource
 from proxy.formats.multipart import MultipartError, MultipartWriter, PartEnd, PartHeaders

@@ -14,7 +14,7 @@ from proxy.cache.store import FrameCache
 from proxy.config import Settings
 from proxy.coordination.flights import Flights
 from proxy.coordination.redis_tier import SharedStore
-from proxy.dicomweb.urls import DICOMWEB_ROOT
+from proxy.dicomweb.target import DICOMWEB_ROOT
 from proxy.federation.locator import Locator
 from proxy.federation.searchcache import SearchCache
 from proxy.upstream.archive import Archive, UpstreamError

@@ -27,8 +27,7 @@ from proxy.dicomweb.fetch import open_upstream, upstream_problem
 from proxy.dicomweb.reframe import PartOut, Reframer, label
 from proxy.dicomweb.responses import AnyResponse, BuffersResponse, StreamResponse
 from proxy.dicomweb.retrieve import retrieve
-from proxy.dicomweb.target import Target, select, upstream_accept
-from proxy.dicomweb.urls import dicomweb_base
+from proxy.dicomweb.target import Target, dicomweb_base, select, upstream_accept
 from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource, Selection, parse_content_type
 from proxy.formats.multipart import MultipartError, PartHeaders, whole

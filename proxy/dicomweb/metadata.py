@@ -23,8 +23,7 @@ from proxy.dicomweb import cache_phase
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
 from proxy.dicomweb.responses import AnyResponse
-from proxy.dicomweb.target import VARY, Target, select
-from proxy.dicomweb.urls import dicomweb_base
+from proxy.dicomweb.target import VARY, Target, dicomweb_base, select
 from proxy.errors import Problem
 from proxy.federation import merge
 from proxy.formats.media import Resource

@@ -31,8 +31,7 @@ from proxy.coordination.flights import Flight
 from proxy.dicomweb import cache_phase, retrieve
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.responses import AnyResponse, BuffersResponse, StreamResponse
-from proxy.dicomweb.target import Target, select
-from proxy.dicomweb.urls import dicomweb_base
+from proxy.dicomweb.target import Target, dicomweb_base, select
 from proxy.errors import Problem
 from proxy.formats.media import Resource, Selection, parse_content_type
 from proxy.formats.multipart import MultipartWriter

@@ -20,8 +20,7 @@ from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
 from proxy.dicomweb.reframe import PartOut, Reframer, label, payload
 from proxy.dicomweb.responses import StreamResponse
-from proxy.dicomweb.target import VARY, Target, select, upstream_accept
-from proxy.dicomweb.urls import dicomweb_base
+from proxy.dicomweb.target import VARY, Target, dicomweb_base, select, upstream_accept
 from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource, Selection, parse_content_type
 from proxy.formats.multipart import MultipartError

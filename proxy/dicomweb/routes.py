@@ -19,8 +19,7 @@ from proxy.dicomweb.capabilities import capabilities_response
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.metadata import retrieve_metadata
 from proxy.dicomweb.responses import AnyResponse
-from proxy.dicomweb.target import Target
-from proxy.dicomweb.urls import dicomweb_base, external_base
+from proxy.dicomweb.target import Target, dicomweb_base, external_base
 from proxy.errors import Problem
 from proxy.formats.dicomjson import BadToken, decode_token
 from proxy.formats.media import Resource

@@ -20,8 +20,7 @@ from starlette.responses import Response
 from proxy.auth import access
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
-from proxy.dicomweb.target import client_accept
-from proxy.dicomweb.urls import dicomweb_base
+from proxy.dicomweb.target import client_accept, dicomweb_base
 from proxy.errors import Problem
 from proxy.federation import merge
 from proxy.federation.searchcache import Codec, Mark

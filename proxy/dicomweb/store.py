@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from proxy.cache import purges
 from proxy.dicomweb.context import Context
-from proxy.dicomweb.urls import dicomweb_base
+from proxy.dicomweb.target import dicomweb_base
 from proxy.errors import Problem
 from proxy.formats.media import parse_content_type
 from proxy.upstream.archive import UpstreamError

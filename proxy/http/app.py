@@ -20,7 +20,7 @@ from proxy.cache import purges
 from proxy.cache.store import OFF_STATS
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.routes import dicomweb_routes
-from proxy.dicomweb.urls import DICOMWEB_ROOT
+from proxy.dicomweb.target import DICOMWEB_ROOT
 from proxy.errors import Problem, error_response
 from proxy.http import cors, hitlane
 from proxy.http.edge import EdgeMiddleware

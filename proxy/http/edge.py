@@ -17,7 +17,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.cache import busy
-from proxy.dicomweb.urls import DICOMWEB_ROOT
+from proxy.dicomweb.target import DICOMWEB_ROOT
 from proxy.http.limits import BODILESS
 from proxy.observability import logs, metrics
 from proxy.upstream.splice import body_size

@@ -27,7 +27,7 @@ from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from proxy.config import SETTINGS_ENV, Settings
-from proxy.dicomweb.urls import DICOMWEB_ROOT
+from proxy.dicomweb.target import DICOMWEB_ROOT
 from proxy.http.edge import account, request_id
 from proxy.http.hitlane import Lane
 from proxy.http.limits import STALLED

@@ -2,7 +2,7 @@
 
 Files are served as they are, with explicit media types; OHIF's client-side routes (`/viewer`,
 `/segmentation`, ...) fall back to `index.html`; `app-config.js` is written per request so that the
-viewer's data source points at this proxy's external base URL (urls.external_base).
+viewer's data source points at this proxy's external base URL (dicomweb.target.external_base).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from proxy.config import Settings
-from proxy.dicomweb.urls import DICOMWEB_ROOT, external_base
+from proxy.dicomweb.target import DICOMWEB_ROOT, external_base
 from proxy.errors import Problem
 
 # Paths the viewer never answers, even with the SPA fallback: they belong to the proxy.
