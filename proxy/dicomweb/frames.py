@@ -30,7 +30,7 @@ from proxy.dicomweb.retrieve import retrieve
 from proxy.dicomweb.target import Target, dicomweb_base, select, upstream_accept
 from proxy.errors import Problem, StreamAborted
 from proxy.formats.media import Resource, Selection, parse_content_type
-from proxy.formats.multipart import MultipartError, PartHeaders, whole
+from proxy.formats.multipart import MultipartError, MultipartWriter, PartHeaders, whole
 from proxy.observability import metrics
 from proxy.upstream.archive import UpstreamError
 from proxy.upstream.parts import Held, PartEvents, part_payload
@@ -125,13 +125,13 @@ def cached_answer(target: Target, sel: Selection, hits: dict[int, Frame],
         chunks = [frames[0].payload]
         ctype = frames[0].content_type
     else:
-        rf = Reframer(sel, base)
+        writer = MultipartWriter()
         chunks = []
         for n, f in zip(target.frames, frames, strict=True):
             loc = base + Target(target.study, target.series, target.instance, (n,)).path()
-            chunks += [rf.writer.part(f.content_type, loc, len(f.payload)), f.payload]
-        chunks.append(rf.close())
-        ctype = rf.writer.content_type(parse_content_type(frames[0].content_type)[0])
+            chunks += [writer.part(f.content_type, loc, len(f.payload)), f.payload]
+        chunks.append(writer.close())
+        ctype = writer.content_type(parse_content_type(frames[0].content_type)[0])
     headers += [("Content-Type", ctype), ("Content-Length", str(sum(len(c) for c in chunks)))]
     return etag, headers, chunks
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from functools import cache
 
 from starlette.requests import Request
@@ -19,47 +19,19 @@ from proxy.dicomweb.capabilities import capabilities_response
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.metadata import retrieve_metadata
 from proxy.dicomweb.responses import AnyResponse
-from proxy.dicomweb.target import Target, dicomweb_base, external_base
+from proxy.dicomweb.target import Target, checked_uid, dicomweb_base, external_base, target_of
 from proxy.errors import Problem
 from proxy.formats.dicomjson import BadToken, decode_token
 from proxy.formats.media import Resource
 
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-FRAMES = re.compile(r"^[0-9]+(,[0-9]+)*$")
 TAG_PATH = re.compile(r"^[0-9A-Fa-f]{8}(/[0-9]+/[0-9A-Fa-f]{8})*$")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _uid(value: str, what: str) -> str:
-    if len(value) > 64 or not UID.match(value):
-        raise Problem(400, f"malformed {what} UID")
-    return value
-
-
 def target(request: Request) -> Target:
     """The validated UIDs and frame numbers of a WADO-RS URL."""
     return target_of(request.path_params)
-
-
-def target_of(p: Mapping[str, str]) -> Target:
-    """`target` from the path parameters themselves (study, series, instance, frames): Problem(400) if bad."""
-    frames = None
-    if "frames" in p:
-        raw = p["frames"].replace("%2C", ",").replace("%2c", ",")
-        if not FRAMES.match(raw):
-            raise Problem(400, "frame list must be comma-separated frame numbers")
-        frames = tuple(int(n) for n in raw.split(","))
-        if any(n < 1 for n in frames):
-            raise Problem(400, "frame numbers start at 1")
-        if len(frames) > 10000:
-            raise Problem(400, "too many frames in one request")
-    return Target(
-        _uid(p["study"], "study"),
-        _uid(p["series"], "series") if "series" in p else None,
-        _uid(p["instance"], "instance") if "instance" in p else None,
-        frames,
-    )
 
 
 def _ctx(request: Request) -> Context:
@@ -78,9 +50,9 @@ async def search(request: Request) -> Response:
     p = request.path_params
     path = ""
     if "study" in p:
-        path = f"/studies/{_uid(p['study'], 'study')}"
+        path = f"/studies/{checked_uid(p['study'], 'study')}"
         if "series" in p:
-            path += f"/series/{_uid(p['series'], 'series')}"
+            path += f"/series/{checked_uid(p['series'], 'series')}"
     path += "/" + request.url.path.rstrip("/").rsplit("/", 1)[-1]
     return await qido.search(request, _ctx(request), path)
 
@@ -150,7 +122,7 @@ async def bulkdata(request: Request) -> AnyResponse:
 async def store(request: Request) -> Response:
     """STOW-RS."""
     study = request.path_params.get("study")
-    return await stow.store(request, _ctx(request), _uid(study, "study") if study else None)
+    return await stow.store(request, _ctx(request), checked_uid(study, "study") if study else None)
 
 
 S = "/studies/{study}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -17,6 +18,8 @@ from proxy.formats.media import BadAccept, NotAcceptable, Resource, Selection, n
 from proxy.upstream.archive import Archive
 
 VARY = ("Vary", "Accept")
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+FRAMES = re.compile(r"^[0-9]+(,[0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,33 @@ def client_accept(request: Request) -> str | None:
         if value:
             return value
     return request.headers.get("accept")
+
+
+def checked_uid(value: str, what: str) -> str:
+    """`value` if it is a well-formed UID, else Problem(400)."""
+    if len(value) > 64 or not UID.match(value):
+        raise Problem(400, f"malformed {what} UID")
+    return value
+
+
+def target_of(p: Mapping[str, str]) -> Target:
+    """`target` from the path parameters themselves (study, series, instance, frames): Problem(400) if bad."""
+    frames = None
+    if "frames" in p:
+        raw = p["frames"].replace("%2C", ",").replace("%2c", ",")
+        if not FRAMES.match(raw):
+            raise Problem(400, "frame list must be comma-separated frame numbers")
+        frames = tuple(int(n) for n in raw.split(","))
+        if any(n < 1 for n in frames):
+            raise Problem(400, "frame numbers start at 1")
+        if len(frames) > 10000:
+            raise Problem(400, "too many frames in one request")
+    return Target(
+        checked_uid(p["study"], "study"),
+        checked_uid(p["series"], "series") if "series" in p else None,
+        checked_uid(p["instance"], "instance") if "instance" in p else None,
+        frames,
+    )
 
 
 def select(request: Request, resource: Resource, single_item: bool) -> Selection:

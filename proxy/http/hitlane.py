@@ -38,8 +38,7 @@ from proxy.config import Settings
 from proxy.dicomweb import frames
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.responses import encode_headers, send_buffers
-from proxy.dicomweb.routes import target_of
-from proxy.dicomweb.target import DICOMWEB_ROOT, base_of
+from proxy.dicomweb.target import DICOMWEB_ROOT, base_of, target_of
 from proxy.errors import Problem
 from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate
 from proxy.http.cors import LaneCors
