@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from proxy.cache.busy import Activity
 from proxy.cache.store import FrameCache
 from proxy.config import Settings
 from proxy.coordination.redis_tier import SharedStore
@@ -30,6 +31,7 @@ class Context:
     cache: FrameCache | None = None
     shared: SharedStore | None = None  # the Redis tier, when configured
     cache_off: str | None = None  # why a configured cache is off for now (its directory cannot be opened)
+    activity: Activity = field(default_factory=Activity)  # when the worker last served a client (edge.py marks it)
 
     def stored_elsewhere(self, studies: dict[str, str]) -> None:
         self.locator.stored_elsewhere(studies)

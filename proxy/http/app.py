@@ -118,6 +118,6 @@ def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
         app.state.lane = lane  # the server protocol asks it first (protocol.py)
     if settings.cors_origins:  # a viewer served from another origin (viewer.py serves one same-origin)
         cors.install(app, settings.cors_origins)
-    app.add_middleware(EdgeMiddleware, log_patient_data=settings.log_patient_data)
+    app.add_middleware(EdgeMiddleware, activity=ctx.activity, log_patient_data=settings.log_patient_data)
     return app
 
