@@ -1,7 +1,7 @@
-"""The composition root: builds and owns every long-lived object of a worker process (archives, cache,
-locator, search cache, shared tier, the sibling channel, when a client was last served), starts and stops
-them with the application, and builds the application. Only cli.py (and uvicorn, through `app_from_env`)
-import this module.
+"""The composition root: builds and owns every long-lived object of a worker process (archives and their
+relay pipes, cache, locator, search cache, shared tier, the sibling channel, when a client was last served),
+starts and stops them with the application, and builds the application. Only cli.py (and uvicorn, through
+`app_from_env`) import this module.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from proxy.http.app import build_app
 from proxy.observability import metrics
 from proxy.upstream.archive import Archive, probe_all
 from proxy.upstream.credentials import check_auth, check_tls
+from proxy.upstream.splice import Pipes
 
 log = logging.getLogger("dicomweb_edge.cache")
 REOPEN_EVERY = 5.0  # seconds between tries to open a cache directory that could not be opened
@@ -80,12 +81,12 @@ def build_context(settings: Settings) -> Context:
     """Archives in priority order (highest first, then configuration order), the cache (or why it is off),
     the shared tier, and one Context per archive for `/upstreams/{name}/dicomweb`."""
     ordered = sorted(settings.archives, key=lambda a: -a.priority)
-    activity = Activity()  # one a worker
+    activity, pipes = Activity(), Pipes()  # one each a worker
     cache, off = _open_cache(settings, activity) if settings.cache_dir else (None, None)
     shared = None
     if settings.redis_url:
         shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)
-    archives = [Archive(a, settings.queue_timeout) for a in ordered]
+    archives = [Archive(a, settings.queue_timeout, pipes) for a in ordered]
     ctx = Context(settings, archives, locator=Locator(settings.locator_ttl, shared=shared),
                   searches=SearchCache(settings.search_cache_ttl, shared=shared), cache=cache, shared=shared,
                   cache_off=off, activity=activity)
