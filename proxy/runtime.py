@@ -1,7 +1,7 @@
 """The composition root: builds and owns every long-lived object of a worker process (archives and their
-relay pipes, cache, locator, search cache, shared tier, the sibling channel, when a client was last served),
-starts and stops them with the application, and builds the application. Only cli.py (and uvicorn, through
-`app_from_env`) import this module.
+relay pipes, cache, locator, search cache, shared tier, the sibling channel, when a client was last served,
+the pass-through confirmations), starts and stops them with the application, and builds the application.
+Only cli.py (and uvicorn, through `app_from_env`) import this module.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 
+from proxy.auth import access
 from proxy.auth.inbound import parse as parse_auth
 from proxy.cache import handover, heap
 from proxy.cache.busy import Activity
@@ -81,7 +82,8 @@ def build_context(settings: Settings) -> Context:
     """Archives in priority order (highest first, then configuration order), the cache (or why it is off),
     the shared tier, and one Context per archive for `/upstreams/{name}/dicomweb`."""
     ordered = sorted(settings.archives, key=lambda a: -a.priority)
-    activity, pipes = Activity(), Pipes()  # one each a worker
+    activity, memo, pipes = Activity(), access.AccessMemo(), Pipes()  # one each a worker
+    access.unpassed(memo)  # (until metadata.py gives access.confirm its context)
     cache, off = _open_cache(settings, activity) if settings.cache_dir else (None, None)
     shared = None
     if settings.redis_url:
@@ -89,13 +91,13 @@ def build_context(settings: Settings) -> Context:
     archives = [Archive(a, settings.queue_timeout, pipes) for a in ordered]
     ctx = Context(settings, archives, locator=Locator(settings.locator_ttl, shared=shared),
                   searches=SearchCache(settings.search_cache_ttl, shared=shared), cache=cache, shared=shared,
-                  cache_off=off, activity=activity)
+                  cache_off=off, activity=activity, access_memo=memo)
     for a in ctx.archives:
         # /upstreams/{name}/dicomweb: the same machinery, one archive, its own URL space.
         ctx.single[a.name] = Context(settings, [a], root=f"/upstreams/{a.name}{DICOMWEB_ROOT}",
                                      locator=ctx.locator, searches=SearchCache(settings.search_cache_ttl,
                                                                                shared=shared),
-                                     cache=cache, shared=shared, activity=activity)
+                                     cache=cache, shared=shared, activity=activity, access_memo=memo)
     return ctx
 
 

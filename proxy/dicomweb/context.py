@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from proxy.auth.access import AccessMemo
 from proxy.cache.busy import Activity
 from proxy.cache.store import FrameCache
 from proxy.config import Settings
@@ -32,6 +33,7 @@ class Context:
     shared: SharedStore | None = None  # the Redis tier, when configured
     cache_off: str | None = None  # why a configured cache is off for now (its directory cannot be opened)
     activity: Activity = field(default_factory=Activity)  # when the worker last served a client (edge.py marks it)
+    access_memo: AccessMemo = field(default_factory=AccessMemo)  # pass-through confirmations (access.py), one a worker
 
     def stored_elsewhere(self, studies: dict[str, str]) -> None:
         self.locator.stored_elsewhere(studies)
