@@ -1,6 +1,7 @@
-"""The composition root: builds and owns every long-lived object of a worker process (archives, cache,
-locator, search cache, shared tier, the sibling channel), starts and stops them with the application, and
-builds the application. Only cli.py (and uvicorn, through `app_from_env`) import this module.
+"""The composition root: builds and owns every long-lived object of a worker process (archives and their
+relay pipes, cache, locator, search cache, shared tier, the sibling channel, when a client was last served,
+the pass-through confirmations), starts and stops them with the application, and builds the application.
+Only cli.py (and uvicorn, through `app_from_env`) import this module.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 
+from proxy.auth import access
 from proxy.auth.inbound import parse as parse_auth
 from proxy.cache import heap
 from proxy.cache.entries import checksum_of
@@ -34,6 +36,7 @@ from proxy.http.app import build_app
 from proxy.observability import metrics
 from proxy.upstream.archive import Archive, probe_all
 from proxy.upstream.credentials import check_auth, check_tls
+from proxy.upstream.splice import Pipes
 
 log = logging.getLogger("dicomweb_edge.cache")
 REOPEN_EVERY = 5.0  # seconds between tries to open a cache directory that could not be opened
@@ -81,24 +84,26 @@ def build_context(settings: Settings) -> Context:
     """Archives in priority order (highest first, then configuration order), the cache (or why it is off),
     the shared tier, and one Context per archive for `/upstreams/{name}/dicomweb`."""
     ordered = sorted(settings.archives, key=lambda a: -a.priority)
-    cache, off = _open_cache(settings) if settings.cache_dir else (None, None)
+    activity, memo, pipes = metrics.Activity(), access.AccessMemo(), Pipes()  # one each a worker
+    cache, off = _open_cache(settings, activity) if settings.cache_dir else (None, None)
     shared = None
     if settings.redis_url:
         shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)
-    archives = [Archive(a, settings.queue_timeout) for a in ordered]
+    archives = [Archive(a, settings.queue_timeout, pipes) for a in ordered]
     flights = Flights()
     learner = Learner(flights)
     prefetch = Prefetcher(flights, learner, settings.prefetch_concurrency)
     ctx = Context(settings, archives, locator=Locator(settings.locator_ttl, shared=shared),
                   searches=SearchCache(settings.search_cache_ttl, shared=shared), cache=cache, shared=shared,
-                  cache_off=off, flights=flights, learner=learner, prefetch=prefetch)
+                  cache_off=off, flights=flights, learner=learner, prefetch=prefetch,
+                  activity=activity, access_memo=memo)
     for a in ctx.archives:
         # /upstreams/{name}/dicomweb: the same machinery, one archive, its own URL space.
         ctx.single[a.name] = Context(settings, [a], root=f"/upstreams/{a.name}{DICOMWEB_ROOT}",
                                      locator=ctx.locator, searches=SearchCache(settings.search_cache_ttl,
                                                                                shared=shared),
                                      cache=cache, shared=shared, flights=flights, learner=learner,
-                                     prefetch=prefetch)
+                                     prefetch=prefetch, activity=activity, access_memo=memo)
     return ctx
 
 
@@ -135,7 +140,7 @@ class Runtime:
         ctx = self.ctx
         while ctx.cache is None:
             await asyncio.sleep(REOPEN_EVERY)
-            cache, off = await asyncio.to_thread(_open_cache, ctx.settings, False)
+            cache, off = await asyncio.to_thread(_open_cache, ctx.settings, ctx.activity, False)
             if cache is None:
                 ctx.cache_off = off
                 continue
@@ -201,12 +206,15 @@ def app_from_env() -> Starlette:
     return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))
 
 
-def _open_cache(settings: Settings, loud: bool = True) -> tuple[FrameCache | None, str | None]:
-    """The configured cache, or (None, why) when its directory cannot be opened now: a cache is never the
-    reason the edge is down (Context keeps trying)."""
+def _open_cache(settings: Settings, activity: metrics.Activity,
+                loud: bool = True) -> tuple[FrameCache | None, str | None]:
+    """The configured cache, its disk writer waiting for the worker's `activity` to quieten, or (None, why)
+    when its directory cannot be opened now: a cache is never the reason the edge is down (Context keeps
+    trying)."""
     assert settings.cache_dir is not None
     try:
-        return FrameCache(settings.cache_dir, settings.cache_size_bytes, settings.memory_cache_bytes), None
+        return FrameCache(settings.cache_dir, settings.cache_size_bytes, settings.memory_cache_bytes,
+                          activity=activity), None
     except (*DISK_ERRORS, ValueError) as exc:  # (ValueError: diskcache reading a damaged settings table)
         why = f"the cache directory cannot be opened ({type(exc).__name__}: {exc})"
         if loud:

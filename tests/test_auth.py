@@ -10,11 +10,13 @@ import time
 import pytest
 from authkeys import AUDIENCE, ISSUER, JwksServer, SigningKey, forged, jwks
 
-from proxy.auth import inbound
+from proxy.auth import access, inbound
 from proxy.auth.access import AccessMemo
 from proxy.auth.bearer import JwksCache, JwtVerifier, TokenError, scopes_of
 from proxy.config import ConfigError, load
-from proxy.runtime import check_settings
+from proxy.errors import Problem
+from proxy.runtime import build_context, check_settings
+from proxy.upstream.archive import CALLER_AUTHORIZATION
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +221,27 @@ def test_access_memo_expires_and_is_bounded():
     for study in ("1", "2", "3"):
         memo.confirm("acl", "a", study)
     assert not memo.confirmed("acl", "a", "1") and memo.confirmed("acl", "a", "3")
+
+
+async def test_a_worker_remembers_confirmations_in_its_contexts_one_memo():
+    """The composition root makes one AccessMemo a worker: its `/upstreams/{name}` contexts share it, `confirm`
+    writes to the memo of the context it is given and `admit` reads it; another worker's memo is its own."""
+    settings = load(None, {"archives": [{"name": "acl", "url": "http://127.0.0.1:9/dw",
+                                         "forward_authorization": True}], "health_interval": 0}, environ={})
+    ctx, other = build_context(settings), build_context(settings)  # (as two workers would)
+    assert ctx.single["acl"].access_memo is ctx.access_memo is not other.access_memo
+    token = CALLER_AUTHORIZATION.set("Bearer caller")
+    try:
+        access.confirm(ctx.single["acl"], ctx.single["acl"].archives[0], None, "/studies/1.2/series/3")
+        assert ctx.access_memo.confirmed("acl", access.caller(), "1.2")
+        await access.admit(ctx, "1.2", {"acl"})  # confirmed: the archive (nothing listens) is not asked
+        with pytest.raises(Problem) as refused:
+            await access.admit(other, "1.2", {"acl"})  # not confirmed there: asked, and it cannot be
+        assert refused.value.status == 502
+        access.confirm(other, other.archives[0], "1.3")
+        assert other.access_memo.confirmed("acl", access.caller(), "1.3")
+        assert not ctx.access_memo.confirmed("acl", access.caller(), "1.3")
+    finally:
+        CALLER_AUTHORIZATION.reset(token)
+        for c in (ctx, other):
+            await c.archives[0].close()

@@ -2,8 +2,8 @@
 moment before they are written to the shared disk tier, unless a sibling worker wants them, they waited
 their longest, too many bytes wait, or the worker stops; a purge drops what has not been written yet.
 
-Whether the worker is busy is set by the test (busy.quiet_for), not by timing: a frame deferred while
-"busy" is never written for quietness, however slow the machine."""
+Whether the worker is busy is set by the test (the `quiet` Activity the cache is given), not by timing: a
+frame deferred while "busy" is never written for quietness, however slow the machine."""
 
 import asyncio
 import os
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from proxy.cache import busy, purges
+from proxy.cache import purges
 from proxy.cache import writer as diskwriter
 from proxy.cache.placement import Placement
 from proxy.cache.store import FrameCache, checksum_of
@@ -20,17 +20,27 @@ from proxy.coordination.siblings import Siblings
 from proxy.dicomweb import frames
 from proxy.formats.part10 import EXPLICIT_LE
 from proxy.observability import metrics
+from proxy.observability.metrics import Activity
 
 MEDIA = "application/octet-stream"
 
 
+class Quiet(Activity):
+    """The worker's activity as the test sets it: `seconds` since the last client request (0: busy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+
+    def quiet_for(self) -> float:
+        return self.seconds
+
+
 @pytest.fixture
 def quiet(monkeypatch):
-    """Control what the writer sees: quiet["for"] is returned as seconds since the last client request."""
-    state = {"for": 0.0}
-    monkeypatch.setattr(busy, "quiet_for", lambda: state["for"])
+    """Control what the writer sees: give it to the cache (`activity=quiet`), set `quiet.seconds`."""
     monkeypatch.setattr(diskwriter, "QUIET", 0.04)
-    return state
+    return Quiet()
 
 
 def frame(n: int, size: int = 64 * 1024) -> tuple[str, int, str, str, bytes, int]:
@@ -63,7 +73,7 @@ async def looks(writer: diskwriter.DiskWriter, monkeypatch, times: int) -> None:
 
 
 async def test_deferred_frames_wait_while_clients_come_and_are_written_once_quiet(tmp_path, quiet, monkeypatch):
-    cache = FrameCache(str(tmp_path))
+    cache = FrameCache(str(tmp_path), activity=quiet)
     before = count("quiet")
     frames = [frame(n) for n in range(1, 21)]
     done = [cache.write_soon([f], "1.2", defer=True) for f in frames]
@@ -71,7 +81,7 @@ async def test_deferred_frames_wait_while_clients_come_and_are_written_once_quie
     assert not any(d.done() for d in done)
     assert cache.stats()["held_back_bytes"] == 20 * 64 * 1024  # (the admin endpoint and `cache stats`)
     assert not any(on_disk(tmp_path, n) for n in range(1, 21))
-    quiet["for"] = 1.0
+    quiet.seconds = 1.0
     async with asyncio.timeout(10):
         await asyncio.gather(*done)
     assert all(on_disk(tmp_path, n) for n in range(1, 21))
@@ -82,7 +92,7 @@ async def test_deferred_frames_wait_while_clients_come_and_are_written_once_quie
 
 async def test_a_sibling_that_wants_frames_gets_them_and_their_study_written_at_once_even_while_busy(
         tmp_path, quiet):
-    cache = FrameCache(str(tmp_path))
+    cache = FrameCache(str(tmp_path), activity=quiet)
     before = count("wanted")
     held = cache.write_soon([frame(1)], "9.9", b"token-one", defer=True)  # another study
     same = cache.write_soon([frame(2)], "1.2", b"token-two", defer=True)
@@ -106,7 +116,7 @@ async def test_a_sibling_that_wants_frames_gets_them_and_their_study_written_at_
 
 
 async def test_what_a_sibling_waits_for_goes_ahead_of_a_study_another_want_let_go(tmp_path, quiet):
-    cache = FrameCache(str(tmp_path))
+    cache = FrameCache(str(tmp_path), activity=quiet)
     order: list[int] = []
     done = []
     for n in range(1, 22):
@@ -122,7 +132,7 @@ async def test_what_a_sibling_waits_for_goes_ahead_of_a_study_another_want_let_g
 
 
 async def test_a_wanted_frame_queued_behind_its_studys_burst_moves_to_the_front(tmp_path, quiet):
-    cache = FrameCache(str(tmp_path))
+    cache = FrameCache(str(tmp_path), activity=quiet)
     order: list[int] = []
     done = []
     for n in range(1, 21):
@@ -141,7 +151,7 @@ async def test_a_sibling_waiting_for_a_retrieve_in_flight_gets_its_whole_study_w
     """A sibling waits for a retrieve (its scope), not for an instance the retrieve brought (one too large
     to keep, or that could not be cut into frames, is never learned): the study's frames go to disk, so
     that the retrieve's end reaches the sibling without waiting for a quiet moment."""
-    cache = FrameCache(str(tmp_path))
+    cache = FrameCache(str(tmp_path), activity=quiet)
     held = [cache.write_soon([frame(n)], "1.2", b"token-%d" % n, defer=True) for n in (1, 2)]
     cache.writer.alias(b"scope-token", "1.2")
     cache.writer.want(b"scope-token")
@@ -156,7 +166,7 @@ async def test_a_sibling_waiting_for_a_retrieve_in_flight_gets_its_whole_study_w
 
 
 async def test_the_bound_and_the_longest_wait_write_frames_while_busy(tmp_path, quiet, monkeypatch):
-    cache = FrameCache(str(tmp_path), memory_limit=8 * 64 * 1024)  # defers at most 4 frames of 64 KB
+    cache = FrameCache(str(tmp_path), memory_limit=8 * 64 * 1024, activity=quiet)  # defers 4 frames of 64 KB at most
     bound, waited = count("bound"), count("waited")
     done = [cache.write_soon([frame(n)], "1.2", defer=True) for n in range(1, 11)]
     async with asyncio.timeout(10):
@@ -175,12 +185,12 @@ async def test_the_bound_and_the_longest_wait_write_frames_while_busy(tmp_path, 
 
 
 async def test_a_purge_drops_frames_not_written_yet(tmp_path, quiet, monkeypatch):
-    cache = FrameCache(str(tmp_path))
+    cache = FrameCache(str(tmp_path), activity=quiet)
     purged = cache.write_soon([frame(1)], "1.2", defer=True)
     kept = cache.write_soon([frame(2)], "9.9", defer=True)
     assert purges.purge(cache, "1.2") == 1  # counted among the entries it dropped
     assert purged.done() and purged.result() == [None]
-    quiet["for"] = 1.0
+    quiet.seconds = 1.0
     async with asyncio.timeout(10):
         await kept
     await looks(cache.writer, monkeypatch, 0)
@@ -189,7 +199,7 @@ async def test_a_purge_drops_frames_not_written_yet(tmp_path, quiet, monkeypatch
 
 
 async def test_frames_a_stopping_worker_deferred_survive_the_restart(tmp_path, quiet):
-    cache = FrameCache(str(tmp_path))
+    cache = FrameCache(str(tmp_path), activity=quiet)
     before = count("stop")
     done = [cache.write_soon([frame(n)], "1.2", defer=True) for n in (1, 2, 3)]
     cache.close()  # inside the running loop, as the app's lifespan does
@@ -203,7 +213,7 @@ async def test_frames_a_stopping_worker_deferred_survive_the_restart(tmp_path, q
 async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_beside_a_sibling(
         tmp_path, quiet, monkeypatch):
     """... unless the sibling can ask for it from this worker's memory (the hand-over): then it waits too."""
-    cache = FrameCache(str(tmp_path))
+    cache = FrameCache(str(tmp_path), activity=quiet)
     flights = Flights()
     bus = Siblings(str(tmp_path))
     assert bus.start()

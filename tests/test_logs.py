@@ -129,6 +129,7 @@ def test_access_records_skip_the_logging_machinery_only_where_that_changes_nothi
     from proxy.config import Settings
     from proxy.http.edge import account
     from proxy.observability.logs import access, log_config, write_access
+    from proxy.observability.metrics import Activity
 
     parent = logging.getLogger("dicomweb_edge")
     saved = (parent.handlers[:], parent.level, parent.propagate, access.handlers[:], access.level)
@@ -137,7 +138,7 @@ def test_access_records_skip_the_logging_machinery_only_where_that_changes_nothi
         handler = parent.handlers[0]
         handler.stream = stream = io.StringIO()
         fields = {"request_id": "r1", "cache": "hit", "archive": "Zürich"}
-        account("frames", "GET", 200, 0.00031, 0.00028, 524938, 0, dict(fields))
+        account("frames", "GET", 200, 0.00031, 0.00028, 524938, 0, dict(fields), activity=Activity())
         handler.flush()
         fast = json.loads(stream.getvalue())
 
@@ -153,7 +154,7 @@ def test_access_records_skip_the_logging_machinery_only_where_that_changes_nothi
         listener.emit = seen.append  # type: ignore[method-assign]
         access.addHandler(listener)
         assert not write_access(dict(fields))
-        account("frames", "GET", 200, 0.001, 0.001, 1, 0, dict(fields))
+        account("frames", "GET", 200, 0.001, 0.001, 1, 0, dict(fields), activity=Activity())
         assert len(seen) == 1 and seen[0].fields["request_id"] == "r1"  # type: ignore[attr-defined]
         access.removeHandler(listener)
         assert write_access(dict(fields))

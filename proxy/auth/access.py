@@ -7,9 +7,9 @@ pass-through archive (`forward_authorization`) answered one caller is served to 
 *that* archive confirmed that this caller may see the entry's study, whatever other archives hold: a
 200 for a retrieve about the study with the caller's token, non-empty metadata, or a search
 `StudyInstanceUID=<study>` that lists it. A confirmation is remembered for a short while
-(`[auth] access_ttl`, in this process only) per (archive, token digest, study). Without one a hit first
-asks the archive; a refusal answers 401/403/404, an archive that cannot be asked 502, and nothing comes
-from the cache. Search answers are cached per token digest (`search_scope`).
+(`[auth] access_ttl`, in this worker only: its context's `AccessMemo`) per (archive, token digest,
+study). Without one a hit first asks the archive; a refusal answers 401/403/404, an archive that cannot
+be asked 502, and nothing comes from the cache. Search answers are cached per token digest (`search_scope`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from proxy.upstream.archive import CALLER_AUTHORIZATION, Archive, UpstreamError
 
 
 class Archives(Protocol):
-    """What admission needs of the handlers' context: the archives, and one of them by name."""
+    """What admission needs of the handlers' context: the archives, one of them by name, and the worker's
+    confirmations (one memo, shared by the `/upstreams/{name}` contexts)."""
 
     archives: list[Archive]
+    access_memo: AccessMemo
 
     def archive(self, name: str) -> Archive | None: ...
 
@@ -75,9 +77,6 @@ class AccessMemo:
         return True
 
 
-MEMO = AccessMemo()
-
-
 def caller() -> str:
     """A digest of the current request's Authorization header ('' for none): never the token itself."""
     value = CALLER_AUTHORIZATION.get()
@@ -100,15 +99,16 @@ def search_scope(ctx: Archives) -> tuple[str, ...]:
     return ("caller", caller()) if gated(ctx) else ()
 
 
-def confirm(archive: Archive, study: str | None, path: str = "") -> None:
-    """Remember that `archive` just answered the current caller with content of `study` (or of the study
-    that the upstream `path` names)."""
+def confirm(ctx: Archives, archive: Archive, study: str | None, path: str = "") -> None:
+    """Remember in `ctx`'s memo that `archive` just answered the current caller with content of `study` (or
+    of the study that the upstream `path` names)."""
+    memo = ctx.access_memo
     if not archive.audience:
         return
     if not study and (m := _STUDY_PATH.match(path)):
         study = m.group(1)
     if study:
-        MEMO.confirm(archive.audience, caller(), study)
+        memo.confirm(archive.audience, caller(), study)
 
 
 def refused(status: int) -> Problem:
@@ -146,15 +146,17 @@ async def _check(archive: Archive, study: str) -> int:
 async def admit(ctx: Archives, study: str, heard_by: Iterable[str]) -> None:
     """Before anything the cache learned about `study` for the audiences `heard_by` is served: for each
     pass-through archive among them, make sure that it lets the caller see the study (remembered for
-    access_ttl). What the proxy learned with its own credentials needs nothing more. Problem otherwise."""
+    access_ttl, in `ctx`'s memo). What the proxy learned with its own credentials needs nothing more. Problem
+    otherwise."""
     who = caller()
+    memo = ctx.access_memo
     for audience in sorted(set(heard_by) - {SHARED}):
-        if MEMO.confirmed(audience, who, study):
+        if memo.confirmed(audience, who, study):
             continue
         archive = ctx.archive(audience)
         status = 404 if archive is None else await _check(archive, study)
         if status == 200:
-            MEMO.confirm(audience, who, study)
+            memo.confirm(audience, who, study)
             continue
         if status in (401, 403):
             raise refused(status)

@@ -86,7 +86,7 @@ class FrameCache:
     """Memory LRU in front of a diskcache directory."""
 
     def __init__(self, directory: str, size_limit: int = 10 * 1024**3, memory_limit: int = 256 * 1024**2,
-                 max_entry: int = 64 * 1024**2) -> None:
+                 max_entry: int = 64 * 1024**2, activity: metrics.Activity | None = None) -> None:
         # cull_limit=0: no culling inside set(); write() culls itself, so that evictions can be counted.
         settings: dict[str, Any] = {"size_limit": size_limit, "eviction_policy": "least-recently-used",
                                     "tag_index": True, "cull_limit": 0, "disk": FlatDisk, "timeout": LOCK_TIMEOUT}
@@ -100,8 +100,8 @@ class FrameCache:
         self.reader = diskcache.Cache(directory, **settings)
         self.reader.reset("eviction_policy", "none", update=False)
         # Disk writes, one at a time, in a thread; frames already served from memory wait for a quiet
-        # moment, holding at most half the memory tier's bound more (diskwriter.py).
-        self.writer = DiskWriter(self._commit, memory_limit // 2)
+        # moment (`activity`: the worker's), holding at most half the memory tier's bound more (writer.py).
+        self.writer = DiskWriter(self._commit, memory_limit // 2, metrics.Activity() if activity is None else activity)
         self._touched: set[str] = set()
         self._touch_at = time.monotonic()
         self._generation = self._read_generation()

@@ -33,7 +33,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from proxy.cache import busy
 from proxy.observability import metrics
 
 log = logging.getLogger("dicomweb_edge.cache")
@@ -68,7 +67,8 @@ class _Deferred:
 class DiskWriter:
     """The writer thread and its queues (see the module doc)."""
 
-    def __init__(self, commit: Commit, defer_limit: int) -> None:
+    def __init__(self, commit: Commit, defer_limit: int, activity: metrics.Activity) -> None:
+        self.activity = activity  # when the worker last served a client (deferred frames wait for quiet)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="cache-writer")
         self.defer_limit = defer_limit
         self._commit = commit
@@ -250,7 +250,7 @@ class DiskWriter:
         """Look again when the worker may have become quiet, or the oldest frame's wait ends."""
         if self._timer is not None or not self._later:
             return
-        wait = max(QUIET - busy.quiet_for(), QUIET / 4)
+        wait = max(QUIET - self.activity.quiet_for(), QUIET / 4)
         wait = min(wait, next(iter(self._later.values())).until - time.monotonic())
         self._timer = loop.call_later(max(wait, 0.0), self._look)
 
@@ -261,7 +261,7 @@ class DiskWriter:
             if item.until > now:
                 break
             self._promote(seq, "waited")
-        if self._later and not self._pacing and busy.quiet_for() >= QUIET:
+        if self._later and not self._pacing and self.activity.quiet_for() >= QUIET:
             # Quiet: one batch now, and another once it is written if it is still quiet then.
             size, last = 0, None
             for seq, item in list(self._later.items()):

@@ -9,6 +9,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from proxy.auth.access import AccessMemo
 from proxy.cache.learning import Learner
 from proxy.cache.store import FrameCache
 from proxy.config import Settings
@@ -17,6 +18,7 @@ from proxy.coordination.redis_tier import SharedStore
 from proxy.dicomweb.target import DICOMWEB_ROOT
 from proxy.federation.locator import Locator
 from proxy.federation.searchcache import SearchCache
+from proxy.observability.metrics import Activity
 from proxy.upstream.archive import Archive, UpstreamError
 
 
@@ -45,6 +47,8 @@ class Context:
     cache: FrameCache | None = None
     shared: SharedStore | None = None  # the Redis tier, when configured
     cache_off: str | None = None  # why a configured cache is off for now (its directory cannot be opened)
+    activity: Activity = field(default_factory=Activity)  # when the worker last served a client (edge.py marks it)
+    access_memo: AccessMemo = field(default_factory=AccessMemo)  # pass-through confirmations (access.py), one a worker
     # The worker's, shared by the /upstreams/{name} contexts:
     flights: Flights = field(kw_only=True)  # the fetches in flight (the one way to collapse them)
     learner: Learner = field(kw_only=True)  # what retrieves teach the frame cache

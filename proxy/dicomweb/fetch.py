@@ -62,7 +62,7 @@ async def open_upstream(ctx: Context, study: str | None, path: str, accept: str,
         if resp.status == 404 and study and len(candidates) > 1:
             await ctx.locator.forget(study)  # what we learned is stale: probe again next time
         if resp.status == 200 and service in access.CONFIRMING:
-            access.confirm(archive, study, path)  # token pass-through: this caller may see the study
+            access.confirm(ctx, archive, study, path)  # token pass-through: this caller may see the study
         return resp, stack
     raise last or Problem(502, "no archive is configured")
 

@@ -52,7 +52,7 @@ async def _metadata_body(request: Request, ctx: Context, archives: list[Archive]
         except UpstreamError as exc:
             raise Problem(exc.status, exc.reason) from None
     if body.strip() not in (b"", b"[]"):
-        access.confirm(resp.archive, None, path)
+        access.confirm(ctx, resp.archive, None, path)
     return resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root)), resp.archive
 
 

@@ -13,7 +13,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Lifespan
 
-from proxy.auth import access
 from proxy.auth.inbound import AuthMiddleware
 from proxy.auth.inbound import parse as parse_auth
 from proxy.cache import purges
@@ -107,7 +106,7 @@ def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
     app.state.ctx = ctx
     forwarding = any(a.forward_authorization for a in settings.archives)
     auth_config = parse_auth(settings.auth, settings.host, forwarding)
-    access.MEMO.ttl = auth_config.access_ttl
+    ctx.access_memo.ttl = auth_config.access_ttl
     if auth_config.mode != "none" or forwarding:  # inside CORS: preflights are answered before it, 401s get CORS
         app.add_middleware(AuthMiddleware, config=auth_config, trusted=settings.trusted_proxies,
                            viewer=bool(settings.viewer_dir), forwarding=forwarding)
@@ -118,6 +117,6 @@ def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
         app.state.lane = lane  # the server protocol asks it first (protocol.py)
     if settings.cors_origins:  # a viewer served from another origin (viewer.py serves one same-origin)
         cors.install(app, settings.cors_origins)
-    app.add_middleware(EdgeMiddleware, log_patient_data=settings.log_patient_data)
+    app.add_middleware(EdgeMiddleware, activity=ctx.activity, log_patient_data=settings.log_patient_data)
     return app
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.cache import busy
 from proxy.dicomweb.target import DICOMWEB_ROOT
 from proxy.http.limits import BODILESS
 from proxy.observability import logs, metrics
+from proxy.observability.metrics import Activity
 from proxy.upstream.splice import body_size
 
 log = logs.access
@@ -60,11 +60,11 @@ def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
 
 
 def account(service: str, method: str, status: int, elapsed: float, ttfb: float | None, sent: int, received: int,
-            fields: dict[str, Any], path: str | None = None) -> None:
+            fields: dict[str, Any], path: str | None = None, *, activity: Activity) -> None:
     """Count a finished request in the metrics and write its access record (`path`, with the query,
-    only when `log_patient_data` asks for it)."""
+    only when `log_patient_data` asks for it); a DICOMweb request marks the worker's `activity`."""
     if service != "other":
-        busy.client()
+        activity.client()
     tally = metrics.TALLY
     tally.inc(metrics.child(metrics.REQUESTS, service, str(status)))
     tally.observe(metrics.child(metrics.REQUEST_DURATION, service, _CODE_CLASS.get(status // 100, "5xx")), elapsed)
@@ -84,10 +84,12 @@ def account(service: str, method: str, status: int, elapsed: float, ttfb: float 
 
 
 class EdgeMiddleware:
-    """Request id, access log without patient data, and request metrics, as plain ASGI."""
+    """Request id, access log without patient data, and request metrics, as plain ASGI. `activity`: when
+    the worker last served a client, marked as each DICOMweb request starts and ends."""
 
-    def __init__(self, app: ASGIApp, log_patient_data: bool = False) -> None:
+    def __init__(self, app: ASGIApp, activity: Activity, log_patient_data: bool = False) -> None:
         self.app = app
+        self.activity = activity
         self.log_patient_data = log_patient_data
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,7 +101,7 @@ class EdgeMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         service = service_of(scope["method"], scope["path"])
         if service != "other":
-            busy.client()
+            self.activity.client()
         fields: dict[str, Any] = {"request_id": rid}
         token = logs.REQUEST.set(fields)
         status = 500
@@ -138,5 +140,5 @@ class EdgeMiddleware:
                 qs = scope.get("query_string", b"").decode("latin-1")
                 path = scope["path"] + ("?" + qs if qs else "")
             account(service, scope["method"], status, time.perf_counter() - started, ttfb, sent, received, fields,
-                    path)
+                    path, activity=self.activity)
             logs.REQUEST.reset(token)

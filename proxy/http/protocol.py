@@ -222,7 +222,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self.transport.close()
         elapsed = time.perf_counter() - started
         account("frames", "GET", answer.status, elapsed, elapsed, answer.size, 0, {"request_id": rid, "cache": "hit"},
-                scope["path"] if lane.ctx.settings.log_patient_data else None)
+                scope["path"] if lane.ctx.settings.log_patient_data else None, activity=lane.ctx.activity)
         return True
 
     def send_400_response(self, msg: str) -> None:

@@ -12,6 +12,7 @@ import bisect
 import functools
 import importlib.metadata
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -274,3 +275,24 @@ def render(cache_stats: dict[str, int | bool] | None = None) -> tuple[bytes, str
     snapshot = CollectorRegistry()
     snapshot.register(_Snapshot(cache_stats))
     return generate_latest(registry) + generate_latest(snapshot), CONTENT_TYPE_LATEST
+
+
+class Activity:
+    """When this worker last served a client, for work that can wait for a quiet moment.
+
+    Background work, such as writing frames the memory tier already serves to the shared disk tier
+    (cache/writer.py), competes with the clients being served for the same cores: it asks `quiet_for()`
+    and waits while clients keep coming. Every DICOMweb request marks the worker busy when it starts and
+    when it ends (http/edge.py); operations requests (health checks, metric scrapes) do not. One per
+    worker, made by the composition root (runtime.py)."""
+
+    def __init__(self) -> None:
+        self.last = -1e9  # monotonic time a client request last started or ended
+
+    def client(self) -> None:
+        """A client request starts or ends now."""
+        self.last = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since a client request last started or ended."""
+        return time.monotonic() - self.last

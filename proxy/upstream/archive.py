@@ -160,7 +160,7 @@ class UpstreamResponse:
         there is no relay, the connection reads on as usual (no read window, Pool.request)."""
         fd = self._resp.raw_fd()
         owns = pipe is None
-        if fd is None or (pipe is None and (pipe := splice.take_pipe()) is None):
+        if fd is None or (pipe is None and (pipe := self.archive.pipes.take()) is None):
             self._resp.unwindow()
             return None
         head = self._resp.hold(count)
@@ -232,8 +232,10 @@ class UpstreamResponse:
 class Archive:
     """One configured archive."""
 
-    def __init__(self, config: ArchiveConfig, queue_timeout: float | None = None) -> None:
+    def __init__(self, config: ArchiveConfig, queue_timeout: float | None = None,
+                 pipes: splice.Pipes | None = None) -> None:
         self.config = config
+        self.pipes = splice.Pipes() if pipes is None else pipes  # for relays (the worker's, shared by its archives)
         self.name = config.name
         # Whose answers this archive gives: '' when it is read with the proxy's own credentials (every caller
         # would get the same answer), else its name (token pass-through: each answer is the caller's own).

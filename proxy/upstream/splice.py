@@ -60,7 +60,7 @@ class Relay:
         self.payload = count  # of which payload bytes from the archive (the parser skips them)
         self.head: list[bytes | memoryview] = list(head)
         self.fd = fd
-        self.pipe = pipe  # taken for it (`take_pipe`); chained relays share their first one's
+        self.pipe = pipe  # taken for it (`Pipes.take`); chained relays share their first one's
         self.owns = False  # the pipe was taken for this relay and no mover has it yet
         self.idle = idle  # the archive's idle-read timeout
         self.account = account  # called with each number of bytes taken from the archive's socket
@@ -116,53 +116,58 @@ def _nothing(eof: bool) -> None:
 
 
 class Pipe:
-    """A pipe for relaying, from the worker's pool; `give` puts it back (once)."""
+    """A pipe for relaying, from a worker's pool (`Pipes`); `give` puts it back (once)."""
 
-    __slots__ = ("r", "w", "size", "clean", "held")
+    __slots__ = ("r", "w", "size", "clean", "held", "pool")
 
-    def __init__(self, r: int, w: int, size: int) -> None:
+    def __init__(self, r: int, w: int, size: int, pool: Pipes) -> None:
         self.r, self.w, self.size = r, w, size
         self.clean = True  # empty: it may be used again
         self.held = False
+        self.pool = pool  # the one it came from, and goes back to
 
     def give(self) -> None:
-        global _taken
         if not self.held:
             return
         self.held = False
-        _taken -= 1
-        if self.clean and len(_idle) < MAX_IDLE_PIPES:
-            _idle.append(self)
+        pool = self.pool
+        pool.taken -= 1
+        if self.clean and len(pool.idle) < MAX_IDLE_PIPES:
+            pool.idle.append(self)
         else:
             os.close(self.r)
             os.close(self.w)
 
 
-_idle: list[Pipe] = []
-_taken = 0
+class Pipes:
+    """A worker's pipes for relaying: the empty ones kept for the next relays (MAX_IDLE_PIPES at most), and
+    how many relays hold one now (MAX_PIPES at most). One a worker, made by the composition root and
+    shared by its archives."""
 
+    def __init__(self) -> None:
+        self.idle: list[Pipe] = []
+        self.taken = 0
 
-def take_pipe() -> Pipe | None:
-    """An empty pipe for a relay, or None when the worker has MAX_PIPES out or cannot make one (out of
-    descriptors): the payload then goes the ordinary way."""
-    global _taken
-    if _taken >= MAX_PIPES:
-        return None
-    if _idle:
-        pipe = _idle.pop()
-    else:
-        try:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+    def take(self) -> Pipe | None:
+        """An empty pipe for a relay, or None when the worker has MAX_PIPES out or cannot make one (out of
+        descriptors): the payload then goes the ordinary way."""
+        if self.taken >= MAX_PIPES:
             return None
-        try:
-            size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # over the user's pipe quota: the size it got still works
-            size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-        pipe = Pipe(r, w, size)
-    pipe.held = True
-    _taken += 1
-    return pipe
+        if self.idle:
+            pipe = self.idle.pop()
+        else:
+            try:
+                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:  # over the user's pipe quota: the size it got still works
+                size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            pipe = Pipe(r, w, size, self)
+        pipe.held = True
+        self.taken += 1
+        return pipe
 
 
 def offered(scope: Scope) -> bool:
