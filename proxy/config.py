@@ -6,7 +6,7 @@ host = "127.0.0.1"
 port = 8080
 workers = 1
 public_url = "https://imaging.example.org"   # optional
-trusted_proxies = ["127.0.0.1"]              # hops whose Forwarded / X-Forwarded-* we believe
+trusted_proxies = ["127.0.0.1", "10.0.0.0/8"] # hops (addresses, CIDRs) whose Forwarded / X-Forwarded-* we believe
 
 [cache]
 dir = "/var/cache/dicomweb-edge"
@@ -21,7 +21,9 @@ profile = "orthanc"
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
+import ipaddress
 import json
 import os
 import re
@@ -49,6 +51,57 @@ LIMIT_KEYS = ("client_request_rate", "client_byte_rate", "client_request_burst",
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says where and why."""
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(entries: object) -> tuple[Network, ...]:
+    """`trusted_proxies` as networks: each entry an address or a CIDR, IPv4 or IPv6. ConfigError for a
+    string instead of a list (it would be read letter by letter) or an entry that is neither."""
+    if isinstance(entries, str) or not isinstance(entries, list | tuple):
+        raise ConfigError(f"trusted_proxies must be a list of addresses or CIDRs, like [\"10.0.0.0/8\", "
+                          f"\"::1\"]; got {entries!r}")
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: {entry!r} is not an IP address or CIDR") from None
+    return tuple(networks)
+
+
+class Trusted:
+    """The hops whose forwarding headers are believed (and who may scrape /metrics), by network:
+    `address in trusted` is true when the address lies in one of the configured networks (an IPv4 address
+    seen as IPv4-mapped IPv6, `::ffff:10.0.0.1`, counts as itself). Anything that is not an address is not
+    trusted. Answers are remembered per address (this runs on every request behind a front)."""
+
+    REMEMBERED = 4096  # addresses remembered; then forgotten all at once
+
+    def __init__(self, entries: list[str]) -> None:
+        self.networks = trusted_networks(entries)
+        self._seen: dict[str, bool] = {}
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str):
+            return False
+        known = self._seen.get(address)
+        if known is None:
+            known = self._judge(address)
+            if len(self._seen) >= self.REMEMBERED:
+                self._seen.clear()
+            self._seen[address] = known
+        return known
+
+    def _judge(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.strip().strip("[]").split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == n.version and ip in n for n in self.networks)
 
 
 @dataclass
@@ -89,7 +142,7 @@ class Settings:
     workers: int = 1
     shutdown_grace: float = 30.0  # on SIGTERM, seconds in-flight responses get to finish before they are cut
     public_url: str | None = None
-    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])  # addresses and CIDRs
     cors_origins: list[str] = field(default_factory=list)  # origins (or "*") whose pages may call the proxy
     tls_cert_file: str | None = None  # serve https with this certificate chain (PEM) ...
     tls_key_file: str | None = None  # ... and this private key
@@ -128,6 +181,11 @@ class Settings:
     disable: list[str] = field(default_factory=list)  # optimisations switched off (OPTIONAL)
     auth: dict[str, Any] = field(default_factory=dict)  # the [auth] table: inbound authentication (auth.py)
     archives: list[ArchiveConfig] = field(default_factory=list)
+
+    @functools.cached_property
+    def trusted(self) -> Trusted:
+        """`trusted_proxies` by network: `address in settings.trusted`."""
+        return Trusted(self.trusted_proxies)
 
     def to_json(self) -> str:
         """Serialise, for handing the settings to worker processes."""
@@ -270,6 +328,7 @@ def validate(s: Settings) -> None:
         raise ConfigError("workers must be at least 1")
     if not 0 <= s.shutdown_grace <= 3600:
         raise ConfigError(f"shutdown_grace {s.shutdown_grace} must be between 0 and 3600 seconds")
+    trusted_networks(s.trusted_proxies)
     if s.log_format not in ("json", "text"):
         raise ConfigError(f"log_format {s.log_format!r} must be 'json' or 'text'")
     if s.public_url is not None:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.config import Settings
+from proxy.config import ConfigError, Settings, Trusted, load
 from proxy.http.limits import Buckets, LimitsMiddleware, client_key
 
-TRUSTED = frozenset({"127.0.0.1"})
+TRUSTED = Trusted(["127.0.0.1"])
 
 
 def _scope(client: str, headers: list[tuple[bytes, bytes]]) -> dict:
@@ -26,6 +27,34 @@ def test_client_key_believes_only_trusted_hops():
     assert client_key(_scope("127.0.0.1", [(b"forwarded", b'for="198.51.100.7";proto=https')]), TRUSTED) \
         == "198.51.100.7"
     assert client_key(_scope("127.0.0.1", []), TRUSTED) == "127.0.0.1"
+
+
+def test_trusted_hops_are_networks_not_strings():
+    """`trusted_proxies` takes addresses and CIDRs, IPv4 and IPv6: a front anywhere in 10.0.0.0/8 (what a
+    Kubernetes pod network gives an ingress) is believed; an address that merely starts with the same
+    characters is not, nor is anything that is not an address."""
+    trusted = Trusted(["10.0.0.0/8", "fd00::/8", "192.168.1.10"])
+    assert "10.42.7.3" in trusted and "fd00::1234" in trusted and "192.168.1.10" in trusted
+    assert "::ffff:10.1.2.3" in trusted  # an IPv4 client seen on a dual-stack socket
+    assert "11.0.0.1" not in trusted and "192.168.1.1" not in trusted and "192.168.1.100" not in trusted
+    assert "fe80::1" not in trusted and "unknown" not in trusted and "10.0.0.0/8" not in trusted
+    behind = _scope("10.42.7.3", [(b"x-forwarded-for", b"203.0.113.5, 10.1.1.1")])
+    assert client_key(behind, trusted) == "203.0.113.5"  # every hop inside the pod network is skipped
+
+
+@pytest.mark.parametrize("value, says", [
+    ("10.0.0.10", "must be a list"),  # a string would be read letter by letter: "10.0.0.1" "in" it
+    (["10.0.0.0/33"], "not an IP address or CIDR"),
+    (["proxy.internal"], "not an IP address or CIDR"),
+])
+def test_trusted_proxies_that_are_not_networks_are_refused(tmp_path, value, says):
+    import json
+
+    config = tmp_path / "edge.toml"
+    config.write_text(f"[server]\ntrusted_proxies = {json.dumps(value)}\n"
+                      "[[archives]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/dw\"\n")
+    with pytest.raises(ConfigError, match=says):
+        load(config, environ={})
 
 
 def test_bucket_refills_at_the_rate_up_to_the_burst():

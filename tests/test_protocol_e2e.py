@@ -118,6 +118,32 @@ def test_forwarded_base_url_is_followed(proxy, native):
     assert dict(headers)["Content-Location"] == proxy.url + path(native, "1")
 
 
+@pytest.mark.parametrize("networks, trusted", [(["127.0.0.0/8", "fd00::/8"], True), (["10.0.0.0/8"], False)])
+def test_trusted_proxies_are_networks(archive, native, tmp_path, networks, trusted):
+    """`trusted_proxies` names networks: with 127.0.0.0/8 (no address of it listed as such) the scraper on
+    127.0.0.1 reads /metrics without a key and the hop's X-Forwarded-* name the base URL, on the cache's hit
+    lane and on the routed path; with only 10.0.0.0/8 trusted, neither."""
+    from proxy.auth.inbound import key_digest
+
+    secret = "key-proto-reader-0123456789"
+    (tmp_path / "edge.toml").write_text(
+        f"[server]\ntrusted_proxies = {json.dumps(networks)}\n[cache]\ndir = \"c\"\n"
+        f'[auth]\nmode = "api_key"\napi_keys = [{{ name = "r", sha256 = "{key_digest(secret)}", '
+        f'scopes = ["read"] }}]\n[[archives]]\nname = "a"\nurl = "{archive.dicomweb_url}"\n')
+    key = {"Authorization": f"Bearer {secret}"}
+    with ProxyProcess({}, tmp_path, ["--config", str(tmp_path / "edge.toml")]) as proxy:
+        assert httpx.get(proxy.url + "/metrics", trust_env=False).status_code == (200 if trusted else 401)
+        forwarded = {"Accept": ANY, "X-Forwarded-Host": "pacs.example.org", "X-Forwarded-Proto": "https", **key}
+        seen = set()
+        for query in ("", "", "?routed=1"):  # a miss, a hit on the lane, a routed hit
+            r = httpx.get(proxy.url + path(native, "1") + query, trust_env=False, headers=forwarded)
+            assert r.status_code == 200
+            (headers, body), = split_multipart(r.content, r.headers["content-type"])[1]
+            assert body == frame(native, 1)
+            seen.add(dict(headers)["Content-Location"])
+        assert seen == {("https://pacs.example.org" if trusted else proxy.url) + path(native, "1")}
+
+
 @pytest.mark.parametrize("allowed", ["https://viewer.example.org", "*"])
 def test_hits_carry_the_cors_headers_of_the_routed_path(archive, native, tmp_path, allowed):
     """A viewer on another origin sends Origin with every frame request: the cache phase answers those hits

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,7 +223,7 @@ class Authenticator:
         return {s for s in SCOPES if self.config.scope_names[s] in granted}
 
 
-def required_scope(method: str, path: str, client: str | None, config: AuthConfig, trusted: list[str],
+def required_scope(method: str, path: str, client: str | None, config: AuthConfig, trusted: Container[str],
                    viewer: bool, relayed: bool = False) -> str | None:
     """The proxy scope a request needs, or None when it is open (probes, viewer files).
 
@@ -246,7 +246,8 @@ def required_scope(method: str, path: str, client: str | None, config: AuthConfi
 class AuthMiddleware:
     """Authenticate before routing; hand the caller's Authorization to pass-through archives."""
 
-    def __init__(self, app: ASGIApp, config: AuthConfig, trusted: list[str], viewer: bool, forwarding: bool) -> None:
+    def __init__(self, app: ASGIApp, config: AuthConfig, trusted: Container[str], viewer: bool,
+                 forwarding: bool) -> None:
         self.app = app
         self.config = config
         self.trusted = trusted

@@ -137,7 +137,7 @@ def base_of(scope: Scope, settings: Settings) -> str:
         if k in _WANTED:
             wanted.setdefault(k, v.decode("latin-1"))
     client = scope.get("client")
-    trusted = client is not None and client[0] in settings.trusted_proxies
+    trusted = client is not None and client[0] in settings.trusted
     server = scope.get("server")
     return _base(scope.get("scheme", "http"), wanted.get(b"host", ""), tuple(server) if server else None,
                  wanted.get(b"forwarded") if trusted else None,

@@ -56,7 +56,7 @@ def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
             body["cache"] = "on" if ctx.cache is not None else f"off: {ctx.cache_off}"
         return JSONResponse(body, 200 if ready else 503)
 
-    trusted = frozenset(settings.trusted_proxies)
+    trusted = settings.trusted
 
     def admin(request: Request) -> None:
         # With inbound authentication on, AuthMiddleware required the admin scope; without it, admin
@@ -108,7 +108,7 @@ def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
     auth_config = parse_auth(settings.auth, settings.host, forwarding)
     ctx.access_memo.ttl = auth_config.access_ttl
     if auth_config.mode != "none" or forwarding:  # inside CORS: preflights are answered before it, 401s get CORS
-        app.add_middleware(AuthMiddleware, config=auth_config, trusted=settings.trusted_proxies,
+        app.add_middleware(AuthMiddleware, config=auth_config, trusted=settings.trusted,
                            viewer=bool(settings.viewer_dir), forwarding=forwarding)
     app.add_middleware(LimitsMiddleware, settings=settings)  # inside CORS: a 429 carries the CORS headers too
     if hitlane.applies(settings, auth_config.mode, forwarding):

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Container
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,7 +78,7 @@ class Buckets:
         return max(1, math.ceil((need - bucket.tokens) / self.rate))
 
 
-def client_key(scope: Scope, trusted: frozenset[str]) -> str:
+def client_key(scope: Scope, trusted: Container[str]) -> str:
     """The client's address: behind a trusted hop, the nearest untrusted address it forwarded."""
     client = scope.get("client")
     host = client[0] if client else "unknown"
@@ -105,7 +106,7 @@ class LimitsMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.trusted = frozenset(settings.trusted_proxies)
+        self.trusted = settings.trusted
         self.requests = Buckets(settings.client_request_rate, settings.client_request_burst) \
             if settings.client_request_rate > 0 else None
         self.bytes = Buckets(settings.client_byte_rate, settings.client_byte_burst) \
