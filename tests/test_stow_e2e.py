@@ -42,3 +42,31 @@ def test_stow_to_a_study_stores_only_that_studys_instances(orthanc, tmp_path):
         assert answer["00081190"]["Value"][0].startswith(proxy.dicomweb_url)  # RetrieveURL: the proxy's
         found = client.get(f"{proxy.dicomweb_url}/studies", params={"PatientID": "PIDS*"}).json()
         assert {s["0020000D"]["Value"][0] for s in found} == {mine.StudyInstanceUID}
+
+
+@pytest.mark.parametrize("content", [
+    b"",  # an empty body
+    b"a preamble and nothing else\r\n",  # the boundary never comes
+    b"--stowBoundary--\r\n",  # only the close delimiter: no part
+    b"x--stowBoundary\r\nContent-Type: application/dicom\r\n\r\nDICM",  # the delimiter not at a line start
+])
+def test_a_stow_without_a_part_is_refused_at_the_edge(orthanc, tmp_path, content):
+    """A STOW body with no part is answered 400 by the proxy, and the archive is never asked (a real
+    Orthanc answers such a body 200 with empty sequences, as if something had been stored)."""
+    from proxy.demo.archive import ArchiveServer, SampleArchive
+
+    counting = SampleArchive("STOWNONE")
+    with ArchiveServer(counting) as server, ProxyProcess({"pacs": server.dicomweb_url}, tmp_path) as proxy, \
+            httpx.Client(timeout=30, trust_env=False) as client:
+        r = client.post(f"{proxy.dicomweb_url}/studies", content=content, headers=STOW)
+        assert r.status_code == 400 and "no part" in r.json()["reason"]
+        assert counting.requests["stow"] == 0
+        ds = multiframe_native(Study(Patient("STOW^ONE", "PIDS1")), n_frames=1, rows=16, cols=16, seed=63)
+        assert client.post(f"{proxy.dicomweb_url}/studies", content=body(ds), headers=STOW).status_code == 200
+        assert counting.requests["stow"] == 1  # a body that opens a part goes through, whole
+
+
+def test_an_empty_stow_is_answered_200_by_orthanc_itself(orthanc):
+    """Why the proxy refuses a STOW without a part: the archive would answer it as a success."""
+    r = httpx.post(f"{orthanc.dicomweb_url}/studies", content=b"--stowBoundary--\r\n", headers=STOW, trust_env=False)
+    assert r.status_code == 200
