@@ -174,6 +174,9 @@ class Settings:
     locator_ttl: float = 3600.0  # how long the proxy trusts what it learned about where a study is
     search_cache_ttl: float = 30.0  # how long a merged federated search result is reused for paging
     max_search_results: int = 10000  # per archive, for one federated search
+    # A search with no match: 200 with `[]` (what Orthanc answers, and what Orthanc's DICOMweb plugin needs
+    # as a client: it reports "Bad file format" on a 204), or 204 No Content (PS3.18's other answer).
+    empty_search_status: int = 200
     redis_url: str | None = None  # the shared tier (study locations, search answers) is on when set
     redis_key_prefix: str = "dicomweb-edge:"  # every Redis key and channel starts with this
     redis_timeout: float = 0.25  # seconds a Redis call may take before the proxy goes on without it
@@ -263,7 +266,8 @@ def parse_upstream_flag(text: str) -> dict[str, Any]:
 
 def _env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    ints = {"port", "workers", "max_json_bytes", "max_stow_bytes", "max_search_results", "cache_size_bytes",
+    ints = {"port", "workers", "max_json_bytes", "max_stow_bytes", "max_search_results", "empty_search_status",
+            "cache_size_bytes",
             "memory_cache_bytes", "memory_warm_bytes", "prefetch_concurrency", "client_request_burst",
             "client_byte_burst",
             "max_header_bytes", "max_header_count"}
@@ -329,6 +333,8 @@ def validate(s: Settings) -> None:
     if not 0 <= s.shutdown_grace <= 3600:
         raise ConfigError(f"shutdown_grace {s.shutdown_grace} must be between 0 and 3600 seconds")
     trusted_networks(s.trusted_proxies)
+    if s.empty_search_status not in (200, 204):
+        raise ConfigError(f"empty_search_status {s.empty_search_status!r} must be 200 (an empty array) or 204")
     if s.log_format not in ("json", "text"):
         raise ConfigError(f"log_format {s.log_format!r} must be 'json' or 'text'")
     if s.public_url is not None:

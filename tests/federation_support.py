@@ -38,7 +38,7 @@ def value(record: Mapping[str, Any], tag: str) -> Any:
 
 
 def column(response: httpx.Response, tag: str) -> list[Any]:
-    """One attribute of every record of a search response (204: none)."""
+    """One attribute of every record of a search response (204 or `[]`: none)."""
     if response.status_code == 204:
         return []
     assert response.status_code == 200, response.text

@@ -98,7 +98,7 @@ def test_search_at_every_level_matches_direct(direct, via, proxy_a, demo_data, c
 
 def test_search_paging_and_fields_match_direct(direct, via):
     """limit, offset and includefield reach the archive unchanged; paging to the end with
-    `get_remaining` stops on the proxy's 204 as it does on Orthanc's `200 []`."""
+    `get_remaining` stops on the proxy's `200 []` as it does on Orthanc's."""
     for kwargs in ({"limit": 1, "offset": 1}, {"fields": ["StudyDescription"]},
                    {"search_filters": {"StudyDate": "20230101-20241231"}}, {"limit": 1, "get_remaining": True}):
         expected = direct.search_for_studies(**kwargs)

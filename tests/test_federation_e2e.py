@@ -152,7 +152,7 @@ def test_order_is_deterministic_and_pages_cover_the_set_once(fed, client, orthan
     walked, offset = [], 0
     while True:
         r = client.get(url, params={"limit": 2, "offset": offset})
-        if r.status_code == 204:
+        if r.status_code == 204 or r.json() == []:
             break
         page = column(r, STUDY)
         assert 1 <= len(page) <= 2

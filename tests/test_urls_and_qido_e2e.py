@@ -149,11 +149,22 @@ def test_percent_encoded_values_match(client, proxy_a, orthanc_a, demo_data, que
     assert _study_uids(client.get(f"{proxy_a.dicomweb_url}/studies?{query}")) == [demo_data.uids[study]]
 
 
-def test_no_match_is_204(client, proxy_a):
-    """No matches is 204 with an empty body (PS3.18 §8.3.4.4.1; Orthanc says `200 []`)."""
+def test_no_match_is_200_with_an_empty_array(client, proxy_a, orthanc_a):
+    """No matches is `200 []` by default, as the archive itself answers (Orthanc's DICOMweb plugin, as a
+    client of the proxy, reports "Bad file format" on a 204)."""
+    direct = client.get(orthanc_a.dicomweb_url + "/studies", params={"PatientName": "NOBODY*"})
     response = client.get(proxy_a.dicomweb_url + "/studies", params={"PatientName": "NOBODY*"})
-    assert response.status_code == 204
-    assert response.content == b""
+    assert (direct.status_code, direct.json()) == (200, [])
+    assert response.status_code == 200 and response.json() == []
+    assert response.headers["content-type"] == "application/dicom+json" and "warning" not in response.headers
+
+
+def test_no_match_is_204_when_configured(orthanc_a, tmp_path):
+    """`empty_search_status = 204`: no matches is 204 with an empty body (PS3.18's No Content)."""
+    with ProxyProcess({"a": orthanc_a.dicomweb_url}, tmp_path, env={"DICOMWEB_EDGE_EMPTY_SEARCH_STATUS": "204"}) \
+            as proxy:
+        response = httpx.get(proxy.dicomweb_url + "/studies", params={"PatientName": "NOBODY*"}, trust_env=False)
+    assert response.status_code == 204 and response.content == b""
 
 
 @pytest.mark.parametrize("path, query", [

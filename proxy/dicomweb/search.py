@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.auth import access
+from proxy.config import Settings
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
 from proxy.dicomweb.target import client_accept, dicomweb_base
@@ -187,15 +188,22 @@ def _accept_json(request: Request) -> None:
         raise Problem(406, "search results are available as application/dicom+json only") from None
 
 
-def _answer(body: bytes | None, warnings: list[str]) -> Response:
-    response = Response(body, 200, media_type="application/dicom+json") if body else Response(None, 204)
+def _answer(body: bytes | None, warnings: list[str], settings: Settings) -> Response:
+    """The search's answer: its records, or no match as `empty_search_status` says (200 `[]` or 204)."""
+    if body:
+        response = Response(body, 200, media_type="application/dicom+json")
+    elif settings.empty_search_status == 200:
+        response = Response(b"[]", 200, media_type="application/dicom+json")
+    else:
+        response = Response(None, 204)
     for w in dict.fromkeys(warnings):
         response.headers.append("Warning", w)
     return response
 
 
 async def search(request: Request, ctx: Context, path: str) -> Response:
-    """A QIDO-RS search: 200 with results, 204 with none; federated when there are several archives."""
+    """A QIDO-RS search: 200 with results, `empty_search_status` with none; federated when there are several
+    archives."""
     _accept_json(request)
     try:
         q = parse_query(request.scope["query_string"].decode())  # as sent: parse_query percent-decodes
@@ -214,15 +222,16 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
         assert mark is not None  # a key was looked up: `get` gave its mark
         metrics.child(metrics.CACHE_RESULTS, mark.tier, "search", "miss" if cached is None else "hit").inc()
     if cached is not None:
-        response = _answer(*cached)
+        response = _answer(cached[0], cached[1], ctx.settings)
         response.headers["X-Cache"] = "HIT"
         return response
     if key is None:
-        return _answer(*await _search_one(request, ctx, archive, path, q, query, base, key, mark))
+        body, warns = await _search_one(request, ctx, archive, path, q, query, base, key, mark)
+        return _answer(body, warns, ctx.settings)
     got = await ctx.flights.share(f"search/{key!r}", lambda: _search_one(request, ctx, archive, path, q, query,
                                                                          base, key, mark), _patience(ctx),
                                   siblings=False)
-    response = _answer(*got.value)
+    response = _answer(got.value[0], got.value[1], ctx.settings)
     if not got.led:
         response.headers["X-Cache"] = "HIT"
     return response
@@ -321,7 +330,7 @@ async def federated_search(request: Request, ctx: Context, path: str, q: Query) 
     chunk, remaining = merge.page(ordered, q.offset, q.limit)
     if remaining:
         warnings = [*warnings, f"299 dicomweb-edge: There are {remaining} additional results that can be requested"]
-    response = _answer(merge.dumps(chunk) if chunk else None, warnings)
+    response = _answer(merge.dumps(chunk) if chunk else None, warnings, ctx.settings)
     if hit:
         response.headers["X-Cache"] = "HIT"
     return response
