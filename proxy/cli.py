@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from proxy import __version__
 from proxy.cache import purges
 from proxy.cache.entries import check_live
 from proxy.cache.store import DISK_ERRORS, FrameCache
@@ -217,6 +218,7 @@ def describe(s: Settings) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dicomweb-edge` command."""
     parser = argparse.ArgumentParser(prog="dicomweb-edge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dicomweb-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the proxy")
