@@ -13,10 +13,11 @@ from support import REPO_ROOT, dicomweb_client, free_port, missing
 from proxy.demo.orthanc import find_orthanc
 
 
-def _run_demo(extra):
+def _run_demo(extra, env=None):
     port = free_port()
     cmd = [sys.executable, "-m", "proxy.cli", "demo", "--port", str(port), "--ct-slices", "5", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     lines = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -37,21 +38,45 @@ def _run_demo(extra):
     return proc, out, base
 
 
-@pytest.mark.parametrize("mode,stop", [("orthanc", signal.SIGINT), ("sample", signal.SIGINT),
-                                       ("orthanc", signal.SIGTERM)])
-def test_demo_serves_what_it_prints(mode, stop):
-    """The demo works, and Ctrl-C or SIGTERM stops everything it started (no orphaned archives)."""
+def _run_printed(out, tmp_path):
+    """The commands the demo printed, run as printed by a shell whose PATH has only the system's
+    directories (no virtual environment on it): (exit status, what they printed)."""
+    block = out.split("Try:\n", 1)[1].split("Press Ctrl-C", 1)[0]
+    done = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "NO_PROXY": "*"})
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("mode,stop,curl", [("orthanc", signal.SIGINT, True), ("sample", signal.SIGINT, True),
+                                            ("orthanc", signal.SIGTERM, True), ("sample", signal.SIGINT, False)])
+def test_demo_serves_what_it_prints(mode, stop, curl, tmp_path):
+    """The demo works, the commands it prints work as printed on a machine without our virtual environment on
+    its PATH (and without curl: then it prints commands of its own interpreter instead), and Ctrl-C or
+    SIGTERM stops everything it started (no orphaned archives)."""
+    import os
+
     if mode == "orthanc" and find_orthanc() is None:
         missing("Orthanc with the DICOMweb plugin is not installed")
-    proc, out, base = _run_demo(["--sample-archives"] if mode == "sample" else [])
+    env = None
+    if not curl:  # a PATH where no curl is found
+        (tmp_path / "bin").mkdir()
+        env = {**os.environ, "PATH": str(tmp_path / "bin")}
+    proc, out, base = _run_demo(["--sample-archives"] if mode == "sample" else [], env)
     try:
+        assert ("curl -s" in out) == curl, out
+        status, printed = _run_printed(out, tmp_path)
+        assert status == 0, printed
+        assert printed.lstrip().startswith("[") and '"00080005"' in printed, printed  # the search's records
+        assert "5 instances" in printed, printed
+        assert (tmp_path / "frame.bin").stat().st_size > 512 * 512 * 2
+        assert ("HTTP/1.1 200" if curl else "200 multipart/related") in printed, printed
         assert "Press Ctrl-C" in out, out
         assert ("Orthanc with the DICOMweb plugin" in out) == (mode == "orthanc")
-        # The three commands it prints work.
-        qido = re.search(r"curl -s '([^']+)'", out).group(1)
+        # And what they ask of the proxy is right.
+        qido = re.search(r"(http://[^'\"]+/studies\?PatientName=DOE\*)", out).group(1)
         r = httpx.get(qido, trust_env=False)
         assert r.status_code == 200 and r.json()[0]["00100010"]["Value"][0]["Alphabetic"] == "DOE^JOHN"
-        frame_url = re.search(r"'(http://[^']+/frames/1)'", out).group(1)
+        frame_url = re.search(r"(http://[^'\"]+/frames/1)", out).group(1)
         r = httpx.get(frame_url, trust_env=False,
                       headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})
         assert r.status_code == 200 and len(r.content) > 512 * 512 * 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import shutil
 import signal
 import sys
@@ -81,12 +82,7 @@ dicomweb-edge demo
   proxy: {base}{viewer_line}
 
 Try:
-  curl -s '{base}/studies?PatientName=DOE*' | python3 -m json.tool | head -40
-  curl -s -o frame.bin -D - -H 'Accept: multipart/related; type="application/octet-stream"; transfer-syntax=*' \\
-       '{base}/studies/{u['ct_study']}/series/{u['ct_series']}/instances/{data.archive_a[0].SOPInstanceUID}/frames/1'
-  python3 -c "from dicomweb_client.api import DICOMwebClient as C; \\
-print(len(C('{base}').retrieve_series('{u['ct_study']}', '{u['ct_series']}')), 'instances')"
-
+{_commands(base, u['ct_study'], u['ct_series'], data.archive_a[0].SOPInstanceUID)}
 Press Ctrl-C to stop.
 """, flush=True)
         config = uvicorn.Config(create_app(settings), host=host, port=port, access_log=False, log_level="warning",
@@ -99,3 +95,23 @@ Press Ctrl-C to stop.
         except (KeyboardInterrupt, SystemExit):
             pass
     return 0
+
+
+def _commands(base: str, study: str, series: str, sop: str) -> str:
+    """Three commands that work as printed: this interpreter (the one with dicomweb-client installed, by
+    its full path), and curl where the machine has it (a fresh Debian may not: then this interpreter too)."""
+    py = shlex.quote(sys.executable)
+    frame = f"{base}/studies/{study}/series/{series}/instances/{sop}/frames/1"
+    accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    if shutil.which("curl"):
+        search = f"  curl -s '{base}/studies?PatientName=DOE*' | {py} -m json.tool | head -40"
+        fetch = f"  curl -s -o frame.bin -D - -H 'Accept: {accept}' \\\n       '{frame}'"
+    else:  # (single-quoted for the shell: the programs hold no single quote)
+        quoted = accept.replace('"', '\\"')
+        search = (f"  {py} -c 'import httpx, json; print(json.dumps(httpx.get(\"{base}/studies?PatientName=DOE*\")"
+                  f".json(), indent=1)[:2000])'")
+        fetch = (f"  {py} -c 'import httpx; r = httpx.get(\"{frame}\", headers={{\"Accept\": \"{quoted}\"}}); "
+                 f"open(\"frame.bin\", \"wb\").write(r.content); print(r.status_code, r.headers[\"content-type\"])'")
+    retrieve = (f"  {py} -c \"from dicomweb_client.api import DICOMwebClient as C; \\\n"
+                f"print(len(C('{base}').retrieve_series('{study}', '{series}')), 'instances')\"")
+    return "\n".join((search, fetch, retrieve))
