@@ -38,7 +38,7 @@ async def test_batched_writes_reach_another_worker_and_reads_keep_the_lru_order(
     payloads = {n: os.urandom(64 * 1024) for n in range(1, 61)}
     cache = FrameCache(str(tmp_path))
     await asyncio.gather(*(cache.write_soon(
-        [("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, checksum_of(p))], "1.2")
+        [("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, checksum_of(p), True)], "1.2")
         for n, p in payloads.items()))
     other = FrameCache(str(tmp_path))  # another worker: nothing in memory
     for n in range(1, 21):  # the oldest third, read again
@@ -87,7 +87,7 @@ async def test_a_metadata_document_is_written_ahead_of_the_queued_frames(tmp_pat
     await asyncio.to_thread(busy.wait, 10)
     order: list[str] = []
     payloads = [os.urandom(64 * 1024) for _ in range(64)]
-    frames = [cache.write_soon([("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, checksum_of(p))], "1.2")
+    frames = [cache.write_soon([("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, checksum_of(p), True)], "1.2")
               for n, p in enumerate(payloads, start=1)]
     frames[-1].add_done_callback(lambda _: order.append("frames"))
     meta = cache.write_first(documents.put_json, cache, "meta", "", b'[{"x": 1}]', "1.2", 60.0)
@@ -140,7 +140,7 @@ async def test_a_metadata_document_waits_for_one_instance_not_the_whole_batch(tm
     held = cache.submit(occupy)
     await asyncio.to_thread(busy.wait, 10)
     payloads = {n: os.urandom(64 * 1024) for n in range(1, 9)}
-    frames = [cache.write_soon([("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, checksum_of(p))], "1.2")
+    frames = [cache.write_soon([("1.2.3", n, "application/octet-stream", EXPLICIT_LE, p, checksum_of(p), True)], "1.2")
               for n, p in payloads.items()]
     release.set()
     await held
@@ -241,7 +241,8 @@ async def test_a_purge_and_a_store_change_this_workers_state_on_its_event_loop_o
 
     cache.write("1.2.3", 1, "application/octet-stream", EXPLICIT_LE, payload, "1.2")
     cache.put("1.2.3", 1, "application/octet-stream", EXPLICIT_LE, payload)
-    held = cache.write_soon([("1.2.3", 2, "application/octet-stream", EXPLICIT_LE, payload, checksum_of(payload))],
+    held = cache.write_soon([("1.2.3", 2, "application/octet-stream", EXPLICIT_LE, payload, checksum_of(payload),
+                              True)],
                             "1.2", defer=True)
     assert await purges.purge_soon(cache, "1.2") >= 2  # the frame on disk and the one waiting to be written
     assert await asyncio.wait_for(held, 5) == [None]  # never written

@@ -95,6 +95,47 @@ def test_keys_name_the_transfer_syntax(archive, data, tmp_path):
         assert body == payloads(direct)[0]  # the archive's decoding of frame 2, not just its size
 
 
+@pytest.mark.parametrize("order", ["stored first", "decoded first"])
+def test_any_transfer_syntax_prefers_the_archives_own_encoding(archive, data, tmp_path, order):
+    """`transfer-syntax=*` is answered from the archive's stored encoding when that is cached, from another
+    cached encoding (labelled truthfully) only when it is not: a `*` request gets the same bytes and ETag
+    whatever was asked since (before, a decoded request cached after it turned the next `*` answer into
+    the decoded frame: ten times the bytes, another ETag)."""
+    import time
+
+    _, jpeg = data
+    stored = list(generate_frames(jpeg.PixelData, number_of_frames=jpeg.NumberOfFrames))
+    jpeg_part = "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50"
+
+    def part(r):
+        (headers, body), = split_multipart(r.content, r.headers["content-type"])[1]
+        return dict(headers)["Content-Type"], body
+
+    with ProxyProcess({"a": archive.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")]) as proxy, \
+            httpx.Client(trust_env=False, timeout=30) as c:
+        frame = url(proxy.dicomweb_url, jpeg, "3")
+        if order == "stored first":
+            assert c.get(frame, headers=ANY).headers["x-cache"] == "MISS"
+            first = c.get(frame, headers=ANY)
+            assert first.headers["x-cache"] == "HIT" and part(first) == (jpeg_part, stored[2])
+            assert c.get(frame).headers["x-cache"] == "MISS"  # the decoded frame, cached too
+            again = c.get(frame, headers=ANY)
+            assert again.headers["x-cache"] == "HIT" and part(again) == (jpeg_part, stored[2])
+            assert again.headers["etag"] == first.headers["etag"]
+            return
+        decoded = c.get(frame)
+        fallback = c.get(frame, headers=ANY)  # only the decoded frame is cached: it answers, labelled as what it is
+        assert fallback.headers["x-cache"] == "HIT"
+        assert part(fallback) == ("application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1", part(decoded)[1])
+        instance = frame.rsplit("/frames/", 1)[0]
+        r = c.get(instance, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert r.status_code == 200, r.text  # the archive's own encoding passes through: its frames are learned
+        deadline = time.monotonic() + 10
+        while part(now := c.get(frame, headers=ANY))[0] != jpeg_part and time.monotonic() < deadline:
+            time.sleep(0.05)  # (an instance is split into frames off the event loop)
+        assert now.headers["x-cache"] == "HIT" and part(now) == (jpeg_part, stored[2])
+
+
 def test_shared_by_workers_survives_restart_and_archive_outage(archive, data, tmp_path):
     native, _ = data
     cache_dir = str(tmp_path / "shared")

@@ -43,9 +43,9 @@ def quiet(monkeypatch):
     return Quiet()
 
 
-def frame(n: int, size: int = 64 * 1024) -> tuple[str, int, str, str, bytes, int]:
+def frame(n: int, size: int = 64 * 1024) -> tuple[str, int, str, str, bytes, int, bool]:
     payload = os.urandom(size)
-    return ("1.2.3", n, MEDIA, EXPLICIT_LE, payload, checksum_of(payload))
+    return ("1.2.3", n, MEDIA, EXPLICIT_LE, payload, checksum_of(payload), True)
 
 
 def on_disk(directory, n: int, item: str = "1.2.3") -> bool:
@@ -237,7 +237,7 @@ async def test_a_miss_waits_for_quiet_in_a_worker_alone_and_is_written_at_once_b
         writes: list[asyncio.Future] = []
         land = flight.land
         flight.land = lambda key, written=None, value=None: (writes.append(written), land(key, written, value))
-        frames._store(ctx, cache, Placement(study, "1.2.9"), "1.2.3", n, ctype, [os.urandom(64 * 1024)], flight)
+        frames._store(ctx, cache, Placement(study, "1.2.9"), "1.2.3", n, ctype, [os.urandom(64 * 1024)], flight, True)
         return writes[0]
 
     try:

@@ -41,7 +41,7 @@ def learned_key(sop: str) -> str:
 
 
 # The placed instance (Placement.key), frame, media type, transfer syntax, payload, checksum.
-Split = tuple[list[tuple[str, int, str, str, bytes, int]], list[bool], str | None]
+Split = tuple[list[tuple[str, int, str, str, bytes, int, bool]], list[bool], str | None]
 
 
 class Retrieving:
@@ -106,27 +106,28 @@ class Learner:
         task.add_done_callback(self.running.discard)
 
     def learn_instance(self, cache: FrameCache, content_type: str, pieces: list[bytes | memoryview], audience: str,
-                       retrieving: Retrieving | None = None) -> None:
+                       retrieving: Retrieving | None = None, native: bool = False) -> None:
         """Tee for instance retrieves: split a Part 10 instance that passed through, answered for `audience`
-        (placement.py), into frame entries."""
+        (placement.py), into frame entries (`native`: the archive sent it as stored, asked `transfer-syntax=*`)."""
         if not content_type.startswith("application/dicom"):
             return
-        task = asyncio.ensure_future(self._split(cache, pieces, audience, retrieving))
+        task = asyncio.ensure_future(self._split(cache, pieces, audience, retrieving, native))
         self.keep(task)
         if retrieving is not None:
             retrieving.tasks.append(task)
 
     async def _split(self, cache: FrameCache, pieces: list[bytes | memoryview], audience: str,
-                     retrieving: Retrieving | None) -> None:
+                     retrieving: Retrieving | None, native: bool) -> None:
         try:
             loop = asyncio.get_running_loop()
-            frames, stored, tag = await loop.run_in_executor(self.splitter, self._frames, cache, pieces, audience)
+            frames, stored, tag = await loop.run_in_executor(self.splitter, self._frames, cache, pieces, audience,
+                                                             native)
         except Exception:  # a part we cannot parse teaches us nothing; the client already has it
             return
         if not frames:
             return
-        for item, n, mtype, ts, data, checksum in frames:
-            cache.put(item, n, mtype, ts, data, checksum)
+        for item, n, mtype, ts, data, checksum, _ in frames:
+            cache.put(item, n, mtype, ts, data, checksum, native)
         sop = frames[0][0].rpartition("/")[2]
         # A SOP Instance's frames never change: what the disk tier holds already (a series retrieved
         # again), or what this worker has queued for it, is not written again.
@@ -141,7 +142,7 @@ class Learner:
             retrieving.writes.append(writing)
         self.flights.land(learned_key(sop), writing)  # here now; the siblings once on disk
 
-    def _frames(self, cache: FrameCache, pieces: list[bytes | memoryview], audience: str) -> Split:
+    def _frames(self, cache: FrameCache, pieces: list[bytes | memoryview], audience: str, native: bool) -> Split:
         """The frames of the instance in `pieces`, each keyed by its placed instance (placement.py: the study
         and series the instance itself names, and `audience`) and with its checksum; for each, whether the
         disk tier holds it already (or this worker is writing it); and its study, to tag them with (blocking:
@@ -151,12 +152,13 @@ class Learner:
         if not study or not series:
             return [], [], None
         place = Placement(study, series, audience)
-        placed = [(place.key(sop), n, mtype, ts, data, checksum_of(data)) for sop, n, mtype, ts, data in frames]
+        placed = [(place.key(sop), n, mtype, ts, data, checksum_of(data), native) for sop, n, mtype, ts, data in frames]
         # Queued here, or on disk: a key leaves `queued` only once its write is committed, so looking at
         # `queued` first never misses a frame whose write completes meanwhile (a set read under the GIL).
         return placed, [frame_key(*f[:4]) in self.queued or cache.on_disk(*f[:4]) for f in placed], study
 
-    async def _to_disk(self, cache: FrameCache, sop: str, new: list[tuple[tuple[str, int, str, str, bytes, int], str]],
+    async def _to_disk(self, cache: FrameCache, sop: str,
+                       new: list[tuple[tuple[str, int, str, str, bytes, int, bool], str]],
                        tag: str | None) -> None:
         """An instance's learned frames to the shared disk tier, once this worker is quiet or a sibling
         waits for them (cache/writer.py)."""

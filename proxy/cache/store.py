@@ -59,6 +59,7 @@ class Frame:
     transfer_syntax: str
     checksum: int = -1  # checksum of the payload when known (every cache hit knows it)
     audience: str = SHARED  # whose answer it was (placement.py): '' the proxy's own, else a pass-through archive
+    fallback: bool = False  # found for `*` in another encoding than the archive's own (which may come later)
 
     @property
     def content_type(self) -> str:
@@ -77,9 +78,12 @@ def frame_key(item: str, frame: int, media_type: str, transfer_syntax: str) -> s
     return f"frame/{item}/{frame}/{media_type}/{transfer_syntax}"
 
 
-def index_key(item: str, frame: int) -> str:
-    """Which encoding of the frame is cached (for `transfer-syntax=*`)."""
-    return f"frame-any/{item}/{frame}"
+def index_key(item: str, frame: int, native: bool = True) -> str:
+    """Which encoding of the frame is cached, for `transfer-syntax=*`: `native`, the archive's own (what it
+    answered to `*`), else another one (a transcoded or decoded copy). A `*` request is answered from the
+    archive's own encoding when that is cached, from another only when it is not: the same request gets
+    the same bytes, whatever was asked since."""
+    return f"frame-{'any' if native else 'other'}/{item}/{frame}"
 
 
 class FrameCache:
@@ -133,7 +137,7 @@ class FrameCache:
             self._writes_off_until = 0.0  # and it freed space: writes are tried again
 
     def _get(self, key: str, kind: str = "frame", counted: bool = True,
-             memory_only: bool = False) -> tuple[bytes, int] | None:
+             memory_only: bool = False, miss_counted: bool = True) -> tuple[bytes, int] | None:
         self._sync_purges()
         found = self.memory.get(key)
         if found is not None:
@@ -151,7 +155,8 @@ class FrameCache:
             log.warning("cache read failed", exc_info=True)
             return None
         if not blob:
-            metrics.child(metrics.CACHE_RESULTS, "disk", kind, "miss").inc()
+            if miss_counted:
+                metrics.child(metrics.CACHE_RESULTS, "disk", kind, "miss").inc()
             return None
         payload = unpack(blob, view=True)
         if payload is None:
@@ -193,18 +198,24 @@ class FrameCache:
 
     def get(self, item: str, frame: int, media_type: str, transfer_syntax: str,
             count: bool = True, memory_only: bool = False) -> Frame | None:
-        """A cached frame in exactly this encoding, or (for `*`) in the encoding that is cached. With
-        `memory_only`, nothing is looked up (or counted) beyond this worker's memory tier."""
+        """A cached frame in exactly this encoding, or (for `*`) in the archive's own encoding when that is
+        cached, else in another cached one (`fallback`: index_key). With `memory_only`, nothing is looked up
+        (or counted) beyond this worker's memory tier."""
         if transfer_syntax == "*":
-            # Which encoding is cached; not counted: one lookup per frame, the frame's own.
-            idx = self._get(index_key(item, frame), counted=False, memory_only=memory_only)
+            # Which encoding is cached; not counted: one lookup per frame, the frame's own (or its miss).
+            idx = self._get(index_key(item, frame), counted=False, memory_only=memory_only, miss_counted=False)
+            fallback = idx is None
+            if fallback:
+                idx = self._get(index_key(item, frame, False), counted=False, memory_only=memory_only)
             if idx is None:
                 return None
             media_type, _, transfer_syntax = bytes(idx[0]).decode().partition(";")
+        else:
+            fallback = False
         found = self._get(frame_key(item, frame, media_type, transfer_syntax), counted=count, memory_only=memory_only)
         if found is None:
             return None
-        return Frame(found[0], media_type, transfer_syntax, found[1])
+        return Frame(found[0], media_type, transfer_syntax, found[1], fallback=fallback)
 
     def on_disk(self, item: str, frame: int, media_type: str, transfer_syntax: str) -> bool:
         """Whether the disk tier holds this frame in this encoding (an index lookup, no file read; blocking).
@@ -222,16 +233,17 @@ class FrameCache:
         return self.memory.hits(entries)
 
     def put(self, item: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
-            checksum: int | None = None) -> bool:
-        """Make a frame visible in this process at once; True if it should also go to disk."""
+            checksum: int | None = None, native: bool = True) -> bool:
+        """Make a frame visible in this process at once (`native`: in the archive's own encoding, what it
+        answered to `*`); True if it should also go to disk."""
         if len(payload) > self.max_entry:
             return False
         self.memory.remember(frame_key(item, frame, media_type, transfer_syntax), payload, checksum)
-        self.memory.remember(index_key(item, frame), f"{media_type};{transfer_syntax}".encode())
+        self.memory.remember(index_key(item, frame, native), f"{media_type};{transfer_syntax}".encode())
         return self.writable
 
     def write(self, item: str, frame: int, media_type: str, transfer_syntax: str, payload: bytes,
-              study: str | None = None, checksum: int | None = None, cull: bool = True) -> bool:
+              study: str | None = None, checksum: int | None = None, cull: bool = True, native: bool = True) -> bool:
         """Store a frame in the shared disk tier, tagged with its study (blocking: call it off the loop).
         Whether it is there now."""
         if not self.writable:  # (frames queued before a disk failure)
@@ -240,7 +252,7 @@ class FrameCache:
         try:
             self.set_value(key, head(payload, checksum), payload, tag=study)
             index = f"{media_type};{transfer_syntax}".encode()
-            self.set_value(index_key(item, frame), head(index), index, tag=study)
+            self.set_value(index_key(item, frame, native), head(index), index, tag=study)
         except DISK_ERRORS:
             self.disk_failed("frame")
             return False
@@ -313,8 +325,8 @@ class FrameCache:
                 for i, (frames, study) in enumerate(items):
                     if i and interrupted():
                         break
-                    results.append([self.write(item, n, mtype, ts, data, study, checksum, cull=False)
-                                    for item, n, mtype, ts, data, checksum in frames])
+                    results.append([self.write(item, n, mtype, ts, data, study, checksum, cull=False, native=native)
+                                    for item, n, mtype, ts, data, checksum, native in frames])
         except DISK_ERRORS:  # the commit itself failed: nothing of the batch is known to be there
             self.disk_failed("frame")
             results = [[False] * len(frames) for frames, _ in items]

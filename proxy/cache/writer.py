@@ -38,8 +38,9 @@ from proxy.observability import metrics
 log = logging.getLogger("dicomweb_edge.cache")
 
 T = TypeVar("T")
-# the placed instance (Placement.key), frame, media type, transfer syntax, payload, checksum
-FrameToWrite = tuple[str, int, str, str, bytes, int]
+# the placed instance (Placement.key), frame, media type, transfer syntax, payload, checksum, and whether it is
+# the archive's own encoding (what it answered to `transfer-syntax=*`: store.index_key)
+FrameToWrite = tuple[str, int, str, str, bytes, int, bool]
 Written = list[bool]  # for each frame of an item: whether it is on disk now
 Item = tuple[list[FrameToWrite], str | None]  # frames, the study to tag them with
 # Writes items in one transaction, stopping early (after the first) once `interrupted()`; tells, for each

@@ -57,7 +57,8 @@ def placed(target: Target, audience: str = SHARED) -> str:
 
 
 def _store(ctx: Context, cache: FrameCache, place: Placement, sop: str, frame: int, content_type: str,
-           pieces: list[bytes | memoryview], flight: Flight | None) -> None:
+           pieces: list[bytes | memoryview], flight: Flight | None, native: bool) -> None:
+    """Keep a frame the archive sent (`native`: what it answered to `transfer-syntax=*`, its own encoding)."""
     mtype, params = parse_content_type(content_type)
     ts = params.get("transfer-syntax")
     if not mtype or not ts:
@@ -66,7 +67,7 @@ def _store(ctx: Context, cache: FrameCache, place: Placement, sop: str, frame: i
     checksum = checksum_of(payload)  # once, for the memory tier and the disk tier's entry
     item = place.key(sop)
     key = frame_key(sop, frame)
-    if not cache.put(item, frame, mtype, ts, payload, checksum):
+    if not cache.put(item, frame, mtype, ts, payload, checksum, native):
         if flight is not None:
             flight.land(key)
         return
@@ -77,7 +78,7 @@ def _store(ctx: Context, cache: FrameCache, place: Placement, sop: str, frame: i
     # first viewer 0.380 -> 0.300 s). Without the hand-over, a sibling would wait for the disk: then written
     # at once (held back, the second viewer took 0.32 s against 0.22 s).
     flights = ctx.flights
-    written = cache.write_soon([(item, frame, mtype, ts, payload, checksum)], place.study, flights.token(key),
+    written = cache.write_soon([(item, frame, mtype, ts, payload, checksum, native)], place.study, flights.token(key),
                                defer=flights.alone() or flights.can_take)
     if flight is not None:
         flight.land(key, written)  # followers here look it up now; siblings read it from disk once written
@@ -152,7 +153,7 @@ async def _take(ctx: Context, cache: FrameCache, target: Target, sel: Selection,
     given = await ctx.flights.take(keys, fields, wait)
     if given is not None:
         cache.put(placed(target), n, given.media_type, given.transfer_syntax,
-                  given.payload, given.checksum)  # (a memoryview of a buffer of its own, as a split's)
+                  given.payload, given.checksum, native=False)  # (a memoryview of a buffer of its own, as a split's)
         metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("given"))
         return
     metrics.TALLY.inc(metrics.CACHE_HANDOVERS.labels("none"))
@@ -293,7 +294,7 @@ async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection,
         headers.append(("Content-Type", part.content_type))
         if part.length is not None and not part.held:
             headers.append(("Content-Length", str(part.length)))
-        body = _single(ctx, cache, target, place, events, part, flight)
+        body = _single(ctx, cache, target, place, events, part, flight, sel.transfer_syntax == "*")
     else:
         ctype = rf.writer.content_type(parse_content_type(part.content_type)[0])
         headers.append(("Content-Type", ctype))
@@ -308,7 +309,7 @@ async def _fetch(request: Request, ctx: Context, target: Target, sel: Selection,
 
 
 async def _single(ctx: Context, cache: FrameCache, target: Target, place: Placement, events: PartEvents,
-                  part: PartOut, flight: Flight | None) -> AsyncIterator[bytes | memoryview]:
+                  part: PartOut, flight: Flight | None, part_native: bool) -> AsyncIterator[bytes | memoryview]:
     assert target.frames is not None and target.instance is not None
     held = Held(cache.max_entry)
     try:
@@ -317,7 +318,8 @@ async def _single(ctx: Context, cache: FrameCache, target: Target, place: Placem
     except (UpstreamError, MultipartError) as exc:
         raise StreamAborted(str(exc)) from None
     if held.pieces is not None:
-        _store(ctx, cache, place, target.instance, target.frames[0], part.content_type, held.pieces, flight)
+        _store(ctx, cache, place, target.instance, target.frames[0], part.content_type, held.pieces, flight,
+               part_native)
     await events.finish()
 
 
@@ -347,7 +349,8 @@ async def _interleaved(ctx: Context, cache: FrameCache, target: Target, place: P
             pieces = held.pieces or []
             mtype, params = parse_content_type(part.content_type)
             if held.pieces is not None:
-                _store(ctx, cache, place, target.instance, n, part.content_type, pieces, flight)
+                _store(ctx, cache, place, target.instance, n, part.content_type, pieces, flight,
+                       rf.sel.transfer_syntax == "*")
             if repeated:
                 fetched[n] = Frame(whole(pieces), mtype, params.get("transfer-syntax", ""))
             part = None

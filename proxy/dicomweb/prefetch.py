@@ -134,7 +134,7 @@ class Prefetcher:
                     payload = await _payload(events, part)
                     if payload is not None:
                         self.learner.learn_instance(cache, part.content_type, payload, resp.archive.audience,
-                                                    retrieving=fetching)
+                                                    retrieving=fetching, native=True)  # (asked `*`)
                     head = await events.next_headers()
         except (Problem, UpstreamError, MultipartError, Exception) as exc:  # a prefetch never hurts anyone
             outcome = "failed"

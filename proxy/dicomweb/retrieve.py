@@ -89,7 +89,7 @@ def _reframer(request: Request, ctx: Context, target: Target, sel: Selection, lo
     elif location:
         locations = [location]
     reframer = Reframer(sel, base, locations)
-    learn = partial(ctx.learner.learn_instance, ctx.cache, retrieving=fetching) \
+    learn = partial(ctx.learner.learn_instance, ctx.cache, retrieving=fetching, native=sel.transfer_syntax == "*") \
         if ctx.cache is not None and fetching is not None else None
     reframer.tee = _both(learn, keep) if learn and keep else learn or keep
     reframer.relay = splice.offered(request.scope)
@@ -203,7 +203,7 @@ async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, ar
     try:
         reframer = Reframer(sel, dicomweb_base(request, ctx.settings, ctx.root), dedupe=True)
         if ctx.cache is not None:
-            reframer.tee = partial(ctx.learner.learn_instance, ctx.cache)
+            reframer.tee = partial(ctx.learner.learn_instance, ctx.cache, native=sel.transfer_syntax == "*")
         reframer.relay = splice.offered(request.scope)
         streams = [PartEvents(resp) for resp, _ in found]
         heads = [await events.first() for events in streams]

@@ -190,10 +190,8 @@ def _accept_json(request: Request) -> None:
 
 def _answer(body: bytes | None, warnings: list[str], settings: Settings) -> Response:
     """The search's answer: its records, or no match as `empty_search_status` says (200 `[]` or 204)."""
-    if body:
-        response = Response(body, 200, media_type="application/dicom+json")
-    elif settings.empty_search_status == 200:
-        response = Response(b"[]", 200, media_type="application/dicom+json")
+    if body or settings.empty_search_status == 200:
+        response = Response(body or b"[]", 200, media_type="application/dicom+json")
     else:
         response = Response(None, 204)
     for w in dict.fromkeys(warnings):
@@ -226,8 +224,7 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
         response.headers["X-Cache"] = "HIT"
         return response
     if key is None:
-        body, warns = await _search_one(request, ctx, archive, path, q, query, base, key, mark)
-        return _answer(body, warns, ctx.settings)
+        return _answer(*await _search_one(request, ctx, archive, path, q, query, base, key, mark), ctx.settings)
     got = await ctx.flights.share(f"search/{key!r}", lambda: _search_one(request, ctx, archive, path, q, query,
                                                                          base, key, mark), _patience(ctx),
                                   siblings=False)

@@ -144,6 +144,9 @@ class Lane:
             scope[frames.LOOKED_UP] = (target, sel, hits)  # a miss, a partial hit, a file to send: routing answers
             return None
         etag, headers, chunks = frames.cached_answer(target, sel, hits, base)
+        if any(f.fallback for f in hits.values()):  # (the archive's own encoding may come: then it answers `*`)
+            return _Prepared((), etag, encode_headers(headers), (None,) * len(chunks),
+                             sum(len(c) for c in chunks)), list(chunks)  # (answered once, not kept prepared)
         item = frames.placed(target)
         owner = {id(f.payload): (frame_key(item, n, f.media_type, f.transfer_syntax), f.checksum, f.payload)
                  for n, f in hits.items()}
