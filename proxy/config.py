@@ -174,8 +174,8 @@ class Settings:
     locator_ttl: float = 3600.0  # how long the proxy trusts what it learned about where a study is
     search_cache_ttl: float = 30.0  # how long a merged federated search result is reused for paging
     max_search_results: int = 10000  # per archive, for one federated search
-    # A search with no match: 200 with `[]` (what Orthanc answers, and what Orthanc's DICOMweb plugin needs
-    # as a client: it reports "Bad file format" on a 204), or 204 No Content (PS3.18's other answer).
+    # A search with no match: 200 with `[]` (what Orthanc answers, and what clients built on it expect:
+    # docs/archive-behaviour.md), or 204 No Content (PS3.18's other answer).
     empty_search_status: int = 200
     redis_url: str | None = None  # the shared tier (study locations, search answers) is on when set
     redis_key_prefix: str = "dicomweb-edge:"  # every Redis key and channel starts with this
