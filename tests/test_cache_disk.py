@@ -5,6 +5,8 @@ import os
 import sqlite3
 import time
 
+import pytest
+
 from proxy.cache import documents, purges
 from proxy.cache.store import FrameCache
 from proxy.formats.part10 import EXPLICIT_LE
@@ -320,3 +322,45 @@ def test_a_full_purge_removes_every_entry_and_file_a_batch_at_a_time(tmp_path, m
     assert purges.purge(cache) == 30
     assert not list(tmp_path.glob("*/*.val")) and cache.disk.volume() < 100_000
     assert list(FrameCache(str(tmp_path)).disk) == ["purge-generation"]  # (which tells the other workers)
+
+
+class _RunsCode:
+    """What a tampered row would hold: a pickle that runs code when it is loaded (it writes a file)."""
+
+    def __init__(self, mark: str) -> None:
+        self.mark = mark
+
+    def __reduce__(self):
+        return exec, (f"open({self.mark!r}, 'w').write('ran')",)
+
+
+def test_a_pickled_row_is_never_unpickled(tmp_path):
+    """diskcache unpickles a row whose mode says it is pickled, and unpickling runs the code the pickle
+    names: a row tampered with in the shared cache directory would run in every worker that reads it. The
+    proxy never stores anything pickled, so such a row (a value or a key) is refused: a miss, and its
+    code never runs. Nothing the proxy would have to pickle is stored either."""
+    import pickle
+
+    from proxy.cache.entries import UnsafeEntry
+    from proxy.cache.store import frame_key
+
+    mark = tmp_path / "ran"
+    directory = tmp_path / "c"
+    cache = FrameCache(str(directory))
+    for n in (1, 2):
+        cache.write("1.2.3", n, "application/octet-stream", EXPLICIT_LE, os.urandom(64), "1.2")
+    assert cache.get("1.2.3", 1, "application/octet-stream", EXPLICIT_LE) is not None
+    db = sqlite3.connect(directory / "cache.db")
+    db.execute("UPDATE Cache SET mode = 4, filename = NULL, value = ? WHERE key = ?",
+               (pickle.dumps(_RunsCode(str(mark))), frame_key("1.2.3", 1, "application/octet-stream", EXPLICIT_LE)))
+    db.execute("UPDATE Cache SET raw = 0, key = ? WHERE key = ?",
+               (pickle.dumps(_RunsCode(str(mark))), frame_key("1.2.3", 2, "application/octet-stream", EXPLICIT_LE)))
+    db.commit()
+    db.close()
+    other = FrameCache(str(directory))  # another worker: nothing in memory
+    assert other.get("1.2.3", 1, "application/octet-stream", EXPLICIT_LE) is None
+    with pytest.raises(UnsafeEntry):
+        list(other.disk.iterkeys())
+    assert not mark.exists()
+    with pytest.raises(TypeError):
+        other.disk.set("not/bytes", {"would": "be pickled"})

@@ -73,6 +73,12 @@ def test_diskcache_disk_and_core_as_the_disk_tier_uses_them(tmp_path):
     assert list(inspect.signature(diskcache.Disk.filename).parameters) == ["self", "key", "value"]
     assert "self._directory" in inspect.getsource(diskcache.Disk.__init__), "Disk no longer keeps _directory"
     assert diskcache.core.DBNAME == "cache.db" and diskcache.core.UNKNOWN is not None
+    # The refusal of pickled rows overrides the three places diskcache converts a row (entries.FlatDisk).
+    for name, params in (("fetch", ["self", "mode", "filename", "value", "read"]), ("get", ["self", "key", "raw"]),
+                         ("store", ["self", "value", "read", "key"])):
+        assert list(inspect.signature(getattr(diskcache.Disk, name)).parameters) == params, f"Disk.{name} changed"
+    assert "pickle" in inspect.getsource(diskcache.Disk.fetch) and diskcache.core.MODE_PICKLE == 4, \
+        "diskcache no longer marks pickled values with MODE_PICKLE"
     cache = diskcache.Cache(str(tmp_path), disk_min_file_size=16)
     try:
         assert cache.disk_min_file_size == 16, "diskcache.Cache.disk_min_file_size changed"

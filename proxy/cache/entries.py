@@ -23,10 +23,14 @@ from typing import Any
 
 import diskcache
 import xxhash
-from diskcache.core import UNKNOWN
+from diskcache.core import MODE_PICKLE, UNKNOWN
 
 HEADER = struct.Struct("<4sQQ")  # magic, payload length, checksum
 MAGIC = b"DWE2"  # DWE1 entries (CRC-32) fail the magic test: evicted and fetched again, once
+
+
+class UnsafeEntry(ValueError):
+    """A row of the cache database the proxy did not write as it stands (pickled): never read."""
 
 
 class FlatDisk(diskcache.Disk):
@@ -37,11 +41,31 @@ class FlatDisk(diskcache.Disk):
     It also knows which value files a block of writes named (`undone_on_failure`), so that a failed write
     leaves none behind: diskcache keeps the file of a value it could not finish writing (ENOSPC halfway),
     and of one whose transaction was rolled back; nothing refers to those files, no eviction removes them,
-    and on a full disk they held the space a purge was meant to free."""
+    and on a full disk they held the space a purge was meant to free.
+
+    And it never unpickles: diskcache pickles what is not bytes, text or a number, and unpickles a row
+    whose mode says so, which runs whatever code the pickle names. The proxy stores bytes and numbers
+    only, so a pickled key or value in the database is a tampered row: refused (`UnsafeEntry`, a miss for
+    the reader), and nothing that would be pickled is stored."""
 
     def __init__(self, directory: str, **kwargs: Any) -> None:
         super().__init__(directory, **kwargs)
         self._named = threading.local()
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == MODE_PICKLE:
+            raise UnsafeEntry("a pickled value in the cache database (refused: unpickling runs code)")
+        return super().fetch(mode, filename, value, read)
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise UnsafeEntry("a pickled key in the cache database (refused: unpickling runs code)")
+        return super().get(key, raw)
+
+    def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> Any:
+        if not read and not isinstance(value, bytes | str | int | float):
+            raise TypeError(f"the cache stores bytes, text and numbers only, not {type(value).__name__}")
+        return super().store(value, read, key)
 
     def filename(self, key: object = UNKNOWN, value: object = UNKNOWN) -> tuple[str, str]:
         name = os.urandom(16).hex()
