@@ -9,6 +9,7 @@ import logging
 import logging.config
 import os
 import resource
+import secrets
 import socket
 import sys
 import tempfile
@@ -104,6 +105,8 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
 
+    if not settings.bulk_token_key:  # one for all the workers (they read each other's tokens)
+        settings.bulk_token_key = secrets.token_hex(32)
     os.environ[SETTINGS_ENV] = settings.to_json()
     before, now = raise_descriptor_limit()  # (inherited by the workers)
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

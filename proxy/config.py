@@ -177,6 +177,9 @@ class Settings:
     # A search with no match: 200 with `[]` (what Orthanc answers, and what clients built on it expect:
     # docs/archive-behaviour.md), or 204 No Content (PS3.18's other answer).
     empty_search_status: int = 200
+    # Signs the bulk data tokens the proxy mints (URIs it cannot express as study paths): a secret. Generated
+    # at start when absent (then shared by the workers of one `serve`); replicas behind one name need one key.
+    bulk_token_key: str | None = None
     redis_url: str | None = None  # the shared tier (study locations, search answers) is on when set
     redis_key_prefix: str = "dicomweb-edge:"  # every Redis key and channel starts with this
     redis_timeout: float = 0.25  # seconds a Redis call may take before the proxy goes on without it

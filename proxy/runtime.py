@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
@@ -89,7 +90,10 @@ def build_context(settings: Settings) -> Context:
     shared = None
     if settings.redis_url:
         shared = SharedStore(settings.redis_url, settings.redis_key_prefix, settings.redis_timeout)
-    archives = [Archive(a, settings.queue_timeout, pipes) for a in ordered]
+    if not settings.bulk_token_key:  # (an app built in-process: the CLI's `serve` made one for its workers)
+        settings.bulk_token_key = secrets.token_hex(32)
+    token_key = settings.bulk_token_key.encode()
+    archives = [Archive(a, settings.queue_timeout, pipes, token_key) for a in ordered]
     flights = Flights()
     learner = Learner(flights)
     prefetch = Prefetcher(flights, learner, settings.prefetch_concurrency)

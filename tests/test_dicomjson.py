@@ -38,12 +38,16 @@ def test_non_study_paths_become_opaque_tokens():
     r = UrlRewriter("pacs", ARCHIVE)
     url = r.rewrite_url(ARCHIVE + "/bulkdata/abc?x=1", PROXY)
     assert url.startswith(PROXY + "/bulk/pacs/")
-    assert decode_token(url.rsplit("/", 1)[1]) == "/bulkdata/abc?x=1"
+    assert decode_token(url.rsplit("/", 1)[1], r.key, "pacs") == "/bulkdata/abc?x=1"
+    with pytest.raises(BadToken):
+        decode_token(url.rsplit("/", 1)[1], r.key, "other archive")  # bound to the archive it names
+    with pytest.raises(BadToken):
+        decode_token(url.rsplit("/", 1)[1], b"another key", "pacs")
 
 
 @pytest.mark.parametrize("remainder", ["/../../etc/passwd", "relative", "/a\\b", "/a/./b"])
 def test_tokens_cannot_escape_the_archive(remainder):
     with pytest.raises(BadToken):
-        decode_token(encode_token(remainder))
+        decode_token(encode_token(remainder, b"k", "a"), b"k", "a")
     with pytest.raises(BadToken):
-        decode_token("!!!not-base64")
+        decode_token("!!!not-base64", b"k", "a")

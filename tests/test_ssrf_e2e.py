@@ -23,6 +23,8 @@ from proxy.upstream.archive import Archive, UnsafeTarget
 
 STUDY = Study(Patient("DOE^SSRF", "PID-SSRF"), accession="ACC-SSRF", description="SSRF")
 
+KEY = b"ssrf-test-deployment-key"  # the proxy under test signs its bulk data tokens with it
+
 
 class CountingServer:
     """Accepts connections on 127.0.0.1 and counts them, answering each with a 200 that names itself."""
@@ -78,7 +80,7 @@ def sample(slices):
 @pytest.fixture(scope="module")
 def proxy(sample, tmp_path_factory):
     with ProxyProcess({"a": sample.dicomweb_url}, tmp_path_factory.mktemp("proxy_ssrf"),
-                      extra_args=["--log-level", "debug"]) as p:
+                      extra_args=["--log-level", "debug"], env={"DICOMWEB_EDGE_BULK_TOKEN_KEY": KEY.decode()}) as p:
         yield p
 
 
@@ -153,15 +155,34 @@ def test_redirects_from_the_archive_are_not_followed(proxy, faults, elsewhere, s
 @pytest.mark.parametrize("remainder", ["/../../system", "/studies/%2e%2e/%2E%2E/system", "/studies/..%2f..%2fsystem",
                                        "/x/%2fsystem", "/a\\..\\b"])
 def test_forged_bulk_tokens_are_refused_before_the_archive(proxy, sample, remainder):
+    """Even a token signed with the deployment's key never leaves the archive's base URL."""
     before = sum(sample.archive.requests.values())
-    r = httpx.get(f"{proxy.dicomweb_url}/bulk/a/{encode_token(remainder)}", trust_env=False)
-    assert r.status_code == 400, r.text
+    r = httpx.get(f"{proxy.dicomweb_url}/bulk/a/{encode_token(remainder, KEY, 'a')}", trust_env=False)
+    assert r.status_code == 400 and r.json()["reason"] == "malformed bulk data token", r.text
     assert sum(sample.archive.requests.values()) == before
+
+
+def test_bulk_tokens_the_proxy_did_not_mint_are_refused_before_the_archive(proxy, sample, slices):
+    """A token that stays under the archive's base URL but was not signed with this deployment's key (forged,
+    or altered after minting) is a 400 and reaches no archive; the same path signed with the key is served."""
+    path = instance_path(slices[0]) + "/bulk/7fe00010"
+    before = sum(sample.archive.requests.values())
+    minted = encode_token(path, KEY, "a")
+    body, mac = minted.split(".")
+    altered = encode_token(path.replace("7fe00010", "00100010"), KEY, "a").split(".")[0] + "." + mac
+    for token in (encode_token(path, b"another deployment's key", "a"), altered, body):
+        r = httpx.get(f"{proxy.dicomweb_url}/bulk/a/{token}", trust_env=False)
+        assert r.status_code == 400, (token, r.text)
+    assert sum(sample.archive.requests.values()) == before
+    r = httpx.get(f"{proxy.dicomweb_url}/bulk/a/{minted}", headers={"Accept": "application/octet-stream"},
+                  trust_env=False)
+    assert r.status_code == 200 and sum(sample.archive.requests.values()) == before + 1
 
 
 def test_tokens_only_resolve_under_their_own_archive(proxy, sample):
     before = sum(sample.archive.requests.values())
-    for url in (f"{proxy.dicomweb_url}/bulk/other/{encode_token('/studies/1.2')}",
+    for url in (f"{proxy.dicomweb_url}/bulk/other/{encode_token('/studies/1.2', KEY, 'a')}",
+                f"{proxy.dicomweb_url}/bulk/other/{encode_token('/studies/1.2', KEY, 'other')}",
                 f"{proxy.dicomweb_url}/bulk/a/not+base64!"):
         r = httpx.get(url, trust_env=False)
         assert r.status_code in (400, 404), (url, r.status_code)

@@ -102,7 +102,7 @@ async def opaque_bulk(request: Request) -> AnyResponse:
     if archive is None:
         raise Problem(404, "no such archive")
     try:
-        remainder = decode_token(request.path_params["token"])
+        remainder = decode_token(request.path_params["token"], archive.rewriter.key, archive.name)
     except BadToken as exc:
         raise Problem(400, str(exc)) from None
     location = external_base(request, ctx.settings) + request.url.path

@@ -233,7 +233,7 @@ class Archive:
     """One configured archive."""
 
     def __init__(self, config: ArchiveConfig, queue_timeout: float | None = None,
-                 pipes: splice.Pipes | None = None) -> None:
+                 pipes: splice.Pipes | None = None, token_key: bytes = b"") -> None:
         self.config = config
         self.pipes = splice.Pipes() if pipes is None else pipes  # for relays (the worker's, shared by its archives)
         self.name = config.name
@@ -242,7 +242,7 @@ class Archive:
         self.audience = config.name if config.forward_authorization else ""
         self.base_url = config.url
         self.profile: Profile = PROFILES[config.profile]
-        self.rewriter = UrlRewriter(config.name, config.url, config.url_aliases)
+        self.rewriter = UrlRewriter(config.name, config.url, config.url_aliases, token_key)  # (b"": its own)
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown)
         self._gauged = False
         u = urlsplit(config.url)
