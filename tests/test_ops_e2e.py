@@ -41,10 +41,64 @@ def test_healthz_readyz_metrics(proxy_a):
     assert "1.2.3.4" not in text  # no UIDs in labels
 
 
-def test_readyz_fails_when_no_archive_answers(tmp_path):
-    with ProxyProcess({"gone": f"http://127.0.0.1:{free_port()}/dicom-web"}, tmp_path) as proxy:
+def _ready_once(proxy, check):
+    """`/readyz` once the health loop has probed every archive (bounded): (status, body)."""
+    deadline = time.monotonic() + 15
+    while True:
         r = httpx.get(f"{proxy.url}/readyz", trust_env=False)
-    assert r.status_code == 503 and r.json()["archives"]["gone"]["up"] is False
+        if check(r.json()) or time.monotonic() > deadline:
+            return r.status_code, r.json()
+        time.sleep(0.05)
+
+
+def test_readyz_is_503_only_when_nothing_can_be_served(tmp_path):
+    """No cache and no archive answering: nothing to serve, 503 (the archive found down by the health loop;
+    `/readyz` itself asks no archive)."""
+    with ProxyProcess({"gone": f"http://127.0.0.1:{free_port()}/dicom-web"}, tmp_path,
+                      env={"DICOMWEB_EDGE_HEALTH_INTERVAL": "0.2"}) as proxy:
+        status, body = _ready_once(proxy, lambda b: b["archives"]["gone"]["up"] is False)
+    assert status == 503 and body["archives"]["gone"]["up"] is False
+
+
+def test_an_archive_outage_leaves_the_edge_ready_and_serving_its_cache(tmp_path_factory, tmp_path):
+    """Every archive down: `/readyz` stays 200 (a readiness probe keeps the replica in the Service) with
+    each archive marked down, and the frames in the cache are still served; `/readyz` sends no request
+    to an archive (its answers come from the health loop: none counted while it is polled)."""
+    from support import orthanc_holding, split_multipart
+
+    from proxy.demo.synth import Patient, Study, multiframe_native
+
+    ds = multiframe_native(Study(Patient("READY^EDGE", "PIDRE")), n_frames=2, rows=32, cols=32, seed=71)
+    holding = orthanc_holding(tmp_path_factory, "READY", [ds])  # (kept: closing it stops Orthanc)
+    orthanc = next(holding)
+    accept = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+    frame = (f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+             "/frames/1")
+    try:
+        with ProxyProcess({"pacs": orthanc.dicomweb_url}, tmp_path, ["--cache-dir", str(tmp_path / "c")],
+                          env={"DICOMWEB_EDGE_HEALTH_INTERVAL": "0.2"}) as proxy:
+            assert httpx.get(proxy.dicomweb_url + frame, headers=accept, trust_env=False).status_code == 200
+            status, body = _ready_once(proxy, lambda b: b["archives"]["pacs"]["up"] is True)
+            assert status == 200 and body["archives"]["pacs"] == {"up": True, "breaker": "closed"}
+            probes = _probes(proxy)
+            for _ in range(5):
+                httpx.get(f"{proxy.url}/readyz", trust_env=False)
+            assert _probes(proxy) - probes <= 2  # the health loop's own (every 0.2 s), not five more
+            orthanc.stop()
+            status, body = _ready_once(proxy, lambda b: b["archives"]["pacs"]["up"] is False)
+            assert status == 200 and body["archives"]["pacs"]["up"] is False and body["cache"] == "on"
+            r = httpx.get(proxy.dicomweb_url + frame, headers=accept, trust_env=False)
+            assert r.status_code == 200 and r.headers["x-cache"] == "HIT"
+            (_, payload), = split_multipart(r.content, r.headers["content-type"])[1]
+            assert payload == ds.PixelData[: 32 * 32 * 2]
+    finally:
+        holding.close()
+
+
+def _probes(proxy):
+    text = httpx.get(f"{proxy.url}/metrics", trust_env=False).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "dicomweb_edge_upstream_requests_total" and s.labels.get("service") == "probe")
 
 
 def test_series_pixeldata_is_every_slice(proxy_a, demo_data):

@@ -26,7 +26,6 @@ from proxy.http.edge import EdgeMiddleware
 from proxy.http.limits import LimitsMiddleware, client_key
 from proxy.http.viewer import viewer_routes
 from proxy.observability import metrics
-from proxy.upstream.archive import probe_all
 
 
 async def _problem(request: Request, exc: Exception) -> Response:
@@ -48,12 +47,17 @@ def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        states = await probe_all(ctx.archives)
-        archives = {a.name: {"up": ok, "breaker": a.breaker.state} for a, ok in zip(ctx.archives, states, strict=True)}
-        ready = any(states)
-        body: dict[str, object] = {"status": "ready" if ready else "no archive reachable", "archives": archives}
+        """Whether this proxy can serve: 503 only when it can serve nothing (no cache to read, and every
+        archive found down), so that an archive outage leaves the cache and stale-if-error serving. Each
+        archive's state is what the health loop last found (`up` None: not probed yet); nothing is asked of
+        an archive here."""
+        archives = {a.name: {"up": a.up, "breaker": a.breaker.state} for a in ctx.archives}
+        cache_on = ctx.cache is not None
+        ready = cache_on or any(a.up is not False for a in ctx.archives)
+        body: dict[str, object] = {"status": "ready" if ready else "no cache and no archive reachable",
+                                   "archives": archives}
         if settings.cache_dir:
-            body["cache"] = "on" if ctx.cache is not None else f"off: {ctx.cache_off}"
+            body["cache"] = "on" if cache_on else f"off: {ctx.cache_off}"
         return JSONResponse(body, 200 if ready else 503)
 
     trusted = settings.trusted

@@ -244,6 +244,7 @@ class Archive:
         self.profile: Profile = PROFILES[config.profile]
         self.rewriter = UrlRewriter(config.name, config.url, config.url_aliases, token_key)  # (b"": its own)
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown)
+        self.up: bool | None = None  # what the last health probe found (None: not probed yet)
         self._gauged = False
         u = urlsplit(config.url)
         self._path = u.path.rstrip("/")
@@ -388,6 +389,7 @@ async def probe_all(archives: list[Archive]) -> list[bool]:
 
     results = await asyncio.gather(*(one(a) for a in archives))
     for archive, ok in zip(archives, results, strict=True):
+        archive.up = ok
         metrics.child(metrics.ARCHIVE_UP, archive.name).set(1 if ok else 0)
         metrics.child(metrics.ARCHIVE_BREAKER, archive.name).set(STATE_VALUE[archive.breaker.state])
     return results
