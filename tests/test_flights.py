@@ -101,18 +101,26 @@ async def test_a_follower_past_its_patience_fetches_for_itself():
     assert (await shared("k", archive.fetch, 5)).led  # nothing left in flight: a new miss leads
 
 
+async def follow_or_lead(flights, key, patience):
+    """What the cache phase does with a key (cache_phase._coalesce, in short): lead it, or follow the flight
+    bringing it and get None."""
+    flight = flights.lead([key])
+    if flight is None:
+        await flights.follow(flights.carriers([key]), patience)
+    return flight
+
+
 async def test_a_streamed_miss_leads_and_the_others_look_again_once_it_ends(flights):
-    wait_or_lead = flights.lead_or_wait
-    lead = await wait_or_lead("object/k", 5)
+    lead = await follow_or_lead(flights, "object/k", 5)
     assert lead is not None
-    followers = [asyncio.ensure_future(wait_or_lead("object/k", 5)) for _ in range(3)]
-    impatient = asyncio.ensure_future(wait_or_lead("object/k", 0.01))
+    followers = [asyncio.ensure_future(follow_or_lead(flights, "object/k", 5)) for _ in range(3)]
+    impatient = asyncio.ensure_future(follow_or_lead(flights, "object/k", 0.01))
     assert await impatient is None  # gave up: it looks the cache up, and fetches what is not there
     assert not any(f.done() for f in followers)
     lead.end()
     assert await asyncio.gather(*followers) == [None, None, None]
     lead.end()  # (twice is harmless)
-    again = await wait_or_lead("object/k", 5)
+    again = await follow_or_lead(flights, "object/k", 5)
     assert again is not None  # nothing in flight: the next miss leads
     again.end()
 
@@ -122,9 +130,9 @@ async def test_a_streamed_leaders_failure_is_its_followers_answer(flights):
     counted; they do not ask the archive again."""
     from proxy.observability import metrics
 
-    lead = await flights.lead_or_wait("object/k", 5)
+    lead = await follow_or_lead(flights, "object/k", 5)
     assert lead is not None
-    followers = [asyncio.ensure_future(flights.lead_or_wait("object/k", 5)) for _ in range(2)]
+    followers = [asyncio.ensure_future(follow_or_lead(flights, "object/k", 5)) for _ in range(2)]
     await asyncio.sleep(0)
     before = metrics.child(metrics.SHARED_FAILURES, "404")._value.get()
     lead.end(Problem(404, "no such resource in the archive"))

@@ -18,7 +18,7 @@ result is on the shared disk tier (`land(written=...)`), and a follower in a sib
 follower that would wait for a sibling's disk write asks that sibling for the bytes it holds in memory
 instead (`take`, the hand-over of handover.py), or says it *wants* them (the sibling writes them next).
 
-`share` builds the value-sharing form on top (documents, searches): followers here get the leader's value.
+`share` builds the value-sharing form on top (searches): followers here get the leader's value.
 """
 
 from __future__ import annotations
@@ -70,11 +70,6 @@ class Flight:
                     self._flights._settle(key, None)
             else:
                 self.land(key, value=value)
-
-    @property
-    def over(self) -> bool:
-        """Every key landed (or the flight ended)."""
-        return not self._futures
 
 
 class Shared(Generic[T]):
@@ -188,18 +183,6 @@ class Flights:
             if f.result() is not None and f.result() is not _LET_GO:
                 values.append(f.result())
         return values
-
-    async def lead_or_wait(self, key: str, patience: float) -> Flight | None:
-        """For answers that stream to their client while the cache keeps them (no value to share): the first
-        of the concurrent misses of `key`, here and in the siblings, gets a Flight and fetches; the others
-        wait for its end (up to `patience` seconds; its failure raised) and get None: they look the cache up
-        again, and fetch for themselves what it does not hold."""
-        flight = self.lead([key])
-        if flight is not None:
-            return flight
-        metrics.CACHE_WAITERS.inc()
-        await self.follow(self.carriers([key], want=False), patience)
-        return None
 
     async def share(self, key: str, fetch: Callable[[], Awaitable[T]], patience: float,
                     look: Callable[[], Awaitable[T | None]] | None = None, siblings: bool = True) -> Shared[T]:
