@@ -39,6 +39,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(status, reason)
 
 
+def readiness(ctx: Context) -> tuple[int, dict[str, object]]:
+    """`/readyz`: whether this proxy can serve. 503 only when it can serve nothing (no cache to read, and
+    every archive found down), so that an archive outage leaves the cache and stale-if-error serving. Each
+    archive's state is what the health loop last found (`up` None: not probed yet); nothing is asked of an
+    archive here."""
+    archives = {a.name: {"up": a.up, "breaker": a.breaker.state} for a in ctx.archives}
+    cache_on = ctx.cache is not None
+    ready = cache_on or any(a.up is not False for a in ctx.archives)
+    body: dict[str, object] = {"status": "ready" if ready else "no cache and no archive reachable",
+                               "archives": archives}
+    if ctx.settings.cache_dir:
+        body["cache"] = "on" if cache_on else f"off: {ctx.cache_off}"
+    return 200 if ready else 503, body
+
+
 def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
     """The ASGI application serving `ctx`: routes, error handlers and the layers a request passes."""
     settings = ctx.settings
@@ -47,18 +62,8 @@ def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        """Whether this proxy can serve: 503 only when it can serve nothing (no cache to read, and every
-        archive found down), so that an archive outage leaves the cache and stale-if-error serving. Each
-        archive's state is what the health loop last found (`up` None: not probed yet); nothing is asked of
-        an archive here."""
-        archives = {a.name: {"up": a.up, "breaker": a.breaker.state} for a in ctx.archives}
-        cache_on = ctx.cache is not None
-        ready = cache_on or any(a.up is not False for a in ctx.archives)
-        body: dict[str, object] = {"status": "ready" if ready else "no cache and no archive reachable",
-                                   "archives": archives}
-        if settings.cache_dir:
-            body["cache"] = "on" if cache_on else f"off: {ctx.cache_off}"
-        return JSONResponse(body, 200 if ready else 503)
+        status, body = readiness(ctx)
+        return JSONResponse(body, status)
 
     trusted = settings.trusted
 
