@@ -1,11 +1,11 @@
 """STOW-RS store: stream the request body to the archive that takes stores, rewrite the answer.
 
 The body is never buffered: chunks go to the archive as they arrive, counted against the size
-limit. Only its start is held back until the first part's delimiter shows (at most FIRST_PART_WITHIN
-bytes): a body without a part (empty, a boundary that never comes, only the close delimiter) is refused
-with 400 and nothing is sent to the archive. The Store Instances Response Module comes back with every
-RetrieveURL pointed at the proxy and exactly `Content-Type: application/dicom+json` (with a `charset`
-parameter, the Python dicomweb-client silently ignores the body).
+limit. Only its start is held back until the multipart reader sees the first part open (a preamble and
+part headers of at most 16 KB each): a body without a part (empty, a boundary that never comes, only the
+close delimiter) is refused with 400 and nothing is sent to the archive. The Store Instances Response
+Module comes back with every RetrieveURL pointed at the proxy and exactly `Content-Type:
+application/dicom+json` (with a `charset` parameter, the Python dicomweb-client silently ignores the body).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from proxy.dicomweb.context import Context
 from proxy.dicomweb.target import dicomweb_base
 from proxy.errors import Problem
 from proxy.formats.media import parse_content_type
+from proxy.formats.multipart import MultipartError, MultipartReader, PartHeaders
 from proxy.upstream.archive import UpstreamError
 
 ACCEPTED_TYPES = ("application/dicom", "application/dicom+json", "application/dicom+xml")
-FIRST_PART_WITHIN = 64 * 1024  # bytes of preamble allowed before the first part's delimiter
 NO_PART = "the multipart body has no part (no delimiter of its boundary opens one)"
 
 
@@ -56,38 +56,26 @@ async def _counted(request: Request, limit: int) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _with_a_part(chunks: AsyncIterator[bytes], boundary: bytes) -> AsyncIterator[bytes]:
-    """`chunks` as they are, once the start of the body shows a delimiter that opens a part (RFC 2046: at
-    the start of the body or of a line); Problem(400) before anything is passed on when it does not."""
-    delimiter = b"--" + boundary
-    head = b""
-    async for chunk in chunks:
-        head += chunk
-        if _opens_a_part(head, delimiter):
-            break
-        if len(head) > FIRST_PART_WITHIN:
+async def _with_a_part(chunks: AsyncIterator[bytes], boundary: str) -> AsyncIterator[bytes]:
+    """`chunks` as they are, once the multipart reader has seen the first part open in them; Problem(400)
+    before anything is passed on when the body has none (it closes first, ends, or is not multipart)."""
+    head: list[bytes] = []
+    try:
+        reader = MultipartReader(boundary)
+        async for chunk in chunks:
+            head.append(chunk)
+            if any(isinstance(event, PartHeaders) for event in reader.feed(chunk)):
+                break
+            if reader.done:
+                raise Problem(400, NO_PART)
+        else:
             raise Problem(400, NO_PART)
-    else:
-        raise Problem(400, NO_PART)
-    yield head
+    except MultipartError:
+        raise Problem(400, NO_PART) from None
+    for chunk in head:
+        yield chunk
     async for chunk in chunks:
         yield chunk
-
-
-def _opens_a_part(head: bytes, delimiter: bytes) -> bool:
-    """Whether `head` holds a delimiter followed by anything but `--` (which would close the body);
-    Problem(400) when the first complete delimiter closes it."""
-    at = head.find(delimiter)
-    while at >= 0:
-        after = head[at + len(delimiter) : at + len(delimiter) + 2]
-        if len(after) < 2:
-            return False  # (more to read)
-        if at == 0 or head[at - 2 : at] == b"\r\n":
-            if after == b"--":
-                raise Problem(400, NO_PART)
-            return True
-        at = head.find(delimiter, at + 1)
-    return False
 
 
 async def _again(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -135,7 +123,7 @@ async def store(request: Request, ctx: Context, study: str | None) -> Response:
         headers["Content-Length"] = length
     path = "/studies" + (f"/{study}" if study else "")
     try:
-        boundary = parse_content_type(request.headers["content-type"])[1]["boundary"].encode("latin-1")
+        boundary = parse_content_type(request.headers["content-type"])[1]["boundary"]
         sent = _with_a_part(_counted(request, limit), boundary)
         first = await anext(sent)  # (the archive is asked only once a part begins)
         async with archive.open("POST", path, headers=headers, body=_again(first, sent), service="stow") as resp:
