@@ -35,14 +35,15 @@ def missing(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-def orthanc_holding(tmp_path_factory: Any, name: str, datasets: Iterable[Any]) -> Iterator[Any]:
+def orthanc_holding(tmp_path_factory: Any, name: str, datasets: Iterable[Any], **options: Any) -> Iterator[Any]:
     """For a module-scoped fixture: a real Orthanc (with its DICOMweb plugin) on loopback holding
-    `datasets`, stopped afterwards; skipped without Orthanc (failed under CI=true)."""
+    `datasets`, stopped afterwards; skipped without Orthanc (failed under CI=true). `options` go to
+    OrthancServer (e.g. encoding="Utf8")."""
     from proxy.demo.orthanc import OrthancServer, find_orthanc
 
     if find_orthanc() is None:
         missing("Orthanc with the DICOMweb plugin is not installed")
-    with OrthancServer(tmp_path_factory.mktemp(f"{name.lower()}_orthanc"), name) as server:
+    with OrthancServer(tmp_path_factory.mktemp(f"{name.lower()}_orthanc"), name, **options) as server:
         server.store(list(datasets))
         yield server
 

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy.dicomweb.search import FUZZY_WARNING, is_empty, parse_query, translate, warnings_for
+from proxy.dicomweb.query import FUZZY_WARNING, parse_query, translate, warnings_for
+from proxy.dicomweb.search import is_empty
 from proxy.upstream.profiles import PROFILES
 
 RECORDED = Path(__file__).parent / "data" / "recorded"

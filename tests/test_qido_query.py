@@ -1,8 +1,9 @@
-"""QIDO query validation and translation per archive profile (Orthanc takes values raw, no percent-decoding)."""
+"""QIDO query validation, translation per archive profile (Orthanc takes values raw, no percent-decoding), and
+the edge matching of records an archive found with a broadened query."""
 
 import pytest
 
-from proxy.dicomweb.search import parse_query, translate
+from proxy.dicomweb.query import Match, edge_matches, keep, parse_query, translate
 from proxy.errors import Problem
 from proxy.upstream.profiles import PROFILES
 
@@ -49,3 +50,46 @@ def test_malformed_queries_are_400(bad):
 def test_date_ranges_are_accepted():
     for v in ("20230101-20241231", "-20220101", "20230101-", "20230101"):
         assert parse_query(f"StudyDate={v}").filters[0][1] == v
+
+
+def _pn(alphabetic: str, ideographic: str = "") -> dict:
+    value = {"Alphabetic": alphabetic} | ({"Ideographic": ideographic} if ideographic else {})
+    return {"00100010": {"vr": "PN", "Value": [value]}}
+
+
+@pytest.mark.parametrize(("query", "sent"), [
+    ("PatientName=M%C3%9CLLER*", "PatientName=M*LLER*"),
+    ("PatientName=%E5%B1%B1%E7%94%B0*", "PatientName=*"),  # a run of wildcards is one
+    ("StudyDescription=CT%20%C3%A9t%C3%A9", "StudyDescription=CT?*t*"),
+])
+def test_orthanc_is_asked_with_wildcards_and_every_other_profile_with_the_value(query, sent):
+    q = parse_query(query)
+    assert translate(q, PROFILES["orthanc"]) == sent
+    assert len(edge_matches(q, PROFILES["orthanc"])) == 1
+    for name in ("generic", "dcm4chee", "google", "azure"):
+        assert translate(q, PROFILES[name]) == query  # percent-encoded UTF-8, as asked
+        assert edge_matches(q, PROFILES[name]) == []
+
+
+def test_a_value_sent_as_asked_needs_no_edge_match():
+    q = parse_query("PatientName=DOE*&StudyDate=20240101-&00100020=PID%2A")
+    assert edge_matches(q, PROFILES["orthanc"]) == []
+
+
+def test_person_names_match_any_group_without_regard_to_case():
+    m = Match.of("00100010", "PN", "müller*")
+    assert keep([_pn("MÜLLER^HANS"), _pn("MULLER^ANNA"), _pn("Yamada^Taro", "山田^太郎")], [m]) == [_pn("MÜLLER^HANS")]
+    assert Match.of("00100010", "PN", "山田*").accepts(_pn("Yamada^Taro", "山田^太郎"))
+    assert Match.of("00100010", "PN", "Yamada^Taro=山田^太郎").accepts(_pn("Yamada^Taro", "山田^太郎"))
+
+
+def test_other_text_matches_exactly_with_wildcards():
+    record = {"00081030": {"vr": "LO", "Value": ["CT été"]}}
+    assert Match.of("00081030", "LO", "CT ?t*").accepts(record)
+    assert not Match.of("00081030", "LO", "ct été").accepts(record)  # case matters outside names
+    assert not Match.of("00081030", "LO", "CT").accepts(record)  # no wildcard: the whole value
+
+
+def test_a_record_without_the_attribute_is_kept():
+    assert Match.of("00100010", "PN", "MÜLLER*").accepts({"0020000D": {"vr": "UI", "Value": ["1.2.3"]}})
+    assert Match.of("00100010", "PN", "MÜLLER*").accepts({"00100010": {"vr": "PN"}})

@@ -50,9 +50,13 @@ def _tail(path: Path, lines: int) -> str:
 class OrthancServer:
     """One Orthanc process with its own config, storage and log under `workdir`."""
 
-    def __init__(self, workdir: Path, name: str = "ORTHANC", port: int | None = None) -> None:
+    def __init__(self, workdir: Path, name: str = "ORTHANC", port: int | None = None,
+                 encoding: str = "Latin1") -> None:
         self.workdir = Path(workdir)
         self.name = name
+        # Orthanc's DefaultEncoding: its searches answer in it (ISO_IR 100 for Latin1), and drop the characters
+        # of a stored name that it cannot hold ("Utf8" keeps them all).
+        self.encoding = encoding
         self.port = port if port is not None else free_port()
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
@@ -76,6 +80,7 @@ class OrthancServer:
         storage = str(self.workdir / "db")
         return {
             "Name": self.name,
+            "DefaultEncoding": self.encoding,
             "StorageDirectory": storage,
             "IndexDirectory": storage,
             "StorageCompression": False,

@@ -1,19 +1,15 @@
-"""QIDO-RS search: validate the query, translate it for the archive, answer consistently.
+"""QIDO-RS search: one archive's answer passed on, or every archive's merged (federation/merge.py).
 
-The proxy decodes the query string itself and re-sends it in the form each archive understands
-(Orthanc 1.x does not percent-decode: `PatientName=DOE%2A` matches nothing there; see
-docs/archive-behaviour.md).
+The query is parsed and written per archive in dicomweb/query.py; where an archive had to be asked a
+broader query than the client's, its records are matched at the edge (query.py), and the
+search is answered as a federated one is: all matches fetched, then ordered and paged here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
-from dataclasses import dataclass, field
-from urllib.parse import quote, unquote_plus
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -21,6 +17,7 @@ from proxy.auth import access
 from proxy.config import Settings
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
+from proxy.dicomweb.query import Query, edge_matches, keep, parse_query, translate, warnings_for
 from proxy.dicomweb.target import client_accept, dicomweb_base
 from proxy.errors import Problem
 from proxy.federation import merge
@@ -29,148 +26,7 @@ from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate
 from proxy.observability import metrics
 from proxy.upstream import jsonbody
 from proxy.upstream.archive import Archive, UpstreamError
-from proxy.upstream.profiles import PROFILES, Profile
-
-PARAMS = {"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching", "multiplevaluematching"}
-UID_LIST = re.compile(r"^[0-9]+(\.[0-9]+)*([,\\][0-9]+(\.[0-9]+)*)*$")
-_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
-_DATE = r"[0-9]{8}"
-_TIME = r"[0-9]{2}(?:[0-9]{2}(?:[0-9]{2}(?:\.[0-9]{1,6})?)?)?"
-_RANGES = {
-    "DA": re.compile(rf"^(?:{_DATE}|{_DATE}-|-{_DATE}|{_DATE}-{_DATE})$"),
-    "TM": re.compile(rf"^(?:{_TIME}|{_TIME}-|-{_TIME}|{_TIME}-{_TIME})$"),
-}
-WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
-FUZZY_WARNING = ("299 dicomweb-edge: The fuzzymatching parameter is not supported. "
-                 "Only literal matching has been performed.")
-
-
-@dataclass
-class Query:
-    """A validated QIDO query: attribute filters plus the standard parameters."""
-
-    filters: list[tuple[str, str, str]] = field(default_factory=list)  # (key as sent, value, VR)
-    includefield: list[str] = field(default_factory=list)
-    limit: int | None = None
-    offset: int = 0
-    fuzzy: bool | None = None
-    vendor: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _attribute_vr(key: str) -> str:
-    """VR of an attribute path's last element; Problem(400) for names that are not attributes."""
-    vr = ""
-    for part in key.split("."):
-        if _TAG.match(part):
-            tag = int(part, 16)
-        else:
-            found = tag_for_keyword(part)
-            if found is None:
-                raise Problem(400, f"unknown attribute {part!r} in query")
-            tag = found
-        try:
-            vr = dictionary_VR(tag)
-        except KeyError:
-            vr = "UN"  # private or unknown tag: the archive decides
-    return vr
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def parse_query(raw: str) -> Query:
-    """Decode and validate a QIDO query string (PS3.18 §8.3.4)."""
-    q = Query()
-    for pair in filter(None, raw.split("&")):
-        key, _, value = pair.partition("=")
-        key, value = unquote_plus(key), unquote_plus(value)
-        if _CONTROL.search(key) or _CONTROL.search(value):  # a line break could split an upstream request
-            raise Problem(400, "control characters (line breaks) are not allowed in a query")
-        if key in PARAMS:
-            _param(q, key, value)
-        elif key[:1].isupper() or _TAG.match(key.split(".")[0]):
-            vr = _attribute_vr(key)
-            if vr == "UI" and value and value != "*":
-                if not UID_LIST.match(value):
-                    raise Problem(400, f"{key}: not a UID or a comma-separated UID list")
-                value = value.replace("\\", ",")  # OHIF joins UIDs with a backslash; the standard uses commas
-            elif vr in _RANGES and value and not _RANGES[vr].match(value):
-                raise Problem(400, f"{key}: not a valid {vr} value or range")
-            q.filters.append((key, value, vr))
-        elif key == "accept" or not key:
-            continue
-        elif re.match(r"^[a-z][A-Za-z0-9_-]*$", key):
-            q.vendor.append((key, value))  # lower-case names are vendor parameters, not attributes
-        else:
-            raise Problem(400, f"malformed query parameter {key!r}")
-    return q
-
-
-def _param(q: Query, key: str, value: str) -> None:
-    if key in ("limit", "offset"):
-        if not value.isdigit() or len(value) > 9:
-            raise Problem(400, f"{key} must be a non-negative whole number")
-        setattr(q, key, int(value))
-    elif key == "fuzzymatching":
-        if value not in ("true", "false"):
-            raise Problem(400, "fuzzymatching must be 'true' or 'false'")
-        q.fuzzy = value == "true"
-    elif key == "includefield":
-        for name in filter(None, value.split(",")):
-            if name != "all" and not _TAG.match(name) and tag_for_keyword(name) is None:
-                raise Problem(400, f"includefield: unknown attribute {name!r}")
-            q.includefield.append(name)
-    else:  # emptyvaluematching, multiplevaluematching: passed on as given
-        if value not in ("true", "false"):
-            raise Problem(400, f"{key} must be 'true' or 'false'")
-        q.vendor.append((key, value))
-
-
-def _encode(value: str, vr: str, profile: Profile) -> str:
-    if profile.decodes_query:
-        return quote(value, safe="*?^,-.:_~=")
-    # The archive takes the query string literally: send wildcard-safe characters raw, and turn
-    # characters it cannot receive (space, '&', '#', '%', non-ASCII) into the one-character wildcard.
-    out = []
-    for ch in value:
-        if ch.isascii() and (ch.isalnum() or ch in "*?^,-._~:/=@!$'()+;"):
-            out.append(ch)
-        elif vr in WILDCARD_VRS:
-            out.append("?")
-        else:
-            out.append(quote(ch, safe=""))
-    return "".join(out)
-
-
-def translate(q: Query, profile: Profile, limit: int | None = None, offset: int | None = None) -> str:
-    """The query string to send one archive."""
-    parts = []
-    for key, value, vr in q.filters:
-        if vr == "UI":
-            value = value.replace(",", profile.uid_list_separator)
-        parts.append(f"{key}={_encode(value, vr, profile)}")
-    if q.includefield:
-        parts.append("includefield=" + ",".join(q.includefield))
-    if q.fuzzy is not None and (profile.fuzzy_matching or not q.fuzzy):
-        parts.append(f"fuzzymatching={'true' if q.fuzzy else 'false'}")
-    limit = q.limit if limit is None else limit
-    offset = q.offset if offset is None else offset
-    if limit is not None:
-        if profile.max_limit is not None:
-            limit = min(limit, profile.max_limit)
-        if limit > 0 or profile.zero_limit_means_all:
-            parts.append(f"limit={limit}")
-    if offset:
-        parts.append(f"offset={offset}")
-    parts.extend(f"{k}={_encode(v, 'CS', profile)}" for k, v in q.vendor)
-    return "&".join(parts)
-
-
-def warnings_for(q: Query, archive: Archive) -> list[str]:
-    """Warnings the proxy adds because the archive ignores a parameter (PS3.18 §8.3.4.2)."""
-    if q.fuzzy and not archive.profile.fuzzy_matching:
-        return [FUZZY_WARNING]
-    return []
+from proxy.upstream.profiles import PROFILES
 
 
 def is_empty(body: bytes) -> bool:
@@ -207,9 +63,9 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
         q = parse_query(request.scope["query_string"].decode())  # as sent: parse_query percent-decodes
     except UnicodeDecodeError:
         raise Problem(400, "the query string is not UTF-8") from None
-    if len(ctx.archives) > 1:
-        return await federated_search(request, ctx, path, q)
     archive = ctx.archives[0]
+    if len(ctx.archives) > 1 or edge_matches(q, archive.profile):
+        return await federated_search(request, ctx, path, q)
     query = translate(q, archive.profile)
     base = dicomweb_base(request, ctx.settings, ctx.root)
     # With the cache on, a single archive's answers are reused briefly too (cleared by any store).
@@ -268,6 +124,7 @@ async def _fetch_all(request: Request, ctx: Context, archive: Archive, path: str
     cap = archive.profile.max_limit
     records: list[merge.Record] = []
     warnings: list[str] = warnings_for(q, archive)
+    matches = edge_matches(q, archive.profile)
     offset = 0
     async with asyncio.timeout(archive.config.search_deadline):
         while True:
@@ -286,7 +143,7 @@ async def _fetch_all(request: Request, ctx: Context, archive: Archive, path: str
                     capped |= "additional results" in w
                     warnings += [] if "additional results" in w else [w]
             page = [] if is_empty(body) else merge.loads(archive.rewriter.rewrite_json(body, base))
-            records += page
+            records += keep(page, matches)
             if len(records) > maximum:
                 return records[:maximum], warnings, True
             if len(page) < size and not (capped and page):
@@ -309,7 +166,8 @@ def _failure(exc: BaseException) -> tuple[str, int]:
 
 
 async def federated_search(request: Request, ctx: Context, path: str, q: Query) -> Response:
-    """Fan out to every healthy archive, merge, de-duplicate, order and page (federation/merge.py)."""
+    """Fan out to every healthy archive, merge, de-duplicate, order and page (federation/merge.py); also
+    one archive's search whose records are matched at the edge."""
     level = LEVELS[path.rsplit("/", 1)[-1]]
     base = dicomweb_base(request, ctx.settings, ctx.root)
     key = (base, path, translate(q, PROFILES["generic"], limit=0, offset=0), *access.search_scope(ctx))
