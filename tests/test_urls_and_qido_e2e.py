@@ -151,7 +151,7 @@ def test_percent_encoded_values_match(client, proxy_a, orthanc_a, demo_data, que
 
 def test_no_match_is_200_with_an_empty_array(client, proxy_a, orthanc_a):
     """No matches is `200 []` by default, as the archive itself answers (clients built on Orthanc's DICOMweb
-    plugin are reported to fail on a 204: docs/archive-behaviour.md)."""
+    plugin fail on a 204: tests/test_orthanc_client_e2e.py)."""
     direct = client.get(orthanc_a.dicomweb_url + "/studies", params={"PatientName": "NOBODY*"})
     response = client.get(proxy_a.dicomweb_url + "/studies", params={"PatientName": "NOBODY*"})
     assert (direct.status_code, direct.json()) == (200, [])

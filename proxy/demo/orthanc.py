@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -51,12 +51,13 @@ class OrthancServer:
     """One Orthanc process with its own config, storage and log under `workdir`."""
 
     def __init__(self, workdir: Path, name: str = "ORTHANC", port: int | None = None,
-                 encoding: str = "Latin1") -> None:
+                 encoding: str = "Latin1", servers: Mapping[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.name = name
         # Orthanc's DefaultEncoding: its searches answer in it (ISO_IR 100 for Latin1), and drop the characters
         # of a stored name that it cannot hold ("Utf8" keeps them all).
         self.encoding = encoding
+        self.servers = dict(servers or {})  # DICOMweb servers its plugin is a client of: name -> URL
         self.port = port if port is not None else free_port()
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
@@ -101,6 +102,7 @@ class OrthancServer:
                 "Ssl": False,
                 "StudiesMetadata": "Full",
                 "SeriesMetadata": "Full",
+                "Servers": {name: {"Url": url} for name, url in self.servers.items()},
             },
         }
 
