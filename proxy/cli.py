@@ -12,8 +12,7 @@ import resource
 import secrets
 import socket
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from proxy import __version__
@@ -23,6 +22,7 @@ from proxy.cache.store import DISK_ERRORS, FrameCache
 from proxy.config import LIMIT_KEYS, SETTINGS_ENV, ConfigError, Settings, load, load_file, parse_upstream_flag, redact
 from proxy.coordination import siblings
 from proxy.demo.run import run_demo
+from proxy.observability import metrics
 from proxy.observability.logs import log_config
 from proxy.runtime import check_settings
 from proxy.upstream.credentials import redacted
@@ -67,6 +67,24 @@ def _supervisor(config: uvicorn.Config, sock: socket.socket) -> Multiprocess:
                 s.close()
             super().terminate_all()
 
+        # /metrics learns which workers serve: at start, and after one died (and was replaced) or a
+        # restart (SIGHUP) retired it; a gone worker's gauges leave /metrics.
+        def init_processes(self) -> None:
+            self._recorded(super().init_processes)
+
+        def keep_subprocess_alive(self) -> None:
+            self._recorded(super().keep_subprocess_alive)
+
+        def restart_all(self) -> None:
+            self._recorded(super().restart_all)
+
+        def _recorded(self, step: Callable[[], None]) -> None:
+            before = [p.pid for p in self.processes]
+            step()
+            now = [p.pid for p in self.processes]
+            if now != before:
+                metrics.workers_now(now, gone=set(before) - set(now))
+
     if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.52
         run = uvicorn.Server(config).run
         # Only uvicorn < 0.52 takes `target=`: the error (and so the ignore) depends on the installed uvicorn.
@@ -109,8 +127,8 @@ def serve(settings: Settings) -> None:
         settings.bulk_token_key = secrets.token_hex(32)
     os.environ[SETTINGS_ENV] = settings.to_json()
     before, now = raise_descriptor_limit()  # (inherited by the workers)
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dicomweb-edge-metrics-")
+    if settings.workers > 1:
+        metrics.workers_directory()
     logging.config.dictConfig(log_config(settings))
     logging.getLogger("dicomweb_edge").info("open-file limit %d (soft limit was %d)", now, before)
     config = uvicorn.Config("proxy.runtime:app_from_env", factory=True, host=settings.host, port=settings.port,

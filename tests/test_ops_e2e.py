@@ -1,5 +1,7 @@
 """Operations endpoints and the composed /bulkdata and /pixeldata resources, against real Orthanc."""
 
+import os
+import signal
 import time
 
 import httpx
@@ -163,3 +165,55 @@ def test_two_workers_serve_and_metrics_count_both(orthanc_a, tmp_path):
                     break
                 time.sleep(0.02)
     assert total >= 40
+
+
+def _workers(proxy):
+    """The supervisor's worker processes (multiprocessing's spawned children; not its resource tracker)."""
+    with open(f"/proc/{proxy.pid}/task/{proxy.pid}/children") as listing:
+        children = [int(pid) for pid in listing.read().split()]
+    workers = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                workers += [pid] if b"spawn_main" in cmdline.read() else []
+        except FileNotFoundError:
+            continue  # ended meanwhile
+    return sorted(workers)
+
+
+def _scrape(client, proxy):
+    families = {f.name: f for f in text_string_to_metric_families(client.get(f"{proxy.url}/metrics").text)}
+    up = [s.value for s in families["dicomweb_edge_archive_up"].samples if s.labels["archive"] == "a"] \
+        if "dicomweb_edge_archive_up" in families else []
+    pids = sorted(int(s.labels["pid"]) for s in families["process_resident_memory_bytes"].samples)
+    return up, pids
+
+
+def _until(condition, what, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not (got := condition()):
+        assert time.monotonic() < deadline, f"not seen in {timeout} s: {what}"
+        time.sleep(0.05)
+    return got
+
+
+def test_a_dead_workers_values_leave_metrics(tmp_path):
+    """Two workers; one is killed (the supervisor starts another), then the archive goes down. /metrics must
+    say so: the dead worker's last "archive up" must not outvote the live workers (it did with the gauge in
+    `max` mode and no worker marked dead), and `process_*` are the live workers', each under its pid."""
+    from proxy.demo.orthanc import OrthancServer
+
+    archive = OrthancServer(tmp_path / "orthanc", "WORKERS").start()
+    try:
+        with ProxyProcess({"a": archive.dicomweb_url}, tmp_path / "proxy", extra_args=["--workers", "2"],
+                          env={"DICOMWEB_EDGE_HEALTH_INTERVAL": "0.2"}) as proxy, \
+                httpx.Client(trust_env=False, timeout=10) as c:
+            first = _until(lambda: len(w := _workers(proxy)) == 2 and w, "two workers")
+            _until(lambda: _scrape(c, proxy) == ([1.0], first), "archive up, process metrics of both workers")
+            os.kill(first[0], signal.SIGKILL)
+            now = _until(lambda: len(w := _workers(proxy)) == 2 and first[0] not in w and w, "a new worker")
+            _until(lambda: _scrape(c, proxy)[1] == now, "process metrics of the live workers only")
+            archive.stop()
+            _until(lambda: _scrape(c, proxy)[0] == [0.0], "archive_up 0 once the live workers see the outage")
+    finally:
+        archive.stop()

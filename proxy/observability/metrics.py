@@ -1,19 +1,26 @@
 """Every Prometheus metric of the proxy, in one place.
 
 With several uvicorn workers, `PROMETHEUS_MULTIPROC_DIR` is set by the CLI before any worker starts
-and the `/metrics` endpoint aggregates all workers. Labels never hold UIDs or patient data: only
-the service, the archive's configured name, the status code and similar closed sets.
+(`workers_directory`) and the `/metrics` endpoint aggregates all workers: counters and histograms add up
+every worker that ever ran; gauges count the live workers only (`livesum`, `livemax`), because the
+supervisor marks a worker that dies (`worker_gone`) and its last values leave `/metrics`; the
+`process_*` metrics are read per live worker at scrape time, labelled with its `pid`. Labels never hold
+UIDs or patient data: only the service, the archive's configured name, the status code and similar
+closed sets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import functools
+import glob
 import importlib.metadata
 import os
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -22,10 +29,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 SERVICES = ("qido", "metadata", "instance", "frames", "bulkdata", "rendered", "thumbnail", "stow", "other")
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -69,9 +77,9 @@ UPSTREAM_IN_FLIGHT = Gauge("dicomweb_edge_upstream_in_flight", "Requests in flig
 
 ARCHIVE_BREAKER = Gauge("dicomweb_edge_archive_breaker_state",
                         "Circuit breaker of each archive: 0 closed, 1 half-open, 2 open.", ["archive"],
-                        multiprocess_mode="max")
+                        multiprocess_mode="livemax")
 ARCHIVE_UP = Gauge("dicomweb_edge_archive_up", "1 when the last health probe of the archive succeeded.",
-                   ["archive"], multiprocess_mode="max")
+                   ["archive"], multiprocess_mode="livemax")
 SEARCH_FANOUT = Histogram("dicomweb_edge_search_fanout_archives", "Archives asked by one federated search.",
                           buckets=(1, 2, 3, 4, 6, 8, 12, 16))
 SEARCH_PARTIAL = Counter("dicomweb_edge_search_partial_total",
@@ -270,11 +278,63 @@ def render(cache_stats: dict[str, int | bool] | None = None) -> tuple[bytes, str
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(_WorkerProcesses())
     else:
         from prometheus_client import REGISTRY as registry  # noqa: N811
     snapshot = CollectorRegistry()
     snapshot.register(_Snapshot(cache_stats))
     return generate_latest(registry) + generate_latest(snapshot), CONTENT_TYPE_LATEST
+
+
+WORKERS_FILE = "workers.pids"  # in the metrics directory: the supervisor's live workers, one pid a line
+
+
+def workers_directory() -> str:
+    """The directory the workers keep their metric files in (`PROMETHEUS_MULTIPROC_DIR`), made empty: a
+    new one, or the operator's with an earlier run's files removed (they would count as this run's).
+    Called by the supervisor, before it starts the workers."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        directory = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dicomweb-edge-metrics-")
+    for stale in [*glob.glob(os.path.join(directory, "*.db")), os.path.join(directory, WORKERS_FILE)]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+    return directory
+
+
+def workers_now(pids: Iterable[int | None], gone: Iterable[int | None] = ()) -> None:
+    """The supervisor's word on its workers: these serve, those ended (their gauges leave `/metrics`; their
+    counts stay in the totals)."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for pid in gone:
+        if pid is not None:
+            multiprocess.mark_process_dead(pid, directory)
+    path = os.path.join(directory, WORKERS_FILE)
+    with open(path + ".new", "w") as out:
+        out.writelines(f"{pid}\n" for pid in pids if pid is not None)
+    os.replace(path + ".new", path)
+
+
+def live_workers() -> list[int]:
+    """The worker processes serving beside this one, as the supervisor recorded them."""
+    try:
+        with open(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], WORKERS_FILE)) as listing:
+            return sorted(int(pid) for pid in listing.read().split())
+    except (KeyError, OSError, ValueError):
+        return [os.getpid()]
+
+
+class _WorkerProcesses:
+    """`process_*` (memory, CPU, open files) of every live worker, read from /proc at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in live_workers():
+            for family in ProcessCollector(pid=functools.partial(int, pid), registry=None).collect():
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
+        yield from merged.values()
 
 
 class Activity:
