@@ -10,8 +10,10 @@ import logging.config
 import os
 import resource
 import secrets
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,7 @@ from proxy.observability import metrics
 from proxy.observability.logs import log_config
 from proxy.runtime import check_settings
 from proxy.upstream.credentials import redacted
+from proxy.upstream.probes import RUN_DIR_ENV
 
 if TYPE_CHECKING:
     import uvicorn
@@ -129,6 +132,7 @@ def serve(settings: Settings) -> None:
     before, now = raise_descriptor_limit()  # (inherited by the workers)
     if settings.workers > 1:
         metrics.workers_directory()
+        os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="dicomweb-edge-run-")  # shared by the workers
     logging.config.dictConfig(log_config(settings))
     logging.getLogger("dicomweb_edge").info("open-file limit %d (soft limit was %d)", now, before)
     config = uvicorn.Config("proxy.runtime:app_from_env", factory=True, host=settings.host, port=settings.port,
@@ -146,7 +150,10 @@ def serve(settings: Settings) -> None:
                             timeout_keep_alive=max(1, round(settings.keepalive_timeout)),
                             ssl_certfile=settings.tls_cert_file, ssl_keyfile=settings.tls_key_file)
     if settings.workers > 1:
-        _supervisor(config, config.bind_socket()).run()
+        try:
+            _supervisor(config, config.bind_socket()).run()
+        finally:
+            shutil.rmtree(os.environ[RUN_DIR_ENV], ignore_errors=True)
     else:
         server = uvicorn.Server(config)
         server.run()

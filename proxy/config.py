@@ -128,6 +128,7 @@ class ArchiveConfig:
     search_deadline: float = 10.0  # a federated search gives up on this archive after this long
     breaker_threshold: int = 3  # consecutive failures that open the circuit breaker
     breaker_cooldown: float = 10.0  # seconds before an open breaker lets a trial request through
+    health_interval: float | None = None  # seconds between this archive's health probes (None: the server's)
     forward_authorization: bool = False  # token pass-through: send the caller's Authorization to this archive
     auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (outbound.py)
     tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive
@@ -383,6 +384,9 @@ def validate(s: Settings) -> None:
                 raise ConfigError(f"archive {a.name!r}: timeouts.{t} must be positive")
         if a.max_connections < 1:
             raise ConfigError(f"archive {a.name!r}: max_connections must be at least 1")
+        interval = a.health_interval
+        if interval is not None and not (isinstance(interval, int | float) and interval >= 0):
+            raise ConfigError(f"archive {a.name!r}: health_interval must be a number of seconds >= 0 (0: no probes)")
         if a.search_deadline <= 0 or a.breaker_cooldown <= 0 or a.breaker_threshold < 1:
             raise ConfigError(f"archive {a.name!r}: search_deadline, breaker_cooldown and breaker_threshold "
                               "must be positive")

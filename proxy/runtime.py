@@ -35,8 +35,9 @@ from proxy.federation.locator import Locator
 from proxy.federation.searchcache import SearchCache
 from proxy.http.app import build_app
 from proxy.observability import metrics
-from proxy.upstream.archive import Archive, probe_all
+from proxy.upstream.archive import Archive
 from proxy.upstream.credentials import check_auth, check_tls
+from proxy.upstream.probes import RUN_DIR_ENV, Probes
 from proxy.upstream.splice import Pipes
 
 log = logging.getLogger("dicomweb_edge.cache")
@@ -117,6 +118,8 @@ class Runtime:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        # With several workers the CLI gives them one run directory: one of them probes for all.
+        self.probes = Probes(ctx.archives, ctx.settings.health_interval, os.environ.get(RUN_DIR_ENV))
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -124,19 +127,13 @@ class Runtime:
         sibling workers on the same cache directory (or keep trying to open a cache directory that could
         not be), and follow the other processes' stores through the shared tier."""
         ctx = self.ctx
-        if ctx.settings.health_interval > 0:
-            self._tasks.append(asyncio.ensure_future(self._health_loop()))
+        if self.probes.enabled:
+            self._tasks.append(asyncio.ensure_future(self.probes.run()))
         if ctx.cache_off is not None:
             self._tasks.append(asyncio.ensure_future(self._open_when_possible()))
         self._start_cache()
         if ctx.shared is not None:
             self._tasks.append(asyncio.ensure_future(ctx.shared.listen(ctx.stored_elsewhere, ctx.clear_searches)))
-
-    async def _health_loop(self) -> None:
-        """Probe every archive periodically; the probes feed the circuit breakers and the up gauge."""
-        while True:
-            await probe_all(self.ctx.archives)
-            await asyncio.sleep(self.ctx.settings.health_interval)
 
     async def _open_when_possible(self) -> None:
         """The cache is off until its directory can be opened (room on a full disk, a writable directory,

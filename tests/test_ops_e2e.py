@@ -217,3 +217,25 @@ def test_a_dead_workers_values_leave_metrics(tmp_path):
             _until(lambda: _scrape(c, proxy)[0] == [0.0], "archive_up 0 once the live workers see the outage")
     finally:
         archive.stop()
+
+
+def _probes_sent(client, proxy):
+    text = client.get(f"{proxy.url}/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "dicomweb_edge_upstream_requests_total" and s.labels.get("service") == "probe")
+
+
+def test_two_workers_probe_each_archive_once_per_interval(orthanc_a, tmp_path):
+    """One worker probes for both: 20 probes at a 0.1 s interval span at least 19 intervals (two probing
+    workers send them in half the time); both workers report what the probes found."""
+    interval = 0.1
+    with ProxyProcess({"a": orthanc_a.dicomweb_url}, tmp_path, extra_args=["--workers", "2"],
+                      env={"DICOMWEB_EDGE_HEALTH_INTERVAL": str(interval)}) as proxy, \
+            httpx.Client(trust_env=False, timeout=10) as c:
+        start = _until(lambda: _probes_sent(c, proxy), "a first probe")
+        began = time.monotonic()
+        _until(lambda: _probes_sent(c, proxy) >= start + 20, "20 more probes")
+        assert time.monotonic() - began >= 0.9 * 19 * interval
+        answers = [c.get(f"{proxy.url}/readyz", headers={"Connection": "close"}) for _ in range(20)]
+    assert {r.status_code for r in answers} == {200}
+    assert all(r.json()["archives"]["a"]["up"] is True for r in answers), [r.text for r in answers]

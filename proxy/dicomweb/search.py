@@ -217,7 +217,7 @@ async def _fan_out(request: Request, ctx: Context, path: str, q: Query, level: s
             reason, status = _failure(result)
             statuses.append(status)
             if isinstance(result, TimeoutError):
-                archive._health(False)
+                archive.report_health(False)
             metrics.child(metrics.SEARCH_PARTIAL, archive.name, "timeout" if status == 504 else "error").inc()
             warnings.append(f"299 dicomweb-edge: archive '{archive.name}' {reason}; results may be incomplete")
             continue

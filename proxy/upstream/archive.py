@@ -1,7 +1,7 @@
 """An archive behind the proxy: its connection pool, timeouts, quirks profile, URL rewriter and breaker.
 
 Health: a consecutive-failure circuit breaker per archive, fed by real traffic and a periodic cheap probe
-(`probe_all`): closed → (N consecutive failures) → open → (cool-down) → half-open → success: closed /
+(upstream/probes.py): closed → (N consecutive failures) → open → (cool-down) → half-open → success: closed /
 failure: open. While open, the archive costs a federated search nothing: it is skipped and named in a
 Warning.
 
@@ -260,7 +260,8 @@ class Archive:
         """Count one failure of this archive by kind (a closed set; see metrics.UPSTREAM_ERRORS)."""
         metrics.child(metrics.UPSTREAM_ERRORS, self.name, kind).inc()
 
-    def _health(self, ok: bool) -> None:
+    def report_health(self, ok: bool) -> None:
+        """Feed the circuit breaker: the archive answered (True) or failed (unreachable, timed out, 502-504)."""
         before = self.breaker.state
         self.breaker.success() if ok else self.breaker.failure()
         if self.breaker.state != before or not self._gauged:  # a gauge write only when the state changes
@@ -268,15 +269,15 @@ class Archive:
             self._gauged = True
 
     async def probe(self, timeout: float = 2.0) -> bool:
-        """A cheap search (one study at most): True when the archive answers it."""
+        """The cheapest search the archive's profile allows (`Profile.probe`): True when it answers it."""
         try:
             async with asyncio.timeout(timeout):
-                async with self.open("GET", "/studies", "limit=1", {"Accept": "application/dicom+json"},
+                async with self.open("GET", "/studies", self.profile.probe, {"Accept": "application/dicom+json"},
                                      service="probe") as resp:
                     await resp.read(1 << 20)
                     return resp.status in (200, 204)
         except TimeoutError:
-            self._health(False)
+            self.report_health(False)
             return False
         except UpstreamError:
             return False
@@ -362,14 +363,14 @@ class Archive:
             except ArchiveBusy:
                 raise
             except UpstreamError:
-                self._health(False)
+                self.report_health(False)
                 raise
             status = str(resp.status)
             if resp.status == 401:
                 self.credentials.rejected()  # a revoked or expired token: the next request fetches another
             if resp.status >= 500:
                 self.count_error("http_5xx")
-            self._health(resp.status not in (502, 503, 504))
+            self.report_health(resp.status not in (502, 503, 504))
             tally.observe(metrics.child(metrics.UPSTREAM_TTFB, self.name, service), time.perf_counter() - started)
             try:
                 yield UpstreamResponse(self, resp)
@@ -379,17 +380,3 @@ class Archive:
             tally.inc(in_flight, -1)
             tally.inc(metrics.child(metrics.UPSTREAM_REQUESTS, self.name, service, status))
             tally.observe(metrics.child(metrics.UPSTREAM_DURATION, self.name, service), time.perf_counter() - started)
-
-
-async def probe_all(archives: list[Archive]) -> list[bool]:
-    """Probe the archives whose breaker lets a request through (an open one is not asked until its
-    cool-down is over); refresh the health gauges."""
-    async def one(archive: Archive) -> bool:
-        return await archive.probe() if archive.breaker.allow() else False
-
-    results = await asyncio.gather(*(one(a) for a in archives))
-    for archive, ok in zip(archives, results, strict=True):
-        archive.up = ok
-        metrics.child(metrics.ARCHIVE_UP, archive.name).set(1 if ok else 0)
-        metrics.child(metrics.ARCHIVE_BREAKER, archive.name).set(STATE_VALUE[archive.breaker.state])
-    return results

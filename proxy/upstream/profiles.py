@@ -21,6 +21,11 @@ class Profile:
     pixeldata: bool = False  # serves the /pixeldata resources itself
     bulkdata_resource: bool = False  # serves .../bulkdata (the resource, not the opaque URIs)
     quote_type: bool = True  # send type="..." quoted in multipart Accept
+    # The health probe's query on /studies: the cheapest search the archive answers. A Study Instance UID no
+    # archive holds is an index lookup that matches nothing: no attributes computed, `[]` or 204 sent back.
+    # On Orthanc 1.10 holding 40 studies: 2.0-2.3 ms median and 2 bytes, against 4.0-4.5 ms and 1.2 KB
+    # for `limit=1` (300 requests each, twice, with httpx on loopback; docs/archive-behaviour.md).
+    probe: str = "StudyInstanceUID=2.25.0"
 
 
 PROFILES: dict[str, Profile] = {
