@@ -53,8 +53,8 @@ ensure_venv() {
     fi
     want="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        log "installing the project and its test dependencies into $VENV"
-        (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install -q -e '.[test]')
+        log "installing the project, the demo's and the tests' dependencies into $VENV"
+        (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install -q -e '.[demo,test]')
         printf '%s\n' "$want" > "$stamp"
     fi
 }
