@@ -137,8 +137,6 @@ def test_the_image_runs_as_non_root_and_its_healthcheck_passes(containers, image
     assert httpx.get(container.url + "/healthz", trust_env=False).status_code == 200
     check = podman("healthcheck", "run", container.name, check=False)
     assert check.returncode == 0, f"HEALTHCHECK failed: {check.stdout}{check.stderr}\n{container.logs()}"
-    podman("stop", "--time", "0", container.name)
-    assert podman("healthcheck", "run", container.name, check=False).returncode != 0  # and it tells down from up
 
 
 def test_a_search_and_a_frame_come_from_orthanc_unchanged(containers, image, orthanc, volume, series):
