@@ -92,3 +92,19 @@ def test_demo_serves_what_it_prints(mode, stop, curl, tmp_path):
     for archive in re.findall(r"(http://127.0.0.1:[0-9]+)/dicom-web", out):  # the archives were stopped
         with pytest.raises(httpx.TransportError):
             httpx.get(archive + "/system", trust_env=False)
+
+
+@pytest.mark.parametrize("module", ["numpy", "PIL"])
+def test_without_the_demo_extra_the_proxy_runs_and_the_demo_says_what_to_install(module):
+    """numpy and Pillow come with the `demo` extra only: without them `serve` and the rest of the CLI start,
+    and `demo` tells the user which extra to install (the container image has neither: test_image_e2e.py)."""
+    hide = f"import sys; sys.modules[{module!r}] = None; from proxy.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = [sys.executable, "-c", hide]
+    version = subprocess.run([*run, "--version"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("dicomweb-edge "), version.stderr
+    demo = subprocess.run([*run, "demo", "--port", str(free_port())], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert demo.returncode == 2, demo.stdout + demo.stderr
+    distribution = {"numpy": "numpy", "PIL": "Pillow"}[module]
+    assert f"the demo needs {distribution}" in demo.stderr and "pip install 'dicomweb-edge[demo]'" in demo.stderr
+    assert "Traceback" not in demo.stderr

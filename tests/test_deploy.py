@@ -1,15 +1,17 @@
 """Deployment material (deploy/): it parses, its references resolve, and what can run here runs.
 
-No container engine runs on the test machines, so the image is not built and the compose stack and the
-Kubernetes manifests are not started. What is checked instead: every YAML parses; the Kubernetes objects
-match the API's schemas (kubernetes-validate, strict); selectors, names, ports, paths and grace periods
-agree across files; the configs pass `dicomweb-edge check-config`; the ConfigMap's config boots a real
-proxy whose probe paths answer; the image's HEALTHCHECK command is run against a real proxy; the image's
-install steps are the README's; the systemd unit passes `systemd-analyze verify` and `security`.
+The image is built and run by tests/test_image_e2e.py (podman). No Docker engine, Compose or Kubernetes
+runs on the test machines, so the compose stack and the Kubernetes manifests are not started. What is
+checked instead: every YAML parses; the Kubernetes objects match the API's schemas (kubernetes-validate,
+strict); selectors, names, ports, paths and grace periods agree across files; the configs pass
+`dicomweb-edge check-config`; the ConfigMap's config boots a real proxy whose probe paths answer; the
+image's HEALTHCHECK command is run against a real proxy; the image's install steps are the README's, and
+so is the `docker run` line; the systemd unit passes `systemd-analyze verify` and `security`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -311,30 +313,54 @@ def test_compose_monitoring_is_wired():
 def test_dockerfile_is_slim_non_root_with_a_healthcheck():
     instructions = dockerfile_instructions()
     given = dict(instructions)
-    assert given["FROM"] == "python:3.11-slim"
+    args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
+    assert args["BASE_IMAGE"] == "python:3.11-slim"  # scripts/build-image.sh passes a Debian base of its own
+    assert [a.split()[0] for i, a in instructions if i == "FROM"] == ["${BASE_IMAGE}"] * 2  # build stage, image
     user = given["USER"].split(":")[0]
     assert user not in ("root", "0") and int(user) > 0
     assert [i for i, _ in instructions].index("USER") > max(n for n, (i, _) in enumerate(instructions) if i == "RUN")
     config = tomllib.loads((DOCKER / "config.toml").read_text())
     assert given["EXPOSE"] == str(config["server"]["port"])
     assert given["VOLUME"].strip('[]"') == config["cache"]["dir"]
-    assert f":{config['server']['port']}/healthz" in given["HEALTHCHECK"]
-    ignored = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
-    for instruction, args in instructions:
-        if instruction == "COPY":
-            for source in args.split()[:-1]:
-                assert (REPO_ROOT / source).exists(), f"COPY {source}: not in the repository"
-                assert f"!{source.rstrip('/')}" in [x.rstrip("/") for x in ignored], f"{source} is not in the context"
+    assert f"or {config['server']['port']}" in given["HEALTHCHECK"] and "DICOMWEB_EDGE_PORT" in given["HEALTHCHECK"]
+    ignored = [x.rstrip("/") for x in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()]
+    sources = [s for i, a in instructions if i == "COPY" and not a.startswith("--from=") for s in a.split()[:-1]]
+    sources += re.findall(r"--mount=type=bind,source=([^,\s]+)", " ".join(a for i, a in instructions if i == "RUN"))
+    assert "deploy/docker/wheels" in sources
+    for source in sources:
+        assert (REPO_ROOT / source).exists(), f"{source}: not in the repository"
+        assert f"!{source.rstrip('/')}" in ignored, f"{source} is not in the context"
 
 
 def test_dockerfile_installs_the_way_the_readme_says():
     run = " && ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
-    steps = [s.strip() for s in run.split("&&")]
+    steps = [re.sub(r"^(--mount=\S+\s+)+", "", s.strip()) for s in run.split("&&")]
     commands = readme_install_commands()
-    assert commands[:2] == ["python3 -m venv /opt/dicomweb-edge", "/opt/dicomweb-edge/bin/pip install ."]
-    for command in commands[:2]:
-        assert command in steps, f"the image does not run the README's `{command}`"
+    assert commands[0] == "python3 -m venv /opt/dicomweb-edge"
+    assert commands[1] == "/opt/dicomweb-edge/bin/pip install --require-hashes -r requirements/runtime.txt"
+    assert commands[2] == "/opt/dicomweb-edge/bin/pip install --no-deps --no-build-isolation ."
+    assert steps[:3] == [commands[0], commands[1].replace("install ", "install --find-links /tmp/wheels ", 1),
+                         commands[2]], "the image does not install the README's way"
     assert "/opt/dicomweb-edge/bin/dicomweb-edge" in UNIT.read_text(), "the systemd unit uses the same install"
+    assert all(command in UNIT.read_text() for command in commands[:3]), "the unit's install steps are the README's"
+
+
+def test_the_readmes_docker_run_line_agrees_with_the_image():
+    block = re.search(r"```sh\n(\s*docker build .*?)```", README.read_text(), re.S)
+    assert block, "README: no docker build / docker run block"
+    lines = block.group(1).replace("\\\n", " ").splitlines()
+    build = shlex.split(next(x for x in lines if x.strip().startswith("docker build")))
+    run = shlex.split(next(x for x in lines if x.strip().startswith("docker run")))
+    config = tomllib.loads((DOCKER / "config.toml").read_text())
+    tag = build[build.index("-t") + 1]
+    assert run[-1] == tag == compose()["services"]["proxy"]["image"]
+    assert build[build.index("-f") + 1] == str(DOCKERFILE.relative_to(REPO_ROOT))
+    published = run[run.index("-p") + 1]
+    assert published.startswith("127.0.0.1:") and published.endswith(f":{config['server']['port']}")
+    volume = run[run.index("-v") + 1].split(":")
+    assert volume[1] == config["cache"]["dir"] == dict(dockerfile_instructions())["VOLUME"].strip('[]"')
+    assert int(run[run.index("--stop-timeout") + 1]) > config["server"]["shutdown_grace"]
+    assert run[run.index("-e") + 1].startswith("DICOMWEB_EDGE_UPSTREAMS=")
 
 
 def test_the_images_healthcheck_command_tells_up_from_down(tmp_path):
@@ -343,10 +369,11 @@ def test_the_images_healthcheck_command_tells_up_from_down(tmp_path):
     command = yaml.safe_load(args)  # a JSON array
     assert command[0] == "python3"
     port = free_port()
-    probe = [sys.executable, *[c.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for c in command[1:]]]
+    probe = [sys.executable, *command[1:]]
+    env = {**os.environ, "DICOMWEB_EDGE_PORT": str(port)}  # as the proxy in the container is told its port
     with ProxyProcess({"a": f"http://127.0.0.1:{free_port()}/dicom-web"}, tmp_path, port=port):
-        assert subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
-    assert subprocess.run(probe, capture_output=True, timeout=30).returncode != 0
+        assert subprocess.run(probe, capture_output=True, timeout=30, env=env).returncode == 0
+    assert subprocess.run(probe, capture_output=True, timeout=30, env=env).returncode != 0
 
 
 # --- systemd --------------------------------------------------------------------------------------------------

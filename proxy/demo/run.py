@@ -13,18 +13,29 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TypeAlias
 
 from proxy.config import ArchiveConfig, Settings, validate
-from proxy.demo.archive import ArchiveServer, SampleArchive
-from proxy.demo.orthanc import OrthancServer, find_orthanc
-from proxy.demo.synth import demo_set
 from proxy.http.viewer import ViewerError, check_viewer_dir, fetched_viewer_dir
 from proxy.runtime import check_settings, create_app
+
+# The synthetic studies need numpy and Pillow: the `demo` extra, which the proxy itself (and its container
+# image) goes without. Without them the CLI still starts; `dicomweb-edge demo` says what to install.
+DEMO_EXTRA = {"numpy": "numpy", "PIL": "Pillow"}  # module → the distribution that brings it
+missing_extra: str | None = None
+try:
+    from proxy.demo.archive import ArchiveServer, SampleArchive
+    from proxy.demo.orthanc import OrthancServer, find_orthanc
+    from proxy.demo.synth import demo_set
+except ModuleNotFoundError as exc:
+    if exc.name not in DEMO_EXTRA:
+        raise
+    missing_extra = DEMO_EXTRA[exc.name]
 
 log = logging.getLogger("dicomweb_edge.demo")
 
 
-Server = OrthancServer | ArchiveServer  # a demo archive: a real Orthanc, or the built-in sample archive
+Server: TypeAlias = "OrthancServer | ArchiveServer"  # a demo archive: a real Orthanc, or the sample archive
 
 
 def _start_archives(workdir: Path, force_sample: bool, stack: contextlib.ExitStack) -> tuple[str, list[Server]]:
@@ -52,7 +63,11 @@ def run_demo(port: int = 8080, force_sample: bool = False, ct_slices: int = 40, 
     """
     import uvicorn
 
-
+    if missing_extra is not None:
+        print(f"dicomweb-edge demo: the demo needs {missing_extra}, which is not installed. Install the demo extra:\n"
+              "  pip install 'dicomweb-edge[demo]'     (in a clone: pip install -e '.[demo]'; ./scripts/demo.sh "
+              "does it for you)", file=sys.stderr)
+        return 2
     try:
         viewer_dir = None if viewer is None else str(check_viewer_dir(viewer or fetched_viewer_dir()))
     except ViewerError as exc:

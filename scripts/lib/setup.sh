@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared setup for scripts/test.sh and scripts/demo.sh (sourced, not run). Debian 12 is the reference system.
 #   ensure_debian_packages [--optional] PKG...   install missing packages (apt-get, as root or via sudo)
-#   ensure_venv                                  .venv with the project installed editable, test extras included
+#   ensure_venv                                  .venv: the locked dependencies, then the project (editable)
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="$REPO_ROOT/.venv"
@@ -44,17 +44,21 @@ ensure_debian_packages() {
     log "could not install: ${missing[*]}"; return 1
 }
 
-# Creates .venv if absent and installs the project into it; re-installs only when pyproject.toml changed.
+# Creates .venv if absent and installs into it the locked dependencies (requirements/test.txt: the proxy's,
+# the demo's, the tests'; every file hash-checked) and then the project itself, editable, without resolving
+# anything (scripts/lock.sh refreshes the lock). Re-installs only when the lock or pyproject.toml changed.
 ensure_venv() {
-    local stamp="$VENV/.dicomweb-edge-installed" want
+    local stamp="$VENV/.dicomweb-edge-installed" lock="$REPO_ROOT/requirements/test.txt" want
     if [ ! -x "$VENV/bin/python" ]; then
         log "creating virtualenv $VENV"
         "${PYTHON:-python3}" -m venv "$VENV"
     fi
-    want="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)"
+    want="$(cat "$lock" "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        log "installing the project and its test dependencies into $VENV"
-        (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install -q -e '.[test]')
+        log "installing the locked dependencies (requirements/test.txt) and the project into $VENV"
+        "$VENV/bin/python" -m pip install -q --require-hashes -r "$lock"
+        # The build backend (setuptools) is in the lock: no unlocked download for building the project.
+        (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .)
         printf '%s\n' "$want" > "$stamp"
     fi
 }
