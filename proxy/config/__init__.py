@@ -147,14 +147,14 @@ class ArchiveConfig:
     priority: int = 0
     stores: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
-    max_connections: Connections = 64  # pooled connections to this archive
+    max_connections: Connections = 64
     url_aliases: list[str] = field(default_factory=list)  # other bases the archive writes into URLs
     search_deadline: PositiveSeconds = 10.0  # a federated search gives up on this archive after this long
     breaker_threshold: Failures = 3  # consecutive failures that open the circuit breaker
     breaker_cooldown: PositiveSeconds = 10.0  # seconds before an open breaker lets a trial request through
     forward_authorization: bool = False  # token pass-through: send the caller's Authorization to this archive
-    auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (schema.ArchiveAuth)
-    tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive (TlsTable)
+    auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (outbound.py)
+    tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive
 
 
 @dataclass
@@ -163,7 +163,7 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: Port = 8080
-    workers: AtLeastOne = 1  # uvicorn worker processes sharing the port
+    workers: AtLeastOne = 1
     shutdown_grace: Grace = 30.0  # on SIGTERM, seconds in-flight responses get to finish before they are cut
     public_url: str | None = None
     trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])  # addresses and CIDRs
@@ -179,8 +179,8 @@ class Settings:
     prefetch: bool = True  # series metadata requests fetch the series into the cache in the background
     prefetch_concurrency: AtLeastOne = 2  # series prefetched at once, per worker
     prefetch_ttl: Seconds = 600.0  # a series is not prefetched again within this many seconds
-    max_json_bytes: PositiveBytes = 256 * 1024 * 1024  # largest metadata / search body from an archive
-    max_stow_bytes: PositiveBytes = 4 * 1024 * 1024 * 1024  # largest STOW-RS request body; larger gets 413
+    max_json_bytes: PositiveBytes = 256 * 1024 * 1024
+    max_stow_bytes: PositiveBytes = 4 * 1024 * 1024 * 1024
     client_request_rate: RequestRate = 0.0  # requests per second per client address (0: unlimited); over it: 429
     client_request_burst: Requests = 200  # requests a client may make at once before the rate applies
     client_byte_rate: ByteRate = 0.0  # response bytes per second per client address (0: unlimited)
@@ -224,9 +224,7 @@ class Settings:
     @classmethod
     def from_json(cls, text: str) -> Settings:
         """The inverse of `to_json`."""
-        raw = json.loads(text)
-        archives = [ArchiveConfig(**{**a, "timeouts": Timeouts(**a["timeouts"])}) for a in raw.pop("archives")]
-        settings = cls(**raw, archives=archives)
+        settings = _settings(json.loads(text))
         validate(settings)
         return settings
 
