@@ -195,7 +195,10 @@ def given(value: Any, t: mi.Type | None) -> str:
             meant = (float if isinstance(plain, mi.FloatType) else int)(value)
         if isinstance(plain, mi.LiteralType) and meant not in plain.values:
             return text  # a string among strings, or no number that would do
-    return f"{text} (a string" + (f"; write {toml.value(meant)} without quotes)" if meant is not None else ")")
+    if meant is None:
+        return f"{text} (a string)"
+    written = value.strip().lower() if isinstance(meant, bool) else value.strip()
+    return f"{text} (a string; write {written} without quotes)"
 
 
 def _tables(root: mi.Type) -> dict[str, list[str]]:
