@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         orthanc.store(studies[0] + studies[2])
         config = work / "config.toml"
         config.write_text(f"""
-[server]
+[federation]
 health_interval = 3600
 [[archives]]
 name = "orthanc"

@@ -21,13 +21,13 @@ from proxy import __version__
 from proxy.cache import purges
 from proxy.cache.entries import check_live
 from proxy.cache.store import DISK_ERRORS, FrameCache
-from proxy.config import LIMIT_KEYS, SETTINGS_ENV, ConfigError, Settings, load, load_file, parse_upstream_flag, redact
+from proxy.config import SETTINGS_ENV, ConfigError, Settings, load, load_file, parse_upstream_flag, to_toml
+from proxy.config.schema import LOG_LEVELS
 from proxy.coordination import siblings
 from proxy.demo.run import run_demo
 from proxy.observability import metrics
 from proxy.observability.logs import log_config
 from proxy.runtime import check_settings
-from proxy.upstream.credentials import redacted
 from proxy.upstream.probes import RUN_DIR_ENV
 
 if TYPE_CHECKING:
@@ -48,8 +48,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     }
     if args.upstream:
         overrides["archives"] = [parse_upstream_flag(u) for u in args.upstream]
-    settings = load(args.config, overrides)
-    check_settings(settings)
+    return checked(load(args.config, overrides), args.config)
+
+
+def checked(settings: Settings, source: str | None) -> Settings:
+    """`settings` once runtime.check_settings has judged what only the code that uses them can (the [auth]
+    table, archive credentials and TLS files); its ConfigError names the file."""
+    try:
+        check_settings(settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{source or 'settings'}: {exc}") from None
     return settings
 
 
@@ -208,39 +216,9 @@ def _cache_action(args: argparse.Namespace, cache: FrameCache) -> int:
 
 
 def describe(s: Settings) -> str:
-    """The effective configuration as TOML-like text, for `check-config`."""
-    lines = ["[server]"]
-    for k in ("host", "port", "workers", "shutdown_grace", "public_url", "trusted_proxies", "log_level", "log_format",
-              "log_patient_data", "health_interval",
-              "locator_ttl", "search_cache_ttl", "max_search_results", "cors_origins", "tls_cert_file", "tls_key_file"):
-        lines.append(f"{k} = {json.dumps(getattr(s, k))}")
-    lines += ["", "[cache]", f"dir = {json.dumps(s.cache_dir)}", f"size_bytes = {s.cache_size_bytes}",
-              f"memory_bytes = {s.memory_cache_bytes}",
-              f"warm_bytes = {s.memory_warm_bytes}",
-              f"metadata_cache_ttl = {s.metadata_cache_ttl}", f"stale_if_error = {s.stale_if_error}",
-              f"prefetch = {json.dumps(s.prefetch)}",
-              f"prefetch_concurrency = {s.prefetch_concurrency}", f"prefetch_ttl = {s.prefetch_ttl}", "", "[limits]",
-              f"max_json_bytes = {s.max_json_bytes}", f"max_stow_bytes = {s.max_stow_bytes}",
-              *(f"{k} = {getattr(s, k)}" for k in LIMIT_KEYS),
-              "", "[viewer]", f"dir = {json.dumps(s.viewer_dir)}"]
-    lines += ["", "[shared]", f"redis_url = {json.dumps(s.redis_url and redact(s.redis_url))}",
-              f"redis_key_prefix = {json.dumps(s.redis_key_prefix)}", f"redis_timeout = {s.redis_timeout}"]
-    lines += ["", "[auth]"] + [f"{k} = {json.dumps(v)}" for k, v in s.auth.items() if k != "api_keys"]
-    if "api_keys" in s.auth:
-        lines.append(f"# api_keys: {len(s.auth['api_keys'])} key digest(s)")
-    for a in s.archives:
-        lines += ["", "[[archives]]"]
-        for k in ("name", "url", "profile", "priority", "stores", "max_connections", "url_aliases",
-                  "search_deadline", "breaker_threshold", "breaker_cooldown", "forward_authorization"):
-            lines.append(f"{k} = {json.dumps(getattr(a, k))}")
-        if a.auth is not None:
-            lines.append(f"auth = {json.dumps(redacted(a.auth))}")  # secrets as ***, never printed
-        if a.tls is not None:
-            lines.append(f"tls = {json.dumps(a.tls)}")
-        t = a.timeouts
-        lines.append(f"timeouts = {{ connect = {t.connect}, first_byte = {t.first_byte}, "
-                     f"idle_read = {t.idle_read} }}")
-    return "\n".join(lines) + "\n"
+    """The effective configuration as TOML, for `check-config`: what `serve --config` reads back, with each
+    secret printed as `***` (which `serve` refuses: put the secret back, or use a *_file / *_env key)."""
+    return to_toml(s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="on SIGTERM, how long in-flight responses may take to finish (default 30)")
     p.add_argument("--cache-dir")
     p.add_argument("--public-url", help="external base URL used in rewritten URLs")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", choices=LOG_LEVELS)
     p.add_argument("--viewer", metavar="DIR", help="serve this built OHIF dist/ at / (./scripts/fetch-ohif.sh)")
 
     d = sub.add_parser("demo", help="two sample archives with generated studies, and the proxy in front")
@@ -286,9 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             serve(_settings(args))
         elif args.command == "check-config":
-            settings = load(args.file)
-            check_settings(settings)
-            print(describe(settings), end="")
+            print(describe(checked(load(args.file), args.file)), end="")
         elif args.command == "cache":
             return cache_command(args)
         elif args.command == "demo":

@@ -11,17 +11,24 @@ from typing import Any
 import httpx
 from pydicom.dataset import Dataset
 
+from proxy.config.schema import SECTIONS
+
 NO_CACHE = {"Cache-Control": "no-cache"}
 STUDY, SERIES, SOP = "0020000D", "0020000E", "00080018"
 MODALITIES, RETRIEVE_URL = "00080061", "00081190"
 N_SERIES, N_STUDY_INSTANCES, N_SERIES_INSTANCES = "00201206", "00201208", "00201209"
 
 
-def write_config(path: Path, archives: Iterable[Mapping[str, Any]], **server: Any) -> Path:
-    """A proxy TOML file: `[server]` keys, then one `[[archives]]` table per archive."""
-    lines = ["[server]", *(f"{k} = {json.dumps(v)}" for k, v in server.items())]
+def write_config(path: Path, archives: Iterable[Mapping[str, Any]], **settings: Any) -> Path:
+    """A proxy TOML file: `settings` (by key) each in its section, then one `[[archives]]` table per archive."""
+    placed = {key for keys in SECTIONS.values() for key in keys}
+    assert set(settings) <= placed, f"not keys of any section: {sorted(set(settings) - placed)}"
+    lines = []
+    for section, keys in SECTIONS.items():
+        if given := [f"{k} = {json.dumps(v)}" for k, v in settings.items() if k in keys]:
+            lines += [f"[{section}]", *given, ""]
     for archive in archives:
-        lines += ["", "[[archives]]"]
+        lines += ["[[archives]]"]
         for k, v in archive.items():
             if isinstance(v, Mapping):
                 lines.append(f"{k} = {{ " + ", ".join(f"{ik} = {json.dumps(iv)}" for ik, iv in v.items()) + " }")

@@ -191,10 +191,10 @@ def test_auth_settings_are_validated(tmp_path, jwks_file):
         ('[auth]\nmode = "api_key"\napi_keys = [{ name = "k", sha256 = "plaintext-key", scopes = ["read"] }]\n',
          "SHA-256 digest of the key, not the key"),
         ('[auth]\nmode = "api_key"\napi_keys = [{ sha256 = "' + "a" * 64 + '", scopes = ["root"] }]\n',
-         "scopes must be"),
-        ('[auth]\nmode = "kerberos"\n', "must be one of"),
-        ('[auth]\nmetrics = "public"\n', "auth.metrics"),
-        ('[auth]\ntypo = 1\n', "unknown key"),
+         r'scopes \(item 1\): expected one of "admin", "read" or "write", given "root"'),
+        ('[auth]\nmode = "kerberos"\n', r'\[auth\] mode: expected one of "api_key", "jwt" or "none", given "kerberos"'),
+        ('[auth]\nmetrics = "public"\n', r"\[auth\] metrics: expected one of"),
+        ('[auth]\ntypo = 1\n', r"\[auth\] typo: not a key of \[auth\]"),
     ):
         with pytest.raises(ConfigError, match=message):
             conf(bad)

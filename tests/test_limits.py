@@ -43,7 +43,8 @@ def test_trusted_hops_are_networks_not_strings():
 
 
 @pytest.mark.parametrize("value, says", [
-    ("10.0.0.10", "must be a list"),  # a string would be read letter by letter: "10.0.0.1" "in" it
+    # a string would be read letter by letter: "10.0.0.1" "in" it
+    ("10.0.0.10", r'trusted_proxies: expected a list, each a string, given "10.0.0.10"'),
     (["10.0.0.0/33"], "not an IP address or CIDR"),
     (["proxy.internal"], "not an IP address or CIDR"),
 ])

@@ -204,7 +204,7 @@ def test_inline_secrets_are_printed_redacted(tmp_path):
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(cfg)], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert PASSWORD not in out.stdout and '"password": "***"' in out.stdout
+    assert PASSWORD not in out.stdout and 'password = "***"' in out.stdout
 
 
 @pytest.mark.parametrize("auth, message", [

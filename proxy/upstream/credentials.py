@@ -3,7 +3,7 @@ credentials (cached, refreshed before expiry, one refresh at a time), and client
 
 Secrets come from the config, a file (`*_file`) or an environment variable (`*_env`), are read in the
 process that uses them, and are only ever put on requests to their own archive (`Archive.open`). They
-are never logged and `check-config` prints them as `***` (`redacted`).
+are never logged and `check-config` prints them as `***` (proxy.config.messages.masked).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from proxy.config.schema import ARCHIVE_SECRETS
+
 log = logging.getLogger("dicomweb_edge")
 
 AUTH_TYPES = {  # type → (required keys, optional keys); a secret key may instead come as KEY_file / KEY_env
@@ -27,7 +29,7 @@ AUTH_TYPES = {  # type → (required keys, optional keys); a secret key may inst
     "bearer": ({"token"}, set()),
     "oauth2": ({"token_url", "client_id", "client_secret"}, {"scope", "audience"}),
 }
-SECRETS = {"password", "token", "client_secret"}
+SECRETS = frozenset(ARCHIVE_SECRETS)  # the keys whose value is a secret (config masks them, refuses ***)
 TLS_KEYS = {"ca_file", "cert_file", "key_file", "verify"}
 REFRESH_MARGIN = 30.0  # seconds before expiry an OAuth2 token is replaced (or a tenth of its life if shorter)
 RETRY_AFTER_FAILURE = 5.0  # after a failed token request, requests fail at once for this long (no hammering)
@@ -76,13 +78,6 @@ def check_tls(tls: Mapping[str, Any], where: str) -> None:
     for key in ("ca_file", "cert_file", "key_file"):
         if key in tls and not os.access(str(tls[key]), os.R_OK):
             raise ValueError(f"{where}: tls.{key} {tls[key]!r} is not a readable file")
-
-
-def redacted(auth: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The auth table with every inline secret replaced by '***' (file paths and variable names stay)."""
-    if auth is None:
-        return None
-    return {k: ("***" if k in SECRETS else v) for k, v in auth.items()}
 
 
 def is_loopback(host: str) -> bool:
