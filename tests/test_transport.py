@@ -357,3 +357,55 @@ async def test_read_into_a_stalled_or_broken_body():
         resp.release()
         assert pool.opened == 2
         await pool.close()
+
+
+class Clock:
+    """pool.py's monotonic clock, moved by the test (idle times without waiting for them)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("announced", "idle", "connections"), [
+    (None, 29.0, 1),  # within the pool's own keep-alive (30 s): reused
+    (None, 31.0, 2),  # past it: a new connection
+    (b"Keep-Alive: timeout=5, max=100\r\n", 3.5, 1),  # within what the origin announced, less a margin
+    (b"Keep-Alive: timeout=5, max=100\r\n", 4.5, 2),  # the origin would be about to close it: not reused
+])
+async def test_idle_connections_are_kept_as_long_as_the_archive_keeps_them(monkeypatch, announced, idle, connections):
+    clock = Clock()
+    monkeypatch.setattr("proxy.upstream.pool.time.monotonic", clock)
+    monkeypatch.setattr("proxy.upstream.transport.time.monotonic", clock)
+    opened = []
+
+    async def answer(head, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + (announced or b"") + b"\r\nok")
+        return False
+
+    async def handler(reader, writer):
+        opened.append(writer)
+        await each_request(answer)(reader, writer)
+
+    server, port = await serve(handler)
+    async with server:
+        pool = Pool("http", "127.0.0.1", port, keepalive=30)
+        for pause in (0.0, idle):
+            clock.now += pause
+            resp = await pool.request("GET", "/", {})
+            assert await body_of(resp) == b"ok"
+            resp.release()
+        await pool.close()
+    assert len(opened) == connections
+
+
+@pytest.mark.parametrize(("profile", "keepalive", "kept"), [
+    ("orthanc", None, 0.75), ("google", None, 300.0), ("azure", None, 200.0), ("generic", None, 4.0),
+    ("google", 12.0, 12.0), ("orthanc", 0.0, 0.0),
+])
+async def test_each_archive_keeps_connections_for_its_own_time(profile, keepalive, kept):
+    archive = Archive(ArchiveConfig("a", "http://127.0.0.1:1/dicom-web", profile=profile, keepalive=keepalive))
+    assert archive.pool.keepalive == kept
+    await archive.close()

@@ -153,6 +153,7 @@ class ArchiveConfig:
     breaker_threshold: Failures = 3  # consecutive failures that open the circuit breaker
     breaker_cooldown: PositiveSeconds = 10.0  # seconds before an open breaker lets a trial request through
     health_interval: Seconds | None = None  # seconds between this archive's health probes (None: the server's)
+    keepalive: Seconds | None = None  # seconds an idle connection is kept (None: the profile's; 0: none)
     forward_authorization: bool = False  # token pass-through: send the caller's Authorization to this archive
     auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (outbound.py)
     tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive

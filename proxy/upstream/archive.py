@@ -254,6 +254,7 @@ class Archive:
         self.credentials = outbound.credentials(config.auth, config.name, config.tls)
         self.pool = Pool(u.scheme, u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80),
                          max_connections=config.max_connections, queue_timeout=queue_timeout,
+                         keepalive=self.profile.keepalive if config.keepalive is None else config.keepalive,
                          ssl_context=outbound.ssl_context(config.tls) if u.scheme == "https" else None)
 
     def count_error(self, kind: str) -> None:

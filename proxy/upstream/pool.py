@@ -39,6 +39,9 @@ def _parse_head(raw: bytes) -> tuple[int, Headers]:
     return int(parts[1]), Headers(items)
 
 
+ANNOUNCED_MARGIN = 1.0  # seconds: a connection is not reused this close to the idle timeout the archive announced
+
+
 class Pool:
     """Keep-alive connections to one origin (scheme, host, port)."""
 
@@ -50,7 +53,9 @@ class Pool:
         if scheme == "https":  # verified against the system CAs unless the caller brings its own context
             self.ssl = ssl_context or ssl.create_default_context()
         self.queue_timeout = queue_timeout
-        self.keepalive = keepalive  # Orthanc closes idle connections after 1 s
+        # Seconds an idle connection is kept (the archive's keepalive, or its profile's default); shorter
+        # when the archive announces a shorter idle timeout of its own (Keep-Alive: timeout=N).
+        self.keepalive = keepalive
         self._idle: list[Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self.opened = 0
@@ -69,10 +74,14 @@ class Pool:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            if conn.alive and now - conn.idle_since < self.keepalive:
+            if conn.alive and now - conn.idle_since < self._kept(conn):
                 return conn
             conn.close()
         return None
+
+    def _kept(self, conn: Connection) -> float:
+        announced = conn.server_keepalive
+        return self.keepalive if announced is None else min(self.keepalive, announced - ANNOUNCED_MARGIN)
 
     async def _connect(self, timeout: float) -> Connection:
         loop = asyncio.get_running_loop()

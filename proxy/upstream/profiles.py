@@ -26,6 +26,11 @@ class Profile:
     # On Orthanc 1.10 holding 40 studies: 2.0-2.3 ms median and 2 bytes, against 4.0-4.5 ms and 1.2 KB
     # for `limit=1` (300 requests each, twice, with httpx on loopback; docs/archive-behaviour.md).
     probe: str = "StudyInstanceUID=2.25.0"
+    # Seconds an idle connection to the archive is kept for the next request (an archive's `keepalive`
+    # overrides it; a shorter `Keep-Alive: timeout=` from the archive wins). A request on a connection the
+    # archive has just closed is sent again on a fresh one (GET and HEAD), so too long costs one retry,
+    # too short a new TCP and TLS handshake after every pause.
+    keepalive: float = 4.0
 
 
 PROFILES: dict[str, Profile] = {
@@ -33,13 +38,16 @@ PROFILES: dict[str, Profile] = {
     # no match, no thumbnail, 400 for single-part application/dicom, fuzzymatching=true silently ignored,
     # limit=0 = all.
     "orthanc": Profile("orthanc", decodes_query=False, zero_limit_means_all=True, fuzzy_matching=False,
-                       thumbnail=False, single_part_instance=False),
+                       thumbnail=False, single_part_instance=False, keepalive=0.75),  # it closes idle ones at 1 s
     # dcm4chee-arc-light: limit 1..99999, 204 for no match, Warning on server caps (from its source).
-    "dcm4chee": Profile("dcm4chee", max_limit=99999, thumbnail=True, pixeldata=False),
+    "dcm4chee": Profile("dcm4chee", max_limit=99999, thumbnail=True, pixeldata=False,
+                        keepalive=50.0),  # WildFly's HTTP listener closes idle connections at 60 s
     # Google Cloud Healthcare: no thumbnail, single-part instance accepted (its docs).
-    "google": Profile("google", thumbnail=False, max_limit=5000),
+    "google": Profile("google", thumbnail=False, max_limit=5000,
+                      keepalive=300.0),  # Google's front ends keep idle connections for about 10 minutes
     # Azure / Microsoft DICOM service: limit 1..200, single-part frame accepted (its docs).
-    "azure": Profile("azure", max_limit=200, thumbnail=False, single_part_frame=True),
+    "azure": Profile("azure", max_limit=200, thumbnail=False, single_part_frame=True,
+                     keepalive=200.0),  # Azure's load balancers drop idle connections after 4 minutes
     # Anything else that follows PS3.18: assume the standard and nothing more.
     "generic": Profile("generic", thumbnail=False),
 }

@@ -239,6 +239,7 @@ class Connection:
         self.protocol = protocol
         self.idle_since = time.monotonic()
         self.reusable = True
+        self.server_keepalive: float | None = None  # the idle time the origin announced (Keep-Alive: timeout=)
 
     @property
     def alive(self) -> bool:
@@ -273,6 +274,8 @@ class Response:
             conn.reusable = False
         if (headers.get("connection") or "").lower() == "close":
             conn.reusable = False
+        if (hint := _keepalive_hint(headers.get("keep-alive"))) is not None:
+            conn.server_keepalive = hint
         self.complete = False
         self._released = False
         self._fd: int | None = None  # the socket's descriptor for relaying; -1: not to be read past the protocol
@@ -452,6 +455,15 @@ class Response:
         else:
             self._conn.close()
             self._pool.discard()
+
+
+def _keepalive_hint(value: str | None) -> float | None:
+    """The seconds of `Keep-Alive: timeout=N, max=M` (RFC 2068 §19.7.1, sent by nginx, Apache), or None."""
+    for param in (value or "").split(","):
+        name, _, number = param.strip().partition("=")
+        if name.strip().lower() == "timeout" and number.strip().isdigit():
+            return float(number.strip())
+    return None
 
 
 async def _more(proto: _Protocol) -> memoryview:
