@@ -29,7 +29,8 @@ class Profile:
     # Seconds an idle connection to the archive is kept for the next request (an archive's `keepalive`
     # overrides it; a shorter `Keep-Alive: timeout=` from the archive wins). A request on a connection the
     # archive has just closed is sent again on a fresh one (GET and HEAD), so too long costs one retry,
-    # too short a new TCP and TLS handshake after every pause.
+    # too short a new TCP and TLS handshake after every pause. Measured (benchmarks/idle_gaps.py, https
+    # archive, 1.5 s pauses): 30 s against 0.75 s, the median request 0.60x and 0.69x in two runs.
     keepalive: float = 4.0
 
 
