@@ -11,6 +11,7 @@ import pytest
 from support import REPO_ROOT, dicomweb_client, free_port, missing
 
 from proxy.demo.orthanc import find_orthanc
+from proxy.formats.multipart import MultipartReader, PartEnd, PartHeaders
 
 
 def _run_demo(extra, env=None):
@@ -36,6 +37,37 @@ def _run_demo(extra, env=None):
         except httpx.TransportError:
             time.sleep(0.05)
     return proc, out, base
+
+
+FRAMES = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+
+def frame_path(out):
+    """The frame URL the demo printed, from the DICOMweb root on (the same on the proxy and an archive)."""
+    return re.search(r"http://[^'\"]+/dicomweb(/studies/[^'\"]+/frames/1)", out).group(1)
+
+
+def _payloads(body):
+    """The part payloads of a multipart/related body (its boundary read from its first line)."""
+    boundary = body.split(b"\r\n", 1)[0][2:].decode()
+    parts = []
+    for event in (reader := MultipartReader(boundary)).feed(body):
+        if isinstance(event, PartHeaders):
+            parts.append(b"")
+        elif not isinstance(event, PartEnd):
+            parts[-1] += bytes(event)
+    reader.close()
+    return parts
+
+
+def _archive_frame(out, path):
+    """The frame as the archive holding it serves it, asked directly (not through the proxy)."""
+    for archive in re.findall(r"(http://127.0.0.1:[0-9]+/dicom-web)", out):
+        r = httpx.get(archive + path, trust_env=False, headers={"Accept": FRAMES})
+        if r.status_code == 200:
+            [payload] = _payloads(r.content)
+            return payload
+    raise AssertionError(f"no archive of the demo serves {path}")
 
 
 def _run_printed(out, tmp_path):
@@ -68,7 +100,7 @@ def test_demo_serves_what_it_prints(mode, stop, curl, tmp_path):
         assert status == 0, printed
         assert printed.lstrip().startswith("[") and '"00080005"' in printed, printed  # the search's records
         assert "5 instances" in printed, printed
-        assert (tmp_path / "frame.bin").stat().st_size > 512 * 512 * 2
+        assert _payloads((tmp_path / "frame.bin").read_bytes()) == [_archive_frame(out, frame_path(out))]
         assert ("HTTP/1.1 200" if curl else "200 multipart/related") in printed, printed
         assert "Press Ctrl-C" in out, out
         assert ("Orthanc with the DICOMweb plugin" in out) == (mode == "orthanc")
@@ -77,9 +109,8 @@ def test_demo_serves_what_it_prints(mode, stop, curl, tmp_path):
         r = httpx.get(qido, trust_env=False)
         assert r.status_code == 200 and r.json()[0]["00100010"]["Value"][0]["Alphabetic"] == "DOE^JOHN"
         frame_url = re.search(r"(http://[^'\"]+/frames/1)", out).group(1)
-        r = httpx.get(frame_url, trust_env=False,
-                      headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})
-        assert r.status_code == 200 and len(r.content) > 512 * 512 * 2
+        r = httpx.get(frame_url, trust_env=False, headers={"Accept": FRAMES})
+        assert r.status_code == 200 and _payloads(r.content) == [_archive_frame(out, frame_path(out))]
         study, series = re.search(r"retrieve_series\('([0-9.]+)', '([0-9.]+)'\)", out).groups()
         assert len(dicomweb_client(base).retrieve_series(study, series)) == 5
     finally:
