@@ -275,11 +275,13 @@ async def test_concurrent_identical_metadata_misses_make_one_upstream_request(da
     assert waiters == 99
 
 
-async def test_a_leaders_refusal_is_the_answer_of_the_identical_misses_that_followed_it(data, tmp_path):
+@pytest.mark.parametrize("proxies", [1, 2])
+async def test_a_leaders_refusal_is_the_answer_of_the_identical_misses_that_followed_it(data, tmp_path, proxies):
     """The archive's 404 for a frame of an instance it does not hold, met by the first of 20 identical
-    misses in the same instant, is the answer of the 19 that followed it: the archive is asked once, and
-    the followers are counted as answered with another request's failure. (A refusal is not cached: the
-    next request after the burst asks again.)"""
+    misses in the same instant, is the answer of the 19 that followed it, in its worker and in a sibling
+    worker (two proxies on one cache directory, as two workers are: 10 requests each): the archive is asked
+    once, and the followers are counted as answered with another request's failure. (A refusal is not
+    cached: the next request after the burst asks again.)"""
     from urllib.parse import urlsplit
 
     from proxy.demo.archive import ArchiveServer, Faults, SampleArchive
@@ -287,11 +289,13 @@ async def test_a_leaders_refusal_is_the_answer_of_the_identical_misses_that_foll
     native, _ = data
     archive = SampleArchive("SF404", Faults(first_byte_delay=0.5))
     archive.add(native)
-    with ArchiveServer(archive) as server, siblings_of(server, tmp_path, 1) as (front,):
-        missing = url(front.dicomweb_url, native, "1").replace(native.SOPInstanceUID, native.SOPInstanceUID + ".9")
-        rs = await burst([(front.port, urlsplit(missing).path)] * 20)
-        text = httpx.get(f"{front.url}/metrics", trust_env=False).text
-        shared_404 = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+    with ArchiveServer(archive) as server, siblings_of(server, tmp_path, proxies) as fronts:
+        missing = url(fronts[0].dicomweb_url, native, "1").replace(native.SOPInstanceUID,
+                                                                   native.SOPInstanceUID + ".9")
+        path = urlsplit(missing).path
+        rs = await burst([(p.port, path) for _ in range(20 // proxies) for p in fronts])
+        texts = [httpx.get(f"{p.url}/metrics", trust_env=False).text for p in fronts]
+        shared_404 = sum(s.value for text in texts for f in text_string_to_metric_families(text) for s in f.samples
                          if s.name == "dicomweb_edge_shared_failures_total" and s.labels.get("status") == "404")
         assert [status for status, _, _ in rs] == [404] * 20
         assert archive.requests["frames"] == 1

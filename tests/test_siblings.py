@@ -238,3 +238,31 @@ async def test_no_claim_beyond_the_limit(tmp_path):
         a.max_claims = 2
         assert a.claim(["k/1", "k/2"]) and a.claim(["k/3"])  # the third goes ahead unclaimed
         assert not b.claim(["k/1"]) and b.claim(["k/3"])
+
+
+async def test_a_failed_settle_gives_its_waiters_the_leaders_status(tmp_path):
+    """A leader whose archive refused (404) settles with that status: a sibling waiting for the key fails with
+    it instead of finding a miss and asking the archive again; messages around it are read whole."""
+    from proxy.errors import Problem
+
+    async with pair(tmp_path) as (a, b):
+        a.announce("frame/1.2.3/1")
+        await until(lambda: b.flying("frame/1.2.3/1") is not None)
+        refused, landed = b.flying("frame/1.2.3/1"), b.landing("frame/1.2.3/2")
+        a.settle("frame/1.2.3/1", failure=404)  # (queued in one datagram with the next message)
+        a.settle("frame/1.2.3/2")
+        assert await settled(landed) and landed.result() is None
+        await asyncio.wait([refused], timeout=5)
+        with pytest.raises(Problem) as failed:
+            refused.result()
+        assert failed.value.status == 404 and "1.2.3" not in failed.value.reason
+
+
+def test_datagrams_never_cut_a_message():
+    from proxy.coordination.siblings import DATAGRAM, _datagrams, _messages
+
+    messages = [b"A" + bytes(12), b"F" + bytes(12) + (502).to_bytes(2, "big"), b"S" + bytes(12)] * 5000
+    datagrams = list(_datagrams(messages))
+    assert len(datagrams) > 1 and all(len(d) <= DATAGRAM for d in datagrams)
+    read = [m for d in datagrams for m in _messages(d)]
+    assert [(kind, status) for kind, _, status in read] == [(b"A", None), (b"F", 502), (b"S", None)] * 5000

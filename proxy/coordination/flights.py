@@ -14,7 +14,8 @@ cancelled (its client went away) lands nothing, and its followers fetch for them
 Across processes (`connect`, when sibling workers share the cache directory), through the channel of
 siblings.py: a lead is *claimed* (an abstract socket only one process can bind: two workers missing the
 same frame in the same instant ask the archive once) and *announced*; each key is *settled* once its
-result is on the shared disk tier (`land(written=...)`), and a follower in a sibling waits for that. A
+result is on the shared disk tier (`land(written=...)`), and a follower in a sibling waits for that; a
+leader's failure is settled with its status, which the siblings' followers answer with too. A
 follower that would wait for a sibling's disk write asks that sibling for the bytes it holds in memory
 instead (`take`, the hand-over of handover.py), or says it *wants* them (the sibling writes them next).
 
@@ -66,8 +67,8 @@ class Flight:
                 self._futures.pop(key)
                 self._flights._drop(key, fut)
                 fut.set_exception(failure)
-                if self._told:
-                    self._flights._settle(key, None)
+                if self._told:  # the siblings' followers answer with its status too
+                    self._flights._settle(key, None, getattr(failure, "status", None))
             else:
                 self.land(key, value=value)
 
@@ -132,12 +133,12 @@ class Flights:
             if not live:
                 del self._led[key]
 
-    def _settle(self, key: str, written: Awaitable[object] | None) -> None:
+    def _settle(self, key: str, written: Awaitable[object] | None, failure: int | None = None) -> None:
         channel = self._channel
         if channel is None:
             return
         if written is None:
-            channel.settle(key)
+            channel.settle(key, failure if isinstance(failure, int) else None)
         else:
             asyncio.ensure_future(written).add_done_callback(lambda _: channel.settle(key))
 

@@ -5,7 +5,8 @@ a worker's own table of flights only knows that worker's fetches. With
 `--workers 2`, a prefetch running in one worker would not stop the other from asking the archive for
 every frame of the same series. So a worker that starts fetching something *announces* it, and *settles*
 it once the bytes are on the shared disk tier (or the fetch gave up); a sibling that misses waits for
-the settle instead of going upstream, then reads the disk tier. A worker writes what it serves from
+the settle instead of going upstream, then reads the disk tier; a settle may carry the status the
+archive refused the fetch with (a 404, a 502), and then that is the waiting sibling's answer too. A worker writes what it serves from
 memory to disk when it is quiet (cache/writer.py), so a sibling that starts waiting says it *wants* the
 key: whoever holds it writes it next.
 
@@ -31,11 +32,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from proxy.errors import Problem
 
 log = logging.getLogger("dicomweb_edge.siblings")
-_ANNOUNCE, _SETTLE, _HELLO, _WANT, _YIELD = b"A", b"S", b"H", b"W", b"Y"
+_ANNOUNCE, _SETTLE, _FAILED, _HELLO, _WANT, _YIELD = b"A", b"S", b"F", b"H", b"W", b"Y"
 _DIGEST = 12
+_STATUS = 2  # a failed settle carries the HTTP status its followers answer with (big-endian)
+DATAGRAM = 60_000  # bytes of whole messages per datagram at most
 MAX_FLIGHT = 120.0  # seconds an announcement counts without its settle
 REFRESH = 1.0  # seconds between two looks for siblings
 REFRESH_ALONE = 0.05  # the same while none was found (workers start together)
@@ -75,7 +80,7 @@ class Siblings:
         self._outbox: list[bytes] = []
         self._flushing = False
         self._announced: dict[bytes, tuple[str, float]] = {}  # digest → (announcing sibling, until)
-        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}  # done; or failed with the leader's status
         self._mine: set[bytes] = set()  # announced here, not settled yet: told again to a newcomer
         self.on_want: Callable[[bytes], None] | None = None  # a sibling waits for this digest's key
         self.on_yield: Callable[[bytes], None] | None = None  # a sibling's client fetches what this key names
@@ -121,13 +126,14 @@ class Siblings:
             self._mine.add(d)
             self._send(_ANNOUNCE + d)
 
-    def settle(self, key: str) -> None:
-        """What this worker fetched is on the disk tier now, or will not be (its claim, if any, ends)."""
+    def settle(self, key: str, failure: int | None = None) -> None:
+        """What this worker fetched is on the disk tier now, or will not be (its claim, if any, ends).
+        `failure`: the archive's answer was this status, which the siblings waiting for it answer too."""
         if self.sock is not None:
             d = digest(key)
             self._mine.discard(d)
             self._unclaim(d)
-            self._send(_SETTLE + d)
+            self._send(_SETTLE + d if failure is None else _FAILED + d + failure.to_bytes(_STATUS, "big"))
 
     def claim(self, keys: list[str]) -> bool:
         """Claim the fetch of every key for this worker, atomically across processes: False, holding none
@@ -227,11 +233,17 @@ class Siblings:
                 self._send(_WANT + d)  # whoever has it deferred writes it next
         return fut
 
-    def _release(self, d: bytes) -> None:
+    def _release(self, d: bytes, failure: int | None = None) -> None:
         self._announced.pop(d, None)
         fut = self._waiters.pop(d, None)
-        if fut is not None and not fut.done():
+        if fut is None or fut.done():
+            return
+        if failure is None:
             fut.set_result(None)
+        else:
+            fut.set_exception(Problem(failure, f"the archive answered {failure} to the same request in another "
+                                               "worker of this proxy a moment ago"))
+            fut.add_done_callback(lambda f: f.exception())  # (retrieved: no warning when nobody waits any more)
 
     def _receive(self) -> None:
         assert self.sock is not None
@@ -246,12 +258,11 @@ class Siblings:
             peer = sender[1:].decode("latin-1", "replace") if isinstance(sender, bytes) else str(sender)[1:]
             if peer not in self.peers and peer != self.name:
                 self.peers.append(peer)  # a worker started since we last looked
-            for i in range(0, len(data) - _DIGEST, _DIGEST + 1):
-                kind, d = data[i : i + 1], data[i + 1 : i + 1 + _DIGEST]
+            for kind, d, status in _messages(data):
                 if kind == _ANNOUNCE:
                     self._announced[d] = (peer, now + MAX_FLIGHT)
-                elif kind == _SETTLE:
-                    self._release(d)
+                elif kind in (_SETTLE, _FAILED):
+                    self._release(d, status)
                 elif kind in (_WANT, _YIELD):
                     handler = self.on_want if kind == _WANT else self.on_yield
                     try:
@@ -260,7 +271,7 @@ class Siblings:
                     except Exception:  # the channel outlives a fault in what a message sets off
                         log.exception("a sibling's message could not be handled")
                 elif kind == _HELLO and self._mine:  # a worker that started after our announcements
-                    self._tell(peer, b"".join(_ANNOUNCE + m for m in self._mine))
+                    self._tell(peer, [_ANNOUNCE + m for m in self._mine])
         if len(self._announced) > 10_000:
             for d in [d for d, (_, until) in self._announced.items() if until < now]:
                 self._release(d)
@@ -292,19 +303,48 @@ class Siblings:
         self._flushing = False
         if self.sock is None or not self._outbox:
             return
-        data, self._outbox = b"".join(self._outbox), []
+        messages, self._outbox = self._outbox, []
         for peer in self._peers():
-            self._tell(peer, data)
+            self._tell(peer, messages)
 
-    def _tell(self, peer: str, data: bytes) -> None:
+    def _tell(self, peer: str, messages: list[bytes]) -> None:
         assert self.sock is not None
-        for cut in range(0, len(data), 59_995):  # whole messages (13 bytes) per datagram
+        for datagram in _datagrams(messages):
             try:
-                self.sock.sendto(data[cut : cut + 59_995], "\0" + peer)
+                self.sock.sendto(datagram, "\0" + peer)
             except BlockingIOError:  # the sibling is behind: it will time out and fetch for itself
                 log.debug("sibling queue full, message dropped")
             except OSError:  # gone since we looked
                 self._looked = -REFRESH
+
+
+def _messages(data: bytes) -> Iterator[tuple[bytes, bytes, int | None]]:
+    """(kind, digest, status of a failed settle) of each whole message in a datagram."""
+    at = 0
+    while at + 1 + _DIGEST <= len(data):
+        kind, d = data[at : at + 1], data[at + 1 : at + 1 + _DIGEST]
+        at += 1 + _DIGEST
+        status = None
+        if kind == _FAILED:
+            if at + _STATUS > len(data):
+                return
+            status = int.from_bytes(data[at : at + _STATUS], "big")
+            at += _STATUS
+        yield kind, d, status
+
+
+def _datagrams(messages: list[bytes]) -> Iterator[bytes]:
+    """The messages joined into datagrams of at most DATAGRAM bytes, none cut in two."""
+    batch: list[bytes] = []
+    size = 0
+    for message in messages:
+        if size + len(message) > DATAGRAM and batch:
+            yield b"".join(batch)
+            batch, size = [], 0
+        batch.append(message)
+        size += len(message)
+    if batch:
+        yield b"".join(batch)
 
 
 def workers_on(cache_dir: str) -> int:
