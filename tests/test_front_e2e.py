@@ -1,7 +1,7 @@
 """deploy/nginx/front.conf in front of two real proxies: each study's requests land on one replica.
 
 Real nginx (Debian's), configured with the front config as shipped (only its listen address and its
-replica list rendered for this test), in front of two proxy processes that share one sample archive.
+replica list rendered for this test), in front of two proxy processes that share one real Orthanc.
 Where a request went is read from the replicas' own request counters (`/metrics`), not from nginx.
 """
 
@@ -11,14 +11,15 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import REPO_ROOT, ProxyProcess, free_port, require_binary
+from support import REPO_ROOT, ProxyProcess, free_port, orthanc_holding, require_binary
 
-from proxy.demo.archive import ArchiveServer, SampleArchive
 from proxy.demo.synth import Patient, Study, ct_series
 
 FRONT = REPO_ROOT / "deploy" / "nginx" / "front.conf"
@@ -49,16 +50,22 @@ def render_front(text: str, replicas: list[str], listen: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class Held:
+    """Where one study's one instance is."""
+
+    series: str
+    sop: str
+
+
 @pytest.fixture(scope="module")
-def archive() -> Iterator[ArchiveServer]:
-    sample = SampleArchive("FRONT")
-    studies = [Study(Patient(f"FRONT^{i}", f"FRONT{i:03d}")) for i in range(STUDIES)]
-    for i, study in enumerate(studies):
-        sample.extend(ct_series(study, 1, rows=16, cols=16, seed=i))
-    server = ArchiveServer(sample).start()
-    server.instances = {e.study: e for e in sample._snapshot()}
-    yield server
-    server.stop()
+def archive(tmp_path_factory) -> Iterator[Any]:
+    """A real Orthanc holding STUDIES one-instance studies; `instances`: study UID -> where its instance is."""
+    datasets = [ds for i in range(STUDIES)
+                for ds in ct_series(Study(Patient(f"FRONT^{i}", f"FRONT{i:03d}")), 1, rows=16, cols=16, seed=i)]
+    for server in orthanc_holding(tmp_path_factory, "FRONT", datasets):
+        server.instances = {ds.StudyInstanceUID: Held(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in datasets}
+        yield server
 
 
 @pytest.fixture(scope="module")
