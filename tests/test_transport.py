@@ -374,6 +374,8 @@ class Clock:
     (None, 31.0, 2),  # past it: a new connection
     (b"Keep-Alive: timeout=5, max=100\r\n", 3.5, 1),  # within what the origin announced, less a margin
     (b"Keep-Alive: timeout=5, max=100\r\n", 4.5, 2),  # the origin would be about to close it: not reused
+    (b"Keep-Alive: timeout=1\r\n", 0.7, 1),  # Orthanc's: reused within 0.75 s
+    (b"Keep-Alive: timeout=1\r\n", 0.8, 2),
 ])
 async def test_idle_connections_are_kept_as_long_as_the_archive_keeps_them(monkeypatch, announced, idle, connections):
     clock = Clock()

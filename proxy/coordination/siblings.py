@@ -6,9 +6,9 @@ a worker's own table of flights only knows that worker's fetches. With
 every frame of the same series. So a worker that starts fetching something *announces* it, and *settles*
 it once the bytes are on the shared disk tier (or the fetch gave up); a sibling that misses waits for
 the settle instead of going upstream, then reads the disk tier; a settle may carry the status the
-archive refused the fetch with (a 404, a 502), and then that is the waiting sibling's answer too. A worker writes what it serves from
-memory to disk when it is quiet (cache/writer.py), so a sibling that starts waiting says it *wants* the
-key: whoever holds it writes it next.
+archive refused the fetch with (a 404, a 502), and then that is the waiting sibling's answer too. A
+worker writes what it serves from memory to disk when it is quiet (cache/writer.py), so a sibling that
+starts waiting says it *wants* the key: whoever holds it writes it next.
 
 A fetch is also *claimed* (`claim`): this worker binds an abstract socket named after the key, which
 no other process can bind while it is held. Messages take a moment to arrive; the claim is seen by every
