@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 
@@ -19,8 +20,10 @@ from cloud_standins import (
     Issuer,
     LocalCA,
 )
+from support import REPO_ROOT
 
 from proxy.config import ConfigError, load
+from proxy.runtime import check_settings
 from proxy.upstream.cloud_auth import AzureToken, GoogleToken, check_auth, credentials
 from proxy.upstream.credentials import CredentialError
 
@@ -209,3 +212,19 @@ def test_google_store_url_from_its_project_location_dataset_and_store(tmp_path):
     path.write_text('[[archives]]\nname = "gcp"\nprofile = "google"\n' + store.replace("my-project", "my/../x"))
     with pytest.raises(ConfigError, match="google_store.project"):
         load(path, environ={})
+
+
+@pytest.mark.parametrize("section", ["## Google Cloud Healthcare", "## Azure DICOM service"])
+def test_the_readme_cloud_examples_are_working_configs(section, google, tmp_path):
+    """README's example for each cloud loads and passes the checks `serve` makes (its files put in place)."""
+    text = (REPO_ROOT / "README.md").read_text().split(section + "\n", 1)[1]
+    example = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert example, f"README {section}: no toml example"
+    (tmp_path / "azure-secret").write_text("s3cr3t\n")
+    toml = example.group(1).replace("/run/secrets/gcp-sa.json", str(google[2])).replace(
+        "/run/secrets/azure-secret", str(tmp_path / "azure-secret"))
+    (tmp_path / "edge.toml").write_text(toml)
+    settings = load(tmp_path / "edge.toml", environ={})
+    check_settings(settings)
+    (archive,) = settings.archives
+    assert archive.url.startswith("https://") and archive.auth is not None and archive.profile in ("google", "azure")
