@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 GOOGLE_SCOPE = "https://www.googleapis.com/auth/cloud-healthcare"
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"  # a VM's or node pool's usual access scope
 AZURE_SCOPE = "https://dicom.healthcareapis.azure.com/.default"
 AZURE_RESOURCE = "https://dicom.healthcareapis.azure.com"
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"  # what Google wants as the assertion's `aud`
@@ -55,8 +56,11 @@ class Issuer:
         self.valid: dict[str, float] = {}  # token → monotonic expiry
         self.refused: list[str] = []  # why each refused request was refused
         self.requests = 0
+        self.life_left: list[float] = []  # at each issue after the first: seconds the last token still had
 
     def issue(self) -> str:
+        if self.valid:
+            self.life_left.append(max(self.valid.values()) - time.monotonic())
         token = f"{self.prefix}{secrets.token_urlsafe(24)}"
         self.valid[token] = time.monotonic() + self.lifetime
         return token
@@ -183,7 +187,7 @@ class GceMetadata(StandIn):
             return 200, "application/text", b"computeMetadata/\n", flavor
         account = "/computeMetadata/v1/instance/service-accounts/"
         if path in (account + "default/", account + self.email + "/"):
-            return json_answer(200, {"aliases": ["default"], "email": self.email, "scopes": [GOOGLE_SCOPE]}, **flavor)
+            return json_answer(200, {"aliases": ["default"], "email": self.email, "scopes": [CLOUD_PLATFORM]}, **flavor)
         if path in (account + "default/token", account + self.email + "/token"):
             self.issuer.requests += 1
             self.scopes_asked += query.get("scopes", [])

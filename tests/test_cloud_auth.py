@@ -68,6 +68,7 @@ async def test_google_token_is_renewed_before_it_expires(google):
         assert time.monotonic() < deadline, "the token was never renewed"
         await asyncio.sleep(0.05)
     assert await source.authorization() != first and issuer.accepts(await source.authorization())
+    assert issuer.life_left[0] > 0, "renewed only once the old token had expired"
 
 
 async def test_google_key_unknown_to_the_token_endpoint_is_refused_without_leaking_it(google, tmp_path, caplog):
