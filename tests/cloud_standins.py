@@ -313,19 +313,24 @@ class AppServiceIdentity(StandIn):
 
 class Recorded(StandIn):
     """A DICOM service answering documented response shapes (tests/data/cloud) to requests carrying a token
-    `accepts` takes (401 otherwise); `route(method, path, query) → (status, media type, file or None)`."""
+    `accepts` takes (401 otherwise, with `unauthorized`: media type, file or None for an empty body);
+    `route(method, path, query) → (status, media type, file or None)`."""
 
     def __init__(self, accepts: Callable[[str | None], bool], route: Callable[..., tuple[int, str, str | None]],
-                 tls: ssl.SSLContext | None = None, prefix: str = "/v2") -> None:
+                 tls: ssl.SSLContext | None = None, prefix: str = "/v2",
+                 unauthorized: tuple[str, str | None] = ("text/plain", None)) -> None:
         super().__init__(tls)
-        self.accepts, self.route, self.prefix = accepts, route, prefix
+        self.accepts, self.route, self.prefix, self.unauthorized = accepts, route, prefix, unauthorized
         self.url = self.base + prefix
         self.seen: list[tuple[str, str, dict[str, list[str]]]] = []
+        self.refused = 0  # requests answered 401
 
     def answer(self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes) -> Answer:
         self.seen.append((method, path.removeprefix(self.prefix), query))
         if not self.accepts(headers.get("Authorization")):
-            return json_answer(401, {"error": {"code": "Unauthorized", "message": "Authentication failed."}})
-        status, media, name = self.route(method, path.removeprefix(self.prefix), query)
+            self.refused += 1
+            status, (media, name) = 401, self.unauthorized
+        else:
+            status, media, name = self.route(method, path.removeprefix(self.prefix), query)
         data = (DATA / name).read_bytes().replace(b"{BASE}", self.url.encode()) if name else b""
-        return status, media, data, {}
+        return status, media, data, {"WWW-Authenticate": "Bearer"} if status == 401 else {}

@@ -18,6 +18,7 @@ from support import REPO_ROOT, ProxyProcess
 GOOGLE_STORE = "/v1/projects/proj/locations/europe-west4/datasets/imaging/dicomStores/main/dicomWeb"
 TENANT, CLIENT = "72f988bf-0000-4000-8000-000000000001", "5b7c1e9a-0000-4000-8000-000000000002"
 STUDY = "1.2.826.0.1.3680043.8.498.10"
+GOOGLE_401 = ("application/json; charset=UTF-8", "google-401.json")
 
 
 def google_routes(method: str, path: str, query: dict[str, list[str]]) -> tuple[int, str, str | None]:
@@ -30,7 +31,7 @@ def azure_routes(method: str, path: str, query: dict[str, list[str]]) -> tuple[i
     """Azure's documented answers: limit 1..200 (400 beyond), 204 for no match, 202 for a partial store."""
     if method == "GET" and path == "/studies":
         if int(query.get("limit", ["100"])[0]) > 200:
-            return 400, "application/json", "azure-limit-400.json"
+            return 400, "text/plain; charset=utf-8", "azure-limit-400.txt"
         if query.get("PatientID") == ["NOBODY"]:
             return 204, "application/dicom+json", None
         return 200, "application/dicom+json", "qido-studies.json"
@@ -50,7 +51,7 @@ def google_key(tmp_path_factory):
     issuer = Issuer("ya29.")
     endpoint = GoogleTokenEndpoint(issuer)
     key_file = endpoint.service_account(tmp_path_factory.mktemp("google") / "sa.json")
-    store = Recorded(issuer.accepts, google_routes, prefix=GOOGLE_STORE)
+    store = Recorded(issuer.accepts, google_routes, prefix=GOOGLE_STORE, unauthorized=GOOGLE_401)
     yield issuer, key_file, store
     store.close()
     endpoint.close()
@@ -68,10 +69,30 @@ def test_google_store_with_a_service_account_key(google_key, tmp_path):
         (study,) = resp.json()
         assert study["0020000D"]["Value"] == [STUDY]
         assert study["00081190"]["Value"][0].startswith(proxy.dicomweb_url)  # the URL points at the proxy
-        assert issuer.requests == 1 and issuer.refused == []
+        assert issuer.refused == []
         log = proxy.log_after("google-key-search")
         assert "obtained a google access token" in log
         assert not any(token in log for token in issuer.valid) and "PRIVATE KEY" not in log
+    finally:
+        proxy.stop()
+
+
+def test_google_revoked_token_is_replaced_after_one_refusal(google_key, tmp_path):
+    """Google answers a revoked token 401 with its JSON error: that request fails with the proxy's own 502 (the
+    caller's credentials were fine), and the next one goes with a new token."""
+    issuer, key_file, store = google_key
+    toml = (f'[[archives]]\nname = "gcp"\nprofile = "google"\nurl = "{store.url}"\n'
+            f'auth = {{ type = "google", key_file = "{key_file}" }}\n')
+    proxy = start_proxy(tmp_path, toml)
+    try:
+        assert httpx.get(proxy.dicomweb_url + "/studies", timeout=30).status_code == 200
+        fetched, refused = issuer.requests, store.refused
+        issuer.valid.clear()  # revoked at Google
+        first = httpx.get(proxy.dicomweb_url + "/studies", timeout=30)
+        assert first.status_code == 502 and store.refused == refused + 1
+        assert "UNAUTHENTICATED" not in first.text
+        again = httpx.get(proxy.dicomweb_url + "/studies", timeout=30)
+        assert again.status_code == 200 and issuer.requests == fetched + 1
     finally:
         proxy.stop()
 
