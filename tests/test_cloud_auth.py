@@ -7,8 +7,10 @@ token_uri, GOOGLE_APPLICATION_CREDENTIALS, an authority host, IDENTITY_ENDPOINT 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
+import socket
 import sys
 import time
 
@@ -229,3 +231,25 @@ def test_the_readme_cloud_examples_are_working_configs(section, google, tmp_path
     check_settings(settings)
     (archive,) = settings.archives
     assert archive.url.startswith("https://") and archive.auth is not None and archive.profile in ("google", "azure")
+
+
+async def test_a_token_endpoint_that_never_answers_fails_requests_quickly(tmp_path):
+    """A token endpoint that accepts the connection and says nothing: requests fail within the proxy's own
+    bound (the libraries would wait minutes), and the next ones at once until the pause is over."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        endpoint = GoogleTokenEndpoint(Issuer("ya29."))
+        key_file = endpoint.service_account(tmp_path / "sa.json")
+        endpoint.close()
+        doc = json.loads(key_file.read_text())
+        key_file.write_text(json.dumps({**doc, "token_uri": f"http://127.0.0.1:{silent.getsockname()[1]}/token"}))
+        source = GoogleToken({"type": "google", "key_file": str(key_file)}, "gcp")
+        source.timeout = 1.0
+        started = time.monotonic()
+        with pytest.raises(CredentialError):
+            await source.authorization()
+        with pytest.raises(CredentialError):
+            await source.authorization()
+        assert time.monotonic() - started < 5.0
+    finally:
+        silent.close()

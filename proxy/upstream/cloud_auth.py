@@ -33,6 +33,7 @@ log = logging.getLogger("dicomweb_edge")
 GOOGLE_SCOPE = "https://www.googleapis.com/auth/cloud-healthcare"
 AZURE_SCOPE = "https://dicom.healthcareapis.azure.com/.default"
 GOOGLE_SOURCES = ("key_file", "adc", "metadata")
+TOKEN_TIMEOUT = 10.0  # seconds a token request may take (the libraries' own allow minutes) before requests fail
 AZURE_KEYS = {  # mode → (required keys, optional keys); client_secret may come as client_secret_file / _env
     "client_secret": ({"tenant_id", "client_id", "client_secret"}, {"authority_host", "scope"}),
     "workload_identity": (set(), {"tenant_id", "client_id", "federated_token_file", "authority_host", "scope"}),
@@ -133,6 +134,7 @@ class CloudToken(Credentials):
     (the others wait for it, then reuse it), obtained off the event loop. Subclasses say how (`_obtain`)."""
 
     source = "cloud"
+    timeout = TOKEN_TIMEOUT
 
     def __init__(self, archive: str) -> None:
         self.archive = archive
@@ -168,11 +170,11 @@ class CloudToken(Credentials):
             raise self._failed[1]
         fresh, self._fresh = self._fresh, False
         try:
-            token, expires = await asyncio.to_thread(self._obtain, fresh)
-        except ConfigError:
-            raise
+            async with asyncio.timeout(self.timeout):  # (the thread may go on; its answer is then dropped)
+                token, expires = await asyncio.to_thread(self._obtain, fresh)
         except Exception as exc:  # noqa: BLE001 (whatever the library raises: the archive is not asked)
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            reason = f"no answer within {self.timeout:g} s" if isinstance(exc, TimeoutError) else \
+                str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             log.warning("archive '%s': the %s credential could not obtain a token (%s: %s)",
                         self.archive, self.source, type(exc).__name__, reason)
             error = CredentialError(f"archive '{self.archive}': the {self.source} credential could not obtain "
@@ -245,7 +247,8 @@ class AzureToken(CloudToken):
         """azure-core's transport over http_session (azure-core passes its own `verify`, so it is given too)."""
         session = http_session(self._tls)
         return self._azure.core.pipeline.transport.RequestsTransport(
-            session=session, session_owner=False, connection_verify=session.verify)
+            session=session, session_owner=False, connection_verify=session.verify,
+            connection_timeout=TOKEN_TIMEOUT, read_timeout=TOKEN_TIMEOUT)
 
     def _make(self) -> Any:
         identity, auth = self._azure.identity, self._auth
