@@ -83,9 +83,9 @@ def _check_azure(auth: Mapping[str, Any], where: str, env: Mapping[str, str]) ->
     unknown = set(auth) - {"type", "mode"} - required - optional - secrets
     if unknown:
         raise ValueError(f"{where}: unknown auth key(s) {sorted(unknown)} for type 'azure', mode {mode!r}")
-    stripped = {"type": "oauth2", "token_url": "https://x", **{k: auth[k] for k in secrets & set(auth)}}
-    if secrets:  # the secret's three forms, judged as for OAuth2
-        outbound.check_auth({**stripped, "client_id": "-"}, where, env)
+    if secrets:  # the secret's three forms (inline, _file, _env), judged by the OAuth2 check of the same key
+        given = {k: auth[k] for k in secrets & set(auth)}
+        outbound.check_auth({"type": "oauth2", "token_url": "https://-", "client_id": "-", **given}, where, env)
     for key in sorted(required - {"client_secret"}):
         if not auth.get(key):
             raise ValueError(f"{where}: auth.{key} is required for type 'azure', mode {mode!r}")
