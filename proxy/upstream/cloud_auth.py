@@ -15,6 +15,7 @@ Trusted there: the system's CAs, or the archive's `tls.ca_file` when it has one 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import logging
@@ -129,7 +130,7 @@ def http_session(tls: Mapping[str, Any] | None) -> Any:
     return session
 
 
-class CloudToken(Credentials):
+class CloudToken(Credentials, abc.ABC):
     """A bearer token from a cloud identity library: cached, renewed before expiry by one caller at a time
     (the others wait for it, then reuse it), obtained off the event loop. Subclasses say how (`_obtain`)."""
 
@@ -189,9 +190,9 @@ class CloudToken(Credentials):
         self.fetched += 1
         log.info("archive '%s': obtained a %s access token valid for %.0f s", self.archive, self.source, lifetime)
 
+    @abc.abstractmethod
     def _obtain(self, fresh: bool) -> tuple[str, float]:
         """(token, expiry as a Unix time), in a worker thread; `fresh`: the last token was refused."""
-        raise NotImplementedError
 
 
 class GoogleToken(CloudToken):
