@@ -2,7 +2,8 @@
 rest: Google's OAuth2 token endpoint (a service-account JWT assertion: RS256 signature by the key's public half,
 issuer, audience, scope, dates), the GCE/GKE metadata server (`Metadata-Flavor: Google`), Microsoft Entra ID's
 token endpoint over https (client id and secret, or a workload identity's client assertion JWT, and the DICOM
-service's scope), and App Service's managed identity endpoint (`X-IDENTITY-HEADER`, the resource).
+service's scope), App Service's managed identity endpoint (`X-IDENTITY-HEADER`, the resource) and a VM's
+(IMDS: `Metadata: true`).
 
 Every issued token is remembered with its expiry (`Issuer`); the DICOM service stand-ins (the demo's sample
 archive, or `Recorded`) accept only those.
@@ -309,6 +310,29 @@ class AppServiceIdentity(StandIn):
         expires = int(time.time() + self.issuer.lifetime)
         return json_answer(200, {"access_token": self.issuer.issue(), "expires_on": str(expires),
                                  "resource": AZURE_RESOURCE, "token_type": "Bearer", "client_id": "mi-client"})
+
+
+class Imds(StandIn):
+    """Azure's Instance Metadata Service token endpoint (a VM's managed identity): `Metadata: true` required,
+    api-version 2018-02-01, the resource; its answer's numbers are strings, as IMDS sends them."""
+
+    def __init__(self, issuer: Issuer) -> None:
+        super().__init__()
+        self.issuer = issuer
+
+    def answer(self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes) -> Answer:
+        self.issuer.requests += 1
+        if path != "/metadata/identity/oauth2/token" or headers.get("Metadata") != "true":
+            self.issuer.refused.append("no Metadata: true")
+            return json_answer(400, {"error": "invalid_request", "error_description": "Required metadata header "
+                                                                                        "not specified"})
+        if query.get("api-version") != ["2018-02-01"] or query.get("resource") != [AZURE_RESOURCE]:
+            self.issuer.refused.append(f"resource {query.get('resource')}")
+            return json_answer(400, {"error": "invalid_resource", "error_description": "AADSTS500011: resource"})
+        now, life = int(time.time()), int(self.issuer.lifetime)
+        return json_answer(200, {"access_token": self.issuer.issue(), "client_id": "vm-identity",
+                                 "expires_in": str(life), "expires_on": str(now + life), "ext_expires_in": str(life),
+                                 "not_before": str(now), "resource": AZURE_RESOURCE, "token_type": "Bearer"})
 
 
 class Recorded(StandIn):

@@ -19,6 +19,7 @@ from cloud_standins import (
     AppServiceIdentity,
     Entra,
     GoogleTokenEndpoint,
+    Imds,
     Issuer,
     LocalCA,
 )
@@ -187,6 +188,22 @@ async def test_azure_managed_identity_app_service(monkeypatch):
         assert issuer.refused == ["X-IDENTITY-HEADER"]
     finally:
         endpoint.close()
+
+
+async def test_azure_managed_identity_of_a_vm(monkeypatch):
+    issuer = Issuer("eyJ0eXAi.")
+    imds = Imds(issuer)
+    try:
+        for variable in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "MSI_ENDPOINT", "MSI_SECRET",
+                         "AZURE_FEDERATED_TOKEN_FILE"):
+            monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.base)  # azure-identity's IMDS address setting
+        source = AzureToken({"type": "azure", "mode": "managed_identity"}, "az")
+        values = await asyncio.gather(*[source.authorization() for _ in range(5)])
+        assert len(set(values)) == 1 and issuer.accepts(values[0]) and issuer.refused == []
+        assert issuer.requests == 1
+    finally:
+        imds.close()
 
 
 def test_azure_configuration_is_checked(tmp_path):
