@@ -36,7 +36,8 @@ from proxy.federation.searchcache import SearchCache
 from proxy.http.app import build_app
 from proxy.observability import metrics
 from proxy.upstream.archive import Archive
-from proxy.upstream.credentials import check_auth, check_tls
+from proxy.upstream.cloud_auth import check_auth
+from proxy.upstream.credentials import check_tls
 from proxy.upstream.probes import RUN_DIR_ENV, Probes
 from proxy.upstream.splice import Pipes
 

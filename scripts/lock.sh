@@ -23,6 +23,8 @@ compile() {
         --no-strip-markers --custom-compile-command ./scripts/lock.sh pyproject.toml - "$@"
 }
 
-compile -o requirements/runtime.txt "$@"
-compile --extra demo --extra test --extra redis -c requirements/runtime.txt -o requirements/test.txt "$@"
+# The test environment first (it holds every extra, the cloud ones too: azure-identity's msal caps cryptography),
+# then the proxy's own dependencies at the versions it settled on: the two locks agree.
+compile --extra demo --extra test --extra redis -o requirements/test.txt "$@"
+compile -c requirements/test.txt -o requirements/runtime.txt "$@"
 echo "lock.sh: wrote requirements/runtime.txt and requirements/test.txt" >&2

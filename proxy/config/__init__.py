@@ -157,6 +157,7 @@ class ArchiveConfig:
     forward_authorization: bool = False  # token pass-through: send the caller's Authorization to this archive
     auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (outbound.py)
     tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive
+    google_store: dict[str, str] | None = None  # project, location, dataset, dicom_store: the url when none is given
 
 
 @dataclass

@@ -19,7 +19,15 @@ import msgspec
 
 from proxy.config import messages
 from proxy.config.messages import ConfigError, Location
-from proxy.config.schema import AUTH_FROM_ENVIRONMENT, SECTIONS, ArchiveAuth, AuthTable, TlsTable
+from proxy.config.schema import (
+    AUTH_FROM_ENVIRONMENT,
+    GOOGLE_STORE_URL,
+    SECTIONS,
+    ArchiveAuth,
+    AuthTable,
+    GoogleStore,
+    TlsTable,
+)
 
 ENV_PREFIX = "DICOMWEB_EDGE_"
 FLAGS = {"viewer_dir": "--viewer", "archives": "--upstream"}  # flags not named after their attribute
@@ -72,7 +80,8 @@ class FileSchema:
         times = _struct("timeouts", timeouts, {f.name: f.name for f in dataclasses.fields(timeouts)}, {})
         self.archive = _struct("archive", archive, {f.name: f.name for f in dataclasses.fields(archive)},
                                {"timeouts": (times, times), "auth": (ArchiveAuth | None, lambda: None),
-                                "tls": (TlsTable | None, lambda: None)})
+                                "tls": (TlsTable | None, lambda: None),
+                                "google_store": (GoogleStore | None, lambda: None)})
         self.sections = {name: _struct(name, settings, keys, {}) for name, keys in SECTIONS.items()}
         spec: list[tuple[str, Any, Any]] = [(name, kind, msgspec.field(default_factory=kind))
                                             for name, kind in self.sections.items()]
@@ -153,6 +162,8 @@ def from_flags(doc: Document, schema: FileSchema, overrides: Mapping[str, Any]) 
 def check(doc: Document, schema: FileSchema) -> dict[str, Any]:
     """The document checked against the schema, as the keyword arguments of `Settings` (archives as dicts,
     their timeouts as a dict); ConfigError (messages.explain) for the first thing wrong."""
+    for archive in doc.values.get("archives") or []:
+        _google_store_url(archive)
     try:
         checked: Any = msgspec.convert(doc.values, schema.file)
     except msgspec.ValidationError as exc:
@@ -165,6 +176,18 @@ def check(doc: Document, schema: FileSchema) -> dict[str, Any]:
     flat["archives"] = [{f: msgspec.to_builtins(getattr(a, f)) for f in a.__struct_fields__} for a in checked.archives]
     messages.refuse_masks(doc.location(()))
     return flat
+
+
+def _google_store_url(archive: Any) -> None:
+    """A Google archive's url made from its `google_store` table when no url is given (schema.GOOGLE_STORE_URL);
+    a table that does not fit is left for the schema to explain."""
+    if not isinstance(archive, dict) or "url" in archive or archive.get("profile") != "google":
+        return
+    try:
+        store = msgspec.convert(archive.get("google_store"), GoogleStore)
+    except msgspec.ValidationError:
+        return
+    archive["url"] = GOOGLE_STORE_URL.format(**msgspec.structs.asdict(store))
 
 
 def document_of(settings: Any) -> tuple[dict[str, Any], dict[tuple[str, str], str]]:

@@ -111,8 +111,47 @@ class OAuth2Auth(_ArchiveAuth, tag="oauth2"):
     audience: str | UnsetType = UNSET
 
 
-ArchiveAuth = BasicAuth | BearerAuth | OAuth2Auth
+class GoogleAuth(_ArchiveAuth, tag="google"):
+    """Google Cloud Healthcare: exactly one source (upstream.cloud_auth): a service-account key file,
+    Application Default Credentials, or the GCE/GKE metadata server."""
+
+    key_file: str | UnsetType = UNSET
+    adc: bool | UnsetType = UNSET
+    metadata: bool | UnsetType = UNSET
+    scopes: list[str] | UnsetType = UNSET
+
+
+class AzureAuth(_ArchiveAuth, tag="azure"):
+    """Azure Health Data Services DICOM: client secret, workload identity or managed identity
+    (upstream.cloud_auth)."""
+
+    mode: Literal["client_secret", "workload_identity", "managed_identity"]
+    tenant_id: str | UnsetType = UNSET
+    client_id: str | UnsetType = UNSET
+    client_secret: str | UnsetType = UNSET
+    client_secret_file: str | UnsetType = UNSET
+    client_secret_env: str | UnsetType = UNSET
+    federated_token_file: str | UnsetType = UNSET
+    authority_host: str | UnsetType = UNSET
+    scope: str | UnsetType = UNSET
+
+
+ArchiveAuth = BasicAuth | BearerAuth | OAuth2Auth | GoogleAuth | AzureAuth
 ARCHIVE_SECRETS = ("password", "token", "client_secret")
+
+GoogleId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+GOOGLE_STORE_URL = ("https://healthcare.googleapis.com/v1/projects/{project}/locations/{location}/datasets/{dataset}"
+                    "/dicomStores/{dicom_store}/dicomWeb")
+
+
+class GoogleStore(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A Google archive's `google_store` table: the DICOM store whose DICOMweb URL (GOOGLE_STORE_URL) is the
+    archive's `url` when none is given."""
+
+    project: GoogleId
+    location: GoogleId
+    dataset: GoogleId
+    dicom_store: GoogleId
 
 
 class TlsTable(_Table):

@@ -23,8 +23,8 @@ from urllib.parse import unquote, urlsplit
 from proxy.config import ArchiveConfig
 from proxy.formats.dicomjson import UrlRewriter
 from proxy.observability import logs, metrics
+from proxy.upstream import cloud_auth, splice
 from proxy.upstream import credentials as outbound
-from proxy.upstream import splice
 from proxy.upstream.pool import Pool
 from proxy.upstream.profiles import PROFILES, Profile
 from proxy.upstream.transport import (
@@ -251,7 +251,7 @@ class Archive:
         for kind in metrics.UPSTREAM_ERROR_KINDS:  # exported from the start, so that rate() sees the first
             metrics.child(metrics.UPSTREAM_ERRORS, self.name, kind)
         metrics.child(metrics.RELAYED_BYTES, self.name)
-        self.credentials = outbound.credentials(config.auth, config.name, config.tls)
+        self.credentials = cloud_auth.credentials(config.auth, config.name, config.tls)
         self.pool = Pool(u.scheme, u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80),
                          max_connections=config.max_connections, queue_timeout=queue_timeout,
                          keepalive=self.profile.keepalive if config.keepalive is None else config.keepalive,
