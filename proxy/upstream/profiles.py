@@ -31,6 +31,11 @@ class Profile:
     # archive has just closed is sent again on a fresh one (GET and HEAD), so too long costs one retry,
     # too short a new TCP and TLS handshake after every pause.
     keepalive: float = 4.0
+    # False: no study or series retrieve (instances) nor study metadata: the proxy retrieves the instances one
+    # at a time and joins the series' metadata (dicomweb/assemble.py)
+    whole_retrieve: bool = True
+    max_results: int | None = None  # deepest `offset + limit` a search reaches; records past it are unreachable
+    flat_search: bool = True  # False: /series needs a study and /instances a study and a series (hierarchical only)
 
 
 PROFILES: dict[str, Profile] = {
@@ -48,6 +53,11 @@ PROFILES: dict[str, Profile] = {
     # Azure / Microsoft DICOM service: limit 1..200, single-part frame accepted (its docs).
     "azure": Profile("azure", max_limit=200, thumbnail=False, single_part_frame=True,
                      keepalive=200.0),  # Azure's load balancers drop idle connections after 4 minutes
+    # AWS HealthImaging (upstream/healthimaging.py: what is documented, what assumed): instances retrieved one
+    # by one, metadata per series or instance; searches reach 10,000 records and need the study (and series).
+    # Its documented query keys hold no fuzzymatching: dropped, with the standard Warning.
+    "aws": Profile("aws", thumbnail=False, whole_retrieve=False, max_results=10000, flat_search=False,
+                   fuzzy_matching=False, keepalive=50.0),  # (assumed: AWS front ends drop idle ones at 60 s)
     # Anything else that follows PS3.18: assume the standard and nothing more.
     "generic": Profile("generic", thumbnail=False),
 }
