@@ -92,6 +92,11 @@ def test_temporary_credentials_carry_their_session_token():
         assert ask(standin, headers).status_code == 400
         del headers["X-Amz-Security-Token"]
         assert ask(standin, headers).status_code == 403
+        forged = Credentials(SESSION.access_key, SESSION.secret_key, "another-session-token")
+        now = datetime.datetime.now(datetime.UTC)
+        assert ask(standin, signed_headers(forged, "eu-west-1", "GET", standin.url + UNDOCUMENTED, now)).status_code \
+            == 403  # signed right, but with a session token the service did not issue with this key
+        assert standin.refused[-1] == "UnrecognizedClientException"
 
 
 def test_credentials_come_from_the_environment_and_are_never_shown(monkeypatch, tmp_path, standin):

@@ -19,7 +19,7 @@ from proxy.auth import access
 from proxy.cache import documents
 from proxy.cache.placement import SHARED
 from proxy.coordination.flights import Flight
-from proxy.dicomweb import cache_phase
+from proxy.dicomweb import assemble, cache_phase
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
 from proxy.dicomweb.responses import AnyResponse
@@ -167,6 +167,13 @@ class _Document:
 
 async def _metadata(request: Request, ctx: Context, target: Target, archives: list[Archive],
                     path: str) -> tuple[Response, Heard]:
+    if target.series is None and len(archives) == 1 and not archives[0].profile.whole_retrieve:
+        body, archive = await assemble.study_metadata(request, ctx, archives[0], target.study), archives[0]
+        body = body and archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root))
+        if body is None:
+            raise Problem(404, "no such resource in the archive")
+        return Response(body, 200, media_type="application/dicom+json", headers=dict([VARY])), \
+            frozenset((archive.audience,))
     if target.instance or len(archives) == 1:
         body, archive = await _metadata_body(request, ctx, archives, path)
         if body is None:

@@ -16,6 +16,7 @@ from functools import partial
 from starlette.requests import Request
 
 from proxy.cache.learning import Retrieving
+from proxy.dicomweb import assemble
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
 from proxy.dicomweb.reframe import PartOut, Reframer, label, payload
@@ -41,6 +42,8 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
     candidates = archives if archives is not None else await locate(ctx, target.study)
     accept, unwrap = upstream_accept(sel, resource, candidates[0])
     path = upstream_path or target.path()
+    if resource is Resource.INSTANCES and not candidates[0].profile.whole_retrieve and len(candidates) == 1:
+        return await assemble.instances(request, ctx, target, sel, candidates[0], service)  # one at a time
     if resource is Resource.INSTANCES and len(candidates) > 1:
         return await _retrieve_federated(request, ctx, sel, candidates, path, accept, service)
     fetching = None
