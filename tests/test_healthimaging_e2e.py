@@ -76,9 +76,15 @@ def test_searches_are_signed_and_answered(proxy, standin, datasets):
     assert standin.refused == []
 
 
-def test_a_search_the_service_does_not_have_is_501(proxy):
+def test_what_the_service_does_not_have_is_501(proxy, standin, datasets):
     r = get(proxy, "/series?PatientID=PID-AWS-1")
     assert r.status_code == 501, r.text
+    ds = datasets[0]
+    path = f"/studies/{STUDY.study_uid}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    for suffix in ("/rendered", "/thumbnail"):
+        r = get(proxy, path + suffix, "image/jpeg")
+        assert r.status_code == 501, r.text
+    assert not [a for a in standin.accepted if a.endswith(("/rendered", "/thumbnail"))]
 
 
 @pytest.mark.parametrize("level", ["study", "series"])

@@ -262,6 +262,8 @@ async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bo
     sel = select(request, Resource.RENDERED, True)
     query = rendered_query(request, thumbnail)
     candidates = await locate(ctx, target.study)
+    if not candidates[0].profile.rendered:
+        raise Problem(501, f"archive '{candidates[0].name}' renders no images (no /rendered, no /thumbnail)")
     use_rendered = not thumbnail or not candidates[0].profile.thumbnail
     suffix = "/rendered" if use_rendered else "/thumbnail"
     if thumbnail and use_rendered and "viewport=" not in query:

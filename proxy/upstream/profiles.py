@@ -16,6 +16,7 @@ class Profile:
     zero_limit_means_all: bool = False
     fuzzy_matching: bool = True  # False: drop fuzzymatching=true and add the Warning 299 of PS3.18 §8.3.4.2
     thumbnail: bool = True  # False: thumbnails are made from /rendered
+    rendered: bool = True  # False: no /rendered either: rendered images and thumbnails are answered 501
     single_part_instance: bool = True  # accepts Accept: application/dicom on an instance
     single_part_frame: bool = False  # accepts Accept: application/octet-stream on one frame
     pixeldata: bool = False  # serves the /pixeldata resources itself
@@ -56,7 +57,7 @@ PROFILES: dict[str, Profile] = {
     # AWS HealthImaging (upstream/healthimaging.py: what is documented, what assumed): instances retrieved one
     # by one, metadata per series or instance; searches reach 10,000 records and need the study (and series).
     # Its documented query keys hold no fuzzymatching: dropped, with the standard Warning.
-    "aws": Profile("aws", thumbnail=False, whole_retrieve=False, max_results=10000, flat_search=False,
+    "aws": Profile("aws", thumbnail=False, rendered=False, whole_retrieve=False, max_results=10000, flat_search=False,
                    fuzzy_matching=False, keepalive=50.0),  # (assumed: AWS front ends drop idle ones at 60 s)
     # Anything else that follows PS3.18: assume the standard and nothing more.
     "generic": Profile("generic", thumbnail=False),
