@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import re
+import subprocess
+import sys
 import time
 
 import httpx
@@ -18,6 +20,7 @@ botocore = pytest.importorskip("botocore")  # the optional `aws` extra (requirem
 
 from botocore.credentials import Credentials  # noqa: E402
 from healthimaging_standin import SHAPES, HealthImagingStandIn, signed_headers  # noqa: E402
+from support import REPO_ROOT  # noqa: E402
 
 from proxy.dicomweb.query import parse_query, reach_warnings, searchable  # noqa: E402
 from proxy.upstream import healthimaging  # noqa: E402
@@ -167,3 +170,22 @@ def test_a_page_past_the_10000th_record_is_announced():
     assert reach_warnings(parse_query("limit=100&offset=9950"), _Archive()) != []  # type: ignore[arg-type]
     assert reach_warnings(parse_query("limit=100&offset=100"), _Archive()) == []  # type: ignore[arg-type]
     assert reach_warnings(parse_query("offset=10000"), _Archive()) != []  # type: ignore[arg-type]
+
+
+def check_config(tmp_path, archive: str) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / "aws.toml"
+    cfg.write_text(f'[[archives]]\nname = "aws"\nprofile = "aws"\n{archive}\n')
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(cfg)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_takes_an_aws_archive_and_names_what_is_missing(tmp_path):
+    ok = check_config(tmp_path, 'url = "https://dicom-medical-imaging.eu-west-1.amazonaws.com/datastore/d9a2"\n'
+                                'auth = { type = "aws", profile = "imaging" }')
+    assert ok.returncode == 0, ok.stderr
+    assert 'type = "aws"' in ok.stdout and 'profile = "imaging"' in ok.stdout
+    no_region = check_config(tmp_path, 'url = "http://127.0.0.1:1/datastore/d9a2"\nauth = { type = "aws" }')
+    assert no_region.returncode == 2 and "auth.region is required" in no_region.stderr
+    unknown = check_config(tmp_path, 'url = "http://127.0.0.1:1/datastore/d9a2"\n'
+                                     'auth = { type = "aws", region = "eu-west-1", secret_access_key = "x" }')
+    assert unknown.returncode == 2 and "secret_access_key" in unknown.stderr  # keys come from the chain only
