@@ -59,10 +59,10 @@ def signed_headers(creds: Credentials, region: str, method: str, url: str, when:
 class HealthImagingStandIn:
     """The stand-in on 127.0.0.1 for one data store in one region, in front of `orthanc_dicomweb`."""
 
-    def __init__(self, orthanc_dicomweb: str, credentials: Credentials, region: str = "us-east-1",
+    def __init__(self, orthanc_dicomweb: str, credentials: Credentials | list[Credentials], region: str = "us-east-1",
                  datastore: str = "0123456789abcdef0123456789abcdef") -> None:
         self.orthanc = orthanc_dicomweb
-        self.credentials = credentials
+        self.keys = {c.access_key: c for c in (credentials if isinstance(credentials, list) else [credentials])}
         self.region = region
         self.datastore = datastore
         self.accepted: list[str] = []  # "METHOD path" of each request that passed the signature check
@@ -106,7 +106,8 @@ class HealthImagingStandIn:
         if m is None:
             return "MissingAuthenticationTokenException", SHAPES["errors"]["missing_authentication"]
         key, day, region, service, signed, sig = m.groups()
-        if key != self.credentials.access_key:
+        creds = self.keys.get(key)
+        if creds is None:
             return "UnrecognizedClientException", SHAPES["errors"]["unknown_key"]
         if region != self.region:
             return "InvalidSignatureException", SHAPES["errors"]["wrong_region"].format(region=self.region)
@@ -119,7 +120,7 @@ class HealthImagingStandIn:
             return "IncompleteSignatureException", SHAPES["errors"]["no_date"]
         if abs(datetime.datetime.now(datetime.UTC) - when) > SKEW or day != amz_date[:8]:
             return "InvalidSignatureException", SHAPES["errors"]["expired"].format(date=amz_date)
-        if self.credentials.token and h.get("X-Amz-Security-Token") != self.credentials.token:
+        if creds.token and h.get("X-Amz-Security-Token") != creds.token:
             return "UnrecognizedClientException", SHAPES["errors"]["bad_token"]
         names = signed.split(";")
         if "host" not in names:
@@ -129,7 +130,7 @@ class HealthImagingStandIn:
         if digest not in (None, "UNSIGNED-PAYLOAD") and digest != _sha256(body):
             return "InvalidSignatureException", SHAPES["errors"]["mismatch"]
         url = f"http://{h.get('Host', '')}{handler.path}"
-        if signature(self.credentials, region, service, handler.command, url, headers, amz_date) != sig:
+        if signature(creds, region, service, handler.command, url, headers, amz_date) != sig:
             return "InvalidSignatureException", SHAPES["errors"]["mismatch"]
         return None
 
