@@ -17,7 +17,7 @@ from botocore.credentials import Credentials  # noqa: E402
 from healthimaging_standin import HealthImagingStandIn  # noqa: E402
 from support import ProxyProcess, orthanc_holding, split_multipart  # noqa: E402
 
-from proxy.demo.synth import Patient, Study, ct_series  # noqa: E402
+from proxy.demo.synth import Patient, Study, ct_series, to_part10  # noqa: E402
 
 SESSION = Credentials("ASIAEDGEE2E0000001", "e2e-secret-0123456789abcdefghijklmnopqrs", "e2e-session-token")
 STUDY = Study(Patient("DOE^AWS", "PID-AWS-1"), accession="ACC-AWS")
@@ -133,3 +133,17 @@ def test_a_wrong_secret_is_refused_by_the_service_and_never_shown(standin, tmp_p
     log = p.log_path.read_text()  # (after the proxy stopped: every line written)
     assert standin.refused[-1] == "InvalidSignatureException"
     assert wrong not in log and SESSION.token not in log
+
+
+def test_a_store_is_signed_with_its_body_streamed(proxy, standin):
+    refused = len(standin.refused)
+    stored = list(ct_series(Study(Patient("DOE^STOW", "PID-AWS-STOW")), 1, rows=16, cols=16, seed=9))
+    body = b"".join(b"--stowBoundary\r\nContent-Type: application/dicom\r\n\r\n" + to_part10(ds) + b"\r\n"
+                    for ds in stored) + b"--stowBoundary--\r\n"
+    r = httpx.post(proxy.dicomweb_url + "/studies", content=body, trust_env=False, timeout=30.0,
+                   headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=stowBoundary',
+                            "Accept": "application/dicom+json"})
+    assert r.status_code == 200, r.text
+    assert "POST /studies" in standin.accepted and len(standin.refused) == refused
+    found = get(proxy, "/studies?PatientID=PID-AWS-STOW")
+    assert uids(found.json(), "0020000D") == {stored[0].StudyInstanceUID}
