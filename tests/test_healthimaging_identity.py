@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("botocore")  # the optional `aws` extra (requirements/test.txt installs it)
 
+from botocore.credentials import Credentials  # noqa: E402
 from healthimaging_standin import HealthImagingStandIn  # noqa: E402
 from sts_standin import StsStandIn  # noqa: E402
 
@@ -106,3 +107,38 @@ def test_a_token_sts_refuses_is_a_credential_error_without_the_token(web_identit
             signed(signer, "http://127.0.0.1:1/datastore/x/studies")
         assert sts.refused == ["InvalidIdentityToken"]
         assert "some-other-token" not in str(caught.value) and "aws" in str(caught.value)
+
+
+def test_a_failed_trade_is_not_repeated_for_every_request(web_identity):
+    with StsStandIn(ROLE, IDENTITY_TOKEN) as sts:
+        web_identity(sts, token="eyJ.some-other-token.sig")
+        signer = healthimaging.SigV4({"type": "aws", "region": "eu-west-1"}, "aws", "127.0.0.1")
+        for _ in range(5):
+            with pytest.raises(CredentialError):
+                signed(signer, "http://127.0.0.1:1/datastore/x/studies")
+        assert sts.refused == ["InvalidIdentityToken"]  # one trade; the next requests fail at once
+
+
+def test_a_rotated_key_is_taken_once_the_service_refuses_the_old_one(monkeypatch, tmp_path):
+    old = Credentials("AKIDEDGEOLD0000001", "old-secret-0123456789abcdefghijklmnopqrst")
+    new = Credentials("AKIDEDGENEW0000002", "new-secret-0123456789abcdefghijklmnopqrst")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    shared = tmp_path / "credentials"
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+    def write(c: Credentials) -> None:
+        shared.write_text(f"[imaging]\naws_access_key_id = {c.access_key}\naws_secret_access_key = {c.secret_key}\n")
+
+    write(old)
+    with HealthImagingStandIn("http://127.0.0.1:9/unused", [new], region="eu-west-1") as service:
+        signer = healthimaging.SigV4({"type": "aws", "region": "eu-west-1", "profile": "imaging"}, "aws",
+                                     "127.0.0.1")
+        url = service.url + UNDOCUMENTED
+        assert httpx.get(url, headers=signed(signer, url), trust_env=False, timeout=10.0).status_code == 403
+        write(new)  # the operator rotates the key
+        signer.rejected()  # (Archive.open does this on the 403)
+        assert httpx.get(url, headers=signed(signer, url), trust_env=False, timeout=10.0).status_code == 400

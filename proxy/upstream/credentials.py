@@ -115,7 +115,7 @@ def ssl_context(tls: Mapping[str, Any] | None) -> ssl.SSLContext:
 class Credentials:
     """Produces the Authorization header value for one archive's requests (None: no credential)."""
 
-    refused = (401,)  # the archive's answers that mean "this credential is no longer good"
+    refused: tuple[int, ...] = (401,)  # the archive's answers that mean "this credential is no longer good"
 
     async def authorization(self) -> str | None:
         """The header value to send now."""

@@ -28,14 +28,16 @@ import asyncio
 import hashlib
 import importlib.util
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.upstream.credentials import CredentialError, Credentials
+from proxy.upstream.credentials import RETRY_AFTER_FAILURE, CredentialError, Credentials
 
 SERVICE = "medical-imaging"
 _REGION_IN_HOST = re.compile(r"^dicom-medical-imaging\.([a-z0-9-]+)\.amazonaws\.com$")
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+REFRESH_AFTER_REFUSAL = 30.0  # seconds between two walks of the credential chain caused by refusals
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
@@ -57,15 +59,17 @@ def check(auth: Mapping[str, Any], host: str, where: str) -> None:
 class SigV4(Credentials):
     """Signs each request with SigV4 for one archive; credentials from botocore's chain, cached."""
 
-    def __init__(self, auth: Mapping[str, Any], archive: str, host: str) -> None:
-        from botocore.session import Session  # the optional `aws` extra (checked by `check` at start-up)
+    refused = (401, 403)  # AWS answers 403 to an expired session or a rotated key
 
+    def __init__(self, auth: Mapping[str, Any], archive: str, host: str) -> None:
         self.archive = archive
         self.region = str(auth.get("region") or region_of(host) or "")
         self.service = str(auth.get("service", SERVICE))
-        self._session = Session(profile=str(auth["profile"])) if "profile" in auth else Session()
+        self._profile = str(auth["profile"]) if "profile" in auth else None
         self._source: Any = None  # botocore's Credentials (refreshable or not), once resolved
         self._frozen: Any = None
+        self._failed: tuple[float, CredentialError] | None = None  # (until, error) after a failed resolution
+        self._dropped = -REFRESH_AFTER_REFUSAL  # when a refusal last sent the chain to be walked again
         self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -77,7 +81,14 @@ class SigV4(Credentials):
             return self._frozen
         async with self._lock:
             if self._frozen is None or self._stale():
-                self._frozen = await asyncio.to_thread(self._resolve)
+                if self._failed is not None and time.monotonic() < self._failed[0]:
+                    raise self._failed[1]  # no hammering of STS or the metadata service
+                try:
+                    self._frozen = await asyncio.to_thread(self._resolve)
+                except CredentialError as exc:
+                    self._failed = (time.monotonic() + RETRY_AFTER_FAILURE, exc)
+                    raise
+                self._failed = None
         return self._frozen
 
     def _stale(self) -> bool:
@@ -85,9 +96,13 @@ class SigV4(Credentials):
         return bool(refresh()) if refresh is not None else False
 
     def _resolve(self) -> Any:
+        """botocore's chain walked (once, or again after a refusal) and its current credentials (in a thread:
+        the web identity, container and instance role steps make HTTP requests)."""
+        from botocore.session import Session  # the optional `aws` extra (`check` ensures it at start-up)
+
         try:
             if self._source is None:
-                self._source = self._session.get_credentials()
+                self._source = Session(profile=self._profile).get_credentials()
             if self._source is None:
                 raise CredentialError(f"no AWS credentials found for archive '{self.archive}' (environment, "
                                       "profile, web identity or instance role)")
@@ -102,7 +117,12 @@ class SigV4(Credentials):
         return sign(await self._credentials(), self.service, self.region, method, url, headers, body)
 
     def rejected(self) -> None:
-        self._frozen = None  # 401/403: resolve again (a rotated key, an expired session)
+        """The archive refused the signature (401/403): walk the chain again for the next request (a rotated
+        key in the credentials file, a revoked session), at most once per REFRESH_AFTER_REFUSAL seconds (an
+        IAM policy that denies stays denied: no STS trade per request)."""
+        if time.monotonic() - self._dropped >= REFRESH_AFTER_REFUSAL:
+            self._dropped = time.monotonic()
+            self._frozen = self._source = None
 
 
 def sign(frozen: Any, service: str, region: str, method: str, url: str, headers: Mapping[str, str],
