@@ -147,3 +147,31 @@ def test_a_store_is_signed_with_its_body_streamed(proxy, standin):
     assert "POST /studies" in standin.accepted and len(standin.refused) == refused
     found = get(proxy, "/studies?PatientID=PID-AWS-STOW")
     assert uids(found.json(), "0020000D") == {stored[0].StudyInstanceUID}
+
+
+@pytest.fixture(scope="module")
+def other_orthanc(tmp_path_factory):
+    """A second archive holding one more series of the same study (federated with the aws one)."""
+    yield from orthanc_holding(tmp_path_factory, "AWSPEER", list(ct_series(STUDY, 2, rows=16, cols=16,
+                                                                           series_number=3, seed=3)))
+
+
+@pytest.fixture(scope="module")
+def federated(standin, other_orthanc, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("aws_federated")
+    proxy = aws_proxy(standin, workdir, SESSION.secret_key)
+    config = workdir / "edge.toml"
+    config.write_text(config.read_text() + f'\n[[archives]]\nname = "peer"\nurl = "{other_orthanc.dicomweb_url}"\n'
+                                           'profile = "orthanc"\n')
+    with proxy as p:
+        yield p
+
+
+def test_federated_with_an_aws_archive(federated, datasets, other_orthanc):
+    metadata = get(federated, f"/studies/{STUDY.study_uid}/metadata")
+    assert metadata.status_code == 200, metadata.text
+    assert len(uids(metadata.json(), "00080018")) == len(datasets) + 2  # the aws series joined, and the peer's
+    flat = get(federated, "/series?PatientID=PID-AWS-1")
+    assert flat.status_code == 200  # the peer answers; the aws archive is skipped, and said so
+    assert len(flat.json()) == 1
+    assert any("'aws' does not answer this search" in w for w in flat.headers.get_list("Warning"))

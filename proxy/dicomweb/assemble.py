@@ -33,11 +33,8 @@ SOP_UID = "00080018"
 
 
 async def series_of(request: Request, ctx: Context, archive: Archive, study: str) -> list[str]:
-    """The Series Instance UIDs of `study` at `archive` (404 when it holds none)."""
-    uids = await _uids(request, ctx, archive, f"/studies/{study}/series", SERIES_UID)
-    if not uids:
-        raise Problem(404, "no such study in the archive")
-    return uids
+    """The Series Instance UIDs of `study` at `archive` (none when it does not hold the study)."""
+    return await _uids(request, ctx, archive, f"/studies/{study}/series", SERIES_UID)
 
 
 async def _json(request: Request, ctx: Context, archive: Archive, path: str, service: str,
@@ -117,6 +114,8 @@ async def instances(request: Request, ctx: Context, target: Target, sel: Selecti
     if sel.media_type != "application/dicom":
         raise Problem(406, f"archive '{archive.name}' retrieves a study or series as application/dicom only")
     series = [target.series] if target.series else await series_of(request, ctx, archive, target.study)
+    if not series:
+        raise Problem(404, "no such study in the archive")
     accept = "application/dicom" + (f"; transfer-syntax={sel.transfer_syntax}" if sel.transfer_syntax else "")
     base = dicomweb_base(request, ctx.settings, ctx.root)
     writer = MultipartWriter()
