@@ -175,3 +175,12 @@ def test_federated_with_an_aws_archive(federated, datasets, other_orthanc):
     assert flat.status_code == 200  # the peer answers; the aws archive is skipped, and said so
     assert len(flat.json()) == 1
     assert any("'aws' does not answer this search" in w for w in flat.headers.get_list("Warning"))
+
+
+def test_a_federated_study_retrieve_takes_the_aws_archives_instances_one_by_one(federated, datasets):
+    r = get(federated, f"/studies/{STUDY.study_uid}", 'multipart/related; type="application/dicom"; transfer-syntax=*')
+    assert r.status_code == 200, r.text
+    assert "Warning" not in r.headers
+    _, parts = split_multipart(r.content, r.headers["Content-Type"])
+    assert len(parts) == len(datasets) + 2  # the aws archive's instances and the peer's, each once
+    assert all(body[128:132] == b"DICM" for _, body in parts)

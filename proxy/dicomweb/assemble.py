@@ -107,44 +107,66 @@ async def _instance(request: Request, ctx: Context, archive: Archive, target: Ta
     raise upstream_problem(resp, None)
 
 
-async def instances(request: Request, ctx: Context, target: Target, sel: Selection, archive: Archive,
-                          service: str) -> StreamResponse:
-    """A study's or series' instances, one at a time from the archive, as one multipart answer, streamed:
-    one instance's answer is open at a time, so memory stays that of one piece in flight."""
-    if sel.media_type != "application/dicom":
-        raise Problem(406, f"archive '{archive.name}' retrieves a study or series as application/dicom only")
+async def plan(request: Request, ctx: Context, target: Target, archive: Archive) -> list[Target]:
+    """The instances of the study or series `target` names at `archive`, from its searches."""
     series = [target.series] if target.series else await series_of(request, ctx, archive, target.study)
-    if not series:
-        raise Problem(404, "no such study in the archive")
-    accept = "application/dicom" + (f"; transfer-syntax={sel.transfer_syntax}" if sel.transfer_syntax else "")
-    base = dicomweb_base(request, ctx.settings, ctx.root)
-    writer = MultipartWriter()
-    plan: list[Target] = []
+    found: list[Target] = []
     for uid in series:
         path = f"/studies/{target.study}/series/{uid}/instances"
-        plan += [Target(target.study, uid, sop) for sop in await _uids(request, ctx, archive, path, SOP_UID)]
-    if not plan:
+        found += [Target(target.study, uid, sop) for sop in await _uids(request, ctx, archive, path, SOP_UID)]
+    return found
+
+
+async def parts(request: Request, ctx: Context, archive: Archive, planned: list[Target], sel: Selection,
+                writer: MultipartWriter, service: str,
+                seen: set[str] | None = None) -> AsyncIterator[bytes | memoryview]:
+    """The planned instances retrieved one at a time, each written as one part (an instance in `seen`, sent
+    already by another archive, is skipped)."""
+    accept = "application/dicom" + (f"; transfer-syntax={sel.transfer_syntax}" if sel.transfer_syntax else "")
+    base = dicomweb_base(request, ctx.settings, ctx.root)
+    for one in planned:
+        if seen is not None and one.instance is not None:
+            if one.instance in seen:
+                continue
+            seen.add(one.instance)
+        try:
+            opened = await _instance(request, ctx, archive, one, accept, service)
+        except Problem as exc:
+            raise StreamAborted(f"archive '{archive.name}': {exc.reason}") from None
+        if opened is None:
+            continue
+        resp, stack = opened
+        async with stack:
+            length = resp.headers.get("Content-Length")
+            yield writer.part(resp.content_type or "application/dicom", base + one.path(),
+                              int(length) if length and length.isdigit() else None)
+            try:
+                async for chunk in resp.iter_chunks():
+                    yield chunk
+            except UpstreamError as exc:
+                raise StreamAborted(str(exc)) from None
+
+
+def check_media(sel: Selection, archive: Archive) -> None:
+    """406 unless the client takes instances as application/dicom (what the archive retrieves one by one)."""
+    if sel.media_type != "application/dicom":
+        raise Problem(406, f"archive '{archive.name}' retrieves a study or series as application/dicom only")
+
+
+async def instances(request: Request, ctx: Context, target: Target, sel: Selection, archive: Archive,
+                    service: str) -> StreamResponse:
+    """A study's or series' instances, one at a time from the archive, as one multipart answer, streamed:
+    one instance's answer is open at a time, so memory stays that of one piece in flight."""
+    check_media(sel, archive)
+    planned = await plan(request, ctx, target, archive)
+    if not planned:
         raise Problem(404, "the archive holds no instances here")
+    writer = MultipartWriter()
     headers = [("Content-Type", writer.content_type("application/dicom", sel.transfer_syntax)), VARY]
 
     async def body() -> AsyncIterator[bytes | memoryview]:
-        for one in plan:
-            try:
-                opened = await _instance(request, ctx, archive, one, accept, service)
-            except Problem as exc:
-                raise StreamAborted(f"archive '{archive.name}': {exc.reason}") from None
-            if opened is None:
-                continue
-            resp, stack = opened
-            async with stack:
-                length = resp.headers.get("Content-Length")
-                yield writer.part(resp.content_type or "application/dicom", base + one.path(),
-                                  int(length) if length and length.isdigit() else None)
-                try:
-                    async for chunk in resp.iter_chunks():
-                        yield chunk
-                except UpstreamError as exc:
-                    raise StreamAborted(str(exc)) from None
+        async for chunk in parts(request, ctx, archive, planned, sel, writer, service):
+            yield chunk
         yield writer.close()
 
     return StreamResponse(200, headers, body(), watch_disconnect=True)
