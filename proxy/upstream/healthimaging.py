@@ -19,7 +19,9 @@ errors in AWS's REST-JSON shape (`{"message": ...}` and an `x-amzn-ErrorType` he
 Credentials come from botocore's usual chain: environment variables, the shared config and credentials files
 (`profile`), web identity (AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN), the container and instance role.
 Resolving or refreshing them may do I/O, so it runs in a thread; the frozen credentials are reused until
-botocore says they need a refresh. Signing is CPU only (tens of microseconds) and runs on the event loop.
+botocore says they need a refresh; a refused signature (401/403) has the chain walked again (a rotated key),
+a failed resolution makes requests fail at once for a few seconds (no hammering of STS). Signing is CPU only
+and runs on the event loop: 175 µs per request measured on a loaded 2-core machine (tests/test_healthimaging.py).
 """
 
 from __future__ import annotations
