@@ -65,7 +65,8 @@ class HealthImagingStandIn:
         self.keys = {c.access_key: c for c in (credentials if isinstance(credentials, list) else [credentials])}
         self.region = region
         self.datastore = datastore
-        self.accepted: list[str] = []  # "METHOD path" of each request that passed the signature check
+        self.asked: list[str] = []  # "METHOD path" of each request that passed the signature check
+        self.accepted: list[str] = []  # ... and was for a resource the service has
         self.refused: list[str] = []  # the error type of each refused request
         standin = self
 
@@ -144,6 +145,7 @@ class HealthImagingStandIn:
         path = urlsplit(handler.path).path
         prefix = f"/datastore/{self.datastore}"
         rest = path[len(prefix):] if path.startswith(prefix + "/") else None
+        self.asked.append(f"{handler.command} {rest or path}")
         action = _documented(handler.command, rest) if rest is not None else None
         if action is None:
             self._answer(handler, 404 if rest is None else 400,

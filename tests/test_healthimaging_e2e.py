@@ -8,6 +8,9 @@ a study's metadata) from what it has.
 
 from __future__ import annotations
 
+import re
+import time
+
 import httpx
 import pytest
 
@@ -41,9 +44,9 @@ def standin(orthanc):
         yield s
 
 
-def aws_proxy(standin: HealthImagingStandIn, workdir, secret: str) -> ProxyProcess:
+def aws_proxy(standin: HealthImagingStandIn, workdir, secret: str, more: str = "") -> ProxyProcess:
     config = workdir / "edge.toml"
-    config.write_text("[federation]\nhealth_interval = 0\n\n"
+    config.write_text(more + "[federation]\nhealth_interval = 0\n\n"
                       f'[[archives]]\nname = "aws"\nurl = "{standin.url}"\nprofile = "aws"\n'
                       'auth = { type = "aws", region = "eu-west-1" }\n')
     none = str(workdir / "no-such-file")
@@ -184,3 +187,18 @@ def test_a_federated_study_retrieve_takes_the_aws_archives_instances_one_by_one(
     _, parts = split_multipart(r.content, r.headers["Content-Type"])
     assert len(parts) == len(datasets) + 2  # the aws archive's instances and the peer's, each once
     assert all(body[128:132] == b"DICM" for _, body in parts)
+
+
+def test_no_series_prefetch_is_asked_of_the_service(standin, datasets, tmp_path):
+    """With the cache on, series metadata starts a prefetch of the series; the service has no series
+    retrieve, so none is asked for (the prefetch ends "refused" without a request)."""
+    more = f'[cache]\ndir = "{tmp_path / "cache"}"\nprefetch = true\n'
+    series = datasets[0].SeriesInstanceUID
+    with aws_proxy(standin, tmp_path, SESSION.secret_key, more) as p:
+        assert get(p, f"/studies/{STUDY.study_uid}/series/{series}/metadata").status_code == 200
+        deadline = time.monotonic() + 15
+        while not re.search(r'^dicomweb_edge_prefetches_total\{outcome="refused"\} [1-9]',
+                            httpx.get(p.url + "/metrics", trust_env=False).text, re.M):
+            assert time.monotonic() < deadline, "no prefetch ended"
+            time.sleep(0.05)
+    assert f"GET /studies/{STUDY.study_uid}/series/{series}" not in standin.asked
