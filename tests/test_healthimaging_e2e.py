@@ -202,3 +202,24 @@ def test_no_series_prefetch_is_asked_of_the_service(standin, datasets, tmp_path)
             assert time.monotonic() < deadline, "no prefetch ended"
             time.sleep(0.05)
     assert f"GET /studies/{STUDY.study_uid}/series/{series}" not in standin.asked
+
+
+def test_a_built_study_retrieve_teaches_the_frame_cache(standin, datasets, tmp_path):
+    """With the cache on, the instances of a study retrieved one by one are split into frames as they pass:
+    a viewer's frame requests afterwards are hits, the service is not asked for a frame."""
+    with aws_proxy(standin, tmp_path, SESSION.secret_key, f'[cache]\ndir = "{tmp_path / "cache"}"\n') as p:
+        r = get(p, f"/studies/{STUDY.study_uid}", 'multipart/related; type="application/dicom"; transfer-syntax=*')
+        assert r.status_code == 200
+        deadline = time.monotonic() + 15
+        while sum(float(v) for v in re.findall(r"^dicomweb_edge_cache_memory_entries(?:\{[^}]*\})? (\S+)$",
+                                               httpx.get(p.url + "/metrics", trust_env=False).text, re.M)) \
+                < len(datasets):
+            assert time.monotonic() < deadline, "the retrieved instances were not split into frames"
+            time.sleep(0.05)
+        asked = len(standin.asked)
+        for ds in datasets:
+            frame = get(p, f"/studies/{STUDY.study_uid}/series/{ds.SeriesInstanceUID}/instances/"
+                           f"{ds.SOPInstanceUID}/frames/1", 'multipart/related; type="application/octet-stream"')
+            assert frame.headers["X-Cache"] == "HIT"
+            assert split_multipart(frame.content, frame.headers["Content-Type"])[1][0][1] == ds.PixelData
+        assert standin.asked[asked:] == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from functools import partial
 
 from starlette.requests import Request
 
@@ -27,6 +28,7 @@ from proxy.formats.media import Selection
 from proxy.formats.multipart import MultipartWriter
 from proxy.upstream import jsonbody
 from proxy.upstream.archive import Archive, UpstreamError, UpstreamResponse
+from proxy.upstream.parts import Keep, Kept
 
 SERIES_UID = "0020000E"
 SOP_UID = "00080018"
@@ -118,10 +120,10 @@ async def plan(request: Request, ctx: Context, target: Target, archive: Archive)
 
 
 async def parts(request: Request, ctx: Context, archive: Archive, planned: list[Target], sel: Selection,
-                writer: MultipartWriter, service: str,
-                seen: set[str] | None = None) -> AsyncIterator[bytes | memoryview]:
+                writer: MultipartWriter, service: str, seen: set[str] | None = None,
+                tee: Keep | None = None) -> AsyncIterator[bytes | memoryview]:
     """The planned instances retrieved one at a time, each written as one part (an instance in `seen`, sent
-    already by another archive, is skipped)."""
+    already by another archive, is skipped); `tee` (the frame cache learning) is given each whole one."""
     accept = "application/dicom" + (f"; transfer-syntax={sel.transfer_syntax}" if sel.transfer_syntax else "")
     base = dicomweb_base(request, ctx.settings, ctx.root)
     for one in planned:
@@ -138,13 +140,17 @@ async def parts(request: Request, ctx: Context, archive: Archive, planned: list[
         resp, stack = opened
         async with stack:
             length = resp.headers.get("Content-Length")
-            yield writer.part(resp.content_type or "application/dicom", base + one.path(),
-                              int(length) if length and length.isdigit() else None)
+            size = int(length) if length and length.isdigit() else None
+            kept = Kept(tee, resp.content_type or "application/dicom", archive.audience)
+            yield writer.part(kept.content_type, base + one.path(), size)
             try:
                 async for chunk in resp.iter_chunks():
+                    kept.add(chunk)
                     yield chunk
             except UpstreamError as exc:
                 raise StreamAborted(str(exc)) from None
+            if size is None or size == kept.size:
+                kept.done()
 
 
 def check_media(sel: Selection, archive: Archive) -> None:
@@ -164,8 +170,11 @@ async def instances(request: Request, ctx: Context, target: Target, sel: Selecti
     writer = MultipartWriter()
     headers = [("Content-Type", writer.content_type("application/dicom", sel.transfer_syntax)), VARY]
 
+    tee = partial(ctx.learner.learn_instance, ctx.cache, native=sel.transfer_syntax == "*") \
+        if ctx.cache is not None else None
+
     async def body() -> AsyncIterator[bytes | memoryview]:
-        async for chunk in parts(request, ctx, archive, planned, sel, writer, service):
+        async for chunk in parts(request, ctx, archive, planned, sel, writer, service, tee=tee):
             yield chunk
         yield writer.close()
 

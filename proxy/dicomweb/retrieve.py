@@ -256,7 +256,7 @@ async def _retrieve_federated(request: Request, ctx: Context, target: Target, se
                 yield chunk
         for archive, planned in plans:
             async for piece in assemble.parts(request, ctx, archive, planned, sel, reframer.writer, service,
-                                              reframer.seen):
+                                              reframer.seen, reframer.tee):
                 yield piece
         yield reframer.close()
 
