@@ -35,6 +35,7 @@ from proxy.federation.locator import Locator
 from proxy.federation.searchcache import SearchCache
 from proxy.http.app import build_app
 from proxy.observability import metrics
+from proxy.upstream import healthimaging
 from proxy.upstream.archive import Archive
 from proxy.upstream.cloud_auth import check_auth
 from proxy.upstream.credentials import check_tls
@@ -62,6 +63,8 @@ def _validate_outbound(a: ArchiveConfig, scheme: str) -> None:
             if not isinstance(a.auth, Mapping):
                 raise ValueError(f"archive {a.name!r}: auth must be a table")
             check_auth(a.auth, f"archive {a.name!r}")
+            if a.auth.get("type") == "aws":
+                healthimaging.check(a.auth, urlsplit(a.url).hostname or "", f"archive {a.name!r}")
         if a.tls is not None:
             if not isinstance(a.tls, Mapping):
                 raise ValueError(f"archive {a.name!r}: tls must be a table")

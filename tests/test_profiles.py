@@ -26,6 +26,8 @@ EXPECTED = {
     "google": "PatientName=DOE*%20J&StudyInstanceUID=1.2.3,4.5.6&fuzzymatching=true&limit=500",
     # Azure: limit 1..200, 400 above it: clamped.
     "azure": "PatientName=DOE*%20J&StudyInstanceUID=1.2.3,4.5.6&fuzzymatching=true&limit=200",
+    # AWS HealthImaging: no fuzzymatching among its documented query keys (tests/data/healthimaging.json).
+    "aws": "PatientName=DOE*%20J&StudyInstanceUID=1.2.3,4.5.6&limit=500",
     # Anything else: the standard, nothing more.
     "generic": "PatientName=DOE*%20J&StudyInstanceUID=1.2.3,4.5.6&fuzzymatching=true&limit=500",
 }

@@ -35,7 +35,7 @@ Failures = Annotated[int, Meta(ge=1, description="consecutive failures")]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
 EmptySearchStatus = Literal[200, 204]
-Profile = Literal["orthanc", "dcm4chee", "google", "azure", "generic"]
+Profile = Literal["orthanc", "dcm4chee", "google", "azure", "aws", "generic"]
 # Optimisations an operator may switch off (`[server] disable = [...]`, `DICOMWEB_EDGE_DISABLE=a,b`); each
 # is kept only while a benchmark a user would notice shows it pays (benchmarks/RESULTS.md, "Mechanisms").
 Optimisation = Literal["hit_lane", "splice", "handover", "claims", "server_protocol"]
@@ -136,7 +136,16 @@ class AzureAuth(_ArchiveAuth, tag="azure"):
     scope: str | UnsetType = UNSET
 
 
-ArchiveAuth = BasicAuth | BearerAuth | OAuth2Auth | GoogleAuth | AzureAuth
+
+class AwsAuth(_ArchiveAuth, tag="aws"):
+    """SigV4 signing; the credentials come from botocore's chain (environment, profile, web identity, role)."""
+
+    region: str | UnsetType = UNSET  # (default: the one in a dicom-medical-imaging.REGION.amazonaws.com url)
+    profile: str | UnsetType = UNSET  # a named profile of the shared AWS config and credentials files
+    service: str | UnsetType = UNSET  # the signing name (default: medical-imaging)
+
+
+ArchiveAuth = BasicAuth | BearerAuth | OAuth2Auth | GoogleAuth | AzureAuth | AwsAuth
 ARCHIVE_SECRETS = ("password", "token", "client_secret")
 
 GoogleId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]

@@ -19,7 +19,7 @@ from proxy.auth import access
 from proxy.cache import documents
 from proxy.cache.placement import SHARED
 from proxy.coordination.flights import Flight
-from proxy.dicomweb import cache_phase
+from proxy.dicomweb import assemble, cache_phase
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
 from proxy.dicomweb.responses import AnyResponse
@@ -54,6 +54,14 @@ async def _metadata_body(request: Request, ctx: Context, archives: list[Archive]
     if body.strip() not in (b"", b"[]"):
         access.confirm(ctx, resp.archive, None, path)
     return resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root)), resp.archive
+
+
+async def _study_metadata(request: Request, ctx: Context, target: Target, archive: Archive) -> bytes | None:
+    """A study's metadata from an archive that has none at study level: its series' joined (assemble.py),
+    URLs rewritten (None when it does not hold the study)."""
+    body = await assemble.study_metadata(request, ctx, archive, target.study)
+    return None if body is None else archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings,
+                                                                                       ctx.root))
 
 
 def _one_audience(heard: Heard) -> str | None:
@@ -167,6 +175,12 @@ class _Document:
 
 async def _metadata(request: Request, ctx: Context, target: Target, archives: list[Archive],
                     path: str) -> tuple[Response, Heard]:
+    if target.series is None and len(archives) == 1 and not archives[0].profile.whole_retrieve:
+        body = await _study_metadata(request, ctx, target, archives[0])
+        if body is None:
+            raise Problem(404, "no such resource in the archive")
+        return Response(body, 200, media_type="application/dicom+json", headers=dict([VARY])), \
+            frozenset((archives[0].audience,))
     if target.instance or len(archives) == 1:
         body, archive = await _metadata_body(request, ctx, archives, path)
         if body is None:
@@ -180,7 +194,10 @@ async def _metadata(request: Request, ctx: Context, target: Target, archives: li
     heard: set[str] = set()
     for archive in archives:
         try:
-            body, _ = await _metadata_body(request, ctx, [archive], path)
+            if target.series is None and not archive.profile.whole_retrieve:
+                body = await _study_metadata(request, ctx, target, archive)
+            else:
+                body, _ = await _metadata_body(request, ctx, [archive], path)
         except Problem as exc:
             failure = failure or exc
             warnings.append(f"299 dicomweb-edge: archive '{archive.name}' is unavailable; "

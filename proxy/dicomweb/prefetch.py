@@ -20,7 +20,7 @@ from proxy.cache import documents
 from proxy.cache.learning import Learner
 from proxy.coordination.flights import Flights
 from proxy.dicomweb.context import Context
-from proxy.dicomweb.fetch import open_upstream
+from proxy.dicomweb.fetch import locate, open_upstream
 from proxy.dicomweb.reframe import PartOut, label
 from proxy.errors import Problem
 from proxy.formats.media import Selection
@@ -121,8 +121,12 @@ class Prefetcher:
         self.running[series] = (study, me)
         try:
             sel = Selection(True, "application/dicom", "*")
+            able = [a for a in await locate(ctx, study) if a.profile.whole_retrieve]
+            if not able:  # no archive holding it retrieves a whole series (aws): not asked for one
+                outcome = "refused"
+                return
             resp, stack = await open_upstream(ctx, study, f"/studies/{study}/series/{series}", ACCEPT,
-                                              _NoRequest(), "prefetch")
+                                              _NoRequest(), "prefetch", archives=able)
             async with stack:
                 if resp.status >= 300:
                     outcome = "refused"

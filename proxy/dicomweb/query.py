@@ -196,6 +196,26 @@ def warnings_for(q: Query, archive: Archive) -> list[str]:
     return []
 
 
+def reach_warnings(q: Query, archive: Archive) -> list[str]:
+    """The Warning for a page the archive cannot reach whole: its searches stop at `max_results` records."""
+    reach = archive.profile.max_results
+    offset = q.offset or 0
+    if reach is not None and (offset >= reach or offset + (q.limit or 0) > reach):  # (no limit: its own page)
+        return [f"299 dicomweb-edge: archive '{archive.name}' returns at most the first {reach} matches of a "
+                "search; narrow the search to see the others"]
+    return []
+
+
+def searchable(path: str, profile: Profile) -> bool:
+    """Whether the archive answers a search on `path`: one without flat searches needs the study for
+    /series and the study and series for /instances."""
+    if profile.flat_search:
+        return True
+    parts = path.strip("/").split("/")
+    return parts == ["studies"] or (len(parts) == 3 and parts[2] == "series") or \
+        (len(parts) == 5 and parts[2] == "series" and parts[4] == "instances")
+
+
 PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 
 

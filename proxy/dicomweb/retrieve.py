@@ -16,6 +16,7 @@ from functools import partial
 from starlette.requests import Request
 
 from proxy.cache.learning import Retrieving
+from proxy.dicomweb import assemble
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
 from proxy.dicomweb.reframe import PartOut, Reframer, label, payload
@@ -41,8 +42,10 @@ async def retrieve(request: Request, ctx: Context, target: Target, resource: Res
     candidates = archives if archives is not None else await locate(ctx, target.study)
     accept, unwrap = upstream_accept(sel, resource, candidates[0])
     path = upstream_path or target.path()
+    if resource is Resource.INSTANCES and not candidates[0].profile.whole_retrieve and len(candidates) == 1:
+        return await assemble.instances(request, ctx, target, sel, candidates[0], service)  # one at a time
     if resource is Resource.INSTANCES and len(candidates) > 1:
-        return await _retrieve_federated(request, ctx, sel, candidates, path, accept, service)
+        return await _retrieve_federated(request, ctx, target, sel, candidates, path, accept, service)
     fetching = None
     if ctx.cache is not None and resource in (Resource.INSTANCE, Resource.INSTANCES):
         fetching = ctx.learner.retrieving(ctx.cache, target.study, target.series, target.instance)  # frame
@@ -187,18 +190,44 @@ async def _open_each(request: Request, ctx: Context, archives: list[Archive], pa
     return found, warnings, failure
 
 
-async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, archives: list[Archive], path: str,
-                              accept: str, service: str) -> StreamResponse:
+async def _built_plans(request: Request, ctx: Context, target: Target, archives: list[Archive]
+                       ) -> tuple[list[tuple[Archive, list[Target]]], list[str], Problem | None]:
+    """For the archives without a study or series retrieve: the instances each holds (assemble.py), the
+    Warnings for those that could not be asked, the first failure."""
+    plans, warnings, failure = [], [], None
+    for archive in archives:
+        try:
+            planned = await assemble.plan(request, ctx, target, archive)
+        except Problem as exc:
+            failure = failure or exc
+            warnings.append(f"299 dicomweb-edge: archive '{archive.name}' is unavailable; instances it holds are "
+                            "missing")
+            continue
+        if planned:
+            plans.append((archive, planned))
+    return plans, warnings, failure
+
+
+async def _retrieve_federated(request: Request, ctx: Context, target: Target, sel: Selection,
+                              archives: list[Archive], path: str, accept: str, service: str) -> StreamResponse:
     """A study or series held by several archives: every archive's parts under one boundary, each
-    instance once. An archive that fails is left out and named in a Warning."""
-    found, warnings, failure = await _open_each(request, ctx, archives, path, accept, service)
+    instance once (an archive without a study or series retrieve: its instances one by one, assemble.py).
+    An archive that fails is left out and named in a Warning."""
+    built = [a for a in archives if not a.profile.whole_retrieve]
+    for archive in built:
+        assemble.check_media(sel, archive)
+    found, warnings, failure = await _open_each(request, ctx, [a for a in archives if a not in built], path,
+                                                accept, service)
+    plans, more, built_failure = await _built_plans(request, ctx, target, built)
+    warnings += more
+    failure = failure or built_failure
     stacks = [stack for _, stack in found]
 
     async def close_all() -> None:
         for stack in stacks:
             await stack.aclose()
 
-    if not found:
+    if not found and not plans:
         raise failure or Problem(404, "no archive holds this resource")
     try:
         reframer = Reframer(sel, dicomweb_base(request, ctx.settings, ctx.root), dedupe=True)
@@ -225,6 +254,10 @@ async def _retrieve_federated(request: Request, ctx: Context, sel: Selection, ar
                 raise StreamAborted(f"archive '{events.archive.name}': {exc}") from None
             async for chunk in reframer.parts(events, part):
                 yield chunk
+        for archive, planned in plans:
+            async for piece in assemble.parts(request, ctx, archive, planned, sel, reframer.writer, service,
+                                              reframer.seen, reframer.tee):
+                yield piece
         yield reframer.close()
 
     return StreamResponse(200, headers, body(), close_all, watch_disconnect=True)
@@ -259,6 +292,8 @@ async def rendered(request: Request, ctx: Context, target: Target, thumbnail: bo
     sel = select(request, Resource.RENDERED, True)
     query = rendered_query(request, thumbnail)
     candidates = await locate(ctx, target.study)
+    if not candidates[0].profile.rendered:
+        raise Problem(501, f"archive '{candidates[0].name}' renders no images (no /rendered, no /thumbnail)")
     use_rendered = not thumbnail or not candidates[0].profile.thumbnail
     suffix = "/rendered" if use_rendered else "/thumbnail"
     if thumbnail and use_rendered and "viewport=" not in query:

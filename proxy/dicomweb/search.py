@@ -17,7 +17,16 @@ from proxy.auth import access
 from proxy.config import Settings
 from proxy.dicomweb.context import Context
 from proxy.dicomweb.fetch import open_upstream, upstream_problem
-from proxy.dicomweb.query import Query, edge_matches, keep, parse_query, translate, warnings_for
+from proxy.dicomweb.query import (
+    Query,
+    edge_matches,
+    keep,
+    parse_query,
+    reach_warnings,
+    searchable,
+    translate,
+    warnings_for,
+)
 from proxy.dicomweb.target import client_accept, dicomweb_base
 from proxy.errors import Problem
 from proxy.federation import merge
@@ -64,6 +73,9 @@ async def search(request: Request, ctx: Context, path: str) -> Response:
     except UnicodeDecodeError:
         raise Problem(400, "the query string is not UTF-8") from None
     archive = ctx.archives[0]
+    if len(ctx.archives) == 1 and not searchable(path, archive.profile):
+        raise Problem(501, f"archive '{archive.name}' searches only /studies, /studies/{{study}}/series and "
+                           "/studies/{study}/series/{series}/instances")
     if len(ctx.archives) > 1 or edge_matches(q, archive.profile):
         return await federated_search(request, ctx, path, q)
     query = translate(q, archive.profile)
@@ -102,7 +114,7 @@ async def _search_one(request: Request, ctx: Context, archive: Archive, path: st
             body = await jsonbody.checked(resp, await resp.read(ctx.settings.max_json_bytes))
         except UpstreamError as exc:
             raise Problem(exc.status, exc.reason) from None
-        warnings = [*resp.headers.getall("Warning", []), *warnings_for(q, archive)]
+        warnings = [*resp.headers.getall("Warning", []), *warnings_for(q, archive), *reach_warnings(q, archive)]
     if is_empty(body):
         answer: bytes | None = None
     elif not body.lstrip().startswith(b"["):
@@ -124,11 +136,21 @@ async def _fetch_all(request: Request, ctx: Context, archive: Archive, path: str
     cap = archive.profile.max_limit
     records: list[merge.Record] = []
     warnings: list[str] = warnings_for(q, archive)
+    if not searchable(path, archive.profile):
+        return [], [f"299 dicomweb-edge: archive '{archive.name}' does not answer this search (it needs the "
+                    "study, and for instances the series); results may be incomplete"], False
     matches = edge_matches(q, archive.profile)
+    reach = archive.profile.max_results
     offset = 0
     async with asyncio.timeout(archive.config.search_deadline):
         while True:
             size = min(cap or maximum + 1, maximum + 1 - len(records))
+            if reach is not None and offset + size > reach:  # records past `reach` cannot be asked for
+                size = reach - offset
+                if size <= 0:
+                    warnings.append(f"299 dicomweb-edge: archive '{archive.name}' returns at most the first "
+                                    f"{reach} matches of a search; results may be incomplete")
+                    return records, warnings, False
             query = translate(q, archive.profile, limit=size, offset=offset)
             resp, stack = await open_upstream(ctx, None, path, "application/dicom+json", request, "qido",
                                               query=query, archives=[archive])

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 from proxy.config import ArchiveConfig
 from proxy.formats.dicomjson import UrlRewriter
 from proxy.observability import logs, metrics
-from proxy.upstream import cloud_auth, splice
+from proxy.upstream import cloud_auth, healthimaging, splice
 from proxy.upstream import credentials as outbound
 from proxy.upstream.pool import Pool
 from proxy.upstream.profiles import PROFILES, Profile
@@ -251,7 +251,10 @@ class Archive:
         for kind in metrics.UPSTREAM_ERROR_KINDS:  # exported from the start, so that rate() sees the first
             metrics.child(metrics.UPSTREAM_ERRORS, self.name, kind)
         metrics.child(metrics.RELAYED_BYTES, self.name)
-        self.credentials = cloud_auth.credentials(config.auth, config.name, config.tls)
+        self._origin = f"{u.scheme}://{u.netloc}"  # what a signed request's URL starts with
+        self.credentials = healthimaging.SigV4(config.auth, config.name, u.hostname or "") \
+            if config.auth and config.auth.get("type") == "aws" else cloud_auth.credentials(config.auth, config.name,
+                                                                                          config.tls)
         self.pool = Pool(u.scheme, u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80),
                          max_connections=config.max_connections, queue_timeout=queue_timeout,
                          keepalive=self.profile.keepalive if config.keepalive is None else config.keepalive,
@@ -343,11 +346,9 @@ class Archive:
         if self.config.forward_authorization and (caller := CALLER_AUTHORIZATION.get()) is not None:
             hdrs["Authorization"] = caller  # token pass-through: this archive decides what the caller may see
         try:  # the one place credentials join a request: this archive's own, on requests to this archive only
-            credential = await self.credentials.authorization()
+            hdrs.update(await self.credentials.headers(method, self._origin + target, hdrs, body))
         except outbound.CredentialError as exc:
             raise UpstreamError(502, str(exc)) from None
-        if credential is not None:
-            hdrs["Authorization"] = credential
         for k, v in hdrs.items():
             if not _HEADER_VALUE.match(v) or not _HEADER_VALUE.match(k):
                 raise UnsafeTarget("a header value holds a line break or a control character")
@@ -367,7 +368,7 @@ class Archive:
                 self.report_health(False)
                 raise
             status = str(resp.status)
-            if resp.status == 401:
+            if resp.status in self.credentials.refused:
                 self.credentials.rejected()  # a revoked or expired token: the next request fetches another
             if resp.status >= 500:
                 self.count_error("http_5xx")

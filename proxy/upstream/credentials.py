@@ -28,6 +28,7 @@ AUTH_TYPES = {  # type → (required keys, optional keys); a secret key may inst
     "basic": ({"username", "password"}, set()),
     "bearer": ({"token"}, set()),
     "oauth2": ({"token_url", "client_id", "client_secret"}, {"scope", "audience"}),
+    "aws": (set(), {"region", "profile", "service"}),  # SigV4 from botocore's credential chain (healthimaging.py)
 }
 SECRETS = frozenset(ARCHIVE_SECRETS)  # the keys whose value is a secret (config masks them, refuses ***)
 TLS_KEYS = {"ca_file", "cert_file", "key_file", "verify"}
@@ -114,9 +115,17 @@ def ssl_context(tls: Mapping[str, Any] | None) -> ssl.SSLContext:
 class Credentials:
     """Produces the Authorization header value for one archive's requests (None: no credential)."""
 
+    refused: tuple[int, ...] = (401,)  # the archive's answers that mean "this credential is no longer good"
+
     async def authorization(self) -> str | None:
         """The header value to send now."""
         return None
+
+    async def headers(self, method: str, url: str, headers: Mapping[str, str], body: Any = None) -> dict[str, str]:
+        """The headers this credential adds to one request: Authorization (a request-signing scheme more,
+        computed from the method, URL, headers and body: upstream/healthimaging.py)."""
+        value = await self.authorization()
+        return {} if value is None else {"Authorization": value}
 
     def rejected(self) -> None:
         """The archive answered 401: a cached token is dropped so the next request fetches a new one."""

@@ -16,6 +16,7 @@ class Profile:
     zero_limit_means_all: bool = False
     fuzzy_matching: bool = True  # False: drop fuzzymatching=true and add the Warning 299 of PS3.18 §8.3.4.2
     thumbnail: bool = True  # False: thumbnails are made from /rendered
+    rendered: bool = True  # False: no /rendered either: rendered images and thumbnails are answered 501
     single_part_instance: bool = True  # accepts Accept: application/dicom on an instance
     single_part_frame: bool = False  # accepts Accept: application/octet-stream on one frame
     pixeldata: bool = False  # serves the /pixeldata resources itself
@@ -32,6 +33,11 @@ class Profile:
     # too short a new TCP and TLS handshake after every pause. Measured (benchmarks/idle_gaps.py, https
     # archive, 1.5 s pauses): 30 s against 0.75 s, the median request 0.60x and 0.69x in two runs.
     keepalive: float = 4.0
+    # False: no study or series retrieve (instances) nor study metadata: the proxy retrieves the instances one
+    # at a time and joins the series' metadata (dicomweb/assemble.py)
+    whole_retrieve: bool = True
+    max_results: int | None = None  # deepest `offset + limit` a search reaches; records past it are unreachable
+    flat_search: bool = True  # False: /series needs a study and /instances a study and a series (hierarchical only)
 
 
 PROFILES: dict[str, Profile] = {
@@ -49,6 +55,11 @@ PROFILES: dict[str, Profile] = {
     # Azure / Microsoft DICOM service: limit 1..200, single-part frame accepted (its docs).
     "azure": Profile("azure", max_limit=200, thumbnail=False, single_part_frame=True,
                      keepalive=200.0),  # Azure's load balancers drop idle connections after 4 minutes
+    # AWS HealthImaging (upstream/healthimaging.py: what is documented, what assumed): instances retrieved one
+    # by one, metadata per series or instance; searches reach 10,000 records and need the study (and series).
+    # Its documented query keys hold no fuzzymatching: dropped, with the standard Warning.
+    "aws": Profile("aws", thumbnail=False, rendered=False, whole_retrieve=False, max_results=10000, flat_search=False,
+                   fuzzy_matching=False, keepalive=50.0),  # (assumed: AWS front ends drop idle ones at 60 s)
     # Anything else that follows PS3.18: assume the standard and nothing more.
     "generic": Profile("generic", thumbnail=False),
 }
