@@ -19,7 +19,7 @@ import msgspec
 
 from proxy.config import messages
 from proxy.config.messages import ConfigError, Location
-from proxy.config.schema import AUTH_FROM_ENVIRONMENT, SECTIONS, ArchiveAuth, AuthTable, TlsTable
+from proxy.config.schema import AUTH_FROM_ENVIRONMENT, SECTIONS, ArchiveAuth, AuthTable, EgressTable, TlsTable
 
 ENV_PREFIX = "DICOMWEB_EDGE_"
 FLAGS = {"viewer_dir": "--viewer", "archives": "--upstream"}  # flags not named after their attribute
@@ -72,7 +72,8 @@ class FileSchema:
         times = _struct("timeouts", timeouts, {f.name: f.name for f in dataclasses.fields(timeouts)}, {})
         self.archive = _struct("archive", archive, {f.name: f.name for f in dataclasses.fields(archive)},
                                {"timeouts": (times, times), "auth": (ArchiveAuth | None, lambda: None),
-                                "tls": (TlsTable | None, lambda: None)})
+                                "tls": (TlsTable | None, lambda: None),
+                                "egress": (EgressTable | None, lambda: None)})
         self.sections = {name: _struct(name, settings, keys, {}) for name, keys in SECTIONS.items()}
         spec: list[tuple[str, Any, Any]] = [(name, kind, msgspec.field(default_factory=kind))
                                             for name, kind in self.sections.items()]

@@ -112,7 +112,7 @@ class OAuth2Auth(_ArchiveAuth, tag="oauth2"):
 
 
 ArchiveAuth = BasicAuth | BearerAuth | OAuth2Auth
-ARCHIVE_SECRETS = ("password", "token", "client_secret")
+ARCHIVE_SECRETS = ("password", "token", "client_secret", "proxy_password")
 
 
 class TlsTable(_Table):
@@ -122,6 +122,17 @@ class TlsTable(_Table):
     cert_file: str | UnsetType = UNSET
     key_file: str | UnsetType = UNSET
     verify: bool | UnsetType = UNSET
+
+
+class EgressTable(_Table):
+    """An archive's `egress` table: its own egress proxy (`http://host:port`, or "direct" for none),
+    overriding `[egress] proxy`. The password is a secret (inline, `_file` or `_env`)."""
+
+    proxy: str
+    proxy_username: str | UnsetType = UNSET
+    proxy_password: str | UnsetType = UNSET
+    proxy_password_file: str | UnsetType = UNSET
+    proxy_password_env: str | UnsetType = UNSET
 
 
 # Where each key of `Settings` lives in the file: section → {key in the file: Settings attribute}. `[auth]`
@@ -145,6 +156,9 @@ SECTIONS: dict[str, dict[str, str]] = {
                         "empty_search_status"),
     "shared": _same("redis_url", "redis_key_prefix", "redis_timeout"),
     "viewer": {"dir": "viewer_dir"},
+    "egress": {key: f"egress_{key}" for key in ("proxy", "proxy_username", "proxy_password", "proxy_password_file",
+                                                 "proxy_password_env", "use_environment", "no_proxy", "ca_file",
+                                                 "system_ca")},
 }
 AUTH_FROM_ENVIRONMENT = ("mode", "issuer", "audience", "jwks_url", "jwks_file", "api_keys_file", "metrics",
                          "allow_none_on_network")  # DICOMWEB_EDGE_AUTH_<KEY>
