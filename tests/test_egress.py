@@ -128,3 +128,21 @@ async def test_a_refusing_and_a_down_proxy_are_named(answer, reason):
     pool = Pool("https", "archive.example.org", 443, route=Route("127.0.0.1", port))
     with pytest.raises(EgressError, match="egress proxy unreachable"):
         await pool.request("GET", "/rs/studies", {}, connect_timeout=5)
+
+
+def test_the_readme_egress_example_loads(tmp_path):
+    """README's "Egress proxy and private CAs" block is a complete, valid configuration."""
+    text = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"### Egress proxy and private CAs.*?```toml\n(.*?)```", text, re.S)
+    assert block, "README: no egress example"
+    config = block.group(1)
+    for path in sorted(set(re.findall(r'"(/(?:run|etc)/[^"]+)"', config))):
+        local = tmp_path / path.rsplit("/", 1)[1]
+        local.write_text("x")
+        config = config.replace(f'"{path}"', f'"{local}"')
+    f = tmp_path / "edge.toml"
+    f.write_text(config)
+    s = load(f, environ={})
+    egress = Egress.from_settings(s)
+    assert egress.proxy_password == "x" and egress.route("https://healthcare.example.com/v1") is not None
+    assert egress.for_archive(s.archives[1].egress).route(s.archives[1].url) is None
