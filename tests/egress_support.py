@@ -157,3 +157,68 @@ class TinyProxy:
     def relayed(self, line: str) -> bool:
         """Whether the proxy logged a request line (`CONNECT 127.0.0.1:PORT`, `GET http://...`)."""
         return f"): {line}" in self.log_text()
+
+
+NGINX_TLS = """\
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log {dir}/access.log;
+  client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp;
+  fastcgi_temp_path {dir}/tmp; uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    client_max_body_size 0;
+    location / {{
+      proxy_pass http://127.0.0.1:{upstream};
+      proxy_http_version 1.1;
+      proxy_set_header Host $http_host;
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+class TlsTerminator:
+    """Debian's nginx on a free loopback port terminating TLS (certificate from `make_pki`) in front of a
+    plain http server on 127.0.0.1:`upstream`."""
+
+    def __init__(self, workdir: Path, pki: dict[str, Path], upstream: int) -> None:
+        self.binary = require_binary("nginx")
+        self.port = free_port()
+        self.dir = workdir / f"nginx-{self.port}"
+        (self.dir / "tmp").mkdir(parents=True)
+        self.conf = self.dir / "nginx.conf"
+        self.conf.write_text(NGINX_TLS.format(dir=self.dir, port=self.port, cert=pki["cert"], key=pki["key"],
+                                              upstream=upstream))
+        self.url = f"https://127.0.0.1:{self.port}"
+        self._ca = str(pki["ca"])
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> TlsTerminator:
+        args = [self.binary, "-e", str(self.dir / "error.log"), "-p", str(self.dir), "-c", str(self.conf)]
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 15
+        trust = ssl.create_default_context(cafile=self._ca)
+        while True:
+            try:
+                httpx.get(self.url + "/", timeout=1, trust_env=False, verify=trust)
+                return self
+            except httpx.TransportError:
+                error_log = self.dir / "error.log"
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx did not start: {error_log.read_text() if error_log.exists() else ''}"
+                                       ) from None
+                time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(10)

@@ -11,8 +11,8 @@ import sys
 import httpx
 import pytest
 from authkeys import AUDIENCE, ISSUER, SigningKey, jwks
-from egress_support import TinyProxy, TlsJsonServer, TokenIssuer, make_pki
-from support import REPO_ROOT, ProxyProcess, free_port
+from egress_support import TinyProxy, TlsJsonServer, TlsTerminator, TokenIssuer, make_pki
+from support import REPO_ROOT, ProxyProcess, free_port, instance_path, native_frame, orthanc_holding
 
 from proxy.auth.inbound import Authenticator, Denied, parse
 from proxy.demo.archive import ArchiveServer, SampleArchive
@@ -55,9 +55,24 @@ def servers(pki, issuer):
 
 
 @pytest.fixture(scope="module")
-def tinyproxies(servers, tmp_path_factory):
+def orthanc_series():
+    return list(ct_series(Study(Patient("DOE^ORTHANC", "PID-EG-ORTHANC"), accession="ACC-EGO"), 2, rows=512,
+                          cols=512, series_number=3, seed=7))
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, orthanc_series, pki, servers):
+    """A real Orthanc behind nginx terminating TLS with a certificate from the test CA."""
+    for server in orthanc_holding(tmp_path_factory, "EGRESS", orthanc_series):
+        with TlsTerminator(tmp_path_factory.mktemp("tls_front"), pki, server.port) as front:
+            servers["orthanc"] = front
+            yield front
+
+
+@pytest.fixture(scope="module")
+def tinyproxies(servers, orthanc, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tinyproxy")
-    ports = [servers[n].port for n in ("https", "bare", "token", "jwks")]
+    ports = [servers[n].port for n in ("https", "bare", "token", "jwks", "orthanc")]
     with TinyProxy(workdir, ports, (PROXY_USER, PROXY_PASSWORD)) as guarded, TinyProxy(workdir, ports) as open_:
         yield {"guarded": guarded, "open": open_}
 
@@ -74,6 +89,7 @@ def _config(servers, tinyproxies, workdir, ca: bool) -> str:
             f'proxy_password_file = "{workdir / "proxy-password"}"\n'
             + (f'ca_file = "{servers["ca"]}"\n\n[auth]\nmode = "jwt"\nissuer = "{ISSUER}"\naudience = "{AUDIENCE}"\n'
                f'jwks_url = "{servers["jwks"].url}/jwks.json"\n' if ca else "") +
+            f'\n[[archives]]\nname = "orthanc"\nurl = "{servers["orthanc"].url}/dicom-web"\nstores = false\n'
             f'\n[[archives]]\nname = "bare"\nurl = "{servers["bare"].dicomweb_url}"\nstores = false\n\n'
             f'[[archives]]\nname = "secure"\nurl = "{https}"\n{oauth}\n'
             f'[[archives]]\nname = "plain"\nurl = "{servers["http"].dicomweb_url}"\nstores = false\n\n'
@@ -117,6 +133,18 @@ def test_an_https_archive_its_token_endpoint_and_the_jwks_are_reached_through_th
         assert guarded.relayed(f"CONNECT 127.0.0.1:{servers[name].port} HTTP/1.1"), (name, guarded.log_text())
     assert any(v and v.startswith("Bearer ") for v in servers["https"].archive.authorizations)
     assert "Proxy-Authorization" not in str(servers["https"].archive.authorizations)
+
+
+def test_a_real_orthanc_behind_tls_is_read_through_the_tunnel(edge, servers, tinyproxies, orthanc_series):
+    token = servers["signer"].token(scope="dicomweb.read")
+    ds = orthanc_series[1]
+    url = f"{edge.url}/upstreams/orthanc/dicomweb{instance_path(ds)}/frames/1"
+    r = httpx.get(url, headers={"Authorization": f"Bearer {token}",
+                                "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'},
+                  trust_env=False, timeout=30)
+    assert r.status_code == 200, r.text
+    assert native_frame(ds, 1) in r.content  # the frame, whole, over TLS inside the CONNECT tunnel
+    assert tinyproxies["guarded"].relayed(f"CONNECT 127.0.0.1:{servers['orthanc'].port} HTTP/1.1")
 
 
 def test_a_plain_http_archive_goes_through_the_proxy_in_absolute_form(edge, servers, tinyproxies):
