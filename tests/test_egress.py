@@ -43,6 +43,11 @@ def test_a_configured_proxy_with_no_proxy_and_an_archive_of_its_own():
     assert egress.for_archive({"proxy": "direct"}).route("https://cloud.example.org/rs") is None
     own = egress.for_archive({"proxy": "http://u:p@other:8080"}).route("https://cloud.example.org/rs")
     assert own == Route("other", 8080, "Basic " + base64.b64encode(b"u:p").decode())
+    route, ctx = Egress("http://egress.lan:3128", "ed ge", "p@ss:w").for_url("https://oauth2.googleapis.com/token")
+    assert route is not None and ctx.verify_mode == ssl.CERT_REQUIRED
+    assert route.proxies() == {"http": "http://ed%20ge:p%40ss%3Aw@egress.lan:3128",
+                               "https": "http://ed%20ge:p%40ss%3Aw@egress.lan:3128"}  # (for requests-style clients)
+    assert "p@ss" not in repr(route)
 
 
 def test_one_context_builder_trusts_the_ca_file_and_optionally_the_system_store(tmp_path):

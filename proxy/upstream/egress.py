@@ -16,9 +16,9 @@ import base64
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 PROXY_KEYS = ("proxy", "proxy_username", "proxy_password", "proxy_password_file", "proxy_password_env")
 DIRECT = "direct"  # an archive's `egress.proxy = "direct"`: no egress proxy for it, whatever [egress] says
@@ -60,9 +60,19 @@ class Route:
     host: str
     port: int
     authorization: str | None = None
+    username: str | None = field(default=None, compare=False)
+    password: str | None = field(default=None, compare=False)  # a secret: never logged (see __repr__)
 
     def __repr__(self) -> str:
         return f"Route({self.host!r}, {self.port}, authorization={'***' if self.authorization else None})"
+
+    def proxies(self) -> dict[str, str]:
+        """The route as the `proxies` mapping of requests-style clients (google-auth's requests transport,
+        azure-core's transports): the proxy URL with its credentials, for http and https alike."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = "" if self.username is None else quote(self.username, safe="") + (
+            "" if self.password is None else ":" + quote(self.password, safe="")) + "@"
+        return dict.fromkeys(("http", "https"), f"http://{user}{host}:{self.port}")
 
     @property
     def url(self) -> str:
@@ -89,7 +99,7 @@ def route_to(proxy_url: str, username: str | None = None, password: str | None =
     if user is not None:
         pair = f"{user}:{secret or ''}".encode()
         authorization = "Basic " + base64.b64encode(pair).decode()
-    return Route(u.hostname, u.port or 3128, authorization)
+    return Route(u.hostname, u.port or 3128, authorization, user, secret)
 
 
 @dataclass(frozen=True)
@@ -155,7 +165,9 @@ class Egress:
                               tls.get("key_file"), bool(tls.get("verify", True)))
 
     def for_url(self, url: str, tls: Mapping[str, Any] | None = None) -> tuple[Route | None, ssl.SSLContext]:
-        """What other code needs to reach `url`: the egress proxy route (or None) and the SSLContext."""
+        """What other code needs to reach `url`: the egress proxy route (or None) and the SSLContext.
+        A client library that takes a proxy URL gets `route.proxies()`; one that takes a CA bundle path
+        gets `self.ca_file` (None: the OS store)."""
         return self.route(url), self.ssl_context(tls)
 
     def httpx_client(self, url: str, timeout: float, tls: Mapping[str, Any] | None = None) -> Any:
