@@ -217,3 +217,19 @@ async def test_the_jwks_is_fetched_through_the_proxy_with_the_private_ca_or_toke
             await authenticator.scopes(f"Bearer {token}", None)
         assert refused.value.status == 401
     assert tinyproxies["open"].relayed(f"CONNECT 127.0.0.1:{servers['jwks'].port} HTTP/1.1")
+
+
+def test_route_proxies_takes_a_requests_style_client_through_the_authenticating_proxy(servers, tinyproxies, pki):
+    """What the cloud credential libraries (requests-based transports) are handed: `Egress.for_url`."""
+    import requests
+
+    egress = Egress(tinyproxies["guarded"].url, PROXY_USER, PROXY_PASSWORD, ca_file=str(pki["ca"]))
+    route, _ = egress.for_url(servers["token"].url)
+    assert route is not None
+    r = requests.post(f"{servers['token'].url}/token", data={"grant_type": "client_credentials"},
+                      auth=(CLIENT_ID, CLIENT_SECRET), proxies=route.proxies(), verify=egress.ca_file, timeout=30)
+    assert r.status_code == 200 and r.json()["access_token"], r.text
+    wrong = Egress(tinyproxies["guarded"].url, PROXY_USER, "wrong").route(servers["token"].url)
+    assert wrong is not None
+    with pytest.raises(requests.exceptions.ProxyError):
+        requests.post(f"{servers['token'].url}/token", proxies=wrong.proxies(), verify=egress.ca_file, timeout=30)
