@@ -97,6 +97,7 @@ def _config(servers, tinyproxies, workdir, ca: bool) -> str:
             f'egress = {{ proxy = "{tinyproxies["open"].url}" }}\n\n'
             f'[[archives]]\nname = "wrongpw"\nurl = "{https}"\nstores = false\n'
             f'egress = {{ proxy = "{guarded}", proxy_username = "{PROXY_USER}", proxy_password = "wrong" }}\n\n'
+            f'[[archives]]\nname = "nocreds"\nurl = "{https}"\nstores = false\negress = {{ proxy = "{guarded}" }}\n\n'
             f'[[archives]]\nname = "down"\nurl = "{https}"\nstores = false\negress = {{ proxy = "{down}" }}\n')
 
 
@@ -159,12 +160,15 @@ def test_an_archive_of_its_own_proxy_without_proxy_authentication(edge, servers,
     assert tinyproxies["open"].relayed(f"CONNECT 127.0.0.1:{servers['https'].port} HTTP/1.1")
 
 
-def test_a_wrong_proxy_password_is_a_502_naming_the_refusal(edge, servers):
+def test_a_wrong_or_missing_proxy_password_is_a_502_naming_the_refusal(edge, servers):
     r = _get(edge, servers, "wrongpw")
     assert r.status_code == 502, r.text
     # (tinyproxy answers a CONNECT with wrong credentials 401, not 407: the proxy's own words are passed on)
     reason = r.json()["reason"]
     assert "egress proxy refused the tunnel (401 Unauthorized: proxy credentials missing or wrong)" in reason, r.text
+    r = _get(edge, servers, "nocreds")
+    assert r.status_code == 502, r.text
+    assert "egress proxy refused the tunnel (407 Proxy Authentication Required" in r.json()["reason"], r.text
 
 
 def test_a_proxy_that_is_down_is_a_502(edge, servers):

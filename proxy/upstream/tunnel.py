@@ -62,7 +62,7 @@ async def open_tunnel(route: Route, host: str, port: int) -> socket.socket:
             if len(head) > MAX_ANSWER:
                 raise EgressError("egress proxy sent an oversized answer to CONNECT")
         status, reason = _status(head)
-        if status // 100 != 2:  # (tinyproxy answers a CONNECT it cannot authenticate with 401, squid with 407)
+        if status // 100 != 2:  # (407: no or wrong credentials; tinyproxy answers wrong ones 401)
             hint = ": proxy credentials missing or wrong" if status in (401, 407) else ""
             raise EgressError(f"egress proxy refused the tunnel ({f'{status} {reason}'.strip()}{hint})")
         if not head.endswith(b"\r\n\r\n"):
