@@ -151,3 +151,14 @@ def test_the_readme_egress_example_loads(tmp_path):
     egress = Egress.from_settings(s)
     assert egress.proxy_password == "x" and egress.route("https://healthcare.example.com/v1") is not None
     assert egress.for_archive(s.archives[1].egress).route(s.archives[1].url) is None
+
+
+def test_the_proxy_password_from_a_variable(tmp_path, monkeypatch):
+    f = tmp_path / "edge.toml"
+    f.write_text('[egress]\nproxy = "http://egress:3128"\nproxy_username = "edge"\n'
+                 'proxy_password_env = "EDGE_EGRESS_PW"\n[[archives]]\nname = "a"\nurl = "https://a.example.org/rs"\n')
+    with pytest.raises(ConfigError, match="EDGE_EGRESS_PW"):
+        load(f, environ={})  # not set: refused at start, not at the first request
+    monkeypatch.setenv("EDGE_EGRESS_PW", "from-env")
+    route = Egress.from_settings(load(f, environ={})).route("https://a.example.org/rs")
+    assert route is not None and route.authorization == "Basic " + base64.b64encode(b"edge:from-env").decode()

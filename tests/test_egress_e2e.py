@@ -237,3 +237,19 @@ def test_route_proxies_takes_a_requests_style_client_through_the_authenticating_
     assert wrong is not None
     with pytest.raises(requests.exceptions.ProxyError):
         requests.post(f"{servers['token'].url}/token", proxies=wrong.proxies(), verify=egress.ca_file, timeout=30)
+
+
+@pytest.mark.parametrize("honoured", [True, False])
+def test_https_proxy_in_the_environment_is_used_only_when_asked_for(servers, tinyproxies, pki, tmp_path, honoured):
+    dead = f"http://127.0.0.1:{free_port()}"  # a proxy that is down: used, it would make every request fail
+    env_proxy = tinyproxies["open"].url if honoured else dead
+    (tmp_path / "edge.toml").write_text(
+        f'[federation]\nhealth_interval = 0\n\n[egress]\nuse_environment = {str(honoured).lower()}\n'
+        f'ca_file = "{pki["ca"]}"\n\n[[archives]]\nname = "bare"\nurl = "{servers["bare"].dicomweb_url}"\n')
+    connect = f"): CONNECT 127.0.0.1:{servers['bare'].port} HTTP/1.1"
+    before = tinyproxies["open"].log_text().count(connect)
+    with ProxyProcess({}, tmp_path, extra_args=["--config", str(tmp_path / "edge.toml")],
+                      env={"HTTPS_PROXY": env_proxy, "https_proxy": env_proxy, "NO_PROXY": ""}) as edge:
+        r = httpx.get(f"{edge.url}/upstreams/bare/dicomweb/studies", trust_env=False, timeout=30)
+    assert r.status_code == 200, r.text
+    assert (tinyproxies["open"].log_text().count(connect) > before) == honoured
