@@ -162,3 +162,12 @@ def test_the_proxy_password_from_a_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_EGRESS_PW", "from-env")
     route = Egress.from_settings(load(f, environ={})).route("https://a.example.org/rs")
     assert route is not None and route.authorization == "Basic " + base64.b64encode(b"edge:from-env").decode()
+
+
+def test_one_function_builds_every_outbound_tls_context():
+    """egress.client_context is the only place the package makes an SSLContext (no second way to trust)."""
+    makers = re.compile(r"create_default_context\(|SSLContext\(|load_verify_locations\(|verify=False")
+    found = [f"{path.relative_to(REPO_ROOT)}:{n}" for path in sorted((REPO_ROOT / "proxy").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if makers.search(line) and path.name != "egress.py"]
+    assert found == [], found

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import logging
 import os
-import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -98,12 +97,6 @@ def _secret(auth: Mapping[str, Any], key: str) -> str:
         with open(str(auth[f"{key}_file"]), encoding="utf-8") as fh:
             return fh.read().strip()
     return os.environ.get(str(auth[f"{key}_env"]), "")
-
-
-def ssl_context(tls: Mapping[str, Any] | None) -> ssl.SSLContext:
-    """The client TLS context for an https archive: system CAs or `ca_file`, optional client certificate
-    (egress.client_context, the one place an outbound context is made)."""
-    return Egress().ssl_context(tls)
 
 
 class Credentials:

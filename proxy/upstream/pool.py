@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy.upstream import tunnel
-from proxy.upstream.egress import Route
+from proxy.upstream.egress import Route, client_context
 from proxy.upstream.transport import (
     MAX_HEADER_BYTES,
     Connection,
@@ -58,7 +58,7 @@ class Pool:
         self._absolute = route is not None and scheme != "https"
         self.ssl: ssl.SSLContext | None = None
         if scheme == "https":  # verified against the system CAs unless the caller brings its own context
-            self.ssl = ssl_context or ssl.create_default_context()
+            self.ssl = ssl_context or client_context()
         self.queue_timeout = queue_timeout
         # Seconds an idle connection is kept (the archive's keepalive, or its profile's default); shorter
         # when the archive announces a shorter idle timeout of its own (Keep-Alive: timeout=N).
