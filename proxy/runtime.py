@@ -39,6 +39,7 @@ from proxy.upstream import healthimaging
 from proxy.upstream.archive import Archive
 from proxy.upstream.cloud_auth import check_auth
 from proxy.upstream.credentials import check_tls
+from proxy.upstream.egress import Egress
 from proxy.upstream.probes import RUN_DIR_ENV, Probes
 from proxy.upstream.splice import Pipes
 
@@ -98,7 +99,8 @@ def build_context(settings: Settings) -> Context:
     if not settings.bulk_token_key:  # (an app built in-process: the CLI's `serve` made one for its workers)
         settings.bulk_token_key = secrets.token_hex(32)
     token_key = settings.bulk_token_key.encode()
-    archives = [Archive(a, settings.queue_timeout, pipes, token_key) for a in ordered]
+    egress = Egress.from_settings(settings)
+    archives = [Archive(a, settings.queue_timeout, pipes, token_key, egress) for a in ordered]
     flights = Flights()
     learner = Learner(flights)
     prefetch = Prefetcher(flights, learner, settings.prefetch_concurrency)

@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=lib/setup.sh
 source scripts/lib/setup.sh
 
-ensure_debian_packages orthanc orthanc-dicomweb nginx wrk dcmtk python3-venv chromium redis-server systemd prometheus \
+ensure_debian_packages orthanc orthanc-dicomweb nginx wrk dcmtk python3-venv chromium redis-server systemd prometheus tinyproxy \
     podman runc mmdebstrap  # (the last three: tests/test_image_e2e.py builds and runs the image)
 ensure_venv
 # The OHIF end-to-end test (tests/test_viewer_e2e.py) needs the pinned viewer build, in git-ignored .ohif/.

@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import jwt
 
+from proxy.upstream.egress import Egress
+
 log = logging.getLogger("dicomweb_edge.auth")
 ALGORITHMS = ("RS256", "ES256")
 MAX_JWKS_BYTES = 1 << 20
@@ -38,8 +40,9 @@ class JwksCache:
     """
 
     def __init__(self, source: str, ttl: float = 300.0, min_interval: float = 30.0, timeout: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, egress: Egress | None = None) -> None:
         self.source = source
+        self.egress = egress or Egress()  # the egress proxy and the CAs trusted for an https JWKS URL
         self.ttl = ttl
         self.min_interval = min_interval
         self.timeout = timeout
@@ -52,7 +55,7 @@ class JwksCache:
 
     async def _read(self) -> bytes:
         if self.source.startswith(("http://", "https://")):
-            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False, follow_redirects=False) as client:
+            async with self.egress.httpx_client(self.source, self.timeout) as client:
                 resp = await client.get(self.source, headers={"Accept": "application/json"})
                 if resp.status_code != 200:
                     raise OSError(f"HTTP {resp.status_code}")

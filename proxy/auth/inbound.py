@@ -24,6 +24,7 @@ from proxy.errors import error_response
 from proxy.observability import logs, metrics
 from proxy.upstream.archive import CALLER_AUTHORIZATION
 from proxy.upstream.credentials import is_loopback
+from proxy.upstream.egress import Egress
 
 MODES = ("none", "api_key", "jwt")
 SCOPES = ("read", "write", "admin")
@@ -48,6 +49,7 @@ class AuthConfig:
     jwks_url: str | None = None
     jwks_cache_ttl: float = 300.0
     jwks_refetch_interval: float = 30.0
+    egress: Egress = field(default_factory=Egress)  # how the JWKS URL is reached ([egress]: proxy, CAs)
     leeway: float = 30.0
     scope_claim: str = "scope"
     scope_names: dict[str, str] = field(default_factory=lambda: {s: f"dicomweb.{s}" for s in SCOPES})
@@ -194,7 +196,7 @@ class Authenticator:
         self.verifier: JwtVerifier | None = None
         if config.mode == "jwt":
             source = str(config.jwks_url or config.jwks_file)
-            jwks = JwksCache(source, config.jwks_cache_ttl, config.jwks_refetch_interval)
+            jwks = JwksCache(source, config.jwks_cache_ttl, config.jwks_refetch_interval, egress=config.egress)
             self.verifier = JwtVerifier(jwks, config.issuer or "", config.audience, config.algorithms, config.leeway)
 
     async def scopes(self, authorization: str | None, api_key: str | None) -> set[str]:

@@ -158,6 +158,7 @@ class ArchiveConfig:
     auth: dict[str, Any] | None = None  # the proxy's credential towards this archive (outbound.py)
     tls: dict[str, Any] | None = None  # ca_file, cert_file, key_file, verify for an https archive
     google_store: dict[str, str] | None = None  # project, location, dataset, dicom_store: the url when none is given
+    egress: dict[str, Any] | None = None  # this archive's own egress proxy (upstream/egress.py)
 
 
 @dataclass
@@ -212,6 +213,16 @@ class Settings:
     redis_timeout: RedisTimeout = 0.25  # seconds a Redis call may take before the proxy goes on without it
     viewer_dir: str | None = None  # a built OHIF dist/ served at / (the viewer is off when unset)
     disable: list[Optimisation] = field(default_factory=list)  # optimisations switched off (OPTIONAL)
+    # [egress]: how the proxy reaches archives, token endpoints and JWKS (upstream/egress.py).
+    egress_proxy: str | None = None  # http://host:port of an egress proxy (CONNECT for https)
+    egress_proxy_username: str | None = None
+    egress_proxy_password: str | None = None  # a secret; or egress_proxy_password_file / _env
+    egress_proxy_password_file: str | None = None
+    egress_proxy_password_env: str | None = None
+    egress_use_environment: bool = False  # honour HTTPS_PROXY / HTTP_PROXY / NO_PROXY (off: ignored)
+    egress_no_proxy: list[str] = field(default_factory=list)  # hosts and .domains reached directly
+    egress_ca_file: str | None = None  # CAs trusted for every outbound TLS connection
+    egress_system_ca: bool = False  # trust the operating system's store as well as the ca_file(s)
     auth: dict[str, Any] = field(default_factory=dict)  # the [auth] table: inbound authentication (auth.py)
     archives: list[ArchiveConfig] = field(default_factory=list)
 
@@ -311,6 +322,9 @@ def validate(s: Settings) -> None:
         s.redis_url = None  # DICOMWEB_EDGE_REDIS_URL= (empty) means no shared tier, as unset does
     if s.redis_url is not None:
         _validate_redis(s)
+    _validate_egress({k.removeprefix("egress_"): v for k, v in vars(s).items() if k.startswith("egress_")}, "[egress]")
+    if s.egress_ca_file is not None and not os.access(s.egress_ca_file, os.R_OK):
+        raise ConfigError(f"[egress] ca_file {s.egress_ca_file!r} is not a readable file")
     _validate_archives(s.archives)
 
 
@@ -328,6 +342,23 @@ def _validate_archives(archives: list[ArchiveConfig]) -> None:
         if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
             raise ConfigError(f"archive {a.name!r}: url {a.url!r} must be an absolute http(s) base URL")
         a.url = a.url.rstrip("/")
+        if a.egress is not None and a.egress.get("proxy") != "direct":
+            _validate_egress(a.egress, f"archive {a.name!r}: egress")
+
+
+def _validate_egress(table: Mapping[str, Any], where: str) -> None:
+    """An egress proxy URL (http://host:port) and at most one way of giving its password."""
+    if table.get("proxy"):
+        u = urlsplit(str(table["proxy"]))
+        if u.scheme != "http" or not u.hostname or u.path not in ("", "/") or u.query or u.fragment:
+            raise ConfigError(f"{where} proxy {redact(str(table['proxy']))!r} must be an http://host:port URL")
+    given = [k for k in ("proxy_password", "proxy_password_file", "proxy_password_env") if table.get(k) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{where}: give at most one of proxy_password, proxy_password_file, proxy_password_env")
+    if table.get("proxy_password_file") is not None and not os.access(str(table["proxy_password_file"]), os.R_OK):
+        raise ConfigError(f"{where} proxy_password_file {table['proxy_password_file']!r} is not a readable file")
+    if table.get("proxy_password_env") is not None and not os.environ.get(str(table["proxy_password_env"])):
+        raise ConfigError(f"{where} proxy_password_env names {table['proxy_password_env']!r}, which is not set")
 
 
 def _validate_redis(s: Settings) -> None:

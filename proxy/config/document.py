@@ -25,6 +25,7 @@ from proxy.config.schema import (
     SECTIONS,
     ArchiveAuth,
     AuthTable,
+    EgressTable,
     GoogleStore,
     TlsTable,
 )
@@ -81,7 +82,8 @@ class FileSchema:
         self.archive = _struct("archive", archive, {f.name: f.name for f in dataclasses.fields(archive)},
                                {"timeouts": (times, times), "auth": (ArchiveAuth | None, lambda: None),
                                 "tls": (TlsTable | None, lambda: None),
-                                "google_store": (GoogleStore | None, lambda: None)})
+                                "google_store": (GoogleStore | None, lambda: None),
+                                "egress": (EgressTable | None, lambda: None)})
         self.sections = {name: _struct(name, settings, keys, {}) for name, keys in SECTIONS.items()}
         spec: list[tuple[str, Any, Any]] = [(name, kind, msgspec.field(default_factory=kind))
                                             for name, kind in self.sections.items()]

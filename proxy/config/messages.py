@@ -272,8 +272,15 @@ def _secrets(doc: dict[str, Any]) -> list[tuple[str | int, ...]]:
     if isinstance(url := doc.get("shared", {}).get("redis_url"), str) and urlsplit(url).password is not None:
         found.append(("shared", "redis_url"))
     found += [("auth", "api_keys", i, "sha256") for i in range(len(doc.get("auth", {}).get("api_keys", [])))]
+    if doc.get("egress", {}).get("proxy_password") is not None:
+        found.append(("egress", "proxy_password"))
+    if isinstance(url := doc.get("egress", {}).get("proxy"), str) and urlsplit(url).password is not None:
+        found.append(("egress", "proxy"))
     for i, archive in enumerate(doc.get("archives", [])):
         found += [("archives", i, "auth", key) for key in ARCHIVE_SECRETS if key in (archive.get("auth") or {})]
+        found += [("archives", i, "egress", key) for key in ("proxy_password",) if key in (archive.get("egress") or {})]
+        if isinstance(url := (archive.get("egress") or {}).get("proxy"), str) and urlsplit(url).password:
+            found.append(("archives", i, "egress", "proxy"))
     return found
 
 
@@ -285,7 +292,7 @@ def masked(doc: dict[str, Any]) -> dict[str, Any]:
         for step in parents:
             node = node[step]
         if node.get(last) is not None:
-            node[last] = redact(node[last]) if path == ("shared", "redis_url") else MASK
+            node[last] = redact(node[last]) if last in ("redis_url", "proxy") else MASK
     return doc
 
 
@@ -294,7 +301,7 @@ def refuse_masks(top: Location) -> None:
     for path in _secrets(top.values):
         where = top.child(*path)
         value = where.value
-        if value == MASK or (path == ("shared", "redis_url") and urlsplit(value).password == MASK):
+        if value == MASK or (path[-1] in ("redis_url", "proxy") and urlsplit(value).password == MASK):
             raise ConfigError(f"{where.text()}: expected the secret itself, given {toml_value(value)} (check-config "
                               "prints every secret as \"***\"; put the real one back, or for an archive credential "
                               "use its *_file or *_env key)")

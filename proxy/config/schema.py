@@ -146,7 +146,7 @@ class AwsAuth(_ArchiveAuth, tag="aws"):
 
 
 ArchiveAuth = BasicAuth | BearerAuth | OAuth2Auth | GoogleAuth | AzureAuth | AwsAuth
-ARCHIVE_SECRETS = ("password", "token", "client_secret")
+ARCHIVE_SECRETS = ("password", "token", "client_secret", "proxy_password")
 
 GoogleId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 GOOGLE_STORE_URL = ("https://healthcare.googleapis.com/v1/projects/{project}/locations/{location}/datasets/{dataset}"
@@ -172,6 +172,17 @@ class TlsTable(_Table):
     verify: bool | UnsetType = UNSET
 
 
+class EgressTable(_Table):
+    """An archive's `egress` table: its own egress proxy (`http://host:port`, or "direct" for none),
+    overriding `[egress] proxy`. The password is a secret (inline, `_file` or `_env`)."""
+
+    proxy: str
+    proxy_username: str | UnsetType = UNSET
+    proxy_password: str | UnsetType = UNSET
+    proxy_password_file: str | UnsetType = UNSET
+    proxy_password_env: str | UnsetType = UNSET
+
+
 # Where each key of `Settings` lives in the file: section → {key in the file: Settings attribute}. `[auth]`
 # is the `auth` table and `[[archives]]` the `archives` list; the environment variable of a key is
 # DICOMWEB_EDGE_ + its attribute's name in capitals.
@@ -193,6 +204,9 @@ SECTIONS: dict[str, dict[str, str]] = {
                         "empty_search_status"),
     "shared": _same("redis_url", "redis_key_prefix", "redis_timeout"),
     "viewer": {"dir": "viewer_dir"},
+    "egress": {key: f"egress_{key}" for key in ("proxy", "proxy_username", "proxy_password", "proxy_password_file",
+                                                 "proxy_password_env", "use_environment", "no_proxy", "ca_file",
+                                                 "system_ca")},
 }
 AUTH_FROM_ENVIRONMENT = ("mode", "issuer", "audience", "jwks_url", "jwks_file", "api_keys_file", "metrics",
                          "allow_none_on_network")  # DICOMWEB_EDGE_AUTH_<KEY>

@@ -26,6 +26,7 @@ from proxy.http.edge import EdgeMiddleware
 from proxy.http.limits import LimitsMiddleware, client_key
 from proxy.http.viewer import viewer_routes
 from proxy.observability import metrics
+from proxy.upstream.egress import Egress
 
 
 async def _problem(request: Request, exc: Exception) -> Response:
@@ -115,6 +116,7 @@ def build_app(ctx: Context, lifespan: Lifespan) -> Starlette:
     app.state.ctx = ctx
     forwarding = any(a.forward_authorization for a in settings.archives)
     auth_config = parse_auth(settings.auth, settings.host, forwarding)
+    auth_config.egress = Egress.from_settings(settings)
     ctx.access_memo.ttl = auth_config.access_ttl
     if auth_config.mode != "none" or forwarding:  # inside CORS: preflights are answered before it, 401s get CORS
         app.add_middleware(AuthMiddleware, config=auth_config, trusted=settings.trusted,

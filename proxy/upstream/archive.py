@@ -25,6 +25,7 @@ from proxy.formats.dicomjson import UrlRewriter
 from proxy.observability import logs, metrics
 from proxy.upstream import cloud_auth, healthimaging, splice
 from proxy.upstream import credentials as outbound
+from proxy.upstream.egress import Egress
 from proxy.upstream.pool import Pool
 from proxy.upstream.profiles import PROFILES, Profile
 from proxy.upstream.transport import (
@@ -36,6 +37,7 @@ from proxy.upstream.transport import (
     Response,
     TransportError,
 )
+from proxy.upstream.tunnel import EgressError
 
 _TARGET = re.compile(r"^/[!-~]*$")  # printable ASCII only: no space, CR, LF or anything that splits the request
 _HEADER_VALUE = re.compile(r"^[\t -~]*$")
@@ -233,7 +235,7 @@ class Archive:
     """One configured archive."""
 
     def __init__(self, config: ArchiveConfig, queue_timeout: float | None = None,
-                 pipes: splice.Pipes | None = None, token_key: bytes = b"") -> None:
+                 pipes: splice.Pipes | None = None, token_key: bytes = b"", egress: Egress | None = None) -> None:
         self.config = config
         self.pipes = splice.Pipes() if pipes is None else pipes  # for relays (the worker's, shared by its archives)
         self.name = config.name
@@ -251,14 +253,16 @@ class Archive:
         for kind in metrics.UPSTREAM_ERROR_KINDS:  # exported from the start, so that rate() sees the first
             metrics.child(metrics.UPSTREAM_ERRORS, self.name, kind)
         metrics.child(metrics.RELAYED_BYTES, self.name)
+        self.egress = (egress or Egress()).for_archive(config.egress)  # (its proxy, the CAs it trusts)
         self._origin = f"{u.scheme}://{u.netloc}"  # what a signed request's URL starts with
         self.credentials = healthimaging.SigV4(config.auth, config.name, u.hostname or "") \
             if config.auth and config.auth.get("type") == "aws" else cloud_auth.credentials(config.auth, config.name,
-                                                                                          config.tls)
+                                                                                          config.tls, self.egress)
         self.pool = Pool(u.scheme, u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80),
                          max_connections=config.max_connections, queue_timeout=queue_timeout,
                          keepalive=self.profile.keepalive if config.keepalive is None else config.keepalive,
-                         ssl_context=outbound.ssl_context(config.tls) if u.scheme == "https" else None)
+                         ssl_context=self.egress.ssl_context(config.tls) if u.scheme == "https" else None,
+                         route=self.egress.route(config.url))
 
     def count_error(self, kind: str) -> None:
         """Count one failure of this archive by kind (a closed set; see metrics.UPSTREAM_ERRORS)."""
@@ -318,6 +322,9 @@ class Archive:
         except PoolBusy:
             raise ArchiveBusy(f"archive '{self.name}' has all {self.config.max_connections} connections busy; "
                               "try again shortly") from None
+        except EgressError as exc:  # the egress proxy is down or refused: named, counted as unreachable
+            self.count_error("unreachable")
+            raise UpstreamError(502, f"archive '{self.name}': {exc}") from None
         except ConnectTimeout:
             self.count_error("connect_timeout")
             raise UpstreamError(504, f"archive '{self.name}' did not connect within {t.connect:g}s") from None

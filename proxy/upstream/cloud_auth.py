@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -24,10 +25,12 @@ import time
 from collections.abc import Mapping
 from datetime import UTC
 from typing import Any
+from urllib.parse import urlsplit
 
 from proxy.config import ConfigError
 from proxy.upstream import credentials as outbound
 from proxy.upstream.credentials import REFRESH_MARGIN, RETRY_AFTER_FAILURE, CredentialError, Credentials, _secret
+from proxy.upstream.egress import Egress
 
 log = logging.getLogger("dicomweb_edge")
 
@@ -119,15 +122,34 @@ def _azure_library(what: str) -> Any:
     return azure
 
 
-def http_session(tls: Mapping[str, Any] | None) -> Any:
-    """The requests Session every cloud credential source sends its HTTP through (the one place: egress proxy,
-    trust store). Proxy variables of the environment are not followed, as for every other outbound request."""
+def http_session(tls: Mapping[str, Any] | None, egress: Egress | None = None) -> Any:
+    """The requests Session every cloud credential source sends its HTTP through (the one place): each request
+    goes the way `egress` routes its URL (the egress proxy, or straight; a metadata server or other
+    link-local or loopback address always straight), trusting the archive's `tls.ca_file`, else `[egress]
+    ca_file`, else the OS store. Proxy variables of the environment are followed only as `egress` says."""
     import requests
 
-    session = requests.Session()
+    way = egress or Egress()
+
+    class Routed(requests.Session):
+        def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            route = None if _on_this_machine_or_link(url) else way.route(url)
+            kwargs.setdefault("proxies", route.proxies() if route is not None else {})
+            return super().request(method, url, *args, **kwargs)
+
+    session = Routed()
     session.trust_env = False
-    session.verify = (tls or {}).get("ca_file", True)
+    session.verify = (tls or {}).get("ca_file") or way.ca_file or True
     return session
+
+
+def _on_this_machine_or_link(url: str) -> bool:
+    """A loopback or link-local address (169.254.169.254: the GCE and Azure metadata servers): never proxied."""
+    try:
+        address = ipaddress.ip_address(urlsplit(url).hostname or "")
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_link_local
 
 
 class CloudToken(Credentials, abc.ABC):
@@ -201,13 +223,14 @@ class GoogleToken(CloudToken):
 
     source = "google"
 
-    def __init__(self, auth: Mapping[str, Any], archive: str, tls: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, auth: Mapping[str, Any], archive: str, tls: Mapping[str, Any] | None = None,
+                 egress: Egress | None = None) -> None:
         super().__init__(archive)
         self._auth = dict(auth)
         self._scopes = list(auth.get("scopes") or [GOOGLE_SCOPE])
         self._which = next(k for k in GOOGLE_SOURCES if k in auth and auth[k] is not False)
         self._google = _google_library(f"archive {archive!r}: profile google with credentials={self._which}")
-        self._session = http_session(tls)
+        self._session = http_session(tls, egress)
         self._credential: Any = None
 
     def _make(self) -> Any:
@@ -235,9 +258,11 @@ class AzureToken(CloudToken):
 
     source = "azure"
 
-    def __init__(self, auth: Mapping[str, Any], archive: str, tls: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, auth: Mapping[str, Any], archive: str, tls: Mapping[str, Any] | None = None,
+                 egress: Egress | None = None) -> None:
         super().__init__(archive)
         self._auth = dict(auth)
+        self._egress = egress
         self._scope = str(auth.get("scope") or AZURE_SCOPE)
         self._azure = _azure_library(f"archive {archive!r}: profile azure with mode={auth['mode']}")
         self._tls = tls
@@ -246,7 +271,7 @@ class AzureToken(CloudToken):
 
     def _transport(self) -> Any:
         """azure-core's transport over http_session (azure-core passes its own `verify`, so it is given too)."""
-        session = http_session(self._tls)
+        session = http_session(self._tls, self._egress)
         return self._azure.core.pipeline.transport.RequestsTransport(
             session=session, session_owner=False, connection_verify=session.verify,
             connection_timeout=TOKEN_TIMEOUT, read_timeout=TOKEN_TIMEOUT)
@@ -271,12 +296,13 @@ class AzureToken(CloudToken):
         return str(token.token), float(token.expires_on)
 
 
-def credentials(auth: Mapping[str, Any] | None, archive: str, tls: Mapping[str, Any] | None = None) -> Credentials:
+def credentials(auth: Mapping[str, Any] | None, archive: str, tls: Mapping[str, Any] | None = None,
+                egress: Egress | None = None) -> Credentials:
     """The credential provider an archive's `auth` table describes: the cloud types here, the others
     credentials.credentials."""
     kind = (auth or {}).get("type")
     if auth and kind == "google":
-        return GoogleToken(auth, archive, tls)
+        return GoogleToken(auth, archive, tls, egress)
     if auth and kind == "azure":
-        return AzureToken(auth, archive, tls)
-    return outbound.credentials(auth, archive, tls)
+        return AzureToken(auth, archive, tls, egress)
+    return outbound.credentials(auth, archive, tls, egress)

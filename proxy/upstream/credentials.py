@@ -14,13 +14,13 @@ import ipaddress
 import json
 import logging
 import os
-import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from proxy.config.schema import ARCHIVE_SECRETS
+from proxy.upstream.egress import Egress
 
 log = logging.getLogger("dicomweb_edge")
 
@@ -100,18 +100,6 @@ def _secret(auth: Mapping[str, Any], key: str) -> str:
     return os.environ.get(str(auth[f"{key}_env"]), "")
 
 
-def ssl_context(tls: Mapping[str, Any] | None) -> ssl.SSLContext:
-    """The client TLS context for an https archive: system CAs or `ca_file`, optional client certificate."""
-    tls = tls or {}
-    ctx = ssl.create_default_context(cafile=tls.get("ca_file"))
-    if not tls.get("verify", True):
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if "cert_file" in tls:
-        ctx.load_cert_chain(tls["cert_file"], tls.get("key_file"))
-    return ctx
-
-
 class Credentials:
     """Produces the Authorization header value for one archive's requests (None: no credential)."""
 
@@ -150,7 +138,8 @@ class Static(Credentials):
 class OAuth2ClientCredentials(Credentials):
     """The client-credentials grant (RFC 6749 §4.4): one token, cached until shortly before it expires."""
 
-    def __init__(self, auth: Mapping[str, Any], archive: str, tls: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, auth: Mapping[str, Any], archive: str, tls: Mapping[str, Any] | None = None,
+                 egress: Egress | None = None) -> None:
         self.token_url = str(auth["token_url"])
         self.archive = archive
         self._form = {"grant_type": "client_credentials"}
@@ -159,6 +148,7 @@ class OAuth2ClientCredentials(Credentials):
                 self._form[key] = str(auth[key])
         self._client = (str(auth["client_id"]), _secret(auth, "client_secret"))
         self._tls = tls
+        self._egress = egress or Egress()
         self._token: str | None = None
         self._renew_at = 0.0
         self._expires_at = 0.0
@@ -194,14 +184,18 @@ class OAuth2ClientCredentials(Credentials):
     async def _fetch(self) -> None:
         import httpx
 
-        verify: Any = ssl.create_default_context(cafile=(self._tls or {}).get("ca_file"))
+        # The archive's CAs (not its client certificate: that is for the archive alone) and egress proxy.
+        tls = {"ca_file": self._tls["ca_file"]} if self._tls and "ca_file" in self._tls else None
         basic = base64.b64encode(f"{self._client[0]}:{self._client[1]}".encode()).decode()
         try:
-            async with httpx.AsyncClient(timeout=10.0, trust_env=False, verify=verify, follow_redirects=False) as c:
+            async with self._egress.httpx_client(self.token_url, 10.0, tls) as c:
                 resp = await c.post(self.token_url, content=urlencode(self._form).encode(),
                                     headers={"Authorization": f"Basic {basic}",
                                              "Content-Type": "application/x-www-form-urlencoded",
                                              "Accept": "application/json"})
+        except httpx.ProxyError as exc:
+            raise CredentialError(f"token endpoint for archive '{self.archive}': egress proxy refused "
+                                  f"the tunnel ({str(exc)[:80]})") from None
         except httpx.HTTPError as exc:
             raise CredentialError(f"token endpoint for archive '{self.archive}' unreachable "
                                   f"({type(exc).__name__})") from None
@@ -222,7 +216,8 @@ class OAuth2ClientCredentials(Credentials):
         log.info("archive '%s': obtained an OAuth2 access token valid for %.0f s", self.archive, lifetime)
 
 
-def credentials(auth: Mapping[str, Any] | None, archive: str, tls: Mapping[str, Any] | None = None) -> Credentials:
+def credentials(auth: Mapping[str, Any] | None, archive: str, tls: Mapping[str, Any] | None = None,
+                egress: Egress | None = None) -> Credentials:
     """The credential provider an `[[archives]] auth` table describes."""
     if not auth:
         return Credentials()
@@ -232,4 +227,4 @@ def credentials(auth: Mapping[str, Any] | None, archive: str, tls: Mapping[str, 
         return Static("Basic " + base64.b64encode(pair).decode())
     if kind == "bearer":
         return Static("Bearer " + _secret(auth, "token"))
-    return OAuth2ClientCredentials(auth, archive, tls)
+    return OAuth2ClientCredentials(auth, archive, tls, egress)

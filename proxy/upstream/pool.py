@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from proxy.upstream import tunnel
+from proxy.upstream.egress import Route, client_context
 from proxy.upstream.transport import (
     MAX_HEADER_BYTES,
     Connection,
@@ -49,11 +51,16 @@ class Pool:
 
     def __init__(self, scheme: str, host: str, port: int, max_connections: int = 64,
                  keepalive: float = 0.75, ssl_context: ssl.SSLContext | None = None,
-                 queue_timeout: float | None = None) -> None:
+                 queue_timeout: float | None = None, route: Route | None = None) -> None:
         self.host, self.port = host, port
+        # Through an egress proxy (egress.py): https by a CONNECT tunnel (TLS runs end to end over it, so the
+        # socket carries ciphertext and is never relayed by splice), plain http in absolute form (what squid
+        # and tinyproxy allow by default; both refuse CONNECT to port 80 out of the box).
+        self.route = route
+        self._absolute = route is not None and scheme != "https"
         self.ssl: ssl.SSLContext | None = None
         if scheme == "https":  # verified against the system CAs unless the caller brings its own context
-            self.ssl = ssl_context or ssl.create_default_context()
+            self.ssl = ssl_context or client_context()
         self.queue_timeout = queue_timeout
         # Seconds an idle connection is kept (the archive's keepalive, or its profile's default); shorter
         # when the archive announces a shorter idle timeout of its own (Keep-Alive: timeout=N).
@@ -91,7 +98,15 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(_Protocol, self.host, self.port, ssl=self.ssl)
+                if self.route is None:
+                    transport, protocol = await loop.create_connection(_Protocol, self.host, self.port, ssl=self.ssl)
+                elif self._absolute:
+                    sock = await tunnel.connect(self.route)
+                    transport, protocol = await loop.create_connection(_Protocol, sock=sock)
+                else:
+                    sock = await tunnel.open_tunnel(self.route, self.host, self.port)
+                    transport, protocol = await loop.create_connection(_Protocol, sock=sock, ssl=self.ssl,
+                                                                       server_hostname=self.host)
         except TimeoutError:
             raise ConnectTimeout(f"no connection within {timeout:g}s") from None
         self.opened += 1
@@ -149,6 +164,10 @@ class Pool:
                         body: Any, first_byte_timeout: float, window: int = 0) -> Response:
         host = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+        if self._absolute and self.route is not None:  # through the egress proxy: http://host:port/path
+            lines[0] = f"{method} http://{host}{target} HTTP/1.1"
+            if self.route.authorization is not None:
+                lines.append(f"Proxy-Authorization: {self.route.authorization}")
         lines += [f"{k}: {v}" for k, v in headers.items()]
         chunked = body is not None and not isinstance(body, bytes | bytearray | memoryview) and not any(
             k.lower() == "content-length" for k in headers)
@@ -167,9 +186,12 @@ class Pool:
                 await self._send_stream(conn, body, chunked)
         try:
             async with asyncio.timeout(first_byte_timeout):
-                return await self._read_head(conn, method)
+                resp = await self._read_head(conn, method)
         except TimeoutError:
             raise FirstByteTimeout(f"no response within {first_byte_timeout:g}s") from None
+        if self._absolute and resp.status == 407:  # (only a proxy answers 407)
+            raise tunnel.EgressError("egress proxy refused the request (407 Proxy Authentication Required)")
+        return resp
 
     async def _send_stream(self, conn: Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
         transport = conn.transport
