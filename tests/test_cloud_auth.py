@@ -270,3 +270,20 @@ async def test_a_token_endpoint_that_never_answers_fails_requests_quickly(tmp_pa
         assert time.monotonic() - started < 5.0
     finally:
         silent.close()
+
+
+async def test_google_token_requests_go_through_the_egress_proxy(google, tmp_path):
+    """With [egress] proxy set, the service-account token request goes through it (tinyproxy's log has it)
+    and still gets a token the endpoint accepts; a metadata server's link-local address never would."""
+    from egress_support import TinyProxy
+
+    from proxy.upstream.cloud_auth import _link_local
+    from proxy.upstream.egress import Egress
+
+    endpoint, issuer, key_file = google
+    token_uri = json.loads(key_file.read_text())["token_uri"]
+    with TinyProxy(tmp_path, ports=[]) as proxy:
+        source = GoogleToken({"type": "google", "key_file": str(key_file)}, "gcp", None, Egress(proxy=proxy.url))
+        assert issuer.accepts(await source.authorization())
+        assert proxy.relayed(f"POST {token_uri}"), proxy.log_text()
+    assert _link_local("http://169.254.169.254/computeMetadata/v1/") and not _link_local(token_uri)

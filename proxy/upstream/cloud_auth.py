@@ -124,8 +124,8 @@ def _azure_library(what: str) -> Any:
 
 def http_session(tls: Mapping[str, Any] | None, egress: Egress | None = None) -> Any:
     """The requests Session every cloud credential source sends its HTTP through (the one place): each request
-    goes the way `egress` routes its URL (the egress proxy, or straight; a metadata server or other
-    link-local or loopback address always straight), trusting the archive's `tls.ca_file`, else `[egress]
+    goes the way `egress` routes its URL (the egress proxy, or straight; a metadata server, at a link-local
+    address, always straight), trusting the archive's `tls.ca_file`, else `[egress]
     ca_file`, else the OS store. Proxy variables of the environment are followed only as `egress` says."""
     import requests
 
@@ -133,7 +133,7 @@ def http_session(tls: Mapping[str, Any] | None, egress: Egress | None = None) ->
 
     class Routed(requests.Session):
         def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-            route = None if _on_this_machine_or_link(url) else way.route(url)
+            route = None if _link_local(url) else way.route(url)
             kwargs.setdefault("proxies", route.proxies() if route is not None else {})
             return super().request(method, url, *args, **kwargs)
 
@@ -143,13 +143,13 @@ def http_session(tls: Mapping[str, Any] | None, egress: Egress | None = None) ->
     return session
 
 
-def _on_this_machine_or_link(url: str) -> bool:
-    """A loopback or link-local address (169.254.169.254: the GCE and Azure metadata servers): never proxied."""
+def _link_local(url: str) -> bool:
+    """A link-local address (169.254.169.254: the GCE and Azure metadata servers): never proxied."""
     try:
         address = ipaddress.ip_address(urlsplit(url).hostname or "")
     except ValueError:
         return False
-    return address.is_loopback or address.is_link_local
+    return address.is_link_local
 
 
 class CloudToken(Credentials, abc.ABC):
