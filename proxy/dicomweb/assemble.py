@@ -19,14 +19,13 @@ from functools import partial
 from starlette.requests import Request
 
 from proxy.dicomweb.context import Context
-from proxy.dicomweb.fetch import open_upstream, upstream_problem
+from proxy.dicomweb.fetch import json_answer, open_upstream, upstream_problem
 from proxy.dicomweb.responses import StreamResponse
 from proxy.dicomweb.target import VARY, Target, dicomweb_base
 from proxy.errors import Problem, StreamAborted
 from proxy.federation import merge
 from proxy.formats.media import Selection
 from proxy.formats.multipart import MultipartWriter
-from proxy.upstream import jsonbody
 from proxy.upstream.archive import Archive, UpstreamError, UpstreamResponse
 from proxy.upstream.parts import Keep, Kept
 
@@ -49,10 +48,7 @@ async def _json(request: Request, ctx: Context, archive: Archive, path: str, ser
             return None
         if resp.status >= 300:
             raise upstream_problem(resp, None)
-        try:
-            body = await jsonbody.checked(resp, await resp.read(ctx.settings.max_json_bytes))
-        except UpstreamError as exc:
-            raise Problem(exc.status, exc.reason) from None
+        body = await json_answer(ctx, resp)
     if body.strip() and not body.lstrip().startswith(b"["):
         raise Problem(502, f"archive '{archive.name}' sent a JSON answer that is not an array")
     return body if body.strip() else None

@@ -1,6 +1,6 @@
 """Asking the archives for a study's resource: which archives hold it (`locate`), the first of them that
-answers (`open_upstream`: a 404 or an unreachable archive moves on), and what the client hears when the
-archive answered an error (`upstream_problem`)."""
+answers (`open_upstream`: a 404 or an unreachable archive moves on), what the client hears when the
+archive answered an error (`upstream_problem`), and an archive's JSON answer read and checked (`json_answer`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from proxy.auth import access
 from proxy.dicomweb.context import Context
 from proxy.errors import Problem
 from proxy.formats.media import ANY_TS, Selection
+from proxy.upstream import jsonbody
 from proxy.upstream.archive import Archive, UpstreamError, UpstreamResponse
 
 
@@ -88,3 +89,12 @@ def upstream_problem(resp: UpstreamResponse, sel: Selection | None) -> Problem:
     if s == 503:
         return Problem(503, f"archive '{name}' is unavailable", {"Retry-After": resp.headers.get("Retry-After", "5")})
     return Problem(502, f"archive '{name}' failed (HTTP {s})")
+
+
+async def json_answer(ctx: Context, resp: UpstreamResponse) -> bytes:
+    """The archive's JSON body, read up to `max_json_bytes` and checked (Problem with the status the
+    failure justifies when it is too large, truncated or not JSON)."""
+    try:
+        return await jsonbody.checked(resp, await resp.read(ctx.settings.max_json_bytes))
+    except UpstreamError as exc:
+        raise Problem(exc.status, exc.reason) from None

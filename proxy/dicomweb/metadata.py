@@ -21,14 +21,13 @@ from proxy.cache.placement import SHARED
 from proxy.coordination.flights import Flight
 from proxy.dicomweb import assemble, cache_phase
 from proxy.dicomweb.context import Context
-from proxy.dicomweb.fetch import locate, open_upstream, upstream_problem
+from proxy.dicomweb.fetch import json_answer, locate, open_upstream, upstream_problem
 from proxy.dicomweb.responses import AnyResponse
 from proxy.dicomweb.target import VARY, Target, dicomweb_base, select
 from proxy.errors import Problem
 from proxy.federation import merge
 from proxy.formats.media import Resource
-from proxy.upstream import jsonbody
-from proxy.upstream.archive import Archive, UpstreamError
+from proxy.upstream.archive import Archive
 
 STALE_IF = (502, 503, 504)  # archive failures a cached metadata document may stand in for
 
@@ -47,10 +46,7 @@ async def _metadata_body(request: Request, ctx: Context, archives: list[Archive]
             return None, resp.archive
         if resp.status >= 300:
             raise upstream_problem(resp, None)
-        try:
-            body = await jsonbody.checked(resp, await resp.read(ctx.settings.max_json_bytes))
-        except UpstreamError as exc:
-            raise Problem(exc.status, exc.reason) from None
+        body = await json_answer(ctx, resp)
     if body.strip() not in (b"", b"[]"):
         access.confirm(ctx, resp.archive, None, path)
     return resp.archive.rewriter.rewrite_json(body, dicomweb_base(request, ctx.settings, ctx.root)), resp.archive

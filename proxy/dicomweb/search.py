@@ -16,7 +16,7 @@ from starlette.responses import Response
 from proxy.auth import access
 from proxy.config import Settings
 from proxy.dicomweb.context import Context
-from proxy.dicomweb.fetch import open_upstream, upstream_problem
+from proxy.dicomweb.fetch import json_answer, open_upstream, upstream_problem
 from proxy.dicomweb.query import (
     Query,
     edge_matches,
@@ -33,7 +33,6 @@ from proxy.federation import merge
 from proxy.federation.searchcache import Codec, Mark
 from proxy.formats.media import BadAccept, NotAcceptable, Resource, negotiate
 from proxy.observability import metrics
-from proxy.upstream import jsonbody
 from proxy.upstream.archive import Archive, UpstreamError
 from proxy.upstream.profiles import PROFILES
 
@@ -110,10 +109,7 @@ async def _search_one(request: Request, ctx: Context, archive: Archive, path: st
     async with stack:
         if resp.status not in (200, 204, 206):
             raise upstream_problem(resp, None)
-        try:
-            body = await jsonbody.checked(resp, await resp.read(ctx.settings.max_json_bytes))
-        except UpstreamError as exc:
-            raise Problem(exc.status, exc.reason) from None
+        body = await json_answer(ctx, resp)
         warnings = [*resp.headers.getall("Warning", []), *warnings_for(q, archive), *reach_warnings(q, archive)]
     if is_empty(body):
         answer: bytes | None = None
